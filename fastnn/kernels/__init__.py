@@ -1,0 +1,208 @@
+"""Public low-level kernels: validate arguments once, then dispatch on array type.
+
+NumPy arrays run the compiled CPU kernels (``_cpu``), or the NumPy reference
+(``_reference``) under ``fastnn.backend.use("numpy")``; CuPy arrays run the
+CUDA kernels (``_cuda``). Every implementation module exposes the same
+functions with the same (already validated) arguments, so this file is the
+only place where bad input is caught.
+"""
+import numpy as np
+
+from .. import backend
+from . import _reference
+
+__all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
+           "relu_forward", "relu_backward", "dense_forward", "dense_backward",
+           "softmax_cross_entropy", "conv_output_size", "pair"]
+
+conv_output_size = _reference.conv_output_size
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _impl(x):
+    """The implementation module for array ``x``."""
+    if backend.is_cuda_array(x):
+        from . import _cuda
+        return _cuda
+    if backend.current() == "cpu":
+        from . import _cpu
+        return _cpu
+    return _reference
+
+
+def pair(value, name, who, minimum):
+    """``int | (int, int)`` -> ``(int, int)``, each at least ``minimum``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{who}: {name} must be an int or a pair (h, w), got {value!r}")
+        h, w = value
+    else:
+        h = w = value
+    for v in (h, w):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{who}: {name} must be >= {minimum}, got {value!r}")
+    return int(h), int(w)
+
+
+def _float_array(x, who, name, ndim=None):
+    """Check that ``x`` is a float32/float64 NumPy or CuPy array of rank ``ndim``."""
+    if not (isinstance(x, np.ndarray) or backend.is_cuda_array(x)):
+        raise TypeError(f"{who}: {name} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{who}: {name} must be float32 or float64, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{who}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _same_kind(who, ref, **arrays):
+    """Check dtype and device of ``arrays`` against ``ref``."""
+    for name, a in arrays.items():
+        _float_array(a, who, name)
+        if a.dtype != ref.dtype:
+            raise TypeError(f"{who}: {name} must have dtype {ref.dtype} like the input, got {a.dtype}")
+        if backend.is_cuda_array(a) != backend.is_cuda_array(ref):
+            raise TypeError(f"{who}: {name} is on {backend.device_of(a)} but the input is on "
+                            f"{backend.device_of(ref)}")
+
+
+def _window_geometry(who, shape, kh, kw, stride, padding):
+    kh, kw = pair((kh, kw), "kernel size", who, 1)
+    stride = pair(stride, "stride", who, 1)
+    padding = pair(padding, "padding", who, 0)
+    h, w = shape[-2:]
+    if kh > h + 2 * padding[0] or kw > w + 2 * padding[1]:
+        raise ValueError(f"{who}: kernel {kh}x{kw} is larger than the padded input "
+                         f"{h + 2 * padding[0]}x{w + 2 * padding[1]} (input {h}x{w}, padding {padding})")
+    return kh, kw, stride, padding
+
+
+def im2col(x, kh, kw, stride=1, padding=0):
+    """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW).
+
+    Row ``c*kh*kw + i*kw + j``, column ``n*OH*OW + oh*OW + ow`` holds
+    ``x_padded[n, c, oh*sh + i, ow*sw + j]``.
+    """
+    _float_array(x, "im2col", "x", 4)
+    kh, kw, stride, padding = _window_geometry("im2col", x.shape, kh, kw, stride, padding)
+    return _impl(x).im2col(x, kh, kw, stride, padding)
+
+
+def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+    """Adjoint of ``im2col``: cols (C*kh*kw, N*OH*OW) -> dx (N, C, H, W), overlaps summed."""
+    _float_array(cols, "col2im", "cols", 2)
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 1:
+        raise ValueError(f"col2im: x_shape must be (N, C, H, W) with positive sizes, got {x_shape}")
+    kh, kw, stride, padding = _window_geometry("col2im", x_shape, kh, kw, stride, padding)
+    n, c, h, w = x_shape
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    expected = (c * kh * kw, n * oh * ow)
+    if tuple(cols.shape) != expected:
+        raise ValueError(f"col2im: cols must have shape {expected} for x_shape {x_shape}, "
+                         f"got {tuple(cols.shape)}")
+    return _impl(cols).col2im(cols, x_shape, kh, kw, stride, padding)
+
+
+def maxpool2d_forward(x, kh, kw, stride):
+    """x: (N, C, H, W) -> (y, argmax), both (N, C, OH, OW).
+
+    ``argmax`` (int64) is the flat index ``h*W + w`` of each window's maximum in
+    its (n, c) plane, kept for ``maxpool2d_backward``.
+    """
+    _float_array(x, "maxpool2d_forward", "x", 4)
+    kh, kw, stride, _ = _window_geometry("maxpool2d_forward", x.shape, kh, kw, stride, 0)
+    return _impl(x).maxpool2d_forward(x, kh, kw, stride)
+
+
+def maxpool2d_backward(grad_y, argmax, x_shape):
+    """grad_y, argmax: (N, C, OH, OW) -> grad_x: (N, C, H, W) (overlaps summed)."""
+    _float_array(grad_y, "maxpool2d_backward", "grad_y", 4)
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or x_shape[:2] != tuple(grad_y.shape[:2]):
+        raise ValueError(f"maxpool2d_backward: x_shape {x_shape} does not match grad_y "
+                         f"{tuple(grad_y.shape)}")
+    if tuple(argmax.shape) != tuple(grad_y.shape) or argmax.dtype.kind not in "iu":
+        raise ValueError(f"maxpool2d_backward: argmax must be an integer array of shape "
+                         f"{tuple(grad_y.shape)}, got {argmax.dtype} {tuple(argmax.shape)}")
+    return _impl(grad_y).maxpool2d_backward(grad_y, argmax, x_shape)
+
+
+def relu_forward(x):
+    """y = max(x, 0), same shape and dtype."""
+    _float_array(x, "relu_forward", "x")
+    return _impl(x).relu_forward(x)
+
+
+def relu_backward(grad_y, y):
+    """grad_x = grad_y * (y > 0)."""
+    _float_array(grad_y, "relu_backward", "grad_y")
+    _same_kind("relu_backward", grad_y, y=y)
+    if tuple(y.shape) != tuple(grad_y.shape):
+        raise ValueError(f"relu_backward: y must have the shape of grad_y {tuple(grad_y.shape)}, "
+                         f"got {tuple(y.shape)}")
+    return _impl(grad_y).relu_backward(grad_y, y)
+
+
+def _dense_shapes(who, x, W):
+    _float_array(x, who, "x", 2)
+    _float_array(W, who, "W", 2)
+    _same_kind(who, x, W=W)
+    if x.shape[1] != W.shape[0]:
+        raise ValueError(f"{who}: x has {x.shape[1]} features but W expects {W.shape[0]} "
+                         f"(x {tuple(x.shape)}, W {tuple(W.shape)})")
+
+
+def dense_forward(x, W, b):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b."""
+    _dense_shapes("dense_forward", x, W)
+    if b is not None:
+        _same_kind("dense_forward", x, b=b)
+        if tuple(b.shape) != (W.shape[1],):
+            raise ValueError(f"dense_forward: b must have shape ({W.shape[1]},), got {tuple(b.shape)}")
+    return _impl(x).dense_forward(x, W, b)
+
+
+def dense_backward(grad_y, x, W):
+    """grad_y: (N, O), x: (N, I), W: (I, O) -> (grad_x (N, I), grad_W (I, O), grad_b (O,))."""
+    _dense_shapes("dense_backward", x, W)
+    _float_array(grad_y, "dense_backward", "grad_y", 2)
+    _same_kind("dense_backward", x, grad_y=grad_y)
+    if tuple(grad_y.shape) != (x.shape[0], W.shape[1]):
+        raise ValueError(f"dense_backward: grad_y must have shape {(x.shape[0], W.shape[1])}, "
+                         f"got {tuple(grad_y.shape)}")
+    return _impl(x).dense_backward(grad_y, x, W)
+
+
+def softmax_cross_entropy(logits, labels):
+    """logits: (N, C); labels: (N,) ints in [0, C) or (N, C) probabilities.
+
+    Returns ``(loss, grad_logits)``: the mean cross-entropy (a scalar of the
+    logits' dtype; a 0-d array on CUDA) and ``(softmax(logits) - onehot) / N``.
+    """
+    who = "softmax_cross_entropy"
+    _float_array(logits, who, "logits", 2)
+    xp = backend.get_array_module(logits)
+    if backend.is_cuda_array(labels) != backend.is_cuda_array(logits):
+        raise TypeError(f"{who}: labels are on {backend.device_of(labels)} but logits on "
+                        f"{backend.device_of(logits)}")
+    n, c = logits.shape
+    if labels.ndim == 1:
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"{who}: 1-D labels must be integer class indices, got {labels.dtype}")
+        if labels.shape[0] != n:
+            raise ValueError(f"{who}: {n} logits rows but {labels.shape[0]} labels")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
+            raise ValueError(f"{who}: labels must lie in [0, {c}), got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        labels = xp.ascontiguousarray(labels, dtype=xp.int64)
+    elif labels.ndim == 2:
+        if tuple(labels.shape) != (n, c):
+            raise ValueError(f"{who}: one-hot labels must have shape {(n, c)}, got {tuple(labels.shape)}")
+        labels = xp.ascontiguousarray(labels, dtype=logits.dtype)
+    else:
+        raise ValueError(f"{who}: labels must be (N,) or (N, C), got shape {tuple(labels.shape)}")
+    return _impl(logits).softmax_cross_entropy(logits, labels)

@@ -1,0 +1,128 @@
+"""Pure-NumPy reference kernels: the readable specification of every op.
+
+Every function here takes already-validated arrays (``fastnn.kernels`` checks
+ranks, dtypes and sizes first) and is written for clarity, not speed. The
+compiled CPU kernels and the CUDA kernels are tested against these.
+
+Conventions: images are NCHW; ``stride`` and ``padding`` are ``(h, w)`` pairs.
+"""
+import numpy as np
+
+
+def conv_output_size(size, k, stride, pad):
+    """``floor((size + 2*pad - k) / stride) + 1``, PyTorch's output size."""
+    return (size + 2 * pad - k) // stride + 1
+
+
+def im2col(x, kh, kw, stride, padding):
+    """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW).
+
+    Row ``c*kh*kw + i*kw + j``, column ``n*OH*OW + oh*OW + ow`` holds
+    ``x_padded[n, c, oh*sh + i, ow*sw + j]``.
+    """
+    n, c, h, w = x.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh = conv_output_size(h, kh, sh, ph)
+    ow = conv_output_size(w, kw, sw, pw)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cols = np.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]   # (N, C, OH, OW)
+            cols[:, i, j] = patch.transpose(1, 0, 2, 3)
+    return cols.reshape(c * kh * kw, n * oh * ow)
+
+
+def col2im(cols, x_shape, kh, kw, stride, padding):
+    """Adjoint of ``im2col``: cols (C*kh*kw, N*OH*OW) -> dx (N, C, H, W).
+
+    Each column entry is added back to the input pixel it was copied from, so
+    overlapping windows accumulate.
+    """
+    n, c, h, w = x_shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh = conv_output_size(h, kh, sh, ph)
+    ow = conv_output_size(w, kw, sw, pw)
+    cols = cols.reshape(c, kh, kw, n, oh, ow)
+    dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += cols[:, i, j].transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(dxp[:, :, ph:ph + h, pw:pw + w])
+
+
+def maxpool2d_forward(x, kh, kw, stride):
+    """x: (N, C, H, W) -> (y: (N, C, OH, OW), argmax: (N, C, OH, OW) int64).
+
+    ``argmax`` holds, for each output, the flat index ``h*W + w`` of the winning
+    input inside its (n, c) plane; ties go to the first element in row-major
+    window order (as PyTorch does).
+    """
+    n, c, h, w = x.shape
+    sh, sw = stride
+    oh = conv_output_size(h, kh, sh, 0)
+    ow = conv_output_size(w, kw, sw, 0)
+    windows = np.empty((kh * kw, n, c, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            windows[i * kw + j] = x[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
+    k = windows.argmax(axis=0)                       # first maximum wins
+    y = np.take_along_axis(windows, k[None], axis=0)[0]
+    rows = np.arange(oh)[:, None] * sh + k // kw     # input row of the winner
+    cols = np.arange(ow)[None, :] * sw + k % kw      # input column of the winner
+    return y, (rows * w + cols).astype(np.int64)
+
+
+def maxpool2d_backward(grad_y, argmax, x_shape):
+    """Route each output gradient to its argmax input; overlapping windows add up."""
+    n, c, h, w = x_shape
+    grad_x = np.zeros((n * c, h * w), dtype=grad_y.dtype)
+    planes = np.repeat(np.arange(n * c), grad_y.shape[2] * grad_y.shape[3])
+    np.add.at(grad_x, (planes, argmax.reshape(-1)), grad_y.reshape(-1))
+    return grad_x.reshape(x_shape)
+
+
+def relu_forward(x):
+    """y = max(x, 0)."""
+    return np.maximum(x, 0)
+
+
+def relu_backward(grad_y, y):
+    """grad_x = grad_y where the output was positive, else 0."""
+    return np.where(y > 0, grad_y, 0).astype(grad_y.dtype, copy=False)
+
+
+def dense_forward(x, W, b):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b."""
+    y = x @ W
+    if b is not None:
+        y += b
+    return y
+
+
+def dense_backward(grad_y, x, W):
+    """grad_y: (N, O) -> (grad_x: (N, I), grad_W: (I, O), grad_b: (O,))."""
+    return grad_y @ W.T, x.T @ grad_y, grad_y.sum(axis=0)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of softmax(logits) against labels, and its gradient.
+
+    logits: (N, C); labels: (N,) integer classes or (N, C) target probabilities.
+    Returns ``(loss, grad_logits)`` with ``grad_logits = (softmax(logits) - onehot) / N``.
+    Log-sum-exp stable: no overflow at logits of +-1e4.
+    """
+    n = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - log_sum
+    p = np.exp(log_p)
+    if labels.ndim == 1:
+        loss = -log_p[np.arange(n), labels].sum() / n
+        grad = p
+        grad[np.arange(n), labels] -= 1
+    else:
+        loss = -(labels * log_p).sum() / n
+        grad = p - labels
+    grad /= n
+    return logits.dtype.type(loss), grad.astype(logits.dtype, copy=False)
