@@ -13,7 +13,8 @@ from . import _reference
 
 __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
-           "softmax_cross_entropy", "conv_output_size", "pair"]
+           "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
+           "conv_output_size", "pair"]
 
 conv_output_size = _reference.conv_output_size
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -68,6 +69,13 @@ def _same_kind(who, ref, **arrays):
                             f"{backend.device_of(ref)}")
 
 
+def _contiguous(*arrays):
+    """C-contiguous views or copies: implementations index raw memory, and a
+    non-contiguous input must give the result of its contiguous copy."""
+    return tuple(None if a is None else backend.get_array_module(a).ascontiguousarray(a)
+                 for a in arrays)
+
+
 def _window_geometry(who, shape, kh, kw, stride, padding):
     kh, kw = pair((kh, kw), "kernel size", who, 1)
     stride = pair(stride, "stride", who, 1)
@@ -87,6 +95,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
     """
     _float_array(x, "im2col", "x", 4)
     kh, kw, stride, padding = _window_geometry("im2col", x.shape, kh, kw, stride, padding)
+    x, = _contiguous(x)
     return _impl(x).im2col(x, kh, kw, stride, padding)
 
 
@@ -104,6 +113,7 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     if tuple(cols.shape) != expected:
         raise ValueError(f"col2im: cols must have shape {expected} for x_shape {x_shape}, "
                          f"got {tuple(cols.shape)}")
+    cols, = _contiguous(cols)
     return _impl(cols).col2im(cols, x_shape, kh, kw, stride, padding)
 
 
@@ -115,6 +125,7 @@ def maxpool2d_forward(x, kh, kw, stride):
     """
     _float_array(x, "maxpool2d_forward", "x", 4)
     kh, kw, stride, _ = _window_geometry("maxpool2d_forward", x.shape, kh, kw, stride, 0)
+    x, = _contiguous(x)
     return _impl(x).maxpool2d_forward(x, kh, kw, stride)
 
 
@@ -128,12 +139,15 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     if tuple(argmax.shape) != tuple(grad_y.shape) or argmax.dtype.kind not in "iu":
         raise ValueError(f"maxpool2d_backward: argmax must be an integer array of shape "
                          f"{tuple(grad_y.shape)}, got {argmax.dtype} {tuple(argmax.shape)}")
+    grad_y, = _contiguous(grad_y)
+    argmax = backend.get_array_module(argmax).ascontiguousarray(argmax, dtype="int64")
     return _impl(grad_y).maxpool2d_backward(grad_y, argmax, x_shape)
 
 
 def relu_forward(x):
     """y = max(x, 0), same shape and dtype."""
     _float_array(x, "relu_forward", "x")
+    x, = _contiguous(x)
     return _impl(x).relu_forward(x)
 
 
@@ -144,6 +158,7 @@ def relu_backward(grad_y, y):
     if tuple(y.shape) != tuple(grad_y.shape):
         raise ValueError(f"relu_backward: y must have the shape of grad_y {tuple(grad_y.shape)}, "
                          f"got {tuple(y.shape)}")
+    grad_y, y = _contiguous(grad_y, y)
     return _impl(grad_y).relu_backward(grad_y, y)
 
 
@@ -163,6 +178,7 @@ def dense_forward(x, W, b):
         _same_kind("dense_forward", x, b=b)
         if tuple(b.shape) != (W.shape[1],):
             raise ValueError(f"dense_forward: b must have shape ({W.shape[1]},), got {tuple(b.shape)}")
+    x, W, b = _contiguous(x, W, b)
     return _impl(x).dense_forward(x, W, b)
 
 
@@ -174,6 +190,7 @@ def dense_backward(grad_y, x, W):
     if tuple(grad_y.shape) != (x.shape[0], W.shape[1]):
         raise ValueError(f"dense_backward: grad_y must have shape {(x.shape[0], W.shape[1])}, "
                          f"got {tuple(grad_y.shape)}")
+    grad_y, x, W = _contiguous(grad_y, x, W)
     return _impl(x).dense_backward(grad_y, x, W)
 
 
@@ -205,4 +222,56 @@ def softmax_cross_entropy(logits, labels):
         labels = xp.ascontiguousarray(labels, dtype=logits.dtype)
     else:
         raise ValueError(f"{who}: labels must be (N,) or (N, C), got shape {tuple(labels.shape)}")
+    logits, = _contiguous(logits)
     return _impl(logits).softmax_cross_entropy(logits, labels)
+
+
+def _conv_geometry(who, x, W, stride, padding):
+    """Validate x (N, C, H, W) against W (K, C, kh, kw); return (stride, padding, OH, OW)."""
+    _float_array(x, who, "x", 4)
+    _float_array(W, who, "W", 4)
+    _same_kind(who, x, W=W)
+    if W.shape[1] != x.shape[1]:
+        raise ValueError(f"{who}: x has {x.shape[1]} channels but W {tuple(W.shape)} expects "
+                         f"{W.shape[1]} (W is (out_channels, in_channels, kh, kw))")
+    kh, kw, stride, padding = _window_geometry(who, x.shape, W.shape[2], W.shape[3],
+                                               stride, padding)
+    oh = conv_output_size(x.shape[2], kh, stride[0], padding[0])
+    ow = conv_output_size(x.shape[3], kw, stride[1], padding[1])
+    return stride, padding, oh, ow
+
+
+def conv2d_forward(x, W, b=None, stride=1, padding=0):
+    """Cross-correlation, as ``torch.nn.functional.conv2d``.
+
+    x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW)
+    with ``OH = (H + 2*ph - kh) // sh + 1`` (same for OW). im2col + GEMM with
+    a bounded workspace: the columns are built per sample or per chunk of the
+    batch (see the implementation module), never for the whole batch at once.
+    """
+    who = "conv2d_forward"
+    stride, padding, _, _ = _conv_geometry(who, x, W, stride, padding)
+    if b is not None:
+        _same_kind(who, x, b=b)
+        if tuple(b.shape) != (W.shape[0],):
+            raise ValueError(f"{who}: b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+    x, W, b = _contiguous(x, W, b)
+    return _impl(x).conv2d_forward(x, W, b, stride, padding)
+
+
+def conv2d_backward(grad_y, x, W, stride=1, padding=0):
+    """grad_y: (N, K, OH, OW), x: (N, C, H, W), W: (K, C, kh, kw)
+    -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
+
+    Same bounded workspace as ``conv2d_forward`` (columns rebuilt per sample
+    or per chunk).
+    """
+    who = "conv2d_backward"
+    stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)
+    _float_array(grad_y, who, "grad_y", 4)
+    _same_kind(who, x, grad_y=grad_y)
+    expected = (x.shape[0], W.shape[0], oh, ow)
+    if tuple(grad_y.shape) != expected:
+        raise ValueError(f"{who}: grad_y must have shape {expected}, got {tuple(grad_y.shape)}")
+    grad_y, x, W = _contiguous(grad_y, x, W)
+    return _impl(x).conv2d_backward(grad_y, x, W, stride, padding)

@@ -51,6 +51,66 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
     return np.ascontiguousarray(dxp[:, :, ph:ph + h, pw:pw + w])
 
 
+# Bound on the im2col workspace of one conv chunk (bytes): the batch is cut into
+# chunks whose columns fit, so memory does not grow with N for big batches.
+CONV_WORKSPACE_BYTES = 32 * 2**20
+
+
+def _conv_chunk(x_shape, kh, kw, oh, ow, itemsize):
+    """Samples per chunk so that a chunk's columns stay within CONV_WORKSPACE_BYTES."""
+    per_sample = x_shape[1] * kh * kw * oh * ow * itemsize
+    return max(1, CONV_WORKSPACE_BYTES // per_sample)
+
+
+def conv2d_forward(x, W, b, stride, padding):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+
+    Cross-correlation (PyTorch's conv2d) as im2col + one GEMM per chunk of the
+    batch; the columns of a chunk take at most max(CONV_WORKSPACE_BYTES, one
+    sample's C*kh*kw*OH*OW) elements' bytes.
+    """
+    n, c, h, w = x.shape
+    k, _, kh, kw = W.shape
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    weights = W.reshape(k, c * kh * kw)
+    y = np.empty((n, k, oh, ow), dtype=x.dtype)
+    chunk = _conv_chunk(x.shape, kh, kw, oh, ow, x.itemsize)
+    for start in range(0, n, chunk):
+        xs = x[start:start + chunk]
+        cols = im2col(xs, kh, kw, stride, padding)                 # (C*kh*kw, n*OH*OW)
+        out = (weights @ cols).reshape(k, xs.shape[0], oh, ow)     # (K, n, OH, OW)
+        y[start:start + chunk] = out.transpose(1, 0, 2, 3)
+    if b is not None:
+        y += b.reshape(1, k, 1, 1)
+    return y
+
+
+def conv2d_backward(grad_y, x, W, stride, padding):
+    """grad_y: (N, K, OH, OW) -> (grad_x: (N, C, H, W), grad_W: (K, C, kh, kw), grad_b: (K,)).
+
+    Same chunking (and workspace bound) as ``conv2d_forward``: the columns of
+    each chunk are rebuilt, grad_W accumulates ``grad_y @ cols.T`` and grad_x
+    is ``col2im(W.T @ grad_y)``.
+    """
+    n, c, h, w = x.shape
+    k, _, kh, kw = W.shape
+    oh, ow = grad_y.shape[2:]
+    weights = W.reshape(k, c * kh * kw)
+    grad_x = np.empty_like(x)
+    grad_weights = np.zeros((k, c * kh * kw), dtype=x.dtype)
+    chunk = _conv_chunk(x.shape, kh, kw, oh, ow, x.itemsize)
+    for start in range(0, n, chunk):
+        xs = x[start:start + chunk]
+        ns = xs.shape[0]
+        cols = im2col(xs, kh, kw, stride, padding)
+        gy = grad_y[start:start + chunk].transpose(1, 0, 2, 3).reshape(k, ns * oh * ow)
+        grad_weights += gy @ cols.T
+        grad_x[start:start + chunk] = col2im(weights.T @ gy, xs.shape, kh, kw, stride, padding)
+    grad_b = grad_y.sum(axis=(0, 2, 3))
+    return grad_x, grad_weights.reshape(W.shape), grad_b
+
+
 def maxpool2d_forward(x, kh, kw, stride):
     """x: (N, C, H, W) -> (y: (N, C, OH, OW), argmax: (N, C, OH, OW) int64).
 
