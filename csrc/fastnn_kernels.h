@@ -1,0 +1,67 @@
+/* fastnn compiled CPU kernels: plain C99 + OpenMP, no Python.
+ *
+ * Every kernel exists for float (_f) and double (_d). Arrays are C-contiguous;
+ * images are NCHW; a "plane" is one (n, c) image of H*W values. Kernels with a
+ * `parallel` flag split their outer loop over OpenMP threads when it is
+ * nonzero; callers pass 0 when they already run inside a parallel region.
+ * GEMMs are not here: the Cython layer calls BLAS (scipy.linalg.cython_blas).
+ */
+#ifndef FASTNN_KERNELS_H
+#define FASTNN_KERNELS_H
+
+#include <stdint.h>
+
+/* Arrays smaller than this (elements) are processed by one thread: below it
+ * the cost of waking OpenMP workers exceeds the work of a memory-bound pass. */
+#define FNN_PARALLEL_MIN 65536L
+
+/* Window geometry of im2col / col2im. */
+typedef struct {
+    long c, h, w;        /* input channels and size */
+    int kh, kw, sh, sw, ph, pw;
+    long oh, ow;         /* output size */
+} fnn_geometry;
+
+int fnn_max_threads(void);   /* omp_get_max_threads(), 1 without OpenMP */
+int fnn_thread_id(void);     /* omp_get_thread_num(), 0 without OpenMP */
+
+#define FNN_DECLARE(T, S)                                                           \
+/* x (n, c, h, w) -> cols (c*kh*kw, ld); sample s fills columns [s*oh*ow, (s+1)*oh*ow).  \
+ * O(c*kh*kw*n*oh*ow) copies. */                                                     \
+void fnn_im2col_##S(const T *x, long n, const fnn_geometry *g, T *cols, long ld,     \
+                    int parallel);                                                   \
+/* Adjoint of im2col: cols (c*kh*kw, ld) -> x (n, c, h, w), overwritten; overlapping \
+ * windows add up. Parallel over (n, c) planes, so no two threads write one value. */\
+void fnn_col2im_##S(const T *cols, long n, const fnn_geometry *g, T *x, long ld,     \
+                    int parallel);                                                   \
+/* x: planes of (h, w) -> y, argmax: planes of (oh, ow); argmax is h_in*w + w_in,    \
+ * the first maximum in row-major window order (NaN wins, as in NumPy). */           \
+void fnn_maxpool2d_forward_##S(const T *x, long planes, long h, long w, int kh,      \
+                               int kw, int sh, int sw, T *y, int64_t *argmax);       \
+/* grad_x planes (hw values) = scatter-add of grad_y planes (ohw values) at argmax.  \
+ * Returns the number of argmax entries outside [0, hw) (skipped). */                \
+long fnn_maxpool2d_backward_##S(const T *grad_y, const int64_t *argmax, long planes, \
+                                long ohw, long hw, T *grad_x);                       \
+/* y = max(x, 0) and grad_x = grad_y * (y > 0): one pass, NaN propagates. */         \
+void fnn_relu_forward_##S(const T *x, T *y, long n);                                 \
+void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);          \
+/* Mean softmax cross-entropy of logits (n, c), log-sum-exp stable; writes           \
+ * grad = (softmax - target) / n. Targets: labels (n,) when non-NULL, else           \
+ * probabilities (n, c). row_loss (n,) is scratch. */                                \
+double fnn_softmax_xent_##S(const T *logits, long n, long c, const int64_t *labels,  \
+                            const T *target, T *grad, double *row_loss);             \
+/* out (cols,) = sum over rows of a (rows, cols). */                                 \
+void fnn_column_sums_##S(const T *a, long rows, long cols, T *out);                  \
+/* out (rows,) = sum over columns of a (rows, cols), added to out when accumulate. */ \
+void fnn_row_sums_##S(const T *a, long rows, long cols, T *out, int accumulate);     \
+/* a (rows, cols): each row r set to value[r] (per_row) or each row set to value     \
+ * (cols,) (!per_row). Used to pre-broadcast a bias before a beta=1 GEMM. */         \
+void fnn_broadcast_##S(T *a, const T *value, long rows, long cols, int per_row);     \
+/* y = max(y, 0) in place (the ReLU epilogue of a fused GEMM). */                    \
+void fnn_relu_inplace_##S(T *y, long n, int parallel);
+
+FNN_DECLARE(float, f)
+FNN_DECLARE(double, d)
+#undef FNN_DECLARE
+
+#endif

@@ -1,0 +1,229 @@
+/* Body of the fastnn kernels for one element type. Included by fastnn_kernels.c
+ * with T (the type), S (the name suffix) and EXP (its exp function) defined. */
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define NAME(base) CAT(base, S)
+
+/* Output columns [lo, hi) whose input column ow*sw + j - pw lies in [0, w). */
+static void NAME(col_range)(const fnn_geometry *g, int j, long *lo, long *hi)
+{
+    long first = g->pw - j;                 /* ow*sw >= first */
+    long last = g->w - 1 + g->pw - j;       /* ow*sw <= last  */
+    *lo = first > 0 ? (first + g->sw - 1) / g->sw : 0;
+    *hi = last >= 0 ? last / g->sw + 1 : 0;
+    if (*hi > g->ow) *hi = g->ow;
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* One im2col row r = (c, i, j) of one sample: oh*ow values into dst. */
+static void NAME(im2col_row)(const T *x, const fnn_geometry *g, long r, T *dst)
+{
+    const long ch = r / (g->kh * g->kw);
+    const int i = (int)((r / g->kw) % g->kh), j = (int)(r % g->kw);
+    long lo, hi;
+    NAME(col_range)(g, j, &lo, &hi);
+    for (long oh = 0; oh < g->oh; oh++, dst += g->ow) {
+        const long hin = oh * g->sh + i - g->ph;
+        if (hin < 0 || hin >= g->h) {
+            memset(dst, 0, (size_t)g->ow * sizeof(T));
+            continue;
+        }
+        const T *src = x + (ch * g->h + hin) * g->w + j - g->pw;   /* src[ow*sw] */
+        for (long ow = 0; ow < lo; ow++) dst[ow] = 0;
+        if (g->sw == 1)
+            memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof(T));
+        else
+            for (long ow = lo; ow < hi; ow++) dst[ow] = src[ow * g->sw];
+        for (long ow = hi; ow < g->ow; ow++) dst[ow] = 0;
+    }
+}
+
+void NAME(fnn_im2col)(const T *x, long n, const fnn_geometry *g, T *cols, long ld,
+                      int parallel)
+{
+    const long rows = g->c * g->kh * g->kw, ohw = g->oh * g->ow, chw = g->c * g->h * g->w;
+    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    for (long r = 0; r < rows; r++)
+        for (long s = 0; s < n; s++)
+            NAME(im2col_row)(x + s * chw, g, r, cols + r * ld + s * ohw);
+}
+
+void NAME(fnn_col2im)(const T *cols, long n, const fnn_geometry *g, T *x, long ld,
+                      int parallel)
+{
+    const long ohw = g->oh * g->ow, hw = g->h * g->w;
+    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    for (long s = 0; s < n; s++)
+        for (long ch = 0; ch < g->c; ch++) {
+            T *plane = x + (s * g->c + ch) * hw;
+            memset(plane, 0, (size_t)hw * sizeof(T));
+            for (int i = 0; i < g->kh; i++)
+                for (int j = 0; j < g->kw; j++) {
+                    const long r = (ch * g->kh + i) * g->kw + j;
+                    const T *src = cols + r * ld + s * ohw;
+                    long lo, hi;
+                    NAME(col_range)(g, j, &lo, &hi);
+                    for (long oh = 0; oh < g->oh; oh++, src += g->ow) {
+                        const long hin = oh * g->sh + i - g->ph;
+                        if (hin < 0 || hin >= g->h) continue;
+                        T *dst = plane + hin * g->w + j - g->pw;   /* dst[ow*sw] */
+                        if (g->sw == 1)
+                            for (long ow = lo; ow < hi; ow++) dst[ow] += src[ow];
+                        else
+                            for (long ow = lo; ow < hi; ow++) dst[ow * g->sw] += src[ow];
+                    }
+                }
+        }
+}
+
+void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh, int kw,
+                                 int sh, int sw, T *y, int64_t *argmax)
+{
+    const long oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
+    for (long p = 0; p < planes; p++) {
+        const T *xp = x + p * h * w;
+        T *yp = y + p * oh * ow;
+        int64_t *ap = argmax + p * oh * ow;
+        if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {
+            /* The common case, unrolled: same tie and NaN rules as below. */
+            for (long r = 0; r < oh; r++) {
+                const T *top = xp + 2 * r * w, *bot = top + w;
+                for (long q = 0; q < ow; q++) {
+                    long at = 2 * r * w + 2 * q;
+                    T best = top[2 * q];
+                    T v = top[2 * q + 1];
+                    if (v > best || (v != v && best == best)) { best = v; at = 2 * r * w + 2 * q + 1; }
+                    v = bot[2 * q];
+                    if (v > best || (v != v && best == best)) { best = v; at = (2 * r + 1) * w + 2 * q; }
+                    v = bot[2 * q + 1];
+                    if (v > best || (v != v && best == best)) { best = v; at = (2 * r + 1) * w + 2 * q + 1; }
+                    yp[r * ow + q] = best;
+                    ap[r * ow + q] = at;
+                }
+            }
+            continue;
+        }
+        for (long r = 0; r < oh; r++)
+            for (long q = 0; q < ow; q++) {
+                long at = r * sh * w + q * sw;
+                T best = xp[at];
+                for (int i = 0; i < kh; i++)
+                    for (int j = 0; j < kw; j++) {
+                        const long idx = (r * sh + i) * w + q * sw + j;
+                        const T v = xp[idx];
+                        /* strictly greater keeps the first maximum; the first NaN wins */
+                        if (v > best || (v != v && best == best)) { best = v; at = idx; }
+                    }
+                yp[r * ow + q] = best;
+                ap[r * ow + q] = at;
+            }
+    }
+}
+
+long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long planes,
+                                  long ohw, long hw, T *grad_x)
+{
+    long bad = 0;
+    #pragma omp parallel for schedule(static) reduction(+:bad) if (planes * hw >= FNN_PARALLEL_MIN)
+    for (long p = 0; p < planes; p++) {
+        T *gx = grad_x + p * hw;
+        const T *gy = grad_y + p * ohw;
+        const int64_t *ap = argmax + p * ohw;
+        memset(gx, 0, (size_t)hw * sizeof(T));
+        for (long k = 0; k < ohw; k++) {
+            const int64_t at = ap[k];
+            if (at < 0 || at >= hw) { bad++; continue; }
+            gx[at] += gy[k];
+        }
+    }
+    return bad;
+}
+
+void NAME(fnn_relu_forward)(const T *x, T *y, long n)
+{
+    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++)
+        y[i] = x[i] < 0 ? (T)0 : x[i];
+}
+
+void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, long n)
+{
+    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++)
+        grad_x[i] = y[i] > 0 ? grad_y[i] : (T)0;
+}
+
+void NAME(fnn_relu_inplace)(T *y, long n, int parallel)
+{
+    #pragma omp parallel for schedule(static) if (parallel && n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++)
+        y[i] = y[i] < 0 ? (T)0 : y[i];
+}
+
+double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *labels,
+                              const T *target, T *grad, double *row_loss)
+{
+    const T inv_n = (T)(1.0 / (double)n);
+    #pragma omp parallel for schedule(static) if (n * c >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++) {
+        const T *z = logits + i * c;
+        T *g = grad + i * c;
+        T top = z[0];
+        for (long j = 1; j < c; j++) if (z[j] > top || z[j] != z[j]) top = z[j];
+        double total = 0;
+        for (long j = 0; j < c; j++) { g[j] = EXP(z[j] - top); total += g[j]; }
+        const double log_total = log(total);
+        const T inv_total = (T)(1.0 / total);
+        double loss = 0;
+        if (labels) {
+            loss = -((double)(z[labels[i]] - top) - log_total);
+            for (long j = 0; j < c; j++) g[j] = g[j] * inv_total * inv_n;
+            g[labels[i]] -= inv_n;
+        } else {
+            const T *t = target + i * c;
+            for (long j = 0; j < c; j++) {
+                loss -= (double)t[j] * ((double)(z[j] - top) - log_total);
+                g[j] = (g[j] * inv_total - t[j]) * inv_n;
+            }
+        }
+        row_loss[i] = loss;
+    }
+    double loss = 0;   /* summed in a fixed order: the same loss for any thread count */
+    for (long i = 0; i < n; i++) loss += row_loss[i];
+    return loss / (double)n;
+}
+
+void NAME(fnn_column_sums)(const T *a, long rows, long cols, T *out)
+{
+    for (long j = 0; j < cols; j++) out[j] = 0;
+    for (long i = 0; i < rows; i++) {
+        const T *row = a + i * cols;
+        for (long j = 0; j < cols; j++) out[j] += row[j];
+    }
+}
+
+void NAME(fnn_row_sums)(const T *a, long rows, long cols, T *out, int accumulate)
+{
+    for (long i = 0; i < rows; i++) {
+        const T *row = a + i * cols;
+        T total = 0;
+        for (long j = 0; j < cols; j++) total += row[j];
+        out[i] = accumulate ? out[i] + total : total;
+    }
+}
+
+void NAME(fnn_broadcast)(T *a, const T *value, long rows, long cols, int per_row)
+{
+    for (long i = 0; i < rows; i++) {
+        T *row = a + i * cols;
+        if (per_row)
+            for (long j = 0; j < cols; j++) row[j] = value[i];
+        else
+            memcpy(row, value, (size_t)cols * sizeof(T));
+    }
+}
+
+#undef NAME
+#undef CAT
+#undef CAT_

@@ -1,0 +1,574 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled CPU kernels: Cython wrappers around ``csrc/`` (C99 + OpenMP) and BLAS.
+
+Same functions and arguments as ``_reference`` (already validated and
+C-contiguous, ``stride``/``padding`` as ``(h, w)`` pairs). Every kernel takes
+float32 or float64 and releases the GIL while it runs.
+
+Threading, and why. GEMMs come from the BLAS behind
+``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has its own
+thread pool; the memory-bound loops and the per-sample conv work use OpenMP.
+The two must never run at the same time, or each starves the other's
+threads on a small machine:
+
+- dense: one big GEMM per product, threaded by BLAS, outside any OpenMP region;
+- conv: OpenMP over the samples (one im2col + one GEMM per sample and
+  thread); BLAS is limited to one thread for the duration of that region
+  (threadpoolctl's handle on the library, restored afterwards), so it never
+  starts its own workers from inside the region.
+
+After an OpenMP region libgomp's workers spin for a while before sleeping; a
+threaded GEMM started in that window loses one core to them.
+``fastnn/__init__`` therefore sets ``OMP_WAIT_POLICY=passive`` before this
+module loads libgomp, unless the user has chosen a policy (see
+benchmarks/RESULTS.md, "Kernels", for the measurement).
+"""
+import os
+
+import numpy as np
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cnp.import_array()
+
+cdef extern from "fastnn_kernels.h" nogil:
+    ctypedef struct fnn_geometry:
+        long c, h, w
+        int kh, kw, sh, sw, ph, pw
+        long oh, ow
+    int fnn_max_threads()
+    int fnn_thread_id()
+    void fnn_im2col_f(const float *x, long n, const fnn_geometry *g, float *cols, long ld, int parallel)
+    void fnn_im2col_d(const double *x, long n, const fnn_geometry *g, double *cols, long ld, int parallel)
+    void fnn_col2im_f(const float *cols, long n, const fnn_geometry *g, float *x, long ld, int parallel)
+    void fnn_col2im_d(const double *cols, long n, const fnn_geometry *g, double *x, long ld, int parallel)
+    void fnn_maxpool2d_forward_f(const float *x, long planes, long h, long w, int kh, int kw,
+                                 int sh, int sw, float *y, int64_t *argmax)
+    void fnn_maxpool2d_forward_d(const double *x, long planes, long h, long w, int kh, int kw,
+                                 int sh, int sw, double *y, int64_t *argmax)
+    long fnn_maxpool2d_backward_f(const float *grad_y, const int64_t *argmax, long planes,
+                                  long ohw, long hw, float *grad_x)
+    long fnn_maxpool2d_backward_d(const double *grad_y, const int64_t *argmax, long planes,
+                                  long ohw, long hw, double *grad_x)
+    void fnn_relu_forward_f(const float *x, float *y, long n)
+    void fnn_relu_forward_d(const double *x, double *y, long n)
+    void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
+    void fnn_relu_backward_d(const double *grad_y, const double *y, double *grad_x, long n)
+    double fnn_softmax_xent_f(const float *logits, long n, long c, const int64_t *labels,
+                              const float *target, float *grad, double *row_loss)
+    double fnn_softmax_xent_d(const double *logits, long n, long c, const int64_t *labels,
+                              const double *target, double *grad, double *row_loss)
+    void fnn_column_sums_f(const float *a, long rows, long cols, float *out)
+    void fnn_column_sums_d(const double *a, long rows, long cols, double *out)
+    void fnn_row_sums_f(const float *a, long rows, long cols, float *out, int accumulate)
+    void fnn_row_sums_d(const double *a, long rows, long cols, double *out, int accumulate)
+    void fnn_broadcast_f(float *a, const float *value, long rows, long cols, int per_row)
+    void fnn_broadcast_d(double *a, const double *value, long rows, long cols, int per_row)
+
+
+# --- typed helpers (one body for float and double) ---------------------------------
+
+cdef inline void* _data(cnp.ndarray a):
+    return cnp.PyArray_DATA(a)
+
+
+cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
+                       const floating *a, int lda, const floating *b, int ldb,
+                       floating beta, floating *c, int ldc) noexcept nogil:
+    """Row-major c (m, n) = alpha * op(a) @ op(b) + beta * c, through BLAS.
+
+    BLAS is column-major: row-major C = A @ B is column-major C^T = B^T @ A^T,
+    so the operands are swapped and no data moves.
+    """
+    cdef char op_first = b'T' if trans_b else b'N'
+    cdef char op_second = b'T' if trans_a else b'N'
+    cdef long i
+    if m == 0 or n == 0:
+        return
+    if k == 0:                       # BLAS rejects a leading dimension of 0
+        for i in range(<long>m * n):
+            c[i] = beta * c[i] if beta != 0 else 0
+        return
+    if floating is float:
+        sgemm(&op_first, &op_second, &n, &m, &k, &alpha, <float*>b, &ldb,
+              <float*>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&op_first, &op_second, &n, &m, &k, &alpha, <double*>b, &ldb,
+              <double*>a, &lda, &beta, c, &ldc)
+
+
+cdef inline void _im2col(const floating *x, long n, const fnn_geometry *g, floating *cols,
+                         long ld, int parallel) noexcept nogil:
+    if floating is float:
+        fnn_im2col_f(x, n, g, cols, ld, parallel)
+    else:
+        fnn_im2col_d(x, n, g, cols, ld, parallel)
+
+
+cdef inline void _col2im(const floating *cols, long n, const fnn_geometry *g, floating *x,
+                         long ld, int parallel) noexcept nogil:
+    if floating is float:
+        fnn_col2im_f(cols, n, g, x, ld, parallel)
+    else:
+        fnn_col2im_d(cols, n, g, x, ld, parallel)
+
+
+cdef inline void _row_sums(const floating *a, long rows, long cols, floating *out,
+                           int accumulate) noexcept nogil:
+    if floating is float:
+        fnn_row_sums_f(a, rows, cols, out, accumulate)
+    else:
+        fnn_row_sums_d(a, rows, cols, out, accumulate)
+
+
+cdef inline void _broadcast(floating *a, const floating *value, long rows, long cols,
+                            int per_row) noexcept nogil:
+    if floating is float:
+        fnn_broadcast_f(a, value, rows, cols, per_row)
+    else:
+        fnn_broadcast_d(a, value, rows, cols, per_row)
+
+
+cdef fnn_geometry _geometry(long c, long h, long w, int kh, int kw, tuple stride,
+                            tuple padding):
+    """Window geometry of an input (C, H, W) and a kh x kw window."""
+    cdef fnn_geometry g
+    g.c, g.h, g.w = c, h, w
+    g.kh, g.kw = kh, kw
+    g.sh, g.sw = stride
+    g.ph, g.pw = padding
+    g.oh = (g.h + 2 * g.ph - kh) // g.sh + 1
+    g.ow = (g.w + 2 * g.pw - kw) // g.sw + 1
+    return g
+
+
+def _is_float32(a):
+    return a.dtype == np.float32
+
+
+# --- im2col / col2im -----------------------------------------------------------------
+
+def im2col(cnp.ndarray x, int kh, int kw, tuple stride, tuple padding):
+    """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW); parallel over (row, sample)."""
+    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, stride,
+                                    padding)
+    cdef long n = x.shape[0]
+    cdef cnp.ndarray cols = np.empty((g.c * kh * kw, n * g.oh * g.ow), dtype=x.dtype)
+    cdef void *px = _data(x)
+    cdef void *pc = _data(cols)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _im2col(<float*>px, n, &g, <float*>pc, n * g.oh * g.ow, 1)
+        else:
+            _im2col(<double*>px, n, &g, <double*>pc, n * g.oh * g.ow, 1)
+    return cols
+
+
+def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple padding):
+    """cols: (C*kh*kw, N*OH*OW) -> dx: (N, C, H, W); parallel over (n, c) planes."""
+    cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], kh, kw, stride,
+                                    padding)
+    cdef long n = x_shape[0]
+    cdef cnp.ndarray dx = np.empty(x_shape, dtype=cols.dtype)
+    cdef void *pc = _data(cols)
+    cdef void *px = _data(dx)
+    cdef bint single = _is_float32(cols)
+    with nogil:
+        if single:
+            _col2im(<float*>pc, n, &g, <float*>px, n * g.oh * g.ow, 1)
+        else:
+            _col2im(<double*>pc, n, &g, <double*>px, n * g.oh * g.ow, 1)
+    return dx
+
+
+# --- max pooling -------------------------------------------------------------------
+
+def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
+    """x: (N, C, H, W) -> (y, argmax int64), (N, C, OH, OW); parallel over (n, c) planes."""
+    cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef int sh = stride[0], sw = stride[1]
+    cdef long oh = (h - kh) // sh + 1, ow = (w - kw) // sw + 1
+    cdef cnp.ndarray y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    cdef cnp.ndarray argmax = np.empty((n, c, oh, ow), dtype=np.int64)
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef int64_t *pa = <int64_t*>_data(argmax)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_maxpool2d_forward_f(<float*>px, n * c, h, w, kh, kw, sh, sw, <float*>py, pa)
+        else:
+            fnn_maxpool2d_forward_d(<double*>px, n * c, h, w, kh, kw, sh, sw, <double*>py, pa)
+    return y, argmax
+
+
+def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
+    """grad_y, argmax: (N, C, OH, OW) -> grad_x: (N, C, H, W); parallel over planes,
+    so the scatter-add of overlapping windows has no races."""
+    cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
+    cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
+    cdef cnp.ndarray grad_x = np.empty(x_shape, dtype=grad_y.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(grad_x)
+    cdef int64_t *pa = <int64_t*>_data(argmax)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px)
+        else:
+            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px)
+    if bad:
+        raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
+                         f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
+    return grad_x
+
+
+# --- ReLU -------------------------------------------------------------------------
+
+def relu_forward(cnp.ndarray x):
+    """y = max(x, 0) in one pass; parallel above FNN_PARALLEL_MIN elements."""
+    cdef cnp.ndarray y = np.empty_like(x)
+    cdef long n = x.size
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_relu_forward_f(<float*>px, <float*>py, n)
+        else:
+            fnn_relu_forward_d(<double*>px, <double*>py, n)
+    return y
+
+
+def relu_backward(cnp.ndarray grad_y, cnp.ndarray y):
+    """grad_x = grad_y where y > 0, else 0, in one pass."""
+    cdef cnp.ndarray grad_x = np.empty_like(grad_y)
+    cdef long n = grad_y.size
+    cdef void *pg = _data(grad_y)
+    cdef void *py = _data(y)
+    cdef void *px = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_relu_backward_f(<float*>pg, <float*>py, <float*>px, n)
+        else:
+            fnn_relu_backward_d(<double*>pg, <double*>py, <double*>px, n)
+    return grad_x
+
+
+# --- dense ------------------------------------------------------------------------
+
+cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
+                         floating *y, int n, int i, int o) noexcept nogil:
+    cdef floating beta = 0
+    if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
+        _broadcast(y, bias, n, o, 0)
+        beta = 1
+    _gemm(False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
+
+
+def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one threaded BLAS GEMM."""
+    cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
+    cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pb = NULL if b is None else _data(b)
+    cdef void *py = _data(y)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
+        else:
+            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
+    return y
+
+
+cdef void _dense_backward(const floating *grad_y, const floating *x, const floating *weights,
+                          floating *grad_x, floating *grad_w, floating *grad_b,
+                          int n, int i, int o) noexcept nogil:
+    _gemm(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)    # grad_y @ W.T
+    _gemm(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)          # x.T @ grad_y
+    if floating is float:
+        fnn_column_sums_f(grad_y, n, o, grad_b)
+    else:
+        fnn_column_sums_d(grad_y, n, o, grad_b)
+
+
+def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
+    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two threaded GEMMs and a column sum."""
+    cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
+    cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype)
+    cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
+    cdef cnp.ndarray grad_b = np.empty(o, dtype=x.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pgx = _data(grad_x)
+    cdef void *pgw = _data(grad_w)
+    cdef void *pgb = _data(grad_b)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
+                            <float*>pgb, n, i, o)
+        else:
+            _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
+                            <double*>pgb, n, i, o)
+    return grad_x, grad_w, grad_b
+
+
+# --- softmax cross-entropy -----------------------------------------------------------
+
+def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
+    """logits (N, C), labels int64 (N,) or probabilities (N, C) -> (mean loss, grad (N, C)).
+
+    Fused: one pass per row (max, exp, sum, log), the loss summed in float64."""
+    cdef long n = logits.shape[0], c = logits.shape[1]
+    cdef cnp.ndarray grad = np.empty((n, c), dtype=logits.dtype)
+    cdef cnp.ndarray row_loss = np.empty(n, dtype=np.float64)
+    cdef bint by_index = labels.ndim == 1
+    cdef void *pz = _data(logits)
+    cdef void *pg = _data(grad)
+    cdef double *pr = <double*>_data(row_loss)
+    cdef int64_t *pi = <int64_t*>_data(labels) if by_index else NULL
+    cdef void *pt = NULL if by_index else _data(labels)
+    cdef double loss
+    cdef bint single = _is_float32(logits)
+    with nogil:
+        if single:
+            loss = fnn_softmax_xent_f(<float*>pz, n, c, pi, <float*>pt, <float*>pg, pr)
+        else:
+            loss = fnn_softmax_xent_d(<double*>pz, n, c, pi, <double*>pt, <double*>pg, pr)
+    return logits.dtype.type(loss), grad
+
+
+# --- convolution --------------------------------------------------------------------
+
+# Per-thread workspaces are pooled: allocating and freeing megabytes per call
+# pays the page faults every time (DESIGN.md). list.pop/append are atomic
+# under the GIL, so concurrent callers never share a buffer.
+_workspace_pool = []
+_blas_controllers = None
+
+
+def _take_workspace(Py_ssize_t count, dtype):
+    """A buffer of at least ``count`` elements of ``dtype``, from the pool if possible."""
+    nbytes = count * np.dtype(dtype).itemsize
+    try:
+        buffer = _workspace_pool.pop()
+    except IndexError:
+        buffer = None
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+    return buffer
+
+
+def _give_back(buffer):
+    if len(_workspace_pool) < 4:
+        _workspace_pool.append(buffer)
+
+
+def _blas_libraries():
+    """threadpoolctl handles on the BLAS behind scipy.linalg.cython_blas (all BLAS
+    libraries if that one cannot be told apart)."""
+    global _blas_controllers
+    if _blas_controllers is None:
+        import scipy
+        from threadpoolctl import ThreadpoolController
+        scipy_root = os.path.dirname(os.path.realpath(scipy.__file__))   # also matches scipy.libs
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        _blas_controllers = [lib for lib in blas
+                             if os.path.realpath(lib.filepath).startswith(scipy_root)] or blas
+    return _blas_controllers
+
+
+class _SingleThreadedBlas:
+    """Limit BLAS to one thread inside an OpenMP region (restored on exit)."""
+
+    def __enter__(self):
+        self.saved = [(lib, lib.num_threads) for lib in _blas_libraries()]
+        for lib, threads in self.saved:
+            if threads != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, threads in self.saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
+
+
+cdef inline bint _pointwise(const fnn_geometry *g) noexcept nogil:
+    """A 1x1 conv with stride 1 and no padding: the columns are the input itself."""
+    return g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.ph == 0 and g.pw == 0
+
+
+cdef void _conv_forward_sample(const floating *x, const floating *weights,
+                               const floating *bias, floating *y, floating *cols,
+                               const fnn_geometry *g, long k) noexcept nogil:
+    """One sample: y (K, OH*OW) = W (K, C*kh*kw) @ im2col(x) (C*kh*kw, OH*OW) + b."""
+    cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow
+    cdef floating beta = 0
+    if _pointwise(g):
+        cols = <floating*>x
+    else:
+        _im2col(x, 1, g, cols, ohw, 0)
+    if bias != NULL:
+        _broadcast(y, bias, k, ohw, 1)
+        beta = 1
+    _gemm(False, False, <int>k, <int>ohw, <int>ckk, 1, weights, <int>ckk, cols, <int>ohw,
+          beta, y, <int>ohw)
+
+
+cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
+                        floating *y, floating *workspace, long n, const fnn_geometry *g,
+                        long k, int threads) noexcept nogil:
+    cdef long s
+    cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    for s in prange(n, num_threads=threads, schedule="static"):
+        _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw,
+                             workspace + fnn_thread_id() * ckk * ohw, g, k)
+
+
+def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+
+    OpenMP over the samples; each thread builds one sample's columns in its own
+    workspace and runs a single-threaded GEMM straight into y[n] (already NCHW).
+    Workspace: threads * C*kh*kw*OH*OW elements (none for a 1x1 stride-1 conv),
+    whatever N is.
+    """
+    cdef long n = x.shape[0], k = W.shape[0]
+    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
+                                    stride, padding)
+    cdef int threads = max(1, min(fnn_max_threads(), n))
+    cdef long per_thread = g.c * g.kh * g.kw * g.oh * g.ow
+    cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pb = NULL if b is None else _data(b)
+    cdef void *py = _data(y)
+    cdef void *pws = _data(workspace)
+    cdef bint single = _is_float32(x)
+    try:
+        with _SingleThreadedBlas() if threads > 1 else _NoLimit:
+            with nogil:
+                if single:
+                    _conv_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, <float*>pws,
+                                  n, &g, k, threads)
+                else:
+                    _conv_forward(<double*>px, <double*>pw, <double*>pb, <double*>py,
+                                  <double*>pws, n, &g, k, threads)
+    finally:
+        _give_back(workspace)
+    return y
+
+
+cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
+                                const floating *weights, floating *grad_x,
+                                floating *grad_w, floating *grad_b, floating *cols,
+                                floating *grad_cols, const fnn_geometry *g,
+                                long k) noexcept nogil:
+    """One sample: grad_w += grad_y @ cols.T, grad_b += row sums of grad_y,
+    grad_x = col2im(W.T @ grad_y). grad_y: (K, OH*OW)."""
+    cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow
+    cdef bint pointwise = _pointwise(g)
+    if pointwise:
+        cols = <floating*>x
+    else:
+        _im2col(x, 1, g, cols, ohw, 0)
+    _gemm(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, cols, <int>ohw,
+          1, grad_w, <int>ckk)
+    _row_sums(grad_y, k, ohw, grad_b, 1)
+    if pointwise:          # the column gradient is the input gradient
+        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+              <int>ohw, 0, grad_x, <int>ohw)
+    else:
+        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+              <int>ohw, 0, grad_cols, <int>ohw)
+        _col2im(grad_cols, 1, g, grad_x, ohw, 0)
+
+
+cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
+                         floating *grad_x, floating *grad_w, floating *grad_b,
+                         floating *workspace, long n, const fnn_geometry *g, long k,
+                         int threads) noexcept nogil:
+    cdef long s, t, idx
+    cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    # per thread: columns, column gradient, then its own grad_w and grad_b sums
+    cdef long stride_t = 2 * ckk * ohw + k * ckk + k
+    cdef floating *mine
+    for t in range(threads):
+        memset(workspace + t * stride_t + 2 * ckk * ohw, 0, (k * ckk + k) * sizeof(floating))
+    for s in prange(n, num_threads=threads, schedule="static"):
+        mine = workspace + fnn_thread_id() * stride_t
+        _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
+                              mine + 2 * ckk * ohw, mine + 2 * ckk * ohw + k * ckk,
+                              mine, mine + ckk * ohw, g, k)
+    # the threads' partial sums, added in a fixed order (deterministic for a thread count)
+    memset(grad_w, 0, k * ckk * sizeof(floating))
+    memset(grad_b, 0, k * sizeof(floating))
+    for t in range(threads):
+        mine = workspace + t * stride_t + 2 * ckk * ohw
+        for idx in range(k * ckk):
+            grad_w[idx] += mine[idx]
+        for idx in range(k):
+            grad_b[idx] += mine[k * ckk + idx]
+
+
+def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stride,
+                    tuple padding):
+    """-> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
+
+    OpenMP over the samples, single-threaded GEMMs per sample; each thread keeps
+    its own grad_W/grad_b sums (added at the end), so no two threads write one
+    value. Workspace: threads * (2*C*kh*kw*OH*OW + K*C*kh*kw + K) elements,
+    whatever N is.
+    """
+    cdef long n = x.shape[0], k = W.shape[0]
+    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
+                                    stride, padding)
+    cdef int threads = max(1, min(fnn_max_threads(), n))
+    cdef long ckk = g.c * g.kh * g.kw
+    cdef long per_thread = 2 * ckk * g.oh * g.ow + k * ckk + k
+    cdef cnp.ndarray grad_x = np.empty_like(x)
+    cdef cnp.ndarray grad_w = np.empty_like(W)
+    cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pgx = _data(grad_x)
+    cdef void *pgw = _data(grad_w)
+    cdef void *pgb = _data(grad_b)
+    cdef void *pws = _data(workspace)
+    cdef bint single = _is_float32(x)
+    try:
+        with _SingleThreadedBlas() if threads > 1 else _NoLimit:
+            with nogil:
+                if single:
+                    _conv_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx,
+                                   <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads)
+                else:
+                    _conv_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx,
+                                   <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads)
+    finally:
+        _give_back(workspace)
+    return grad_x, grad_w, grad_b
+
+
+class _NoLimitType:
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+_NoLimit = _NoLimitType()
