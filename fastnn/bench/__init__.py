@@ -1,0 +1,366 @@
+"""``fastnn-bench``: the workloads W0-W7 on fastnn against NumPy and PyTorch.
+
+    fastnn-bench [--workload NAME ...] [--device cpu|cuda] [--compare numpy,torch]
+                 [--threads N] [--quick] [--json FILE] [--keep-blas-env]
+
+Thread counts and OpenBLAS's kernel choice are fixed when the libraries load,
+and ``import fastnn`` has already loaded NumPy by the time this module runs.
+So the command line sets OMP/OPENBLAS/MKL_NUM_THREADS (``--threads``), unsets
+``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` (which pin an older kernel; kept
+with ``--keep-blas-env``), and re-executes itself once with that environment.
+Called in-process as ``main([...])`` (tests), it cannot change an already
+loaded library: it limits threads with threadpoolctl and reports the BLAS
+kernel as it finds it. The kernel actually running is always reported
+(threadpoolctl: internal_api, architecture, num_threads).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+__all__ = ["main"]
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+BLAS_PIN_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+_EXEC_MARK = "FASTNN_BENCH_ORIGINAL_ENV"        # set in the re-executed child: the parent's env
+_WORKLOAD_NAMES = ("W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
+_PEERS = ("numpy", "torch")
+
+# timing settings: (repeats, warm-up calls, minimum seconds per repeat)
+_FULL = (5, 1, 0.2)
+_QUICK = (3, 1, 0.02)
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="fastnn-bench",
+        description="Time fastnn on the workloads W0-W7 against the NumPy reference and "
+                    "PyTorch (where installed), in one process on the same inputs.")
+    p.add_argument("--workload", action="extend", nargs="+", metavar="NAME", default=None,
+                   help="workloads to run (W0..W7, default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default) or cuda (CuPy arrays against PyTorch CUDA)")
+    p.add_argument("--compare", default="numpy,torch", metavar="PEERS",
+                   help="comma-separated peers among numpy,torch (default both; 'none' for none)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for OpenMP, BLAS and PyTorch (set before they load)")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="write machine, versions, BLAS kernel and every repeat to FILE")
+    p.add_argument("--keep-blas-env", action="store_true",
+                   help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE (default: unset for this run)")
+    return p
+
+
+def _parse(argv):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    names = []
+    for name in args.workload or _WORKLOAD_NAMES:
+        for part in name.split(","):
+            part = part.strip().upper()
+            if part == "ALL":
+                names.extend(_WORKLOAD_NAMES)
+            elif part in _WORKLOAD_NAMES:
+                names.append(part)
+            elif part:
+                parser.error(f"--workload: unknown workload {part!r}; choose among "
+                             f"{', '.join(_WORKLOAD_NAMES)}")
+    args.workloads = list(dict.fromkeys(names))
+    peers = [s.strip().lower() for s in args.compare.split(",") if s.strip()]
+    if peers == ["none"]:
+        peers = []
+    bad = [s for s in peers if s not in _PEERS]
+    if bad:
+        parser.error(f"--compare: unknown peer(s) {bad}; choose among {', '.join(_PEERS)} or none")
+    args.peers = frozenset(peers)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def _wanted_env(args):
+    env = dict(os.environ)
+    if args.threads is not None:
+        for var in THREAD_VARS:
+            env[var] = str(args.threads)
+    if not args.keep_blas_env:
+        for var in BLAS_PIN_VARS:
+            env.pop(var, None)
+    return env
+
+
+def _env_record():
+    return {v: os.environ.get(v) for v in THREAD_VARS + BLAS_PIN_VARS + ("OMP_WAIT_POLICY",)}
+
+
+def _maybe_reexec(args):
+    """From the command line: re-execute with the wanted environment if it differs
+    from the one the already loaded libraries saw. Returns the environment the
+    run started from (the parent's, when re-executed)."""
+    if _EXEC_MARK in os.environ:
+        return json.loads(os.environ[_EXEC_MARK])
+    original = _env_record()
+    wanted = _wanted_env(args)
+    if wanted != dict(os.environ):
+        wanted[_EXEC_MARK] = json.dumps(original)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "fastnn.bench", *sys.argv[1:]], wanted)
+    return original
+
+
+# --- machine and library facts ---------------------------------------------------------
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions():
+    import numpy
+    import fastnn
+    out = {"python": platform.python_version(), "numpy": numpy.__version__,
+           "fastnn": fastnn.__version__}
+    for mod in ("scipy", "torch", "cupy", "threadpoolctl"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except Exception:  # not installed, or CuPy without a driver
+                out[mod] = None
+                continue
+        out[mod] = getattr(m, "__version__", "?")
+    return out
+
+
+def _blas_info():
+    """Every BLAS/OpenMP pool loaded in this process, as threadpoolctl sees it."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"error": "threadpoolctl is not installed"}]
+    keys = ("user_api", "internal_api", "prefix", "version", "architecture",
+            "threading_layer", "num_threads", "filepath")
+    return [{k: info.get(k) for k in keys if k in info} for info in threadpool_info()]
+
+
+def _machine():
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {"cpu_model": _cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
+            "platform": platform.platform(), "loadavg_start": list(os.getloadavg())}
+
+
+# --- running and reporting ---------------------------------------------------------------
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _speed_ratio(fast, peer):
+    if not (fast and fast.ok and peer and peer.ok):
+        return None
+    return fast.speed() / peer.speed()
+
+
+def _run_metric(metric, timing, log):
+    from .timing import Result, measure
+    repeats, warmup, min_repeat_s = timing
+    results = []
+    for impl in metric.impls:
+        res = Result(metric.workload, metric.name, impl.name, metric.unit, metric.kind,
+                     impl.work, note=impl.note, scale=metric.scale)
+        if impl.run is None:
+            res.error = impl.note or "unavailable"
+        else:
+            try:
+                res.inner, res.times_s = measure(impl, repeats=repeats, warmup=warmup,
+                                                 min_repeat_s=min_repeat_s)
+            except Exception as exc:  # report a failing implementation, keep going
+                res.error = f"{type(exc).__name__}: {exc}"
+        log(f"  {metric.workload} {metric.name:<36} {impl.name:<15} "
+            + (f"{_fmt(res.median):>10} {metric.unit}" if res.ok else res.error))
+        results.append(res)
+    return results
+
+
+def _targets(metrics, results):
+    rows = []
+    for metric in metrics:
+        mine = [r for r in results if r.workload == metric.workload and r.metric == metric.name]
+        by_name = {r.impl: r for r in mine}
+        for fast in (r for r in mine if r.impl.startswith("fastnn")):
+            for peer, need, text in metric.targets:
+                ratio = _speed_ratio(fast, by_name.get(peer))
+                rows.append({"workload": metric.workload, "metric": metric.name, "impl": fast.impl,
+                             "peer": peer, "ratio": ratio, "target": text, "need": need,
+                             "verdict": "n/a" if ratio is None else
+                             ("PASS" if ratio >= need else "miss")})
+    return rows
+
+
+def _table(results, targets):
+    lines = []
+    head = (f"{'workload':<8} {'metric':<36} {'impl':<15} {'median':>10} {'best':>10} "
+            f"{'unit':<10} {'fastnn/peer':>11}  note")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        fast = next((f for f in results if f.workload == r.workload and f.metric == r.metric
+                     and f.impl == "fastnn"), None)
+        ratio = None if r.impl == "fastnn" else _speed_ratio(fast, r)
+        ratio_s = "" if ratio is None else f"{ratio:.2f}x"
+        if r.ok:
+            lines.append(f"{r.workload:<8} {r.metric:<36} {r.impl:<15} {_fmt(r.median):>10} "
+                         f"{_fmt(r.best):>10} {r.unit:<10} {ratio_s:>11}  {r.note}")
+        else:
+            lines.append(f"{r.workload:<8} {r.metric:<36} {r.impl:<15} {'-':>10} {'-':>10} "
+                         f"{r.unit:<10} {'':>11}  {r.error}")
+    lines.append("")
+    lines.append("fastnn/peer is a speed ratio (for ms and us: peer time / fastnn time); "
+                 "best = the fastest repeat.")
+    if targets:
+        lines.append("")
+        head = f"{'workload':<8} {'metric':<36} {'impl':<15} {'vs':<11} {'ratio':>7}  {'target':<24} verdict"
+        lines += [head, "-" * len(head)]
+        for t in targets:
+            ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+            lines.append(f"{t['workload']:<8} {t['metric']:<36} {t['impl']:<15} {t['peer']:<11} "
+                         f"{ratio:>7}  {t['target']:<24} {t['verdict']}")
+    return "\n".join(lines)
+
+
+def _check_cuda():
+    from fastnn import backend
+    if backend.cupy() is None:
+        reason = getattr(backend, "_cuda_error", None) or "CuPy is not installed"
+        raise SystemExit("fastnn-bench --device cuda: no usable CUDA GPU in this process "
+                         f"({reason}). Install CuPy (pip install 'fastnn[gpu]') on a machine "
+                         "with an NVIDIA GPU, or run the CPU workloads with --device cpu.")
+
+
+def run(args, original_env, log=print):
+    """Run the selected workloads; return the JSON-ready report dict."""
+    from .workloads import WORKLOADS, Config
+    import fastnn
+    from fastnn import backend
+
+    if args.device == "cuda":
+        _check_cuda()
+    limiter = None
+    if args.threads is not None:
+        # a no-op where the environment already did it; needed when called in-process
+        try:
+            from threadpoolctl import threadpool_limits
+            limiter = threadpool_limits(limits=args.threads)
+        except ImportError:
+            pass
+    cfg = Config(quick=args.quick, device=args.device, compare=args.peers)
+    torch = cfg.torch()
+    if torch is not None and args.threads is not None:
+        torch.set_num_threads(args.threads)
+    import scipy.linalg.blas  # noqa: F401  (fastnn's BLAS: loaded now so it is reported)
+
+    timing = _QUICK if args.quick else _FULL
+    report = {
+        "command": "fastnn-bench " + " ".join(args.argv),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "machine": _machine(),
+        "fastnn_backend": backend.current(),
+        "compiled_kernels_error": backend.compiled_error(),
+        "environment_at_start": original_env,
+        "environment_of_run": _env_record(),
+        "blas_pin_unset": not args.keep_blas_env and args.reexec,
+        "threads_requested": args.threads,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "timing": dict(zip(("repeats", "warmup", "min_repeat_s"), timing)),
+        "device": args.device, "quick": args.quick,
+    }
+    log(f"fastnn-bench {fastnn.__version__}: backend {backend.current()}, device {args.device}, "
+        f"{'quick' if args.quick else 'full'} run, {report['machine']['cpu_model']}, "
+        f"{report['machine']['usable_cpus']} cpus, load {report['machine']['loadavg_start'][0]:.2f}")
+    results, metrics = [], []
+    try:
+        for name in args.workloads:
+            try:
+                built = WORKLOADS[name](cfg)
+            except Exception as exc:   # e.g. a fastnn module not there yet
+                log(f"  {name}: could not be built: {type(exc).__name__}: {exc}")
+                report.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            for metric in built:
+                metrics.append(metric)
+                results.extend(_run_metric(metric, timing, log))
+            del built
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    targets = _targets(metrics, results)
+    report["versions"] = _versions()
+    report["blas"] = _blas_info()
+    report["machine"]["loadavg_end"] = list(os.getloadavg())
+    report["metrics"] = [{"workload": m.workload, "metric": m.name, "unit": m.unit,
+                          "description": m.description} for m in metrics]
+    report["results"] = [{"workload": r.workload, "metric": r.metric, "impl": r.impl,
+                          "unit": r.unit, "kind": r.kind, "work_per_call": r.work,
+                          "calls_per_repeat": r.inner, "seconds_per_call": r.times_s,
+                          "median": r.median if r.ok else None, "best": r.best if r.ok else None,
+                          "note": r.note, "error": r.error} for r in results]
+    report["targets"] = targets
+    report["table"] = _table(results, targets)
+    return report
+
+
+def _blas_line(blas):
+    parts = []
+    for b in blas:
+        if b.get("user_api") == "blas":
+            parts.append(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')} "
+                         f"{b.get('num_threads')} threads ({b.get('prefix')})")
+    return "; ".join(parts) or "none found"
+
+
+def main(argv=None):
+    """Entry point of ``fastnn-bench`` and ``python -m fastnn.bench``."""
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    args.argv = argv
+    if from_command_line:
+        original_env = _maybe_reexec(args)
+        args.reexec = True
+    else:
+        original_env = _env_record()
+        args.reexec = False
+    report = run(args, original_env)
+    print()
+    print(report["table"])
+    print()
+    print(f"BLAS in use: {_blas_line(report['blas'])}; blas pin "
+          f"{'unset for this run' if report['blas_pin_unset'] else 'as found'} "
+          f"(at start: {', '.join(f'{k}={original_env.get(k)}' for k in BLAS_PIN_VARS)}); "
+          f"load {report['machine']['loadavg_start'][0]:.2f} -> "
+          f"{report['machine']['loadavg_end'][0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
