@@ -1,0 +1,335 @@
+"""CUDA kernels (fastnn.kernels on CuPy arrays) against the NumPy reference.
+
+Skipped without CuPy or without a usable GPU. Tolerances: the largest error
+over the largest reference magnitude stays under 1e-4 in float32 and 1e-10 in
+float64; integer outputs (argmax) and selections (ReLU, max) are exact.
+"""
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+
+from fastnn import backend, kernels  # noqa: E402
+from fastnn.kernels import _reference as ref  # noqa: E402
+
+if backend.cupy() is None:
+    pytest.skip("CuPy is installed but no CUDA device is usable", allow_module_level=True)
+
+from fastnn.kernels import _cuda  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+def assert_close(gpu, cpu, dtype=None):
+    """max|gpu - cpu| <= tol * max(1, max|cpu|), with dtype checked as well."""
+    assert backend.is_cuda_array(gpu), f"expected a CuPy result, got {type(gpu).__name__}"
+    got = cp.asnumpy(gpu)
+    cpu = np.asarray(cpu)
+    assert got.shape == cpu.shape
+    if dtype is not None:
+        assert got.dtype == np.dtype(dtype)
+    assert np.all(np.isfinite(got)), "non-finite value (unwritten output?)"
+    tol = TOL[np.dtype(dtype or cpu.dtype)]
+    scale = max(1.0, float(np.max(np.abs(cpu)))) if cpu.size else 1.0
+    err = float(np.max(np.abs(got.astype(np.float64) - cpu))) if cpu.size else 0.0
+    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+# (N, C, H, W), (kh, kw), stride, padding: odd sizes, batch 1, rectangular windows
+CONV_CASES = [
+    ((1, 1, 5, 5), (3, 3), 1, 0),
+    ((2, 3, 7, 6), (3, 3), 1, 1),
+    ((3, 2, 9, 11), (2, 3), 2, 0),
+    ((2, 4, 8, 7), (3, 2), (2, 1), (1, 2)),
+    ((1, 3, 6, 6), (1, 1), 1, 0),
+    ((4, 2, 10, 9), (5, 4), 3, 2),
+    ((5, 1, 28, 28), (5, 5), 1, 2),
+]
+
+
+def test_available_lists_cuda():
+    assert "cuda" in backend.available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k,stride,padding", CONV_CASES)
+def test_im2col_col2im_match_reference(shape, k, stride, padding, dtype):
+    rng = np.random.default_rng(0)
+    x = rand(rng, shape, dtype)
+    cols = ref.im2col(x, *k, pair(stride), pair(padding))
+    got = kernels.im2col(cp.asarray(x), *k, stride, padding)
+    # im2col only copies: equal exactly
+    np.testing.assert_array_equal(cp.asnumpy(got), cols)
+    grad_cols = rand(rng, cols.shape, dtype)
+    assert_close(kernels.col2im(cp.asarray(grad_cols), shape, *k, stride, padding),
+                 ref.col2im(grad_cols, shape, *k, pair(stride), pair(padding)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,k,stride,padding", CONV_CASES)
+def test_conv2d_matches_reference(shape, k, stride, padding, bias, dtype):
+    rng = np.random.default_rng(1)
+    n, c, h, w = shape
+    out_channels = 3
+    x = rand(rng, shape, dtype)
+    W = rand(rng, (out_channels, c) + k, dtype)
+    b = rand(rng, (out_channels,), dtype) if bias else None
+    y = ref.conv2d_forward(x, W, b, pair(stride), pair(padding))
+    gy = rand(rng, y.shape, dtype)
+    expected = ref.conv2d_backward(gy, x, W, pair(stride), pair(padding))
+    cx, cW = cp.asarray(x), cp.asarray(W)
+    cb = None if b is None else cp.asarray(b)
+    assert_close(kernels.conv2d_forward(cx, cW, cb, stride, padding), y, dtype)
+    got = kernels.conv2d_backward(cp.asarray(gy), cx, cW, stride, padding)
+    for g, e in zip(got, expected):
+        assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_chunked_batch_matches_reference(monkeypatch, dtype):
+    """A small workspace cuts the batch into chunks with a smaller last one."""
+    rng = np.random.default_rng(2)
+    x = rand(rng, (7, 3, 9, 8), dtype)
+    W = rand(rng, (4, 3, 3, 3), dtype)
+    b = rand(rng, (4,), dtype)
+    per_sample = 3 * 9 * 9 * 8 * np.dtype(dtype).itemsize
+    monkeypatch.setattr(_cuda, "CONV_WORKSPACE_BYTES", 3 * per_sample)   # chunks 3, 3, 1
+    y = ref.conv2d_forward(x, W, b, (1, 1), (1, 1))
+    gy = rand(rng, y.shape, dtype)
+    expected = ref.conv2d_backward(gy, x, W, (1, 1), (1, 1))
+    assert_close(kernels.conv2d_forward(cp.asarray(x), cp.asarray(W), cp.asarray(b), 1, 1), y, dtype)
+    got = kernels.conv2d_backward(cp.asarray(gy), cp.asarray(x), cp.asarray(W), 1, 1)
+    for g, e in zip(got, expected):
+        assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_non_contiguous_inputs(dtype):
+    rng = np.random.default_rng(3)
+    big = rand(rng, (3, 4, 12, 14), dtype)
+    wide = rand(rng, (2, 5, 3, 3), dtype)
+    x = big[:, 1:, 1:-1, ::2]                                  # (3, 3, 10, 7), strided
+    W = wide[:, 1:4].transpose(0, 1, 3, 2)                     # (2, 3, 3, 3), strided
+    gy_reversed = rand(rng, (7, 10, 2, 3), dtype)
+    gy = gy_reversed.transpose(3, 2, 1, 0)                     # (3, 2, 10, 7), transposed
+    c = np.ascontiguousarray
+    y = ref.conv2d_forward(c(x), c(W), None, (1, 1), (1, 1))
+    expected = ref.conv2d_backward(c(gy), c(x), c(W), (1, 1), (1, 1))
+    cx = cp.asarray(big)[:, 1:, 1:-1, ::2]
+    cW = cp.asarray(wide)[:, 1:4].transpose(0, 1, 3, 2)
+    cgy = cp.asarray(gy_reversed).transpose(3, 2, 1, 0)
+    assert not (cx.flags.c_contiguous or cW.flags.c_contiguous or cgy.flags.c_contiguous)
+    assert_close(kernels.conv2d_forward(cx, cW, None, 1, 1), y, dtype)
+    for g, e in zip(kernels.conv2d_backward(cgy, cx, cW, 1, 1), expected):
+        assert_close(g, e, dtype)
+
+
+POOL_CASES = [
+    ((2, 3, 8, 8), (2, 2), (2, 2)),
+    ((1, 2, 7, 9), (3, 3), (2, 2)),      # overlapping windows, odd sizes
+    ((3, 1, 5, 5), (2, 3), (1, 2)),
+    ((1, 1, 4, 6), (4, 6), (1, 1)),      # one window
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k,stride", POOL_CASES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool_matches_reference(shape, k, stride, ties, dtype):
+    rng = np.random.default_rng(4)
+    x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(dtype)
+    y, argmax = ref.maxpool2d_forward(x, *k, stride)
+    cy, cargmax = kernels.maxpool2d_forward(cp.asarray(x), *k, stride)
+    np.testing.assert_array_equal(cp.asnumpy(cy), y)
+    np.testing.assert_array_equal(cp.asnumpy(cargmax), argmax)   # first maximum wins
+    assert cargmax.dtype == cp.int64
+    gy = rand(rng, y.shape, dtype)
+    assert_close(kernels.maxpool2d_backward(cp.asarray(gy), cargmax, shape),
+                 ref.maxpool2d_backward(gy, argmax, shape), dtype)
+
+
+def test_maxpool_non_contiguous_input():
+    rng = np.random.default_rng(5)
+    x = rand(rng, (2, 3, 9, 10), np.float32)
+    y, argmax = ref.maxpool2d_forward(np.ascontiguousarray(x[:, ::-1, :, 1:]), 3, 3, (3, 3))
+    cy, cargmax = kernels.maxpool2d_forward(cp.asarray(x)[:, ::-1, :, 1:], 3, 3, 3)
+    np.testing.assert_array_equal(cp.asnumpy(cy), y)
+    np.testing.assert_array_equal(cp.asnumpy(cargmax), argmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_matches_reference(dtype):
+    rng = np.random.default_rng(6)
+    x = rand(rng, (3, 5, 7), dtype)
+    x[0, 0, :3] = 0
+    gy = rand(rng, x.shape, dtype)
+    y = ref.relu_forward(x)
+    cy = kernels.relu_forward(cp.asarray(x)[:, :, ::1])
+    np.testing.assert_array_equal(cp.asnumpy(cy), y)
+    assert cy.dtype == dtype
+    np.testing.assert_array_equal(cp.asnumpy(kernels.relu_backward(cp.asarray(gy), cy)),
+                                  ref.relu_backward(gy, y))
+    xt = rand(rng, (6, 4), dtype)
+    np.testing.assert_array_equal(cp.asnumpy(kernels.relu_forward(cp.asarray(xt).T)),
+                                  ref.relu_forward(xt.T))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,i,o", [(1, 5, 3), (7, 13, 4), (33, 1, 65)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_matches_reference(n, i, o, bias, dtype):
+    rng = np.random.default_rng(7)
+    x, W = rand(rng, (n, i), dtype), rand(rng, (i, o), dtype)
+    b = rand(rng, (o,), dtype) if bias else None
+    gy = rand(rng, (n, o), dtype)
+    cb = None if b is None else cp.asarray(b)
+    assert_close(kernels.dense_forward(cp.asarray(x), cp.asarray(W), cb),
+                 ref.dense_forward(x, W, b), dtype)
+    got = kernels.dense_backward(cp.asarray(gy), cp.asarray(x), cp.asarray(W))
+    for g, e in zip(got, ref.dense_backward(gy, x, W)):
+        assert_close(g, e, dtype)
+
+
+def test_dense_non_contiguous_inputs():
+    rng = np.random.default_rng(8)
+    x, W = rand(rng, (9, 6), np.float64), rand(rng, (5, 9), np.float64)
+    got = kernels.dense_forward(cp.asarray(x).T[::1], cp.asarray(W).T, None)   # (6, 9) @ (9, 5)
+    assert_close(got, x.T @ W.T, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c", [(1, 10), (37, 10), (5, 45), (300, 3)])
+@pytest.mark.parametrize("onehot", [False, True])
+def test_softmax_cross_entropy_matches_reference(n, c, onehot, dtype):
+    rng = np.random.default_rng(9)
+    logits = rand(rng, (n, c), dtype) * 3
+    labels = rng.integers(0, c, n)
+    if onehot:
+        targets = rng.random((n, c)).astype(dtype)
+        targets /= targets.sum(axis=1, keepdims=True)
+        labels_cpu, labels_gpu = targets, cp.asarray(targets)
+    else:
+        labels_cpu, labels_gpu = labels.astype(np.int64), cp.asarray(labels.astype(np.int32))
+    loss, grad = ref.softmax_cross_entropy(logits.copy(), labels_cpu)
+    closs, cgrad = kernels.softmax_cross_entropy(cp.asarray(logits), labels_gpu)
+    assert closs.dtype == dtype and closs.shape == ()
+    assert_close(closs, np.asarray(loss), dtype)
+    assert_close(cgrad, grad, dtype)
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], dtype=np.float32)
+    labels = np.array([0, 2])
+    loss, grad = ref.softmax_cross_entropy(logits.copy(), labels)
+    closs, cgrad = kernels.softmax_cross_entropy(cp.asarray(logits), cp.asarray(labels))
+    assert_close(closs, np.asarray(loss), np.float32)
+    assert_close(cgrad, grad, np.float32)
+
+
+def test_softmax_cross_entropy_non_contiguous_logits():
+    rng = np.random.default_rng(10)
+    logits = rand(rng, (10, 6), np.float64)
+    labels = rng.integers(0, 10, 6)
+    loss, grad = ref.softmax_cross_entropy(np.ascontiguousarray(logits.T), labels)
+    closs, cgrad = kernels.softmax_cross_entropy(cp.asarray(logits).T, cp.asarray(labels))
+    assert_close(closs, np.asarray(loss), np.float64)
+    assert_close(cgrad, grad, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_stay_on_device_and_kernels_are_deterministic(dtype):
+    rng = np.random.default_rng(11)
+    x = cp.asarray(rand(rng, (4, 3, 9, 9), dtype))
+    W = cp.asarray(rand(rng, (5, 3, 3, 3), dtype))
+    gy = cp.asarray(rand(rng, (4, 5, 9, 9), dtype))
+    first = kernels.conv2d_backward(gy, x, W, 1, 1)
+    second = kernels.conv2d_backward(gy, x, W, 1, 1)
+    for a, b in zip(first, second):
+        assert backend.is_cuda_array(a)
+        np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
+
+
+# --- fused pieces for layers ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_mask_scale_rate_and_seed(dtype):
+    p = 0.3
+    x = cp.asarray(np.random.default_rng(12).standard_normal((64, 33, 17)).astype(dtype))
+    y, mask = _cuda.dropout_forward(x, p, seed=123)
+    m = cp.asnumpy(mask)
+    values = np.unique(m)
+    np.testing.assert_allclose(values, [0.0, 1.0 / (1.0 - p)], rtol=1e-6)
+    assert abs((m == 0).mean() - p) < 0.01                         # 35904 draws
+    np.testing.assert_array_equal(cp.asnumpy(y), cp.asnumpy(x) * m)
+    y2, mask2 = _cuda.dropout_forward(x, p, seed=123)
+    np.testing.assert_array_equal(cp.asnumpy(mask2), m)
+    _, mask3 = _cuda.dropout_forward(x, p, seed=124)
+    assert (cp.asnumpy(mask3) != m).mean() > 0.2
+    gy = cp.asarray(np.ones(x.shape, dtype))
+    np.testing.assert_array_equal(cp.asnumpy(_cuda.dropout_backward(gy, mask)), m)
+
+
+def _batchnorm_numpy(x, gamma, beta, eps, gy):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    inv_std = 1 / np.sqrt(var + eps)
+    x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    y = gamma.reshape(shape) * x_hat + beta.reshape(shape)
+    m = x.size // x.shape[1]
+    g_beta = gy.sum(axis=axes)
+    g_gamma = (gy * x_hat).sum(axis=axes)
+    gx = (gamma * inv_std).reshape(shape) / m * (m * gy - g_beta.reshape(shape)
+                                                 - x_hat * g_gamma.reshape(shape))
+    return y, mean, var, gx, g_gamma, g_beta
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 5), (1, 3), (4, 3, 5, 6), (2, 6, 1, 9)])
+def test_batchnorm_matches_numpy(shape, dtype):
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    gamma = rng.standard_normal(shape[1]).astype(dtype)
+    beta = rng.standard_normal(shape[1]).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    eps = 1e-5
+    y, mean, var, gx, g_gamma, g_beta = _batchnorm_numpy(
+        x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), eps,
+        gy.astype(np.float64))
+    cy, x_hat, cmean, cvar, inv_std = _cuda.batchnorm_forward(
+        cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), eps)
+    for got, want in ((cy, y), (cmean, mean), (cvar, var)):
+        assert_close(got, want, dtype)
+    grads = _cuda.batchnorm_backward(cp.asarray(gy), x_hat, cp.asarray(gamma), inv_std)
+    for got, want in zip(grads, (gx, g_gamma, g_beta)):
+        assert_close(got, want, dtype)
+    # eval mode: given statistics are used as they are
+    ey = _cuda.batchnorm_forward(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), eps,
+                                 mean=cmean, var=cvar)[0]
+    assert_close(ey, y, dtype)
+
+
+def test_tf32_switch_restores_cupy_state():
+    from cupy._core import _routines_linalg as linalg
+    before = linalg.get_compute_type(np.float32)
+    rng = np.random.default_rng(14)
+    a, b = rand(rng, (64, 96), np.float32), rand(rng, (96, 32), np.float32)
+    try:
+        _cuda.set_tf32(True)
+        got = kernels.dense_forward(cp.asarray(a), cp.asarray(b), None)
+    finally:
+        _cuda.set_tf32(False)
+    assert linalg.get_compute_type(np.float32) == before
+    want = a.astype(np.float64) @ b
+    err = np.linalg.norm(cp.asnumpy(got) - want) / np.linalg.norm(want)
+    assert err < 1e-2          # TF32: about 1e-3 relative
