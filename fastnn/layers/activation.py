@@ -1,0 +1,130 @@
+"""Activation layers: ReLU (compiled kernel), LeakyReLU, Sigmoid, Tanh, Softmax (array ops).
+
+They have no parameters. Each keeps what its backward needs (its output, or
+its input for LeakyReLU) and runs on NumPy or CuPy arrays alike.
+"""
+import numpy as np
+
+from .. import backend
+from .base import Layer, contiguous, kernel_impl
+
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _Elementwise(Layer):
+    """Shared checks of the parameter-free element-wise layers."""
+
+    def _check(self, x, what="input"):
+        dtype = getattr(x, "dtype", None)
+        if dtype not in _FLOATS:
+            if dtype is None:
+                raise TypeError(f"{type(self).__name__}: {what} must be a NumPy or CuPy array, "
+                                f"got {type(x).__name__}")
+            raise TypeError(f"{type(self).__name__}: expected a float32 or float64 {what}, "
+                            f"got {dtype}")
+
+    def _check_grad(self, grad_y, kept):
+        if kept is None:
+            raise RuntimeError(f"{type(self).__name__}: backward called before forward")
+        if grad_y.shape != kept.shape or grad_y.dtype != kept.dtype:
+            raise ValueError(f"{type(self).__name__}: expected grad_y of shape {tuple(kept.shape)} "
+                             f"and dtype {kept.dtype}, got {tuple(grad_y.shape)} {grad_y.dtype}")
+
+    def get_config(self):
+        return {}
+
+
+class ReLU(_Elementwise):
+    """y = max(x, 0); grad_x = grad_y * (y > 0). Keeps y."""
+
+    def forward(self, x, training=True):
+        self._check(x)
+        x = contiguous(x)
+        self.output = kernel_impl(x).relu_forward(x)
+        return self.output
+
+    def backward(self, grad_y):
+        self._check_grad(grad_y, self.output)
+        grad_y = contiguous(grad_y)
+        return kernel_impl(grad_y).relu_backward(grad_y, self.output)
+
+
+class LeakyReLU(_Elementwise):
+    """y = x if x > 0 else alpha * x. Keeps x."""
+
+    def __init__(self, alpha=0.01):
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def forward(self, x, training=True):
+        self._check(x)
+        xp = backend.get_array_module(x)
+        self.input = x
+        self.output = xp.where(x > 0, x, x * x.dtype.type(self.alpha))
+        return self.output
+
+    def backward(self, grad_y):
+        self._check_grad(grad_y, self.input)
+        xp = backend.get_array_module(grad_y)
+        return xp.where(self.input > 0, grad_y, grad_y * grad_y.dtype.type(self.alpha))
+
+    def get_config(self):
+        return {"alpha": self.alpha}
+
+
+class Sigmoid(_Elementwise):
+    """y = 1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2 (no overflow). Keeps y."""
+
+    def forward(self, x, training=True):
+        self._check(x)
+        xp = backend.get_array_module(x)
+        half = x.dtype.type(0.5)
+        y = xp.tanh(x * half)
+        y += 1
+        y *= half
+        self.output = y
+        return y
+
+    def backward(self, grad_y):
+        y = self.output
+        self._check_grad(grad_y, y)
+        return grad_y * y * (1 - y)
+
+
+class Tanh(_Elementwise):
+    """y = tanh(x); grad_x = grad_y * (1 - y^2). Keeps y."""
+
+    def forward(self, x, training=True):
+        self._check(x)
+        self.output = backend.get_array_module(x).tanh(x)
+        return self.output
+
+    def backward(self, grad_y):
+        y = self.output
+        self._check_grad(grad_y, y)
+        return grad_y * (1 - y * y)
+
+
+class Softmax(_Elementwise):
+    """Softmax over the last axis. Keeps p = softmax(x).
+
+    Before a ``CrossEntropy`` loss the Network skips this layer's forward and
+    backward in training and feeds the logits to the fused loss, whose
+    gradient is ``p - y``.
+    """
+
+    def forward(self, x, training=True):
+        self._check(x)
+        xp = backend.get_array_module(x)
+        e = xp.exp(x - x.max(axis=-1, keepdims=True))
+        e /= e.sum(axis=-1, keepdims=True)
+        self.output = e
+        return e
+
+    def backward(self, grad_y):
+        p = self.output
+        self._check_grad(grad_y, p)
+        # Jacobian-vector product: p * (g - <g, p>)
+        return p * (grad_y - (grad_y * p).sum(axis=-1, keepdims=True))

@@ -1,0 +1,199 @@
+"""The Layer protocol, shared helpers (init, dtype, kernel dispatch) and ActivationLayer.
+
+Every layer keeps ``params`` / ``grads`` (dicts of arrays with the same keys and
+shapes), implements ``forward(x, training=True)``, ``backward(grad_y)`` (which
+overwrites ``grads``) and ``output_shape(input_shape)``. The tutorial protocol
+(``forward_propagation`` / ``backward_propagation(err, lr)``) is kept on top:
+``backward_propagation`` is ``backward`` followed by one plain SGD step.
+"""
+import numpy as np
+
+from .. import backend, kernels
+
+__all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "uses_tutorial_protocol"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_dtype(dtype, who):
+    """``"float32"`` / ``"float64"`` / a NumPy float dtype -> ``np.dtype``; anything else is a TypeError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"{who}: dtype must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+def initialize(init, shape, fan_in, fan_out, rng, dtype, who):
+    """Initial weights of ``shape``.
+
+    ``"he"``: normal, std sqrt(2 / fan_in); ``"xavier"``: Glorot uniform,
+    limit sqrt(6 / (fan_in + fan_out)); ``"uniform"``: the tutorial's
+    U(-0.5, 0.5); a callable ``init(shape, rng) -> array``.
+    """
+    if callable(init):
+        w = np.asarray(init(tuple(shape), rng))
+        if w.shape != tuple(shape):
+            raise ValueError(f"{who}: init returned shape {w.shape}, expected {tuple(shape)}")
+    elif init == "he":
+        w = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    elif init == "xavier":
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        w = rng.uniform(-limit, limit, shape)
+    elif init == "uniform":
+        w = rng.random(shape) - 0.5
+    else:
+        raise ValueError(f"{who}: init must be 'he', 'xavier', 'uniform' or a callable, got {init!r}")
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
+def make_rng(seed):
+    """A Generator from ``seed``; with None, seeded from NumPy's global state, so that
+    ``np.random.seed(k)`` makes unseeded layers reproducible (as the tutorial's
+    ``np.random.rand`` initialisation is)."""
+    if seed is None:
+        seed = int(np.random.randint(0, 2**31 - 1))
+    return np.random.default_rng(seed)
+
+
+def kernel_impl(x):
+    """The kernel implementation module for ``x`` (compiled, reference or CUDA).
+
+    Layers validate their inputs themselves (once per new shape), so their hot
+    paths call the implementation directly and skip the public kernels'
+    per-call argument checks.
+    """
+    return kernels._impl(x)
+
+
+def contiguous(x):
+    """``x`` as a C-contiguous array of its own module (no copy when it already is)."""
+    if x.flags.c_contiguous:
+        return x
+    return backend.get_array_module(x).ascontiguousarray(x)
+
+
+def uses_tutorial_protocol(layer):
+    """True when ``layer`` only implements ``forward_propagation``/``backward_propagation``.
+
+    Such layers (the tutorial's own classes, or user subclasses of ``Layer``
+    written the tutorial's way) update their own parameters inside
+    ``backward_propagation``; the Network calls them with the learning rate.
+    """
+    cls = type(layer)
+    if not isinstance(layer, Layer):
+        return not hasattr(layer, "backward") and hasattr(layer, "backward_propagation")
+    return cls.forward is Layer.forward or cls.backward is Layer.backward
+
+
+class Layer:
+    """Base class of every layer.
+
+    ``params`` / ``grads``: dicts name -> array; ``weight_names``: the
+    params that weight decay and L1 apply to (not biases, not BatchNorm's);
+    None (the default for user layers) means every param of 2 or more dims.
+    ``buffers``: non-trained state saved with the model (BatchNorm's running
+    statistics).
+    """
+
+    weight_names = None
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.buffers = {}
+        self.input = None
+        self.output = None
+
+    # -- the protocol ---------------------------------------------------------
+    def forward(self, x, training=True):
+        """x -> y. The default runs a tutorial-style ``forward_propagation``."""
+        if type(self).forward_propagation is Layer.forward_propagation:
+            raise NotImplementedError(f"{type(self).__name__} implements neither forward "
+                                      "nor forward_propagation")
+        return self.forward_propagation(x)
+
+    def backward(self, grad_y):
+        """grad_y -> grad_x; fills ``self.grads``."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither backward "
+                                  "nor backward_propagation")
+
+    def output_shape(self, input_shape):
+        """Output shape (without the batch dimension) for ``input_shape``; default: unchanged."""
+        return tuple(input_shape)
+
+    # -- the tutorial's protocol ---------------------------------------------
+    def forward_propagation(self, input):
+        return self.forward(input, training=True)
+
+    def backward_propagation(self, output_error, learning_rate):
+        """``backward`` then a plain SGD step on this layer's params."""
+        grad_x = self.backward(output_error)
+        for name, p in self.params.items():
+            p -= learning_rate * self.grads[name]
+        return grad_x
+
+    # -- serialisation ----------------------------------------------------------
+    def get_config(self):
+        """Constructor arguments as a JSON-able dict (used by Network.save)."""
+        raise ValueError(f"{type(self).__name__}: this layer cannot be saved (it has no "
+                         "get_config); only fastnn's built-in layers are serialisable")
+
+    @classmethod
+    def from_config(cls, config):
+        """Rebuild a layer from ``get_config()`` (parameters are loaded separately)."""
+        return cls(**config)
+
+    def __repr__(self):
+        try:
+            args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        except ValueError:
+            args = ""
+        return f"{type(self).__name__}({args})"
+
+
+class ActivationLayer(Layer):
+    """The tutorial's layer from two functions: y = f(x), grad_x = f'(x) * grad_y."""
+
+    def __init__(self, activation, activation_prime):
+        super().__init__()
+        if not callable(activation) or not callable(activation_prime):
+            raise TypeError("ActivationLayer: activation and activation_prime must be callables, "
+                            f"got {type(activation).__name__} and {type(activation_prime).__name__}")
+        self.activation = activation
+        self.activation_prime = activation_prime
+
+    def forward(self, x, training=True):
+        self.input = x
+        self.output = self.activation(x)
+        return self.output
+
+    def backward(self, grad_y):
+        if self.input is None:
+            raise RuntimeError("ActivationLayer: backward called before forward")
+        return self.activation_prime(self.input) * grad_y
+
+    def get_config(self):
+        from .. import activations
+        names = []
+        for f in (self.activation, self.activation_prime):
+            name = getattr(f, "__name__", None)
+            if getattr(activations, name or "", None) is not f:
+                raise ValueError(f"ActivationLayer: cannot save the function {f!r}; only the "
+                                 "functions of fastnn.activations are serialisable")
+            names.append(name)
+        return {"activation": names[0], "activation_prime": names[1]}
+
+    @classmethod
+    def from_config(cls, config):
+        from .. import activations
+        funcs = []
+        for key in ("activation", "activation_prime"):
+            name = config[key]
+            f = getattr(activations, name, None) if isinstance(name, str) else None
+            if f is None or name.startswith("_"):
+                raise ValueError(f"ActivationLayer: unknown activation function {name!r}")
+            funcs.append(f)
+        return cls(*funcs)

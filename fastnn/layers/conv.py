@@ -1,0 +1,136 @@
+"""2-D convolution (cross-correlation, PyTorch's conv2d), NCHW."""
+import numpy as np
+
+from .. import backend, kernels
+from .base import Layer, as_dtype, contiguous, initialize, kernel_impl, make_rng
+
+__all__ = ["Conv2D"]
+
+
+def _conv_forward(x, W, b, stride, padding):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+
+    The kernel modules' ``conv2d_forward`` (bounded im2col workspace) when the
+    implementation has one, else im2col + one GEMM here.
+    """
+    impl = kernel_impl(x)
+    conv = getattr(impl, "conv2d_forward", None)
+    if conv is not None:
+        return conv(x, W, b, stride, padding)
+    xp = backend.get_array_module(x)
+    n, _, h, w = x.shape
+    k, c, kh, kw = W.shape
+    oh = kernels.conv_output_size(h, kh, stride[0], padding[0])
+    ow = kernels.conv_output_size(w, kw, stride[1], padding[1])
+    cols = impl.im2col(x, kh, kw, stride, padding)                  # (C*kh*kw, N*OH*OW)
+    y = W.reshape(k, c * kh * kw) @ cols                            # (K, N*OH*OW)
+    if b is not None:
+        y += b[:, None]
+    return xp.ascontiguousarray(y.reshape(k, n, oh, ow).transpose(1, 0, 2, 3))
+
+
+def _conv_backward(grad_y, x, W, stride, padding):
+    """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,))."""
+    impl = kernel_impl(x)
+    conv = getattr(impl, "conv2d_backward", None)
+    if conv is not None:
+        return conv(grad_y, x, W, stride, padding)
+    k, c, kh, kw = W.shape
+    n, _, oh, ow = grad_y.shape
+    cols = impl.im2col(x, kh, kw, stride, padding)
+    gy = grad_y.transpose(1, 0, 2, 3).reshape(k, n * oh * ow)
+    grad_W = (gy @ cols.T).reshape(W.shape)
+    grad_x = impl.col2im(W.reshape(k, c * kh * kw).T @ gy, x.shape, kh, kw, stride, padding)
+    return grad_x, grad_W, grad_y.sum(axis=(0, 2, 3))
+
+
+class Conv2D(Layer):
+    """Conv2D(in_channels, out_channels, kernel_size, stride=1, padding=0).
+
+    x: (N, C, H, W) -> y: (N, K, OH, OW), OH = floor((H + 2*pad - kh) / stride) + 1.
+    W: (K, C, kh, kw) (PyTorch's layout), b: (K,). Kept for backward: x.
+    """
+
+    weight_names = ("W",)
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, bias=True,
+                 init="he", seed=None, dtype="float32"):
+        super().__init__()
+        who = "Conv2D"
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{who}: {name} must be a positive int, got {v!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = kernels.pair(kernel_size, "kernel_size", who, 1)
+        self.stride = kernels.pair(stride, "stride", who, 1)
+        self.padding = kernels.pair(padding, "padding", who, 0)
+        self.use_bias = bool(bias)
+        dt = as_dtype(dtype, who)
+        kh, kw = self.kernel_size
+        shape = (self.out_channels, self.in_channels, kh, kw)
+        rng = make_rng(seed)
+        self.params["W"] = initialize(init, shape, self.in_channels * kh * kw,
+                                      self.out_channels * kh * kw, rng, dt, self._name())
+        if self.use_bias:
+            b = rng.random(self.out_channels) - 0.5 if init == "uniform" else np.zeros(self.out_channels)
+            self.params["b"] = np.ascontiguousarray(b, dtype=dt)
+        self._checked_shape = None
+        self._x = None
+
+    def _name(self):
+        kh, kw = self.kernel_size
+        return f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw})"
+
+    def _check(self, x):
+        W = self.params["W"]
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{self._name()}: input must be a NumPy or CuPy array, got {type(x).__name__}")
+        if x.dtype != W.dtype:
+            raise TypeError(f"{self._name()}: expected input of dtype {W.dtype}, got {x.dtype}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self._name()}: expected input of shape (N, {self.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        self.output_shape(x.shape[1:])       # checks the kernel fits the padded image
+        self._checked_shape = x.shape
+
+    def forward(self, x, training=True):
+        if getattr(x, "shape", None) != self._checked_shape or x.dtype != self.params["W"].dtype:
+            self._check(x)
+        x = contiguous(x)
+        self.input = self._x = x
+        self.output = _conv_forward(x, self.params["W"], self.params.get("b"), self.stride, self.padding)
+        return self.output
+
+    def backward(self, grad_y):
+        x = self._x
+        if x is None:
+            raise RuntimeError(f"{self._name()}: backward called before forward")
+        expected = (x.shape[0], self.out_channels) + self.output_shape(x.shape[1:])[1:]
+        if tuple(grad_y.shape) != expected or grad_y.dtype != x.dtype:
+            raise ValueError(f"{self._name()}: expected grad_y of shape {expected} and dtype {x.dtype}, "
+                             f"got {tuple(grad_y.shape)} {grad_y.dtype}")
+        grad_x, grad_W, grad_b = _conv_backward(contiguous(grad_y), x, self.params["W"],
+                                                self.stride, self.padding)
+        self.grads["W"] = grad_W
+        if self.use_bias:
+            self.grads["b"] = grad_b
+        return grad_x
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ValueError(f"{self._name()}: expected input shape ({self.in_channels}, H, W), "
+                             f"got {input_shape}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        h, w = input_shape[1:]
+        if kh > h + 2 * ph or kw > w + 2 * pw:
+            raise ValueError(f"{self._name()}: kernel {kh}x{kw} is larger than the padded input "
+                             f"{h + 2 * ph}x{w + 2 * pw} (input {h}x{w}, padding {self.padding})")
+        return (self.out_channels, kernels.conv_output_size(h, kh, sh, ph),
+                kernels.conv_output_size(w, kw, sw, pw))
+
+    def get_config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "bias": self.use_bias,
+                "dtype": str(self.params["W"].dtype)}

@@ -1,0 +1,119 @@
+"""Dense (fully connected) layer, and the tutorial's FCLayer alias."""
+import numpy as np
+
+from .base import Layer, as_dtype, contiguous, initialize, kernel_impl, make_rng
+
+__all__ = ["Dense", "FCLayer"]
+
+
+class Dense(Layer):
+    """Y = X @ W + b over the last axis of X.
+
+    W: (in_features, out_features), b: (out_features,). X: (..., in_features)
+    -> Y: (..., out_features); the leading axes are flattened into one batch
+    axis for the kernel, so the tutorial's (1, n) samples work unchanged.
+    Kept for backward: the 2-D input.
+    """
+
+    weight_names = ("W",)
+
+    def __init__(self, in_features, out_features, *, bias=True, init="he", seed=None,
+                 dtype="float32"):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Dense: {name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.use_bias = bool(bias)
+        self.init, self.seed = init, seed
+        dt = as_dtype(dtype, self._name())
+        rng = make_rng(seed)
+        shape = (self.in_features, self.out_features)
+        self.params["W"] = initialize(init, shape, self.in_features, self.out_features, rng, dt,
+                                      self._name())
+        if self.use_bias:
+            if init == "uniform":    # the tutorial draws its bias like its weights
+                b = rng.random(self.out_features) - 0.5
+            else:
+                b = np.zeros(self.out_features)
+            self.params["b"] = np.ascontiguousarray(b, dtype=dt)
+        self._x2 = None
+
+    def _name(self):
+        return f"Dense({self.in_features} -> {self.out_features})"
+
+    # the tutorial's attribute names
+    @property
+    def weights(self):
+        return self.params["W"]
+
+    @property
+    def bias(self):
+        return self.params.get("b")
+
+    def _bad_input(self, x, what="input"):
+        W = self.params["W"]
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{self._name()}: {what} must be a NumPy or CuPy array, "
+                            f"got {type(x).__name__}")
+        if x.dtype != W.dtype:
+            raise TypeError(f"{self._name()}: expected {what} of dtype {W.dtype}, got {x.dtype}")
+        raise ValueError(f"{self._name()}: expected {what} of shape (..., {self.in_features}), "
+                         f"got {tuple(x.shape)}")
+
+    def forward(self, x, training=True):
+        W = self.params["W"]
+        try:
+            ok = x.dtype == W.dtype and x.ndim >= 1 and x.shape[-1] == self.in_features
+        except AttributeError:
+            ok = False
+        if not ok:
+            self._bad_input(x)
+        self.input = x
+        x2 = contiguous(x if x.ndim == 2 else x.reshape(-1, self.in_features))
+        self._x2 = x2
+        y = kernel_impl(x2).dense_forward(x2, W, self.params.get("b"))
+        self.output = y if x.ndim == 2 else y.reshape(x.shape[:-1] + (self.out_features,))
+        return self.output
+
+    def backward(self, grad_y):
+        x2 = self._x2
+        if x2 is None:
+            raise RuntimeError(f"{self._name()}: backward called before forward")
+        W = self.params["W"]
+        if (grad_y.dtype != W.dtype or grad_y.shape[-1] != self.out_features
+                or grad_y.size != x2.shape[0] * self.out_features):
+            raise ValueError(f"{self._name()}: expected grad_y of shape "
+                             f"{tuple(self.input.shape[:-1]) + (self.out_features,)} and dtype "
+                             f"{W.dtype}, got {tuple(grad_y.shape)} {grad_y.dtype}")
+        g2 = contiguous(grad_y if grad_y.ndim == 2 else grad_y.reshape(-1, self.out_features))
+        grad_x, grad_W, grad_b = kernel_impl(g2).dense_backward(g2, x2, W)
+        self.grads["W"] = grad_W
+        if self.use_bias:
+            self.grads["b"] = grad_b
+        if self.input.ndim != 2:
+            grad_x = grad_x.reshape(self.input.shape)
+        return grad_x
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if not input_shape or input_shape[-1] != self.in_features:
+            raise ValueError(f"{self._name()}: expected input shape (..., {self.in_features}), "
+                             f"got {input_shape}")
+        return input_shape[:-1] + (self.out_features,)
+
+    def get_config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.use_bias, "dtype": str(self.params["W"].dtype)}
+
+
+class FCLayer(Dense):
+    """The tutorial's fully connected layer: Dense with its U(-0.5, 0.5) initialisation."""
+
+    def __init__(self, input_size, output_size, *, bias=True, init="uniform", seed=None,
+                 dtype="float32"):
+        super().__init__(input_size, output_size, bias=bias, init=init, seed=seed, dtype=dtype)
+
+    def get_config(self):
+        c = super().get_config()
+        return {"input_size": c.pop("in_features"), "output_size": c.pop("out_features"), **c}

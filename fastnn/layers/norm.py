@@ -1,0 +1,131 @@
+"""Batch normalisation with PyTorch's running statistics."""
+import numpy as np
+
+from .. import backend
+from .base import Layer, as_dtype
+
+__all__ = ["BatchNorm1d", "BatchNorm2d"]
+
+
+class _BatchNorm(Layer):
+    """Normalise each channel (axis 1) over the batch and the other axes.
+
+    Training: y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's
+    mean and biased variance; the running statistics move by ``momentum``
+    (running_var uses the unbiased variance, as PyTorch does). Eval: the
+    running statistics. Kept for backward: x_hat and 1/sqrt(var + eps).
+    """
+
+    weight_names = ()            # no weight decay on gamma / beta
+    _ranks = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, *, dtype="float32"):
+        super().__init__()
+        who = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"{who}: num_features must be a positive int, got {num_features!r}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"{who}: momentum must lie in [0, 1], got {momentum!r}")
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        dt = as_dtype(dtype, who)
+        self.params["gamma"] = np.ones(self.num_features, dtype=dt)
+        self.params["beta"] = np.zeros(self.num_features, dtype=dt)
+        self.buffers["running_mean"] = np.zeros(self.num_features, dtype=dt)
+        self.buffers["running_var"] = np.ones(self.num_features, dtype=dt)
+        self._cache = None
+
+    @property
+    def running_mean(self):
+        return self.buffers["running_mean"]
+
+    @property
+    def running_var(self):
+        return self.buffers["running_var"]
+
+    def _name(self):
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check(self, x):
+        dt = self.params["gamma"].dtype
+        if getattr(x, "dtype", None) != dt:
+            raise TypeError(f"{self._name()}: expected input of dtype {dt}, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim not in self._ranks or x.shape[1] != self.num_features:
+            raise ValueError(f"{self._name()}: expected input of shape {self._expected()}, "
+                             f"got {tuple(x.shape)}")
+
+    def forward(self, x, training=True):
+        self._check(x)
+        xp = backend.get_array_module(x)
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, self.num_features) + (1,) * (x.ndim - 2)
+        gamma, beta = self.params["gamma"].reshape(shape), self.params["beta"].reshape(shape)
+        if training:
+            m = x.size // self.num_features
+            if m < 2:
+                raise ValueError(f"{self._name()}: training needs more than 1 value per channel, "
+                                 f"got input of shape {tuple(x.shape)}")
+            mean = x.mean(axis=axes)
+            centred = x - mean.reshape(shape)
+            var = (centred * centred).mean(axis=axes)
+            inv_std = 1 / xp.sqrt(var + self.eps)
+            x_hat = centred * inv_std.reshape(shape)
+            mom = self.momentum
+            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+            rm *= 1 - mom
+            rm += mom * mean
+            rv *= 1 - mom
+            rv += (mom * m / (m - 1)) * var
+        else:
+            inv_std = 1 / xp.sqrt(self.buffers["running_var"] + self.eps)
+            x_hat = (x - self.buffers["running_mean"].reshape(shape)) * inv_std.reshape(shape)
+        self._cache = (x_hat, inv_std.astype(x.dtype, copy=False), training, axes, shape)
+        self.output = x_hat * gamma + beta
+        return self.output
+
+    def backward(self, grad_y):
+        if self._cache is None:
+            raise RuntimeError(f"{self._name()}: backward called before forward")
+        x_hat, inv_std, training, axes, shape = self._cache
+        if grad_y.shape != x_hat.shape:
+            raise ValueError(f"{self._name()}: expected grad_y of shape {tuple(x_hat.shape)}, "
+                             f"got {tuple(grad_y.shape)}")
+        self.grads["gamma"] = (grad_y * x_hat).sum(axis=axes)
+        self.grads["beta"] = grad_y.sum(axis=axes)
+        g_hat = grad_y * self.params["gamma"].reshape(shape)
+        if not training:
+            return g_hat * inv_std.reshape(shape)
+        m = x_hat.size // self.num_features
+        # d/dx of the batch statistics: the mean and the x_hat-projection of g_hat are removed
+        proj = (g_hat * x_hat).mean(axis=axes).reshape(shape)
+        return (g_hat - g_hat.mean(axis=axes).reshape(shape) - x_hat * proj) * inv_std.reshape(shape)
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) + 1 not in self._ranks or input_shape[0] != self.num_features:
+            raise ValueError(f"{self._name()}: expected input shape {self._expected()[1:]}, "
+                             f"got {input_shape}")
+        return input_shape
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "dtype": str(self.params["gamma"].dtype)}
+
+
+class BatchNorm1d(_BatchNorm):
+    """x: (N, C) or (N, C, L); statistics per feature C."""
+
+    _ranks = (2, 3)
+
+    def _expected(self):
+        return f"(N, {self.num_features}) or (N, {self.num_features}, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """x: (N, C, H, W); statistics per channel C."""
+
+    _ranks = (4,)
+
+    def _expected(self):
+        return f"(N, {self.num_features}, H, W)"

@@ -1,0 +1,105 @@
+"""Pooling layers: MaxPool2D (compiled kernel) and AvgPool2D (array ops), NCHW, no padding."""
+import numpy as np
+
+from .. import backend, kernels
+from .base import Layer, contiguous, kernel_impl
+
+__all__ = ["MaxPool2D", "AvgPool2D"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _Pool2D(Layer):
+    """Shared geometry: kernel_size, stride (defaults to kernel_size; overlaps allowed)."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        who = type(self).__name__
+        self.kernel_size = kernels.pair(kernel_size, "kernel_size", who, 1)
+        self.stride = self.kernel_size if stride is None else kernels.pair(stride, "stride", who, 1)
+        self._checked_shape = None
+        self._x_shape = None
+
+    def _name(self):
+        return f"{type(self).__name__}({self.kernel_size[0]}x{self.kernel_size[1]})"
+
+    def _check(self, x):
+        if getattr(x, "dtype", None) not in _FLOATS:
+            raise TypeError(f"{self._name()}: expected a float32 or float64 array, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 4:
+            raise ValueError(f"{self._name()}: expected input of shape (N, C, H, W), got {tuple(x.shape)}")
+        self.output_shape(x.shape[1:])
+        self._checked_shape = x.shape
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"{self._name()}: expected input shape (C, H, W), got {input_shape}")
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        c, h, w = input_shape
+        if kh > h or kw > w:
+            raise ValueError(f"{self._name()}: window {kh}x{kw} is larger than the input {h}x{w}")
+        return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+
+    def _check_grad(self, grad_y):
+        if self._x_shape is None:
+            raise RuntimeError(f"{self._name()}: backward called before forward")
+        expected = (self._x_shape[0],) + self.output_shape(self._x_shape[1:])
+        if tuple(grad_y.shape) != expected:
+            raise ValueError(f"{self._name()}: expected grad_y of shape {expected}, "
+                             f"got {tuple(grad_y.shape)}")
+
+    def get_config(self):
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride)}
+
+
+class MaxPool2D(_Pool2D):
+    """x: (N, C, H, W) -> max over each window: (N, C, OH, OW). Kept: argmax of each window."""
+
+    def forward(self, x, training=True):
+        if getattr(x, "shape", None) != self._checked_shape or x.dtype not in _FLOATS:
+            self._check(x)
+        x = contiguous(x)
+        kh, kw = self.kernel_size
+        self.output, self._argmax = kernel_impl(x).maxpool2d_forward(x, kh, kw, self.stride)
+        self._x_shape = x.shape
+        return self.output
+
+    def backward(self, grad_y):
+        self._check_grad(grad_y)
+        grad_y = contiguous(grad_y)
+        return kernel_impl(grad_y).maxpool2d_backward(grad_y, self._argmax, self._x_shape)
+
+
+class AvgPool2D(_Pool2D):
+    """x: (N, C, H, W) -> mean over each window: (N, C, OH, OW). Kept: the input shape."""
+
+    def _windows(self, shape):
+        """Strided slices, one per window offset (i, j), selecting every window's (i, j) element."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        _, oh, ow = self.output_shape(shape[1:])
+        return [(slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
+                 slice(j, j + sw * (ow - 1) + 1, sw)) for i in range(kh) for j in range(kw)]
+
+    def forward(self, x, training=True):
+        if getattr(x, "shape", None) != self._checked_shape or x.dtype not in _FLOATS:
+            self._check(x)
+        windows = self._windows(x.shape)
+        y = x[windows[0]].copy()
+        for w in windows[1:]:
+            y += x[w]
+        y *= x.dtype.type(1.0 / len(windows))
+        self._x_shape = x.shape
+        self.output = y
+        return y
+
+    def backward(self, grad_y):
+        self._check_grad(grad_y)
+        xp = backend.get_array_module(grad_y)
+        windows = self._windows(self._x_shape)
+        share = grad_y * grad_y.dtype.type(1.0 / len(windows))
+        grad_x = xp.zeros(self._x_shape, dtype=grad_y.dtype)
+        for w in windows:
+            grad_x[w] += share
+        return grad_x

@@ -1,0 +1,162 @@
+"""Losses.
+
+Tutorial style: ``mse(y_true, y_pred)`` and ``mse_prime(y_true, y_pred)``.
+Classes (also accepted by name in ``Network.compile``): ``loss(y_pred, y_true)``
+-> float (mean over the batch), ``loss.grad(y_pred, y_true)`` -> array.
+"""
+import numpy as np
+
+from . import backend, kernels
+
+__all__ = ["mse", "mse_prime", "Loss", "MSE", "BinaryCrossEntropy", "CrossEntropy", "get"]
+
+
+# --- the tutorial's functions -------------------------------------------------
+def mse(y_true, y_pred):
+    """Mean squared error over all elements."""
+    return backend.get_array_module(y_pred).mean((y_true - y_pred) ** 2)
+
+
+def mse_prime(y_true, y_pred):
+    """d mse / d y_pred = 2 (y_pred - y_true) / size."""
+    return 2 * (y_pred - y_true) / y_true.size
+
+
+# --- classes -------------------------------------------------------------------
+class Loss:
+    """Base class: subclasses implement ``_loss_and_grad`` on already-checked arrays."""
+
+    name = None
+
+    def __call__(self, y_pred, y_true):
+        """Mean loss over the batch, a Python float."""
+        loss, _ = self.loss_and_grad(y_pred, y_true)
+        return float(loss)
+
+    def grad(self, y_pred, y_true):
+        """d loss / d y_pred, the shape of ``y_pred``."""
+        return self.loss_and_grad(y_pred, y_true)[1]
+
+    def loss_and_grad(self, y_pred, y_true):
+        """``(loss, grad)`` in one pass: loss a scalar (0-d array on CUDA)."""
+        y_pred, y_true = self.check(y_pred, y_true)
+        return self._loss_and_grad(y_pred, y_true)
+
+    def check(self, y_pred, y_true):
+        """Validate and return ``(y_pred, y_true)`` ready for ``_loss_and_grad``."""
+        who = type(self).__name__
+        for name, a in (("y_pred", y_pred), ("y_true", y_true)):
+            if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+                raise TypeError(f"{who}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
+        if y_pred.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{who}: y_pred must be float32 or float64, got {y_pred.dtype}")
+        if tuple(y_true.shape) != tuple(y_pred.shape):
+            # (N,) targets against (N, 1) outputs, or the tutorial's (N, 1, k) rows
+            if y_true.size == y_pred.size and len(y_true) == len(y_pred):
+                y_true = y_true.reshape(y_pred.shape)
+            else:
+                raise ValueError(f"{who}: y_true must have the shape of y_pred "
+                                 f"{tuple(y_pred.shape)}, got {tuple(y_true.shape)}")
+        if y_true.dtype != y_pred.dtype:
+            y_true = y_true.astype(y_pred.dtype)
+        return y_pred, y_true
+
+    def _loss_and_grad(self, y_pred, y_true):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class MSE(Loss):
+    """Mean over all elements of (y_pred - y_true)^2."""
+
+    name = "mse"
+
+    def _loss_and_grad(self, y_pred, y_true):
+        diff = y_pred - y_true
+        loss = (diff * diff).mean()
+        diff *= diff.dtype.type(2.0 / diff.size)
+        return loss, diff
+
+
+class BinaryCrossEntropy(Loss):
+    """-mean(y log p + (1 - y) log(1 - p)) on probabilities p, clipped to [eps, 1 - eps]."""
+
+    name = "binary_cross_entropy"
+
+    def __init__(self, eps=1e-7):
+        self.eps = float(eps)
+
+    def _loss_and_grad(self, y_pred, y_true):
+        xp = backend.get_array_module(y_pred)
+        p = xp.clip(y_pred, self.eps, 1 - self.eps)
+        loss = -(y_true * xp.log(p) + (1 - y_true) * xp.log(1 - p)).mean()
+        grad = (p - y_true) / (p * (1 - p) * p.size)
+        return loss, grad.astype(y_pred.dtype, copy=False)
+
+    def get_config(self):
+        return {"eps": self.eps}
+
+
+class CrossEntropy(Loss):
+    """Softmax + negative log-likelihood on **logits** (N, C), log-sum-exp stable.
+
+    ``y_true``: integer labels (N,) in [0, C) or one-hot / probabilities (N, C).
+    The gradient is ``(softmax(logits) - onehot) / N``; a Network ending in
+    ``Softmax`` feeds this loss its logits so the pair fuses to ``p - y``.
+    """
+
+    name = "cross_entropy"
+
+    def check(self, y_pred, y_true):
+        who = "CrossEntropy"
+        if getattr(y_pred, "dtype", None) not in (np.float32, np.float64):
+            raise TypeError(f"{who}: expected float32 or float64 logits, got "
+                            f"{getattr(y_pred, 'dtype', type(y_pred).__name__)}")
+        if y_pred.ndim != 2:
+            raise ValueError(f"{who}: expected logits of shape (N, C), got {tuple(y_pred.shape)}")
+        if not hasattr(y_true, "ndim"):
+            raise TypeError(f"{who}: y_true must be a NumPy or CuPy array, got {type(y_true).__name__}")
+        xp = backend.get_array_module(y_pred)
+        n, c = y_pred.shape
+        if y_true.ndim == 1:
+            if y_true.dtype.kind not in "iu":
+                raise TypeError(f"{who}: 1-D y_true must hold integer class labels, got {y_true.dtype}")
+            if len(y_true) != n:
+                raise ValueError(f"{who}: {n} rows of logits but {len(y_true)} labels")
+            if n and (int(y_true.min()) < 0 or int(y_true.max()) >= c):
+                raise ValueError(f"{who}: labels must lie in [0, {c}), got range "
+                                 f"[{int(y_true.min())}, {int(y_true.max())}]")
+            return y_pred, xp.ascontiguousarray(y_true, dtype=xp.int64)
+        if y_true.ndim == 2:
+            if tuple(y_true.shape) != (n, c):
+                raise ValueError(f"{who}: one-hot y_true must have shape {(n, c)}, "
+                                 f"got {tuple(y_true.shape)}")
+            return y_pred, xp.ascontiguousarray(y_true, dtype=y_pred.dtype)
+        raise ValueError(f"{who}: y_true must be labels (N,) or one-hot (N, C), "
+                         f"got shape {tuple(y_true.shape)}")
+
+    def _loss_and_grad(self, y_pred, y_true):
+        if not y_pred.flags.c_contiguous:
+            y_pred = backend.get_array_module(y_pred).ascontiguousarray(y_pred)
+        return kernels._impl(y_pred).softmax_cross_entropy(y_pred, y_true)
+
+
+_BY_NAME = {cls.name: cls for cls in (MSE, BinaryCrossEntropy, CrossEntropy)}
+
+
+def get(loss):
+    """A Loss instance from a name (``"mse"``, ``"binary_cross_entropy"``,
+    ``"cross_entropy"``), a Loss class or a Loss instance."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, type) and issubclass(loss, Loss):
+        return loss()
+    if isinstance(loss, str) and loss in _BY_NAME:
+        return _BY_NAME[loss]()
+    raise ValueError(f"unknown loss {loss!r}: expected one of {sorted(_BY_NAME)} or a "
+                     "fastnn.losses.Loss instance (tutorial functions go to Network.use)")

@@ -1,0 +1,596 @@
+"""Network (alias Sequential): a stack of layers and the training loop.
+
+The Network owns the loop: input conversion (once, at its entry), batching and
+shuffling, the loss, the optimizer step, metrics, callbacks, the progress bar,
+the NaN stop, save/load and device moves. Layers own their state and checks.
+"""
+import io
+import json
+import math
+import os
+import sys
+import zipfile
+
+import numpy as np
+
+from . import backend, losses, optim
+from .layers.base import Layer, uses_tutorial_protocol
+from .layers.activation import Softmax
+
+__all__ = ["Network", "Sequential", "History"]
+
+_ARCH_KEY = "__fastnn_architecture__"
+_FORMAT = "fastnn.Network"
+_PREDICT_CHUNK = 256          # samples per forward pass for image-like inputs in predict/evaluate
+
+
+class History:
+    """What ``fit`` returns: ``history`` is a dict of per-epoch lists
+    (``loss``, and ``accuracy`` / ``val_loss`` / ``val_accuracy`` where they apply)."""
+
+    def __init__(self):
+        self.history = {}
+        self.epoch = []
+
+    def _append(self, epoch, logs):
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __repr__(self):
+        return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
+
+
+def _layer_params(layer):
+    return getattr(layer, "params", None) or {}
+
+
+def _weight_flags(layer):
+    names = getattr(layer, "weight_names", None)
+    params = _layer_params(layer)
+    if names is None:        # user layers: every matrix / kernel is a weight
+        return [params[k].ndim >= 2 for k in params]
+    return [k in names for k in params]
+
+
+class Network:
+    """A sequence of layers trained end to end.
+
+    ``Network([Dense(2, 3), Tanh(), ...])`` or ``Network()`` then ``add``.
+    Tutorial style: ``use(loss, loss_prime)`` then ``fit(x, y, epochs, learning_rate)``.
+    Keras style: ``compile(loss, optimizer, metrics)`` then ``fit(x, y, ...)``.
+    """
+
+    def __init__(self, layers=None):
+        self.layers = []
+        self.loss = None            # tutorial functions set by use(): loss(y_true, y_pred)
+        self.loss_prime = None
+        self.loss_fn = None         # a fastnn.losses.Loss set by compile()
+        self.optimizer = None
+        self.metrics = ()
+        self._style = None          # "use" | "compile"
+        self._device = "cpu"
+        self.stop_training = False
+        self.history = None
+        self._input_shape = None
+        self._plan = None
+        for layer in layers or ():
+            self.add(layer)
+
+    # -- building -----------------------------------------------------------------
+    def add(self, layer):
+        """Append a layer (a fastnn layer, a ``fn.Layer`` subclass, or a tutorial-style object)."""
+        if not (hasattr(layer, "forward") or hasattr(layer, "forward_propagation")):
+            raise TypeError(f"Network.add: expected a layer (with forward or forward_propagation), "
+                            f"got {type(layer).__name__}")
+        self.layers.append(layer)
+        self._plan = None
+        return self
+
+    def use(self, loss, loss_prime):
+        """Tutorial style: ``loss(y_true, y_pred) -> float``, ``loss_prime(y_true, y_pred) -> grad``."""
+        if not callable(loss) or not callable(loss_prime):
+            raise TypeError("Network.use: loss and loss_prime must be functions")
+        self.loss, self.loss_prime = loss, loss_prime
+        self.loss_fn = None
+        self._style = "use"
+
+    def compile(self, loss="cross_entropy", optimizer=None, metrics=()):
+        """Choose the loss (name or Loss), the optimizer (default SGD(lr=0.01)) and metrics.
+
+        ``metrics``: names of ``fastnn.metrics`` functions (e.g. "accuracy") or
+        callables ``f(y_true, y_pred) -> float``.
+        """
+        self.loss_fn = losses.get(loss)
+        self.optimizer = optim.SGD() if optimizer is None else optim.get(optimizer)
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        self.metrics = tuple(self._metric(m) for m in metrics)
+        self.loss = self.loss_prime = None
+        self._style = "compile"
+        self._plan = None
+
+    @staticmethod
+    def _metric(m):
+        if callable(m):
+            return (getattr(m, "__name__", "metric"), m)
+        from . import metrics as metrics_module
+        f = getattr(metrics_module, m, None) if isinstance(m, str) and not m.startswith("_") else None
+        if f is None or not callable(f) or m in ("confusion_matrix", "classification_report"):
+            raise ValueError(f"Network.compile: unknown metric {m!r}; expected 'accuracy' or a "
+                             "callable f(y_true, y_pred) -> float")
+        return (m, f)
+
+    # -- device and dtype -------------------------------------------------------------
+    @property
+    def device(self):
+        """``"cpu"`` or ``"cuda"``: where the parameters live."""
+        return self._device
+
+    @property
+    def dtype(self):
+        """The dtype of the parameters (float32 when the network has none)."""
+        for layer in self.layers:
+            for p in _layer_params(layer).values():
+                return p.dtype
+        return np.dtype(np.float32)
+
+    def to(self, device):
+        """Move parameters, gradients, buffers and optimizer state to ``"cpu"`` or ``"cuda"``."""
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"Network.to: expected 'cpu' or 'cuda', got {device!r}")
+        for layer in self.layers:
+            if uses_tutorial_protocol(layer) and device != "cpu":
+                raise ValueError(f"Network.to: {type(layer).__name__} is a tutorial-protocol layer "
+                                 "whose state the Network cannot move; it runs on the CPU only")
+            for store in ("params", "grads", "buffers"):
+                d = getattr(layer, store, None)
+                if d:
+                    for k in d:
+                        d[k] = backend.to_device(d[k], device)
+        if self.optimizer is not None:
+            self.optimizer.to(device)
+        self._device = device
+        self._plan = None
+        return self
+
+    # -- forward / backward -----------------------------------------------------------------
+    def _build_plan(self):
+        """Cache each layer's protocol and the fused Softmax + CrossEntropy decision."""
+        tutorial = [uses_tutorial_protocol(layer) for layer in self.layers]
+        fused = (isinstance(self.loss_fn, losses.CrossEntropy) and bool(self.layers)
+                 and isinstance(self.layers[-1], Softmax))
+        # training runs layers[:n_train]: the logits when Softmax + CrossEntropy fuse
+        self._plan = (list(zip(self.layers, tutorial)), len(self.layers) - fused)
+        return self._plan
+
+    def _run_forward(self, x, training, stop=None):
+        plan = (self._plan or self._build_plan())[0]
+        for layer, tutorial in (plan if stop is None else plan[:stop]):
+            x = layer.forward_propagation(x) if tutorial else layer.forward(x, training)
+        return x
+
+    def _run_backward(self, grad, stop, lr):
+        plan = (self._plan or self._build_plan())[0]
+        for layer, tutorial in reversed(plan[:stop]):
+            grad = layer.backward_propagation(grad, lr) if tutorial else layer.backward(grad)
+        return grad
+
+    def forward(self, x, training=False):
+        """Run every layer on ``x`` (on the network's device) and return the output."""
+        return self._run_forward(self._as_input(x, "Network.forward", check_finite=False),
+                                 training)
+
+    def backward(self, grad):
+        """Back-propagate ``grad`` (d loss / d output) through every layer; returns grad_x.
+
+        Fills each layer's ``grads``; tutorial-protocol layers get a learning rate of 0.
+        """
+        return self._run_backward(grad, len(self.layers), 0.0)
+
+    def parameters(self):
+        """``[(layer, name), ...]`` for every parameter, in a stable order."""
+        return [(layer, name) for layer in self.layers for name in _layer_params(layer)]
+
+    # -- input checks (once, at the network's entry) ---------------------------------------------
+    def _as_input(self, x, who, check_finite=True):
+        """``x`` as a C-contiguous array of the network's dtype on its device."""
+        if backend.is_cuda_array(x):
+            xp = backend.get_array_module(x)
+        else:
+            xp = np
+            if not isinstance(x, np.ndarray):
+                try:
+                    x = np.asarray(x)
+                except (ValueError, TypeError) as exc:
+                    raise TypeError(f"{who}: x must be an array, got {type(x).__name__} ({exc})") from None
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"{who}: x must hold numbers, got dtype {x.dtype}")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(f"{who}: x must have a non-empty batch dimension, got shape {x.shape}")
+        dtype = self.dtype
+        if x.dtype != dtype:
+            x = x.astype(dtype)
+        elif not x.flags.c_contiguous:
+            x = xp.ascontiguousarray(x)
+        if check_finite and not bool(xp.isfinite(x).all()):
+            raise ValueError(f"{who}: x contains NaN or infinite values")
+        if self._device == "cuda" or xp is not np:
+            x = backend.to_device(x, self._device)
+        return x
+
+    def _as_target(self, y, n, probe, who):
+        """``y`` checked against ``n`` samples and the network's output ``probe`` (one sample)."""
+        if not backend.is_cuda_array(y):
+            y = np.asarray(y)
+        xp = backend.get_array_module(y)
+        if y.dtype.kind not in "biuf":
+            raise TypeError(f"{who}: y must hold numbers, got dtype {y.dtype}")
+        if y.ndim == 0 or len(y) != n:
+            raise ValueError(f"{who}: x and y must have the same number of samples, got "
+                             f"len(x)={n} and y of shape {tuple(y.shape)}")
+        if y.dtype.kind == "f" and not bool(xp.isfinite(y).all()):
+            raise ValueError(f"{who}: y contains NaN or infinite values")
+        if isinstance(self.loss_fn, losses.CrossEntropy):
+            if probe.ndim != 2:
+                raise ValueError(f"{who}: cross_entropy needs network outputs of shape (N, C), "
+                                 f"got {(n,) + tuple(probe.shape[1:])}")
+            c = probe.shape[1]
+            if y.ndim == 1:
+                if y.dtype.kind == "f":
+                    if not bool((y == xp.round(y)).all()):
+                        raise ValueError(f"{who}: 1-D y must hold integer class labels, got "
+                                         "non-integer values")
+                y = y.astype(np.int64)
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= c:
+                    raise ValueError(f"{who}: class labels must lie in [0, {c}) for a network "
+                                     f"with {c} outputs, got labels in [{lo}, {hi}]")
+                y = xp.ascontiguousarray(y, dtype=np.int64)
+            elif y.ndim == 2 and y.shape[1] == c:
+                y = xp.ascontiguousarray(y, dtype=self.dtype)
+            else:
+                raise ValueError(f"{who}: y must be class labels (N,) or one-hot (N, {c}), "
+                                 f"got shape {tuple(y.shape)}")
+        else:
+            out_tail = tuple(probe.shape[1:])
+            if tuple(y.shape[1:]) != out_tail:
+                if y[0].size != probe[0].size:
+                    raise ValueError(f"{who}: y must have the network's output shape "
+                                     f"{(n,) + out_tail}, got {tuple(y.shape)}")
+                y = y.reshape((n,) + out_tail)
+            y = xp.ascontiguousarray(y, dtype=self.dtype)
+        if self._device == "cuda" or xp is not np:
+            y = backend.to_device(y, self._device)
+        return y
+
+    def _probe(self, x, who):
+        """One sample through the network in eval mode: checks shapes early, gives the output shape."""
+        self._input_shape = tuple(x.shape[1:])
+        return self._run_forward(x[:1], False, (self._plan or self._build_plan())[1])
+
+    # -- training ----------------------------------------------------------------------------------------
+    def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
+            shuffle=True, callbacks=(), verbose=1, seed=None):
+        """Train on ``(x, y)`` and return a ``History``.
+
+        ``batch_size``: None (1 after ``use()``, 32 after ``compile()``), an int,
+        or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
+        SGD; with it, it sets the optimizer's lr. Raises ``FloatingPointError``
+        (parameters left as before that step) when the loss becomes NaN or inf.
+        """
+        who = "Network.fit"
+        if self._style is None:
+            raise ValueError(f"{who}: call use(loss, loss_prime) or compile(...) first")
+        if not self.layers:
+            raise ValueError(f"{who}: the network has no layers")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+            raise ValueError(f"{who}: epochs must be an int >= 0, got {epochs!r}")
+        if self._style == "use":
+            if learning_rate is None:
+                raise ValueError(f"{who}: after use(), pass learning_rate (or call compile())")
+            self.optimizer = optim.SGD(lr=learning_rate)
+        elif learning_rate is not None:
+            self.optimizer.lr = float(learning_rate)
+
+        plan, n_train = self._plan or self._build_plan()
+        x = self._as_input(x, who)
+        n = len(x)
+        probe = self._probe(x, who)
+        y = self._as_target(y, n, probe, who)
+        val = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError(f"{who}: validation_data must be a pair (x_val, y_val)")
+            xv = self._as_input(validation_data[0], who + " (validation_data)")
+            yv = self._as_target(validation_data[1], len(xv), probe, who + " (validation_data)")
+            val = (xv, yv)
+
+        if batch_size is None:
+            batch_size = 1 if self._style == "use" else 32
+        elif batch_size == "full":
+            batch_size = n
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"{who}: batch_size must be None, 'full' or a positive int, "
+                             f"got {batch_size!r}")
+        batch_size = int(min(batch_size, n))
+
+        rng = np.random.default_rng(seed)
+        if seed is not None:      # Dropout masks follow the fit's seed too
+            for layer in self.layers:
+                if isinstance(getattr(layer, "rng", None), np.random.Generator):
+                    layer.rng = np.random.default_rng(rng.integers(2**63))
+
+        # the parameters the optimizer updates (tutorial-protocol layers update their own)
+        slots = [(layer, name) for layer, tutorial in plan if not tutorial
+                 for name in _layer_params(layer)]
+        params = [layer.params[name] for layer, name in slots]
+        decay = [flag for layer, tutorial in plan if not tutorial for flag in _weight_flags(layer)]
+
+        callbacks = list(callbacks)
+        schedule = getattr(self.optimizer, "schedule", None)
+        if schedule is not None and not any(cb is schedule for cb in callbacks):
+            callbacks.append(schedule)
+        self.stop_training = False
+        history = History()
+        self.history = history
+        for cb in callbacks:
+            if hasattr(cb, "on_train_begin"):
+                cb.on_train_begin(self)
+
+        from . import data
+        tutorial_print = self._style == "use" and verbose == 1
+        progress = verbose == 1 and not tutorial_print
+        n_batches = -(-n // batch_size)
+        loss_fn, use_style = self.loss_fn, self._style == "use"
+        to_device = self._device != "cpu"
+        optimizer = self.optimizer
+        try:
+            for epoch in range(epochs):
+                bar = self._progress_bar(epoch, epochs, n_batches) if progress else None
+                total, outputs, targets = 0.0, [], []
+                for b, (xb, yb) in enumerate(data.batches(x, y, batch_size, shuffle=shuffle,
+                                                          seed=rng)):
+                    if to_device:
+                        xb = backend.to_device(xb, self._device)
+                        yb = backend.to_device(yb, self._device)
+                    out = self._run_forward(xb, True, n_train)
+                    if use_style:
+                        loss = self.loss(yb, out)
+                        grad = self.loss_prime(yb, out)
+                    else:
+                        loss, grad = loss_fn._loss_and_grad(out, yb)
+                    loss = float(loss)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"{who}: the loss became {loss} at epoch {epoch + 1}, batch {b + 1} "
+                            f"of {n_batches}; parameters are left as they were before that step "
+                            "(lower the learning rate, or check the data)")
+                    total += loss
+                    if self.metrics:
+                        outputs.append(out)
+                        targets.append(yb)
+                    self._run_backward(grad, n_train, optimizer.lr)
+                    optimizer.step(params, [layer.grads[name] for layer, name in slots], decay)
+                    if bar is not None:
+                        bar.update(1)
+                        if b % 50 == 0:
+                            bar.set_postfix(loss=f"{total / (b + 1):.4f}", refresh=False)
+                logs = {"loss": total / n_batches}
+                if self.metrics:
+                    xp = backend.get_array_module(outputs[0])
+                    logs.update(self._metric_values(xp.concatenate(targets), xp.concatenate(outputs)))
+                if val is not None:
+                    logs.update({"val_" + k: v for k, v in self._evaluate(*val).items()})
+                history._append(epoch + 1, logs)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
+                    bar.close()
+                elif tutorial_print:
+                    extra = "".join(f"   {k}={v:f}" for k, v in logs.items() if k != "loss")
+                    print("epoch %d/%d   error=%f%s" % (epoch + 1, epochs, logs["loss"], extra))
+                elif verbose >= 2:
+                    print(f"epoch {epoch + 1}/{epochs} - "
+                          + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+                for cb in callbacks:
+                    if hasattr(cb, "on_epoch_end"):
+                        cb.on_epoch_end(self, epoch + 1, logs)
+                if self.stop_training:
+                    break
+        finally:
+            for cb in callbacks:
+                if hasattr(cb, "on_train_end"):
+                    cb.on_train_end(self)
+        return history
+
+    @staticmethod
+    def _progress_bar(epoch, epochs, n_batches):
+        from tqdm.auto import tqdm
+        return tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                    leave=True, file=sys.stderr, dynamic_ncols=True)
+
+    def _metric_values(self, y_true, y_pred):
+        return {name: float(f(y_true, y_pred)) for name, f in self.metrics}
+
+    # -- inference -------------------------------------------------------------------------------------------------------
+    def _chunks(self, n, ndim, batch_size, who):
+        if batch_size is None:
+            return n if ndim <= 2 else _PREDICT_CHUNK
+        if batch_size == "full":
+            return n
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"{who}: batch_size must be None or a positive int, got {batch_size!r}")
+        return int(batch_size)
+
+    def predict(self, x, batch_size=None):
+        """The network's output for ``x`` (probabilities if it ends in Softmax/Sigmoid).
+
+        Runs in eval mode, on the network's device, ``batch_size`` samples at a
+        time (default: all of a 2-D input, 256 image samples); returns an array
+        on the device ``x`` came from.
+        """
+        on_cuda = backend.is_cuda_array(x)
+        x = self._as_input(x, "Network.predict", check_finite=False)
+        n = len(x)
+        chunk = self._chunks(n, x.ndim, batch_size, "Network.predict")
+        if chunk >= n:
+            out = self._run_forward(x, False)
+        else:
+            xp = backend.get_array_module(x)
+            out = xp.concatenate([self._run_forward(x[i:i + chunk], False)
+                                  for i in range(0, n, chunk)])
+        return out if on_cuda else backend.to_device(out, "cpu")
+
+    def evaluate(self, x, y, batch_size=None):
+        """``{"loss": float, <metric>: float, ...}`` on ``(x, y)`` in eval mode."""
+        who = "Network.evaluate"
+        if self._style is None:
+            raise ValueError(f"{who}: call use(loss, loss_prime) or compile(...) first")
+        x = self._as_input(x, who)
+        y = self._as_target(y, len(x), self._probe(x, who), who)
+        return self._evaluate(x, y, batch_size)
+
+    def _evaluate(self, x, y, batch_size=None):
+        """Loss (mean over samples) and metrics of already-checked arrays."""
+        n = len(x)
+        chunk = self._chunks(n, x.ndim, batch_size, "Network.evaluate")
+        n_out = (self._plan or self._build_plan())[1]
+        total, outputs = 0.0, []
+        for i in range(0, n, chunk):
+            xb, yb = x[i:i + chunk], y[i:i + chunk]
+            out = self._run_forward(xb, False, n_out)
+            if self._style == "use":
+                loss = self.loss(yb, out)
+            else:
+                loss, _ = self.loss_fn._loss_and_grad(out, yb)
+            total += float(loss) * len(xb)
+            outputs.append(out)
+        result = {"loss": total / n}
+        if self.metrics:
+            xp = backend.get_array_module(outputs[0])
+            result.update(self._metric_values(y, xp.concatenate(outputs)))
+        return result
+
+    # -- description -------------------------------------------------------------------------------------------------------
+    def summary(self, input_shape=None):
+        """A table of layers, output shapes (when the input shape is known) and parameter counts."""
+        shape = tuple(input_shape) if input_shape is not None else self._input_shape
+        if shape is None and self.layers and hasattr(self.layers[0], "in_features"):
+            shape = (self.layers[0].in_features,)
+        rows = [("#", "layer", "output shape", "params")]
+        total = 0
+        for i, layer in enumerate(self.layers):
+            count = sum(int(p.size) for p in _layer_params(layer).values())
+            total += count
+            if shape is not None:
+                try:
+                    shape = tuple(layer.output_shape(shape))
+                except Exception:     # user layers may not know their output shape
+                    shape = None
+            rows.append((str(i), repr(layer) if isinstance(layer, Layer) else type(layer).__name__,
+                         "?" if shape is None else str((None,) + shape), f"{count:,}"))
+        widths = [max(len(r[k]) for r in rows) for k in range(4)]
+        line = "-" * (sum(widths) + 6)
+        text = [line, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)), line]
+        text += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
+        text += [line, f"total parameters: {total:,}  (dtype {self.dtype}, device {self.device})"]
+        return "\n".join(text)
+
+    def __repr__(self):
+        return f"Network({len(self.layers)} layers, device={self.device!r})"
+
+    # -- save / load -------------------------------------------------------------------------------------------------------
+    def save(self, path):
+        """Write ``path``: an .npz of every parameter and buffer plus a JSON architecture (no pickle)."""
+        from .layers import LAYER_CLASSES
+        arch = {"format": _FORMAT, "version": 1, "layers": []}
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            name = type(layer).__name__
+            if LAYER_CLASSES.get(name) is not type(layer):
+                raise ValueError(f"Network.save: layer {i} ({name}) is not a fastnn built-in layer "
+                                 "and cannot be saved without pickle")
+            arch["layers"].append({"class": name, "config": layer.get_config()})
+            for store in ("params", "buffers"):
+                for k, v in (getattr(layer, store, None) or {}).items():
+                    arrays[f"layer{i}.{store}.{k}"] = np.asarray(backend.to_device(v, "cpu"))
+        if self.loss_fn is not None:
+            arch["loss"] = {"class": type(self.loss_fn).__name__, "config": self.loss_fn.get_config()}
+            if self.optimizer is not None:
+                arch["optimizer"] = {"class": type(self.optimizer).__name__,
+                                     "config": self.optimizer.get_config()}
+            names = [name for name, f in self.metrics if isinstance(name, str)]
+            arch["metrics"] = names
+        arrays[_ARCH_KEY] = np.array(json.dumps(arch))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        with open(os.fspath(path), "wb") as f:
+            f.write(buf.getvalue())
+
+    @classmethod
+    def load(cls, path):
+        """Rebuild a Network written by ``save`` (on the CPU). Raises OSError / ValueError naming ``path``."""
+        from .layers import LAYER_CLASSES
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Network.load: no such file {path!r}")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if _ARCH_KEY not in f.files:
+                    raise _FormatError("it holds no fastnn architecture (not saved by Network.save)")
+                arch = json.loads(str(f[_ARCH_KEY][()]))
+                if not isinstance(arch, dict) or arch.get("format") != _FORMAT:
+                    raise _FormatError("its architecture record is not a fastnn.Network")
+                net = cls()
+                for i, spec in enumerate(arch["layers"]):
+                    layer_cls = LAYER_CLASSES.get(spec.get("class"))
+                    if layer_cls is None:
+                        raise _FormatError(f"layer {i} has unknown class {spec.get('class')!r}")
+                    layer = layer_cls.from_config(spec["config"])
+                    for store in ("params", "buffers"):
+                        d = getattr(layer, store, None) or {}
+                        for k in d:
+                            key = f"layer{i}.{store}.{k}"
+                            if key not in f.files:
+                                raise _FormatError(f"array {key!r} is missing")
+                            a = f[key]
+                            if a.shape != d[k].shape or a.dtype != d[k].dtype:
+                                raise _FormatError(f"array {key!r} has {a.dtype} {a.shape}, layer "
+                                                   f"{i} ({spec['class']}) expects {d[k].dtype} "
+                                                   f"{d[k].shape}")
+                            d[k] = np.ascontiguousarray(a)
+                    net.add(layer)
+                if "loss" in arch:
+                    loss_cls = getattr(losses, arch["loss"]["class"], None)
+                    if not (isinstance(loss_cls, type) and issubclass(loss_cls, losses.Loss)):
+                        raise _FormatError(f"unknown loss {arch['loss']['class']!r}")
+                    loss = loss_cls(**arch["loss"]["config"])
+                    opt = None
+                    if "optimizer" in arch:
+                        opt_cls = getattr(optim, arch["optimizer"]["class"], None)
+                        if not (isinstance(opt_cls, type) and issubclass(opt_cls, optim.Optimizer)):
+                            raise _FormatError(f"unknown optimizer {arch['optimizer']['class']!r}")
+                        cfg = dict(arch["optimizer"]["config"])
+                        if "betas" in cfg:
+                            cfg["betas"] = tuple(cfg["betas"])
+                        opt = opt_cls(**cfg)
+                    net.compile(loss=loss, optimizer=opt, metrics=tuple(arch.get("metrics", ())))
+        except _FormatError as exc:
+            raise ValueError(f"Network.load: {path!r} is not a valid fastnn model file: {exc}") from None
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile,
+                json.JSONDecodeError, AttributeError) as exc:
+            raise ValueError(f"Network.load: cannot read {path!r} as a fastnn model file "
+                             f"(truncated or foreign?): {type(exc).__name__}: {exc}") from None
+        return net
+
+
+class _FormatError(Exception):
+    pass
+
+
+Sequential = Network

@@ -1,0 +1,282 @@
+"""Optimizers (PyTorch's update rules) and per-epoch learning-rate schedules.
+
+An optimizer updates a list of parameter arrays in place from a list of
+gradient arrays of the same order; ``decay`` flags which of them are weights
+(weight decay and L1 apply to those, not to biases or BatchNorm parameters).
+State (momentum buffers, Adam moments) lives in the optimizer, aligned with
+that order, on the parameters' device.
+"""
+import math
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["Optimizer", "SGD", "Adam", "StepLR", "ExponentialLR", "CosineAnnealingLR", "get"]
+
+
+def _nonneg(value, name, who):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{who}: {name} must be a number, got {value!r}")
+    if not value >= 0:
+        raise ValueError(f"{who}: {name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: ``step(params, grads, decay)`` updates ``params`` in place."""
+
+    def __init__(self, lr, schedule=None):
+        self.lr = _nonneg(lr, "lr", type(self).__name__)
+        self.state = None          # per-parameter state, aligned with the params list
+        self._tmp = None           # per-parameter scratch buffers (no allocation per step)
+        self.schedule = schedule
+        if schedule is not None:
+            schedule.bind(self)
+
+    def _prepare(self, params):
+        if self.state is None or len(self.state) != len(params) or any(
+                t is None or t.shape != p.shape or t.dtype != p.dtype
+                for t, p in zip(self._tmp, params)):
+            self.state = [None] * len(params)
+            self._tmp = [backend.get_array_module(p).empty_like(p) for p in params]
+            self._init_state(params)
+
+    def _init_state(self, params):
+        pass
+
+    def reset(self):
+        """Forget all state (momentum buffers, moments, step count)."""
+        self.state = None
+        self._tmp = None
+
+    def step(self, params, grads, decay=None):
+        """Update each array of ``params`` in place from ``grads`` (same order and shapes)."""
+        raise NotImplementedError
+
+    def to(self, device):
+        """Move the state to ``device`` ("cpu" or "cuda")."""
+        if self.state is not None:
+            self.state = [self._move(s, device) for s in self.state]
+            self._tmp = [backend.to_device(t, device) for t in self._tmp]
+        return self
+
+    @staticmethod
+    def _move(s, device):
+        if isinstance(s, tuple):
+            return tuple(backend.to_device(a, device) for a in s)
+        return backend.to_device(s, device)
+
+    def get_config(self):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, PyTorch's rule (dampening 0).
+
+    g = grad + weight_decay * W + l1 * sign(W)        (weights only)
+    buf = g (first step), else momentum * buf + g
+    g = g + momentum * buf if nesterov else buf       (when momentum > 0)
+    W -= lr * g
+    """
+
+    def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0, *,
+                 schedule=None):
+        who = "SGD"
+        self.momentum = _nonneg(momentum, "momentum", who)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = _nonneg(weight_decay, "weight_decay", who)
+        self.l1 = _nonneg(l1, "l1", who)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("SGD: nesterov=True needs momentum > 0")
+        super().__init__(lr, schedule)
+
+    def step(self, params, grads, decay=None):
+        self._prepare(params)
+        lr, mom = self.lr, self.momentum
+        regularised = self.weight_decay or self.l1
+        for i, (p, g) in enumerate(zip(params, grads)):
+            tmp = self._tmp[i]
+            if regularised and (decay is None or decay[i]):
+                xp = backend.get_array_module(p)
+                if self.weight_decay:
+                    xp.multiply(p, self.weight_decay, out=tmp)
+                    tmp += g
+                else:
+                    tmp[...] = g
+                if self.l1:
+                    tmp += self.l1 * xp.sign(p)
+                g = tmp
+            if mom:
+                buf = self.state[i]
+                if buf is None:
+                    buf = self.state[i] = g.copy()
+                else:
+                    buf *= mom
+                    buf += g
+                if self.nesterov:
+                    if g is not tmp:
+                        tmp[...] = g
+                    tmp += mom * buf
+                    g = tmp
+                else:
+                    g = buf
+            if g is tmp:
+                tmp *= lr
+            else:
+                backend.get_array_module(p).multiply(g, lr, out=tmp)
+            p -= tmp
+
+    def get_config(self):
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay, "l1": self.l1}
+
+
+class Adam(Optimizer):
+    """Adam, PyTorch's rule (L2 ``weight_decay`` added to the gradient, weights only).
+
+    m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+    W -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 schedule=None):
+        who = "Adam"
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"{who}: betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = _nonneg(eps, "eps", who)
+        self.weight_decay = _nonneg(weight_decay, "weight_decay", who)
+        self.t = 0
+        super().__init__(lr, schedule)
+
+    def _init_state(self, params):
+        self.t = 0
+        self.state = [(backend.get_array_module(p).zeros_like(p),
+                       backend.get_array_module(p).zeros_like(p)) for p in params]
+
+    def reset(self):
+        super().reset()
+        self.t = 0
+
+    def step(self, params, grads, decay=None):
+        self._prepare(params)
+        self.t += 1
+        b1, b2 = self.betas
+        step_size = self.lr / (1 - b1 ** self.t)
+        sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            xp = backend.get_array_module(p)
+            m, v = self.state[i]
+            tmp = self._tmp[i]
+            if self.weight_decay and (decay is None or decay[i]):
+                g = g + self.weight_decay * p
+            m *= b1
+            xp.multiply(g, 1 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1 - b2
+            v += tmp
+            xp.sqrt(v, out=tmp)
+            tmp *= 1 / sqrt_bc2
+            tmp += self.eps
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+    def get_config(self):
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+
+_BY_NAME = {"sgd": SGD, "adam": Adam}
+
+
+def get(optimizer):
+    """An Optimizer from an instance, a class or a name ("sgd", "adam")."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        return optimizer()
+    if isinstance(optimizer, str) and optimizer.lower() in _BY_NAME:
+        return _BY_NAME[optimizer.lower()]()
+    raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {sorted(_BY_NAME)} "
+                     "or a fastnn.optim.Optimizer instance")
+
+
+# --- learning-rate schedules ----------------------------------------------------
+class _Schedule:
+    """Sets ``optimizer.lr`` from the epoch count; steps once per epoch.
+
+    Passed to an optimizer (``SGD(..., schedule=StepLR(10))``) or as a
+    callback to ``fit``; it binds to the optimizer it is given (or to the
+    network's, as a callback) and takes that optimizer's lr as its base.
+    """
+
+    def __init__(self):
+        self.optimizer = None
+        self.base_lr = None
+        self.epoch = 0
+
+    def bind(self, optimizer):
+        if self.optimizer is not optimizer:
+            self.optimizer, self.base_lr, self.epoch = optimizer, optimizer.lr, 0
+
+    def lr_at(self, epoch):
+        raise NotImplementedError
+
+    def step(self):
+        """One epoch done: set the optimizer's lr for the next one."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}: not bound to an optimizer")
+        self.epoch += 1
+        self.optimizer.lr = self.lr_at(self.epoch)
+
+    # callback hooks (see fastnn.callbacks)
+    def on_train_begin(self, network):
+        self.bind(network.optimizer)
+
+    def on_epoch_end(self, network, epoch, logs):
+        self.step()
+
+
+class StepLR(_Schedule):
+    """lr = base_lr * gamma ** (epoch // step_size)."""
+
+    def __init__(self, step_size, gamma=0.1):
+        super().__init__()
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, np.integer)) or step_size < 1:
+            raise ValueError(f"StepLR: step_size must be a positive int, got {step_size!r}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class ExponentialLR(_Schedule):
+    """lr = base_lr * gamma ** epoch."""
+
+    def __init__(self, gamma):
+        super().__init__()
+        self.gamma = float(gamma)
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** epoch
+
+
+class CosineAnnealingLR(_Schedule):
+    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2."""
+
+    def __init__(self, T_max, eta_min=0.0):
+        super().__init__()
+        if isinstance(T_max, bool) or not isinstance(T_max, (int, np.integer)) or T_max < 1:
+            raise ValueError(f"CosineAnnealingLR: T_max must be a positive int, got {T_max!r}")
+        self.T_max, self.eta_min = int(T_max), float(eta_min)
+
+    def lr_at(self, epoch):
+        return self.eta_min + (self.base_lr - self.eta_min) * (
+            1 + math.cos(math.pi * epoch / self.T_max)) / 2
