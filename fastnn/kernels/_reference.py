@@ -136,6 +136,9 @@ def maxpool2d_forward(x, kh, kw, stride):
 def maxpool2d_backward(grad_y, argmax, x_shape):
     """Route each output gradient to its argmax input; overlapping windows add up."""
     n, c, h, w = x_shape
+    if argmax.size and (argmax.min() < 0 or argmax.max() >= h * w):
+        raise ValueError(f"maxpool2d_backward: argmax entries must lie in [0, {h * w}) "
+                         f"(a {h}x{w} plane), got range [{argmax.min()}, {argmax.max()}]")
     grad_x = np.zeros((n * c, h * w), dtype=grad_y.dtype)
     planes = np.repeat(np.arange(n * c), grad_y.shape[2] * grad_y.shape[3])
     np.add.at(grad_x, (planes, argmax.reshape(-1)), grad_y.reshape(-1))

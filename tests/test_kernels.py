@@ -1,0 +1,491 @@
+"""fastnn.kernels: every kernel on every CPU backend ("numpy" reference and
+"cpu" compiled), float32 and float64, against PyTorch where installed, against
+finite differences (float64), and the compiled kernels against the reference."""
+import numpy as np
+import pytest
+
+from fastnn import backend, kernels
+from fastnn.kernels import _reference
+
+BACKENDS = ["numpy", "cpu"]
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    """Run the test under one CPU backend, restoring the previous one after."""
+    if request.param not in backend.available():
+        pytest.fail(f"backend {request.param!r} unavailable: {backend.compiled_error()}")
+    previous = backend.current()
+    backend.use(request.param)
+    yield request.param
+    backend.use(previous)
+
+
+@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
+def dtype(request):
+    return request.param
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def random(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def run_on(name, fn, *args, **kwargs):
+    """fn(*args) under backend ``name``."""
+    previous = backend.current()
+    backend.use(name)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        backend.use(previous)
+
+
+def numerical_grad(f, array, eps=1e-6):
+    """Central finite differences of scalar f() with respect to every entry of array."""
+    grad = np.empty_like(array)
+    flat, g = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        up = f()
+        flat[i] = saved - eps
+        down = f()
+        flat[i] = saved
+        g[i] = (up - down) / (2 * eps)
+    return grad
+
+
+def test_compiled_kernels_loaded():
+    """CI must exercise the compiled kernels, not silently only the reference."""
+    assert backend.compiled_error() is None
+    assert "cpu" in backend.available()
+    from fastnn.kernels import _cpu
+    assert _cpu.conv2d_forward is not None
+
+
+# --- convolution ------------------------------------------------------------------
+
+# (N, C, H, W, K, kh, kw, stride, padding): odd sizes, strides and paddings,
+# batch of 1, a 1x1 conv, a kernel as large as the padded input.
+CONV_CASES = [
+    (2, 3, 7, 9, 4, 3, 3, 1, 1),
+    (1, 2, 8, 5, 3, 3, 2, (2, 1), (0, 1)),
+    (3, 4, 6, 6, 2, 1, 1, 1, 0),
+    (2, 1, 5, 5, 2, 5, 5, 1, 2),
+    (2, 3, 9, 8, 4, 3, 3, 2, 0),
+    (1, 2, 4, 3, 3, 6, 5, 3, 1),
+    (2, 2, 7, 7, 3, 2, 4, (3, 2), (2, 0)),
+]
+CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
+
+
+def conv_inputs(case, dtype, seed=0):
+    n, c, h, w, k, kh, kw, stride, padding = case
+    rng = np.random.default_rng(seed)
+    return (random(rng, (n, c, h, w), dtype), random(rng, (k, c, kh, kw), dtype),
+            random(rng, (k,), dtype), stride, padding)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv2d_matches_torch(backend_name, dtype, case):
+    torch = pytest.importorskip("torch")
+    x, W, b, stride, padding = conv_inputs(case, dtype)
+    y = kernels.conv2d_forward(x, W, b, stride=stride, padding=padding)
+    tx, tW, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, W, b))
+    ty = torch.nn.functional.conv2d(tx, tW, tb, stride=stride, padding=padding)
+    assert y.dtype == dtype and y.shape == tuple(ty.shape)
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tolerance(dtype))
+    grad_y = random(np.random.default_rng(1), y.shape, dtype)
+    ty.backward(torch.tensor(grad_y, dtype=torch.float64))
+    grads = kernels.conv2d_backward(grad_y, x, W, stride=stride, padding=padding)
+    for got, want in zip(grads, (tx.grad, tW.grad, tb.grad)):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want.numpy(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv2d_compiled_matches_reference(dtype, case):
+    x, W, b, stride, padding = conv_inputs(case, dtype)
+    for bias in (b, None):
+        ref = run_on("numpy", kernels.conv2d_forward, x, W, bias, stride, padding)
+        np.testing.assert_allclose(run_on("cpu", kernels.conv2d_forward, x, W, bias, stride,
+                                          padding), ref, **tolerance(dtype))
+    grad_y = random(np.random.default_rng(2), ref.shape, dtype)
+    want = run_on("numpy", kernels.conv2d_backward, grad_y, x, W, stride, padding)
+    got = run_on("cpu", kernels.conv2d_backward, grad_y, x, W, stride, padding)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, **tolerance(dtype))
+
+
+def test_conv2d_gradients_by_finite_differences(backend_name):
+    x, W, b, stride, padding = conv_inputs((2, 2, 5, 4, 3, 3, 2, (2, 1), 1), np.float64)
+    grad_y = random(np.random.default_rng(3), kernels.conv2d_forward(x, W, b, stride, padding).shape,
+                    np.float64)
+
+    def loss():
+        return float((kernels.conv2d_forward(x, W, b, stride, padding) * grad_y).sum())
+
+    grad_x, grad_W, grad_b = kernels.conv2d_backward(grad_y, x, W, stride, padding)
+    for analytic, array in ((grad_x, x), (grad_W, W), (grad_b, b)):
+        np.testing.assert_allclose(analytic, numerical_grad(loss, array), rtol=1e-6, atol=1e-7)
+
+
+def test_conv2d_reference_chunks_the_batch(monkeypatch):
+    """A workspace bound smaller than the batch's columns splits the batch; same result."""
+    x, W, b, _, _ = conv_inputs((5, 3, 6, 7, 2, 3, 3, 1, 1), np.float64)
+    stride, padding = (1, 1), (1, 1)      # the internal functions take (h, w) pairs
+    grad_y = random(np.random.default_rng(4), (5, 2, 6, 7), np.float64)
+    whole = (_reference.conv2d_forward(x, W, b, stride, padding),
+             *_reference.conv2d_backward(grad_y, x, W, stride, padding))
+    per_sample = 3 * 9 * 6 * 7 * 8
+    monkeypatch.setattr(_reference, "CONV_WORKSPACE_BYTES", 2 * per_sample)
+    assert _reference._conv_chunk(x.shape, 3, 3, 6, 7, 8) == 2
+    chunked = (_reference.conv2d_forward(x, W, b, stride, padding),
+               *_reference.conv2d_backward(grad_y, x, W, stride, padding))
+    for c, w in zip(chunked, whole):
+        np.testing.assert_allclose(c, w, rtol=1e-13, atol=1e-13)
+
+
+# --- im2col / col2im ---------------------------------------------------------------
+
+GEOMETRIES = [  # (N, C, H, W, kh, kw, stride, padding)
+    (2, 3, 5, 6, 3, 3, 1, 1),
+    (1, 2, 7, 4, 2, 3, (2, 1), (1, 0)),
+    (3, 1, 6, 6, 3, 3, 2, 2),
+    (2, 2, 3, 3, 5, 5, 1, 1),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_im2col_layout(backend_name, dtype, geometry):
+    """Row c*kh*kw + i*kw + j, column n*OH*OW + oh*OW + ow holds x_padded[n, c, oh*sh+i, ow*sw+j]."""
+    n, c, h, w, kh, kw, stride, padding = geometry
+    x = random(np.random.default_rng(5), (n, c, h, w), dtype)
+    cols = kernels.im2col(x, kh, kw, stride, padding)
+    (sh, sw), (ph, pw) = kernels.pair(stride, "s", "t", 1), kernels.pair(padding, "p", "t", 0)
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype)
+    padded[:, :, ph:ph + h, pw:pw + w] = x
+    assert cols.shape == (c * kh * kw, n * oh * ow) and cols.dtype == dtype
+    for ci in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                expected = padded[:, ci, i:i + sh * oh:sh, j:j + sw * ow:sw].reshape(-1)
+                np.testing.assert_array_equal(cols[ci * kh * kw + i * kw + j], expected)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_col2im_is_the_adjoint_of_im2col(backend_name, geometry):
+    """<im2col(x), c> == <x, col2im(c)> for random x and c."""
+    n, c, h, w, kh, kw, stride, padding = geometry
+    rng = np.random.default_rng(6)
+    x = random(rng, (n, c, h, w), np.float64)
+    cols = kernels.im2col(x, kh, kw, stride, padding)
+    other = random(rng, cols.shape, np.float64)
+    dx = kernels.col2im(other, x.shape, kh, kw, stride, padding)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose((cols * other).sum(), (x * dx).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_im2col_col2im_compiled_match_reference(dtype, geometry):
+    n, c, h, w, kh, kw, stride, padding = geometry
+    x = random(np.random.default_rng(7), (n, c, h, w), dtype)
+    cols = run_on("numpy", kernels.im2col, x, kh, kw, stride, padding)
+    np.testing.assert_array_equal(run_on("cpu", kernels.im2col, x, kh, kw, stride, padding), cols)
+    np.testing.assert_allclose(run_on("cpu", kernels.col2im, cols, x.shape, kh, kw, stride, padding),
+                               run_on("numpy", kernels.col2im, cols, x.shape, kh, kw, stride, padding),
+                               **tolerance(dtype))
+
+
+# --- max pooling ------------------------------------------------------------------
+
+POOL_CASES = [  # (N, C, H, W, kh, kw, stride): odd sizes, overlapping windows, batch of 1
+    (2, 3, 8, 8, 2, 2, 2),
+    (1, 2, 7, 9, 3, 3, 2),
+    (2, 2, 5, 6, 2, 3, (1, 2)),
+    (3, 1, 9, 7, 3, 2, (3, 1)),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_maxpool2d_matches_torch(backend_name, dtype, case):
+    torch = pytest.importorskip("torch")
+    n, c, h, w, kh, kw, stride = case
+    x = random(np.random.default_rng(8), (n, c, h, w), dtype)
+    y, argmax = kernels.maxpool2d_forward(x, kh, kw, stride)
+    tx = torch.tensor(x, requires_grad=True)
+    ty, tidx = torch.nn.functional.max_pool2d(tx, (kh, kw), stride=stride, return_indices=True)
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    np.testing.assert_array_equal(argmax, tidx.numpy())
+    assert argmax.dtype == np.int64
+    grad_y = random(np.random.default_rng(9), y.shape, dtype)
+    ty.backward(torch.tensor(grad_y))
+    np.testing.assert_allclose(kernels.maxpool2d_backward(grad_y, argmax, x.shape),
+                               tx.grad.numpy(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_maxpool2d_compiled_matches_reference(dtype, case):
+    n, c, h, w, kh, kw, stride = case
+    rng = np.random.default_rng(10)
+    # rounded values make ties common: both must pick the first maximum of a window
+    x = np.round(random(rng, (n, c, h, w), dtype))
+    y_ref, arg_ref = run_on("numpy", kernels.maxpool2d_forward, x, kh, kw, stride)
+    y, arg = run_on("cpu", kernels.maxpool2d_forward, x, kh, kw, stride)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(arg, arg_ref)
+    grad_y = random(rng, y.shape, dtype)
+    np.testing.assert_allclose(run_on("cpu", kernels.maxpool2d_backward, grad_y, arg, x.shape),
+                               run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape),
+                               **tolerance(dtype))
+
+
+def test_maxpool2d_ties_and_nan(backend_name):
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 3, 2] = np.nan
+    y, argmax = kernels.maxpool2d_forward(x, 2, 2, 2)
+    np.testing.assert_array_equal(argmax[0, 0], [[0, 2], [8, 14]])   # first of equal values
+    assert np.isnan(y[0, 0, 1, 1]) and not np.isnan(y[0, 0, 0, 0])    # NaN propagates
+
+
+def test_maxpool2d_gradient_by_finite_differences(backend_name):
+    x = random(np.random.default_rng(11), (2, 2, 7, 6), np.float64)
+    grad_y = random(np.random.default_rng(12), kernels.maxpool2d_forward(x, 3, 2, 2)[0].shape,
+                    np.float64)
+
+    def loss():
+        return float((kernels.maxpool2d_forward(x, 3, 2, 2)[0] * grad_y).sum())
+
+    _, argmax = kernels.maxpool2d_forward(x, 3, 2, 2)
+    np.testing.assert_allclose(kernels.maxpool2d_backward(grad_y, argmax, x.shape),
+                               numerical_grad(loss, x), rtol=1e-6, atol=1e-8)
+
+
+# --- ReLU -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (300, 400)])   # last one runs in parallel
+def test_relu(backend_name, dtype, shape):
+    rng = np.random.default_rng(13)
+    x = random(rng, shape, dtype)
+    y = kernels.relu_forward(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, np.where(x > 0, x, 0))
+    grad_y = random(rng, shape, dtype)
+    grad_x = kernels.relu_backward(grad_y, y)
+    assert grad_x.dtype == dtype
+    np.testing.assert_array_equal(grad_x, np.where(x > 0, grad_y, 0))
+
+
+def test_relu_nan_and_gradient(backend_name):
+    x = np.array([np.nan, -1.0, 0.0, 2.0])
+    assert np.isnan(kernels.relu_forward(x)[0])
+    x = random(np.random.default_rng(14), (4, 5), np.float64)
+    x[np.abs(x) < 1e-3] = 0.5     # keep finite differences away from the kink
+    grad_y = random(np.random.default_rng(15), x.shape, np.float64)
+    np.testing.assert_allclose(
+        kernels.relu_backward(grad_y, kernels.relu_forward(x)),
+        numerical_grad(lambda: float((kernels.relu_forward(x) * grad_y).sum()), x), rtol=1e-6)
+
+
+# --- dense ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, i, o", [(1, 3, 2), (7, 11, 13), (64, 33, 17)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_matches_torch(backend_name, dtype, n, i, o, with_bias):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(16)
+    x, W, b, grad_y = (random(rng, s, dtype) for s in ((n, i), (i, o), (o,), (n, o)))
+    bias = b if with_bias else None
+    y = kernels.dense_forward(x, W, bias)
+    tx, tW, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, W, b))
+    ty = torch.nn.functional.linear(tx, tW.T, tb if with_bias else None)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tolerance(dtype))
+    ty.backward(torch.tensor(grad_y, dtype=torch.float64))
+    grads = kernels.dense_backward(grad_y, x, W)
+    for got, want in zip(grads, (tx.grad, tW.grad, None)):
+        assert got.dtype == dtype
+        if want is not None:
+            np.testing.assert_allclose(got, want.numpy(), **tolerance(dtype))
+    np.testing.assert_allclose(grads[2], grad_y.astype(np.float64).sum(axis=0), **tolerance(dtype))
+
+
+def test_dense_compiled_matches_reference(dtype):
+    rng = np.random.default_rng(17)
+    x, W, b, grad_y = (random(rng, s, dtype) for s in ((37, 50), (50, 23), (23,), (37, 23)))
+    np.testing.assert_allclose(run_on("cpu", kernels.dense_forward, x, W, b),
+                               run_on("numpy", kernels.dense_forward, x, W, b), **tolerance(dtype))
+    for got, want in zip(run_on("cpu", kernels.dense_backward, grad_y, x, W),
+                         run_on("numpy", kernels.dense_backward, grad_y, x, W)):
+        np.testing.assert_allclose(got, want, **tolerance(dtype))
+
+
+def test_dense_gradients_by_finite_differences(backend_name):
+    rng = np.random.default_rng(18)
+    x, W, b, grad_y = (random(rng, s, np.float64) for s in ((3, 4), (4, 5), (5,), (3, 5)))
+
+    def loss():
+        return float((kernels.dense_forward(x, W, b) * grad_y).sum())
+
+    grads = kernels.dense_backward(grad_y, x, W)
+    for analytic, array in zip(grads, (x, W, b)):
+        np.testing.assert_allclose(analytic, numerical_grad(loss, array), rtol=1e-7, atol=1e-9)
+
+
+# --- softmax cross-entropy ------------------------------------------------------------
+
+@pytest.mark.parametrize("n, c", [(1, 3), (9, 10), (300, 257)])
+def test_softmax_cross_entropy_matches_torch(backend_name, dtype, n, c):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(19)
+    logits = random(rng, (n, c), dtype) * 3
+    labels = rng.integers(0, c, n)
+    probabilities = rng.random((n, c)).astype(dtype)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    for target in (labels, probabilities):
+        loss, grad = kernels.softmax_cross_entropy(logits, target)
+        assert type(loss) is np.dtype(dtype).type and grad.dtype == dtype
+        tl = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+        tloss = torch.nn.functional.cross_entropy(tl, torch.tensor(target))
+        tloss.backward()
+        np.testing.assert_allclose(loss, tloss.item(), **tolerance(dtype))
+        np.testing.assert_allclose(grad, tl.grad.numpy(), **tolerance(dtype))
+
+
+def test_softmax_cross_entropy_is_stable_at_large_logits(backend_name, dtype):
+    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, -1e4]], dtype)
+    loss, grad = kernels.softmax_cross_entropy(logits, np.array([1, 2, 0]))
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, (2e4 + np.log(3) + np.log(2)) / 3, rtol=1e-6)
+    np.testing.assert_allclose(grad.sum(axis=1), 0, atol=1e-6)
+
+
+def test_softmax_cross_entropy_compiled_matches_reference(dtype):
+    rng = np.random.default_rng(20)
+    logits = random(rng, (65, 33), dtype) * 5
+    labels = rng.integers(0, 33, 65)
+    onehot = np.eye(33, dtype=dtype)[labels]
+    for target in (labels, onehot):
+        got = run_on("cpu", kernels.softmax_cross_entropy, logits, target)
+        want = run_on("numpy", kernels.softmax_cross_entropy, logits, target)
+        np.testing.assert_allclose(got[0], want[0], **tolerance(dtype))
+        np.testing.assert_allclose(got[1], want[1], **tolerance(dtype))
+
+
+def test_softmax_cross_entropy_gradient_by_finite_differences(backend_name):
+    rng = np.random.default_rng(21)
+    logits = random(rng, (4, 5), np.float64)
+    labels = rng.integers(0, 5, 4)
+    _, grad = kernels.softmax_cross_entropy(logits, labels)
+    numeric = numerical_grad(lambda: float(kernels.softmax_cross_entropy(logits, labels)[0]), logits)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+# --- non-contiguous inputs --------------------------------------------------------
+
+def test_non_contiguous_inputs_match_contiguous_copies(backend_name, dtype):
+    rng = np.random.default_rng(22)
+    x = random(rng, (4, 3, 10, 12), dtype)[::2, :, 1:8, ::-1]     # sliced, strided, reversed
+    W = random(rng, (3, 2, 3, 3), dtype).transpose(1, 0, 2, 3)     # (2, 3, 3, 3) view
+    b = random(rng, (4,), dtype)[::2]
+    x2 = x[:, :2]                                                  # (2, 2, 7, 12)
+    copies = [np.ascontiguousarray(a) for a in (x, W, b, x2)]
+    y = kernels.conv2d_forward(x2, W[:, :2], b, 1, 1)
+    np.testing.assert_array_equal(
+        y, kernels.conv2d_forward(copies[3], np.ascontiguousarray(W[:, :2]), copies[2], 1, 1))
+    grad_y = random(rng, (y.shape[0], y.shape[1], y.shape[3], y.shape[2]), dtype).transpose(0, 1, 3, 2)
+    for got, want in zip(kernels.conv2d_backward(grad_y, x2, W[:, :2], 1, 1),
+                         kernels.conv2d_backward(np.ascontiguousarray(grad_y), copies[3],
+                                                 np.ascontiguousarray(W[:, :2]), 1, 1)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(kernels.im2col(x, 3, 2, 2, 1), kernels.im2col(copies[0], 3, 2, 2, 1))
+    cols = kernels.im2col(copies[0], 2, 2, 1, 0)
+    np.testing.assert_array_equal(kernels.col2im(np.asfortranarray(cols), x.shape, 2, 2, 1, 0),
+                                  kernels.col2im(cols, x.shape, 2, 2, 1, 0))
+    y, argmax = kernels.maxpool2d_forward(x, 2, 3, 2)
+    y_c, argmax_c = kernels.maxpool2d_forward(copies[0], 2, 3, 2)
+    np.testing.assert_array_equal(y, y_c)
+    np.testing.assert_array_equal(argmax, argmax_c)
+    grad_y = random(rng, y.shape[::-1], dtype).T
+    np.testing.assert_array_equal(kernels.maxpool2d_backward(grad_y, argmax[..., ::1].T.T, x.shape),
+                                  kernels.maxpool2d_backward(np.ascontiguousarray(grad_y), argmax, x.shape))
+    np.testing.assert_array_equal(kernels.relu_forward(x), kernels.relu_forward(copies[0]))
+    np.testing.assert_array_equal(kernels.relu_backward(x, x[::-1]),
+                                  kernels.relu_backward(copies[0], np.ascontiguousarray(x[::-1])))
+    m = random(rng, (9, 6), dtype).T                                # (6, 9) Fortran-ordered
+    Wd = random(rng, (5, 9), dtype).T
+    bd = random(rng, (10,), dtype)[::2]
+    np.testing.assert_allclose(kernels.dense_forward(m, Wd, bd),
+                               kernels.dense_forward(*map(np.ascontiguousarray, (m, Wd, bd))),
+                               **tolerance(dtype))
+    gd = random(rng, (5, 6), dtype).T
+    for got, want in zip(kernels.dense_backward(gd, m, Wd),
+                         kernels.dense_backward(*map(np.ascontiguousarray, (gd, m, Wd)))):
+        np.testing.assert_allclose(got, want, **tolerance(dtype))
+    labels = np.arange(12)[::2] % 9
+    np.testing.assert_array_equal(kernels.softmax_cross_entropy(m, labels)[1],
+                                  kernels.softmax_cross_entropy(np.ascontiguousarray(m),
+                                                                np.ascontiguousarray(labels))[1])
+
+
+# --- bad input -------------------------------------------------------------------
+
+def _x(*shape, dtype=np.float32):
+    return np.zeros(shape, dtype)
+
+
+BAD_CALLS = [
+    # (kernel, args, exception, words the message must contain)
+    ("im2col", (_x(3, 4, 4), 2, 2), ValueError, ["im2col", "4 dimensions", "(3, 4, 4)"]),
+    ("im2col", (_x(1, 1, 4, 4, dtype=np.int64), 2, 2), TypeError, ["im2col", "float32", "int64"]),
+    ("im2col", (_x(1, 1, 4, 4, dtype=np.float16), 2, 2), TypeError, ["im2col", "float16"]),
+    ("im2col", (_x(1, 1, 4, 4), 5, 2), ValueError, ["im2col", "larger than the padded input"]),
+    ("im2col", (_x(1, 1, 4, 4), 2, 2, 0), ValueError, ["im2col", "stride", ">= 1"]),
+    ("im2col", ([[1.0]], 1, 1), TypeError, ["im2col", "list"]),
+    ("col2im", (_x(8, 9), (2, 4, 4), 2, 2), ValueError, ["col2im", "(N, C, H, W)", "(2, 4, 4)"]),
+    ("col2im", (_x(8, 10), (1, 2, 4, 4), 2, 2), ValueError, ["col2im", "(8, 9)", "(8, 10)"]),
+    ("maxpool2d_forward", (_x(1, 1, 3, 3), 4, 4, 1), ValueError, ["maxpool2d_forward", "larger"]),
+    ("maxpool2d_forward", (_x(1, 1, 3, 3), 2, 2, (1, 0)), ValueError, ["maxpool2d_forward", "stride"]),
+    ("maxpool2d_forward", (_x(1, 3, 3), 2, 2, 2), ValueError, ["maxpool2d_forward", "4 dimensions"]),
+    ("maxpool2d_backward", (_x(1, 1, 2, 2), np.zeros((1, 1, 2, 3), np.int64), (1, 1, 4, 4)),
+     ValueError, ["maxpool2d_backward", "argmax", "(1, 1, 2, 2)"]),
+    ("maxpool2d_backward", (_x(1, 1, 2, 2), np.full((1, 1, 2, 2), 16), (1, 1, 4, 4)),
+     ValueError, ["maxpool2d_backward", "[0, 16)"]),
+    ("maxpool2d_backward", (_x(1, 1, 2, 2), np.full((1, 1, 2, 2), -1), (1, 1, 4, 4)),
+     ValueError, ["maxpool2d_backward", "[0, 16)"]),
+    ("relu_forward", (np.arange(4),), TypeError, ["relu_forward", "int64"]),
+    ("relu_backward", (_x(3), _x(4)), ValueError, ["relu_backward", "(3,)", "(4,)"]),
+    ("relu_backward", (_x(3), _x(3, dtype=np.float64)), TypeError, ["relu_backward", "float64"]),
+    ("dense_forward", (_x(2, 3), _x(4, 5), None), ValueError, ["dense_forward", "3 features", "4"]),
+    ("dense_forward", (_x(2, 3), _x(3, 5), _x(4)), ValueError, ["dense_forward", "(5,)", "(4,)"]),
+    ("dense_forward", (_x(2, 3), _x(3, 5, dtype=np.float64), None), TypeError, ["dense_forward", "W"]),
+    ("dense_backward", (_x(2, 4), _x(2, 3), _x(3, 5)), ValueError, ["dense_backward", "(2, 5)", "(2, 4)"]),
+    ("softmax_cross_entropy", (_x(2, 3), np.array([0, 3])), ValueError, ["softmax_cross_entropy", "[0, 3)"]),
+    ("softmax_cross_entropy", (_x(2, 3), np.array([0.0, 1.0])), TypeError, ["softmax_cross_entropy", "integer"]),
+    ("softmax_cross_entropy", (_x(2, 3), np.array([0, 1, 2])), ValueError, ["softmax_cross_entropy", "3 labels"]),
+    ("conv2d_forward", (_x(1, 2, 5, 5), _x(3, 4, 3, 3)), ValueError, ["conv2d_forward", "2 channels", "4"]),
+    ("conv2d_forward", (_x(1, 2, 5, 5), _x(3, 2, 3, 3), _x(2)), ValueError, ["conv2d_forward", "(3,)", "(2,)"]),
+    ("conv2d_forward", (_x(1, 2, 2, 2), _x(3, 2, 3, 3)), ValueError, ["conv2d_forward", "larger"]),
+    ("conv2d_forward", (_x(1, 2, 5, 5), _x(3, 2, 3, 3), None, 0), ValueError, ["conv2d_forward", "stride"]),
+    ("conv2d_forward", (_x(1, 2, 5, 5), _x(3, 2, 3, 3), None, 1, -1), ValueError, ["conv2d_forward", "padding"]),
+    ("conv2d_forward", (_x(2, 5, 5), _x(3, 2, 3, 3)), ValueError, ["conv2d_forward", "4 dimensions"]),
+    ("conv2d_forward", (_x(1, 2, 5, 5, dtype=np.float16), _x(3, 2, 3, 3)), TypeError, ["conv2d_forward", "float16"]),
+    ("conv2d_forward", (_x(1, 2, 5, 5), _x(3, 2, 3, 3, dtype=np.float64)), TypeError, ["conv2d_forward", "W"]),
+    ("conv2d_backward", (_x(1, 3, 4, 4), _x(1, 2, 5, 5), _x(3, 2, 3, 3)), ValueError,
+     ["conv2d_backward", "(1, 3, 3, 3)", "(1, 3, 4, 4)"]),
+]
+
+
+@pytest.mark.parametrize("name, args, error, words", BAD_CALLS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_bad_input_raises_clear_errors(backend_name, name, args, error, words):
+    with pytest.raises(error) as info:
+        getattr(kernels, name)(*args)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
