@@ -130,15 +130,17 @@ def _versions():
     import fastnn
     out = {"python": platform.python_version(), "numpy": numpy.__version__,
            "fastnn": fastnn.__version__}
-    for mod in ("scipy", "torch", "cupy", "threadpoolctl"):
-        m = sys.modules.get(mod)
-        if m is None:
+    from importlib import metadata
+    for mod, dists in (("scipy", ("scipy",)), ("torch", ("torch",)), ("threadpoolctl", ("threadpoolctl",)),
+                       ("cupy", ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x"))):
+        loaded = sys.modules.get(mod)
+        out[mod] = getattr(loaded, "__version__", None) if loaded is not None else None
+        for dist in dists if out[mod] is None else ():   # installed but not loaded: no import
             try:
-                m = __import__(mod)
-            except Exception:  # not installed, or CuPy without a driver
-                out[mod] = None
+                out[mod] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
                 continue
-        out[mod] = getattr(m, "__version__", "?")
     return out
 
 

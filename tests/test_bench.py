@@ -1,0 +1,197 @@
+"""fastnn.bench: the CLI runs and writes a complete report; ratios point the right
+way; the NumPy peers compute what they claim (against the reference kernels and
+PyTorch). No timing is asserted: figures live in benchmarks/."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastnn import bench
+from fastnn.bench import numpy_peers
+from fastnn.bench.timing import Impl, Metric, Result, measure
+from fastnn.kernels import _reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_w6_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--workload", "W6", "--compare", "numpy", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("machine", "versions", "blas", "results", "targets", "environment_at_start"):
+        assert key in report
+    assert report["machine"]["cpu_model"]
+    assert report["versions"]["numpy"] == np.__version__
+    assert any(b.get("internal_api") for b in report["blas"])
+    rows = {(r["metric"], r["impl"]): r for r in report["results"]}
+    assert set(rows) == {(m, i) for m in ("ReLU forward 16M", "ReLU backward 16M")
+                         for i in ("fastnn", "numpy", "copy")}
+    for r in rows.values():
+        assert r["error"] == "" and len(r["seconds_per_call"]) == 3
+        assert r["best"] >= r["median"] > 0          # GB/s: the fastest repeat is the best
+    assert {t["peer"] for t in report["targets"]} == {"copy", "torch"}
+    printed = capsys.readouterr().out
+    assert "ReLU forward 16M" in printed and "BLAS in use" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workload", "W9"], "unknown workload"),
+    (["--compare", "numpy,jax"], "unknown peer"),
+    (["--threads", "0"], "--threads must be"),
+    (["--device", "tpu"], "invalid choice"),
+])
+def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_fails_clearly():
+    from fastnn import backend
+    if backend.cupy() is not None:
+        pytest.skip("a CUDA GPU is usable here")
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--device", "cuda", "--quick", "--workload", "W6"])
+    assert "no usable CUDA GPU" in str(info.value.code)
+
+
+def test_command_line_reexecs_with_threads_and_without_blas_pin(tmp_path):
+    """--threads reaches the BLAS, and OPENBLAS_CORETYPE is unset for the run but reported."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OPENBLAS_CORETYPE="Haswell", PYTHONPATH=ROOT)
+    env.pop("FASTNN_BENCH_ORIGINAL_ENV", None)
+    subprocess.run([sys.executable, "-m", "fastnn.bench", "--quick", "--workload", "W0",
+                    "--compare", "none", "--threads", "1", "--json", str(out)],
+                   check=True, env=env, cwd=str(tmp_path), capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["environment_at_start"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert report["environment_of_run"]["OPENBLAS_CORETYPE"] is None
+    assert report["environment_of_run"]["OMP_NUM_THREADS"] == "1"
+    assert report["blas_pin_unset"] is True
+    blas = [b for b in report["blas"] if b.get("user_api") == "blas"]
+    assert blas and all(b["num_threads"] == 1 for b in blas)
+
+
+def test_measure_and_result_units():
+    calls = []
+    impl = Impl("x", lambda: calls.append(1), work=2.0)
+    inner, times = measure(impl, repeats=4, warmup=2, min_repeat_s=0.0)
+    assert inner == 1 and len(times) == 4 and len(calls) == 2 + 1 + 4
+    rate = Result("W", "m", "x", "GB/s", "rate", work=2.0, times_s=[0.5, 1.0, 2.0])
+    assert rate.median == pytest.approx(2.0) and rate.best == pytest.approx(4.0)
+    latency = Result("W", "m", "x", "us", "time", work=10, times_s=[1e-3, 2e-3], scale=1e6)
+    assert latency.best == pytest.approx(100.0)        # 1 ms for 10 items = 100 us each
+
+
+def test_targets_are_speed_ratios_in_both_kinds():
+    def res(impl, kind, t):
+        return Result("W", "m", impl, "u", kind, work=1.0, times_s=[t])
+    for kind in ("rate", "time"):
+        metric = Metric("W", "m", "u", kind, [], targets=(("torch", 1.25, "t"),))
+        rows = bench._targets([metric], [res("fastnn", kind, 1.0), res("torch", kind, 2.0)])
+        assert rows[0]["ratio"] == pytest.approx(2.0)     # fastnn twice as fast, either unit
+        assert rows[0]["verdict"] == "PASS"
+        rows = bench._targets([metric], [res("fastnn", kind, 2.0), res("torch", kind, 2.0)])
+        assert rows[0]["verdict"] == "miss"
+        rows = bench._targets([metric], [res("fastnn", kind, 2.0)])
+        assert rows[0]["verdict"] == "n/a"
+
+
+# --- the NumPy peers compute what they claim ------------------------------------------
+
+def test_single_op_peers_match_the_reference():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 6, 8)).astype(np.float32)
+    grad_y = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+    pool = numpy_peers.MaxPool2x2(x)
+    y_ref, argmax = _reference.maxpool2d_forward(x, 2, 2, (2, 2))
+    np.testing.assert_array_equal(pool.forward(), y_ref)
+    np.testing.assert_array_equal(pool.forward_backward(grad_y),
+                                  _reference.maxpool2d_backward(grad_y, argmax, x.shape))
+
+    relu = numpy_peers.ReLU(x)
+    relu.forward()
+    np.testing.assert_array_equal(relu.y, _reference.relu_forward(x))
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    relu.backward(g)
+    np.testing.assert_array_equal(relu.grad_x, _reference.relu_backward(g, relu.y))
+
+    xd = rng.standard_normal((5, 7)).astype(np.float32)
+    W = rng.standard_normal((7, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    gy = rng.standard_normal((5, 3)).astype(np.float32)
+    dense = numpy_peers.Dense(xd, W, b)
+    dense.forward_backward(gy)
+    np.testing.assert_allclose(dense.y, _reference.dense_forward(xd, W, b), rtol=1e-5)
+    for got, want in zip((dense.grad_x, dense.grad_W, dense.grad_b),
+                         _reference.dense_backward(gy, xd, W)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _check_first_step_against_torch(model, torch_model, x, labels, params_map):
+    """One SGD step from zero momentum: the velocity is the gradient; compare it
+    and the loss with PyTorch on the same weights (float64)."""
+    torch = pytest.importorskip("torch")
+    for mine, theirs, to_torch in params_map:
+        with torch.no_grad():
+            theirs.copy_(torch.from_numpy(to_torch(mine.value)))
+    loss = torch.nn.functional.cross_entropy(torch_model(torch.from_numpy(x)),
+                                             torch.from_numpy(labels))
+    loss.backward()
+    my_loss = model.train_step(x, labels, lr=0.1, momentum=0.9)
+    assert my_loss == pytest.approx(loss.item(), rel=1e-10)
+    for mine, theirs, to_torch in params_map:
+        np.testing.assert_allclose(to_torch(mine.velocity), theirs.grad.numpy(), rtol=1e-8,
+                                   atol=1e-12)
+
+
+def test_numpy_mlp_peer_gradients_match_torch():
+    torch = pytest.importorskip("torch")
+    from fastnn.bench import torch_peers
+    sizes = (12, 9, 7, 4)
+    model = numpy_peers.mlp(sizes, seed=3, dtype=np.float64)
+    theirs = torch_peers.mlp(sizes).double()
+    linears = [m for m in theirs if isinstance(m, torch.nn.Linear)]
+    params_map = []
+    for layer, lin in zip(model.layers, linears):
+        params_map += [(layer.W, lin.weight, lambda a: a.T), (layer.b, lin.bias, lambda a: a)]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 12))
+    labels = rng.integers(0, 4, 5)
+    _check_first_step_against_torch(model, theirs, x, labels, params_map)
+
+
+def test_numpy_lenet_peer_gradients_match_torch():
+    torch = pytest.importorskip("torch")
+    from fastnn.bench import torch_peers
+    model = numpy_peers.lenet(seed=2, dtype=np.float64)
+    theirs = torch_peers.lenet().double()
+    conv1, conv2 = model.layers[1], model.layers[3]
+    d1, d2, d3 = model.layers[6:9]
+    t = theirs
+
+    def conv_w(shape):
+        return lambda a: a.reshape(shape)
+
+    def flat_nhwc_to_nchw(a):          # rows in (h, w, c) order -> torch columns in (c, h, w)
+        return a.reshape(5, 5, 16, 120).transpose(2, 0, 1, 3).reshape(400, 120).T
+
+    def same(a):
+        return a
+
+    def transposed(a):
+        return a.T
+
+    params_map = [(conv1.W, t[0].weight, conv_w((6, 1, 5, 5))), (conv1.b, t[0].bias, same),
+                  (conv2.W, t[3].weight, conv_w((16, 6, 5, 5))), (conv2.b, t[3].bias, same),
+                  (d1.W, t[7].weight, flat_nhwc_to_nchw), (d1.b, t[7].bias, same),
+                  (d2.W, t[9].weight, transposed), (d2.b, t[9].bias, same),
+                  (d3.W, t[11].weight, transposed), (d3.b, t[11].bias, same)]
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 1, 28, 28))
+    labels = rng.integers(0, 10, 3)
+    _check_first_step_against_torch(model, theirs, x, labels, params_map)
