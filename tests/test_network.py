@@ -1,0 +1,356 @@
+"""Network: training modes, fusion, NaN stop, save/load, determinism, user layers, bad input."""
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import losses, optim
+
+
+def blobs(n=120, seed=0, classes=3, dim=4):
+    """Well separated Gaussian blobs: (x float64 (n, dim), y int64 (n,))."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    centres = rng.standard_normal((classes, dim)) * 4
+    return centres[y] + rng.standard_normal((n, dim)), y
+
+
+def mlp(seed=0, dtype="float32", softmax=False, dropout=0.0, batchnorm=False):
+    layers = [fn.Dense(4, 16, seed=seed, dtype=dtype)]
+    if batchnorm:
+        layers.append(fn.BatchNorm1d(16, dtype=dtype))
+    layers += [fn.ReLU()]
+    if dropout:
+        layers.append(fn.Dropout(dropout, seed=seed))
+    layers.append(fn.Dense(16, 3, seed=seed + 1, dtype=dtype))
+    if softmax:
+        layers.append(fn.Softmax())
+    return fn.Network(layers)
+
+
+class BatchRecorder(fn.Layer):
+    """Identity layer that records the batch sizes it sees in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x, training=True):
+        if training:
+            self.sizes.append(len(x))
+        return x
+
+    def backward(self, grad_y):
+        return grad_y
+
+
+# --- training ------------------------------------------------------------------------------
+def test_compile_fit_learns_and_reports_history():
+    x, y = blobs()
+    net = mlp()
+    net.compile(loss="cross_entropy", optimizer=optim.SGD(lr=0.1, momentum=0.9), metrics=("accuracy",))
+    history = net.fit(x[:90], y[:90], epochs=15, validation_data=(x[90:], y[90:]), verbose=0, seed=0)
+    assert isinstance(history, fn.History)
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 15 for v in history.history.values())
+    assert history.history["loss"][-1] < history.history["loss"][0] / 5
+    assert history.history["val_accuracy"][-1] >= 0.95
+    result = net.evaluate(x[90:], y[90:])
+    assert set(result) == {"loss", "accuracy"}
+    assert np.isclose(result["loss"], history.history["val_loss"][-1])
+    probs = net.predict(x[90:])
+    assert probs.shape == (30, 3) and probs.dtype == np.float32
+
+
+@pytest.mark.parametrize("style,batch_size,expected", [
+    ("use", None, [1] * 10), ("compile", None, [10]), ("compile", "full", [10]),
+    ("compile", 4, [4, 4, 2]), ("use", 3, [3, 3, 3, 1])])
+def test_batch_modes_keep_every_sample(style, batch_size, expected):
+    x, y = blobs(10)
+    recorder = BatchRecorder()
+    net = fn.Network([fn.Dense(4, 3, seed=0), recorder])
+    if style == "use":
+        net.use(losses.mse, losses.mse_prime)
+        y = np.eye(3)[y]
+        net.fit(x, y, epochs=2, learning_rate=0.01, batch_size=batch_size, verbose=0)
+    else:
+        net.compile("cross_entropy", optim.SGD(lr=0.01))
+        net.fit(x, y, epochs=2, batch_size=batch_size, verbose=0)
+    assert recorder.sizes == expected * 2
+
+
+def test_full_batch_step_equals_manual_gradient_descent():
+    x, y = blobs(20, dim=4)
+    net = fn.Network([fn.Dense(4, 3, seed=0, dtype="float64")])
+    W0, b0 = (net.layers[0].params[k].copy() for k in ("W", "b"))
+    net.compile("cross_entropy", optim.SGD(lr=0.5))
+    history = net.fit(x, y, epochs=1, batch_size="full", verbose=0)
+    logits = x @ W0 + b0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert np.isclose(history.history["loss"][0], -np.log(p[np.arange(20), y]).mean())
+    g = (p - np.eye(3)[y]) / 20
+    np.testing.assert_allclose(net.layers[0].params["W"], W0 - 0.5 * x.T @ g, rtol=1e-12)
+    np.testing.assert_allclose(net.layers[0].params["b"], b0 - 0.5 * g.sum(0), rtol=1e-12)
+
+
+def test_softmax_cross_entropy_fuse_to_p_minus_y():
+    x, y = blobs(12)
+    with_softmax, logits_only = mlp(softmax=True, dtype="float64"), mlp(dtype="float64")
+    for net in (with_softmax, logits_only):
+        net.compile("cross_entropy", optim.SGD(lr=0.1))
+        net.fit(x, y, epochs=3, batch_size=4, shuffle=False, verbose=0)
+    for (la, na), (lb, nb) in zip(with_softmax.parameters(), logits_only.parameters()):
+        np.testing.assert_allclose(la.params[na], lb.params[nb], rtol=1e-12)
+    probs = with_softmax.predict(x)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-12)
+    np.testing.assert_allclose(probs, fn.Softmax().forward(logits_only.predict(x)), rtol=1e-12)
+    # what the fusion skips: Softmax's own backward of the CE gradient d(-log p_y)/dp is p - y
+    softmax = fn.Softmax()
+    p = softmax.forward(logits_only.predict(x))
+    onehot = np.eye(3)[y]
+    np.testing.assert_allclose(softmax.backward(-onehot / p / len(y)), (p - onehot) / len(y), atol=1e-12)
+
+
+def test_labels_and_one_hot_train_the_same():
+    x, y = blobs(30)
+    a, b = mlp(dtype="float64"), mlp(dtype="float64")
+    for net, target in ((a, y), (b, np.eye(3)[y])):
+        net.compile("cross_entropy", optim.SGD(lr=0.1, momentum=0.9), metrics=["accuracy"])
+        h = net.fit(x, target, epochs=3, batch_size=8, verbose=0, seed=3)
+    for (la, na), (lb, nb) in zip(a.parameters(), b.parameters()):
+        np.testing.assert_allclose(la.params[na], lb.params[nb], rtol=1e-12)
+    assert h.history["accuracy"][-1] > 0.5
+
+
+def test_same_seed_gives_same_weights_twice():
+    x, y = blobs(60)
+
+    def train():
+        net = mlp(seed=5, dropout=0.3, batchnorm=True)
+        net.compile("cross_entropy", optim.Adam(lr=0.01))
+        net.fit(x, y, epochs=3, batch_size=16, verbose=0, seed=11)
+        return [layer.params[name].copy() for layer, name in net.parameters()]
+    first, second = train(), train()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_learning_rate_without_compile_is_plain_sgd_and_tutorial_prints(capsys):
+    x, y = blobs(8)
+    net = fn.Network([fn.Dense(4, 3, seed=0, dtype="float64")])
+    W0 = net.layers[0].params["W"].copy()
+    net.use(losses.mse, losses.mse_prime)
+    target = np.eye(3)[y]
+    net.fit(x, target, epochs=1, learning_rate=0.05, batch_size="full")
+    out = capsys.readouterr().out
+    assert out.startswith("epoch 1/1") and "error=" in out
+    g = 2 * (x @ W0 - target) / target.size      # he init starts with b = 0
+    np.testing.assert_allclose(net.layers[0].params["W"], W0 - 0.05 * x.T @ g, rtol=1e-12)
+
+
+def test_verbose_zero_is_silent_and_verbose_one_shows_a_bar(capsys):
+    x, y = blobs(20)
+    net = mlp()
+    net.compile("cross_entropy", optim.SGD(lr=0.1), metrics=("accuracy",))
+    net.fit(x, y, epochs=2, verbose=0)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    net.fit(x, y, epochs=2, verbose=1)
+    err = capsys.readouterr().err
+    assert "epoch 1/2" in err and "epoch 2/2" in err and "accuracy" in err
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the overflow on the way to inf
+def test_nan_loss_stops_with_parameters_from_before_the_step():
+    x, y = blobs(40)
+
+    class Recording(optim.SGD):
+        def step(self, params, grads, decay=None):
+            super().step(params, grads, decay)
+            self.last = [p.copy() for p in params]
+    net = mlp(dtype="float64")
+    opt = Recording(lr=1e6)
+    net.compile("mse", opt)
+    with pytest.raises(FloatingPointError, match=r"epoch \d+, batch \d+"):
+        net.fit(x, np.eye(3)[y], epochs=50, batch_size=4, verbose=0)
+    for p, last in zip([layer.params[name] for layer, name in net.parameters()], opt.last):
+        np.testing.assert_array_equal(p, last)
+
+
+def test_user_layers_of_both_protocols_work_inside_a_network():
+    class Scale(fn.Layer):            # the new protocol
+        def __init__(self):
+            super().__init__()
+            self.params["s"] = np.array([1.0])
+
+        def forward(self, x, training=True):
+            self.x = x
+            return x * self.params["s"]
+
+        def backward(self, grad_y):
+            self.grads["s"] = np.array([(grad_y * self.x).sum()])
+            return grad_y * self.params["s"]
+
+    class TutorialTanh(fn.Layer):     # the tutorial's protocol, no super().__init__
+        def __init__(self):
+            self.calls = 0
+
+        def forward_propagation(self, input):
+            self.input = input
+            return np.tanh(input)
+
+        def backward_propagation(self, output_error, learning_rate):
+            self.calls += 1
+            return (1 - np.tanh(self.input) ** 2) * output_error
+
+    x, y = blobs(16)
+    tut = TutorialTanh()
+    net = fn.Network([fn.Dense(4, 8, seed=0, dtype="float64"), Scale(), tut,
+                      fn.Dense(8, 3, seed=1, dtype="float64")])
+    net.compile("cross_entropy", optim.SGD(lr=0.1))
+    h = net.fit(x, y, epochs=5, batch_size=4, verbose=0)
+    assert tut.calls == 20
+    assert net.layers[1].params["s"][0] != 1.0
+    assert h.history["loss"][-1] < h.history["loss"][0]
+    assert "TutorialTanh" in net.summary()
+
+
+# --- inputs ----------------------------------------------------------------------------
+def test_inputs_are_converted_once_at_the_entry():
+    x, y = blobs(10)
+    net = mlp()
+    net.compile("cross_entropy")
+    for data in (x, x.astype(np.float32), x.astype(np.int64), x.tolist(), np.asfortranarray(x)):
+        out = net.predict(data)
+        assert out.dtype == np.float32 and out.shape == (10, 3)
+    np.testing.assert_allclose(net.predict(x[::2]), net.predict(np.ascontiguousarray(x[::2])))
+    np.testing.assert_allclose(net.predict(x[:1]), net.predict(x)[:1], rtol=1e-6)
+    assert net.forward(x).shape == (10, 3)
+
+
+def test_bad_input_raises_clear_errors():
+    x, y = blobs(10)
+    net = mlp()
+    with pytest.raises(ValueError, match="compile"):
+        net.fit(x, y, verbose=0)
+    net.compile("cross_entropy", metrics=("accuracy",))
+    with pytest.raises(ValueError, match=r"len\(x\)=10.*\(9,\)"):
+        net.fit(x, y[:9], verbose=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*\[1, 5\]"):
+        net.fit(x, np.where(y == 0, 5, y), verbose=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        net.fit(x, y - 1, verbose=0)
+    with pytest.raises(ValueError, match=r"Dense\(4 -> 16\).*\(\.\.\., 4\).*\(1, 5\)"):
+        net.fit(np.zeros((10, 5)), y, verbose=0)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="x contains NaN"):
+        net.fit(bad, y, verbose=0)
+    with pytest.raises(ValueError, match="y contains NaN"):
+        net.fit(x, np.where(np.eye(3)[y] == 1, np.nan, 0.0), verbose=0)
+    with pytest.raises(ValueError, match=r"one-hot \(N, 3\).*\(10, 4\)"):
+        net.fit(x, np.zeros((10, 4)), verbose=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        net.fit(x, y, batch_size=0, verbose=0)
+    with pytest.raises(ValueError, match="validation_data"):
+        net.fit(x, y, validation_data=x, verbose=0)
+    with pytest.raises(TypeError, match="dtype"):
+        net.predict(np.array([["a"] * 4]))
+    with pytest.raises(ValueError, match="unknown metric"):
+        net.compile("cross_entropy", metrics=("f1",))
+
+
+# --- structure, save / load ----------------------------------------------------------------
+def lenet_like(seed=0):
+    return fn.Network([
+        fn.Conv2D(1, 4, 3, padding=1, seed=seed), fn.BatchNorm2d(4), fn.ReLU(), fn.MaxPool2D(2),
+        fn.Conv2D(4, 6, 3, seed=seed + 1), fn.LeakyReLU(0.1), fn.AvgPool2D(2), fn.Flatten(),
+        fn.Dense(6, 8, seed=seed + 2), fn.Tanh(), fn.Dropout(0.2, seed=seed), fn.Dense(8, 3, seed=seed + 3),
+        fn.Softmax()])
+
+
+def test_summary_and_parameters():
+    net = lenet_like()
+    text = net.summary(input_shape=(1, 8, 8))
+    for name in ("Conv2D", "BatchNorm2d", "MaxPool2D", "Flatten", "Dense", "Softmax"):
+        assert name in text
+    assert "(None, 4, 8, 8)" in text and "(None, 6)" in text
+    total = sum(layer.params[name].size for layer, name in net.parameters())
+    assert f"total parameters: {total:,}" in text
+    assert [n for _, n in net.parameters()][:4] == ["W", "b", "gamma", "beta"]
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 1, 8, 8)), rng.integers(0, 3, 12)
+    net = lenet_like()
+    net.compile("cross_entropy", optim.SGD(lr=0.05, momentum=0.9), metrics=("accuracy",))
+    net.fit(x, y, epochs=2, batch_size=4, verbose=0, seed=0)
+    path = tmp_path / "model.npz"
+    net.save(path)
+    loaded = fn.Network.load(path)
+    np.testing.assert_array_equal(loaded.predict(x), net.predict(x))
+    assert [type(l).__name__ + n for l, n in loaded.parameters()] == \
+        [type(l).__name__ + n for l, n in net.parameters()]
+    np.testing.assert_array_equal(loaded.layers[1].running_var, net.layers[1].running_var)
+    assert loaded.evaluate(x, y) == net.evaluate(x, y)
+    assert isinstance(loaded.optimizer, optim.SGD) and loaded.optimizer.momentum == 0.9
+    # no pickle inside: the file loads with allow_pickle=False
+    with np.load(path, allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+
+    tutorial = fn.Network([fn.FCLayer(2, 3), fn.ActivationLayer(fn.activations.tanh, fn.activations.tanh_prime)])
+    tutorial.save(tmp_path / "tutorial.npz")
+    x2 = rng.standard_normal((4, 1, 2))
+    np.testing.assert_array_equal(fn.Network.load(tmp_path / "tutorial.npz").predict(x2), tutorial.predict(x2))
+
+
+def test_load_rejects_missing_truncated_and_foreign_files(tmp_path):
+    with pytest.raises(OSError, match="nope.npz"):
+        fn.Network.load(tmp_path / "nope.npz")
+    net = mlp()
+    path = tmp_path / "m.npz"
+    net.save(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.npz"):
+        fn.Network.load(tmp_path / "cut.npz")
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="foreign.npz.*no fastnn architecture"):
+        fn.Network.load(tmp_path / "foreign.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="text.npz"):
+        fn.Network.load(tmp_path / "text.npz")
+
+    class Custom(fn.Layer):
+        def forward(self, x, training=True):
+            return x
+
+        def backward(self, g):
+            return g
+    with pytest.raises(ValueError, match="Custom.*cannot be saved"):
+        fn.Network([Custom()]).save(tmp_path / "custom.npz")
+
+
+def test_device_moves_on_cpu():
+    net = mlp()
+    assert net.device == "cpu"
+    assert net.to("cpu") is net and net.device == "cpu"
+    with pytest.raises(ValueError, match="'tpu'"):
+        net.to("tpu")
+
+
+@pytest.mark.skipif("cuda" not in fn.backend.available(), reason="needs a CUDA device")
+def test_to_cuda_trains_and_predicts_like_cpu():
+    x, y = blobs(64)
+    nets = [mlp(seed=2, batchnorm=True, dtype="float64") for _ in range(2)]
+    for net in nets:
+        net.compile("cross_entropy", optim.SGD(lr=0.1, momentum=0.9))
+    nets[1].to("cuda")
+    for net in nets:
+        net.fit(x, y, epochs=2, batch_size=16, verbose=0, seed=0)
+    out = nets[1].predict(x)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, nets[0].predict(x), rtol=1e-8, atol=1e-10)
+    nets[1].to("cpu")
+    np.testing.assert_allclose(nets[1].predict(x), nets[0].predict(x), rtol=1e-8, atol=1e-10)

@@ -1,0 +1,110 @@
+"""Optimizers and LR schedules: trajectories against torch.optim over several steps."""
+import math
+
+import numpy as np
+import pytest
+
+from fastnn import optim
+
+
+def start(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((4, 3)).astype(dtype), rng.standard_normal(3).astype(dtype)]
+
+
+def grad_of(p, k):
+    """A gradient that depends on the parameters (so weight decay matters) and on the step."""
+    return 0.5 * p + np.cos(np.arange(p.size).reshape(p.shape) + k)
+
+
+def run_ours(opt, steps=6, dtype=np.float64):
+    params = start(dtype)
+    for k in range(steps):
+        opt.step(params, [grad_of(p, k).astype(dtype) for p in params], decay=[True, False])
+    return params
+
+
+def run_torch(make_opt, steps=6):
+    torch = pytest.importorskip("torch")
+    W, b = (torch.tensor(a, requires_grad=True) for a in start())
+    opt = make_opt(torch, W, b)
+    for k in range(steps):
+        for t in (W, b):
+            t.grad = torch.tensor(grad_of(t.detach().numpy(), k))
+        opt.step()
+    return [W.detach().numpy(), b.detach().numpy()]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.1, weight_decay=0.01), dict(lr=0.1, momentum=0.8, weight_decay=0.1),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05)])
+def test_sgd_matches_torch(kwargs):
+    wd = kwargs.get("weight_decay", 0.0)
+    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    theirs = run_torch(lambda torch, W, b: torch.optim.SGD(
+        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
+    ours = run_ours(optim.SGD(**kwargs))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.01), dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6),
+                                    dict(lr=0.01, weight_decay=0.1)])
+def test_adam_matches_torch(kwargs):
+    wd = kwargs.get("weight_decay", 0.0)
+    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    theirs = run_torch(lambda torch, W, b: torch.optim.Adam(
+        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
+    ours = run_ours(optim.Adam(**kwargs))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sgd_l1_adds_sign_of_weights_only():
+    opt = optim.SGD(lr=0.1, momentum=0.5, l1=0.02)
+    params = start()
+    W, b = (p.copy() for p in params)
+    buf = [None, None]
+    for k in range(4):
+        grads = [grad_of(p, k) for p in params]
+        opt.step(params, grads, decay=[True, False])
+        for i, (p, g) in enumerate(zip((W, b), grads)):
+            g = g + (0.02 * np.sign(p) if i == 0 else 0)
+            buf[i] = g.copy() if buf[i] is None else 0.5 * buf[i] + g
+            p -= 0.1 * buf[i]
+    np.testing.assert_allclose(params[0], W, rtol=1e-12)
+    np.testing.assert_allclose(params[1], b, rtol=1e-12)
+
+
+def test_updates_in_place_and_keep_float32():
+    for opt in (optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1), optim.Adam(lr=0.1)):
+        params = start(np.float32)
+        ids = [id(p) for p in params]
+        before = [p.copy() for p in params]
+        opt.step(params, [np.ones_like(p) for p in params])
+        assert [id(p) for p in params] == ids
+        assert all(p.dtype == np.float32 for p in params)
+        assert all(not np.array_equal(p, q) for p, q in zip(params, before))
+    with pytest.raises(ValueError, match="nesterov"):
+        optim.SGD(lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="lr"):
+        optim.SGD(lr=-1)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim.get("rmsprop")
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda: optim.StepLR(3, gamma=0.5), lambda torch, o: torch.optim.lr_scheduler.StepLR(o, 3, gamma=0.5)),
+    (lambda: optim.ExponentialLR(0.9), lambda torch, o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)),
+    (lambda: optim.CosineAnnealingLR(7), lambda torch, o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 7))])
+def test_schedules_match_torch(ours, theirs):
+    torch = pytest.importorskip("torch")
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    tsched = theirs(torch, topt)
+    opt = optim.SGD(lr=0.2, schedule=ours())
+    for epoch in range(10):
+        assert math.isclose(opt.lr, topt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-15), epoch
+        topt.step()
+        tsched.step()
+        opt.schedule.step()
