@@ -81,8 +81,19 @@ def _parse(argv):
     return args
 
 
-def _wanted_env(args):
-    env = dict(os.environ)
+def _initial_environ():
+    """The environment this process started with: ``import fastnn`` may have set
+    variables since (``OMP_WAIT_POLICY``), and the peers must not inherit them."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
+        return {os.fsdecode(k): os.fsdecode(v) for k, v in items}
+    except OSError:
+        return dict(os.environ)
+
+
+def _wanted_env(args, start):
+    env = dict(start)
     if args.threads is not None:
         for var in THREAD_VARS:
             env[var] = str(args.threads)
@@ -92,24 +103,34 @@ def _wanted_env(args):
     return env
 
 
-def _env_record():
-    return {v: os.environ.get(v) for v in THREAD_VARS + BLAS_PIN_VARS + ("OMP_WAIT_POLICY",)}
+def _env_record(environ=None):
+    environ = os.environ if environ is None else environ
+    return {v: environ.get(v) for v in THREAD_VARS + BLAS_PIN_VARS + ("OMP_WAIT_POLICY",)}
+
+
+# The re-executed child loads PyTorch before fastnn, so that PyTorch's OpenMP
+# runtime starts from the user's environment, whatever fastnn sets for its own.
+_CHILD = """import importlib.util, sys
+if {torch_first} and importlib.util.find_spec("torch") is not None:
+    import torch
+from fastnn.bench import main
+sys.exit(main())
+"""
 
 
 def _maybe_reexec(args):
-    """From the command line: re-execute with the wanted environment if it differs
-    from the one the already loaded libraries saw. Returns the environment the
-    run started from (the parent's, when re-executed)."""
+    """From the command line: re-execute once with the wanted environment, the
+    peers' libraries loading first. Returns the environment the run started from
+    (the parent's, in the child)."""
     if _EXEC_MARK in os.environ:
         return json.loads(os.environ[_EXEC_MARK])
-    original = _env_record()
-    wanted = _wanted_env(args)
-    if wanted != dict(os.environ):
-        wanted[_EXEC_MARK] = json.dumps(original)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "fastnn.bench", *sys.argv[1:]], wanted)
-    return original
+    start = _initial_environ()
+    wanted = _wanted_env(args, start)
+    wanted[_EXEC_MARK] = json.dumps(_env_record(start))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = _CHILD.format(torch_first="torch" in args.peers)
+    os.execve(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]], wanted)
 
 
 # --- machine and library facts ---------------------------------------------------------
@@ -291,6 +312,7 @@ def run(args, original_env, log=print):
         "environment_at_start": original_env,
         "environment_of_run": _env_record(),
         "blas_pin_unset": not args.keep_blas_env and args.reexec,
+        "torch_loaded_before_fastnn": args.reexec and "torch" in args.peers,
         "threads_requested": args.threads,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "timing": dict(zip(("repeats", "warmup", "min_repeat_s"), timing)),
