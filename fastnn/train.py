@@ -1,0 +1,302 @@
+"""The ``fastnn-train`` command: train the course's models and report their accuracy.
+
+::
+
+    fastnn-train {xor,circles,mnist-mlp,mnist-lenet} [--epochs N] [--batch-size N]
+                 [--lr LR] [--device cpu|cuda] [--data DIR] [--kind mnist|fashion]
+                 [--save FILE] [--plot FILE] [--seed N] [--limit N]
+
+Each task has defaults that reach the accuracy targets of ``benchmarks/RESULTS.md``:
+
+- ``xor``: the tutorial's 2-3-1 tanh network, MSE, online SGD (lr 0.1, 1000 epochs);
+- ``circles``: 2-16-2 tanh on ``datasets.circles()`` split 70/10/20, early stopping
+  on the validation loss (lr 0.1, batch 32, at most 100 epochs);
+- ``mnist-mlp``: 784-256-128-10 ReLU (lr 0.05, batch 64, 20 epochs);
+- ``mnist-lenet``: LeNet-5 -- conv 6@5x5 pad 2, ReLU, max-pool 2, conv 16@5x5, ReLU,
+  max-pool 2, dense 120, 84, 10 with ReLU (lr 0.05, batch 64, 15 epochs).
+
+Classification tasks train with SGD (momentum 0.9) and a cosine learning-rate
+schedule, hold out a stratified validation set (the course's "dev" set) and
+print, per epoch, the training loss/accuracy and the validation ones; then the
+test accuracy and a per-class report. ``--kind fashion`` trains the MNIST
+models on Fashion-MNIST. Also runs as ``python -m fastnn.train``.
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import backend, data, datasets, metrics
+
+__all__ = ["main", "TASKS", "build_model"]
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+# task -> defaults (epochs, batch size, learning rate, validation fraction)
+TASKS = {
+    "xor": dict(epochs=1000, batch_size=1, lr=0.1, val=0.0),
+    "circles": dict(epochs=100, batch_size=32, lr=0.1, val=0.1),
+    "mnist-mlp": dict(epochs=20, batch_size=64, lr=0.05, val=1 / 12),   # 5000 of 60000
+    "mnist-lenet": dict(epochs=15, batch_size=64, lr=0.05, val=1 / 12),
+}
+
+
+def build_model(task, seed=0):
+    """The task's ``fn.Network`` (not compiled); each layer gets a seed derived from ``seed``."""
+    import fastnn as fn
+
+    seeds = iter(np.random.default_rng(seed).integers(0, 2**31 - 1, size=16).tolist())
+    if task == "xor":
+        # the tutorial's 2-3-1 tanh network and its U(-0.5, 0.5) initialisation
+        return fn.Network([fn.Dense(2, 3, init="uniform", seed=next(seeds)), fn.Tanh(),
+                           fn.Dense(3, 1, init="uniform", seed=next(seeds)), fn.Tanh()])
+    if task == "circles":
+        return fn.Network([fn.Dense(2, 16, init="xavier", seed=next(seeds)), fn.Tanh(),
+                           fn.Dense(16, 2, init="xavier", seed=next(seeds))])
+    if task == "mnist-mlp":
+        return fn.Network([
+            fn.Flatten(),
+            fn.Dense(784, 256, seed=next(seeds)), fn.ReLU(),
+            fn.Dense(256, 128, seed=next(seeds)), fn.ReLU(),
+            fn.Dense(128, 10, seed=next(seeds)),
+        ])
+    if task == "mnist-lenet":
+        return fn.Network([
+            fn.Conv2D(1, 6, 5, padding=2, seed=next(seeds)), fn.ReLU(), fn.MaxPool2D(2),
+            fn.Conv2D(6, 16, 5, seed=next(seeds)), fn.ReLU(), fn.MaxPool2D(2),
+            fn.Flatten(),
+            fn.Dense(16 * 5 * 5, 120, seed=next(seeds)), fn.ReLU(),
+            fn.Dense(120, 84, seed=next(seeds)), fn.ReLU(),
+            fn.Dense(84, 10, seed=next(seeds)),
+        ])
+    raise ValueError(f"fastnn-train: unknown task {task!r}; expected one of {sorted(TASKS)}")
+
+
+def load_task_data(task, args):
+    """``(x_train, y_train), (x_val, y_val) or None, (x_test, y_test)`` on the host."""
+    if task == "xor":
+        x, y = datasets.xor()
+        return (x, y), None, (x, y)    # four points: the tutorial tests on its training set
+    if task == "circles":
+        x, y = datasets.circles(n=1000, noise=0.1, factor=0.5, seed=args.seed)
+        train, val, test = data.train_val_test_split(x, y, val=args.val, test=0.2, seed=args.seed)
+    else:
+        (x, y), test = datasets.load_mnist(args.data, kind=args.kind)
+        if args.val > 0:
+            train, val, _ = data.train_val_test_split(x, y, val=args.val, test=0.0, seed=args.seed)
+        else:
+            train, val = (x, y), None
+    if args.limit is not None:
+        train = (train[0][:args.limit], train[1][:args.limit])
+        if val is not None:
+            val = (val[0][:args.limit], val[1][:args.limit])
+        test = (test[0][:args.limit], test[1][:args.limit])
+    if val is not None and len(val[0]) == 0:
+        val = None
+    return train, val, test
+
+
+def _epoch_printer(epochs, t0):
+    """A callback printing one line per epoch (every epoch up to 100, else ~100 lines)."""
+    from .callbacks import Callback
+
+    every = 1 if epochs <= 100 else epochs // 100
+
+    class EpochPrinter(Callback):
+        # listed first among the callbacks, so the lr it reads is still this epoch's
+        def on_train_begin(self, network):
+            self.epochs_done = 0
+
+        def on_epoch_end(self, network, epoch, logs):
+            self.epochs_done += 1     # counted here: no assumption on fit's epoch numbering
+            e = self.epochs_done
+            if e % every and e != epochs:
+                return
+            parts = [f"epoch {e:>{len(str(epochs))}}/{epochs}"]
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                if logs.get(key) is not None:
+                    parts.append(f"{key} {float(logs[key]):.4f}")
+            optimizer = getattr(network, "optimizer", None)
+            if optimizer is not None:
+                parts.append(f"lr {optimizer.lr:.5f}")
+            parts.append(f"{time.perf_counter() - t0:7.1f}s")
+            print("  ".join(parts), flush=True)
+
+    return EpochPrinter()
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("fastnn-train: --plot needs matplotlib; install it with "
+                         "pip install 'fastnn[plot]' (or pip install matplotlib)")
+    matplotlib.use("Agg")  # files only, no display needed
+
+
+def plot(path, history, title, net=None, points=None):
+    """Write a PNG: loss curves, accuracy curves and, with ``points=(x, y)`` of 2-D
+    data, the network's decision boundary (as in the course's Circle figures)."""
+    _require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    hist = history.history
+    panels = 3 if points is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    epochs = np.arange(1, len(hist["loss"]) + 1)
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = hist.get(prefix + key)
+            if values:
+                ax.plot(epochs[:len(values)], values, style,
+                        label=("validation " if prefix else "train ") + label)
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if points is not None:
+        x, y = points
+        x2 = np.asarray(x, dtype=np.float64).reshape(len(x), 2)
+        y1 = np.asarray(y).reshape(len(y), -1)
+        labels = y1[:, 0] >= 0.5 if y1.shape[1] == 1 else y1.argmax(axis=1)
+        pad = 0.25 * (x2.max(axis=0) - x2.min(axis=0)) + 0.1
+        lo, hi = x2.min(axis=0) - pad, x2.max(axis=0) + pad
+        gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
+        grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
+        grid = grid.reshape((len(grid),) + tuple(x.shape[1:]))
+        out = backend.to_device(net.predict(grid), "cpu").reshape(len(grid), -1)
+        if out.shape[1] == 1:
+            score = out[:, 0]                       # tanh / sigmoid output: class 1 above 0.5
+        else:                                       # logits: probability of class 1
+            z = out - out.max(axis=1, keepdims=True)
+            p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            score = p[:, 1]
+        ax = axes[2]
+        cs = ax.contourf(gx, gy, score.reshape(gx.shape), levels=20, cmap="RdBu_r", alpha=0.7)
+        ax.contour(gx, gy, score.reshape(gx.shape), levels=[0.5], colors="k", linewidths=1.5)
+        fig.colorbar(cs, ax=ax, label="P(class 1)")
+        ax.scatter(x2[:, 0], x2[:, 1], c=labels, cmap="RdBu_r", edgecolors="k", s=18)
+        ax.set_title("decision boundary (test points)")
+        ax.set_aspect("equal")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="fastnn-train",
+        description="Train the course's models (XOR, circles, MNIST MLP, LeNet-5) with fastnn "
+                    "and report per-epoch loss/accuracy, the test accuracy and a per-class report.")
+    p.add_argument("task", choices=sorted(TASKS), help="what to train")
+    p.add_argument("--epochs", type=int, help="epochs (default: the task's, see --help of the module)")
+    p.add_argument("--batch-size", type=int, help="mini-batch size (default: the task's)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default: the task's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--data", metavar="DIR",
+                   help="folder with the MNIST IDX files, or holding mnist/ and fashion-mnist/ "
+                        "(default: $FASTNN_DATA)")
+    p.add_argument("--kind", "--dataset", dest="kind", choices=("mnist", "fashion"), default="mnist",
+                   help="mnist-* tasks: train on MNIST or Fashion-MNIST")
+    p.add_argument("--val", type=float,
+                   help="fraction of the training set held out for validation (default: the task's)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="use only the first N training, validation and test samples (quick runs)")
+    p.add_argument("--save", metavar="FILE", help="save the trained network (.npz)")
+    p.add_argument("--plot", metavar="FILE", help="write loss/accuracy curves (and the decision "
+                                                  "boundary for 2-D data) as a PNG; needs matplotlib")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, split and "
+                                                        "shuffling (default 0)")
+    args = p.parse_args(argv)
+    defaults = TASKS[args.task]
+    for key in ("epochs", "batch_size", "lr", "val"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if not 0.0 <= args.val < 1.0:
+        p.error(f"--val must lie in [0, 1), got {args.val}")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1, got {args.limit}")
+    if args.device == "cuda" and "cuda" not in backend.available():
+        p.error("--device cuda: no usable CUDA device (CuPy with a GPU is needed: "
+                "pip install 'fastnn[gpu]')")
+    return args
+
+
+def run(args):
+    """Train and evaluate as ``args`` say; return ``(net, history, test_accuracy)``."""
+    import fastnn as fn
+
+    if args.plot:
+        _require_matplotlib()
+    name = args.task + (" (Fashion-MNIST)" if args.task.startswith("mnist") and args.kind == "fashion" else "")
+    try:
+        train, val, test = load_task_data(args.task, args)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"fastnn-train: {exc}")
+    net = build_model(args.task, seed=args.seed)
+    print(f"fastnn-train {name}: {len(train[0])} training, "
+          f"{0 if val is None else len(val[0])} validation, {len(test[0])} test samples; "
+          f"epochs {args.epochs}, batch size {args.batch_size}, lr {args.lr}, "
+          f"device {args.device}, kernels {backend.current()}, seed {args.seed}", flush=True)
+
+    to = lambda a: backend.to_device(a, args.device)  # noqa: E731
+    x_train, y_train = to(train[0]), to(train[1])
+    x_test, y_test = to(test[0]), to(test[1])
+    validation = None if val is None else (to(val[0]), to(val[1]))
+    t0 = time.perf_counter()
+    printer = _epoch_printer(args.epochs, t0)
+    if args.task == "xor":
+        # the tutorial's way: two loss functions, per-sample SGD at a fixed rate
+        net.use(fn.losses.mse, fn.losses.mse_prime)
+        net.to(args.device)
+        history = net.fit(x_train, y_train, epochs=args.epochs, learning_rate=args.lr,
+                          batch_size=args.batch_size, callbacks=[printer], verbose=0,
+                          seed=args.seed)
+    else:
+        net.compile(loss="cross_entropy", optimizer=fn.optim.SGD(lr=args.lr, momentum=0.9),
+                    metrics=("accuracy",))
+        net.to(args.device)
+        callbacks = [fn.optim.CosineAnnealingLR(T_max=args.epochs)]
+        if args.task == "circles" and validation is not None:
+            # the course stops the Circle experiment before the dev loss climbs back up
+            callbacks.append(fn.callbacks.EarlyStopping(monitor="val_loss", patience=15))
+        history = net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
+                          validation_data=validation, callbacks=[printer] + callbacks,
+                          verbose=1 if sys.stderr.isatty() else 0, seed=args.seed)
+    seconds = time.perf_counter() - t0
+
+    scores = net.predict(x_test)
+    test_accuracy = metrics.accuracy(y_test, scores)
+    print(f"\ntraining took {seconds:.1f}s; test accuracy {100 * test_accuracy:.2f}% "
+          f"on {len(test[0])} samples", flush=True)
+    names = FASHION_CLASSES if args.task.startswith("mnist") and args.kind == "fashion" else None
+    if args.task == "xor":
+        print("predictions:", np.round(backend.to_device(scores, "cpu").reshape(-1), 3).tolist())
+    print(metrics.classification_report(y_test, scores, target_names=names))
+    if args.save:
+        net.save(args.save)
+        print(f"saved the network to {args.save}")
+    if args.plot:
+        points = test if args.task in ("xor", "circles") else None
+        plot(args.plot, history, f"fastnn {name}: test accuracy {100 * test_accuracy:.2f}%",
+             net=net, points=points)
+        print(f"wrote {args.plot}")
+    return net, history, test_accuracy
+
+
+def main(argv=None):
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The fastnn-train command (fastnn.train): options, quick trainings, save/plot, determinism."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_root():
+    """$FASTNN_DATA, else <repo>/../shared/data; None when neither holds MNIST."""
+    for root in (os.environ.get("FASTNN_DATA"), REPO.parent / "shared" / "data"):
+        if root and (pathlib.Path(root) / "mnist").is_dir():
+            return str(root)
+    return None
+
+
+needs_mnist = pytest.mark.skipif(shared_data_root() is None,
+                                 reason="MNIST files not found ($FASTNN_DATA or ../shared/data)")
+
+
+def weights(path):
+    """{name: array} of a saved network's .npz (every array in the file)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+# --- options --------------------------------------------------------------------
+
+def test_task_defaults_and_overrides():
+    args = train.parse_args(["mnist-lenet"])
+    assert (args.epochs, args.batch_size, args.lr, args.kind, args.device, args.seed) == (
+        train.TASKS["mnist-lenet"]["epochs"], train.TASKS["mnist-lenet"]["batch_size"],
+        train.TASKS["mnist-lenet"]["lr"], "mnist", "cpu", 0)
+    args = train.parse_args(["mnist-mlp", "--epochs", "3", "--batch-size", "128", "--lr", "0.01",
+                             "--dataset", "fashion", "--seed", "4"])
+    assert (args.epochs, args.batch_size, args.lr, args.kind, args.seed) == (3, 128, 0.01, "fashion", 4)
+    assert train.parse_args(["mnist-mlp", "--kind", "fashion"]).kind == "fashion"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["resnet"], "invalid choice"),
+    (["circles", "--epochs", "0"], "--epochs must be >= 1"),
+    (["circles", "--batch-size", "-2"], "--batch-size must be >= 1"),
+    (["circles", "--lr", "0"], "--lr must be > 0"),
+    (["circles", "--val", "1.5"], "--val must lie in"),
+    (["circles", "--device", "tpu"], "invalid choice"),
+])
+def test_bad_options_exit_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    if "cuda" in fn.backend.available():
+        pytest.skip("a GPU is available here")
+    with pytest.raises(SystemExit):
+        train.parse_args(["circles", "--device", "cuda"])
+    assert "no usable CUDA device" in capsys.readouterr().err
+
+
+def test_model_architectures():
+    lenet = train.build_model("mnist-lenet")
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    assert lenet.forward(x).shape == (2, 10)
+    sizes = sorted(p.size for layer in lenet.layers for p in layer.params.values())
+    # LeNet-5: conv 6@5x5 (150+6), conv 16@6x5x5 (2400+16), 400x120, 120x84, 84x10
+    assert sizes == sorted([150, 6, 2400, 16, 48000, 120, 10080, 84, 840, 10])
+    mlp = train.build_model("mnist-mlp")
+    assert mlp.forward(x).shape == (2, 10)
+    shapes = [layer.params["W"].shape for layer in mlp.layers if "W" in layer.params]
+    assert shapes == [(784, 256), (256, 128), (128, 10)]
+
+
+# --- quick trainings ----------------------------------------------------------------
+
+def test_xor_learns(capsys):
+    _, history, acc = train.run(train.parse_args(["xor", "--epochs", "1000"]))
+    out = capsys.readouterr().out
+    assert "epoch 1000/1000" in out and "predictions:" in out and "precision" in out
+    assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
+    assert acc == 1.0
+
+
+def test_circles_reaches_the_target(capsys):
+    """The course's Circle experiment with the command's defaults: >= 95% test accuracy."""
+    net, history, acc = train.run(train.parse_args(["circles"]))
+    out = capsys.readouterr().out
+    assert acc >= 0.95
+    assert "val_accuracy" in out and "test accuracy" in out
+    assert "200 test samples" in out or "200 test" in out
+    assert len(history.history["val_loss"]) == len(history.history["loss"])
+
+
+def test_save_loads_back_to_the_same_predictions(tmp_path, capsys):
+    path = tmp_path / "circles.npz"
+    net, _, _ = train.run(train.parse_args(["circles", "--epochs", "3", "--save", str(path)]))
+    assert f"saved the network to {path}" in capsys.readouterr().out
+    loaded = fn.Network.load(str(path))
+    x = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x), net.predict(x))
+
+
+def test_same_seed_same_trained_weights(tmp_path):
+    """Train twice with the same seed on the CPU: bit-identical weights; another seed differs."""
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        path = tmp_path / f"{name}.npz"
+        train.run(train.parse_args(["circles", "--epochs", "4", "--seed", str(seed),
+                                    "--save", str(path)]))
+        runs[name] = weights(path)
+    assert runs["a"].keys() == runs["b"].keys()
+    for key in runs["a"]:
+        np.testing.assert_array_equal(runs["a"][key], runs["b"][key])
+    assert any(not np.array_equal(runs["a"][k], runs["c"][k])
+               for k in runs["a"] if runs["a"][k].dtype.kind == "f")
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "circles.png"
+    train.run(train.parse_args(["circles", "--epochs", "3", "--plot", str(path)]))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    xor_path = tmp_path / "xor.png"
+    train.run(train.parse_args(["xor", "--epochs", "5", "--plot", str(xor_path)]))
+    assert xor_path.stat().st_size > 1000
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'fastnn\[plot\]'"):
+        train.run(train.parse_args(["circles", "--plot", str(tmp_path / "x.png")]))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_mnist_says_where_it_looked(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)):
+        train.run(train.parse_args(["mnist-mlp", "--data", str(tmp_path)]))
+
+
+@needs_mnist
+def test_mnist_mlp_quick(capsys):
+    _, _, acc = train.run(train.parse_args(
+        ["mnist-mlp", "--data", shared_data_root(), "--epochs", "1", "--limit", "3000"]))
+    out = capsys.readouterr().out
+    assert "3000 training, 3000 validation, 3000 test samples" in out
+    assert acc > 0.8            # 10% is chance; one epoch on 3000 images gives ~90%
+
+
+@needs_mnist
+def test_fashion_lenet_quick(capsys):
+    _, _, acc = train.run(train.parse_args(
+        ["mnist-lenet", "--data", shared_data_root(), "--kind", "fashion", "--epochs", "1",
+         "--limit", "1000"]))
+    out = capsys.readouterr().out
+    assert "Fashion-MNIST" in out and "Ankle boot" in out
+    assert acc > 0.4            # 10% is chance
+
+
+def test_python_dash_m_and_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "fastnn.train", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "mnist-lenet" in result.stdout and "--plot" in result.stdout
