@@ -8,6 +8,7 @@
 # (default .gpudata, a git-ignored copy carried to the machine).
 set -o pipefail
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # scripts under benchmarks/ import fastnn from here
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export FASTNN_DATA=${FASTNN_DATA:-$PWD/.gpudata}
