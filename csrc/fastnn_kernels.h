@@ -25,6 +25,17 @@ typedef struct {
 int fnn_max_threads(void);   /* omp_get_max_threads(), 1 without OpenMP */
 int fnn_thread_id(void);     /* omp_get_thread_num(), 0 without OpenMP */
 
+/* BLAS thread control. fastnn runs every GEMM single-threaded inside its own
+ * OpenMP team, so the BLAS thread pool must not start workers of its own:
+ * fnn_blas_single_begin() sets the BLAS thread count to 1 (when a control was
+ * registered) and fnn_blas_single_end() restores it when the last concurrent
+ * caller leaves. Returns 1 when BLAS is known to be single-threaded now. */
+typedef void (*fnn_set_threads_fn)(int);
+typedef int (*fnn_get_threads_fn)(void);
+void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads);
+int fnn_blas_single_begin(void);
+void fnn_blas_single_end(void);
+
 #define FNN_DECLARE(T, S)                                                           \
 /* x (n, c, h, w) -> cols (c*kh*kw, ld); sample s fills columns [s*oh*ow, (s+1)*oh*ow).  \
  * O(c*kh*kw*n*oh*ow) copies. */                                                     \

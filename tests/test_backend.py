@@ -88,3 +88,21 @@ def test_import_works_without_the_compiled_extension():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_wait_policy_is_scoped_to_the_extension_import():
+    """fastnn sets OMP_WAIT_POLICY only while libgomp loads, and never over the user's."""
+    result = run_python("""
+        import os
+        import fastnn
+        print(os.environ.get("OMP_WAIT_POLICY"))
+    """, env={"OMP_WAIT_POLICY": "active"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "active"      # the user's choice, untouched
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, fastnn; print(os.environ.get('OMP_WAIT_POLICY'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(environment, PYTHONPATH=REPO), cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"

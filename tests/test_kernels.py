@@ -27,8 +27,12 @@ def dtype(request):
     return request.param
 
 
-def tolerance(dtype):
-    return dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+def assert_close(got, want, dtype):
+    """Equal to round-off: relative 1e-5 (float32) or 1e-12 (float64) of the largest value,
+    since a sum of many products has an absolute error that scales with its terms."""
+    eps = 1e-5 if dtype == np.float32 else 1e-12
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=eps, atol=eps * max(1.0, float(np.abs(want).max(initial=0))))
 
 
 def random(rng, shape, dtype):
@@ -80,6 +84,8 @@ CONV_CASES = [
     (2, 3, 9, 8, 4, 3, 3, 2, 0),
     (1, 2, 4, 3, 3, 6, 5, 3, 1),
     (2, 2, 7, 7, 3, 2, 4, (3, 2), (2, 0)),
+    (1, 16, 20, 19, 32, 3, 3, 1, 1),     # batch of 1 large enough to split its GEMMs
+    (3, 8, 12, 12, 24, 3, 3, 1, 1),      # more samples than threads, GEMMs per sample
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 
@@ -99,13 +105,13 @@ def test_conv2d_matches_torch(backend_name, dtype, case):
     tx, tW, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, W, b))
     ty = torch.nn.functional.conv2d(tx, tW, tb, stride=stride, padding=padding)
     assert y.dtype == dtype and y.shape == tuple(ty.shape)
-    np.testing.assert_allclose(y, ty.detach().numpy(), **tolerance(dtype))
+    assert_close(y, ty.detach().numpy(), dtype)
     grad_y = random(np.random.default_rng(1), y.shape, dtype)
     ty.backward(torch.tensor(grad_y, dtype=torch.float64))
     grads = kernels.conv2d_backward(grad_y, x, W, stride=stride, padding=padding)
     for got, want in zip(grads, (tx.grad, tW.grad, tb.grad)):
         assert got.dtype == dtype
-        np.testing.assert_allclose(got, want.numpy(), **tolerance(dtype))
+        assert_close(got, want.numpy(), dtype)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
@@ -113,13 +119,13 @@ def test_conv2d_compiled_matches_reference(dtype, case):
     x, W, b, stride, padding = conv_inputs(case, dtype)
     for bias in (b, None):
         ref = run_on("numpy", kernels.conv2d_forward, x, W, bias, stride, padding)
-        np.testing.assert_allclose(run_on("cpu", kernels.conv2d_forward, x, W, bias, stride,
-                                          padding), ref, **tolerance(dtype))
+        got = run_on("cpu", kernels.conv2d_forward, x, W, bias, stride, padding)
+        assert_close(got, ref, dtype)
     grad_y = random(np.random.default_rng(2), ref.shape, dtype)
     want = run_on("numpy", kernels.conv2d_backward, grad_y, x, W, stride, padding)
     got = run_on("cpu", kernels.conv2d_backward, grad_y, x, W, stride, padding)
     for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, **tolerance(dtype))
+        assert_close(g, r, dtype)
 
 
 def test_conv2d_gradients_by_finite_differences(backend_name):
@@ -149,6 +155,17 @@ def test_conv2d_reference_chunks_the_batch(monkeypatch):
                *_reference.conv2d_backward(grad_y, x, W, stride, padding))
     for c, w in zip(chunked, whole):
         np.testing.assert_allclose(c, w, rtol=1e-13, atol=1e-13)
+
+
+def test_compiled_kernels_restore_the_blas_thread_count():
+    """BLAS is held to one thread only while a compiled kernel runs."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    x, W, b, stride, padding = conv_inputs(CONV_CASES[-1], np.float32)
+    run_on("cpu", kernels.conv2d_forward, x, W, b, stride, padding)
+    run_on("cpu", kernels.dense_forward, np.ones((300, 300), np.float32), np.ones((300, 300), np.float32), None)
+    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert after == before
 
 
 # --- im2col / col2im ---------------------------------------------------------------
@@ -198,9 +215,8 @@ def test_im2col_col2im_compiled_match_reference(dtype, geometry):
     x = random(np.random.default_rng(7), (n, c, h, w), dtype)
     cols = run_on("numpy", kernels.im2col, x, kh, kw, stride, padding)
     np.testing.assert_array_equal(run_on("cpu", kernels.im2col, x, kh, kw, stride, padding), cols)
-    np.testing.assert_allclose(run_on("cpu", kernels.col2im, cols, x.shape, kh, kw, stride, padding),
-                               run_on("numpy", kernels.col2im, cols, x.shape, kh, kw, stride, padding),
-                               **tolerance(dtype))
+    assert_close(run_on("cpu", kernels.col2im, cols, x.shape, kh, kw, stride, padding),
+                 run_on("numpy", kernels.col2im, cols, x.shape, kh, kw, stride, padding), dtype)
 
 
 # --- max pooling ------------------------------------------------------------------
@@ -226,8 +242,8 @@ def test_maxpool2d_matches_torch(backend_name, dtype, case):
     assert argmax.dtype == np.int64
     grad_y = random(np.random.default_rng(9), y.shape, dtype)
     ty.backward(torch.tensor(grad_y))
-    np.testing.assert_allclose(kernels.maxpool2d_backward(grad_y, argmax, x.shape),
-                               tx.grad.numpy(), **tolerance(dtype))
+    assert_close(kernels.maxpool2d_backward(grad_y, argmax, x.shape),
+                               tx.grad.numpy(), dtype)
 
 
 @pytest.mark.parametrize("case", POOL_CASES)
@@ -241,9 +257,8 @@ def test_maxpool2d_compiled_matches_reference(dtype, case):
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(arg, arg_ref)
     grad_y = random(rng, y.shape, dtype)
-    np.testing.assert_allclose(run_on("cpu", kernels.maxpool2d_backward, grad_y, arg, x.shape),
-                               run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape),
-                               **tolerance(dtype))
+    assert_close(run_on("cpu", kernels.maxpool2d_backward, grad_y, arg, x.shape),
+                 run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape), dtype)
 
 
 def test_maxpool2d_ties_and_nan(backend_name):
@@ -306,24 +321,27 @@ def test_dense_matches_torch(backend_name, dtype, n, i, o, with_bias):
     tx, tW, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, W, b))
     ty = torch.nn.functional.linear(tx, tW.T, tb if with_bias else None)
     assert y.dtype == dtype
-    np.testing.assert_allclose(y, ty.detach().numpy(), **tolerance(dtype))
+    assert_close(y, ty.detach().numpy(), dtype)
     ty.backward(torch.tensor(grad_y, dtype=torch.float64))
     grads = kernels.dense_backward(grad_y, x, W)
     for got, want in zip(grads, (tx.grad, tW.grad, None)):
         assert got.dtype == dtype
         if want is not None:
-            np.testing.assert_allclose(got, want.numpy(), **tolerance(dtype))
-    np.testing.assert_allclose(grads[2], grad_y.astype(np.float64).sum(axis=0), **tolerance(dtype))
+            assert_close(got, want.numpy(), dtype)
+    assert_close(grads[2], grad_y.astype(np.float64).sum(axis=0), dtype)
 
 
-def test_dense_compiled_matches_reference(dtype):
+@pytest.mark.parametrize("n, i, o", [(37, 50, 23), (150, 200, 70), (20, 300, 500)],
+                         ids=["small", "split-rows", "split-columns"])
+def test_dense_compiled_matches_reference(dtype, n, i, o):
+    """The larger shapes split the GEMMs into row or column blocks over threads."""
     rng = np.random.default_rng(17)
-    x, W, b, grad_y = (random(rng, s, dtype) for s in ((37, 50), (50, 23), (23,), (37, 23)))
-    np.testing.assert_allclose(run_on("cpu", kernels.dense_forward, x, W, b),
-                               run_on("numpy", kernels.dense_forward, x, W, b), **tolerance(dtype))
+    x, W, b, grad_y = (random(rng, s, dtype) for s in ((n, i), (i, o), (o,), (n, o)))
+    assert_close(run_on("cpu", kernels.dense_forward, x, W, b),
+                 run_on("numpy", kernels.dense_forward, x, W, b), dtype)
     for got, want in zip(run_on("cpu", kernels.dense_backward, grad_y, x, W),
                          run_on("numpy", kernels.dense_backward, grad_y, x, W)):
-        np.testing.assert_allclose(got, want, **tolerance(dtype))
+        assert_close(got, want, dtype)
 
 
 def test_dense_gradients_by_finite_differences(backend_name):
@@ -354,8 +372,8 @@ def test_softmax_cross_entropy_matches_torch(backend_name, dtype, n, c):
         tl = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
         tloss = torch.nn.functional.cross_entropy(tl, torch.tensor(target))
         tloss.backward()
-        np.testing.assert_allclose(loss, tloss.item(), **tolerance(dtype))
-        np.testing.assert_allclose(grad, tl.grad.numpy(), **tolerance(dtype))
+        assert_close(loss, tloss.item(), dtype)
+        assert_close(grad, tl.grad.numpy(), dtype)
 
 
 def test_softmax_cross_entropy_is_stable_at_large_logits(backend_name, dtype):
@@ -374,8 +392,8 @@ def test_softmax_cross_entropy_compiled_matches_reference(dtype):
     for target in (labels, onehot):
         got = run_on("cpu", kernels.softmax_cross_entropy, logits, target)
         want = run_on("numpy", kernels.softmax_cross_entropy, logits, target)
-        np.testing.assert_allclose(got[0], want[0], **tolerance(dtype))
-        np.testing.assert_allclose(got[1], want[1], **tolerance(dtype))
+        assert_close(got[0], want[0], dtype)
+        assert_close(got[1], want[1], dtype)
 
 
 def test_softmax_cross_entropy_gradient_by_finite_differences(backend_name):
@@ -421,13 +439,12 @@ def test_non_contiguous_inputs_match_contiguous_copies(backend_name, dtype):
     m = random(rng, (9, 6), dtype).T                                # (6, 9) Fortran-ordered
     Wd = random(rng, (5, 9), dtype).T
     bd = random(rng, (10,), dtype)[::2]
-    np.testing.assert_allclose(kernels.dense_forward(m, Wd, bd),
-                               kernels.dense_forward(*map(np.ascontiguousarray, (m, Wd, bd))),
-                               **tolerance(dtype))
+    assert_close(kernels.dense_forward(m, Wd, bd),
+                 kernels.dense_forward(*map(np.ascontiguousarray, (m, Wd, bd))), dtype)
     gd = random(rng, (5, 6), dtype).T
     for got, want in zip(kernels.dense_backward(gd, m, Wd),
                          kernels.dense_backward(*map(np.ascontiguousarray, (gd, m, Wd)))):
-        np.testing.assert_allclose(got, want, **tolerance(dtype))
+        assert_close(got, want, dtype)
     labels = np.arange(12)[::2] % 9
     np.testing.assert_array_equal(kernels.softmax_cross_entropy(m, labels)[1],
                                   kernels.softmax_cross_entropy(np.ascontiguousarray(m),

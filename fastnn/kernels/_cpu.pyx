@@ -6,22 +6,21 @@ C-contiguous, ``stride``/``padding`` as ``(h, w)`` pairs). Every kernel takes
 float32 or float64 and releases the GIL while it runs.
 
 Threading, and why. GEMMs come from the BLAS behind
-``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has its own
-thread pool; the memory-bound loops and the per-sample conv work use OpenMP.
-The two must never run at the same time, or each starves the other's
-threads on a small machine:
+``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has a thread pool
+of its own; everything else here uses OpenMP. Two pools on the same cores
+starve each other (each one's idle workers spin while the other works:
+DESIGN.md measured 38 against 377 GFLOP/s), so fastnn uses only one: every
+GEMM runs single-threaded inside fastnn's OpenMP team, either one per sample
+(conv) or one per block of rows/columns of the product (dense, and conv on a
+batch smaller than the thread count). BLAS is held to one thread for the
+duration (``fnn_blas_single_begin/end``, through the thread-count functions of
+the BLAS library found with threadpoolctl) and restored afterwards, so
+NumPy/SciPy code outside fastnn keeps its threads. If that control cannot be
+found, fastnn's GEMM work runs on one OpenMP thread and lets BLAS thread itself.
 
-- dense: one big GEMM per product, threaded by BLAS, outside any OpenMP region;
-- conv: OpenMP over the samples (one im2col + one GEMM per sample and
-  thread); BLAS is limited to one thread for the duration of that region
-  (threadpoolctl's handle on the library, restored afterwards), so it never
-  starts its own workers from inside the region.
-
-After an OpenMP region libgomp's workers spin for a while before sleeping; a
-threaded GEMM started in that window loses one core to them.
-``fastnn/__init__`` therefore sets ``OMP_WAIT_POLICY=passive`` before this
-module loads libgomp, unless the user has chosen a policy (see
-benchmarks/RESULTS.md, "Kernels", for the measurement).
+``fastnn.backend`` makes libgomp's idle workers sleep instead of spin
+(``OMP_WAIT_POLICY=passive`` while this module loads, unless the user chose a
+policy), so they do not steal a core from NumPy's BLAS between fastnn calls.
 """
 import os
 
@@ -42,6 +41,11 @@ cdef extern from "fastnn_kernels.h" nogil:
         long oh, ow
     int fnn_max_threads()
     int fnn_thread_id()
+    ctypedef void (*fnn_set_threads_fn)(int)
+    ctypedef int (*fnn_get_threads_fn)()
+    void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)
+    int fnn_blas_single_begin()
+    void fnn_blas_single_end()
     void fnn_im2col_f(const float *x, long n, const fnn_geometry *g, float *cols, long ld, int parallel)
     void fnn_im2col_d(const double *x, long n, const fnn_geometry *g, double *cols, long ld, int parallel)
     void fnn_col2im_f(const float *cols, long n, const fnn_geometry *g, float *x, long ld, int parallel)
@@ -261,20 +265,122 @@ def relu_backward(cnp.ndarray grad_y, cnp.ndarray y):
     return grad_x
 
 
+# --- one thread pool: BLAS held to one thread inside fastnn's OpenMP team ---------------
+
+# (set, get) thread-count functions of the BLAS libraries scipy may be built with
+_BLAS_THREAD_CONTROLS = [
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+]
+cdef bint _blas_bound = False
+cdef bint _blas_controlled = False
+
+
+def _find_blas_thread_control():
+    """Addresses of (set_num_threads, get_num_threads) of the BLAS behind
+    scipy.linalg.cython_blas, or (None, None) when it cannot be told apart."""
+    import ctypes
+    import scipy
+    try:
+        from threadpoolctl import ThreadpoolController
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    except Exception:          # threadpoolctl missing or unable to inspect this process
+        return None, None
+    root = os.path.dirname(os.path.realpath(scipy.__file__))
+    behind_scipy = [lib for lib in blas if os.path.realpath(lib.filepath).startswith(
+        (root + os.sep, root + ".libs" + os.sep))]
+    for lib in behind_scipy or (blas if len(blas) == 1 else []):
+        library = ctypes.CDLL(lib.filepath)
+        for set_name, get_name in _BLAS_THREAD_CONTROLS:
+            setter = getattr(library, set_name, None)
+            getter = getattr(library, get_name, None)
+            if setter is not None and getter is not None:
+                return (ctypes.cast(setter, ctypes.c_void_p).value,
+                        ctypes.cast(getter, ctypes.c_void_p).value)
+    return None, None
+
+
+def blas_thread_control():
+    """True when fastnn can hold BLAS to one thread (so its GEMMs run in OpenMP)."""
+    global _blas_bound, _blas_controlled
+    cdef size_t set_address, get_address
+    if not _blas_bound:
+        _blas_bound = True
+        setter, getter = _find_blas_thread_control()
+        if setter and getter:
+            set_address, get_address = setter, getter
+            fnn_blas_register(<fnn_set_threads_fn>set_address, <fnn_get_threads_fn>get_address)
+            _blas_controlled = True
+    return _blas_controlled
+
+
+cdef int _gemm_threads():
+    """OpenMP threads for work that calls BLAS: all of them when BLAS can be held
+    to one thread, else 1 (and BLAS threads the GEMMs itself)."""
+    return fnn_max_threads() if blas_thread_control() else 1
+
+
+# A GEMM smaller than this (flops) runs on one thread: waking the others costs more.
+DEF GEMM_PARALLEL_MIN_FLOPS = 2000000.0
+
+
+cdef void _gemm_parallel(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
+                         const floating *a, int lda, const floating *b, int ldb,
+                         floating beta, floating *c, int ldc, const floating *row_bias,
+                         int threads) noexcept nogil:
+    """``_gemm`` split over ``threads`` OpenMP threads, one single-threaded GEMM per
+    block of rows (or columns, whichever dimension is larger) of c.
+
+    With ``row_bias`` (n,), each block of c is first set to the bias (one row
+    per row of c) and accumulated onto (beta=1): the bias costs no extra pass
+    over c. Call between fnn_blas_single_begin/end.
+    """
+    cdef bint split_rows = m >= n
+    cdef int total = m if split_rows else n
+    cdef int block, blocks, t, lo, hi
+    if threads <= 1 or 2.0 * m * n * k < GEMM_PARALLEL_MIN_FLOPS:
+        threads = 1
+    block = (total + threads - 1) // threads
+    block = (block + 15) // 16 * 16          # whole SIMD/cache-line multiples per thread
+    blocks = (total + block - 1) // block if total > 0 else 0
+    for t in prange(blocks, num_threads=threads, schedule="static"):
+        lo = t * block
+        hi = min(total, lo + block)
+        if split_rows:
+            if row_bias != NULL:
+                _broadcast(c + lo * ldc, row_bias, hi - lo, n, 0)
+            _gemm(trans_a, trans_b, hi - lo, n, k, alpha,
+                  a + (lo if trans_a else lo * lda), lda, b, ldb,
+                  1 if row_bias != NULL else beta, c + lo * ldc, ldc)
+        else:
+            if row_bias != NULL:
+                _broadcast_columns(c + lo, ldc, row_bias + lo, m, hi - lo)
+            _gemm(trans_a, trans_b, m, hi - lo, k, alpha, a, lda,
+                  b + (lo * ldb if trans_b else lo), ldb,
+                  1 if row_bias != NULL else beta, c + lo, ldc)
+
+
+cdef inline void _broadcast_columns(floating *c, int ldc, const floating *value, int rows,
+                                    int cols) noexcept nogil:
+    """Rows of the (rows, cols) block of c (row stride ldc) set to value (cols,)."""
+    cdef int i, j
+    for i in range(rows):
+        for j in range(cols):
+            c[<long>i * ldc + j] = value[j]
+
+
 # --- dense ------------------------------------------------------------------------
 
-cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
-                         floating *y, int n, int i, int o) noexcept nogil:
-    cdef floating beta = 0
-    if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
-        _broadcast(y, bias, n, o, 0)
-        beta = 1
-    _gemm(False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
-
-
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one threaded BLAS GEMM."""
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b.
+
+    One GEMM split into row or column blocks over the OpenMP threads; the bias
+    is written into each block just before its GEMM adds onto it (beta=1)."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
+    cdef int threads = _gemm_threads()
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
@@ -282,18 +388,24 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
     with nogil:
+        fnn_blas_single_begin()
         if single:
-            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
+            _gemm_parallel(False, False, n, o, i, 1, <float*>px, i, <float*>pw, o, 0,
+                           <float*>py, o, <float*>pb, threads)
         else:
-            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
+            _gemm_parallel(False, False, n, o, i, 1, <double*>px, i, <double*>pw, o, 0,
+                           <double*>py, o, <double*>pb, threads)
+        fnn_blas_single_end()
     return y
 
 
 cdef void _dense_backward(const floating *grad_y, const floating *x, const floating *weights,
                           floating *grad_x, floating *grad_w, floating *grad_b,
-                          int n, int i, int o) noexcept nogil:
-    _gemm(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)    # grad_y @ W.T
-    _gemm(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)          # x.T @ grad_y
+                          int n, int i, int o, int threads) noexcept nogil:
+    _gemm_parallel(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i, NULL,
+                   threads)                                                # grad_y @ W.T
+    _gemm_parallel(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o, NULL,
+                   threads)                                                # x.T @ grad_y
     if floating is float:
         fnn_column_sums_f(grad_y, n, o, grad_b)
     else:
@@ -301,8 +413,10 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
 
 
 def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
-    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two threaded GEMMs and a column sum."""
+    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two GEMMs split over the
+    OpenMP threads, and a column sum."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
+    cdef int threads = _gemm_threads()
     cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype)
     cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
     cdef cnp.ndarray grad_b = np.empty(o, dtype=x.dtype)
@@ -314,12 +428,14 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
     cdef void *pgb = _data(grad_b)
     cdef bint single = _is_float32(x)
     with nogil:
+        fnn_blas_single_begin()
         if single:
             _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
-                            <float*>pgb, n, i, o)
+                            <float*>pgb, n, i, o, threads)
         else:
             _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
-                            <double*>pgb, n, i, o)
+                            <double*>pgb, n, i, o, threads)
+        fnn_blas_single_end()
     return grad_x, grad_w, grad_b
 
 
@@ -350,57 +466,27 @@ def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
 
 # --- convolution --------------------------------------------------------------------
 
-# Per-thread workspaces are pooled: allocating and freeing megabytes per call
-# pays the page faults every time (DESIGN.md). list.pop/append are atomic
-# under the GIL, so concurrent callers never share a buffer.
+# Workspaces are pooled: allocating and freeing megabytes per call pays the page
+# faults every time (DESIGN.md). list.pop/append are atomic under the GIL, so
+# concurrent callers never share a buffer.
 _workspace_pool = []
-_blas_controllers = None
 
 
 def _take_workspace(Py_ssize_t count, dtype):
-    """A buffer of at least ``count`` elements of ``dtype``, from the pool if possible."""
-    nbytes = count * np.dtype(dtype).itemsize
+    """A uint8 buffer holding at least ``count`` elements of ``dtype``."""
+    nbytes = max(count * np.dtype(dtype).itemsize, 1)
     try:
         buffer = _workspace_pool.pop()
     except IndexError:
         buffer = None
     if buffer is None or buffer.nbytes < nbytes:
-        buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+        buffer = np.empty(nbytes, dtype=np.uint8)
     return buffer
 
 
 def _give_back(buffer):
     if len(_workspace_pool) < 4:
         _workspace_pool.append(buffer)
-
-
-def _blas_libraries():
-    """threadpoolctl handles on the BLAS behind scipy.linalg.cython_blas (all BLAS
-    libraries if that one cannot be told apart)."""
-    global _blas_controllers
-    if _blas_controllers is None:
-        import scipy
-        from threadpoolctl import ThreadpoolController
-        scipy_root = os.path.dirname(os.path.realpath(scipy.__file__))   # also matches scipy.libs
-        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-        _blas_controllers = [lib for lib in blas
-                             if os.path.realpath(lib.filepath).startswith(scipy_root)] or blas
-    return _blas_controllers
-
-
-class _SingleThreadedBlas:
-    """Limit BLAS to one thread inside an OpenMP region (restored on exit)."""
-
-    def __enter__(self):
-        self.saved = [(lib, lib.num_threads) for lib in _blas_libraries()]
-        for lib, threads in self.saved:
-            if threads != 1:
-                lib.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        for lib, threads in self.saved:
-            if threads != 1:
-                lib.set_num_threads(threads)
 
 
 cdef inline bint _pointwise(const fnn_geometry *g) noexcept nogil:
@@ -410,19 +496,20 @@ cdef inline bint _pointwise(const fnn_geometry *g) noexcept nogil:
 
 cdef void _conv_forward_sample(const floating *x, const floating *weights,
                                const floating *bias, floating *y, floating *cols,
-                               const fnn_geometry *g, long k) noexcept nogil:
-    """One sample: y (K, OH*OW) = W (K, C*kh*kw) @ im2col(x) (C*kh*kw, OH*OW) + b."""
+                               const fnn_geometry *g, long k, int threads) noexcept nogil:
+    """One sample: y (K, OH*OW) = W (K, C*kh*kw) @ im2col(x) (C*kh*kw, OH*OW) + b.
+    ``threads`` > 1 splits the im2col and the GEMM (used when N < threads)."""
     cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow
     cdef floating beta = 0
     if _pointwise(g):
         cols = <floating*>x
     else:
-        _im2col(x, 1, g, cols, ohw, 0)
+        _im2col(x, 1, g, cols, ohw, threads > 1)
     if bias != NULL:
         _broadcast(y, bias, k, ohw, 1)
         beta = 1
-    _gemm(False, False, <int>k, <int>ohw, <int>ckk, 1, weights, <int>ckk, cols, <int>ohw,
-          beta, y, <int>ohw)
+    _gemm_parallel(False, False, <int>k, <int>ohw, <int>ckk, 1, weights, <int>ckk, cols,
+                   <int>ohw, beta, y, <int>ohw, NULL, threads)
 
 
 cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
@@ -430,9 +517,14 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
                         long k, int threads) noexcept nogil:
     cdef long s
     cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    if n < threads:          # too few samples to share: split each sample's work
+        for s in range(n):
+            _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw, workspace,
+                                 g, k, threads)
+        return
     for s in prange(n, num_threads=threads, schedule="static"):
         _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw,
-                             workspace + fnn_thread_id() * ckk * ohw, g, k)
+                             workspace + fnn_thread_id() * ckk * ohw, g, k, 1)
 
 
 def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
@@ -440,13 +532,13 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
 
     OpenMP over the samples; each thread builds one sample's columns in its own
     workspace and runs a single-threaded GEMM straight into y[n] (already NCHW).
-    Workspace: threads * C*kh*kw*OH*OW elements (none for a 1x1 stride-1 conv),
-    whatever N is.
+    Workspace: threads * C*kh*kw*OH*OW elements whatever N is (none for a 1x1
+    stride-1 conv).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
-    cdef int threads = max(1, min(fnn_max_threads(), n))
+    cdef int threads = _gemm_threads()
     cdef long per_thread = g.c * g.kh * g.kw * g.oh * g.ow
     cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
@@ -456,17 +548,16 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef void *py = _data(y)
     cdef void *pws = _data(workspace)
     cdef bint single = _is_float32(x)
-    try:
-        with _SingleThreadedBlas() if threads > 1 else _NoLimit:
-            with nogil:
-                if single:
-                    _conv_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, <float*>pws,
-                                  n, &g, k, threads)
-                else:
-                    _conv_forward(<double*>px, <double*>pw, <double*>pb, <double*>py,
-                                  <double*>pws, n, &g, k, threads)
-    finally:
-        _give_back(workspace)
+    with nogil:
+        fnn_blas_single_begin()
+        if single:
+            _conv_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, <float*>pws,
+                          n, &g, k, threads)
+        else:
+            _conv_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, <double*>pws,
+                          n, &g, k, threads)
+        fnn_blas_single_end()
+    _give_back(workspace)
     return y
 
 
@@ -474,25 +565,26 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
                                 const floating *weights, floating *grad_x,
                                 floating *grad_w, floating *grad_b, floating *cols,
                                 floating *grad_cols, const fnn_geometry *g,
-                                long k) noexcept nogil:
+                                long k, int threads) noexcept nogil:
     """One sample: grad_w += grad_y @ cols.T, grad_b += row sums of grad_y,
-    grad_x = col2im(W.T @ grad_y). grad_y: (K, OH*OW)."""
+    grad_x = col2im(W.T @ grad_y). grad_y: (K, OH*OW). ``threads`` > 1 splits
+    each step (used when N < threads)."""
     cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow
     cdef bint pointwise = _pointwise(g)
     if pointwise:
         cols = <floating*>x
     else:
-        _im2col(x, 1, g, cols, ohw, 0)
-    _gemm(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, cols, <int>ohw,
-          1, grad_w, <int>ckk)
+        _im2col(x, 1, g, cols, ohw, threads > 1)
+    _gemm_parallel(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, cols,
+                   <int>ohw, 1, grad_w, <int>ckk, NULL, threads)
     _row_sums(grad_y, k, ohw, grad_b, 1)
     if pointwise:          # the column gradient is the input gradient
-        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
-              <int>ohw, 0, grad_x, <int>ohw)
+        _gemm_parallel(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+                       <int>ohw, 0, grad_x, <int>ohw, NULL, threads)
     else:
-        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
-              <int>ohw, 0, grad_cols, <int>ohw)
-        _col2im(grad_cols, 1, g, grad_x, ohw, 0)
+        _gemm_parallel(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+                       <int>ohw, 0, grad_cols, <int>ohw, NULL, threads)
+        _col2im(grad_cols, 1, g, grad_x, ohw, threads > 1)
 
 
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
@@ -504,16 +596,22 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     # per thread: columns, column gradient, then its own grad_w and grad_b sums
     cdef long stride_t = 2 * ckk * ohw + k * ckk + k
     cdef floating *mine
+    memset(grad_w, 0, k * ckk * sizeof(floating))
+    memset(grad_b, 0, k * sizeof(floating))
+    if n < threads:          # too few samples to share: split each sample's work
+        for s in range(n):
+            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
+                                  grad_w, grad_b, workspace, workspace + ckk * ohw, g, k,
+                                  threads)
+        return
     for t in range(threads):
         memset(workspace + t * stride_t + 2 * ckk * ohw, 0, (k * ckk + k) * sizeof(floating))
     for s in prange(n, num_threads=threads, schedule="static"):
         mine = workspace + fnn_thread_id() * stride_t
         _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
                               mine + 2 * ckk * ohw, mine + 2 * ckk * ohw + k * ckk,
-                              mine, mine + ckk * ohw, g, k)
+                              mine, mine + ckk * ohw, g, k, 1)
     # the threads' partial sums, added in a fixed order (deterministic for a thread count)
-    memset(grad_w, 0, k * ckk * sizeof(floating))
-    memset(grad_b, 0, k * sizeof(floating))
     for t in range(threads):
         mine = workspace + t * stride_t + 2 * ckk * ohw
         for idx in range(k * ckk):
@@ -534,7 +632,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
-    cdef int threads = max(1, min(fnn_max_threads(), n))
+    cdef int threads = _gemm_threads()
     cdef long ckk = g.c * g.kh * g.kw
     cdef long per_thread = 2 * ckk * g.oh * g.ow + k * ckk + k
     cdef cnp.ndarray grad_x = np.empty_like(x)
@@ -549,26 +647,14 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef void *pgb = _data(grad_b)
     cdef void *pws = _data(workspace)
     cdef bint single = _is_float32(x)
-    try:
-        with _SingleThreadedBlas() if threads > 1 else _NoLimit:
-            with nogil:
-                if single:
-                    _conv_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx,
-                                   <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads)
-                else:
-                    _conv_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx,
-                                   <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads)
-    finally:
-        _give_back(workspace)
+    with nogil:
+        fnn_blas_single_begin()
+        if single:
+            _conv_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx,
+                           <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads)
+        else:
+            _conv_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx,
+                           <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads)
+        fnn_blas_single_end()
+    _give_back(workspace)
     return grad_x, grad_w, grad_b
-
-
-class _NoLimitType:
-    def __enter__(self):
-        pass
-
-    def __exit__(self, *exc):
-        pass
-
-
-_NoLimit = _NoLimitType()
