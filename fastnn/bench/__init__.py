@@ -108,20 +108,14 @@ def _env_record(environ=None):
     return {v: environ.get(v) for v in THREAD_VARS + BLAS_PIN_VARS + ("OMP_WAIT_POLICY",)}
 
 
-# The re-executed child loads PyTorch before fastnn, so that PyTorch's OpenMP
-# runtime starts from the user's environment, whatever fastnn sets for its own.
-_CHILD = """import importlib.util, sys
-if {torch_first} and importlib.util.find_spec("torch") is not None:
-    import torch
-from fastnn.bench import main
-sys.exit(main())
-"""
-
-
 def _maybe_reexec(args):
-    """From the command line: re-execute once with the wanted environment, the
-    peers' libraries loading first. Returns the environment the run started from
-    (the parent's, in the child)."""
+    """From the command line: re-execute once with the wanted environment.
+    Returns the environment the run started from (the parent's, in the child).
+
+    Import order stays that of any fastnn program (fastnn, then PyTorch): the
+    two share one OpenMP runtime (libgomp), configured once by whichever loads
+    it first, so the OMP_WAIT_POLICY fastnn chooses applies to both; the report
+    records it (``environment_of_run``)."""
     if _EXEC_MARK in os.environ:
         return json.loads(os.environ[_EXEC_MARK])
     start = _initial_environ()
@@ -129,8 +123,7 @@ def _maybe_reexec(args):
     wanted[_EXEC_MARK] = json.dumps(_env_record(start))
     sys.stdout.flush()
     sys.stderr.flush()
-    code = _CHILD.format(torch_first="torch" in args.peers)
-    os.execve(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]], wanted)
+    os.execve(sys.executable, [sys.executable, "-m", "fastnn.bench", *sys.argv[1:]], wanted)
 
 
 # --- machine and library facts ---------------------------------------------------------
@@ -312,7 +305,6 @@ def run(args, original_env, log=print):
         "environment_at_start": original_env,
         "environment_of_run": _env_record(),
         "blas_pin_unset": not args.keep_blas_env and args.reexec,
-        "torch_loaded_before_fastnn": args.reexec and "torch" in args.peers,
         "threads_requested": args.threads,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "timing": dict(zip(("repeats", "warmup", "min_repeat_s"), timing)),
