@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 
 from . import backend, losses, optim
-from .layers.base import Layer, uses_tutorial_protocol
+from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import Softmax
 
 __all__ = ["Network", "Sequential", "History"]
@@ -97,6 +97,7 @@ class Network:
         self.loss, self.loss_prime = loss, loss_prime
         self.loss_fn = None
         self._style = "use"
+        self._plan = None
 
     def compile(self, loss="cross_entropy", optimizer=None, metrics=()):
         """Choose the loss (name or Loss), the optimizer (default SGD(lr=0.01)) and metrics.
@@ -133,10 +134,7 @@ class Network:
     @property
     def dtype(self):
         """The dtype of the parameters (float32 when the network has none)."""
-        for layer in self.layers:
-            for p in _layer_params(layer).values():
-                return p.dtype
-        return np.dtype(np.float32)
+        return self._get_plan().dtype
 
     def to(self, device):
         """Move parameters, gradients, buffers and optimizer state to ``"cpu"`` or ``"cuda"``."""
@@ -158,31 +156,33 @@ class Network:
         return self
 
     # -- forward / backward -----------------------------------------------------------------
-    def _build_plan(self):
-        """Cache each layer's protocol and the fused Softmax + CrossEntropy decision."""
-        tutorial = [uses_tutorial_protocol(layer) for layer in self.layers]
-        fused = (isinstance(self.loss_fn, losses.CrossEntropy) and bool(self.layers)
-                 and isinstance(self.layers[-1], Softmax))
-        # training runs layers[:n_train]: the logits when Softmax + CrossEntropy fuse
-        self._plan = (list(zip(self.layers, tutorial)), len(self.layers) - fused)
-        return self._plan
+    def _get_plan(self):
+        plan = self._plan
+        if plan is None or plan.n_layers != len(self.layers):
+            plan = self._plan = _Plan(self)
+        return plan
 
     def _run_forward(self, x, training, stop=None):
-        plan = (self._plan or self._build_plan())[0]
-        for layer, tutorial in (plan if stop is None else plan[:stop]):
-            x = layer.forward_propagation(x) if tutorial else layer.forward(x, training)
+        forwards = self._get_plan().forwards
+        for f in (forwards if stop is None else forwards[:stop]):
+            x = f(x, training)
         return x
 
     def _run_backward(self, grad, stop, lr):
-        plan = (self._plan or self._build_plan())[0]
-        for layer, tutorial in reversed(plan[:stop]):
-            grad = layer.backward_propagation(grad, lr) if tutorial else layer.backward(grad)
+        for b in reversed(self._get_plan().backwards[:stop]):
+            grad = b(grad, lr)
         return grad
 
     def forward(self, x, training=False):
         """Run every layer on ``x`` (on the network's device) and return the output."""
-        return self._run_forward(self._as_input(x, "Network.forward", check_finite=False),
-                                 training)
+        plan = self._get_plan()
+        # hot path (batch-1 inference): a ready NumPy array skips the entry conversion
+        if not (type(x) is np.ndarray and x.dtype == plan.dtype and x.flags.c_contiguous
+                and self._device == "cpu" and x.ndim and x.shape[0]):
+            x = self._as_input(x, "Network.forward", check_finite=False)
+        for f in plan.forwards:
+            x = f(x, training)
+        return x
 
     def backward(self, grad):
         """Back-propagate ``grad`` (d loss / d output) through every layer; returns grad_x.
@@ -270,7 +270,7 @@ class Network:
     def _probe(self, x, who):
         """One sample through the network in eval mode: checks shapes early, gives the output shape."""
         self._input_shape = tuple(x.shape[1:])
-        return self._run_forward(x[:1], False, (self._plan or self._build_plan())[1])
+        return self._run_forward(x[:1], False, self._get_plan().n_train)
 
     # -- training ----------------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
@@ -296,7 +296,8 @@ class Network:
         elif learning_rate is not None:
             self.optimizer.lr = float(learning_rate)
 
-        plan, n_train = self._plan or self._build_plan()
+        plan = self._get_plan()
+        n_train = plan.n_train
         x = self._as_input(x, who)
         n = len(x)
         probe = self._probe(x, who)
@@ -319,17 +320,18 @@ class Network:
                              f"got {batch_size!r}")
         batch_size = int(min(batch_size, n))
 
-        rng = np.random.default_rng(seed)
+        rng = make_rng(seed)      # seed=None: from NumPy's global state (np.random.seed works)
         if seed is not None:      # Dropout masks follow the fit's seed too
             for layer in self.layers:
                 if isinstance(getattr(layer, "rng", None), np.random.Generator):
                     layer.rng = np.random.default_rng(rng.integers(2**63))
 
         # the parameters the optimizer updates (tutorial-protocol layers update their own)
-        slots = [(layer, name) for layer, tutorial in plan if not tutorial
+        slots = [(layer, name) for layer, tutorial in plan.steps if not tutorial
                  for name in _layer_params(layer)]
         params = [layer.params[name] for layer, name in slots]
-        decay = [flag for layer, tutorial in plan if not tutorial for flag in _weight_flags(layer)]
+        decay = [flag for layer, tutorial in plan.steps if not tutorial
+                 for flag in _weight_flags(layer)]
 
         callbacks = list(callbacks)
         schedule = getattr(self.optimizer, "schedule", None)
@@ -434,17 +436,29 @@ class Network:
         time (default: all of a 2-D input, 256 image samples); returns an array
         on the device ``x`` came from.
         """
-        on_cuda = backend.is_cuda_array(x)
-        x = self._as_input(x, "Network.predict", check_finite=False)
+        plan = self._get_plan()
+        if (type(x) is np.ndarray and x.dtype == plan.dtype and x.flags.c_contiguous
+                and self._device == "cpu" and x.ndim and x.shape[0]):
+            on_cuda = False           # hot path: nothing to convert
+        else:
+            on_cuda = backend.is_cuda_array(x)
+            x = self._as_input(x, "Network.predict", check_finite=False)
         n = len(x)
-        chunk = self._chunks(n, x.ndim, batch_size, "Network.predict")
+        if batch_size is None and (x.ndim <= 2 or n <= _PREDICT_CHUNK):
+            chunk = n
+        else:
+            chunk = self._chunks(n, x.ndim, batch_size, "Network.predict")
         if chunk >= n:
-            out = self._run_forward(x, False)
+            out = x
+            for f in plan.forwards:
+                out = f(out, False)
         else:
             xp = backend.get_array_module(x)
             out = xp.concatenate([self._run_forward(x[i:i + chunk], False)
                                   for i in range(0, n, chunk)])
-        return out if on_cuda else backend.to_device(out, "cpu")
+        if on_cuda or self._device == "cpu":
+            return out
+        return backend.to_device(out, "cpu")
 
     def evaluate(self, x, y, batch_size=None):
         """``{"loss": float, <metric>: float, ...}`` on ``(x, y)`` in eval mode."""
@@ -459,7 +473,7 @@ class Network:
         """Loss (mean over samples) and metrics of already-checked arrays."""
         n = len(x)
         chunk = self._chunks(n, x.ndim, batch_size, "Network.evaluate")
-        n_out = (self._plan or self._build_plan())[1]
+        n_out = self._get_plan().n_train
         total, outputs = 0.0, []
         for i in range(0, n, chunk):
             xb, yb = x[i:i + chunk], y[i:i + chunk]
@@ -587,6 +601,34 @@ class Network:
             raise ValueError(f"Network.load: cannot read {path!r} as a fastnn model file "
                              f"(truncated or foreign?): {type(exc).__name__}: {exc}") from None
         return net
+
+
+class _Plan:
+    """What the loops need, computed once per layer list: each layer's forward and
+    backward as plain callables, the parameters' dtype, and ``n_train``, the
+    number of layers training runs (all but a final Softmax fused with CrossEntropy)."""
+
+    def __init__(self, network):
+        layers = network.layers
+        self.n_layers = len(layers)
+        self.steps = [(layer, uses_tutorial_protocol(layer)) for layer in layers]
+        self.forwards, self.backwards = [], []
+        for layer, tutorial in self.steps:
+            if tutorial:
+                self.forwards.append(lambda x, training, f=layer.forward_propagation: f(x))
+                self.backwards.append(layer.backward_propagation)
+            else:
+                self.forwards.append(layer.forward)
+                self.backwards.append(lambda g, lr, b=layer.backward: b(g))
+        fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
+                 and isinstance(layers[-1], Softmax))
+        self.n_train = len(layers) - fused
+        self.dtype = np.dtype(np.float32)
+        for layer in layers:
+            params = _layer_params(layer)
+            if params:
+                self.dtype = next(iter(params.values())).dtype
+                break
 
 
 class _FormatError(Exception):
