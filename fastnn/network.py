@@ -177,7 +177,7 @@ class Network:
         """Run every layer on ``x`` (on the network's device) and return the output."""
         plan = self._get_plan()
         # hot path (batch-1 inference): a ready NumPy array skips the entry conversion
-        if not (type(x) is np.ndarray and x.dtype == plan.dtype and x.flags.c_contiguous
+        if not (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
                 and self._device == "cpu" and x.ndim and x.shape[0]):
             x = self._as_input(x, "Network.forward", check_finite=False)
         for f in plan.forwards:
@@ -196,8 +196,9 @@ class Network:
         return [(layer, name) for layer in self.layers for name in _layer_params(layer)]
 
     # -- input checks (once, at the network's entry) ---------------------------------------------
-    def _as_input(self, x, who, check_finite=True):
-        """``x`` as a C-contiguous array of the network's dtype on its device."""
+    def _as_input(self, x, who, check_finite=True, move=True):
+        """``x`` as a C-contiguous array of the network's dtype, on the network's device
+        (``move=True``) or left on the host for the loops to move batch by batch."""
         if backend.is_cuda_array(x):
             xp = backend.get_array_module(x)
         else:
@@ -218,11 +219,11 @@ class Network:
             x = xp.ascontiguousarray(x)
         if check_finite and not bool(xp.isfinite(x).all()):
             raise ValueError(f"{who}: x contains NaN or infinite values")
-        if self._device == "cuda" or xp is not np:
+        if (move and self._device == "cuda") or (xp is not np and self._device == "cpu"):
             x = backend.to_device(x, self._device)
         return x
 
-    def _as_target(self, y, n, probe, who):
+    def _as_target(self, y, n, probe, who, move=True):
         """``y`` checked against ``n`` samples and the network's output ``probe`` (one sample)."""
         if not backend.is_cuda_array(y):
             y = np.asarray(y)
@@ -263,14 +264,15 @@ class Network:
                                      f"{(n,) + out_tail}, got {tuple(y.shape)}")
                 y = y.reshape((n,) + out_tail)
             y = xp.ascontiguousarray(y, dtype=self.dtype)
-        if self._device == "cuda" or xp is not np:
+        if (move and self._device == "cuda") or (xp is not np and self._device == "cpu"):
             y = backend.to_device(y, self._device)
         return y
 
     def _probe(self, x, who):
         """One sample through the network in eval mode: checks shapes early, gives the output shape."""
         self._input_shape = tuple(x.shape[1:])
-        return self._run_forward(x[:1], False, self._get_plan().n_train)
+        return self._run_forward(backend.to_device(x[:1], self._device), False,
+                                 self._get_plan().n_train)
 
     # -- training ----------------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
@@ -298,16 +300,18 @@ class Network:
 
         plan = self._get_plan()
         n_train = plan.n_train
-        x = self._as_input(x, who)
+        # checked once here; batches move to the device one at a time in the loop
+        x = self._as_input(x, who, move=False)
         n = len(x)
         probe = self._probe(x, who)
-        y = self._as_target(y, n, probe, who)
+        y = self._as_target(y, n, probe, who, move=False)
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError(f"{who}: validation_data must be a pair (x_val, y_val)")
-            xv = self._as_input(validation_data[0], who + " (validation_data)")
-            yv = self._as_target(validation_data[1], len(xv), probe, who + " (validation_data)")
+            xv = self._as_input(validation_data[0], who + " (validation_data)", move=False)
+            yv = self._as_target(validation_data[1], len(xv), probe, who + " (validation_data)",
+                                 move=False)
             val = (xv, yv)
 
         if batch_size is None:
@@ -437,25 +441,25 @@ class Network:
         on the device ``x`` came from.
         """
         plan = self._get_plan()
-        if (type(x) is np.ndarray and x.dtype == plan.dtype and x.flags.c_contiguous
+        if (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
                 and self._device == "cpu" and x.ndim and x.shape[0]):
             on_cuda = False           # hot path: nothing to convert
         else:
             on_cuda = backend.is_cuda_array(x)
-            x = self._as_input(x, "Network.predict", check_finite=False)
+            x = self._as_input(x, "Network.predict", check_finite=False, move=False)
         n = len(x)
         if batch_size is None and (x.ndim <= 2 or n <= _PREDICT_CHUNK):
             chunk = n
         else:
             chunk = self._chunks(n, x.ndim, batch_size, "Network.predict")
         if chunk >= n:
-            out = x
+            out = x if self._device == "cpu" else backend.to_device(x, self._device)
             for f in plan.forwards:
                 out = f(out, False)
         else:
-            xp = backend.get_array_module(x)
-            out = xp.concatenate([self._run_forward(x[i:i + chunk], False)
-                                  for i in range(0, n, chunk)])
+            outs = [self._run_forward(backend.to_device(x[i:i + chunk], self._device), False)
+                    for i in range(0, n, chunk)]
+            out = backend.get_array_module(outs[0]).concatenate(outs)
         if on_cuda or self._device == "cpu":
             return out
         return backend.to_device(out, "cpu")
@@ -465,18 +469,19 @@ class Network:
         who = "Network.evaluate"
         if self._style is None:
             raise ValueError(f"{who}: call use(loss, loss_prime) or compile(...) first")
-        x = self._as_input(x, who)
-        y = self._as_target(y, len(x), self._probe(x, who), who)
+        x = self._as_input(x, who, move=False)
+        y = self._as_target(y, len(x), self._probe(x, who), who, move=False)
         return self._evaluate(x, y, batch_size)
 
     def _evaluate(self, x, y, batch_size=None):
-        """Loss (mean over samples) and metrics of already-checked arrays."""
+        """Loss (mean over samples) and metrics of already-checked arrays, moved chunk by chunk."""
         n = len(x)
         chunk = self._chunks(n, x.ndim, batch_size, "Network.evaluate")
         n_out = self._get_plan().n_train
         total, outputs = 0.0, []
         for i in range(0, n, chunk):
-            xb, yb = x[i:i + chunk], y[i:i + chunk]
+            xb = backend.to_device(x[i:i + chunk], self._device)
+            yb = backend.to_device(y[i:i + chunk], self._device)
             out = self._run_forward(xb, False, n_out)
             if self._style == "use":
                 loss = self.loss(yb, out)

@@ -10,7 +10,8 @@ from .base import Layer, contiguous, kernel_impl
 
 __all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_FLOATS = (_F32, _F64)
 
 
 class _Elementwise(Layer):
@@ -40,10 +41,11 @@ class ReLU(_Elementwise):
     """y = max(x, 0); grad_x = grad_y * (y > 0). Keeps y."""
 
     def forward(self, x, training=True):
-        self._check(x)
-        x = contiguous(x)
-        self.output = kernel_impl(x).relu_forward(x)
-        return self.output
+        if not (type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64) and x.flags.c_contiguous):
+            self._check(x)
+            x = contiguous(x)
+        self.output = y = kernel_impl(x).relu_forward(x)
+        return y
 
     def backward(self, grad_y):
         self._check_grad(grad_y, self.output)
