@@ -60,6 +60,79 @@ def versions():
     return info
 
 
+def conv_parts(n, c, k, h, w, ksize, pad, tag="part"):
+    """Median time of each launch of fastnn's conv forward and backward (float32)."""
+    import cupy as cp
+    from fastnn.kernels import _cuda
+    rng = np.random.default_rng(1)
+    x = cp.asarray(rng.standard_normal((n, c, h, w), dtype=np.float32))
+    W = cp.asarray(rng.standard_normal((k, c, ksize, ksize), dtype=np.float32))
+    b = cp.asarray(rng.standard_normal(k, dtype=np.float32))
+    oh, ow = h + 2 * pad - ksize + 1, w + 2 * pad - ksize + 1
+    p, ckk = oh * ow, c * ksize * ksize
+    gy = cp.asarray(rng.standard_normal((n, k, oh, ow), dtype=np.float32))
+    cols = cp.empty((n, ckk, p), cp.float32)
+    y = cp.empty((n, k, oh, ow), cp.float32)
+    partials = cp.empty((n, k, ckk), cp.float32)
+    gW = cp.empty((k, ckk), cp.float32)
+    gx = cp.empty_like(x)
+    gb = cp.empty(k, cp.float32)
+    s, pd = (1, 1), (pad, pad)
+    kern = _cuda._kernel
+    i32 = np.int32
+    t = {}
+    t[f"{tag} im2col"] = timed(lambda: _cuda._im2col_into(x, ksize, ksize, s, pd, oh, ow, cols, True))
+    t[f"{tag} GEMM y=W@cols (batched)"] = timed(lambda: _cuda._gemm(
+        W, cols, y, k, p, ckk, batch=n, stride_b=ckk * p, stride_out=k * p))
+    t[f"{tag} bias"] = timed(lambda: kern("bias_nkp_kernel", np.float32)(
+        _cuda._plane_grid(p, k, n), (256,), (y, b, i32(n), i32(k), i32(p))))
+    t[f"{tag} GEMM partials=gy@cols.T"] = timed(lambda: _cuda._gemm(
+        gy, cols, partials, k, ckk, p, trans_b=True, batch=n, stride_a=k * p,
+        stride_b=ckk * p, stride_out=k * ckk))
+    t[f"{tag} sum partials"] = timed(lambda: _cuda._sum_rows(partials, n, k * ckk, gW))
+    t[f"{tag} GEMM gcols=W.T@gy (batched)"] = timed(lambda: _cuda._gemm(
+        W, gy, cols, ckk, p, k, trans_a=True, batch=n, stride_b=k * p, stride_out=ckk * p))
+    t[f"{tag} col2im"] = timed(lambda: _cuda._col2im_into(cols, gx, ksize, ksize, s, pd, oh, ow, True))
+    t[f"{tag} grad_b"] = timed(lambda: _cuda._channel_sums(gy, n, k, p, gb))
+    t[f"{tag} whole fwd"] = timed(lambda: _cuda.conv2d_forward(x, W, b, s, pd))
+    t[f"{tag} whole bwd"] = timed(lambda: _cuda.conv2d_backward(gy, x, W, s, pd))
+    return t
+
+
+def bench_launch_overhead():
+    """Host microseconds per call (no sync inside the loop) of the GEMM routes."""
+    import cupy as cp
+    from cupy_backends.cuda.libs import cublas
+    from fastnn.kernels import _cuda
+    rng = np.random.default_rng(2)
+    a = cp.asarray(rng.standard_normal((256, 400), dtype=np.float32))
+    b = cp.asarray(rng.standard_normal((400, 120), dtype=np.float32))
+    out = cp.empty((256, 120), cp.float32)
+    one, zero = np.array(1, np.float32), np.array(0, np.float32)
+    handle = cp.cuda.device.get_cublas_handle()
+
+    def legacy():   # cublasSgemm, column-major out.T = b.T a.T
+        cublas.sgemm(handle, 0, 0, 120, 256, 400, one.ctypes.data, b.data.ptr, 120,
+                     a.data.ptr, 400, zero.ctypes.data, out.data.ptr, 120)
+    routes = {"fastnn _gemm (gemmStridedBatchedEx)": lambda: _cuda._gemm(a, b, out, 256, 120, 400),
+              "cupy.matmul(out=)": lambda: cp.matmul(a, b, out=out),
+              "cublas.sgemm direct": legacy,
+              "relu RawKernel": lambda: _cuda.relu_forward(out),
+              "cupy.empty": lambda: cp.empty((256, 120), cp.float32)}
+    print("\n== host time per launch (us, 2000 calls, no sync inside) ==")
+    for name, run in routes.items():
+        for _ in range(50):
+            run()
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            run()
+        host = (time.perf_counter() - t0) / 2000
+        _sync()
+        print(f"  {name:40s} {host * 1e6:7.1f} us")
+    np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(a) @ cp.asnumpy(b), rtol=1e-3, atol=1e-3)
+
+
 def bench_conv(results):
     import cupy as cp
     import torch
@@ -102,22 +175,12 @@ def bench_conv(results):
     rows["torch tf32 fwd+bwd"] = timed(torch_both)
     torch.backends.cudnn.allow_tf32 = default_tf32
 
-    # where fastnn's time goes (float32)
-    oh = ow = 32
+    rows.update(conv_parts(n, c, k, h, w, 3, 1))
+    # the single-GEMM formulation, for comparison with the batched one
     cols = _cuda.im2col(cx, 3, 3, (1, 1), (1, 1))
     wm = cW.reshape(k, c * 9)
     out = cp.matmul(wm, cols)
-    y = cp.empty((n, k, oh, ow), cp.float32)
-    gyk = _cuda._nchw_to_kmajor(cgy)
-    gcols = cp.matmul(wm.T, gyk)
-    rows["part im2col"] = timed(lambda: _cuda._im2col_into(cx, 3, 3, (1, 1), (1, 1), oh, ow, cols))
-    rows["part GEMM W@cols"] = timed(lambda: cp.matmul(wm, cols, out=out))
-    rows["part (K,NP)->NCHW + bias"] = timed(lambda: _cuda._kmajor_to_nchw(out, cb, n, k, oh, ow, y))
-    rows["part NCHW->(K,NP)"] = timed(lambda: _cuda._nchw_to_kmajor(cgy))
-    rows["part GEMM gy@cols.T"] = timed(lambda: cp.matmul(gyk, cols.T))
-    rows["part GEMM W.T@gy"] = timed(lambda: cp.matmul(wm.T, gyk, out=gcols))
-    rows["part col2im"] = timed(lambda: _cuda.col2im(gcols, (n, c, h, w), 3, 3, (1, 1), (1, 1)))
-    rows["part grad_b sum"] = timed(lambda: cgy.sum(axis=(0, 2, 3)))
+    rows["alt cupy.matmul W@cols (K, N*P)"] = timed(lambda: cp.matmul(wm, cols, out=out))
 
     print(f"\n== conv 3x3 fwd+bwd N={n} C=K={c} {h}x{w} pad 1 ({gflop:.1f} GFLOP) ==")
     for name, (med, lo, hi) in rows.items():
@@ -208,6 +271,21 @@ def bench_lenet(results, data=None, batch=256):
               f"   / torch (no readback): {rows['torch eager, no readback'][0] / rows[name][0]:.2f}x")
     results["lenet"] = {name: n / v[0] for name, v in rows.items()}
 
+    print("\n  LeNet conv launches at batch 256 (median ms):")
+    for tag, args in (("conv1", (batch, 1, 6, 28, 28, 5, 2)), ("conv2", (batch, 6, 16, 14, 14, 5, 0))):
+        for name, (med, lo, hi) in conv_parts(*args, tag=tag).items():
+            print(f"  {name:45s} {med * 1e3:8.3f} ms")
+
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    fit_epoch(net, xd, yd)()
+    _sync()
+    prof.disable()
+    print("\n  cProfile of one fastnn epoch (CuPy inputs), top 25 by own time:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
     # per-layer: CPU (launch) time vs GPU time of one step's pieces
     try:
         from cupyx.profiler import benchmark
@@ -239,7 +317,8 @@ def main(argv=None):
     results = {"versions": versions()}
     print(json.dumps(results["versions"]))
     failed = False
-    for name, run in (("conv", None if args.skip_conv else lambda: bench_conv(results)),
+    for name, run in (("launch", bench_launch_overhead),
+                      ("conv", None if args.skip_conv else lambda: bench_conv(results)),
                       ("lenet", None if args.skip_lenet else lambda: bench_lenet(results, args.data))):
         if run is None:
             continue

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from . import backend
+from .kernels import _cuda
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR", "ExponentialLR", "CosineAnnealingLR", "get"]
 
@@ -99,6 +100,12 @@ class SGD(Optimizer):
         lr, mom = self.lr, self.momentum
         regularised = self.weight_decay or self.l1
         for i, (p, g) in enumerate(zip(params, grads)):
+            if backend.is_cuda_array(p):         # one fused CUDA kernel per parameter
+                decayed = regularised and (decay is None or decay[i])
+                self.state[i] = _cuda.sgd_step(
+                    p, g, self.state[i], lr, mom, self.weight_decay if decayed else 0.0,
+                    self.l1 if decayed else 0.0, self.nesterov)
+                continue
             tmp = self._tmp[i]
             if regularised and (decay is None or decay[i]):
                 xp = backend.get_array_module(p)
@@ -169,6 +176,11 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - b1 ** self.t)
         sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
         for i, (p, g) in enumerate(zip(params, grads)):
+            if backend.is_cuda_array(p):         # one fused CUDA kernel per parameter
+                decayed = self.weight_decay and (decay is None or decay[i])
+                _cuda.adam_step(p, g, *self.state[i], step_size, self.betas, 1 / sqrt_bc2,
+                                self.eps, self.weight_decay if decayed else 0.0)
+                continue
             xp = backend.get_array_module(p)
             m, v = self.state[i]
             tmp = self._tmp[i]

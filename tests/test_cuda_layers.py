@@ -149,3 +149,28 @@ def test_adam_step_on_gpu_equals_cpu():
     for lc, lg in zip(cpu.layers, gpu.layers):
         for key in lc.params:
             assert_close(lg.params[key], lc.params[key], f"{type(lc).__name__}.{key}")
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda: fn.optim.SGD(lr=0.05),
+    lambda: fn.optim.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda: fn.optim.SGD(lr=0.05, momentum=0.5, l1=0.001),
+    lambda: fn.optim.Adam(lr=0.01),
+], ids=["sgd", "sgd-nesterov-l2", "sgd-momentum-l1", "adam"])
+def test_fused_optimizer_steps_on_gpu_equal_cpu(make_optimizer):
+    """The CUDA path of the optimizers (one fused kernel per parameter) follows
+    the CPU path step by step; biases get no weight decay on either."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20, 6))
+    y = rng.integers(0, 4, 20)
+    cpu = fn.Network([fn.Dense(6, 8, seed=0, dtype="float64"), fn.ReLU(),
+                      fn.Dense(8, 4, seed=1, dtype="float64")])
+    gpu = copy.deepcopy(cpu)
+    for net in (cpu, gpu):
+        net.compile(loss="cross_entropy", optimizer=make_optimizer())
+    gpu.to("cuda")
+    cpu.fit(x, y, epochs=3, batch_size=7, shuffle=False, verbose=0)
+    gpu.fit(x, y, epochs=3, batch_size=7, shuffle=False, verbose=0)
+    for lc, lg in zip(cpu.layers, gpu.layers):
+        for key in lc.params:
+            assert_close(lg.params[key], lc.params[key], f"{type(lc).__name__}.{key}")

@@ -4,27 +4,34 @@
 (C-contiguous, float32 or float64; ``stride``/``padding`` as ``(h, w)``).
 Hand-written kernels live in one CUDA C++ source (``_SOURCE`` below, compiled
 once per process by NVRTC through ``cupy.RawModule``, templated on float and
-double); GEMMs go to cuBLAS through ``cupy.matmul``. No Python loop runs over
-the batch: a convolution is one im2col, one GEMM and one layout pass for the
-whole batch (cut into a few chunks only when the columns would pass
-``CONV_WORKSPACE_BYTES``).
+double); GEMMs go to cuBLAS (strided-batched GEMM called directly, which
+costs a few microseconds of Python instead of ``cupy.matmul``'s tens).
+
+No Python loop runs over the batch. A convolution is, for the whole batch
+(cut into a few chunks only when the columns would pass
+``CONV_WORKSPACE_BYTES``): im2col into batch-major columns (N, C*kh*kw, OH*OW),
+then one strided-batched GEMM per product, whose output is already NCHW:
+
+    forward   y[n]      = W (K, C*kh*kw) @ cols[n]        (+ bias: one pass)
+    backward  grad_W    = sum_n grad_y[n] @ cols[n].T     (batched GEMM, then a
+                                                           fixed-order sum over n)
+              grad_x[n] = col2im(W.T @ grad_y[n])         (batched GEMM, gather)
+              grad_b    = per-channel sum of grad_y
 
 Reductions are gathers (one thread owns one output and sums its inputs in a
-fixed order): col2im, the loss and the BatchNorm sums are race-free and
-reproducible, with no atomics. The max-pool backward alone scatters with
+fixed order): col2im, grad_W, grad_b, the loss and the BatchNorm sums are
+race-free and reproducible. The max-pool backward alone scatters with
 atomicAdd (it is not told the window geometry); it is exact whenever windows
-do not overlap.
+do not overlap (each pixel then receives at most one value).
 
 This module imports without CuPy; it needs CuPy only when a kernel runs, and a
 kernel only runs for CuPy arrays.
 
 Precision: float32 GEMMs are full float32 by default (results agree with the
-CPU to float32 round-off). ``set_tf32(True)`` lets cuBLAS use TF32 tensor
-cores for float32 GEMMs, as PyTorch's cuDNN convolutions do by default
-(about 1e-3 relative error); ``FASTNN_TF32=1`` in the environment does the
-same at import.
+CPU to float32 round-off). ``set_tf32(True)`` (or ``FASTNN_TF32=1`` in the
+environment) lets cuBLAS use TF32 tensor cores for float32 GEMMs, as PyTorch's
+cuDNN convolutions do by default (about 1e-3 relative error).
 """
-import contextlib
 import os
 
 import numpy as np
@@ -35,14 +42,15 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "dropout_forward", "dropout_backward", "batchnorm_forward",
-           "batchnorm_backward", "set_tf32", "tf32_enabled"]
+           "batchnorm_backward", "sgd_step", "adam_step", "set_tf32", "tf32_enabled"]
 
-# Columns of one conv chunk stay under this many bytes; GPU memory is large, so
-# a whole LeNet or CIFAR batch is one chunk (one GEMM), and only huge batches
-# are cut.
+# Workspace of one conv chunk (columns + per-sample weight-gradient partials)
+# stays under this many bytes. GPU memory is large: a LeNet or CIFAR batch is
+# one chunk; only huge batches are cut.
 CONV_WORKSPACE_BYTES = 1 << 30
 
 _THREADS = 256
+_GRID_YZ = 65535            # CUDA's limit on gridDim.y / gridDim.z: kernels loop past it
 
 _SOURCE = r"""
 typedef long long i64;
@@ -66,124 +74,206 @@ __device__ __forceinline__ T warp_max(T v) {
     return v;
 }
 
-// im2col: x (N,C,H,W) -> cols (C*KH*KW, N*OH*OW).
-// One thread per (c, column); it computes n, oh, ow once and writes the KH*KW
-// rows of its column. Writes are coalesced along the column index, reads
-// along ow (stride SW). Memory: reads x ~KH*KW/(SH*SW) times (mostly L2),
-// writes C*KH*KW*N*OH*OW elements once.
+// Grid convention of the image kernels: x covers a plane's positions (OH*OW or
+// H*W, 32-bit), y the channels, z the samples (y and z loop past 65535). No
+// 64-bit division anywhere: an index costs one 32-bit divide by the width.
+
+// im2col. Row r = c*KH*KW + i*KW + j, position p = oh*OW + ow of sample n goes to
+//   batch_major: cols[(n*CKK + r)*P + p]     (N, C*KH*KW, P): per-sample GEMMs
+//   otherwise:   cols[r*N*P + n*P + p]       (C*KH*KW, N*P): the API layout
+// One thread per (n, c, p) writes KH*KW entries, coalesced along p.
 template <typename T>
 __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ cols,
         int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW,
-        int OH, int OW) {
+        int OH, int OW, int batch_major) {
     const int P = OH * OW;
-    const i64 NP = (i64)N * P;
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {
-        for (i64 col = blockIdx.x * (i64)blockDim.x + threadIdx.x; col < NP;
-             col += (i64)blockDim.x * gridDim.x) {
-            const int n = (int)(col / P);
-            const int p = (int)(col - (i64)n * P);
-            const int oh = p / OW, ow = p - (p / OW) * OW;
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= P) return;
+    const int oh = p / OW, ow = p - oh * OW;
+    const int KK = KH * KW;
+    const i64 row_stride = batch_major ? (i64)P : (i64)N * P;
+    for (int n = blockIdx.z; n < N; n += gridDim.z) {
+        for (int c = blockIdx.y; c < C; c += gridDim.y) {
             const T* plane = x + ((i64)n * C + c) * H * W;
-            T* out = cols + (i64)c * KH * KW * NP + col;
+            T* out = cols + (batch_major ? ((i64)n * C * KK + (i64)c * KK) * P + p
+                                         : (i64)c * KK * row_stride + (i64)n * P + p);
             for (int i = 0; i < KH; ++i) {
                 const int h = oh * SH - PH + i;
                 const bool row_in = h >= 0 && h < H;
                 for (int j = 0; j < KW; ++j) {
                     const int w = ow * SW - PW + j;
-                    *out = (row_in && w >= 0 && w < W) ? plane[(i64)h * W + w] : (T)0;
-                    out += NP;
+                    *out = (row_in && w >= 0 && w < W) ? plane[h * W + w] : (T)0;
+                    out += row_stride;
                 }
             }
         }
     }
 }
 
-// col2im (adjoint of im2col): one thread per input pixel gathers every column
-// entry copied from it, in a fixed order: no atomics, deterministic.
+// col2im, the adjoint: one thread per input pixel (n, c, h, w) gathers every
+// column entry copied from it, in a fixed order (no atomics). Window offsets i
+// with (h + PH - i) % SH == 0 and 0 <= (h + PH - i) / SH < OH are stepped
+// directly: two divisions per axis per pixel.
 template <typename T>
 __global__ void col2im_kernel(const T* __restrict__ cols, T* __restrict__ dx,
         int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW,
-        int OH, int OW) {
-    const i64 total = (i64)N * C * H * W;
-    const int P = OH * OW;
-    const i64 NP = (i64)N * P;
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const int w = (int)(idx % W);
-        i64 t = idx / W;
-        const int h = (int)(t % H);
-        t /= H;
-        const int c = (int)(t % C);
-        const int n = (int)(t / C);
-        const int hp = h + PH, wp = w + PW;
-        T sum = 0;
-        for (int i = 0; i < KH; ++i) {
-            const int dh = hp - i;
-            if (dh < 0) break;
-            if (dh % SH) continue;
-            const int oh = dh / SH;
-            if (oh >= OH) continue;
-            for (int j = 0; j < KW; ++j) {
-                const int dw = wp - j;
-                if (dw < 0) break;
-                if (dw % SW) continue;
-                const int ow = dw / SW;
-                if (ow >= OW) continue;
-                sum += cols[((i64)(c * KH + i) * KW + j) * NP + (i64)n * P + oh * OW + ow];
+        int OH, int OW, int batch_major) {
+    const int hw = blockIdx.x * blockDim.x + threadIdx.x;
+    if (hw >= H * W) return;
+    const int h = hw / W, w = hw - (hw / W) * W;
+    const int P = OH * OW, KK = KH * KW;
+    const i64 row_stride = batch_major ? (i64)P : (i64)N * P;
+    const int hp = h + PH, wp = w + PW;
+    int i0 = max(0, hp - (OH - 1) * SH);
+    i0 += (hp - i0) % SH;
+    const int i1 = min(KH - 1, hp);
+    int j0 = max(0, wp - (OW - 1) * SW);
+    j0 += (wp - j0) % SW;
+    const int j1 = min(KW - 1, wp);
+    for (int n = blockIdx.z; n < N; n += gridDim.z) {
+        for (int c = blockIdx.y; c < C; c += gridDim.y) {
+            const T* base = cols + (batch_major ? ((i64)n * C * KK + (i64)c * KK) * P
+                                                : (i64)c * KK * row_stride + (i64)n * P);
+            T sum = 0;
+            for (int i = i0, oh = (hp - i0) / SH; i <= i1; i += SH, --oh) {
+                for (int j = j0, ow = (wp - j0) / SW; j <= j1; j += SW, --ow) {
+                    sum += base[(i64)(i * KW + j) * row_stride + oh * OW + ow];
+                }
             }
+            dx[((i64)n * C + c) * H * W + hw] = sum;
         }
-        dx[idx] = sum;
     }
 }
 
-// (K, N*P) -> (N, K, P), adding bias[k] when has_bias: the GEMM's epilogue pass.
+// y (N, K, P) += bias[k]
 template <typename T>
-__global__ void kmajor_to_nchw_kernel(const T* __restrict__ src, const T* __restrict__ bias,
-        T* __restrict__ dst, int N, int K, int P, int has_bias) {
-    const i64 total = (i64)N * K * P;
-    const i64 NP = (i64)N * P;
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const int p = (int)(idx % P);
-        const i64 t = idx / P;
-        const int k = (int)(t % K);
-        const int n = (int)(t / K);
-        T v = src[(i64)k * NP + (i64)n * P + p];
-        if (has_bias) v += bias[k];
-        dst[idx] = v;
-    }
+__global__ void bias_nkp_kernel(T* __restrict__ y, const T* __restrict__ bias, int N, int K, int P) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= P) return;
+    for (int n = blockIdx.z; n < N; n += gridDim.z)
+        for (int k = blockIdx.y; k < K; k += gridDim.y)
+            y[((i64)n * K + k) * P + p] += bias[k];
 }
 
-// (N, K, P) -> (K, N*P): the layout of grad_y that the backward GEMMs want.
+// y (R, M) += bias[j]
 template <typename T>
-__global__ void nchw_to_kmajor_kernel(const T* __restrict__ src, T* __restrict__ dst,
-        int N, int K, int P) {
-    const i64 total = (i64)N * K * P;
-    const i64 NP = (i64)N * P;
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const int p = (int)(idx % P);
-        const i64 t = idx / P;
-        const int k = (int)(t % K);
-        const int n = (int)(t / K);
-        dst[(i64)k * NP + (i64)n * P + p] = src[idx];
+__global__ void bias_rows_kernel(T* __restrict__ y, const T* __restrict__ bias, int R, int M) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= M) return;
+    const T b = bias[j];
+    for (int r = blockIdx.y; r < R; r += gridDim.y) y[(i64)r * M + j] += b;
+}
+
+// dst[j] (+)= sum_r src[r*M + j]: column sums in row order (dense grad_b, the
+// per-sample partials of a conv weight gradient, conv grad_b). Block (32, 8):
+// 32 columns, 8 row lanes, combined in a fixed order.
+template <typename T>
+__global__ void sum_rows_kernel(const T* __restrict__ src, T* __restrict__ dst, int R, i64 M,
+        int accumulate) {
+    __shared__ T part[8][33];
+    const i64 j = blockIdx.x * (i64)32 + threadIdx.x;
+    T acc = 0;
+    if (j < M)
+        for (int r = threadIdx.y; r < R; r += 8) acc += src[(i64)r * M + j];
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < M) {
+        T total = 0;
+        for (int y = 0; y < 8; ++y) total += part[y][threadIdx.x];
+        dst[j] = accumulate ? dst[j] + total : total;
     }
 }
 
-// Max pooling: one thread per output; first maximum in row-major window order
-// wins (NaN counts as the maximum, as NumPy's argmax).
+// out[r] = sum of row r of src (R, L): one block per row, fixed-order reduction.
+template <typename T>
+__global__ void row_sum_kernel(const T* __restrict__ src, T* __restrict__ out, int R, int L) {
+    __shared__ T part[32];
+    for (int r = blockIdx.x; r < R; r += gridDim.x) {
+        const T* row = src + (i64)r * L;
+        T acc = 0;
+        for (int s = threadIdx.x; s < L; s += blockDim.x) acc += row[s];
+        acc = warp_sum(acc);
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            T total = 0;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += part[w];
+            out[r] = total;
+        }
+        __syncthreads();
+    }
+}
+
+// SGD (PyTorch's rule, dampening 0), fused: one pass per parameter.
+//   g += wd * p + l1 * sign(p);  buf = first ? g : mom * buf + g;
+//   g = nesterov ? g + mom * buf : buf;  p -= lr * g
+template <typename T>
+__global__ void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf,
+        i64 total, T lr, T mom, T wd, T l1, int use_mom, int nesterov, int first) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const T pv = p[i];
+        T gv = g[i];
+        if (wd != (T)0) gv = pv * wd + gv;
+        if (l1 != (T)0) gv += l1 * (pv > (T)0 ? (T)1 : (pv < (T)0 ? (T)-1 : (T)0));
+        if (use_mom) {
+            const T b = first ? gv : buf[i] * mom + gv;
+            buf[i] = b;
+            gv = nesterov ? gv + mom * b : b;
+        }
+        p[i] = pv - lr * gv;
+    }
+}
+
+// Adam (PyTorch's rule, L2 weight decay added to the gradient), fused:
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+//   p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
+template <typename T>
+__global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
+        T* __restrict__ v, i64 total, T b1, T one_minus_b1, T b2, T one_minus_b2,
+        T inv_sqrt_bc2, T eps, T step_size, T wd) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const T pv = p[i];
+        T gv = g[i];
+        if (wd != (T)0) gv = gv + wd * pv;
+        const T mv = m[i] * b1 + gv * one_minus_b1;
+        const T vv = v[i] * b2 + (gv * gv) * one_minus_b2;
+        m[i] = mv;
+        v[i] = vv;
+        p[i] = pv - (mv / (sqrt(vv) * inv_sqrt_bc2 + eps)) * step_size;
+    }
+}
+
+template <typename T>
+__global__ void relu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, i64 total) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const T v = x[i];
+        y[i] = (v > (T)0 || v != v) ? v : (T)0;      // NaN stays NaN, as np.maximum
+    }
+}
+
+template <typename T>
+__global__ void relu_backward_kernel(const T* __restrict__ gy, const T* __restrict__ y,
+        T* __restrict__ gx, i64 total) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x)
+        gx[i] = y[i] > (T)0 ? gy[i] : (T)0;
+}
+
+// Max pooling: one thread per output; the first maximum in row-major window
+// order wins (NaN counts as the maximum, as NumPy's argmax).
 template <typename T>
 __global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
-        i64* __restrict__ argmax, i64 total, int H, int W, int KH, int KW,
+        i64* __restrict__ argmax, int planes, int H, int W, int KH, int KW,
         int SH, int SW, int OH, int OW) {
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const int ow = (int)(idx % OW);
-        const i64 t = idx / OW;
-        const int oh = (int)(t % OH);
-        const i64 plane = t / OH;
-        const T* xp = x + plane * H * W;
-        const int h0 = oh * SH, w0 = ow * SW;
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= OH * OW) return;
+    const int oh = p / OW, ow = p - (p / OW) * OW;
+    const int h0 = oh * SH, w0 = ow * SW;
+    for (int plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+        const T* xp = x + (i64)plane * H * W;
         int best_pos = h0 * W + w0;
         T best = xp[best_pos];
         for (int i = 0; i < KH; ++i) {
@@ -193,28 +283,29 @@ __global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ 
                 if (v > best || (v != v && best == best)) { best = v; best_pos = pos; }
             }
         }
-        y[idx] = best;
-        argmax[idx] = best_pos;
+        const i64 o = (i64)plane * OH * OW + p;
+        y[o] = best;
+        argmax[o] = best_pos;
     }
 }
 
 // Max-pool backward: one thread per output adds grad_y to its argmax pixel.
-// Non-overlapping windows give each pixel at most one add (exact); overlapping
-// ones sum a few values in hardware order. Out-of-plane argmax is skipped.
+// Out-of-plane argmax entries are skipped rather than written out of bounds.
 template <typename T>
 __global__ void maxpool_backward_kernel(const T* __restrict__ grad_y,
-        const i64* __restrict__ argmax, T* __restrict__ grad_x, i64 total,
-        i64 out_plane, i64 in_plane) {
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const i64 a = argmax[idx];
-        if (a >= 0 && a < in_plane) atomicAdd(grad_x + (idx / out_plane) * in_plane + a, grad_y[idx]);
+        const i64* __restrict__ argmax, T* __restrict__ grad_x, int planes, int out_plane,
+        int in_plane) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= out_plane) return;
+    for (int plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+        const i64 o = (i64)plane * out_plane + p;
+        const i64 a = argmax[o];
+        if (a >= 0 && a < in_plane) atomicAdd(grad_x + (i64)plane * in_plane + a, grad_y[o]);
     }
 }
 
-// Softmax cross-entropy, one block: each warp takes rows in turn, the per-warp
-// losses are summed in a fixed order, so the loss is deterministic and the
-// whole op is one launch (the batch losses of a training step are small).
+// Softmax cross-entropy in one launch, one block: each warp takes rows in
+// turn, the per-warp losses are summed in a fixed order (deterministic).
 // labels: class indices (int64, onehot == 0) or target rows (T, onehot == 1).
 template <typename T>
 __global__ void softmax_xent_kernel(const T* __restrict__ logits, const i64* __restrict__ classes,
@@ -289,26 +380,24 @@ __global__ void channel_mean_var_kernel(const T* __restrict__ x, T* __restrict__
         T* __restrict__ var, int N, int C, int S) {
     __shared__ double part[32];
     const int c = blockIdx.x;
-    const i64 count = (i64)N * S;
+    const double count = (double)N * S;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     double acc = 0;
-    for (i64 e = threadIdx.x; e < count; e += blockDim.x) {
-        const i64 n = e / S, s = e - n * S;
-        acc += (double)x[(n * C + c) * S + s];
-    }
+    for (int n = 0; n < N; ++n)
+        for (int s = threadIdx.x; s < S; s += blockDim.x) acc += (double)x[((i64)n * C + c) * S + s];
     acc = warp_sum(acc);
     if (lane == 0) part[warp] = acc;
     __syncthreads();
     double mu = 0;
     for (int w = 0; w < warps; ++w) mu += part[w];
-    mu /= (double)count;
+    mu /= count;
     __syncthreads();
     acc = 0;
-    for (i64 e = threadIdx.x; e < count; e += blockDim.x) {
-        const i64 n = e / S, s = e - n * S;
-        const double d = (double)x[(n * C + c) * S + s] - mu;
-        acc += d * d;
-    }
+    for (int n = 0; n < N; ++n)
+        for (int s = threadIdx.x; s < S; s += blockDim.x) {
+            const double d = (double)x[((i64)n * C + c) * S + s] - mu;
+            acc += d * d;
+        }
     acc = warp_sum(acc);
     if (lane == 0) part[warp] = acc;
     __syncthreads();
@@ -316,7 +405,7 @@ __global__ void channel_mean_var_kernel(const T* __restrict__ x, T* __restrict__
         double v = 0;
         for (int w = 0; w < warps; ++w) v += part[w];
         mean[c] = (T)mu;
-        var[c] = (T)(v / (double)count);
+        var[c] = (T)(v / count);
     }
 }
 
@@ -327,16 +416,15 @@ __global__ void channel_grad_sums_kernel(const T* __restrict__ grad_y, const T* 
     __shared__ double part_a[32];
     __shared__ double part_b[32];
     const int c = blockIdx.x;
-    const i64 count = (i64)N * S;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     double a = 0, b = 0;
-    for (i64 e = threadIdx.x; e < count; e += blockDim.x) {
-        const i64 n = e / S, s = e - n * S;
-        const i64 at = (n * C + c) * S + s;
-        const double g = (double)grad_y[at];
-        a += g;
-        b += g * (double)x_hat[at];
-    }
+    for (int n = 0; n < N; ++n)
+        for (int s = threadIdx.x; s < S; s += blockDim.x) {
+            const i64 at = ((i64)n * C + c) * S + s;
+            const double g = (double)grad_y[at];
+            a += g;
+            b += g * (double)x_hat[at];
+        }
     a = warp_sum(a);
     b = warp_sum(b);
     if (lane == 0) { part_a[warp] = a; part_b[warp] = b; }
@@ -349,43 +437,49 @@ __global__ void channel_grad_sums_kernel(const T* __restrict__ grad_y, const T* 
     }
 }
 
-// BatchNorm elementwise passes over x viewed as (N, C, S).
+// BatchNorm elementwise passes over x viewed as (N, C, S); grid as the image kernels.
 template <typename T>
 __global__ void batchnorm_apply_kernel(const T* __restrict__ x, const T* __restrict__ mean,
         const T* __restrict__ inv_std, const T* __restrict__ gamma, const T* __restrict__ beta,
-        T* __restrict__ x_hat, T* __restrict__ y, i64 total, int C, int S) {
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const int c = (int)((idx / S) % C);
-        const T xh = (x[idx] - mean[c]) * inv_std[c];
-        x_hat[idx] = xh;
-        y[idx] = gamma[c] * xh + beta[c];
-    }
+        T* __restrict__ x_hat, T* __restrict__ y, int N, int C, int S) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= S) return;
+    for (int n = blockIdx.z; n < N; n += gridDim.z)
+        for (int c = blockIdx.y; c < C; c += gridDim.y) {
+            const i64 idx = ((i64)n * C + c) * S + s;
+            const T xh = (x[idx] - mean[c]) * inv_std[c];
+            x_hat[idx] = xh;
+            y[idx] = gamma[c] * xh + beta[c];
+        }
 }
 
 // grad_x = gamma * inv_std * (grad_y - mean(grad_y) - x_hat * mean(grad_y * x_hat))
 template <typename T>
 __global__ void batchnorm_grad_x_kernel(const T* __restrict__ grad_y, const T* __restrict__ x_hat,
         const T* __restrict__ gamma, const T* __restrict__ inv_std, const T* __restrict__ sum_gy,
-        const T* __restrict__ sum_gy_xhat, T* __restrict__ grad_x, i64 total, int C, int S,
+        const T* __restrict__ sum_gy_xhat, T* __restrict__ grad_x, int N, int C, int S,
         T inv_count) {
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const int c = (int)((idx / S) % C);
-        grad_x[idx] = gamma[c] * inv_std[c] *
-            (grad_y[idx] - sum_gy[c] * inv_count - x_hat[idx] * sum_gy_xhat[c] * inv_count);
-    }
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= S) return;
+    for (int n = blockIdx.z; n < N; n += gridDim.z)
+        for (int c = blockIdx.y; c < C; c += gridDim.y) {
+            const i64 idx = ((i64)n * C + c) * S + s;
+            grad_x[idx] = gamma[c] * inv_std[c] *
+                (grad_y[idx] - sum_gy[c] * inv_count - x_hat[idx] * sum_gy_xhat[c] * inv_count);
+        }
 }
 """
 
-_KERNELS = ("im2col_kernel", "col2im_kernel", "kmajor_to_nchw_kernel",
-            "nchw_to_kmajor_kernel", "maxpool_forward_kernel", "maxpool_backward_kernel",
+_KERNELS = ("im2col_kernel", "col2im_kernel", "bias_nkp_kernel", "bias_rows_kernel",
+            "sum_rows_kernel", "row_sum_kernel", "sgd_kernel", "adam_kernel",
+            "relu_forward_kernel",
+            "relu_backward_kernel", "maxpool_forward_kernel", "maxpool_backward_kernel",
             "softmax_xent_kernel", "dropout_kernel", "channel_mean_var_kernel",
             "channel_grad_sums_kernel", "batchnorm_apply_kernel", "batchnorm_grad_x_kernel")
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 _module = None
-_elementwise = {}
+_functions = {}
 _tf32 = os.environ.get("FASTNN_TF32", "0") not in ("", "0")
 
 
@@ -396,28 +490,31 @@ def _cp():
 
 def _kernel(name, dtype):
     """The compiled ``name<T>`` for ``dtype`` (the module is built on first use)."""
-    global _module
-    if _module is None:
-        cp = _cp()
-        names = [f"{k}<{t}>" for k in _KERNELS for t in ("float", "double")]
-        _module = cp.RawModule(code=_SOURCE, name_expressions=names)
-    return _module.get_function(f"{name}<{_CTYPE[np.dtype(dtype)]}>")
+    fn = _functions.get((name, dtype))
+    if fn is None:
+        global _module
+        if _module is None:
+            names = [f"{k}<{t}>" for k in _KERNELS for t in ("float", "double")]
+            _module = _cp().RawModule(code=_SOURCE, name_expressions=names)
+        fn = _module.get_function(f"{name}<{_CTYPE[np.dtype(dtype)]}>")
+        _functions[(name, dtype)] = fn
+    return fn
 
 
 def _blocks(total, threads=_THREADS):
-    """Blocks for a grid-stride loop over ``total`` items (capped; the loop covers the rest)."""
-    return int(max(1, min((total + threads - 1) // threads, 1 << 20)))
+    """Blocks for ``total`` items (grid-stride kernels cover the rest past the cap)."""
+    return min((total + threads - 1) // threads, 1 << 20) or 1
 
 
-def _i(v):
-    return np.int32(v)
+def _plane_grid(positions, channels=1, samples=1):
+    """(x, y, z) grid for the image kernels: x covers positions, y channels, z samples."""
+    return (_blocks(positions), min(channels, _GRID_YZ), min(samples, _GRID_YZ))
 
 
-def _scalar(v, dtype):
-    return np.dtype(dtype).type(v)
+_i = np.int32
 
 
-# --- GEMM precision -------------------------------------------------------------
+# --- GEMM: cuBLAS strided-batched, called directly -----------------------------------
 
 def set_tf32(enabled):
     """Let float32 GEMMs use TF32 tensor cores (PyTorch's cuDNN default) or not (default)."""
@@ -430,37 +527,97 @@ def tf32_enabled():
     return _tf32
 
 
-@contextlib.contextmanager
-def _gemm_precision(dtype):
-    """Set CuPy's cuBLAS compute type for float32 while our GEMMs run, then restore it."""
-    if not (_tf32 and np.dtype(dtype) == np.float32):
-        yield
-        return
-    from cupy._core import _routines_linalg as linalg
-    before = linalg.get_compute_type(np.float32)
-    linalg.set_compute_type(np.float32, getattr(linalg, "COMPUTE_TYPE_TF32", 7))
-    try:
-        yield
-    finally:
-        linalg.set_compute_type(np.float32, before)
+_blas = None
 
 
-def _matmul(a, b, out=None):
-    with _gemm_precision(a.dtype):
-        return _cp().matmul(a, b, out=out)
+def _cublas():
+    """cuBLAS binding, constants and host scalars, looked up once."""
+    global _blas
+    if _blas is None:
+        from cupy_backends.cuda.libs import cublas
+        from cupy_backends.cuda.api import runtime
+        c = cublas
+        _blas = {
+            "lib": cublas,
+            "N": getattr(c, "CUBLAS_OP_N", 0), "T": getattr(c, "CUBLAS_OP_T", 1),
+            np.dtype(np.float32): (getattr(runtime, "CUDA_R_32F", 0),
+                                   getattr(c, "CUBLAS_COMPUTE_32F", 68)),
+            np.dtype(np.float64): (getattr(runtime, "CUDA_R_64F", 1),
+                                   getattr(c, "CUBLAS_COMPUTE_64F", 70)),
+            "tf32": getattr(c, "CUBLAS_COMPUTE_32F_FAST_TF32", 77),
+            "algo": getattr(c, "CUBLAS_GEMM_DEFAULT", -1),
+        }
+        # alpha / beta live on the host (cuBLAS's default pointer mode); the arrays
+        # are kept alive here and their addresses taken once
+        arrays = {(dt, v): np.array(v, dtype=dt) for dt in (np.float32, np.float64)
+                  for v in (0.0, 1.0)}
+        _blas["scalar_arrays"] = arrays
+        _blas["scalars"] = {key: a.ctypes.data for key, a in arrays.items()}
+    return _blas
+
+
+def _gemm(a, b, out, m, n, k, trans_a=False, trans_b=False, batch=1,
+          stride_a=0, stride_b=0, stride_out=0, accumulate=False):
+    """Row-major ``out[i] (m, n) (+)= op(a[i]) (m, k) @ op(b[i]) (k, n)`` for i < batch.
+
+    ``a``, ``b``, ``out`` are C-contiguous CuPy arrays; matrix i of each starts
+    ``stride_*`` elements after matrix i-1 (0 repeats one matrix for the whole
+    batch). ``trans_a``: ``a`` is stored (k, m); ``trans_b``: ``b`` is stored
+    (n, k). cuBLAS is column-major, so this computes ``out.T = op(b).T op(a).T``.
+    """
+    blas = _cublas()
+    lib = blas["lib"]
+    dtype = out.dtype
+    data_type, compute = blas[dtype]
+    if _tf32 and dtype == np.float32:
+        compute = blas["tf32"]
+    scalars = blas["scalars"]
+    handle = _cp().cuda.device.get_cublas_handle()
+    lib.setStream(handle, _cp().cuda.get_current_stream().ptr)
+    lib.gemmStridedBatchedEx(
+        handle, blas["T"] if trans_b else blas["N"], blas["T"] if trans_a else blas["N"],
+        n, m, k, scalars[(dtype.type, 1.0)],
+        b.data.ptr, data_type, k if trans_b else n, stride_b,
+        a.data.ptr, data_type, m if trans_a else k, stride_a,
+        scalars[(dtype.type, 1.0 if accumulate else 0.0)],
+        out.data.ptr, data_type, n, stride_out,
+        batch, compute, blas["algo"])
+    return out
+
+
+def _sum_rows(src, rows, width, out, accumulate=False):
+    """out (width,) (+)= src viewed as (rows, width) summed over rows, in row order."""
+    _kernel("sum_rows_kernel", src.dtype)(
+        ((width + 31) // 32,), (32, 8), (src, out, _i(rows), np.int64(width), _i(accumulate)))
+    return out
+
+
+def _channel_sums(x, n, c, s, out):
+    """out (c,) = x viewed as (n, c, s) summed over n and s: row sums, then column sums."""
+    row_sums = _cp().empty(n * c, dtype=x.dtype)
+    _kernel("row_sum_kernel", x.dtype)((min(n * c, 1 << 20),), (128,),
+                                       (x, row_sums, _i(n * c), _i(s)))
+    return _sum_rows(row_sums, n, c, out)
 
 
 # --- im2col / col2im ------------------------------------------------------------------
 
-def _im2col_into(x, kh, kw, stride, padding, oh, ow, cols):
+def _im2col_into(x, kh, kw, stride, padding, oh, ow, cols, batch_major):
     n, c, h, w = x.shape
-    np_cols = n * oh * ow
-    grid = (_blocks(np_cols), min(c, 65535))
     _kernel("im2col_kernel", x.dtype)(
-        grid, (_THREADS,),
+        _plane_grid(oh * ow, c, n), (_THREADS,),
         (x, cols, _i(n), _i(c), _i(h), _i(w), _i(kh), _i(kw), _i(stride[0]), _i(stride[1]),
-         _i(padding[0]), _i(padding[1]), _i(oh), _i(ow)))
+         _i(padding[0]), _i(padding[1]), _i(oh), _i(ow), _i(batch_major)))
     return cols
+
+
+def _col2im_into(cols, dx, kh, kw, stride, padding, oh, ow, batch_major):
+    n, c, h, w = dx.shape
+    _kernel("col2im_kernel", cols.dtype)(
+        _plane_grid(h * w, c, n), (_THREADS,),
+        (cols, dx, _i(n), _i(c), _i(h), _i(w), _i(kh), _i(kw), _i(stride[0]), _i(stride[1]),
+         _i(padding[0]), _i(padding[1]), _i(oh), _i(ow), _i(batch_major)))
+    return dx
 
 
 def im2col(x, kh, kw, stride, padding):
@@ -469,7 +626,7 @@ def im2col(x, kh, kw, stride, padding):
     oh = conv_output_size(h, kh, stride[0], padding[0])
     ow = conv_output_size(w, kw, stride[1], padding[1])
     cols = _cp().empty((c * kh * kw, n * oh * ow), dtype=x.dtype)
-    return _im2col_into(x, kh, kw, stride, padding, oh, ow, cols)
+    return _im2col_into(x, kh, kw, stride, padding, oh, ow, cols, False)
 
 
 def col2im(cols, x_shape, kh, kw, stride, padding):
@@ -478,106 +635,77 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
     oh = conv_output_size(h, kh, stride[0], padding[0])
     ow = conv_output_size(w, kw, stride[1], padding[1])
     dx = _cp().empty(x_shape, dtype=cols.dtype)
-    total = n * c * h * w
-    _kernel("col2im_kernel", cols.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (cols, dx, _i(n), _i(c), _i(h), _i(w), _i(kh), _i(kw), _i(stride[0]), _i(stride[1]),
-         _i(padding[0]), _i(padding[1]), _i(oh), _i(ow)))
-    return dx
+    return _col2im_into(cols, dx, kh, kw, stride, padding, oh, ow, False)
 
 
 # --- convolution ------------------------------------------------------------------------
 
-def _conv_chunk(c, kh, kw, oh, ow, itemsize):
-    per_sample = c * kh * kw * oh * ow * itemsize
+def _conv_chunk(c, k, kh, kw, oh, ow, itemsize):
+    """Samples per chunk: columns and weight-gradient partials within the workspace."""
+    per_sample = (c * kh * kw * oh * ow + k * c * kh * kw) * itemsize
     return max(1, CONV_WORKSPACE_BYTES // per_sample)
-
-
-def _leading(cols, width):
-    """A C-contiguous (rows, width) view on the start of the workspace ``cols``
-    (the last, smaller chunk): kernels index raw memory with row stride ``width``."""
-    rows = cols.shape[0]
-    return cols.ravel()[:rows * width].reshape(rows, width)
-
-
-def _kmajor_to_nchw(src, bias, n, k, oh, ow, out):
-    """src (K, n*OH*OW) -> out (n, K, OH, OW) (+ bias[k])."""
-    p = oh * ow
-    total = n * k * p
-    _kernel("kmajor_to_nchw_kernel", src.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (src, src if bias is None else bias, out, _i(n), _i(k), _i(p), _i(bias is not None)))
-    return out
-
-
-def _nchw_to_kmajor(src):
-    """src (n, K, OH, OW) -> (K, n*OH*OW)."""
-    n, k, oh, ow = src.shape
-    p = oh * ow
-    if n == 1:
-        return src.reshape(k, p)     # same memory layout
-    dst = _cp().empty((k, n * p), dtype=src.dtype)
-    _kernel("nchw_to_kmajor_kernel", src.dtype)(
-        (_blocks(n * k * p),), (_THREADS,), (src, dst, _i(n), _i(k), _i(p)))
-    return dst
 
 
 def conv2d_forward(x, W, b, stride, padding):
     """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
 
-    Per chunk of the batch (the whole batch unless its columns pass
-    CONV_WORKSPACE_BYTES): im2col, one cuBLAS GEMM ``W (K, C*kh*kw) @ cols``,
-    then one pass that transposes (K, n*P) to NCHW and adds the bias.
+    Per chunk of the batch (the whole batch unless its columns pass the
+    workspace): im2col into (n, C*kh*kw, P) columns, one strided-batched GEMM
+    ``y[i] = W (K, C*kh*kw) @ cols[i]`` writing NCHW directly, one bias pass.
     """
     cp = _cp()
     n, c, h, w = x.shape
     k, _, kh, kw = W.shape
     oh = conv_output_size(h, kh, stride[0], padding[0])
     ow = conv_output_size(w, kw, stride[1], padding[1])
-    weights = W.reshape(k, c * kh * kw)
+    p, ckk = oh * ow, c * kh * kw
     y = cp.empty((n, k, oh, ow), dtype=x.dtype)
-    chunk = _conv_chunk(c, kh, kw, oh, ow, x.itemsize)
-    cols = cp.empty((c * kh * kw, min(chunk, n) * oh * ow), dtype=x.dtype)
+    chunk = min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize))
+    cols = cp.empty((chunk, ckk, p), dtype=x.dtype)
     for start in range(0, n, chunk):
-        xs = x[start:start + chunk]
-        ns = xs.shape[0]
-        cs = _leading(cols, ns * oh * ow)
-        _im2col_into(xs, kh, kw, stride, padding, oh, ow, cs)
-        out = _matmul(weights, cs)                                # (K, ns*P)
-        _kmajor_to_nchw(out, b, ns, k, oh, ow, y[start:start + ns])
+        ns = min(chunk, n - start)
+        _im2col_into(x[start:start + ns], kh, kw, stride, padding, oh, ow, cols, True)
+        _gemm(W, cols, y[start:start + ns], k, p, ckk, batch=ns,
+              stride_a=0, stride_b=ckk * p, stride_out=k * p)
+    if b is not None:
+        _kernel("bias_nkp_kernel", x.dtype)(_plane_grid(p, k, n), (_THREADS,),
+                                            (y, b, _i(n), _i(k), _i(p)))
     return y
 
 
 def conv2d_backward(grad_y, x, W, stride, padding):
     """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
 
-    Per chunk: grad_y to (K, n*P), columns rebuilt by im2col,
-    ``grad_W += gy @ cols.T`` and ``grad_x = col2im(W.T @ gy)``, both on cuBLAS.
+    Per chunk: columns rebuilt by im2col; per-sample partials
+    ``grad_y[i] @ cols[i].T`` (one batched GEMM) summed over the samples in
+    order; ``grad_x = col2im(W.T @ grad_y[i])`` (one batched GEMM, a gather).
     """
     cp = _cp()
     n, c, h, w = x.shape
     k, _, kh, kw = W.shape
     oh, ow = grad_y.shape[2:]
-    weights = W.reshape(k, c * kh * kw)
-    grad_x = cp.empty_like(x)
-    grad_weights = None
-    chunk = _conv_chunk(c, kh, kw, oh, ow, x.itemsize)
-    cols = cp.empty((c * kh * kw, min(chunk, n) * oh * ow), dtype=x.dtype)
+    p, ckk = oh * ow, c * kh * kw
+    dtype = x.dtype
+    grad_x = cp.empty(x.shape, dtype=dtype)
+    grad_W = cp.empty(W.shape, dtype=dtype)
+    grad_b = cp.empty(k, dtype=dtype)
+    chunk = min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize))
+    cols = cp.empty((chunk, ckk, p), dtype=dtype)
+    partials = cp.empty((chunk, k, ckk), dtype=dtype) if n > 1 else grad_W
     for start in range(0, n, chunk):
-        xs = x[start:start + chunk]
-        ns = xs.shape[0]
-        cs = _leading(cols, ns * oh * ow)
-        _im2col_into(xs, kh, kw, stride, padding, oh, ow, cs)
-        gy = _nchw_to_kmajor(grad_y[start:start + ns])              # (K, ns*P)
-        part = _matmul(gy, cs.T)                                    # (K, C*kh*kw)
-        if grad_weights is None:
-            grad_weights = part
-        else:
-            grad_weights += part
-        grad_cols = _matmul(weights.T, gy)                          # (C*kh*kw, ns*P)
-        grad_x[start:start + ns] = col2im(grad_cols, xs.shape, kh, kw, stride, padding)
-    grad_b = grad_y.sum(axis=(0, 2, 3))
-    return grad_x, grad_weights.reshape(W.shape), grad_b
+        ns = min(chunk, n - start)
+        xs, gys = x[start:start + ns], grad_y[start:start + ns]
+        _im2col_into(xs, kh, kw, stride, padding, oh, ow, cols, True)
+        _gemm(gys, cols, partials, k, ckk, p, trans_b=True, batch=ns,
+              stride_a=k * p, stride_b=ckk * p, stride_out=k * ckk)
+        if partials is not grad_W:
+            _sum_rows(partials, ns, k * ckk, grad_W, accumulate=start > 0)
+        # grad_cols reuses the columns' buffer: im2col's values are no longer needed
+        _gemm(W, gys, cols, ckk, p, k, trans_a=True, batch=ns,
+              stride_a=0, stride_b=k * p, stride_out=ckk * p)
+        _col2im_into(cols, grad_x[start:start + ns], kh, kw, stride, padding, oh, ow, True)
+    _channel_sums(grad_y, n, k, p, grad_b)
+    return grad_x, grad_W, grad_b
 
 
 # --- pooling ------------------------------------------------------------------------
@@ -590,10 +718,9 @@ def maxpool2d_forward(x, kh, kw, stride):
     ow = conv_output_size(w, kw, stride[1], 0)
     y = cp.empty((n, c, oh, ow), dtype=x.dtype)
     argmax = cp.empty((n, c, oh, ow), dtype=cp.int64)
-    total = y.size
     _kernel("maxpool_forward_kernel", x.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (x, y, argmax, np.int64(total), _i(h), _i(w), _i(kh), _i(kw),
+        _plane_grid(oh * ow, n * c), (_THREADS,),
+        (x, y, argmax, _i(n * c), _i(h), _i(w), _i(kh), _i(kw),
          _i(stride[0]), _i(stride[1]), _i(oh), _i(ow)))
     return y, argmax
 
@@ -609,50 +736,58 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     are summed in an unspecified order (float round-off only). Argmax entries
     outside the plane are ignored rather than written out of bounds.
     """
-    cp = _cp()
-    grad_x = cp.zeros(x_shape, dtype=grad_y.dtype)
-    total = grad_y.size
+    grad_x = _cp().zeros(x_shape, dtype=grad_y.dtype)
+    n, c, oh, ow = grad_y.shape
     _kernel("maxpool_backward_kernel", grad_y.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (grad_y, argmax, grad_x, np.int64(total),
-         np.int64(grad_y.shape[2] * grad_y.shape[3]), np.int64(x_shape[2] * x_shape[3])))
+        _plane_grid(oh * ow, n * c), (_THREADS,),
+        (grad_y, argmax, grad_x, _i(n * c), _i(oh * ow), _i(x_shape[2] * x_shape[3])))
     return grad_x
 
 
 # --- elementwise ----------------------------------------------------------------------
 
-def _ew(name, in_params, out_params, body):
-    """A cached ``cupy.ElementwiseKernel``."""
-    kern = _elementwise.get(name)
-    if kern is None:
-        kern = _cp().ElementwiseKernel(in_params, out_params, body, f"fastnn_{name}")
-        _elementwise[name] = kern
-    return kern
-
-
 def relu_forward(x):
     """y = max(x, 0) (NaN stays NaN, as np.maximum)."""
-    return _ew("relu_fwd", "T x", "T y", "y = (x > (T)0 || x != x) ? x : (T)0")(x)
+    y = _cp().empty(x.shape, dtype=x.dtype)
+    _kernel("relu_forward_kernel", x.dtype)((_blocks(x.size),), (_THREADS,),
+                                            (x, y, np.int64(x.size)))
+    return y
 
 
 def relu_backward(grad_y, y):
     """grad_x = grad_y where y > 0, else 0."""
-    return _ew("relu_bwd", "T gy, T y", "T gx", "gx = y > (T)0 ? gy : (T)0")(grad_y, y)
+    grad_x = _cp().empty(grad_y.shape, dtype=grad_y.dtype)
+    _kernel("relu_backward_kernel", grad_y.dtype)((_blocks(y.size),), (_THREADS,),
+                                                  (grad_y, y, grad_x, np.int64(y.size)))
+    return grad_x
 
 
 # --- dense ------------------------------------------------------------------------------
 
 def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b (cuBLAS, then one bias pass)."""
-    y = _matmul(x, W)
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b (one GEMM, one bias pass)."""
+    n, i = x.shape
+    o = W.shape[1]
+    y = _cp().empty((n, o), dtype=x.dtype)
+    _gemm(x, W, y, n, o, i)
     if b is not None:
-        y += b
+        _kernel("bias_rows_kernel", x.dtype)(
+            (_blocks(o), min(n, _GRID_YZ)), (_THREADS,), (y, b, _i(n), _i(o)))
     return y
 
 
 def dense_backward(grad_y, x, W):
-    """-> (grad_y @ W.T, x.T @ grad_y, grad_y.sum(0)), three cuBLAS/reduction launches."""
-    return _matmul(grad_y, W.T), _matmul(x.T, grad_y), grad_y.sum(axis=0)
+    """-> (grad_y @ W.T, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum."""
+    cp = _cp()
+    n, i = x.shape
+    o = W.shape[1]
+    grad_x = cp.empty((n, i), dtype=x.dtype)
+    grad_W = cp.empty((i, o), dtype=x.dtype)
+    grad_b = cp.empty(o, dtype=x.dtype)
+    _gemm(grad_y, W, grad_x, n, i, o, trans_b=True)
+    _gemm(x, grad_y, grad_W, i, o, n, trans_a=True)
+    _sum_rows(grad_y, n, o, grad_b)
+    return grad_x, grad_W, grad_b
 
 
 # --- loss -------------------------------------------------------------------------------
@@ -662,7 +797,7 @@ def softmax_cross_entropy(logits, labels):
     -> (loss: 0-d array of logits' dtype, grad: (softmax - onehot) / N). One launch."""
     cp = _cp()
     n, c = logits.shape
-    grad = cp.empty_like(logits)
+    grad = cp.empty((n, c), dtype=logits.dtype)
     loss = cp.empty((), dtype=logits.dtype)
     onehot = labels.ndim == 2
     threads = int(min(1024, max(32, 32 * n)))
@@ -684,10 +819,9 @@ def dropout_forward(x, p, seed):
     cp = _cp()
     y = cp.empty_like(x)
     mask = cp.empty_like(x)
-    total = x.size
     _kernel("dropout_kernel", x.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (x, y, mask, np.int64(total), np.float64(p), _scalar(1.0 / (1.0 - p), x.dtype),
+        (_blocks(x.size),), (_THREADS,),
+        (x, y, mask, np.int64(x.size), np.float64(p), x.dtype.type(1.0 / (1.0 - p)),
          np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)))
     return y, mask
 
@@ -719,13 +853,12 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
         var = cp.empty(c, dtype=x.dtype)
         _kernel("channel_mean_var_kernel", x.dtype)(
             (c,), (_THREADS,), (x, mean, var, _i(n), _i(c), _i(s)))
-    inv_std = 1 / cp.sqrt(var + _scalar(eps, x.dtype))
+    inv_std = 1 / cp.sqrt(var + x.dtype.type(eps))
     x_hat = cp.empty_like(x)
     y = cp.empty_like(x)
-    total = x.size
     _kernel("batchnorm_apply_kernel", x.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (x, mean, inv_std, gamma, beta, x_hat, y, np.int64(total), _i(c), _i(s)))
+        _plane_grid(s, c, n), (_THREADS,),
+        (x, mean, inv_std, gamma, beta, x_hat, y, _i(n), _i(c), _i(s)))
     return y, x_hat, mean, var, inv_std
 
 
@@ -742,9 +875,47 @@ def batchnorm_backward(grad_y, x_hat, gamma, inv_std):
     _kernel("channel_grad_sums_kernel", grad_y.dtype)(
         (c,), (_THREADS,), (grad_y, x_hat, grad_beta, grad_gamma, _i(n), _i(c), _i(s)))
     grad_x = cp.empty_like(grad_y)
-    total = grad_y.size
     _kernel("batchnorm_grad_x_kernel", grad_y.dtype)(
-        (_blocks(total),), (_THREADS,),
-        (grad_y, x_hat, gamma, inv_std, grad_beta, grad_gamma, grad_x, np.int64(total),
-         _i(c), _i(s), _scalar(1.0 / (n * s), grad_y.dtype)))
+        _plane_grid(s, c, n), (_THREADS,),
+        (grad_y, x_hat, gamma, inv_std, grad_beta, grad_gamma, grad_x, _i(n), _i(c), _i(s),
+         grad_y.dtype.type(1.0 / (n * s))))
     return grad_x, grad_gamma, grad_beta
+
+
+# --- fused optimizer updates ------------------------------------------------------------
+
+def sgd_step(param, grad, buf, lr, momentum=0.0, weight_decay=0.0, l1=0.0, nesterov=False):
+    """One SGD update of ``param`` in place (PyTorch's rule), one launch.
+
+    ``buf`` is the momentum buffer (None before the first step; then it is
+    created and filled with the gradient, as PyTorch does). Returns the buffer
+    (None without momentum). ``weight_decay`` / ``l1`` apply when non-zero.
+    """
+    cp = _cp()
+    dt = param.dtype.type
+    if not grad.flags.c_contiguous:
+        grad = cp.ascontiguousarray(grad)
+    first = buf is None
+    if momentum and first:
+        buf = cp.empty(param.shape, dtype=param.dtype)
+    _kernel("sgd_kernel", param.dtype)(
+        (_blocks(param.size),), (_THREADS,),
+        (param, grad, buf if momentum else param, np.int64(param.size), dt(lr), dt(momentum),
+         dt(weight_decay), dt(l1), _i(bool(momentum)), _i(bool(nesterov)), _i(first)))
+    return buf if momentum else None
+
+
+def adam_step(param, grad, m, v, step_size, betas, inv_sqrt_bc2, eps, weight_decay=0.0):
+    """One Adam update of ``param``, ``m``, ``v`` in place (PyTorch's rule), one launch.
+
+    ``step_size = lr / (1 - b1**t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2**t)``.
+    """
+    cp = _cp()
+    dt = param.dtype.type
+    if not grad.flags.c_contiguous:
+        grad = cp.ascontiguousarray(grad)
+    b1, b2 = betas
+    _kernel("adam_kernel", param.dtype)(
+        (_blocks(param.size),), (_THREADS,),
+        (param, grad, m, v, np.int64(param.size), dt(b1), dt(1 - b1), dt(b2), dt(1 - b2),
+         dt(inv_sqrt_bc2), dt(eps), dt(step_size), dt(weight_decay)))
