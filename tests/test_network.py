@@ -216,6 +216,23 @@ def test_user_layers_of_both_protocols_work_inside_a_network():
 
 
 # --- inputs ----------------------------------------------------------------------------
+def test_forward_and_backward_run_every_layer():
+    x, _ = blobs(6)
+    net = mlp(dtype="float64", softmax=True, dropout=0.5)
+    out = net.forward(x)
+    np.testing.assert_allclose(out, net.predict(x))
+    assert not np.allclose(net.forward(x, training=True), out)      # Dropout active in training
+    g = np.random.default_rng(0).standard_normal(out.shape)
+    net.forward(x)
+    grad_x = net.backward(g)
+    numeric = np.zeros_like(x)
+    for i in np.ndindex(x.shape):          # eval mode: Dropout is the identity
+        step = np.zeros_like(x)
+        step[i] = 1e-6
+        numeric[i] = ((net.forward(x + step) - net.forward(x - step)) * g).sum() / 2e-6
+    np.testing.assert_allclose(grad_x, numeric, rtol=1e-5, atol=1e-8)
+
+
 def test_inputs_are_converted_once_at_the_entry():
     x, y = blobs(10)
     net = mlp()
