@@ -1,6 +1,6 @@
 """Build of the compiled CPU kernels: fastnn.kernels._cpu (Cython + csrc/*.c).
 
--O3, OpenMP when the compiler has it (probed by compiling and linking a tiny
+-O3 (+ -fno-trapping-math), OpenMP when the compiler has it (probed by compiling and linking a tiny
 OpenMP program; without it the kernels build and run on one thread), and no
 -march=native unless FASTNN_NATIVE=1 (a wheel must run on other CPUs).
 Dev build: python3 setup.py build_ext --inplace
@@ -57,7 +57,10 @@ def openmp_flags(compiler):
 class BuildExt(build_ext):
     def build_extensions(self):
         msvc = self.compiler.compiler_type == "msvc"
-        compile_args = ["/O2"] if msvc else ["-O3"]
+        # -fno-trapping-math lets the compiler turn float compares into branch-free
+        # selects (vectorized ReLU, softmax exp, max pooling); fastnn never reads
+        # floating-point exception flags. NaN and Inf semantics are unchanged.
+        compile_args = ["/O2"] if msvc else ["-O3", "-fno-trapping-math"]
         link_args = []
         if os.environ.get("FASTNN_NATIVE") == "1" and not msvc:
             compile_args.append("-march=native")

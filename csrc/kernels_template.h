@@ -15,6 +15,31 @@ static void NAME(col_range)(const fnn_geometry *g, int j, long *lo, long *hi)
     if (*hi < *lo) *hi = *lo;
 }
 
+/* Max-pooling comparisons without branches (random data mispredicts them):
+ * beats() is 1 when v replaces best (strictly greater keeps the first maximum;
+ * the first NaN wins, as in NumPy), pick() selects by bit masks. */
+static inline int NAME(beats)(T v, T best)
+{
+    return (v > best) | ((v != v) & (best == best));
+}
+
+static inline T NAME(pick)(int take, T yes, T no)
+{
+    UINT a, b;
+    const UINT mask = (UINT)0 - (UINT)take;
+    memcpy(&a, &yes, sizeof a);
+    memcpy(&b, &no, sizeof b);
+    a = (a & mask) | (b & ~mask);
+    T out;
+    memcpy(&out, &a, sizeof out);
+    return out;
+}
+
+static inline long NAME(pick_index)(int take, long yes, long no)
+{
+    return no ^ ((no ^ yes) & -(long)take);
+}
+
 /* One im2col row r = (c, i, j) of one sample: oh*ow values into dst. */
 static void NAME(im2col_row)(const T *x, const fnn_geometry *g, long r, T *dst)
 {
@@ -85,44 +110,46 @@ void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh
         const T *xp = x + p * h * w;
         T *yp = y + p * oh * ow;
         int64_t *ap = argmax + p * oh * ow;
-        if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {
-            /* The common case, unrolled: same tie and NaN rules as below. */
+        if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {     /* the common case, unrolled */
             for (long r = 0; r < oh; r++) {
                 const T *top = xp + 2 * r * w, *bot = top + w;
                 for (long q = 0; q < ow; q++) {
-                    long at = 2 * r * w + 2 * q;
-                    T best = top[2 * q];
-                    T v = top[2 * q + 1];
-                    if (v > best || (v != v && best == best)) { best = v; at = 2 * r * w + 2 * q + 1; }
-                    v = bot[2 * q];
-                    if (v > best || (v != v && best == best)) { best = v; at = (2 * r + 1) * w + 2 * q; }
-                    v = bot[2 * q + 1];
-                    if (v > best || (v != v && best == best)) { best = v; at = (2 * r + 1) * w + 2 * q + 1; }
-                    yp[r * ow + q] = best;
-                    ap[r * ow + q] = at;
+                    const long at = 2 * r * w + 2 * q;
+                    const T a = top[2 * q], b = top[2 * q + 1];
+                    const T c = bot[2 * q], d = bot[2 * q + 1];
+                    int take = NAME(beats)(b, a);
+                    T best = NAME(pick)(take, b, a);
+                    long where = at + take;
+                    take = NAME(beats)(c, best);
+                    best = NAME(pick)(take, c, best);
+                    where = NAME(pick_index)(take, at + w, where);
+                    take = NAME(beats)(d, best);
+                    yp[r * ow + q] = NAME(pick)(take, d, best);
+                    ap[r * ow + q] = NAME(pick_index)(take, at + w + 1, where);
                 }
             }
             continue;
         }
         for (long r = 0; r < oh; r++)
             for (long q = 0; q < ow; q++) {
-                long at = r * sh * w + q * sw;
-                T best = xp[at];
-                for (int i = 0; i < kh; i++)
+                long where = r * sh * w + q * sw;
+                T best = xp[where];
+                for (int i = 0; i < kh; i++) {
+                    const T *row = xp + (r * sh + i) * w + q * sw;
                     for (int j = 0; j < kw; j++) {
-                        const long idx = (r * sh + i) * w + q * sw + j;
-                        const T v = xp[idx];
-                        /* strictly greater keeps the first maximum; the first NaN wins */
-                        if (v > best || (v != v && best == best)) { best = v; at = idx; }
+                        const int take = NAME(beats)(row[j], best);
+                        best = NAME(pick)(take, row[j], best);
+                        where = NAME(pick_index)(take, (r * sh + i) * w + q * sw + j, where);
                     }
+                }
                 yp[r * ow + q] = best;
-                ap[r * ow + q] = at;
+                ap[r * ow + q] = where;
             }
     }
 }
 
 long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long planes,
-                                  long ohw, long hw, T *grad_x)
+                                  long ohw, long hw, T *grad_x, int zeroed)
 {
     long bad = 0;
     #pragma omp parallel for schedule(static) reduction(+:bad) if (planes * hw >= FNN_PARALLEL_MIN)
@@ -130,7 +157,7 @@ long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long p
         T *gx = grad_x + p * hw;
         const T *gy = grad_y + p * ohw;
         const int64_t *ap = argmax + p * ohw;
-        memset(gx, 0, (size_t)hw * sizeof(T));
+        if (!zeroed) memset(gx, 0, (size_t)hw * sizeof(T));
         for (long k = 0; k < ohw; k++) {
             const int64_t at = ap[k];
             if (at < 0 || at >= hw) { bad++; continue; }
@@ -150,8 +177,10 @@ void NAME(fnn_relu_forward)(const T *x, T *y, long n)
 void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, long n)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++)
-        grad_x[i] = y[i] > 0 ? grad_y[i] : (T)0;
+    for (long i = 0; i < n; i++) {
+        const T g = grad_y[i];     /* loaded unconditionally, so the loop vectorizes */
+        grad_x[i] = y[i] > 0 ? g : (T)0;
+    }
 }
 
 void NAME(fnn_relu_inplace)(T *y, long n, int parallel)
@@ -169,10 +198,15 @@ double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *la
     for (long i = 0; i < n; i++) {
         const T *z = logits + i * c;
         T *g = grad + i * c;
+        /* "omp simd" allows the reordered (vectorized) max and sum */
         T top = z[0];
-        for (long j = 1; j < c; j++) if (z[j] > top || z[j] != z[j]) top = z[j];
+        #pragma omp simd reduction(max:top)
+        for (long j = 1; j < c; j++) top = z[j] > top ? z[j] : top;   /* a NaN still makes NaN below */
+        #pragma omp simd
+        for (long j = 0; j < c; j++) g[j] = EXP(z[j] - top);
         double total = 0;
-        for (long j = 0; j < c; j++) { g[j] = EXP(z[j] - top); total += g[j]; }
+        #pragma omp simd reduction(+:total)
+        for (long j = 0; j < c; j++) total += g[j];
         const double log_total = log(total);
         const T inv_total = (T)(1.0 / total);
         double loss = 0;

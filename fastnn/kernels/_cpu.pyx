@@ -55,9 +55,9 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_maxpool2d_forward_d(const double *x, long planes, long h, long w, int kh, int kw,
                                  int sh, int sw, double *y, int64_t *argmax)
     long fnn_maxpool2d_backward_f(const float *grad_y, const int64_t *argmax, long planes,
-                                  long ohw, long hw, float *grad_x)
+                                  long ohw, long hw, float *grad_x, int zeroed)
     long fnn_maxpool2d_backward_d(const double *grad_y, const int64_t *argmax, long planes,
-                                  long ohw, long hw, double *grad_x)
+                                  long ohw, long hw, double *grad_x, int zeroed)
     void fnn_relu_forward_f(const float *x, float *y, long n)
     void fnn_relu_forward_d(const double *x, double *y, long n)
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
@@ -216,16 +216,17 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     so the scatter-add of overlapping windows has no races."""
     cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
     cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
-    cdef cnp.ndarray grad_x = np.empty(x_shape, dtype=grad_y.dtype)
+    # np.zeros: large blocks come zeroed from the OS, which saves the kernel a pass
+    cdef cnp.ndarray grad_x = np.zeros(x_shape, dtype=grad_y.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(grad_x)
     cdef int64_t *pa = <int64_t*>_data(argmax)
     cdef bint single = _is_float32(grad_y)
     with nogil:
         if single:
-            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px)
+            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px, 1)
         else:
-            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px)
+            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px, 1)
     if bad:
         raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
                          f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
@@ -315,6 +316,11 @@ def blas_thread_control():
             fnn_blas_register(<fnn_set_threads_fn>set_address, <fnn_get_threads_fn>get_address)
             _blas_controlled = True
     return _blas_controlled
+
+
+def threads():
+    """OpenMP threads the kernels use (OMP_NUM_THREADS, else one per core)."""
+    return fnn_max_threads()
 
 
 cdef int _gemm_threads():
