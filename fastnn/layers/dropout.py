@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from .base import Layer, make_rng
+from .base import Layer, kernel_impl, make_rng
 
 __all__ = ["Dropout"]
 
@@ -29,11 +29,13 @@ class Dropout(Layer):
         if not training or self.p == 0:
             self._mask = None
             return x
-        keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p      # drawn on the host: same masks on every device
-        mask = keep.astype(x.dtype)
-        mask *= x.dtype.type(1.0 / (1.0 - self.p))
         if backend.is_cuda_array(x):
-            mask = backend.to_device(mask, "cuda")
+            # one fused CUDA pass; its counter-based mask follows a seed from this layer's rng
+            self.output, self._mask = kernel_impl(x).dropout_forward(
+                x, self.p, int(self.rng.integers(2**63)))
+            return self.output
+        mask = (self.rng.random(x.shape, dtype=x.dtype) >= self.p).astype(x.dtype)
+        mask *= x.dtype.type(1.0 / (1.0 - self.p))
         self._mask = mask
         self.output = x * mask
         return self.output

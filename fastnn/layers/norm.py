@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from .base import Layer, as_dtype
+from .base import Layer, as_dtype, kernel_impl
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -60,6 +60,8 @@ class _BatchNorm(Layer):
         xp = backend.get_array_module(x)
         axes = (0,) + tuple(range(2, x.ndim))
         shape = (1, self.num_features) + (1,) * (x.ndim - 2)
+        if backend.is_cuda_array(x):
+            return self._forward_cuda(x, training, axes, shape)
         gamma, beta = self.params["gamma"].reshape(shape), self.params["beta"].reshape(shape)
         if training:
             m = x.size // self.num_features
@@ -71,18 +73,40 @@ class _BatchNorm(Layer):
             var = (centred * centred).mean(axis=axes)
             inv_std = 1 / xp.sqrt(var + self.eps)
             x_hat = centred * inv_std.reshape(shape)
-            mom = self.momentum
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1 - mom
-            rm += mom * mean
-            rv *= 1 - mom
-            rv += (mom * m / (m - 1)) * var
+            self._update_running(mean, var, m)
         else:
             inv_std = 1 / xp.sqrt(self.buffers["running_var"] + self.eps)
             x_hat = (x - self.buffers["running_mean"].reshape(shape)) * inv_std.reshape(shape)
         self._cache = (x_hat, inv_std.astype(x.dtype, copy=False), training, axes, shape)
         self.output = x_hat * gamma + beta
         return self.output
+
+    def _update_running(self, mean, var, m):
+        """PyTorch's momentum update; the running variance takes the unbiased batch variance."""
+        mom = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - mom
+        rm += mom * mean
+        rv *= 1 - mom
+        rv += (mom * m / (m - 1)) * var
+
+    def _forward_cuda(self, x, training, axes, shape):
+        """The fused CUDA kernels: statistics and normalisation in one launch each."""
+        impl = kernel_impl(x)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if training:
+            m = x.size // self.num_features
+            if m < 2:
+                raise ValueError(f"{self._name()}: training needs more than 1 value per channel, "
+                                 f"got input of shape {tuple(x.shape)}")
+            y, x_hat, mean, var, inv_std = impl.batchnorm_forward(x, gamma, beta, self.eps)
+            self._update_running(mean, var, m)
+        else:
+            y, x_hat, _, _, inv_std = impl.batchnorm_forward(
+                x, gamma, beta, self.eps, self.buffers["running_mean"], self.buffers["running_var"])
+        self._cache = (x_hat, inv_std, training, axes, shape)
+        self.output = y
+        return y
 
     def backward(self, grad_y):
         if self._cache is None:
@@ -91,6 +115,10 @@ class _BatchNorm(Layer):
         if grad_y.shape != x_hat.shape:
             raise ValueError(f"{self._name()}: expected grad_y of shape {tuple(x_hat.shape)}, "
                              f"got {tuple(grad_y.shape)}")
+        if training and backend.is_cuda_array(grad_y):
+            grad_x, self.grads["gamma"], self.grads["beta"] = kernel_impl(grad_y).batchnorm_backward(
+                grad_y, x_hat, self.params["gamma"], inv_std)
+            return grad_x
         self.grads["gamma"] = (grad_y * x_hat).sum(axis=axes)
         self.grads["beta"] = grad_y.sum(axis=axes)
         g_hat = grad_y * self.params["gamma"].reshape(shape)
