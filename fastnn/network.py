@@ -140,10 +140,11 @@ class Network:
         """Move parameters, gradients, buffers and optimizer state to ``"cpu"`` or ``"cuda"``."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"Network.to: expected 'cpu' or 'cuda', got {device!r}")
-        for layer in self.layers:
+        for layer in self.layers:           # check everything before moving anything
             if uses_tutorial_protocol(layer) and device != "cpu":
                 raise ValueError(f"Network.to: {type(layer).__name__} is a tutorial-protocol layer "
                                  "whose state the Network cannot move; it runs on the CPU only")
+        for layer in self.layers:
             for store in ("params", "grads", "buffers"):
                 d = getattr(layer, store, None)
                 if d:
@@ -355,6 +356,7 @@ class Network:
         loss_fn, use_style = self.loss_fn, self._style == "use"
         to_device = self._device != "cpu"
         optimizer = self.optimizer
+        bar = None
         try:
             for epoch in range(epochs):
                 bar = self._progress_bar(epoch, epochs, n_batches) if progress else None
@@ -396,6 +398,7 @@ class Network:
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
                     bar.close()
+                    bar = None
                 elif tutorial_print:
                     extra = "".join(f"   {k}={v:f}" for k, v in logs.items() if k != "loss")
                     print("epoch %d/%d   error=%f%s" % (epoch + 1, epochs, logs["loss"], extra))
@@ -408,9 +411,13 @@ class Network:
                 if self.stop_training:
                     break
         finally:
-            for cb in callbacks:
-                if hasattr(cb, "on_train_end"):
-                    cb.on_train_end(self)
+            if bar is not None:         # an error mid-epoch: close its bar
+                bar.close()
+        # only after a complete run (as Keras): after a FloatingPointError the
+        # parameters stay as they were before the failing step
+        for cb in callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
         return history
 
     @staticmethod
@@ -460,9 +467,9 @@ class Network:
             outs = [self._run_forward(backend.to_device(x[i:i + chunk], self._device), False)
                     for i in range(0, n, chunk)]
             out = backend.get_array_module(outs[0]).concatenate(outs)
-        if on_cuda or self._device == "cpu":
-            return out
-        return backend.to_device(out, "cpu")
+        if on_cuda:
+            return backend.to_device(out, "cuda")
+        return out if self._device == "cpu" else backend.to_device(out, "cpu")
 
     def evaluate(self, x, y, batch_size=None):
         """``{"loss": float, <metric>: float, ...}`` on ``(x, y)`` in eval mode."""
