@@ -41,7 +41,7 @@ print(\"cudnn\", torch.backends.cudnn.version(), \"device\", cupy.cuda.runtime.g
         step cuda 300 $PY -m pytest tests/test_cuda.py tests/test_cuda_layers.py tests/test_kernels.py -q -rs -p no:cacheprovider
         ;;
     suite)
-        step suite 420 $PY -m pytest -q -rs -p no:cacheprovider -x --timeout 300
+        step suite 420 $PY -m pytest -q -rs -p no:cacheprovider --timeout 300
         ;;
     gpubench)
         step gpubench 300 $PY benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" --data "$FASTNN_DATA/mnist"
@@ -50,7 +50,7 @@ print(\"cudnn\", torch.backends.cudnn.version(), \"device\", cupy.cuda.runtime.g
         step conv 120 $PY benchmarks/gpu_bench.py --skip-lenet --json "$OUT/gpu_conv.json"
         ;;
     bench)
-        step bench 300 $PY -m fastnn.bench --device cuda --workload W0 W1 W3 W4 W5 W6 --json "$OUT/bench_cuda.json"
+        step bench 300 $PY -m fastnn.bench --device cuda --json "$OUT/bench_cuda.json"
         ;;
     train)
         step train 300 $PY -m fastnn.train mnist-lenet --device cuda --data "$FASTNN_DATA/mnist"

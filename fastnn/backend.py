@@ -140,5 +140,43 @@ def to_device(x, device):
         cp = cupy()
         if cp is None:
             raise RuntimeError(f"device 'cuda' is not usable here ({_cuda_error})")
-        return x if is_cuda_array(x) else cp.asarray(x)
+        return x if is_cuda_array(x) else _host_to_cuda(cp, x)
     raise ValueError(f"expected device 'cpu' or 'cuda', got {device!r}")
+
+
+# --- host -> GPU copies: asynchronous on the current stream ---------------------------------
+# A plain cupy.asarray of pageable host memory is a synchronous copy: it waits for
+# every kernel already queued, so the CPU cannot launch the next training step
+# while the GPU finishes this one. Large arrays are staged through two pinned
+# buffers used in turn (an event tells when the copy that last read a buffer is
+# done); small ones go through the driver's own staging, which does not wait.
+_STAGING_MIN_BYTES = 1 << 16
+_staging = [None, None]          # [pinned memory, capacity in bytes, cupy Event]
+_staging_turn = 0
+
+
+def _host_to_cuda(cp, x):
+    """A CuPy copy of host array ``x``, queued asynchronously on the current stream."""
+    global _staging_turn
+    x = np.ascontiguousarray(x)
+    if x.size == 0:
+        return cp.asarray(x)
+    out = cp.empty(x.shape, dtype=x.dtype)
+    stream = cp.cuda.get_current_stream()
+    if x.nbytes < _STAGING_MIN_BYTES:
+        out.set(x, stream=stream)
+        return out
+    slot = _staging[_staging_turn]
+    if slot is None or slot[1] < x.nbytes:
+        if slot is not None:
+            slot[2].synchronize()
+        slot = [cp.cuda.alloc_pinned_memory(x.nbytes), x.nbytes, cp.cuda.Event()]
+        _staging[_staging_turn] = slot
+    else:
+        slot[2].synchronize()        # the copy that last read this buffer has finished
+    _staging_turn ^= 1
+    staging = np.frombuffer(slot[0], dtype=x.dtype, count=x.size).reshape(x.shape)
+    np.copyto(staging, x)
+    out.set(staging, stream=stream)
+    slot[2].record(stream)
+    return out

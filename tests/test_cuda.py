@@ -337,3 +337,29 @@ def test_tf32_switch_is_opt_in_and_leaves_cupy_alone():
         return np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel(strict) < 1e-6             # full float32
     assert rel(fast) < 1e-2               # TF32: about 1e-3 relative
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_to_device_copies_are_right_back_to_back(dtype):
+    """Asynchronous host->GPU copies through the two pinned staging buffers:
+    several large copies queued without a sync, sources overwritten right after,
+    every result still holds its own data; small and empty arrays too."""
+    rng = np.random.default_rng(15)
+    sources = [(rng.standard_normal((300, 257)) * 100).astype(dtype) for _ in range(5)]
+    expected = [s.copy() for s in sources]
+    copies = []
+    for s in sources:
+        copies.append(backend.to_device(s, "cuda"))
+        s[...] = 0                                   # the host buffer is reused at once
+    bigger = (rng.standard_normal((700, 300)) * 100).astype(dtype)   # grows a staging buffer
+    copies.append(backend.to_device(bigger, "cuda"))
+    expected.append(bigger.copy())
+    small = np.arange(7, dtype=dtype)
+    copies.append(backend.to_device(small[::2], "cuda"))             # non-contiguous, small
+    expected.append(small[::2].copy())
+    copies.append(backend.to_device(np.empty((0, 3), dtype), "cuda"))
+    expected.append(np.empty((0, 3), dtype))
+    for got, want in zip(copies, expected):
+        assert backend.is_cuda_array(got) and got.dtype == want.dtype
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
+        np.testing.assert_array_equal(backend.to_device(got, "cpu"), want)

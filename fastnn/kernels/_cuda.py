@@ -135,7 +135,10 @@ __global__ void col2im_kernel(const T* __restrict__ cols, T* __restrict__ dx,
             const T* base = cols + (batch_major ? ((i64)n * C * KK + (i64)c * KK) * P
                                                 : (i64)c * KK * row_stride + (i64)n * P);
             T sum = 0;
+            // unrolled so that several taps' loads are in flight at once
+            #pragma unroll 3
             for (int i = i0, oh = (hp - i0) / SH; i <= i1; i += SH, --oh) {
+                #pragma unroll 3
                 for (int j = j0, ow = (wp - j0) / SW; j <= j1; j += SW, --ow) {
                     sum += base[(i64)(i * KW + j) * row_stride + oh * OW + ow];
                 }
@@ -145,23 +148,24 @@ __global__ void col2im_kernel(const T* __restrict__ cols, T* __restrict__ dx,
     }
 }
 
-// y (N, K, P) += bias[k]
+// y (N, K, P) = bias[k]: the GEMM then accumulates into it (beta = 1), so the
+// bias costs one write-only pass instead of a read-modify-write.
 template <typename T>
 __global__ void bias_nkp_kernel(T* __restrict__ y, const T* __restrict__ bias, int N, int K, int P) {
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= P) return;
     for (int n = blockIdx.z; n < N; n += gridDim.z)
         for (int k = blockIdx.y; k < K; k += gridDim.y)
-            y[((i64)n * K + k) * P + p] += bias[k];
+            y[((i64)n * K + k) * P + p] = bias[k];
 }
 
-// y (R, M) += bias[j]
+// y (R, M) = bias[j], for the same reason
 template <typename T>
 __global__ void bias_rows_kernel(T* __restrict__ y, const T* __restrict__ bias, int R, int M) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= M) return;
     const T b = bias[j];
-    for (int r = blockIdx.y; r < R; r += gridDim.y) y[(i64)r * M + j] += b;
+    for (int r = blockIdx.y; r < R; r += gridDim.y) y[(i64)r * M + j] = b;
 }
 
 // dst[j] (+)= sum_r src[r*M + j]: column sums in row order (dense grad_b, the
@@ -651,7 +655,8 @@ def conv2d_forward(x, W, b, stride, padding):
 
     Per chunk of the batch (the whole batch unless its columns pass the
     workspace): im2col into (n, C*kh*kw, P) columns, one strided-batched GEMM
-    ``y[i] = W (K, C*kh*kw) @ cols[i]`` writing NCHW directly, one bias pass.
+    ``y[i] = W (K, C*kh*kw) @ cols[i]`` writing NCHW directly onto y filled
+    with the bias.
     """
     cp = _cp()
     n, c, h, w = x.shape
@@ -662,14 +667,14 @@ def conv2d_forward(x, W, b, stride, padding):
     y = cp.empty((n, k, oh, ow), dtype=x.dtype)
     chunk = min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize))
     cols = cp.empty((chunk, ckk, p), dtype=x.dtype)
+    if b is not None:
+        _kernel("bias_nkp_kernel", x.dtype)(_plane_grid(p, k, n), (_THREADS,),
+                                            (y, b, _i(n), _i(k), _i(p)))
     for start in range(0, n, chunk):
         ns = min(chunk, n - start)
         _im2col_into(x[start:start + ns], kh, kw, stride, padding, oh, ow, cols, True)
         _gemm(W, cols, y[start:start + ns], k, p, ckk, batch=ns,
-              stride_a=0, stride_b=ckk * p, stride_out=k * p)
-    if b is not None:
-        _kernel("bias_nkp_kernel", x.dtype)(_plane_grid(p, k, n), (_THREADS,),
-                                            (y, b, _i(n), _i(k), _i(p)))
+              stride_a=0, stride_b=ckk * p, stride_out=k * p, accumulate=b is not None)
     return y
 
 
@@ -765,15 +770,14 @@ def relu_backward(grad_y, y):
 # --- dense ------------------------------------------------------------------------------
 
 def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b (one GEMM, one bias pass)."""
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b (bias written, GEMM adds onto it)."""
     n, i = x.shape
     o = W.shape[1]
     y = _cp().empty((n, o), dtype=x.dtype)
-    _gemm(x, W, y, n, o, i)
     if b is not None:
         _kernel("bias_rows_kernel", x.dtype)(
             (_blocks(o), min(n, _GRID_YZ)), (_THREADS,), (y, b, _i(n), _i(o)))
-    return y
+    return _gemm(x, W, y, n, o, i, accumulate=b is not None)
 
 
 def dense_backward(grad_y, x, W):
