@@ -36,12 +36,17 @@ class Optimizer:
             schedule.bind(self)
 
     def _prepare(self, params):
-        if self.state is None or len(self.state) != len(params) or any(
-                t is None or t.shape != p.shape or t.dtype != p.dtype
-                for t, p in zip(self._tmp, params)):
-            self.state = [None] * len(params)
-            self._tmp = [backend.get_array_module(p).empty_like(p) for p in params]
-            self._init_state(params)
+        """(Re)create the state when the parameters' count, shapes or dtypes changed."""
+        tmp = self._tmp
+        if tmp is not None and len(tmp) == len(params):
+            for t, p in zip(tmp, params):
+                if t.shape != p.shape or t.dtype != p.dtype:
+                    break
+            else:
+                return
+        self.state = [None] * len(params)
+        self._tmp = [backend.get_array_module(p).empty_like(p) for p in params]
+        self._init_state(params)
 
     def _init_state(self, params):
         pass
@@ -100,7 +105,7 @@ class SGD(Optimizer):
         lr, mom = self.lr, self.momentum
         regularised = self.weight_decay or self.l1
         for i, (p, g) in enumerate(zip(params, grads)):
-            if backend.is_cuda_array(p):         # one fused CUDA kernel per parameter
+            if type(p) is not np.ndarray and backend.is_cuda_array(p):   # one fused CUDA kernel
                 decayed = regularised and (decay is None or decay[i])
                 self.state[i] = _cuda.sgd_step(
                     p, g, self.state[i], lr, mom, self.weight_decay if decayed else 0.0,
@@ -108,14 +113,13 @@ class SGD(Optimizer):
                 continue
             tmp = self._tmp[i]
             if regularised and (decay is None or decay[i]):
-                xp = backend.get_array_module(p)
                 if self.weight_decay:
-                    xp.multiply(p, self.weight_decay, out=tmp)
+                    np.multiply(p, self.weight_decay, out=tmp)
                     tmp += g
                 else:
                     tmp[...] = g
                 if self.l1:
-                    tmp += self.l1 * xp.sign(p)
+                    tmp += self.l1 * np.sign(p)
                 g = tmp
             if mom:
                 buf = self.state[i]
@@ -134,7 +138,7 @@ class SGD(Optimizer):
             if g is tmp:
                 tmp *= lr
             else:
-                backend.get_array_module(p).multiply(g, lr, out=tmp)
+                np.multiply(g, lr, out=tmp)
             p -= tmp
 
     def get_config(self):
@@ -176,27 +180,26 @@ class Adam(Optimizer):
         step_size = self.lr / (1 - b1 ** self.t)
         sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
         for i, (p, g) in enumerate(zip(params, grads)):
-            if backend.is_cuda_array(p):         # one fused CUDA kernel per parameter
+            if type(p) is not np.ndarray and backend.is_cuda_array(p):   # one fused CUDA kernel
                 decayed = self.weight_decay and (decay is None or decay[i])
                 _cuda.adam_step(p, g, *self.state[i], step_size, self.betas, 1 / sqrt_bc2,
                                 self.eps, self.weight_decay if decayed else 0.0)
                 continue
-            xp = backend.get_array_module(p)
             m, v = self.state[i]
             tmp = self._tmp[i]
             if self.weight_decay and (decay is None or decay[i]):
                 g = g + self.weight_decay * p
             m *= b1
-            xp.multiply(g, 1 - b1, out=tmp)
+            np.multiply(g, 1 - b1, out=tmp)
             m += tmp
             v *= b2
-            xp.multiply(g, g, out=tmp)
+            np.multiply(g, g, out=tmp)
             tmp *= 1 - b2
             v += tmp
-            xp.sqrt(v, out=tmp)
+            np.sqrt(v, out=tmp)
             tmp *= 1 / sqrt_bc2
             tmp += self.eps
-            xp.divide(m, tmp, out=tmp)
+            np.divide(m, tmp, out=tmp)
             tmp *= step_size
             p -= tmp
 
