@@ -99,14 +99,18 @@ class Network:
         self._style = "use"
         self._plan = None
 
-    def compile(self, loss="cross_entropy", optimizer=None, metrics=()):
+    def compile(self, loss="cross_entropy", optimizer=None, metrics=None):
         """Choose the loss (name or Loss), the optimizer (default SGD(lr=0.01)) and metrics.
 
         ``metrics``: names of ``fastnn.metrics`` functions (e.g. "accuracy") or
-        callables ``f(y_true, y_pred) -> float``.
+        callables ``f(y_true, y_pred) -> float``; None means "accuracy" for the
+        classification losses (cross-entropy, binary cross-entropy), none for MSE.
         """
         self.loss_fn = losses.get(loss)
         self.optimizer = optim.SGD() if optimizer is None else optim.get(optimizer)
+        if metrics is None:
+            classification = isinstance(self.loss_fn, (losses.CrossEntropy, losses.BinaryCrossEntropy))
+            metrics = ("accuracy",) if classification else ()
         if isinstance(metrics, str):
             metrics = (metrics,)
         self.metrics = tuple(self._metric(m) for m in metrics)

@@ -63,7 +63,7 @@ def test_monitor_missing_raises():
     x, y = data()
     model = net()
     model.compile("cross_entropy")
-    with pytest.raises(ValueError, match=r"val_loss.*\['loss'\]"):
+    with pytest.raises(ValueError, match=r"val_loss.*\['accuracy', 'loss'\]"):
         model.fit(x, y, epochs=1, callbacks=[callbacks.EarlyStopping()], verbose=0)
 
 

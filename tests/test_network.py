@@ -61,6 +61,21 @@ def test_compile_fit_learns_and_reports_history():
     assert probs.shape == (30, 3) and probs.dtype == np.float32
 
 
+def test_accuracy_is_reported_by_default_for_classification_losses():
+    x, y = blobs(20)
+    net = mlp()
+    net.compile("cross_entropy")
+    assert set(net.evaluate(x, y)) == {"loss", "accuracy"}
+    net.compile("cross_entropy", metrics=())
+    assert set(net.evaluate(x, y)) == {"loss"}
+    net.compile("mse")
+    assert set(net.evaluate(x, np.eye(3)[y])) == {"loss"}
+    binary = fn.Network([fn.Dense(4, 1, seed=0), fn.Sigmoid()])
+    binary.compile("binary_cross_entropy", optim.SGD(lr=0.5))
+    h = binary.fit(x, (y == 1).astype(float), epochs=30, batch_size=5, verbose=0, seed=0)
+    assert h.history["accuracy"][-1] > 0.8
+
+
 @pytest.mark.parametrize("style,batch_size,expected", [
     ("use", None, [1] * 10), ("compile", None, [10]), ("compile", "full", [10]),
     ("compile", 4, [4, 4, 2]), ("use", 3, [3, 3, 3, 1])])

@@ -39,9 +39,17 @@ class _BatchNorm(Layer):
     def running_mean(self):
         return self.buffers["running_mean"]
 
+    @running_mean.setter
+    def running_mean(self, value):
+        self.buffers["running_mean"][...] = value
+
     @property
     def running_var(self):
         return self.buffers["running_var"]
+
+    @running_var.setter
+    def running_var(self, value):
+        self.buffers["running_var"][...] = value
 
     def _name(self):
         return f"{type(self).__name__}({self.num_features})"
