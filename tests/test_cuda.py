@@ -96,14 +96,15 @@ def test_conv2d_matches_reference(shape, k, stride, padding, bias, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv2d_chunked_batch_matches_reference(monkeypatch, dtype):
+@pytest.mark.parametrize("c,k", [(3, 4), (4, 3)])      # grad_x by col2im / by im2col of grad_y
+def test_conv2d_chunked_batch_matches_reference(monkeypatch, c, k, dtype):
     """A small workspace cuts the batch into chunks with a smaller last one."""
     rng = np.random.default_rng(2)
-    x = rand(rng, (7, 3, 9, 8), dtype)
-    W = rand(rng, (4, 3, 3, 3), dtype)
-    b = rand(rng, (4,), dtype)
-    per_sample = 3 * 9 * 9 * 8 * np.dtype(dtype).itemsize
-    monkeypatch.setattr(_cuda, "CONV_WORKSPACE_BYTES", 3 * per_sample)   # chunks 2, 2, 2, 1
+    x = rand(rng, (7, c, 9, 8), dtype)
+    W = rand(rng, (k, c, 3, 3), dtype)
+    b = rand(rng, (k,), dtype)
+    per_sample = max(c, k) * 9 * 9 * 8 * np.dtype(dtype).itemsize
+    monkeypatch.setattr(_cuda, "CONV_WORKSPACE_BYTES", 3 * per_sample)   # chunks of 2 or 3
     y = ref.conv2d_forward(x, W, b, (1, 1), (1, 1))
     gy = rand(rng, y.shape, dtype)
     expected = ref.conv2d_backward(gy, x, W, (1, 1), (1, 1))

@@ -683,32 +683,50 @@ def conv2d_backward(grad_y, x, W, stride, padding):
 
     Per chunk: columns rebuilt by im2col; per-sample partials
     ``grad_y[i] @ cols[i].T`` (one batched GEMM) summed over the samples in
-    order; ``grad_x = col2im(W.T @ grad_y[i])`` (one batched GEMM, a gather).
+    order. grad_x, for stride 1 when it needs no more columns than the
+    gather would read (K*H*W <= C*OH*OW, padding < kernel), is the stride-1
+    correlation of grad_y with the flipped, transposed kernel: im2col of
+    grad_y and one batched GEMM writing NCHW (an expansion pass is cheaper
+    than a gather); otherwise ``col2im(W.T @ grad_y[i])`` (batched GEMM, gather).
     """
     cp = _cp()
     n, c, h, w = x.shape
     k, _, kh, kw = W.shape
     oh, ow = grad_y.shape[2:]
-    p, ckk = oh * ow, c * kh * kw
+    p, ckk, kk = oh * ow, c * kh * kw, kh * kw
     dtype = x.dtype
+    transposed = (tuple(stride) == (1, 1) and padding[0] < kh and padding[1] < kw
+                  and k * h * w <= c * p)
+    col_elems = max(ckk * p, k * kk * h * w) if transposed else ckk * p
+    per_sample = (col_elems + k * ckk) * x.itemsize
+    chunk = min(n, max(1, CONV_WORKSPACE_BYTES // per_sample))
     grad_x = cp.empty(x.shape, dtype=dtype)
     grad_W = cp.empty(W.shape, dtype=dtype)
     grad_b = cp.empty(k, dtype=dtype)
-    chunk = min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize))
-    cols = cp.empty((chunk, ckk, p), dtype=dtype)
+    workspace = cp.empty(chunk * col_elems, dtype=dtype)
     partials = cp.empty((chunk, k, ckk), dtype=dtype) if n > 1 else grad_W
+    if transposed:
+        w_flipped = cp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, K, kh, kw)
+        pad_t = (kh - 1 - padding[0], kw - 1 - padding[1])
     for start in range(0, n, chunk):
         ns = min(chunk, n - start)
         xs, gys = x[start:start + ns], grad_y[start:start + ns]
+        cols = workspace[:ns * ckk * p]
         _im2col_into(xs, kh, kw, stride, padding, oh, ow, cols, True)
         _gemm(gys, cols, partials, k, ckk, p, trans_b=True, batch=ns,
               stride_a=k * p, stride_b=ckk * p, stride_out=k * ckk)
         if partials is not grad_W:
             _sum_rows(partials, ns, k * ckk, grad_W, accumulate=start > 0)
-        # grad_cols reuses the columns' buffer: im2col's values are no longer needed
-        _gemm(W, gys, cols, ckk, p, k, trans_a=True, batch=ns,
-              stride_a=0, stride_b=k * p, stride_out=ckk * p)
-        _col2im_into(cols, grad_x[start:start + ns], kh, kw, stride, padding, oh, ow, True)
+        # the workspace is reused below: the columns of x are no longer needed
+        if transposed:
+            grad_cols = workspace[:ns * k * kk * h * w]
+            _im2col_into(gys, kh, kw, (1, 1), pad_t, h, w, grad_cols, True)
+            _gemm(w_flipped, grad_cols, grad_x[start:start + ns], c, h * w, k * kk, batch=ns,
+                  stride_a=0, stride_b=k * kk * h * w, stride_out=c * h * w)
+        else:
+            _gemm(W, gys, cols, ckk, p, k, trans_a=True, batch=ns,
+                  stride_a=0, stride_b=k * p, stride_out=ckk * p)
+            _col2im_into(cols, grad_x[start:start + ns], kh, kw, stride, padding, oh, ow, True)
     _channel_sums(grad_y, n, k, p, grad_b)
     return grad_x, grad_W, grad_b
 
