@@ -94,6 +94,16 @@ def conv_parts(n, c, k, h, w, ksize, pad, tag="part"):
         W, gy, cols, ckk, p, k, trans_a=True, batch=n, stride_b=k * p, stride_out=ckk * p))
     t[f"{tag} col2im"] = timed(lambda: _cuda._col2im_into(cols, gx, ksize, ksize, s, pd, oh, ow, True))
     t[f"{tag} grad_b"] = timed(lambda: _cuda._channel_sums(gy, n, k, p, gb))
+    if ksize - 1 - pad >= 0:      # stride-1 grad_x: im2col of grad_y + GEMM with the flipped kernel
+        kk = ksize * ksize
+        w_flip = cp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        gcols = cp.empty((n, k * kk, h * w), cp.float32)
+        pad_t = (ksize - 1 - pad, ksize - 1 - pad)
+        t[f"{tag} im2col(grad_y)"] = timed(lambda: _cuda._im2col_into(
+            gy, ksize, ksize, s, pad_t, h, w, gcols, True))
+        t[f"{tag} GEMM grad_x=Wflip@cols(gy)"] = timed(lambda: _cuda._gemm(
+            w_flip, gcols, gx, c, h * w, k * kk, batch=n, stride_b=k * kk * h * w,
+            stride_out=c * h * w))
     t[f"{tag} whole fwd"] = timed(lambda: _cuda.conv2d_forward(x, W, b, s, pd))
     t[f"{tag} whole bwd"] = timed(lambda: _cuda.conv2d_backward(gy, x, W, s, pd))
     return t
@@ -176,6 +186,10 @@ def bench_conv(results):
     torch.backends.cudnn.allow_tf32 = default_tf32
 
     rows.update(conv_parts(n, c, k, h, w, 3, 1))
+    _cuda.set_tf32(True)
+    rows.update({name: v for name, v in conv_parts(n, c, k, h, w, 3, 1, tag="tf32 part").items()
+                 if "GEMM" in name or "whole" in name})
+    _cuda.set_tf32(False)
     # the single-GEMM formulation, for comparison with the batched one
     cols = _cuda.im2col(cx, 3, 3, (1, 1), (1, 1))
     wm = cW.reshape(k, c * 9)

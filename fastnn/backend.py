@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 __all__ = ["available", "use", "current", "get_array_module", "is_cuda_array",
-           "to_device", "device_of", "compiled_error", "cupy"]
+           "to_device", "device_of", "compiled_error", "cupy", "allow_tf32"]
 
 # --- compiled CPU extension -------------------------------------------------
 
@@ -78,6 +78,20 @@ def cupy():
             _cuda_error = f"{type(exc).__name__}: {exc}"
             _cupy = None
     return _cupy
+
+
+def allow_tf32(enabled=None):
+    """Whether float32 GEMMs on the GPU may use TF32 tensor cores; ``allow_tf32(True)`` allows it.
+
+    Off by default: float32 results then agree with the CPU to float32
+    round-off. On, convolutions and dense layers run on the tensor cores with
+    about 1e-3 relative error, as PyTorch's cuDNN convolutions do by default
+    (``torch.backends.cudnn.allow_tf32``). ``FASTNN_TF32=1`` turns it on at import.
+    """
+    from .kernels import _cuda
+    if enabled is not None:
+        _cuda.set_tf32(enabled)
+    return _cuda.tf32_enabled()
 
 
 def compiled_error():

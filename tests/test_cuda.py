@@ -326,13 +326,13 @@ def test_tf32_switch_is_opt_in_and_leaves_cupy_alone():
     rng = np.random.default_rng(14)
     a, b = rand(rng, (256, 512), np.float32), rand(rng, (512, 128), np.float32)
     want = a.astype(np.float64) @ b
-    assert not _cuda.tf32_enabled()
+    assert not backend.allow_tf32()
     strict = cp.asnumpy(kernels.dense_forward(cp.asarray(a), cp.asarray(b), None))
     try:
-        _cuda.set_tf32(True)
+        assert backend.allow_tf32(True)
         fast = cp.asnumpy(kernels.dense_forward(cp.asarray(a), cp.asarray(b), None))
     finally:
-        _cuda.set_tf32(False)
+        backend.allow_tf32(False)
     assert linalg.get_compute_type(np.float32) == before
     def rel(got):
         return np.linalg.norm(got - want) / np.linalg.norm(want)
