@@ -183,6 +183,14 @@ def test_relu_matches_reference(dtype):
     xt = rand(rng, (6, 4), dtype)
     np.testing.assert_array_equal(cp.asnumpy(kernels.relu_forward(cp.asarray(xt).T)),
                                   ref.relu_forward(xt.T))
+    # large and odd: the 4-per-thread main loop and its remainder
+    big = rand(rng, (1000003,), dtype)
+    big[::97] = np.nan
+    gbig = rand(rng, big.shape, dtype)
+    ybig = kernels.relu_forward(cp.asarray(big))
+    np.testing.assert_array_equal(cp.asnumpy(ybig), ref.relu_forward(big))
+    np.testing.assert_array_equal(cp.asnumpy(kernels.relu_backward(cp.asarray(gbig), ybig)),
+                                  ref.relu_backward(gbig, ref.relu_forward(big)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
