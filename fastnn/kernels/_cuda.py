@@ -12,10 +12,11 @@ No Python loop runs over the batch. A convolution is, for the whole batch
 ``CONV_WORKSPACE_BYTES``): im2col into batch-major columns (N, C*kh*kw, OH*OW),
 then one strided-batched GEMM per product, whose output is already NCHW:
 
-    forward   y[n]      = W (K, C*kh*kw) @ cols[n]        (+ bias: one pass)
+    forward   y[n]      = W (K, C*kh*kw) @ cols[n]        (onto y pre-filled with the bias)
     backward  grad_W    = sum_n grad_y[n] @ cols[n].T     (batched GEMM, then a
                                                            fixed-order sum over n)
-              grad_x[n] = col2im(W.T @ grad_y[n])         (batched GEMM, gather)
+              grad_x[n] = col2im(W.T @ grad_y[n])         (batched GEMM, gather), or
+                          for stride 1: W flipped (C, K*kh*kw) @ im2col(grad_y)[n]
               grad_b    = per-channel sum of grad_y
 
 Reductions are gathers (one thread owns one output and sums its inputs in a
@@ -28,9 +29,14 @@ This module imports without CuPy; it needs CuPy only when a kernel runs, and a
 kernel only runs for CuPy arrays.
 
 Precision: float32 GEMMs are full float32 by default (results agree with the
-CPU to float32 round-off). ``set_tf32(True)`` (or ``FASTNN_TF32=1`` in the
-environment) lets cuBLAS use TF32 tensor cores for float32 GEMMs, as PyTorch's
-cuDNN convolutions do by default (about 1e-3 relative error).
+CPU to float32 round-off). ``fastnn.backend.allow_tf32(True)`` (``set_tf32``
+here, or ``FASTNN_TF32=1`` in the environment) lets cuBLAS use TF32 tensor
+cores for float32 GEMMs, as PyTorch's cuDNN convolutions do by default (about
+1e-3 relative error).
+
+Besides the kernels of ``fastnn.kernels``, fused one-launch pieces for the
+layers and optimizers: ``sgd_step`` / ``adam_step`` (used by ``fastnn.optim``
+on CuPy arrays), ``dropout_forward`` and ``batchnorm_forward`` / ``_backward``.
 """
 import os
 
