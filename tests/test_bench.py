@@ -79,7 +79,7 @@ def test_command_line_reexecs_with_threads_and_without_blas_pin(tmp_path):
 def test_measure_and_result_units():
     calls = []
     impl = Impl("x", lambda: calls.append(1), work=2.0)
-    inner, times = measure(impl, repeats=4, warmup=2, min_repeat_s=0.0)
+    inner, times = measure(impl, repeats=4, warmup=2, min_repeat_s=0.0, settle_s=0)
     assert inner == 1 and len(times) == 4 and len(calls) == 2 + 1 + 4
     rate = Result("W", "m", "x", "GB/s", "rate", work=2.0, times_s=[0.5, 1.0, 2.0])
     assert rate.median == pytest.approx(2.0) and rate.best == pytest.approx(4.0)

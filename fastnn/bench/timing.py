@@ -1,10 +1,10 @@
 """Timing harness: warm-up, calibrated inner loops, several repeats, median and min.
 
 A workload metric is timed per implementation, one implementation after the
-other (a whole block each, so one library's spinning worker threads have gone
-quiet before the next one starts). Each repeat runs the callable ``inner``
-times, with ``inner`` chosen so that a repeat lasts at least ``min_repeat_s``;
-the recorded figure is the time of one call. The garbage collector is off
+other, a whole block each after a short pause, so one library's spinning
+worker threads have gone quiet before the next one starts. Each repeat runs
+the callable ``inner`` times, with ``inner`` chosen so that a repeat lasts at
+least ``min_repeat_s``; the recorded figure is the time of one call. The garbage collector is off
 while timing, as in ``timeit``.
 """
 import gc
@@ -81,9 +81,16 @@ class Result:
         return self.median if self.kind == "rate" else 1.0 / self.median
 
 
-def measure(impl, *, repeats, warmup, min_repeat_s, max_inner=100000):
+# Pause before each implementation's block: the previous library's worker threads
+# (OpenBLAS spins about 2**28 cycles, ~0.1 s, after its last call; libgomp spins
+# too unless passive) must be asleep before the next library starts timing.
+SETTLE_S = 0.2
+
+
+def measure(impl, *, repeats, warmup, min_repeat_s, max_inner=100000, settle_s=SETTLE_S):
     """Time ``impl.run``: returns ``(inner, [seconds per call for each repeat])``."""
     sync = impl.sync or (lambda: None)
+    time.sleep(settle_s)
     for _ in range(warmup):
         impl.run()
     sync()
