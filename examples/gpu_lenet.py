@@ -38,7 +38,8 @@ net = fn.Network([
     fn.Dense(120, 84, seed=4), fn.ReLU(),
     fn.Dense(84, 10, seed=5),
 ])
-net.compile(loss="cross_entropy", optimizer=fn.optim.SGD(lr=0.05, momentum=0.9),
+net.compile(loss="cross_entropy",
+            optimizer=fn.optim.SGD(lr=0.05, momentum=0.9, weight_decay=5e-4),
             metrics=("accuracy",))
 net.to("cuda")
 print(f"network on {net.device}")

@@ -1,9 +1,9 @@
 """A multilayer perceptron on MNIST: 784-256-128-10 with ReLU, about 98% test accuracy.
 
 The images (N, 1, 28, 28) are flattened to 784 features; the last layer gives
-logits and the cross-entropy loss applies the softmax. SGD with momentum and a
-cosine learning-rate schedule; 5000 training images are held out to watch
-the validation accuracy.
+logits and the cross-entropy loss applies the softmax. SGD with momentum, L2
+weight decay and a cosine learning-rate schedule; 5000 training images are
+held out to watch the validation accuracy.
 
     python examples/mnist_mlp.py [--data DIR] [--epochs 20] [--kind fashion]
 
@@ -36,7 +36,8 @@ net = fn.Network([
     fn.Dense(256, 128, seed=2), fn.ReLU(),
     fn.Dense(128, 10, seed=3),
 ])
-net.compile(loss="cross_entropy", optimizer=fn.optim.SGD(lr=0.05, momentum=0.9),
+net.compile(loss="cross_entropy",
+            optimizer=fn.optim.SGD(lr=0.05, momentum=0.9, weight_decay=5e-4),
             metrics=("accuracy",))
 print(net.summary())
 

@@ -38,9 +38,11 @@ def test_task_defaults_and_overrides():
     assert (args.epochs, args.batch_size, args.lr, args.kind, args.device, args.seed) == (
         train.TASKS["mnist-lenet"]["epochs"], train.TASKS["mnist-lenet"]["batch_size"],
         train.TASKS["mnist-lenet"]["lr"], "mnist", "cpu", 0)
+    assert args.weight_decay == train.TASKS["mnist-lenet"]["weight_decay"]
     args = train.parse_args(["mnist-mlp", "--epochs", "3", "--batch-size", "128", "--lr", "0.01",
-                             "--dataset", "fashion", "--seed", "4"])
-    assert (args.epochs, args.batch_size, args.lr, args.kind, args.seed) == (3, 128, 0.01, "fashion", 4)
+                             "--dataset", "fashion", "--seed", "4", "--weight-decay", "0"])
+    assert (args.epochs, args.batch_size, args.lr, args.kind, args.seed, args.weight_decay) == (
+        3, 128, 0.01, "fashion", 4, 0.0)
     assert train.parse_args(["mnist-mlp", "--kind", "fashion"]).kind == "fashion"
 
 
@@ -50,6 +52,7 @@ def test_task_defaults_and_overrides():
     (["circles", "--batch-size", "-2"], "--batch-size must be >= 1"),
     (["circles", "--lr", "0"], "--lr must be > 0"),
     (["circles", "--val", "1.5"], "--val must lie in"),
+    (["circles", "--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["circles", "--device", "tpu"], "invalid choice"),
 ])
 def test_bad_options_exit_with_a_message(argv, match, capsys):
@@ -102,8 +105,10 @@ def test_circles_reaches_the_target(capsys):
 
 def test_save_loads_back_to_the_same_predictions(tmp_path, capsys):
     path = tmp_path / "circles.npz"
-    net, _, _ = train.run(train.parse_args(["circles", "--epochs", "3", "--save", str(path)]))
+    net, _, _ = train.run(train.parse_args(["circles", "--epochs", "3", "--save", str(path),
+                                            "--weight-decay", "0.001", "--lr", "0.2"]))
     assert f"saved the network to {path}" in capsys.readouterr().out
+    assert (net.optimizer.weight_decay, net.optimizer.momentum) == (0.001, 0.9)
     loaded = fn.Network.load(str(path))
     x = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
     np.testing.assert_array_equal(loaded.predict(x), net.predict(x))
