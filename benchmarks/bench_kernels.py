@@ -299,13 +299,14 @@ def _ratio_lines():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def summary(request):
+def print_summary(request):
     """Print the machine and the ratios against the targets after the module's benchmarks."""
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = reporter.write_line if reporter else print
-    write("")
-    write(f"=== fastnn kernels, {started} ===")
-    for line in _machine() + _ratio_lines():
-        write(line)
+    lines = ["", f"=== fastnn kernels, {started} ==="] + _machine() + _ratio_lines()
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
+        print("\n".join(lines))
+        return
+    with capture.global_and_fixture_disabled():    # shown without -s
+        print("\n".join(lines))

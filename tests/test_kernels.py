@@ -86,6 +86,8 @@ CONV_CASES = [
     (2, 2, 7, 7, 3, 2, 4, (3, 2), (2, 0)),
     (1, 16, 20, 19, 32, 3, 3, 1, 1),     # batch of 1 large enough to split its GEMMs
     (3, 8, 12, 12, 24, 3, 3, 1, 1),      # more samples than threads, GEMMs per sample
+    (2, 3, 5, 4, 2, 2, 2, 1, 2),         # stride 1 but padding >= kernel: the col2im path
+    (3, 2, 6, 5, 3, 3, 1, 1, (1, 0)),    # stride 1, non-square kernel and padding
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 
