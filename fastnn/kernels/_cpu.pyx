@@ -680,17 +680,23 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
         _col2im(second, 1, g, grad_x, ohw, threads > 1)
 
 
+cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
+    """Sample chunks of the parallel conv backward: four per thread, at most n."""
+    return n if n < 4 * threads else 4 * threads
+
+
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
                          floating *grad_x, floating *grad_w, floating *grad_b,
                          floating *workspace, long n, const fnn_geometry *g, long k,
                          int threads) noexcept nogil:
-    cdef long s, t, idx, first, second
+    cdef long s, c, idx, first, second
     cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
     _backward_buffers(g, k, &first, &second)
-    # per thread: the two buffers, then its own grad_w and grad_b sums
-    cdef long sums = first + second
-    cdef long stride_t = sums + k * ckk + k
+    # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
+    cdef long stride_t = first + second, stride_c = k * ckk + k
+    cdef long chunks = _conv_backward_chunks(n, threads)
     cdef floating *mine
+    cdef floating *part
     memset(grad_w, 0, k * ckk * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
     if n < threads:          # too few samples to share: split each sample's work
@@ -698,31 +704,37 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
             _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
                                   grad_w, grad_b, workspace, workspace + first, g, k, threads)
         return
-    for t in range(threads):
-        memset(workspace + t * stride_t + sums, 0, (k * ckk + k) * sizeof(floating))
-    for s in prange(n, num_threads=threads, schedule="dynamic"):
+    # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
+    # for a shared machine) sums its samples in order into the chunk's own partial,
+    # and the partials are added in chunk order: which thread ran what cannot change
+    # the result, so the same inputs give the same bits every call (per-thread sums
+    # under a dynamic schedule did not: same-seed trainings drifted apart).
+    for c in prange(chunks, num_threads=threads, schedule="dynamic"):
         mine = workspace + fnn_thread_id() * stride_t
-        _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
-                              mine + sums, mine + sums + k * ckk, mine, mine + first, g, k, 1)
-    # the threads' partial sums, added in a fixed order (deterministic for a thread count)
-    for t in range(threads):
-        mine = workspace + t * stride_t + sums
+        part = workspace + threads * stride_t + c * stride_c
+        memset(part, 0, stride_c * sizeof(floating))
+        for s in range(c * n // chunks, (c + 1) * n // chunks):
+            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
+                                  part, part + k * ckk, mine, mine + first, g, k, 1)
+    for c in range(chunks):
+        part = workspace + threads * stride_t + c * stride_c
         for idx in range(k * ckk):
-            grad_w[idx] += mine[idx]
+            grad_w[idx] += part[idx]
         for idx in range(k):
-            grad_b[idx] += mine[k * ckk + idx]
+            grad_b[idx] += part[k * ckk + idx]
 
 
 def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stride,
                     tuple padding):
     """-> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
 
-    OpenMP over the samples, single-threaded GEMMs per sample; each thread keeps
-    its own grad_W/grad_b sums (added at the end), so no two threads write one
-    value. With stride 1 (padding < kernel), grad_x is the conv of grad_y with
+    OpenMP over the samples, single-threaded GEMMs per sample; each of a fixed
+    set of sample chunks keeps its own grad_W/grad_b sums (added at the end in
+    chunk order), so no two threads write one value and every call gives the
+    same bits. With stride 1 (padding < kernel), grad_x is the conv of grad_y with
     the flipped weights: a GEMM as deep as the forward one and no col2im.
-    Workspace: threads * (2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
-    + K*C*kh*kw + K) elements, whatever N is.
+    Workspace: threads * 2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
+    elements + min(N, 4*threads) * (K*C*kh*kw + K).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
@@ -730,14 +742,16 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef int threads = _gemm_threads()
     cdef long first, second
     _backward_buffers(&g, k, &first, &second)
-    cdef long per_thread = first + second + W.size + k
+    cdef long per_thread = first + second
+    cdef long per_chunk = W.size + k
     cdef bint by_rows = _transposable(&g) and not _pointwise(&g)
     cdef cnp.ndarray grad_x = np.empty_like(x)
     # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
     cdef cnp.ndarray grad_w = np.empty((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
                                        dtype=x.dtype)
     cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
-    cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(
+        threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
     cdef cnp.ndarray weights = W
     if by_rows:   # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
         weights = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
