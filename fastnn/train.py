@@ -148,17 +148,19 @@ def plot(path, history, title, net=None, points=None):
     import matplotlib.pyplot as plt
 
     hist = history.history
-    panels = 3 if points is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    curves = [key for key in ("loss", "accuracy") if hist.get(key)]
+    panels = len(curves) + (points is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
     epochs = np.arange(1, len(hist["loss"]) + 1)
-    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+    for ax, key in zip(axes, curves):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = hist.get(prefix + key)
             if values:
                 ax.plot(epochs[:len(values)], values, style,
-                        label=("validation " if prefix else "train ") + label)
+                        label=("validation " if prefix else "train ") + key)
         ax.set_xlabel("epoch")
-        ax.set_title(label)
+        ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()
     if points is not None:
@@ -173,16 +175,19 @@ def plot(path, history, title, net=None, points=None):
         grid = grid.reshape((len(grid),) + tuple(x.shape[1:]))
         out = backend.to_device(net.predict(grid), "cpu").reshape(len(grid), -1)
         if out.shape[1] == 1:
-            score = out[:, 0]                       # tanh / sigmoid output: class 1 above 0.5
-        else:                                       # logits: probability of class 1
+            score, label = out[:, 0], "network output"   # tanh / sigmoid: class 1 above 0.5
+        else:                                            # logits: probability of class 1
             z = out - out.max(axis=1, keepdims=True)
-            p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-            score = p[:, 1]
-        ax = axes[2]
-        cs = ax.contourf(gx, gy, score.reshape(gx.shape), levels=20, cmap="RdBu_r", alpha=0.7)
+            score, label = (np.exp(z) / np.exp(z).sum(axis=1, keepdims=True))[:, 1], "P(class 1)"
+        ax = axes[-1]
+        cs = ax.contourf(gx, gy, score.reshape(gx.shape), levels=20, cmap="RdBu_r", alpha=0.45)
         ax.contour(gx, gy, score.reshape(gx.shape), levels=[0.5], colors="k", linewidths=1.5)
-        fig.colorbar(cs, ax=ax, label="P(class 1)")
-        ax.scatter(x2[:, 0], x2[:, 1], c=labels, cmap="RdBu_r", edgecolors="k", s=18)
+        fig.colorbar(cs, ax=ax, label=label)
+        for cls, color in ((0, "tab:blue"), (1, "tab:red")):
+            chosen = labels == cls
+            ax.scatter(x2[chosen, 0], x2[chosen, 1], color=color, edgecolors="white",
+                       linewidths=0.6, s=28, label=f"class {cls}")
+        ax.legend(loc="upper right", fontsize="small")
         ax.set_title("decision boundary (test points)")
         ax.set_aspect("equal")
     fig.suptitle(title)
