@@ -91,6 +91,20 @@ class BinaryCrossEntropy(Loss):
     def __init__(self, eps=1e-7):
         self.eps = float(eps)
 
+    def check(self, y_pred, y_true):
+        y_pred, y_true = super().check(y_pred, y_true)
+        self.check_targets(y_true, "BinaryCrossEntropy")
+        return y_pred, y_true
+
+    @staticmethod
+    def check_targets(y_true, who):
+        """Targets are probabilities: values outside [0, 1] would give a meaningless loss."""
+        if y_true.size:
+            lo, hi = float(y_true.min()), float(y_true.max())
+            if lo < 0 or hi > 1:
+                raise ValueError(f"{who}: binary cross-entropy targets must lie in [0, 1], "
+                                 f"got values in [{lo:g}, {hi:g}]")
+
     def _loss_and_grad(self, y_pred, y_true):
         xp = backend.get_array_module(y_pred)
         p = xp.clip(y_pred, self.eps, 1 - self.eps)

@@ -96,6 +96,7 @@ class Network:
             raise TypeError("Network.use: loss and loss_prime must be functions")
         self.loss, self.loss_prime = loss, loss_prime
         self.loss_fn = None
+        self.metrics = ()
         self._style = "use"
         self._plan = None
 
@@ -269,6 +270,8 @@ class Network:
                                      f"{(n,) + out_tail}, got {tuple(y.shape)}")
                 y = y.reshape((n,) + out_tail)
             y = xp.ascontiguousarray(y, dtype=self.dtype)
+            if isinstance(self.loss_fn, losses.BinaryCrossEntropy):
+                losses.BinaryCrossEntropy.check_targets(y, who)
         if (move and self._device == "cuda") or (xp is not np and self._device == "cpu"):
             y = backend.to_device(y, self._device)
         return y

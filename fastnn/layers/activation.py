@@ -6,32 +6,27 @@ its input for LeakyReLU) and runs on NumPy or CuPy arrays alike.
 import numpy as np
 
 from .. import backend
-from .base import Layer, contiguous, kernel_impl
+from .base import Layer, check_float_array, contiguous, kernel_impl
 
 __all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_FLOATS = (_F32, _F64)
 
 
 class _Elementwise(Layer):
     """Shared checks of the parameter-free element-wise layers."""
 
-    def _check(self, x, what="input"):
-        dtype = getattr(x, "dtype", None)
-        if dtype not in _FLOATS:
-            if dtype is None:
-                raise TypeError(f"{type(self).__name__}: {what} must be a NumPy or CuPy array, "
-                                f"got {type(x).__name__}")
-            raise TypeError(f"{type(self).__name__}: expected a float32 or float64 {what}, "
-                            f"got {dtype}")
+    def _check(self, x):
+        check_float_array(x, type(self).__name__)
 
     def _check_grad(self, grad_y, kept):
+        """``grad_y`` must match what forward kept (its input or output)."""
         if kept is None:
             raise RuntimeError(f"{type(self).__name__}: backward called before forward")
-        if grad_y.shape != kept.shape or grad_y.dtype != kept.dtype:
-            raise ValueError(f"{type(self).__name__}: expected grad_y of shape {tuple(kept.shape)} "
-                             f"and dtype {kept.dtype}, got {tuple(grad_y.shape)} {grad_y.dtype}")
+        if getattr(grad_y, "shape", None) != kept.shape or grad_y.dtype != kept.dtype:
+            check_float_array(grad_y, type(self).__name__, "grad_y", kept.dtype)
+            raise ValueError(f"{type(self).__name__}: expected grad_y of shape {tuple(kept.shape)}, "
+                             f"got {tuple(grad_y.shape)}")
 
     def get_config(self):
         return {}

@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import backend, kernels
 
-__all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "uses_tutorial_protocol"]
+__all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "check_float_array",
+           "uses_tutorial_protocol"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -24,6 +25,18 @@ def as_dtype(dtype, who):
     if dt not in _FLOAT_DTYPES:
         raise TypeError(f"{who}: dtype must be float32 or float64, got {dtype!r}")
     return dt
+
+
+def check_float_array(x, who, what="input", dtype=None):
+    """Raise a TypeError naming ``who`` unless ``x`` is a NumPy or CuPy array of ``dtype``
+    (or, with ``dtype=None``, of float32 or float64)."""
+    if not (isinstance(x, np.ndarray) or backend.is_cuda_array(x)):
+        raise TypeError(f"{who}: {what} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if dtype is not None:
+        if x.dtype != dtype:
+            raise TypeError(f"{who}: expected {what} of dtype {dtype}, got {x.dtype}")
+    elif x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{who}: expected a float32 or float64 {what}, got {x.dtype}")
 
 
 def initialize(init, shape, fan_in, fan_out, rng, dtype, who):

@@ -1,47 +1,10 @@
 """2-D convolution (cross-correlation, PyTorch's conv2d), NCHW."""
 import numpy as np
 
-from .. import backend, kernels
-from .base import Layer, as_dtype, contiguous, initialize, kernel_impl, make_rng
+from .. import kernels
+from .base import Layer, as_dtype, check_float_array, contiguous, initialize, kernel_impl, make_rng
 
 __all__ = ["Conv2D"]
-
-
-def _conv_forward(x, W, b, stride, padding):
-    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
-
-    The kernel modules' ``conv2d_forward`` (bounded im2col workspace) when the
-    implementation has one, else im2col + one GEMM here.
-    """
-    impl = kernel_impl(x)
-    conv = getattr(impl, "conv2d_forward", None)
-    if conv is not None:
-        return conv(x, W, b, stride, padding)
-    xp = backend.get_array_module(x)
-    n, _, h, w = x.shape
-    k, c, kh, kw = W.shape
-    oh = kernels.conv_output_size(h, kh, stride[0], padding[0])
-    ow = kernels.conv_output_size(w, kw, stride[1], padding[1])
-    cols = impl.im2col(x, kh, kw, stride, padding)                  # (C*kh*kw, N*OH*OW)
-    y = W.reshape(k, c * kh * kw) @ cols                            # (K, N*OH*OW)
-    if b is not None:
-        y += b[:, None]
-    return xp.ascontiguousarray(y.reshape(k, n, oh, ow).transpose(1, 0, 2, 3))
-
-
-def _conv_backward(grad_y, x, W, stride, padding):
-    """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,))."""
-    impl = kernel_impl(x)
-    conv = getattr(impl, "conv2d_backward", None)
-    if conv is not None:
-        return conv(grad_y, x, W, stride, padding)
-    k, c, kh, kw = W.shape
-    n, _, oh, ow = grad_y.shape
-    cols = impl.im2col(x, kh, kw, stride, padding)
-    gy = grad_y.transpose(1, 0, 2, 3).reshape(k, n * oh * ow)
-    grad_W = (gy @ cols.T).reshape(W.shape)
-    grad_x = impl.col2im(W.reshape(k, c * kh * kw).T @ gy, x.shape, kh, kw, stride, padding)
-    return grad_x, grad_W, grad_y.sum(axis=(0, 2, 3))
 
 
 class Conv2D(Layer):
@@ -82,11 +45,7 @@ class Conv2D(Layer):
         return f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw})"
 
     def _check(self, x):
-        W = self.params["W"]
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{self._name()}: input must be a NumPy or CuPy array, got {type(x).__name__}")
-        if x.dtype != W.dtype:
-            raise TypeError(f"{self._name()}: expected input of dtype {W.dtype}, got {x.dtype}")
+        check_float_array(x, self._name(), "input", self.params["W"].dtype)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{self._name()}: expected input of shape (N, {self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
@@ -94,11 +53,14 @@ class Conv2D(Layer):
         self._checked_shape = x.shape
 
     def forward(self, x, training=True):
-        if getattr(x, "shape", None) != self._checked_shape or x.dtype != self.params["W"].dtype:
+        if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
+                or x.dtype != self.params["W"].dtype):
             self._check(x)
         x = contiguous(x)
         self.input = self._x = x
-        self.output = _conv_forward(x, self.params["W"], self.params.get("b"), self.stride, self.padding)
+        # the kernels' conv2d bounds its im2col workspace (chunks of the batch)
+        self.output = kernel_impl(x).conv2d_forward(x, self.params["W"], self.params.get("b"),
+                                                    self.stride, self.padding)
         return self.output
 
     def backward(self, grad_y):
@@ -106,11 +68,13 @@ class Conv2D(Layer):
         if x is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
         expected = (x.shape[0], self.out_channels) + self.output_shape(x.shape[1:])[1:]
-        if tuple(grad_y.shape) != expected or grad_y.dtype != x.dtype:
-            raise ValueError(f"{self._name()}: expected grad_y of shape {expected} and dtype {x.dtype}, "
-                             f"got {tuple(grad_y.shape)} {grad_y.dtype}")
-        grad_x, grad_W, grad_b = _conv_backward(contiguous(grad_y), x, self.params["W"],
-                                                self.stride, self.padding)
+        if getattr(grad_y, "shape", None) != expected or grad_y.dtype != x.dtype:
+            check_float_array(grad_y, self._name(), "grad_y", x.dtype)
+            raise ValueError(f"{self._name()}: expected grad_y of shape {expected}, "
+                             f"got {tuple(grad_y.shape)}")
+        grad_y = contiguous(grad_y)
+        grad_x, grad_W, grad_b = kernel_impl(grad_y).conv2d_backward(
+            grad_y, x, self.params["W"], self.stride, self.padding)
         self.grads["W"] = grad_W
         if self.use_bias:
             self.grads["b"] = grad_b

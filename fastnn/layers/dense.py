@@ -1,7 +1,7 @@
 """Dense (fully connected) layer, and the tutorial's FCLayer alias."""
 import numpy as np
 
-from .base import Layer, as_dtype, contiguous, initialize, kernel_impl, make_rng
+from .base import Layer, as_dtype, check_float_array, contiguous, initialize, kernel_impl, make_rng
 
 __all__ = ["Dense", "FCLayer"]
 
@@ -40,7 +40,7 @@ class Dense(Layer):
         self._x2 = None
 
     def _name(self):
-        return f"Dense({self.in_features} -> {self.out_features})"
+        return f"{type(self).__name__}({self.in_features} -> {self.out_features})"
 
     # the tutorial's attribute names
     @property
@@ -51,14 +51,9 @@ class Dense(Layer):
     def bias(self):
         return self.params.get("b")
 
-    def _bad_input(self, x, what="input"):
-        W = self.params["W"]
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{self._name()}: {what} must be a NumPy or CuPy array, "
-                            f"got {type(x).__name__}")
-        if x.dtype != W.dtype:
-            raise TypeError(f"{self._name()}: expected {what} of dtype {W.dtype}, got {x.dtype}")
-        raise ValueError(f"{self._name()}: expected {what} of shape (..., {self.in_features}), "
+    def _bad_input(self, x):
+        check_float_array(x, self._name(), "input", self.params["W"].dtype)
+        raise ValueError(f"{self._name()}: expected input of shape (..., {self.in_features}), "
                          f"got {tuple(x.shape)}")
 
     def forward(self, x, training=True):
@@ -86,11 +81,17 @@ class Dense(Layer):
         if x2 is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
         W = self.params["W"]
-        if (grad_y.dtype != W.dtype or grad_y.shape[-1] != self.out_features
-                or grad_y.size != x2.shape[0] * self.out_features):
+        try:
+            ok = (grad_y.dtype == W.dtype and grad_y.ndim >= 1
+                  and grad_y.shape[-1] == self.out_features
+                  and grad_y.size == x2.shape[0] * self.out_features)
+        except AttributeError:
+            ok = False
+        if not ok:
+            check_float_array(grad_y, self._name(), "grad_y", W.dtype)
             raise ValueError(f"{self._name()}: expected grad_y of shape "
-                             f"{tuple(self.input.shape[:-1]) + (self.out_features,)} and dtype "
-                             f"{W.dtype}, got {tuple(grad_y.shape)} {grad_y.dtype}")
+                             f"{tuple(self.input.shape[:-1]) + (self.out_features,)}, "
+                             f"got {tuple(grad_y.shape)}")
         g2 = contiguous(grad_y if grad_y.ndim == 2 else grad_y.reshape(-1, self.out_features))
         grad_x, grad_W, grad_b = kernel_impl(g2).dense_backward(g2, x2, W)
         self.grads["W"] = grad_W

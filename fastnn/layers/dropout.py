@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from .base import Layer, kernel_impl, make_rng
+from .base import Layer, check_float_array, kernel_impl, make_rng
 
 __all__ = ["Dropout"]
 
@@ -20,13 +20,13 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: p must be a probability in [0, 1), got {p!r}")
         self.p = float(p)
         self.rng = make_rng(seed)
-        self._mask = None
+        self._mask = None          # the scaled mask of the last training forward
+        self._identity = None      # True after an eval (or p == 0) forward; None before any
 
     def forward(self, x, training=True):
-        if getattr(x, "dtype", None) not in (np.float32, np.float64):
-            raise TypeError(f"Dropout: expected a float32 or float64 array, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if not training or self.p == 0:
+        check_float_array(x, "Dropout")
+        self._identity = not training or self.p == 0
+        if self._identity:
             self._mask = None
             return x
         if backend.is_cuda_array(x):
@@ -41,12 +41,16 @@ class Dropout(Layer):
         return self.output
 
     def backward(self, grad_y):
-        if self._mask is None:       # eval mode or p == 0: identity
+        if self._identity is None:
+            raise RuntimeError("Dropout: backward called before forward")
+        if self._identity:
             return grad_y
-        if grad_y.shape != self._mask.shape:
-            raise ValueError(f"Dropout: expected grad_y of shape {tuple(self._mask.shape)}, "
+        mask = self._mask
+        if getattr(grad_y, "shape", None) != mask.shape or grad_y.dtype != mask.dtype:
+            check_float_array(grad_y, "Dropout", "grad_y", mask.dtype)
+            raise ValueError(f"Dropout: expected grad_y of shape {tuple(mask.shape)}, "
                              f"got {tuple(grad_y.shape)}")
-        return grad_y * self._mask
+        return grad_y * mask
 
     def get_config(self):
         return {"p": self.p}

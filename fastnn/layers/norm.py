@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from .base import Layer, as_dtype, kernel_impl
+from .base import Layer, as_dtype, check_float_array, kernel_impl
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -55,10 +55,7 @@ class _BatchNorm(Layer):
         return f"{type(self).__name__}({self.num_features})"
 
     def _check(self, x):
-        dt = self.params["gamma"].dtype
-        if getattr(x, "dtype", None) != dt:
-            raise TypeError(f"{self._name()}: expected input of dtype {dt}, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        check_float_array(x, self._name(), "input", self.params["gamma"].dtype)
         if x.ndim not in self._ranks or x.shape[1] != self.num_features:
             raise ValueError(f"{self._name()}: expected input of shape {self._expected()}, "
                              f"got {tuple(x.shape)}")
@@ -120,7 +117,8 @@ class _BatchNorm(Layer):
         if self._cache is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
         x_hat, inv_std, training, axes, shape = self._cache
-        if grad_y.shape != x_hat.shape:
+        if getattr(grad_y, "shape", None) != x_hat.shape or grad_y.dtype != x_hat.dtype:
+            check_float_array(grad_y, self._name(), "grad_y", x_hat.dtype)
             raise ValueError(f"{self._name()}: expected grad_y of shape {tuple(x_hat.shape)}, "
                              f"got {tuple(grad_y.shape)}")
         if training and backend.is_cuda_array(grad_y):

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend, kernels
-from .base import Layer, contiguous, kernel_impl
+from .base import Layer, check_float_array, contiguous, kernel_impl
 
 __all__ = ["MaxPool2D", "AvgPool2D"]
 
@@ -18,15 +18,13 @@ class _Pool2D(Layer):
         self.kernel_size = kernels.pair(kernel_size, "kernel_size", who, 1)
         self.stride = self.kernel_size if stride is None else kernels.pair(stride, "stride", who, 1)
         self._checked_shape = None
-        self._x_shape = None
+        self._x_shape = self._x_dtype = None        # of the last forward's input
 
     def _name(self):
         return f"{type(self).__name__}({self.kernel_size[0]}x{self.kernel_size[1]})"
 
     def _check(self, x):
-        if getattr(x, "dtype", None) not in _FLOATS:
-            raise TypeError(f"{self._name()}: expected a float32 or float64 array, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        check_float_array(x, self._name())
         if x.ndim != 4:
             raise ValueError(f"{self._name()}: expected input of shape (N, C, H, W), got {tuple(x.shape)}")
         self.output_shape(x.shape[1:])
@@ -46,7 +44,8 @@ class _Pool2D(Layer):
         if self._x_shape is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
         expected = (self._x_shape[0],) + self.output_shape(self._x_shape[1:])
-        if tuple(grad_y.shape) != expected:
+        if getattr(grad_y, "shape", None) != expected or grad_y.dtype != self._x_dtype:
+            check_float_array(grad_y, self._name(), "grad_y", self._x_dtype)
             raise ValueError(f"{self._name()}: expected grad_y of shape {expected}, "
                              f"got {tuple(grad_y.shape)}")
 
@@ -58,12 +57,13 @@ class MaxPool2D(_Pool2D):
     """x: (N, C, H, W) -> max over each window: (N, C, OH, OW). Kept: argmax of each window."""
 
     def forward(self, x, training=True):
-        if getattr(x, "shape", None) != self._checked_shape or x.dtype not in _FLOATS:
+        if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
+                or x.dtype not in _FLOATS):
             self._check(x)
         x = contiguous(x)
         kh, kw = self.kernel_size
         self.output, self._argmax = kernel_impl(x).maxpool2d_forward(x, kh, kw, self.stride)
-        self._x_shape = x.shape
+        self._x_shape, self._x_dtype = x.shape, x.dtype
         return self.output
 
     def backward(self, grad_y):
@@ -83,14 +83,15 @@ class AvgPool2D(_Pool2D):
                  slice(j, j + sw * (ow - 1) + 1, sw)) for i in range(kh) for j in range(kw)]
 
     def forward(self, x, training=True):
-        if getattr(x, "shape", None) != self._checked_shape or x.dtype not in _FLOATS:
+        if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
+                or x.dtype not in _FLOATS):
             self._check(x)
         windows = self._windows(x.shape)
         y = x[windows[0]].copy()
         for w in windows[1:]:
             y += x[w]
         y *= x.dtype.type(1.0 / len(windows))
-        self._x_shape = x.shape
+        self._x_shape, self._x_dtype = x.shape, x.dtype
         self.output = y
         return y
 

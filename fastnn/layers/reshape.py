@@ -6,22 +6,33 @@ from .base import Layer
 __all__ = ["Flatten"]
 
 
+def _check_array(a, what):
+    if not hasattr(a, "shape") or not hasattr(a, "reshape"):
+        raise TypeError(f"Flatten: {what} must be a NumPy or CuPy array, got {type(a).__name__}")
+
+
 class Flatten(Layer):
-    """Keeps every axis but the first flattened into one; backward restores the shape."""
+    """Every axis but the first flattened into one; backward restores the shape. Any dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self._x_shape = None
 
     def forward(self, x, training=True):
-        if not hasattr(x, "shape") or x.ndim < 1:
-            raise ValueError(f"Flatten: expected an array with a batch dimension, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+        _check_array(x, "input")
+        if x.ndim < 1:
+            raise ValueError(f"Flatten: expected an array with a batch dimension, got shape "
+                             f"{tuple(x.shape)}")
         self._x_shape = x.shape
         self.output = x.reshape(x.shape[0], -1)
         return self.output
 
     def backward(self, grad_y):
-        shape = getattr(self, "_x_shape", None)
+        shape = self._x_shape
         if shape is None:
             raise RuntimeError("Flatten: backward called before forward")
-        if grad_y.size != int(np.prod(shape)) or grad_y.shape[0] != shape[0]:
+        _check_array(grad_y, "grad_y")
+        if grad_y.size != int(np.prod(shape)) or grad_y.ndim < 1 or grad_y.shape[0] != shape[0]:
             raise ValueError(f"Flatten: expected grad_y of shape ({shape[0]}, "
                              f"{int(np.prod(shape[1:]))}), got {tuple(grad_y.shape)}")
         return grad_y.reshape(shape)
