@@ -31,9 +31,11 @@ import time
 
 import numpy as np
 
+import fastnn as fn
 from . import backend, data, datasets, metrics
+from .callbacks import Callback
 
-__all__ = ["main", "TASKS", "build_model"]
+__all__ = ["main", "run", "parse_args", "TASKS", "build_model", "EpochPrinter", "plot"]
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -50,8 +52,6 @@ TASKS = {
 
 def build_model(task, seed=0):
     """The task's ``fn.Network`` (not compiled); each layer gets a seed derived from ``seed``."""
-    import fastnn as fn
-
     seeds = iter(np.random.default_rng(seed).integers(0, 2**31 - 1, size=16).tolist())
     if task == "xor":
         # the tutorial's 2-3-1 tanh network and its U(-0.5, 0.5) initialisation
@@ -103,33 +103,36 @@ def load_task_data(task, args):
     return train, val, test
 
 
-def _epoch_printer(epochs, t0):
-    """A callback printing one line per epoch (every epoch up to 100, else ~100 lines)."""
-    from .callbacks import Callback
+class EpochPrinter(Callback):
+    """Prints one line per epoch: losses, accuracies, learning rate, elapsed seconds.
 
-    every = 1 if epochs <= 100 else epochs // 100
+    Every epoch up to 100 epochs, else about 100 lines. Put it first among the
+    callbacks, so the learning rate it reads is the one this epoch used (before a
+    schedule changes it).
+    """
 
-    class EpochPrinter(Callback):
-        # listed first among the callbacks, so the lr it reads is still this epoch's
-        def on_train_begin(self, network):
-            self.epochs_done = 0
+    def __init__(self, epochs, t0):
+        self.epochs, self.t0 = epochs, t0
+        self.every = 1 if epochs <= 100 else epochs // 100
+        self.epochs_done = 0
 
-        def on_epoch_end(self, network, epoch, logs):
-            self.epochs_done += 1     # counted here: no assumption on fit's epoch numbering
-            e = self.epochs_done
-            if e % every and e != epochs:
-                return
-            parts = [f"epoch {e:>{len(str(epochs))}}/{epochs}"]
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-                if logs.get(key) is not None:
-                    parts.append(f"{key} {float(logs[key]):.4f}")
-            optimizer = getattr(network, "optimizer", None)
-            if optimizer is not None:
-                parts.append(f"lr {optimizer.lr:.5f}")
-            parts.append(f"{time.perf_counter() - t0:7.1f}s")
-            print("  ".join(parts), flush=True)
+    def on_train_begin(self, network):
+        self.epochs_done = 0
 
-    return EpochPrinter()
+    def on_epoch_end(self, network, epoch, logs):
+        self.epochs_done += 1       # counted here: no assumption on fit's epoch numbering
+        e = self.epochs_done
+        if e % self.every and e != self.epochs:
+            return
+        parts = [f"epoch {e:>{len(str(self.epochs))}}/{self.epochs}"]
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if logs.get(key) is not None:
+                parts.append(f"{key} {float(logs[key]):.4f}")
+        optimizer = getattr(network, "optimizer", None)
+        if optimizer is not None:
+            parts.append(f"lr {optimizer.lr:.5f}")
+        parts.append(f"{time.perf_counter() - self.t0:7.1f}s")
+        print("  ".join(parts), flush=True)
 
 
 def _require_matplotlib():
@@ -197,12 +200,17 @@ def plot(path, history, title, net=None, points=None):
 
 
 def parse_args(argv=None):
+    defaults = "\n".join(f"  {task:<12} " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}"
+                                                     for k, v in values.items())
+                         for task, values in TASKS.items())
     p = argparse.ArgumentParser(
-        prog="fastnn-train",
+        prog="fastnn-train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the course's models (XOR, circles, MNIST MLP, LeNet-5) with fastnn "
-                    "and report per-epoch loss/accuracy, the test accuracy and a per-class report.")
+                    "and report per-epoch loss/accuracy, the test accuracy and a per-class report.",
+        epilog="defaults per task (val: fraction of the training set held out):\n" + defaults
+               + "\nclassification tasks: cross-entropy, SGD momentum 0.9, cosine lr schedule")
     p.add_argument("task", choices=sorted(TASKS), help="what to train")
-    p.add_argument("--epochs", type=int, help="epochs (default: the task's, see --help of the module)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the task's, listed below)")
     p.add_argument("--batch-size", type=int, help="mini-batch size (default: the task's)")
     p.add_argument("--lr", type=float, help="initial learning rate (default: the task's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -247,11 +255,10 @@ def parse_args(argv=None):
 
 def run(args):
     """Train and evaluate as ``args`` say; return ``(net, history, test_accuracy)``."""
-    import fastnn as fn
-
     if args.plot:
         _require_matplotlib()
-    name = args.task + (" (Fashion-MNIST)" if args.task.startswith("mnist") and args.kind == "fashion" else "")
+    fashion = args.task.startswith("mnist") and args.kind == "fashion"
+    name = args.task + (" (Fashion-MNIST)" if fashion else "")
     try:
         train, val, test = load_task_data(args.task, args)
     except (FileNotFoundError, ValueError) as exc:
@@ -268,7 +275,7 @@ def run(args):
     x_test, y_test = to(test[0]), to(test[1])
     validation = None if val is None else (to(val[0]), to(val[1]))
     t0 = time.perf_counter()
-    printer = _epoch_printer(args.epochs, t0)
+    printer = EpochPrinter(args.epochs, t0)
     if args.task == "xor":
         # the tutorial's way: two loss functions, per-sample SGD at a fixed rate
         net.use(fn.losses.mse, fn.losses.mse_prime)
@@ -294,7 +301,7 @@ def run(args):
     test_accuracy = metrics.accuracy(y_test, scores)
     print(f"\ntraining took {seconds:.1f}s; test accuracy {100 * test_accuracy:.2f}% "
           f"on {len(test[0])} samples", flush=True)
-    names = FASHION_CLASSES if args.task.startswith("mnist") and args.kind == "fashion" else None
+    names = FASHION_CLASSES if fashion else None
     if args.task == "xor":
         print("predictions:", np.round(backend.to_device(scores, "cpu").reshape(-1), 3).tolist())
     print(metrics.classification_report(y_test, scores, target_names=names))
