@@ -53,7 +53,8 @@ class _Monitor(Callback):
 
 
 class EarlyStopping(_Monitor):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+    """Stop after ``patience`` epochs in a row in which ``monitor`` did not improve by
+    ``min_delta`` (Keras' rule: with patience 2, two epochs after the best one).
 
     With ``restore_best=True`` the parameters and buffers of the best epoch are
     put back when training ends (whether it stopped early or not).
@@ -82,7 +83,7 @@ class EarlyStopping(_Monitor):
                 self._best_state = _snapshot(network)
         else:
             self.wait += 1
-            if self.wait > self.patience:
+            if self.wait >= self.patience:
                 self.stopped_epoch = epoch
                 network.stop_training = True
 

@@ -22,6 +22,13 @@ def mse_prime(y_true, y_pred):
     return 2 * (y_pred - y_true) / y_true.size
 
 
+def same_sample_shape(a, b):
+    """True when shapes ``a`` and ``b`` hold the same samples up to axes of size 1:
+    (N,), (N, 1) and (N, 1, 1) agree; (N, 2, 3) and (N, 3, 2) do not."""
+    return (len(a) >= 1 and len(b) >= 1 and a[0] == b[0]
+            and [d for d in a[1:] if d != 1] == [d for d in b[1:] if d != 1])
+
+
 # --- classes -------------------------------------------------------------------
 class Loss:
     """Base class: subclasses implement ``_loss_and_grad`` on already-checked arrays."""
@@ -52,7 +59,7 @@ class Loss:
             raise TypeError(f"{who}: y_pred must be float32 or float64, got {y_pred.dtype}")
         if tuple(y_true.shape) != tuple(y_pred.shape):
             # (N,) targets against (N, 1) outputs, or the tutorial's (N, 1, k) rows
-            if y_true.size == y_pred.size and len(y_true) == len(y_pred):
+            if same_sample_shape(y_true.shape, y_pred.shape):
                 y_true = y_true.reshape(y_pred.shape)
             else:
                 raise ValueError(f"{who}: y_true must have the shape of y_pred "

@@ -265,7 +265,7 @@ class Network:
         else:
             out_tail = tuple(probe.shape[1:])
             if tuple(y.shape[1:]) != out_tail:
-                if y[0].size != probe[0].size:
+                if not losses.same_sample_shape(tuple(y.shape), (n,) + out_tail):
                     raise ValueError(f"{who}: y must have the network's output shape "
                                      f"{(n,) + out_tail}, got {tuple(y.shape)}")
                 y = y.reshape((n,) + out_tail)

@@ -110,3 +110,9 @@ def test_bad_targets_raise_naming_the_loss():
         losses.MSE()(logits, np.zeros((4, 2)))
     # (N,) targets against (N, 1) outputs are the same data
     assert np.isclose(losses.MSE()(logits[:, :1], logits[:, 0]), 0.0)
+    assert np.isclose(losses.MSE()(logits[:, None, :], logits), 0.0)
+    # the same number of values in another layout is not: no silent reshape
+    with pytest.raises(ValueError, match=r"MSE.*\(4, 2, 3\).*\(4, 3, 2\)"):
+        losses.MSE()(rand(4, 2, 3), rand(4, 3, 2))
+    with pytest.raises(ValueError, match=r"BinaryCrossEntropy.*\[0, 1\].*\[0, 3\]"):
+        losses.BinaryCrossEntropy()(np.full((3, 1), 0.5), np.array([0.0, 1.0, 3.0]))

@@ -284,6 +284,11 @@ def test_bad_input_raises_clear_errors():
         net.fit(x, np.zeros((10, 4)), verbose=0)
     with pytest.raises(ValueError, match="batch_size"):
         net.fit(x, y, batch_size=0, verbose=0)
+    grid = fn.Network([fn.Dense(4, 6, seed=0), fn.Flatten()])
+    grid.compile("mse")
+    with pytest.raises(ValueError, match=r"output shape \(10, 6\).*\(10, 3, 2\)"):
+        grid.fit(x, np.zeros((10, 3, 2)), verbose=0)
+    grid.fit(x, np.zeros((10, 1, 6)), epochs=1, verbose=0)       # same samples, axis of size 1
     with pytest.raises(ValueError, match="validation_data"):
         net.fit(x, y, validation_data=x, verbose=0)
     with pytest.raises(TypeError, match="dtype"):
