@@ -353,6 +353,12 @@ def test_conv_and_pool_reject_bad_shapes_naming_themselves():
         fn.ReLU().forward(np.zeros((2, 3), np.int64))
     with pytest.raises(ValueError, match="kernel_size"):
         fn.Conv2D(1, 1, 0)
+    with pytest.raises(ValueError, match=r"BatchNorm1d: momentum must lie in \[0, 1\], got 1.5"):
+        fn.BatchNorm1d(3, momentum=1.5)
+    with pytest.raises(TypeError, match="BatchNorm2d: momentum must be a number, got None"):
+        fn.BatchNorm2d(3, momentum=None)
+    with pytest.raises(TypeError, match="LeakyReLU: alpha must be a number, got '0.1'"):
+        fn.LeakyReLU("0.1")
 
 
 # --- the tutorial protocol and user layers -------------------------------------------------------

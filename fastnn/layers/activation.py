@@ -6,7 +6,7 @@ its input for LeakyReLU) and runs on NumPy or CuPy arrays alike.
 import numpy as np
 
 from .. import backend
-from .base import Layer, check_float_array, contiguous, kernel_impl
+from .base import Layer, check_float_array, check_number, contiguous, kernel_impl
 
 __all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
 
@@ -53,7 +53,7 @@ class LeakyReLU(_Elementwise):
 
     def __init__(self, alpha=0.01):
         super().__init__()
-        self.alpha = float(alpha)
+        self.alpha = check_number(alpha, "alpha", "LeakyReLU")
 
     def forward(self, x, training=True):
         self._check(x)

@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend, kernels
 
 __all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "check_float_array",
-           "uses_tutorial_protocol"]
+           "check_number", "uses_tutorial_protocol"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -37,6 +37,15 @@ def check_float_array(x, who, what="input", dtype=None):
             raise TypeError(f"{who}: expected {what} of dtype {dtype}, got {x.dtype}")
     elif x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{who}: expected a float32 or float64 {what}, got {x.dtype}")
+
+
+def check_number(value, name, who, low=-np.inf, high=np.inf):
+    """``value`` as a float in [low, high]; a TypeError / ValueError naming ``who`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{who}: {name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{who}: {name} must lie in [{low}, {high}], got {value!r}")
+    return float(value)
 
 
 def initialize(init, shape, fan_in, fan_out, rng, dtype, who):

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from .base import Layer, as_dtype, check_float_array, kernel_impl
+from .base import Layer, as_dtype, check_float_array, check_number, kernel_impl
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -25,9 +25,9 @@ class _BatchNorm(Layer):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"{who}: num_features must be a positive int, got {num_features!r}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"{who}: momentum must lie in [0, 1], got {momentum!r}")
-        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        self.num_features = int(num_features)
+        self.eps = check_number(eps, "eps", who, low=0)
+        self.momentum = check_number(momentum, "momentum", who, 0, 1)
         dt = as_dtype(dtype, who)
         self.params["gamma"] = np.ones(self.num_features, dtype=dt)
         self.params["beta"] = np.zeros(self.num_features, dtype=dt)
