@@ -7,6 +7,8 @@ Setting ``network.stop_training = True`` ends training after the epoch.
 """
 import math
 
+import numpy as np
+
 from . import backend
 from .optim import CosineAnnealingLR, ExponentialLR, StepLR
 
@@ -27,13 +29,20 @@ class Callback:
         pass
 
 
+# history keys where higher is better (Keras' "auto" mode); every other key is a loss or error
+_HIGHER_IS_BETTER = ("acc", "precision", "recall", "f1", "auc")
+
+
 class _Monitor(Callback):
-    """Tracks the best value of one history key ("loss"-like: lower is better; else higher)."""
+    """Tracks the best value of one history key (accuracy-like: higher is better; else lower)."""
 
     def __init__(self, monitor, min_delta=0.0):
+        if not isinstance(monitor, str):
+            raise TypeError(f"{type(self).__name__}: monitor must be a history key such as "
+                            f"'val_loss', got {monitor!r}")
         self.monitor = monitor
         self.min_delta = abs(float(min_delta))
-        self.lower_is_better = "loss" in monitor or "error" in monitor
+        self.lower_is_better = not any(k in monitor for k in _HIGHER_IS_BETTER)
         self.best = None
 
     def _value(self, logs):
@@ -62,9 +71,9 @@ class EarlyStopping(_Monitor):
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, restore_best=True):
         super().__init__(monitor, min_delta)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
             raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
-        self.patience = patience
+        self.patience = int(patience)
         self.restore_best = bool(restore_best)
         self.wait = 0
         self.best_epoch = None

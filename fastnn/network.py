@@ -80,7 +80,7 @@ class Network:
         for layer in layers or ():
             self.add(layer)
 
-    # -- building -----------------------------------------------------------------
+    # -- building ------------------------------------------------------------------------------
     def add(self, layer):
         """Append a layer (a fastnn layer, a ``fn.Layer`` subclass, or a tutorial-style object)."""
         if not (hasattr(layer, "forward") or hasattr(layer, "forward_propagation")):
@@ -130,7 +130,7 @@ class Network:
                              "callable f(y_true, y_pred) -> float")
         return (m, f)
 
-    # -- device and dtype -------------------------------------------------------------
+    # -- device and dtype ----------------------------------------------------------------------
     @property
     def device(self):
         """``"cpu"`` or ``"cuda"``: where the parameters live."""
@@ -161,7 +161,7 @@ class Network:
         self._plan = None
         return self
 
-    # -- forward / backward -----------------------------------------------------------------
+    # -- forward / backward --------------------------------------------------------------------
     def _get_plan(self):
         plan = self._plan
         if plan is None or plan.n_layers != len(self.layers):
@@ -282,7 +282,7 @@ class Network:
         return self._run_forward(backend.to_device(x[:1], self._device), False,
                                  self._get_plan().n_train)
 
-    # -- training ----------------------------------------------------------------------------------------
+    # -- training ------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
             shuffle=True, callbacks=(), verbose=1, seed=None):
         """Train on ``(x, y)`` and return a ``History``.
@@ -436,7 +436,7 @@ class Network:
     def _metric_values(self, y_true, y_pred):
         return {name: float(f(y_true, y_pred)) for name, f in self.metrics}
 
-    # -- inference -------------------------------------------------------------------------------------------------------
+    # -- inference -----------------------------------------------------------------------------
     def _chunks(self, n, ndim, batch_size, who):
         if batch_size is None:
             return n if ndim <= 2 else _PREDICT_CHUNK
@@ -509,7 +509,7 @@ class Network:
             result.update(self._metric_values(y, xp.concatenate(outputs)))
         return result
 
-    # -- description -------------------------------------------------------------------------------------------------------
+    # -- description ---------------------------------------------------------------------------
     def summary(self, input_shape=None):
         """A table of layers, output shapes (when the input shape is known) and parameter counts."""
         shape = tuple(input_shape) if input_shape is not None else self._input_shape
@@ -537,7 +537,7 @@ class Network:
     def __repr__(self):
         return f"Network({len(self.layers)} layers, device={self.device!r})"
 
-    # -- save / load -------------------------------------------------------------------------------------------------------
+    # -- save / load ---------------------------------------------------------------------------
     def save(self, path):
         """Write ``path``: an .npz of every parameter and buffer plus a JSON architecture (no pickle)."""
         from .layers import LAYER_CLASSES

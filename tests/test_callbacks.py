@@ -59,6 +59,17 @@ def test_early_stopping_without_restore_keeps_last_weights():
         np.testing.assert_array_equal(p, saved)
 
 
+def test_monitor_direction_follows_the_key():
+    for key, lower in (("val_loss", True), ("loss", True), ("val_mae", True), ("accuracy", False),
+                       ("val_accuracy", False)):
+        for cb in (callbacks.EarlyStopping(monitor=key), callbacks.ModelCheckpoint("m.npz", monitor=key)):
+            assert cb._improved(1.0)          # the first value is always the best so far
+            cb.best = 1.0
+            assert cb._improved(0.5) == lower and cb._improved(2.0) == (not lower)
+    with pytest.raises(TypeError, match="EarlyStopping: monitor"):
+        callbacks.EarlyStopping(monitor=None)
+
+
 def test_monitor_missing_raises():
     x, y = data()
     model = net()
