@@ -408,7 +408,7 @@ class Network:
                     bar = None
                 elif tutorial_print:
                     extra = "".join(f"   {k}={v:f}" for k, v in logs.items() if k != "loss")
-                    print("epoch %d/%d   error=%f%s" % (epoch + 1, epochs, logs["loss"], extra))
+                    print("epoch %d/%d    error=%f%s" % (epoch + 1, epochs, logs["loss"], extra))
                 elif verbose >= 2:
                     print(f"epoch {epoch + 1}/{epochs} - "
                           + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
