@@ -58,7 +58,7 @@ class Conv2D(Layer):
             self._check(x)
         x = contiguous(x)
         self.input = self._x = x
-        # the kernels' conv2d bounds its im2col workspace (chunks of the batch)
+        # the kernels' conv2d keeps its patch workspace bounded, whatever the batch size
         self.output = kernel_impl(x).conv2d_forward(x, self.params["W"], self.params.get("b"),
                                                     self.stride, self.padding)
         return self.output
