@@ -289,7 +289,7 @@ class Network:
 
         ``batch_size``: None (1 after ``use()``, 32 after ``compile()``), an int,
         or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
-        SGD; with it, it sets the optimizer's lr. Raises ``FloatingPointError``
+        SGD; with it, it sets the optimizer's lr (its schedules start over from it). Raises ``FloatingPointError``
         (parameters left as before that step) when the loss becomes NaN or inf.
         """
         who = "Network.fit"
@@ -352,6 +352,10 @@ class Network:
         self.stop_training = False
         history = History()
         self.history = history
+        if learning_rate is not None:     # schedules already bound start over from the new rate
+            for cb in callbacks:
+                if isinstance(cb, optim.Schedule) and cb.optimizer is self.optimizer:
+                    cb.bind(None)
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(self)

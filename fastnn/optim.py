@@ -13,7 +13,8 @@ import numpy as np
 from . import backend
 from .kernels import _cuda
 
-__all__ = ["Optimizer", "SGD", "Adam", "StepLR", "ExponentialLR", "CosineAnnealingLR", "get"]
+__all__ = ["Optimizer", "SGD", "Adam", "Schedule", "StepLR", "ExponentialLR", "CosineAnnealingLR",
+           "get"]
 
 
 def _nonneg(value, name, who):
@@ -224,7 +225,7 @@ def get(optimizer):
 
 
 # --- learning-rate schedules ----------------------------------------------------
-class _Schedule:
+class Schedule:
     """Sets ``optimizer.lr`` from the epoch count; steps once per epoch.
 
     Passed to an optimizer (``SGD(..., schedule=StepLR(10))``) or as a
@@ -238,8 +239,11 @@ class _Schedule:
         self.epoch = 0
 
     def bind(self, optimizer):
+        """Follow ``optimizer`` from its current lr (a no-op when already bound to it;
+        ``None`` unbinds)."""
         if self.optimizer is not optimizer:
-            self.optimizer, self.base_lr, self.epoch = optimizer, optimizer.lr, 0
+            self.optimizer, self.epoch = optimizer, 0
+            self.base_lr = None if optimizer is None else optimizer.lr
 
     def lr_at(self, epoch):
         raise NotImplementedError
@@ -259,7 +263,7 @@ class _Schedule:
         self.step()
 
 
-class StepLR(_Schedule):
+class StepLR(Schedule):
     """lr = base_lr * gamma ** (epoch // step_size)."""
 
     def __init__(self, step_size, gamma=0.1):
@@ -272,7 +276,7 @@ class StepLR(_Schedule):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
 
 
-class ExponentialLR(_Schedule):
+class ExponentialLR(Schedule):
     """lr = base_lr * gamma ** epoch."""
 
     def __init__(self, gamma):
@@ -283,7 +287,7 @@ class ExponentialLR(_Schedule):
         return self.base_lr * self.gamma ** epoch
 
 
-class CosineAnnealingLR(_Schedule):
+class CosineAnnealingLR(Schedule):
     """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2."""
 
     def __init__(self, T_max, eta_min=0.0):

@@ -116,3 +116,21 @@ def test_schedules_step_once_per_epoch(make, expected, where):
     cbs = [LR()] + ([schedule] if where == "callback" else [])
     model.fit(x, y, epochs=5, callbacks=cbs, verbose=0)
     np.testing.assert_allclose(seen, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["callback", "optimizer"])
+def test_learning_rate_given_to_fit_restarts_the_schedule(where):
+    x, y = data()
+    model = net()
+    schedule = callbacks.StepLR(1, gamma=0.5)
+    model.compile("cross_entropy", optim.SGD(lr=0.4, schedule=schedule if where == "optimizer" else None))
+    cbs = [schedule] if where == "callback" else []
+    model.fit(x, y, epochs=2, callbacks=cbs, verbose=0)
+    assert np.isclose(model.optimizer.lr, 0.1)
+    seen = []
+
+    class LR(callbacks.Callback):
+        def on_epoch_end(self, network, epoch, logs):
+            seen.append(network.optimizer.lr)
+    model.fit(x, y, epochs=3, learning_rate=1.0, callbacks=[LR()] + cbs, verbose=0)
+    np.testing.assert_allclose(seen, [1.0, 0.5, 0.25])
