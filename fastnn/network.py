@@ -4,6 +4,7 @@ The Network owns the loop: input conversion (once, at its entry), batching and
 shuffling, the loss, the optimizer step, metrics, callbacks, the progress bar,
 the NaN stop, save/load and device moves. Layers own their state and checks.
 """
+import inspect
 import io
 import json
 import math
@@ -164,7 +165,7 @@ class Network:
     # -- forward / backward --------------------------------------------------------------------
     def _get_plan(self):
         plan = self._plan
-        if plan is None or plan.n_layers != len(self.layers):
+        if plan is None or not plan.matches(self.layers):
             plan = self._plan = _Plan(self)
         return plan
 
@@ -633,7 +634,7 @@ class _Plan:
 
     def __init__(self, network):
         layers = network.layers
-        self.n_layers = len(layers)
+        self.layers = list(layers)
         self.steps = [(layer, uses_tutorial_protocol(layer)) for layer in layers]
         self.forwards, self.backwards = [], []
         for layer, tutorial in self.steps:
@@ -641,7 +642,7 @@ class _Plan:
                 self.forwards.append(lambda x, training, f=layer.forward_propagation: f(x))
                 self.backwards.append(layer.backward_propagation)
             else:
-                self.forwards.append(layer.forward)
+                self.forwards.append(_forward_of(layer))
                 self.backwards.append(lambda g, lr, b=layer.backward: b(g))
         fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
                  and isinstance(layers[-1], Softmax))
@@ -652,6 +653,28 @@ class _Plan:
             if params:
                 self.dtype = next(iter(params.values())).dtype
                 break
+
+    def matches(self, layers):
+        """Still the plan of ``layers`` (the same layer objects, in the same order)?"""
+        return self.layers == layers       # element-wise `is` first, in C
+
+
+def _forward_of(layer):
+    """``layer.forward`` as ``f(x, training)``, also for a user's ``forward(x)`` or
+    ``forward(x, *, training)``."""
+    forward = layer.forward
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):       # no signature to read (a builtin): as documented
+        return forward
+    kinds = [p.kind for p in params]
+    positional = [k for k in kinds if k in (inspect.Parameter.POSITIONAL_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return forward
+    if inspect.Parameter.VAR_KEYWORD in kinds or any(p.name == "training" for p in params):
+        return lambda x, training: forward(x, training=training)
+    return lambda x, training: forward(x)
 
 
 class _FormatError(Exception):

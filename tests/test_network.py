@@ -391,3 +391,35 @@ def test_to_cuda_trains_and_predicts_like_cpu():
     np.testing.assert_allclose(out, nets[0].predict(x), rtol=1e-8, atol=1e-10)
     nets[1].to("cpu")
     np.testing.assert_allclose(nets[1].predict(x), nets[0].predict(x), rtol=1e-8, atol=1e-10)
+
+
+def test_user_forward_without_training_and_replaced_layers():
+    class Double(fn.Layer):          # forward(x): no training argument
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, grad_y):
+            return 2 * grad_y
+
+    class Gate(fn.Layer):            # training only by keyword
+        def forward(self, x, *, training=True):
+            self.seen = training
+            return x
+
+        def backward(self, grad_y):
+            return grad_y
+
+    x, y = blobs(12)
+    gate = Gate()
+    net = fn.Network([fn.Dense(4, 3, seed=0, dtype="float64"), Double(), gate])
+    np.testing.assert_allclose(net.predict(x), 2 * (x @ net.layers[0].params["W"]))
+    assert gate.seen is False
+    net.compile("cross_entropy", optim.SGD(lr=0.1))
+    h = net.fit(x, y, epochs=3, batch_size=4, verbose=0)
+    assert gate.seen is True and h.history["loss"][-1] < h.history["loss"][0]
+    net.predict(x)
+    assert gate.seen is False
+    # a layer replaced in place is the one that runs next
+    net.layers[1] = fn.Tanh()
+    np.testing.assert_allclose(net.predict(x), np.tanh(x @ net.layers[0].params["W"]
+                                                       + net.layers[0].params["b"]))
