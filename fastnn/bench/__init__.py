@@ -310,6 +310,11 @@ def run(args, original_env, log=print):
         "timing": dict(zip(("repeats", "warmup", "min_repeat_s"), timing)),
         "device": args.device, "quick": args.quick,
     }
+    if args.device == "cuda":
+        cp = backend.cupy()
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        report["machine"]["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) \
+            else str(props["name"])
     log(f"fastnn-bench {fastnn.__version__}: backend {backend.current()}, device {args.device}, "
         f"{'quick' if args.quick else 'full'} run, {report['machine']['cpu_model']}, "
         f"{report['machine']['usable_cpus']} cpus, load {report['machine']['loadavg_start'][0]:.2f}")

@@ -67,7 +67,7 @@ class Config:
         return self._torch.cuda.synchronize if self.cuda else None
 
     def numpy_peer(self):
-        """The NumPy peer runs on the CPU runs only (on CUDA it would time the host)."""
+        """The NumPy peer runs in CPU runs only (on CUDA it would time the host)."""
         return "numpy" in self.compare and not self.cuda
 
 
