@@ -7,16 +7,21 @@ float32 or float64 and releases the GIL while it runs.
 
 Threading, and why. GEMMs come from the BLAS behind
 ``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has a thread pool
-of its own; everything else here uses OpenMP. Two pools on the same cores
-starve each other (each one's idle workers spin while the other works:
-DESIGN.md measured 38 against 377 GFLOP/s), so fastnn uses only one: every
-GEMM runs single-threaded inside fastnn's OpenMP team, either one per sample
-(conv) or one per block of rows/columns of the product (dense, and conv on a
-batch smaller than the thread count). BLAS is held to one thread for the
-duration (``fnn_blas_single_begin/end``, through the thread-count functions of
-the BLAS library found with threadpoolctl) and restored afterwards, so
-NumPy/SciPy code outside fastnn keeps its threads. If that control cannot be
-found, fastnn's GEMM work runs on one OpenMP thread and lets BLAS thread itself.
+of its own; everything else here uses OpenMP. The two pools never run at the
+same time (each one's idle workers would starve the other's: DESIGN.md
+measured 38 against 377 GFLOP/s):
+
+- dense: one GEMM per product, threaded by BLAS, outside any OpenMP region
+  (its threads share the packed operands: 150 GFLOP/s here against 110-130
+  for the same GEMMs split into single-threaded blocks over OpenMP);
+- conv: OpenMP over the samples, one im2row + single-threaded GEMM per
+  sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
+  own threads reach about 115 on one sample's GEMM). BLAS is held to one
+  thread for the duration of that region (``fnn_blas_single_begin/end``,
+  through the thread-count functions of the library, found with
+  threadpoolctl) and restored afterwards. If that control cannot be found,
+  or the batch is smaller than the thread count, samples run one after the
+  other with BLAS threading each GEMM.
 
 ``fastnn.backend`` makes libgomp's idle workers sleep instead of spin
 (``OMP_WAIT_POLICY=passive`` while this module loads, unless the user chose a
@@ -343,77 +348,29 @@ def threads():
     return fnn_max_threads()
 
 
-cdef int _gemm_threads():
-    """OpenMP threads for work that calls BLAS: all of them when BLAS can be held
-    to one thread, else 1 (and BLAS threads the GEMMs itself)."""
-    return fnn_max_threads() if blas_thread_control() else 1
-
-
-# A GEMM smaller than this (flops) runs on one thread: waking the others costs more.
-DEF GEMM_PARALLEL_MIN_FLOPS = 2000000.0
-DEF GEMM_BLOCKS_PER_THREAD = 4
-
-
-cdef void _gemm_parallel(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
-                         const floating *a, int lda, const floating *b, int ldb,
-                         floating beta, floating *c, int ldc, const floating *row_bias,
-                         int threads) noexcept nogil:
-    """``_gemm`` split over ``threads`` OpenMP threads, one single-threaded GEMM per
-    block of rows (or columns, whichever dimension is larger) of c.
-
-    With ``row_bias`` (n,), each block of c is first set to the bias (one row
-    per row of c) and accumulated onto (beta=1): the bias costs no extra pass
-    over c. Call between fnn_blas_single_begin/end.
-    """
-    cdef bint split_rows = m >= n
-    cdef int total = m if split_rows else n
-    cdef int block, blocks, t, lo, hi
-    if threads <= 1 or 2.0 * m * n * k < GEMM_PARALLEL_MIN_FLOPS:
-        threads = 1
-    # Several blocks per thread, handed out dynamically: on a shared machine a
-    # thread that loses its core for a while no longer holds up the others at
-    # the end of the region (static halves measured 0.53-0.66 of the sgemm
-    # GFLOP/s under load). Blocks stay >= 64 wide so each GEMM stays efficient.
-    block = (total + GEMM_BLOCKS_PER_THREAD * threads - 1) // (GEMM_BLOCKS_PER_THREAD * threads)
-    block = max(64, (block + 15) // 16 * 16)     # whole SIMD/cache-line multiples
-    blocks = (total + block - 1) // block if total > 0 else 0
-    if blocks < threads:
-        threads = blocks
-    for t in prange(blocks, num_threads=max(threads, 1), schedule="dynamic"):
-        lo = t * block
-        hi = min(total, lo + block)
-        if split_rows:
-            if row_bias != NULL:
-                _broadcast(c + lo * ldc, row_bias, hi - lo, n, 0)
-            _gemm(trans_a, trans_b, hi - lo, n, k, alpha,
-                  a + (lo if trans_a else lo * lda), lda, b, ldb,
-                  1 if row_bias != NULL else beta, c + lo * ldc, ldc)
-        else:
-            if row_bias != NULL:
-                _broadcast_columns(c + lo, ldc, row_bias + lo, m, hi - lo)
-            _gemm(trans_a, trans_b, m, hi - lo, k, alpha, a, lda,
-                  b + (lo * ldb if trans_b else lo), ldb,
-                  1 if row_bias != NULL else beta, c + lo, ldc)
-
-
-cdef inline void _broadcast_columns(floating *c, int ldc, const floating *value, int rows,
-                                    int cols) noexcept nogil:
-    """Rows of the (rows, cols) block of c (row stride ldc) set to value (cols,)."""
-    cdef int i, j
-    for i in range(rows):
-        for j in range(cols):
-            c[<long>i * ldc + j] = value[j]
+cdef int _sample_threads(long n):
+    """OpenMP threads for per-sample conv work: all of them when BLAS can be held
+    to one thread and there is a sample for each, else 1."""
+    if n < 2 or not blas_thread_control():
+        return 1
+    return max(1, min(fnn_max_threads(), n))
 
 
 # --- dense ------------------------------------------------------------------------
 
-def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b.
+cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
+                         floating *y, int n, int i, int o) noexcept nogil:
+    cdef floating beta = 0
+    if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
+        _broadcast(y, bias, n, o, 0)
+        beta = 1
+    _gemm(False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
 
-    One GEMM split into row or column blocks over the OpenMP threads; the bias
-    is written into each block just before its GEMM adds onto it (beta=1)."""
+
+def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS,
+    onto the pre-broadcast bias (beta = 1: no second pass over y)."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
-    cdef int threads = _gemm_threads()
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
@@ -421,24 +378,18 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
     with nogil:
-        fnn_blas_single_begin()
         if single:
-            _gemm_parallel(False, False, n, o, i, 1, <float*>px, i, <float*>pw, o, 0,
-                           <float*>py, o, <float*>pb, threads)
+            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
         else:
-            _gemm_parallel(False, False, n, o, i, 1, <double*>px, i, <double*>pw, o, 0,
-                           <double*>py, o, <double*>pb, threads)
-        fnn_blas_single_end()
+            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
     return y
 
 
 cdef void _dense_backward(const floating *grad_y, const floating *x, const floating *weights,
                           floating *grad_x, floating *grad_w, floating *grad_b,
-                          int n, int i, int o, int threads) noexcept nogil:
-    _gemm_parallel(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i, NULL,
-                   threads)                                                # grad_y @ W.T
-    _gemm_parallel(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o, NULL,
-                   threads)                                                # x.T @ grad_y
+                          int n, int i, int o) noexcept nogil:
+    _gemm(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)    # grad_y @ W.T
+    _gemm(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)          # x.T @ grad_y
     if floating is float:
         fnn_column_sums_f(grad_y, n, o, grad_b)
     else:
@@ -446,10 +397,9 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
 
 
 def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
-    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two GEMMs split over the
-    OpenMP threads, and a column sum."""
+    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two GEMMs threaded by BLAS, and a
+    column sum."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
-    cdef int threads = _gemm_threads()
     cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype)
     cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
     cdef cnp.ndarray grad_b = np.empty(o, dtype=x.dtype)
@@ -461,14 +411,12 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
     cdef void *pgb = _data(grad_b)
     cdef bint single = _is_float32(x)
     with nogil:
-        fnn_blas_single_begin()
         if single:
             _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
-                            <float*>pgb, n, i, o, threads)
+                            <float*>pgb, n, i, o)
         else:
             _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
-                            <double*>pgb, n, i, o, threads)
-        fnn_blas_single_end()
+                            <double*>pgb, n, i, o)
     return grad_x, grad_w, grad_b
 
 
@@ -555,10 +503,10 @@ cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept n
 
 cdef void _conv_forward_sample(const floating *x, const floating *weight_rows,
                                const floating *bias, floating *y, floating *work,
-                               const fnn_geometry *g, long k, int threads) noexcept nogil:
+                               const fnn_geometry *g, long k, int parallel) noexcept nogil:
     """One sample: y (K, OH*OW) = weight_rows (K, kh*kw*C) @ im2row(x).T + b.
-    work: C*H*W + OH*OW*kh*kw*C elements. ``threads`` > 1 splits each step
-    (used when N < threads)."""
+    work: C*H*W + OH*OW*kh*kw*C elements. ``parallel``: split the copies over
+    OpenMP (when samples run one after the other)."""
     cdef long kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
     cdef floating beta = 0
     cdef floating *rows = work + g.c * g.h * g.w
@@ -566,13 +514,13 @@ cdef void _conv_forward_sample(const floating *x, const floating *weight_rows,
         _broadcast(y, bias, k, ohw, 1)
         beta = 1
     if _pointwise(g):      # y = W (K, C) @ x (C, H*W)
-        _gemm_parallel(False, False, <int>k, <int>ohw, <int>g.c, 1, weight_rows, <int>g.c,
-                       x, <int>ohw, beta, y, <int>ohw, NULL, threads)
+        _gemm(False, False, <int>k, <int>ohw, <int>g.c, 1, weight_rows, <int>g.c,
+              x, <int>ohw, beta, y, <int>ohw)
         return
-    _transpose(x, g.c, g.h * g.w, work, threads > 1)
-    _im2row(work, g, rows, threads > 1)
-    _gemm_parallel(False, True, <int>k, <int>ohw, <int>kkc, 1, weight_rows, <int>kkc, rows,
-                   <int>kkc, beta, y, <int>ohw, NULL, threads)
+    _transpose(x, g.c, g.h * g.w, work, parallel)
+    _im2row(work, g, rows, parallel)
+    _gemm(False, True, <int>k, <int>ohw, <int>kkc, 1, weight_rows, <int>kkc, rows,
+          <int>kkc, beta, y, <int>ohw)
 
 
 cdef void _conv_forward(const floating *x, const floating *weight_rows, const floating *bias,
@@ -581,14 +529,18 @@ cdef void _conv_forward(const floating *x, const floating *weight_rows, const fl
     cdef long s
     cdef long ohw = g.oh * g.ow, chw = g.c * g.h * g.w
     cdef long per_thread = chw + ohw * g.c * g.kh * g.kw
-    if n < threads:          # too few samples to share: split each sample's work
+    if threads <= 1:         # one sample after the other, BLAS threading each GEMM
         for s in range(n):
             _conv_forward_sample(x + s * chw, weight_rows, bias, y + s * k * ohw, workspace,
-                                 g, k, threads)
+                                 g, k, fnn_max_threads() > 1)
         return
+    fnn_blas_single_begin()
+    # dynamic: a thread that loses its core for a while (shared machine) does not
+    # hold up the others at the end of the region
     for s in prange(n, num_threads=threads, schedule="dynamic"):
         _conv_forward_sample(x + s * chw, weight_rows, bias, y + s * k * ohw,
-                             workspace + fnn_thread_id() * per_thread, g, k, 1)
+                             workspace + fnn_thread_id() * per_thread, g, k, 0)
+    fnn_blas_single_end()
 
 
 def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
@@ -601,7 +553,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
-    cdef int threads = _gemm_threads()
+    cdef int threads = _sample_threads(n)
     cdef long per_thread = g.c * g.h * g.w + g.oh * g.ow * g.c * g.kh * g.kw
     cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
@@ -614,14 +566,12 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef void *pws = _data(workspace)
     cdef bint single = _is_float32(x)
     with nogil:
-        fnn_blas_single_begin()
         if single:
             _conv_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, <float*>pws,
                           n, &g, k, threads)
         else:
             _conv_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, <double*>pws,
                           n, &g, k, threads)
-        fnn_blas_single_end()
     _give_back(workspace)
     return y
 
@@ -642,9 +592,10 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
                                 const floating *weights, floating *grad_x,
                                 floating *grad_w, floating *grad_b, floating *first,
                                 floating *second, const fnn_geometry *g, long k,
-                                int threads) noexcept nogil:
+                                int parallel) noexcept nogil:
     """One sample; grad_y: (K, OH*OW). Adds this sample's grad_w and grad_b, writes
-    its grad_x. ``threads`` > 1 splits each step (used when N < threads).
+    its grad_x. ``parallel``: split the copies over OpenMP (when samples run one
+    after the other).
 
     - 1x1 stride 1: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
     - stride 1: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and grad_x = the conv
@@ -657,27 +608,27 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
     cdef fnn_geometry t
     _row_sums(grad_y, k, ohw, grad_b, 1)
     if _pointwise(g):
-        _gemm_parallel(False, True, <int>k, <int>g.c, <int>ohw, 1, grad_y, <int>ohw, x,
-                       <int>ohw, 1, grad_w, <int>g.c, NULL, threads)
-        _gemm_parallel(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
-                       <int>ohw, 0, grad_x, <int>ohw, NULL, threads)
+        _gemm(False, True, <int>k, <int>g.c, <int>ohw, 1, grad_y, <int>ohw, x,
+              <int>ohw, 1, grad_w, <int>g.c)
+        _gemm(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
+              <int>ohw, 0, grad_x, <int>ohw)
     elif _transposable(g):
-        _transpose(x, g.c, hw, first, threads > 1)
-        _im2row(first, g, second, threads > 1)
-        _gemm_parallel(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
-                       <int>ckk, 1, grad_w, <int>ckk, NULL, threads)
+        _transpose(x, g.c, hw, first, parallel)
+        _im2row(first, g, second, parallel)
+        _gemm(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
+              <int>ckk, 1, grad_w, <int>ckk)
         t = _transposed_geometry(g, k)
-        _transpose(grad_y, k, ohw, first, threads > 1)
-        _im2row(first, &t, second, threads > 1)
-        _gemm_parallel(False, True, <int>g.c, <int>hw, <int>(k * kk), 1, weights, <int>(k * kk),
-                       second, <int>(k * kk), 0, grad_x, <int>hw, NULL, threads)
+        _transpose(grad_y, k, ohw, first, parallel)
+        _im2row(first, &t, second, parallel)
+        _gemm(False, True, <int>g.c, <int>hw, <int>(k * kk), 1, weights, <int>(k * kk),
+              second, <int>(k * kk), 0, grad_x, <int>hw)
     else:
-        _im2col(x, 1, g, first, ohw, threads > 1)
-        _gemm_parallel(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, first,
-                       <int>ohw, 1, grad_w, <int>ckk, NULL, threads)
-        _gemm_parallel(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
-                       <int>ohw, 0, second, <int>ohw, NULL, threads)
-        _col2im(second, 1, g, grad_x, ohw, threads > 1)
+        _im2col(x, 1, g, first, ohw, parallel)
+        _gemm(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, first,
+              <int>ohw, 1, grad_w, <int>ckk)
+        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+              <int>ohw, 0, second, <int>ohw)
+        _col2im(second, 1, g, grad_x, ohw, parallel)
 
 
 cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
@@ -699,11 +650,13 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     cdef floating *part
     memset(grad_w, 0, k * ckk * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
-    if n < threads:          # too few samples to share: split each sample's work
+    if threads <= 1:         # one sample after the other, BLAS threading each GEMM
         for s in range(n):
             _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
-                                  grad_w, grad_b, workspace, workspace + first, g, k, threads)
+                                  grad_w, grad_b, workspace, workspace + first, g, k,
+                                  fnn_max_threads() > 1)
         return
+    fnn_blas_single_begin()
     # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
     # for a shared machine) sums its samples in order into the chunk's own partial,
     # and the partials are added in chunk order: which thread ran what cannot change
@@ -715,7 +668,8 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
         memset(part, 0, stride_c * sizeof(floating))
         for s in range(c * n // chunks, (c + 1) * n // chunks):
             _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
-                                  part, part + k * ckk, mine, mine + first, g, k, 1)
+                                  part, part + k * ckk, mine, mine + first, g, k, 0)
+    fnn_blas_single_end()
     for c in range(chunks):
         part = workspace + threads * stride_t + c * stride_c
         for idx in range(k * ckk):
@@ -739,7 +693,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
-    cdef int threads = _gemm_threads()
+    cdef int threads = _sample_threads(n)
     cdef long first, second
     _backward_buffers(&g, k, &first, &second)
     cdef long per_thread = first + second
@@ -764,14 +718,12 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef void *pws = _data(workspace)
     cdef bint single = _is_float32(x)
     with nogil:
-        fnn_blas_single_begin()
         if single:
             _conv_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx,
                            <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads)
         else:
             _conv_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx,
                            <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads)
-        fnn_blas_single_end()
     _give_back(workspace)
     if by_rows:
         grad_w = np.ascontiguousarray(grad_w.transpose(0, 3, 1, 2))
