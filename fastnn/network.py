@@ -319,8 +319,10 @@ class Network:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError(f"{who}: validation_data must be a pair (x_val, y_val)")
             xv = self._as_input(validation_data[0], who + " (validation_data)", move=False)
-            yv = self._as_target(validation_data[1], len(xv), probe, who + " (validation_data)",
-                                 move=False)
+            # its own probe: a wrong sample shape fails now, not after the first epoch
+            val_probe = self._run_forward(backend.to_device(xv[:1], self._device), False, n_train)
+            yv = self._as_target(validation_data[1], len(xv), val_probe,
+                                 who + " (validation_data)", move=False)
             val = (xv, yv)
 
         if batch_size is None:

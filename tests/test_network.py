@@ -291,6 +291,11 @@ def test_bad_input_raises_clear_errors():
     grid.fit(x, np.zeros((10, 1, 6)), epochs=1, verbose=0)       # same samples, axis of size 1
     with pytest.raises(ValueError, match="validation_data"):
         net.fit(x, y, validation_data=x, verbose=0)
+    before = [layer.params[k].copy() for layer, k in net.parameters()]
+    with pytest.raises(ValueError, match=r"Dense\(4 -> 16\).*\(1, 5\)"):      # before any training
+        net.fit(x, y, validation_data=(np.zeros((3, 5)), y[:3]), verbose=0)
+    for (layer, k), p in zip(net.parameters(), before):
+        np.testing.assert_array_equal(layer.params[k], p)
     with pytest.raises(TypeError, match="dtype"):
         net.predict(np.array([["a"] * 4]))
     with pytest.raises(ValueError, match="unknown metric"):
