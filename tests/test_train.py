@@ -1,6 +1,7 @@
 """The fastnn-train command (fastnn.train): options, quick trainings, save/plot, determinism."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -197,3 +198,8 @@ def test_python_dash_m_and_console_script_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "mnist-lenet" in result.stdout and "--plot" in result.stdout
+    script = shutil.which("fastnn-train")
+    if script is None:     # not pip-installed here (working from the checkout)
+        return
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "defaults per task" in result.stdout
