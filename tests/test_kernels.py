@@ -299,6 +299,38 @@ def test_relu(backend_name, dtype, shape):
     np.testing.assert_array_equal(grad_x, np.where(x > 0, grad_y, 0))
 
 
+def test_relu_out_buffers(backend_name, dtype):
+    """out= receives the result, also in place (out=x, out=grad_y, out=y)."""
+    rng = np.random.default_rng(23)
+    x = random(rng, (300, 301), dtype)
+    grad_y = random(rng, x.shape, dtype)
+    y, grad_x = kernels.relu_forward(x), kernels.relu_backward(grad_y, x)
+    out = np.empty_like(x)
+    assert kernels.relu_forward(x, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    assert kernels.relu_backward(grad_y, x, out=out) is out
+    np.testing.assert_array_equal(out, grad_x)
+    for target in ("grad_y", "y"):
+        g, yy = grad_y.copy(), x.copy()
+        result = kernels.relu_backward(g, yy, out=g if target == "grad_y" else yy)
+        np.testing.assert_array_equal(result, grad_x)
+    in_place = x.copy()
+    assert kernels.relu_forward(in_place, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, y)
+
+
+@pytest.mark.parametrize("out, error, words", [
+    (np.empty((3, 4), np.float32), ValueError, ["relu_forward", "(4, 3)", "(3, 4)"]),
+    (np.empty((4, 3), np.float64), TypeError, ["relu_forward", "float32", "float64"]),
+    (np.empty((3, 4), np.float32).T, ValueError, ["relu_forward", "C-contiguous"]),
+])
+def test_relu_bad_out_buffer(backend_name, out, error, words):
+    with pytest.raises(error) as info:
+        kernels.relu_forward(np.zeros((4, 3), np.float32), out=out)
+    for word in words:
+        assert word in str(info.value)
+
+
 def test_relu_nan_and_gradient(backend_name):
     x = np.array([np.nan, -1.0, 0.0, 2.0])
     assert np.isnan(kernels.relu_forward(x)[0])

@@ -143,22 +143,47 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     return _impl(grad_y).maxpool2d_backward(grad_y, argmax, x_shape)
 
 
-def relu_forward(x):
-    """y = max(x, 0), same shape and dtype."""
+def _out_buffer(who, out, like):
+    """Check a caller's ``out`` buffer: the shape, dtype and device of ``like``, C-contiguous."""
+    _same_kind(who, like, out=out)
+    if tuple(out.shape) != tuple(like.shape) or not out.flags.c_contiguous:
+        raise ValueError(f"{who}: out must be a C-contiguous array of shape {tuple(like.shape)}, "
+                         f"got shape {tuple(out.shape)}"
+                         + ("" if out.flags.c_contiguous else " (not C-contiguous)"))
+
+
+# Implementations whose ReLU kernels write into a caller's buffer; for the others
+# the result is copied into it.
+_TAKE_OUT = ("fastnn.kernels._reference", "fastnn.kernels._cpu")
+
+
+def _with_out(who, impl, name, out, *args):
+    if out is None:
+        return getattr(impl, name)(*args)
+    _out_buffer(who, out, args[0])
+    if impl.__name__ in _TAKE_OUT:
+        return getattr(impl, name)(*args, out=out)
+    out[...] = getattr(impl, name)(*args)
+    return out
+
+
+def relu_forward(x, out=None):
+    """y = max(x, 0), same shape and dtype; written into ``out`` when given (which may
+    be ``x`` itself: a reused buffer saves a fresh array's page faults every call)."""
     _float_array(x, "relu_forward", "x")
     x, = _contiguous(x)
-    return _impl(x).relu_forward(x)
+    return _with_out("relu_forward", _impl(x), "relu_forward", out, x)
 
 
-def relu_backward(grad_y, y):
-    """grad_x = grad_y * (y > 0)."""
+def relu_backward(grad_y, y, out=None):
+    """grad_x = grad_y where y > 0, else 0; written into ``out`` when given (may be grad_y)."""
     _float_array(grad_y, "relu_backward", "grad_y")
     _same_kind("relu_backward", grad_y, y=y)
     if tuple(y.shape) != tuple(grad_y.shape):
         raise ValueError(f"relu_backward: y must have the shape of grad_y {tuple(grad_y.shape)}, "
                          f"got {tuple(y.shape)}")
     grad_y, y = _contiguous(grad_y, y)
-    return _impl(grad_y).relu_backward(grad_y, y)
+    return _with_out("relu_backward", _impl(grad_y), "relu_backward", out, grad_y, y)
 
 
 def _dense_shapes(who, x, W):

@@ -260,9 +260,10 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
 
 # --- ReLU -------------------------------------------------------------------------
 
-def relu_forward(cnp.ndarray x):
-    """y = max(x, 0) in one pass; parallel above FNN_PARALLEL_MIN elements."""
-    cdef cnp.ndarray y = np.empty_like(x)
+def relu_forward(cnp.ndarray x, cnp.ndarray out=None):
+    """y = max(x, 0) in one pass (into ``out``, which may be x); parallel above
+    FNN_PARALLEL_MIN elements."""
+    cdef cnp.ndarray y = np.empty_like(x) if out is None else out
     cdef long n = x.size
     cdef void *px = _data(x)
     cdef void *py = _data(y)
@@ -275,9 +276,10 @@ def relu_forward(cnp.ndarray x):
     return y
 
 
-def relu_backward(cnp.ndarray grad_y, cnp.ndarray y):
-    """grad_x = grad_y where y > 0, else 0, in one pass."""
-    cdef cnp.ndarray grad_x = np.empty_like(grad_y)
+def relu_backward(cnp.ndarray grad_y, cnp.ndarray y, cnp.ndarray out=None):
+    """grad_x = grad_y where y > 0, else 0, in one pass (into ``out``, which may be
+    grad_y or y)."""
+    cdef cnp.ndarray grad_x = np.empty_like(grad_y) if out is None else out
     cdef long n = grad_y.size
     cdef void *pg = _data(grad_y)
     cdef void *py = _data(y)

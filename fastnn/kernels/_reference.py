@@ -145,14 +145,18 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     return grad_x.reshape(x_shape)
 
 
-def relu_forward(x):
-    """y = max(x, 0)."""
-    return np.maximum(x, 0)
+def relu_forward(x, out=None):
+    """y = max(x, 0) (into ``out`` when given)."""
+    return np.maximum(x, 0, out=out)
 
 
-def relu_backward(grad_y, y):
-    """grad_x = grad_y where the output was positive, else 0."""
-    return np.where(y > 0, grad_y, 0).astype(grad_y.dtype, copy=False)
+def relu_backward(grad_y, y, out=None):
+    """grad_x = grad_y where the output was positive, else 0 (into ``out`` when given)."""
+    grad_x = np.where(y > 0, grad_y, 0).astype(grad_y.dtype, copy=False)
+    if out is None:
+        return grad_x
+    out[...] = grad_x
+    return out
 
 
 def dense_forward(x, W, b):
