@@ -641,8 +641,9 @@ class _Plan:
         self.forwards, self.backwards = [], []
         for layer, tutorial in self.steps:
             if tutorial:
-                self.forwards.append(lambda x, training, f=layer.forward_propagation: f(x))
-                self.backwards.append(layer.backward_propagation)
+                step = _TutorialStep(layer)
+                self.forwards.append(step.forward)
+                self.backwards.append(step.backward)
             else:
                 self.forwards.append(_forward_of(layer))
                 self.backwards.append(lambda g, lr, b=layer.backward: b(g))
@@ -659,6 +660,28 @@ class _Plan:
     def matches(self, layers):
         """Still the plan of ``layers`` (the same layer objects, in the same order)?"""
         return self.layers == layers       # element-wise `is` first, in C
+
+
+class _TutorialStep:
+    """Runs a tutorial-protocol layer. The tutorial's samples are (1, n) rows and its
+    layers are written for them (``input.T @ output_error``), so a batch of such rows,
+    (B, 1, n), reaches the layer as (B, n): one sample is then exactly the tutorial's
+    (1, n); the axis is put back on what the layer returns."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.rows = False          # whether the last forward's input was (B, 1, n)
+
+    def forward(self, x, training):
+        self.rows = x.ndim == 3 and x.shape[1] == 1
+        y = self.layer.forward_propagation(x[:, 0] if self.rows else x)
+        return y[:, None] if self.rows and y.ndim == 2 else y
+
+    def backward(self, grad, learning_rate):
+        if self.rows and grad.ndim == 3 and grad.shape[1] == 1:
+            grad = grad[:, 0]
+        grad_x = self.layer.backward_propagation(grad, learning_rate)
+        return grad_x[:, None] if self.rows and grad_x.ndim == 2 else grad_x
 
 
 def _forward_of(layer):

@@ -428,3 +428,71 @@ def test_user_forward_without_training_and_replaced_layers():
     net.layers[1] = fn.Tanh()
     np.testing.assert_allclose(net.predict(x), np.tanh(x @ net.layers[0].params["W"]
                                                        + net.layers[0].params["b"]))
+
+
+class CourseFCLayer(fn.Layer):
+    """The course's own FCLayer (seeds/004), verbatim but for its base class."""
+
+    def __init__(self, input_size, output_size):
+        self.weights = np.random.rand(input_size, output_size) - 0.5
+        self.bias = np.random.rand(1, output_size) - 0.5
+
+    def forward_propagation(self, input_data):
+        self.input = input_data
+        self.output = np.dot(self.input, self.weights) + self.bias
+        return self.output
+
+    def backward_propagation(self, output_error, learning_rate):
+        input_error = np.dot(output_error, self.weights.T)
+        weights_error = np.dot(self.input.T, output_error)
+        self.weights -= learning_rate * weights_error
+        self.bias -= learning_rate * output_error
+        return input_error
+
+
+class CourseActivationLayer(fn.Layer):
+    """The course's own ActivationLayer (seeds/004)."""
+
+    def __init__(self, activation, activation_prime):
+        self.activation = activation
+        self.activation_prime = activation_prime
+
+    def forward_propagation(self, input_data):
+        self.input = input_data
+        self.output = self.activation(self.input)
+        return self.output
+
+    def backward_propagation(self, output_error, learning_rate):
+        return self.activation_prime(self.input) * output_error
+
+
+def test_the_course_layer_classes_train_inside_a_network():
+    """The tutorial's (1, n) rows reach tutorial-protocol layers as the course feeds them."""
+    from fastnn.activations import tanh, tanh_prime
+    x = np.array([[[0, 0]], [[0, 1]], [[1, 0]], [[1, 1]]])
+    y = np.array([[[0]], [[1]], [[1]], [[0]]])
+
+    def course_layers():
+        np.random.seed(1)
+        return [CourseFCLayer(2, 3), CourseActivationLayer(tanh, tanh_prime),
+                CourseFCLayer(3, 1), CourseActivationLayer(tanh, tanh_prime)]
+    ours, theirs = course_layers(), course_layers()
+    net = fn.Network(ours)
+    net.use(losses.mse, losses.mse_prime)
+    net.fit(x, y, epochs=200, learning_rate=0.1, shuffle=False, verbose=0)
+    for _ in range(200):                # the course's Network.fit loop
+        for xi, yi in zip(x, y):
+            out = xi
+            for layer in theirs:
+                out = layer.forward_propagation(out)
+            err = losses.mse_prime(yi, out)
+            for layer in reversed(theirs):
+                err = layer.backward_propagation(err, 0.1)
+    for a, b in zip(ours[::2], theirs[::2]):
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-12)
+        np.testing.assert_allclose(a.bias, b.bias, rtol=1e-12)
+    out = net.predict(x)
+    assert out.shape == (4, 1, 1)
+    expected = [np.tanh(np.tanh(xi @ theirs[0].weights + theirs[0].bias) @ theirs[2].weights
+                        + theirs[2].bias) for xi in x]
+    np.testing.assert_allclose(out, np.array(expected), rtol=1e-6)
