@@ -290,8 +290,9 @@ class Network:
 
         ``batch_size``: None (1 after ``use()``, 32 after ``compile()``), an int,
         or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
-        SGD; with it, it sets the optimizer's lr (its schedules start over from it). Raises ``FloatingPointError``
-        (parameters left as before that step) when the loss becomes NaN or inf.
+        SGD; with it, it sets the optimizer's lr (its schedules start over from it).
+        Raises ``FloatingPointError`` (parameters left as before that step) when
+        the loss becomes NaN or inf.
         """
         who = "Network.fit"
         if self._style is None:
@@ -300,12 +301,10 @@ class Network:
             raise ValueError(f"{who}: the network has no layers")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"{who}: epochs must be an int >= 0, got {epochs!r}")
-        if self._style == "use":
-            if learning_rate is None:
-                raise ValueError(f"{who}: after use(), pass learning_rate (or call compile())")
-            self.optimizer = optim.SGD(lr=learning_rate)
-        elif learning_rate is not None:
-            self.optimizer.lr = float(learning_rate)
+        if learning_rate is not None:
+            learning_rate = optim.nonnegative(learning_rate, "learning_rate", who)
+        elif self._style == "use":
+            raise ValueError(f"{who}: after use(), pass learning_rate (or call compile())")
 
         plan = self._get_plan()
         n_train = plan.n_train
@@ -334,6 +333,11 @@ class Network:
             raise ValueError(f"{who}: batch_size must be None, 'full' or a positive int, "
                              f"got {batch_size!r}")
         batch_size = int(min(batch_size, n))
+
+        if self._style == "use":         # the tutorial: plain SGD at that rate
+            self.optimizer = optim.SGD(lr=learning_rate)
+        elif learning_rate is not None:
+            self.optimizer.lr = learning_rate
 
         rng = make_rng(seed)      # seed=None: from NumPy's global state (np.random.seed works)
         if seed is not None:      # Dropout masks follow the fit's seed too

@@ -17,7 +17,8 @@ __all__ = ["Optimizer", "SGD", "Adam", "Schedule", "StepLR", "ExponentialLR", "C
            "get"]
 
 
-def _nonneg(value, name, who):
+def nonnegative(value, name, who):
+    """``value`` as a float >= 0; a TypeError / ValueError naming ``who`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{who}: {name} must be a number, got {value!r}")
     if not value >= 0:
@@ -29,7 +30,7 @@ class Optimizer:
     """Base class: ``step(params, grads, decay)`` updates ``params`` in place."""
 
     def __init__(self, lr, schedule=None):
-        self.lr = _nonneg(lr, "lr", type(self).__name__)
+        self.lr = nonnegative(lr, "lr", type(self).__name__)
         self.state = None          # per-parameter state, aligned with the params list
         self._tmp = None           # per-parameter scratch buffers (no allocation per step)
         self.schedule = schedule
@@ -93,10 +94,10 @@ class SGD(Optimizer):
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0, *,
                  schedule=None):
         who = "SGD"
-        self.momentum = _nonneg(momentum, "momentum", who)
+        self.momentum = nonnegative(momentum, "momentum", who)
         self.nesterov = bool(nesterov)
-        self.weight_decay = _nonneg(weight_decay, "weight_decay", who)
-        self.l1 = _nonneg(l1, "l1", who)
+        self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
+        self.l1 = nonnegative(l1, "l1", who)
         if self.nesterov and self.momentum == 0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         super().__init__(lr, schedule)
@@ -160,8 +161,8 @@ class Adam(Optimizer):
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"{who}: betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = _nonneg(eps, "eps", who)
-        self.weight_decay = _nonneg(weight_decay, "weight_decay", who)
+        self.eps = nonnegative(eps, "eps", who)
+        self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
         self.t = 0
         super().__init__(lr, schedule)
 

@@ -284,6 +284,14 @@ def test_bad_input_raises_clear_errors():
         net.fit(x, np.zeros((10, 4)), verbose=0)
     with pytest.raises(ValueError, match="batch_size"):
         net.fit(x, y, batch_size=0, verbose=0)
+    lr = net.optimizer.lr
+    with pytest.raises(ValueError, match=r"Network.fit: learning_rate must be >= 0, got -0.1"):
+        net.fit(x, y, learning_rate=-0.1, verbose=0)
+    with pytest.raises(TypeError, match=r"Network.fit: learning_rate must be a number"):
+        net.fit(x, y, learning_rate="0.1", verbose=0)
+    with pytest.raises(ValueError, match="x contains NaN"):     # checked before lr is touched
+        net.fit(bad, y, learning_rate=0.5, verbose=0)
+    assert net.optimizer.lr == lr
     grid = fn.Network([fn.Dense(4, 6, seed=0), fn.Flatten()])
     grid.compile("mse")
     with pytest.raises(ValueError, match=r"output shape \(10, 6\).*\(10, 3, 2\)"):
