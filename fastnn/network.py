@@ -87,6 +87,11 @@ class Network:
         if not (hasattr(layer, "forward") or hasattr(layer, "forward_propagation")):
             raise TypeError(f"Network.add: expected a layer (with forward or forward_propagation), "
                             f"got {type(layer).__name__}")
+        for i, other in enumerate(self.layers):
+            if other is layer:      # its backward would use the state of its last forward only
+                raise ValueError(f"Network.add: this {layer!r} is already layer {i} of the "
+                                 "network; a layer keeps the state of one forward pass, so add a "
+                                 "new instance (weights cannot be shared this way)")
         self.layers.append(layer)
         self._plan = None
         return self

@@ -308,6 +308,11 @@ def test_bad_input_raises_clear_errors():
         net.predict(np.array([["a"] * 4]))
     with pytest.raises(ValueError, match="unknown metric"):
         net.compile("cross_entropy", metrics=("f1",))
+    dense = fn.Dense(4, 4, seed=0)
+    with pytest.raises(ValueError, match=r"Dense\(in_features=4.*already layer 0"):
+        fn.Network([dense, fn.ReLU(), dense])
+    with pytest.raises(TypeError, match="Network.add: expected a layer"):
+        fn.Network().add(np.tanh)
 
 
 # --- structure, save / load ----------------------------------------------------------------
