@@ -151,6 +151,9 @@ class Network:
         """Move parameters, gradients, buffers and optimizer state to ``"cpu"`` or ``"cuda"``."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"Network.to: expected 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and backend.cupy() is None:
+            raise RuntimeError("Network.to: no usable CUDA device here (fastnn.backend.available() "
+                               f"is {backend.available()}; the GPU path needs CuPy and a GPU)")
         for layer in self.layers:           # check everything before moving anything
             if uses_tutorial_protocol(layer) and device != "cpu":
                 raise ValueError(f"Network.to: {type(layer).__name__} is a tutorial-protocol layer "

@@ -393,6 +393,11 @@ def test_device_moves_on_cpu():
     assert net.to("cpu") is net and net.device == "cpu"
     with pytest.raises(ValueError, match="'tpu'"):
         net.to("tpu")
+    if "cuda" not in fn.backend.available():
+        for model in (net, fn.Network([fn.ReLU()])):       # also one without parameters
+            with pytest.raises(RuntimeError, match="cuda"):
+                model.to("cuda")
+            assert model.device == "cpu"
 
 
 @pytest.mark.skipif("cuda" not in fn.backend.available(), reason="needs a CUDA device")
