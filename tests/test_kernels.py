@@ -88,6 +88,7 @@ CONV_CASES = [
     (3, 8, 12, 12, 24, 3, 3, 1, 1),      # more samples than threads, GEMMs per sample
     (2, 3, 5, 4, 2, 2, 2, 1, 2),         # stride 1 but padding >= kernel: the col2im path
     (3, 2, 6, 5, 3, 3, 1, 1, (1, 0)),    # stride 1, non-square kernel and padding
+    (3, 5, 9, 8, 4, 3, 3, 2, 1),         # patch rows forward, columns backward (stride 2)
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 

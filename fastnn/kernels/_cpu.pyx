@@ -493,6 +493,24 @@ cdef inline bint _transposable(const fnn_geometry *g) noexcept nogil:
     return g.sh == 1 and g.sw == 1 and g.ph < g.kh and g.pw < g.kw
 
 
+# Below this many input channels the patch rows are too short (C values per
+# copy) and im2col's long rows win: measured per thread, LeNet's 1->6 5x5 conv
+# took 0.48 + 1.2 ms (forward + backward) on columns against 1.6 + 2.9 on rows;
+# from 6 channels up the rows are as fast or faster (64 -> 64 3x3: 15.5 + 31.4
+# against 16.1 + 37.0 ms).
+DEF ROWS_MIN_CHANNELS = 4
+
+
+cdef inline bint _by_rows(const fnn_geometry *g) noexcept nogil:
+    """Whether the forward pass uses patch rows (else im2col columns)."""
+    return g.c >= ROWS_MIN_CHANNELS and not _pointwise(g)
+
+
+cdef inline bint _backward_by_rows(const fnn_geometry *g) noexcept nogil:
+    """Whether the backward pass uses patch rows and the transposed conv."""
+    return _by_rows(g) and _transposable(g)
+
+
 cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept nogil:
     """Geometry of that conv: input grad_y (K, OH, OW), output (C, H, W)."""
     cdef fnn_geometry t
@@ -503,10 +521,11 @@ cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept n
     return t
 
 
-cdef void _conv_forward_sample(const floating *x, const floating *weight_rows,
+cdef void _conv_forward_sample(const floating *x, const floating *weights,
                                const floating *bias, floating *y, floating *work,
                                const fnn_geometry *g, long k, int parallel) noexcept nogil:
-    """One sample: y (K, OH*OW) = weight_rows (K, kh*kw*C) @ im2row(x).T + b.
+    """One sample: y (K, OH*OW) = weights (K, kh*kw*C) @ im2row(x).T + b on patch
+    rows, or weights (K, C*kh*kw) @ im2col(x) + b on columns (``_by_rows``).
     work: C*H*W + OH*OW*kh*kw*C elements. ``parallel``: split the copies over
     OpenMP (when samples run one after the other)."""
     cdef long kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
@@ -516,16 +535,20 @@ cdef void _conv_forward_sample(const floating *x, const floating *weight_rows,
         _broadcast(y, bias, k, ohw, 1)
         beta = 1
     if _pointwise(g):      # y = W (K, C) @ x (C, H*W)
-        _gemm(False, False, <int>k, <int>ohw, <int>g.c, 1, weight_rows, <int>g.c,
+        _gemm(False, False, <int>k, <int>ohw, <int>g.c, 1, weights, <int>g.c,
               x, <int>ohw, beta, y, <int>ohw)
-        return
-    _transpose(x, g.c, g.h * g.w, work, parallel)
-    _im2row(work, g, rows, parallel)
-    _gemm(False, True, <int>k, <int>ohw, <int>kkc, 1, weight_rows, <int>kkc, rows,
-          <int>kkc, beta, y, <int>ohw)
+    elif _by_rows(g):
+        _transpose(x, g.c, g.h * g.w, work, parallel)
+        _im2row(work, g, rows, parallel)
+        _gemm(False, True, <int>k, <int>ohw, <int>kkc, 1, weights, <int>kkc, rows,
+              <int>kkc, beta, y, <int>ohw)
+    else:
+        _im2col(x, 1, g, work, ohw, parallel)
+        _gemm(False, False, <int>k, <int>ohw, <int>kkc, 1, weights, <int>kkc, work,
+              <int>ohw, beta, y, <int>ohw)
 
 
-cdef void _conv_forward(const floating *x, const floating *weight_rows, const floating *bias,
+cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
                         floating *y, floating *workspace, long n, const fnn_geometry *g,
                         long k, int threads) noexcept nogil:
     cdef long s
@@ -533,14 +556,14 @@ cdef void _conv_forward(const floating *x, const floating *weight_rows, const fl
     cdef long per_thread = chw + ohw * g.c * g.kh * g.kw
     if threads <= 1:         # one sample after the other, BLAS threading each GEMM
         for s in range(n):
-            _conv_forward_sample(x + s * chw, weight_rows, bias, y + s * k * ohw, workspace,
+            _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw, workspace,
                                  g, k, fnn_max_threads() > 1)
         return
     fnn_blas_single_begin()
     # dynamic: a thread that loses its core for a while (shared machine) does not
     # hold up the others at the end of the region
     for s in prange(n, num_threads=threads, schedule="dynamic"):
-        _conv_forward_sample(x + s * chw, weight_rows, bias, y + s * k * ohw,
+        _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw,
                              workspace + fnn_thread_id() * per_thread, g, k, 0)
     fnn_blas_single_end()
 
@@ -559,10 +582,11 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef long per_thread = g.c * g.h * g.w + g.oh * g.ow * g.c * g.kh * g.kw
     cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
-    # (K, kh, kw, C): the patch rows' order
-    cdef cnp.ndarray weight_rows = np.ascontiguousarray(W.transpose(0, 2, 3, 1))
+    cdef cnp.ndarray weights = W
+    if _by_rows(&g):             # (K, kh, kw, C): the patch rows' order
+        weights = np.ascontiguousarray(W.transpose(0, 2, 3, 1))
     cdef void *px = _data(x)
-    cdef void *pw = _data(weight_rows)
+    cdef void *pw = _data(weights)
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
     cdef void *pws = _data(workspace)
@@ -583,7 +607,7 @@ cdef void _backward_buffers(const fnn_geometry *g, long k, long *first, long *se
     cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
     if _pointwise(g):
         first[0] = second[0] = 0
-    elif _transposable(g):
+    elif _backward_by_rows(g):
         first[0] = max(g.c * hw, k * ohw)               # x, then grad_y, channels last
         second[0] = max(ohw * kk * g.c, hw * kk * k)    # their patch rows
     else:
@@ -600,8 +624,8 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
     after the other).
 
     - 1x1 stride 1: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
-    - stride 1: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and grad_x = the conv
-      of grad_y with ``weights`` = flipped W as (C, kh, kw, K);
+    - stride 1 on patch rows: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and
+      grad_x = the conv of grad_y with ``weights`` = flipped W as (C, kh, kw, K);
     - otherwise: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
       grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw)).
     """
@@ -614,7 +638,7 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
               <int>ohw, 1, grad_w, <int>g.c)
         _gemm(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
               <int>ohw, 0, grad_x, <int>ohw)
-    elif _transposable(g):
+    elif _backward_by_rows(g):
         _transpose(x, g.c, hw, first, parallel)
         _im2row(first, g, second, parallel)
         _gemm(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
@@ -700,7 +724,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     _backward_buffers(&g, k, &first, &second)
     cdef long per_thread = first + second
     cdef long per_chunk = W.size + k
-    cdef bint by_rows = _transposable(&g) and not _pointwise(&g)
+    cdef bint by_rows = _backward_by_rows(&g)
     cdef cnp.ndarray grad_x = np.empty_like(x)
     # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
     cdef cnp.ndarray grad_w = np.empty((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
