@@ -270,8 +270,10 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0):
 
     x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW)
     with ``OH = (H + 2*ph - kh) // sh + 1`` (same for OW). im2col + GEMM with
-    a bounded workspace: the columns are built per sample or per chunk of the
-    batch (see the implementation module), never for the whole batch at once.
+    a workspace that does not grow with N: the compiled kernels build one
+    sample's patches per thread (threads * (C*H*W + C*kh*kw*OH*OW) elements),
+    the NumPy reference one chunk of samples whose columns fit in 32 MiB (or
+    one sample, if larger).
     """
     who = "conv2d_forward"
     stride, padding, _, _ = _conv_geometry(who, x, W, stride, padding)
@@ -287,8 +289,10 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0):
     """grad_y: (N, K, OH, OW), x: (N, C, H, W), W: (K, C, kh, kw)
     -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
 
-    Same bounded workspace as ``conv2d_forward`` (columns rebuilt per sample
-    or per chunk).
+    The workspace does not grow with N either: compiled, per thread two buffers
+    of at most max(C, K)*kh*kw*max(H*W, OH*OW) elements, plus one
+    K*C*kh*kw + K partial sum per chunk of samples (at most 4 * threads
+    chunks); reference, the forward pass's chunks.
     """
     who = "conv2d_backward"
     stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)
