@@ -14,8 +14,8 @@ measured 38 against 377 GFLOP/s):
 - dense: one GEMM per product, threaded by BLAS, outside any OpenMP region
   (its threads share the packed operands: 150 GFLOP/s here against 110-130
   for the same GEMMs split into single-threaded blocks over OpenMP);
-- conv: OpenMP over the samples, one im2row + single-threaded GEMM per
-  sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
+- conv: OpenMP over the samples, one patch matrix + single-threaded GEMM
+  per sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
   own threads reach about 115 on one sample's GEMM). BLAS is held to one
   thread for the duration of that region (``fnn_blas_single_begin/end``,
   through the thread-count functions of the library, found with
@@ -449,7 +449,8 @@ def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
 
 # --- convolution --------------------------------------------------------------------
 #
-# Per sample, the patches are laid out as rows with the channels last ("im2row":
+# Per sample (from 4 input channels up, see ROWS_MIN_CHANNELS; im2col columns
+# below), the patches are laid out as rows with the channels last ("im2row":
 # one row of kh*kw*C values per output pixel), built from the sample transposed
 # to (H, W, C); the weights are reordered to match, (K, kh, kw, C). On this
 # layout the BLAS reads its operands with unit stride, and the input gradient
