@@ -162,19 +162,25 @@ def test_maxpool2x2_torch(benchmark):
 RELU_SIZE = 16 * 2**20
 
 
+# "fresh": each call returns a new 64 MB array (and pays its page faults);
+# "out": each call writes into the same caller's buffer (out=).
+@pytest.mark.parametrize("buffer", ["fresh", "out"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_relu_forward(benchmark, impl):
+def test_relu_forward(benchmark, impl, buffer):
     x = rng.standard_normal(RELU_SIZE, dtype=np.float32)
-    measure(benchmark, "relu 16M forward", impl, on_backend(impl, lambda: kernels.relu_forward(x)),
-            rounds=20)
+    out = np.empty_like(x) if buffer == "out" else None
+    measure(benchmark, f"relu 16M forward {buffer}", impl,
+            on_backend(impl, lambda: kernels.relu_forward(x, out=out)), rounds=20)
 
 
+@pytest.mark.parametrize("buffer", ["fresh", "out"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_relu_backward(benchmark, impl):
+def test_relu_backward(benchmark, impl, buffer):
     grad_y = rng.standard_normal(RELU_SIZE, dtype=np.float32)
     y = np.maximum(rng.standard_normal(RELU_SIZE, dtype=np.float32), 0)
-    measure(benchmark, "relu 16M backward", impl,
-            on_backend(impl, lambda: kernels.relu_backward(grad_y, y)), rounds=20)
+    out = np.empty_like(y) if buffer == "out" else None
+    measure(benchmark, f"relu 16M backward {buffer}", impl,
+            on_backend(impl, lambda: kernels.relu_backward(grad_y, y, out=out)), rounds=20)
 
 
 def test_relu_torch(benchmark):
@@ -185,13 +191,16 @@ def test_relu_torch(benchmark):
     def step():
         y = torch.relu(x)
         torch.ops.aten.threshold_backward(grad_y, y, 0)
-    measure(benchmark, "relu 16M fwd+bwd", "torch", step, rounds=20)
+    measure(benchmark, "relu 16M fwd+bwd fresh", "torch", step, rounds=20)
 
 
-def test_memory_copy(benchmark):
-    """The limit for a memory-bound pass: copying 16M floats into a fresh array."""
+@pytest.mark.parametrize("buffer", ["fresh", "out"])
+def test_memory_copy(benchmark, buffer):
+    """The limit of a memory-bound pass: copying 16M floats (into a new array or a buffer)."""
     x = rng.standard_normal(RELU_SIZE, dtype=np.float32)
-    measure(benchmark, "copy 16M floats", "numpy", x.copy, rounds=20)
+    dst = np.empty_like(x)
+    measure(benchmark, f"copy 16M floats {buffer}", "numpy",
+            x.copy if buffer == "fresh" else (lambda: np.copyto(dst, x)), rounds=20)
 
 
 # --- the other kernels: im2col, col2im, softmax cross-entropy ------------------------------
@@ -278,23 +287,81 @@ def _ratio_lines():
             add("maxpool: cpu / numpy speed", m(("maxpool2x2 fwd+bwd", "numpy")) / pool, 10)
         if m(("maxpool2x2 fwd+bwd", "torch")):
             add("maxpool: cpu / torch speed", m(("maxpool2x2 fwd+bwd", "torch")) / pool, 4)
-    fwd, bwd = m(("relu 16M forward", "cpu")), m(("relu 16M backward", "cpu"))
-    if fwd and bwd:
-        nbytes = RELU_SIZE * 4
-        add("relu forward GB/s (cpu)", 2 * nbytes / fwd / 1e9)
-        add("relu backward GB/s (cpu)", 3 * nbytes / bwd / 1e9)
-        ref_fwd, ref_bwd = m(("relu 16M forward", "numpy")), m(("relu 16M backward", "numpy"))
+    nbytes = RELU_SIZE * 4
+    for buffer in ("fresh", "out"):
+        fwd, bwd = m((f"relu 16M forward {buffer}", "cpu")), m((f"relu 16M backward {buffer}", "cpu"))
+        if not (fwd and bwd):
+            continue
+        add(f"relu forward GB/s (cpu, {buffer})", 2 * nbytes / fwd / 1e9)
+        add(f"relu backward GB/s (cpu, {buffer})", 3 * nbytes / bwd / 1e9)
+        ref_fwd = m((f"relu 16M forward {buffer}", "numpy"))
+        ref_bwd = m((f"relu 16M backward {buffer}", "numpy"))
         if ref_fwd and ref_bwd:
-            add("relu fwd+bwd: cpu / numpy speed", (ref_fwd + ref_bwd) / (fwd + bwd), 2)
-        if m(("relu 16M fwd+bwd", "torch")):
-            add("relu fwd+bwd: cpu / torch speed", m(("relu 16M fwd+bwd", "torch")) / (fwd + bwd), 1.0)
-        copy = m(("copy 16M floats", "numpy"))
+            add(f"relu fwd+bwd ({buffer}): cpu / numpy speed", (ref_fwd + ref_bwd) / (fwd + bwd), 2)
+        if m((f"relu 16M fwd+bwd {buffer}", "torch")):
+            add(f"relu fwd+bwd ({buffer}): cpu / torch speed",
+                m((f"relu 16M fwd+bwd {buffer}", "torch")) / (fwd + bwd), 1.0)
+        copy = m((f"copy 16M floats {buffer}", "numpy"))
         if copy:
-            add("copy GB/s", 2 * nbytes / copy / 1e9)
-            add("relu forward GB/s / copy GB/s", copy / fwd, 0.8)
+            add(f"copy GB/s ({buffer})", 2 * nbytes / copy / 1e9)
+            add(f"relu forward GB/s / copy GB/s ({buffer})", copy / fwd, 0.8)
     for group in ("im2col 3x3 pad 1", "col2im 3x3 pad 1", "softmax xent 4096x1000"):
         if m((group, "cpu")) and m((group, "numpy")):
             add(f"{group}: cpu / numpy speed", m((group, "numpy")) / m((group, "cpu")))
+    return lines
+
+
+def _interleaved(first, second, rounds=7, repeat_second=1):
+    """Median seconds of first() and of second() timed alternately, so that load
+    from other processes hits both alike (the ratio is then the fairer figure)."""
+    first()
+    second()
+    times_first, times_second = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        first()
+        times_first.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(repeat_second):
+            second()
+        times_second.append((time.perf_counter() - start) / repeat_second)
+    return float(np.median(times_first)), float(np.median(times_second))
+
+
+def _interleaved_lines():
+    """dense vs sgemm and conv vs PyTorch, measured alternately."""
+    a = np.asfortranarray(rng.standard_normal((2048, 2048), dtype=np.float32))
+    c = np.zeros((2048, 2048), np.float32, order="F")
+    x = rng.standard_normal((256, 1024), dtype=np.float32)
+    W = rng.standard_normal((1024, 1024), dtype=np.float32) * 0.03
+    b = rng.standard_normal(1024, dtype=np.float32)
+
+    def dense():
+        kernels.dense_forward(x, W, b)
+        kernels.dense_backward(x, x, W)
+    sgemm, dense_time = _interleaved(
+        lambda: scipy.linalg.blas.sgemm(1.0, a, a, c=c, overwrite_c=True), on_backend("cpu", dense),
+        repeat_second=8)
+    sgemm_gflops = 2 * 2048**3 / sgemm / 1e9
+    dense_gflops = 6 * 256 * 1024 * 1024 / dense_time / 1e9
+    lines = [f"interleaved: sgemm {sgemm_gflops:.1f} GFLOP/s, dense fwd+bwd {dense_gflops:.1f} GFLOP/s, "
+             f"ratio {dense_gflops / sgemm_gflops:.2f} [target >= 0.9]"]
+    if torch is not None:
+        cx, cW, cb, cg = conv_arrays()
+        tx, tW, tb = (torch.from_numpy(v).requires_grad_(True) for v in (cx, cW, cb))
+        tg = torch.from_numpy(cg)
+
+        def conv_torch():
+            tx.grad = tW.grad = tb.grad = None
+            torch.nn.functional.conv2d(tx, tW, tb, padding=1).backward(tg)
+
+        def conv_fastnn():
+            kernels.conv2d_forward(cx, cW, cb, 1, 1)
+            kernels.conv2d_backward(cg, cx, cW, 1, 1)
+        torch_time, fastnn_time = _interleaved(conv_torch, on_backend("cpu", conv_fastnn))
+        lines.append(f"interleaved: conv3x3 fwd+bwd fastnn {CONV_FLOPS / fastnn_time / 1e9:.1f} GFLOP/s, "
+                     f"torch {CONV_FLOPS / torch_time / 1e9:.1f} GFLOP/s, "
+                     f"ratio {torch_time / fastnn_time:.2f} [target >= 1.0]")
     return lines
 
 
@@ -304,6 +371,9 @@ def print_summary(request):
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     yield
     lines = ["", f"=== fastnn kernels, {started} ==="] + _machine() + _ratio_lines()
+    if MEDIANS:                  # not under --benchmark-disable
+        lines += _interleaved_lines()
+    lines.append(f"load average at the end {os.getloadavg()}")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if capture is None:
         print("\n".join(lines))
