@@ -226,6 +226,7 @@ def test_im2col_col2im_compiled_match_reference(dtype, geometry):
 
 POOL_CASES = [  # (N, C, H, W, kh, kw, stride): odd sizes, overlapping windows, batch of 1
     (2, 3, 8, 8, 2, 2, 2),
+    (1, 2, 7, 9, 2, 2, 2),       # odd sizes: the last row and column belong to no window
     (1, 2, 7, 9, 3, 3, 2),
     (2, 2, 5, 6, 2, 3, (1, 2)),
     (3, 1, 9, 7, 3, 2, (3, 1)),
