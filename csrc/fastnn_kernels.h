@@ -55,10 +55,11 @@ void fnn_col2im_##S(const T *cols, long n, const fnn_geometry *g, T *x, long ld,
  * the first maximum in row-major window order (NaN wins, as in NumPy). */           \
 void fnn_maxpool2d_forward_##S(const T *x, long planes, long h, long w, int kh,      \
                                int kw, int sh, int sw, T *y, int64_t *argmax);       \
-/* grad_x planes (h, w), overwritten = scatter-add of grad_y planes (oh, ow) at      \
- * argmax. Returns the number of argmax entries outside [0, h*w) (skipped). */        \
+/* grad_x planes (hw values) = scatter-add of grad_y planes (ohw values) at argmax;  \
+ * grad_x is zeroed first unless `zeroed` (fresh calloc'd pages are already zero).   \
+ * Returns the number of argmax entries outside [0, hw) (skipped). */                \
 long fnn_maxpool2d_backward_##S(const T *grad_y, const int64_t *argmax, long planes, \
-                                long h, long w, long oh, long ow, T *grad_x);        \
+                                long ohw, long hw, T *grad_x, int zeroed);           \
 /* y = max(x, 0) and grad_x = grad_y * (y > 0): one pass, NaN propagates. */         \
 void fnn_relu_forward_##S(const T *x, T *y, long n);                                 \
 void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);          \

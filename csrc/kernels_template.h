@@ -191,39 +191,15 @@ void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh
 }
 
 long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long planes,
-                                  long h, long w, long oh, long ow, T *grad_x)
+                                  long ohw, long hw, T *grad_x, int zeroed)
 {
-    const long hw = h * w, ohw = oh * ow;
-    /* When every argmax of a plane lies in its output's own 2x2 block (always so
-     * for 2x2 stride-2 pooling), the blocks are disjoint: each is written whole in
-     * one streaming pass, with no zeroing pass and no scatter. Any other argmax
-     * sends the plane to the general zero-then-scatter-add loop. */
-    const int blocks = 2 * oh <= h && 2 * ow <= w;
     long bad = 0;
     #pragma omp parallel for schedule(static) reduction(+:bad) if (planes * hw >= FNN_PARALLEL_MIN)
     for (long p = 0; p < planes; p++) {
         T *gx = grad_x + p * hw;
         const T *gy = grad_y + p * ohw;
         const int64_t *ap = argmax + p * ohw;
-        int in_blocks = blocks;
-        for (long r = 0; in_blocks && r < oh; r++) {
-            T *top = gx + 2 * r * w, *bot = top + w;
-            for (long q = 0; q < ow; q++) {   /* branch-free: the winner is random */
-                const int64_t at = ap[r * ow + q] - (2 * r * w + 2 * q);
-                const T g = gy[r * ow + q];
-                in_blocks &= (at == 0) | (at == 1) | (at == w) | (at == w + 1);
-                top[2 * q] = NAME(pick)(at == 0, g, 0);
-                top[2 * q + 1] = NAME(pick)(at == 1, g, 0);
-                bot[2 * q] = NAME(pick)(at == w, g, 0);
-                bot[2 * q + 1] = NAME(pick)(at == w + 1, g, 0);
-            }
-            for (long c = 2 * ow; c < w; c++) top[c] = bot[c] = 0;   /* odd last column */
-        }
-        if (in_blocks) {
-            memset(gx + 2 * oh * w, 0, (size_t)((h - 2 * oh) * w) * sizeof(T));  /* odd last row */
-            continue;
-        }
-        memset(gx, 0, (size_t)hw * sizeof(T));
+        if (!zeroed) memset(gx, 0, (size_t)hw * sizeof(T));
         for (long k = 0; k < ohw; k++) {
             const int64_t at = ap[k];
             if (at < 0 || at >= hw) { bad++; continue; }

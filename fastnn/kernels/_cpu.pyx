@@ -64,9 +64,9 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_maxpool2d_forward_d(const double *x, long planes, long h, long w, int kh, int kw,
                                  int sh, int sw, double *y, int64_t *argmax)
     long fnn_maxpool2d_backward_f(const float *grad_y, const int64_t *argmax, long planes,
-                                  long h, long w, long oh, long ow, float *grad_x)
+                                  long ohw, long hw, float *grad_x, int zeroed)
     long fnn_maxpool2d_backward_d(const double *grad_y, const int64_t *argmax, long planes,
-                                  long h, long w, long oh, long ow, double *grad_x)
+                                  long ohw, long hw, double *grad_x, int zeroed)
     void fnn_relu_forward_f(const float *x, float *y, long n)
     void fnn_relu_forward_d(const double *x, double *y, long n)
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
@@ -238,22 +238,22 @@ def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
 
 def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     """grad_y, argmax: (N, C, OH, OW) -> grad_x: (N, C, H, W); parallel over planes,
-    so the scatter-add of overlapping windows has no races. 2x2 stride-2 windows
-    are written block by block in one pass (see csrc)."""
-    cdef long planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
-    cdef long oh = grad_y.shape[2], ow = grad_y.shape[3], bad
-    cdef cnp.ndarray grad_x = np.empty(x_shape, dtype=grad_y.dtype)
+    so the scatter-add of overlapping windows has no races."""
+    cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
+    cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
+    # np.zeros: large blocks come zeroed from the OS, which saves the kernel a pass
+    cdef cnp.ndarray grad_x = np.zeros(x_shape, dtype=grad_y.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(grad_x)
     cdef int64_t *pa = <int64_t*>_data(argmax)
     cdef bint single = _is_float32(grad_y)
     with nogil:
         if single:
-            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, h, w, oh, ow, <float*>px)
+            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px, 1)
         else:
-            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, h, w, oh, ow, <double*>px)
+            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px, 1)
     if bad:
-        raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {h * w}) "
+        raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
                          f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
     return grad_x
 
