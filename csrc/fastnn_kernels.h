@@ -25,11 +25,11 @@ typedef struct {
 int fnn_max_threads(void);   /* omp_get_max_threads(), 1 without OpenMP */
 int fnn_thread_id(void);     /* omp_get_thread_num(), 0 without OpenMP */
 
-/* BLAS thread control. fastnn runs every GEMM single-threaded inside its own
- * OpenMP team, so the BLAS thread pool must not start workers of its own:
- * fnn_blas_single_begin() sets the BLAS thread count to 1 (when a control was
- * registered) and fnn_blas_single_end() restores it when the last concurrent
- * caller leaves. Returns 1 when BLAS is known to be single-threaded now. */
+/* BLAS thread control. The per-sample conv GEMMs run single-threaded inside
+ * fastnn's OpenMP team, where the BLAS thread pool must not start workers of its
+ * own: fnn_blas_single_begin() sets the BLAS thread count to 1 (when a control
+ * was registered) and fnn_blas_single_end() restores it when the last concurrent
+ * caller leaves. begin returns 1 when BLAS is known to be single-threaded now. */
 typedef void (*fnn_set_threads_fn)(int);
 typedef int (*fnn_get_threads_fn)(void);
 void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads);
@@ -74,9 +74,7 @@ void fnn_column_sums_##S(const T *a, long rows, long cols, T *out);             
 void fnn_row_sums_##S(const T *a, long rows, long cols, T *out, int accumulate);     \
 /* a (rows, cols): each row r set to value[r] (per_row) or each row set to value     \
  * (cols,) (!per_row). Used to pre-broadcast a bias before a beta=1 GEMM. */         \
-void fnn_broadcast_##S(T *a, const T *value, long rows, long cols, int per_row);     \
-/* y = max(y, 0) in place (the ReLU epilogue of a fused GEMM). */                    \
-void fnn_relu_inplace_##S(T *y, long n, int parallel);
+void fnn_broadcast_##S(T *a, const T *value, long rows, long cols, int per_row);
 
 FNN_DECLARE(float, f)
 FNN_DECLARE(double, d)

@@ -225,13 +225,6 @@ void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, long n)
     }
 }
 
-void NAME(fnn_relu_inplace)(T *y, long n, int parallel)
-{
-    #pragma omp parallel for schedule(static) if (parallel && n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++)
-        y[i] = y[i] < 0 ? (T)0 : y[i];
-}
-
 double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *labels,
                               const T *target, T *grad, double *row_loss)
 {
