@@ -293,7 +293,7 @@ def relu_backward(cnp.ndarray grad_y, cnp.ndarray y, cnp.ndarray out=None):
     return grad_x
 
 
-# --- one thread pool: BLAS held to one thread inside fastnn's OpenMP team ---------------
+# --- BLAS held to one thread inside the per-sample conv regions --------------------
 
 # (set, get) thread-count functions of the BLAS libraries scipy may be built with
 _BLAS_THREAD_CONTROLS = [
@@ -332,7 +332,8 @@ def _find_blas_thread_control():
 
 
 def blas_thread_control():
-    """True when fastnn can hold BLAS to one thread (so its GEMMs run in OpenMP)."""
+    """True when fastnn can hold BLAS to one thread (so the per-sample conv GEMMs can
+    run inside its OpenMP team)."""
     global _blas_bound, _blas_controlled
     cdef size_t set_address, get_address
     if not _blas_bound:
