@@ -167,6 +167,9 @@ def test_compiled_kernels_restore_the_blas_thread_count():
     x, W, b, stride, padding = conv_inputs(CONV_CASES[-1], np.float32)
     run_on("cpu", kernels.conv2d_forward, x, W, b, stride, padding)
     run_on("cpu", kernels.dense_forward, np.ones((300, 300), np.float32), np.ones((300, 300), np.float32), None)
+    small = np.ones((64, 40), np.float32), np.ones((40, 12), np.float32)   # a one-thread GEMM
+    run_on("cpu", kernels.dense_forward, *small, None)
+    run_on("cpu", kernels.dense_backward, np.ones((64, 12), np.float32), *small)
     after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
     assert after == before
 

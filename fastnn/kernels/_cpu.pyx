@@ -361,6 +361,16 @@ cdef int _sample_threads(long n):
 
 # --- dense ------------------------------------------------------------------------
 
+# A GEMM of fewer flops than this runs on one BLAS thread: waking BLAS's sleeping
+# workers costs more than they save (LeNet's 64x400x120 dense forward took 17 ms
+# threaded on this shared machine and 0.05 ms on one thread).
+DEF THREADED_GEMM_MIN_FLOPS = 33554432.0      # 2^25, about 0.4 ms on one core
+
+
+cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
+    return 2.0 * m * n * k < THREADED_GEMM_MIN_FLOPS
+
+
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
                          floating *y, int n, int i, int o) noexcept nogil:
     cdef floating beta = 0
@@ -371,8 +381,8 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS,
-    onto the pre-broadcast bias (beta = 1: no second pass over y)."""
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS
+    unless small, onto the pre-broadcast bias (beta = 1: no second pass over y)."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
@@ -380,11 +390,16 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
+    cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
     with nogil:
+        if small:
+            fnn_blas_single_begin()
         if single:
             _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
         else:
             _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
+        if small:
+            fnn_blas_single_end()
     return y
 
 
@@ -400,8 +415,8 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
 
 
 def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
-    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two GEMMs threaded by BLAS, and a
-    column sum."""
+    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two GEMMs threaded by BLAS unless
+    small, and a column sum."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype)
     cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
@@ -413,13 +428,18 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
     cdef bint single = _is_float32(x)
+    cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
     with nogil:
+        if small:
+            fnn_blas_single_begin()
         if single:
             _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
                             <float*>pgb, n, i, o)
         else:
             _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
                             <double*>pgb, n, i, o)
+        if small:
+            fnn_blas_single_end()
     return grad_x, grad_w, grad_b
 
 
