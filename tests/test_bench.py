@@ -11,7 +11,7 @@ import pytest
 
 from fastnn import bench
 from fastnn.bench import numpy_peers
-from fastnn.bench.timing import Impl, Metric, Result, measure
+from fastnn.bench.timing import Impl, Metric, Result, measure_interleaved
 from fastnn.kernels import _reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,11 +76,25 @@ def test_command_line_reexecs_with_threads_and_without_blas_pin(tmp_path):
     assert blas and all(b["num_threads"] == 1 for b in blas)
 
 
-def test_measure_and_result_units():
-    calls = []
-    impl = Impl("x", lambda: calls.append(1), work=2.0)
-    inner, times = measure(impl, repeats=4, warmup=2, min_repeat_s=0.0, settle_s=0)
-    assert inner == 1 and len(times) == 4 and len(calls) == 2 + 1 + 4
+def test_measure_interleaves_and_reports_failures():
+    order = []
+    good = Impl("a", lambda: order.append("a"), work=2.0)
+    other = Impl("b", lambda: order.append("b"), work=2.0)
+
+    def broken():
+        raise RuntimeError("boom")
+    out = measure_interleaved([good, Impl("c", broken, 1.0), other], repeats=3, warmup=2,
+                              min_repeat_s=0.0, settle_s=0)
+    (inner_a, times_a), failure, (inner_b, times_b) = out
+    assert inner_a == inner_b == 1 and len(times_a) == len(times_b) == 3
+    assert isinstance(failure, RuntimeError)
+    # warm-up + sizing call of each, then the rounds alternate a, b (a short call is
+    # re-warmed once before each of its timed repeats)
+    assert order[:6] == ["a"] * 3 + ["b"] * 3
+    assert order[6:] == ["a", "a", "b", "b"] * 3
+
+
+def test_result_units():
     rate = Result("W", "m", "x", "GB/s", "rate", work=2.0, times_s=[0.5, 1.0, 2.0])
     assert rate.median == pytest.approx(2.0) and rate.best == pytest.approx(4.0)
     latency = Result("W", "m", "x", "us", "time", work=10, times_s=[1e-3, 2e-3], scale=1e6)

@@ -1,10 +1,11 @@
 """Timing harness: warm-up, calibrated inner loops, several repeats, median and min.
 
-A workload metric is timed per implementation, one implementation after the
-other, a whole block each after a short pause, so one library's spinning
-worker threads have gone quiet before the next one starts. Each repeat runs
-the callable ``inner`` times, with ``inner`` chosen so that a repeat lasts at
-least ``min_repeat_s``; the recorded figure is the time of one call. The garbage collector is off
+The implementations of a metric are timed in rounds, one repeat of each in
+turn, so that the load of a shared machine drifting during a run hits them
+alike; a short pause before each turn lets the previous library's spinning
+worker threads go to sleep first. Each repeat runs the callable ``inner``
+times, with ``inner`` chosen so that a repeat lasts at least ``min_repeat_s``;
+the recorded figure is the time of one call. The garbage collector is off
 while timing, as in ``timeit``.
 """
 import gc
@@ -76,41 +77,72 @@ class Result:
         """Figure of the fastest repeat (min time)."""
         return self.value(min(self.times_s))
 
-    def speed(self):
-        """Something proportional to speed, comparable across impls of one metric."""
-        return self.median if self.kind == "rate" else 1.0 / self.median
+    def speed(self, best=False):
+        """Proportional to speed (median, or best repeat), comparable across impls of one metric."""
+        value = self.best if best else self.median
+        return value if self.kind == "rate" else 1.0 / value
 
 
-# Pause before each implementation's block: the previous library's worker threads
+# Pause before each implementation's turn: the previous library's worker threads
 # (OpenBLAS spins about 2**28 cycles, ~0.1 s, after its last call; libgomp spins
 # too unless passive) must be asleep before the next library starts timing.
-SETTLE_S = 0.2
+SETTLE_S = 0.15
+# A call shorter than this gets untimed calls before each timed repeat, so its
+# data and weights are back in cache after another implementation's turn.
+SHORT_CALL_S = 0.05
 
 
-def measure(impl, *, repeats, warmup, min_repeat_s, max_inner=100000, settle_s=SETTLE_S):
-    """Time ``impl.run``: returns ``(inner, [seconds per call for each repeat])``."""
-    sync = impl.sync or (lambda: None)
-    time.sleep(settle_s)
-    for _ in range(warmup):
-        impl.run()
+def _timed(run, sync, calls):
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
     sync()
+    return time.perf_counter() - start
+
+
+def measure_interleaved(impls, *, repeats, warmup, min_repeat_s, max_inner=100000,
+                        settle_s=SETTLE_S):
+    """Time every ``impl.run`` in rounds (A B C, A B C, ...), so that a change in
+    the machine's load hits all implementations alike.
+
+    Each implementation first gets ``warmup`` untimed calls and one timed call
+    that fixes ``inner`` (calls per repeat, so that a repeat lasts at least
+    ``min_repeat_s``). Returns one entry per impl: ``(inner, [seconds per call
+    for each repeat])``, or the exception it raised.
+    """
+    plan = {}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        start = time.perf_counter()
-        impl.run()
-        sync()
-        first = time.perf_counter() - start
-        inner = max(1, min(max_inner, math.ceil(min_repeat_s / max(first, 1e-9))))
-        times = []
+        for impl in impls:
+            sync = impl.sync or (lambda: None)
+            try:
+                time.sleep(settle_s)
+                for _ in range(warmup):
+                    impl.run()
+                first = _timed(impl.run, sync, 1)
+            except Exception as exc:  # reported in the table; the others go on
+                plan[impl.name] = exc
+                continue
+            inner = max(1, min(max_inner, math.ceil(min_repeat_s / max(first, 1e-9))))
+            rewarm = max(1, inner // 10) if first < SHORT_CALL_S else 0
+            plan[impl.name] = (inner, rewarm, sync, [])
         for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(inner):
-                impl.run()
-            sync()
-            times.append((time.perf_counter() - start) / inner)
+            for impl in impls:
+                entry = plan[impl.name]
+                if isinstance(entry, Exception):
+                    continue
+                inner, rewarm, sync, times = entry
+                try:
+                    time.sleep(settle_s)
+                    if rewarm:
+                        _timed(impl.run, sync, rewarm)
+                    times.append(_timed(impl.run, sync, inner) / inner)
+                except Exception as exc:
+                    plan[impl.name] = exc
     finally:
         if gc_was_enabled:
             gc.enable()
-    return inner, times
+    return [plan[i.name] if isinstance(plan[i.name], Exception) else
+            (plan[i.name][0], plan[i.name][3]) for i in impls]
