@@ -71,8 +71,8 @@ def _same_kind(who, ref, **arrays):
 def _contiguous(*arrays):
     """C-contiguous views or copies: implementations index raw memory, and a
     non-contiguous input must give the result of its contiguous copy."""
-    return tuple(None if a is None else backend.get_array_module(a).ascontiguousarray(a)
-                 for a in arrays)
+    return tuple(a if a is None or a.flags.c_contiguous
+                 else backend.get_array_module(a).ascontiguousarray(a) for a in arrays)
 
 
 def _window_geometry(who, shape, kh, kw, stride, padding):

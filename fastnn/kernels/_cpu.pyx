@@ -354,7 +354,7 @@ def threads():
 cdef int _sample_threads(long n):
     """OpenMP threads for per-sample conv work: all of them when BLAS can be held
     to one thread and there is a sample for each, else 1."""
-    if n < 2 or not blas_thread_control():
+    if not blas_thread_control() or n < 2:
         return 1
     return max(1, min(fnn_max_threads(), n))
 
@@ -363,12 +363,16 @@ cdef int _sample_threads(long n):
 
 # A GEMM of fewer flops than this runs on one BLAS thread: waking BLAS's sleeping
 # workers costs more than they save (LeNet's 64x400x120 dense forward took 17 ms
-# threaded on this shared machine and 0.05 ms on one thread).
+# threaded on this shared machine and 0.05 ms on one thread). Below m*n*k =
+# 65536*4 OpenBLAS stays on one thread by itself, and the thread count is left
+# alone (it costs microseconds, which batch-1 inference cannot spare).
 DEF THREADED_GEMM_MIN_FLOPS = 33554432.0      # 2^25, about 0.4 ms on one core
+DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 
 
 cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
-    return 2.0 * m * n * k < THREADED_GEMM_MIN_FLOPS
+    """A GEMM that BLAS would thread but should not."""
+    return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < THREADED_GEMM_MIN_FLOPS
 
 
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
@@ -576,10 +580,15 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
     cdef long s
     cdef long ohw = g.oh * g.ow, chw = g.c * g.h * g.w
     cdef long per_thread = chw + ohw * g.c * g.kh * g.kw
-    if threads <= 1:         # one sample after the other, BLAS threading each GEMM
+    cdef bint small = _small_gemm(k, ohw, g.c * g.kh * g.kw)
+    if threads <= 1:         # one sample after the other, BLAS threading each large GEMM
+        if small:
+            fnn_blas_single_begin()
         for s in range(n):
             _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw, workspace,
                                  g, k, fnn_max_threads() > 1)
+        if small:
+            fnn_blas_single_end()
         return
     fnn_blas_single_begin()
     # dynamic: a thread that loses its core for a while (shared machine) does not
@@ -698,11 +707,16 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     cdef floating *part
     memset(grad_w, 0, k * ckk * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
-    if threads <= 1:         # one sample after the other, BLAS threading each GEMM
+    cdef bint small = _small_gemm(k, ohw, ckk)
+    if threads <= 1:         # one sample after the other, BLAS threading each large GEMM
+        if small:
+            fnn_blas_single_begin()
         for s in range(n):
             _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
                                   grad_w, grad_b, workspace, workspace + first, g, k,
                                   fnn_max_threads() > 1)
+        if small:
+            fnn_blas_single_end()
         return
     fnn_blas_single_begin()
     # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
