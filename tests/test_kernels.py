@@ -174,6 +174,27 @@ def test_compiled_kernels_restore_the_blas_thread_count():
     assert after == before
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[7],
+                                  CONV_CASES[8], CONV_CASES[-1]],
+                         ids=["columns", "1x1", "stride2", "rows-batch1", "rows", "rows-stride2"])
+def test_backward_without_grad_x(backend_name, case):
+    """need_grad_x=False (a first layer): grad_x is None, the parameter gradients unchanged."""
+    x, W, b, stride, padding = conv_inputs(case, np.float64)
+    grad_y = random(np.random.default_rng(24), kernels.conv2d_forward(x, W, b, stride, padding).shape,
+                    np.float64)
+    full = kernels.conv2d_backward(grad_y, x, W, stride, padding)
+    part = kernels.conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=False)
+    assert part[0] is None
+    np.testing.assert_array_equal(part[1], full[1])
+    np.testing.assert_array_equal(part[2], full[2])
+    xd, Wd, gd = (random(np.random.default_rng(25), s, np.float64) for s in ((5, 7), (7, 3), (5, 3)))
+    full = kernels.dense_backward(gd, xd, Wd)
+    part = kernels.dense_backward(gd, xd, Wd, need_grad_x=False)
+    assert part[0] is None
+    np.testing.assert_array_equal(part[1], full[1])
+    np.testing.assert_array_equal(part[2], full[2])
+
+
 # --- im2col / col2im ---------------------------------------------------------------
 
 GEOMETRIES = [  # (N, C, H, W, kh, kw, stride, padding)

@@ -152,9 +152,18 @@ def _out_buffer(who, out, like):
                          + ("" if out.flags.c_contiguous else " (not C-contiguous)"))
 
 
-# Implementations whose ReLU kernels write into a caller's buffer; for the others
-# the result is copied into it.
+# Implementations that take fastnn's optional keywords (ReLU's ``out=``, the
+# backward passes' ``need_grad_x=``); the others get the plain call, and their
+# result is copied into ``out`` or their grad_x dropped.
 _TAKE_OUT = ("fastnn.kernels._reference", "fastnn.kernels._cpu")
+
+
+def _backward(impl, name, need_grad_x, *args):
+    if need_grad_x:
+        return getattr(impl, name)(*args)
+    if impl.__name__ in _TAKE_OUT:
+        return getattr(impl, name)(*args, need_grad_x=False)
+    return (None,) + tuple(getattr(impl, name)(*args)[1:])
 
 
 def _with_out(who, impl, name, out, *args):
@@ -206,8 +215,11 @@ def dense_forward(x, W, b):
     return _impl(x).dense_forward(x, W, b)
 
 
-def dense_backward(grad_y, x, W):
-    """grad_y: (N, O), x: (N, I), W: (I, O) -> (grad_x (N, I), grad_W (I, O), grad_b (O,))."""
+def dense_backward(grad_y, x, W, *, need_grad_x=True):
+    """grad_y: (N, O), x: (N, I), W: (I, O) -> (grad_x (N, I), grad_W (I, O), grad_b (O,)).
+
+    ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM and returns
+    None in its place."""
     _dense_shapes("dense_backward", x, W)
     _float_array(grad_y, "dense_backward", "grad_y", 2)
     _same_kind("dense_backward", x, grad_y=grad_y)
@@ -215,7 +227,7 @@ def dense_backward(grad_y, x, W):
         raise ValueError(f"dense_backward: grad_y must have shape {(x.shape[0], W.shape[1])}, "
                          f"got {tuple(grad_y.shape)}")
     grad_y, x, W = _contiguous(grad_y, x, W)
-    return _impl(x).dense_backward(grad_y, x, W)
+    return _backward(_impl(x), "dense_backward", need_grad_x, grad_y, x, W)
 
 
 def softmax_cross_entropy(logits, labels):
@@ -285,14 +297,15 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0):
     return _impl(x).conv2d_forward(x, W, b, stride, padding)
 
 
-def conv2d_backward(grad_y, x, W, stride=1, padding=0):
+def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
     """grad_y: (N, K, OH, OW), x: (N, C, H, W), W: (K, C, kh, kw)
     -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
 
     The workspace does not grow with N either: compiled, per thread two buffers
     of at most max(C, K)*kh*kw*max(H*W, OH*OW) elements, plus one
     K*C*kh*kw + K partial sum per chunk of samples (at most 4 * threads
-    chunks); reference, the forward pass's chunks.
+    chunks); reference, the forward pass's chunks. ``need_grad_x=False`` (a
+    network's first layer) skips grad_x and returns None in its place.
     """
     who = "conv2d_backward"
     stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)
@@ -302,4 +315,4 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0):
     if tuple(grad_y.shape) != expected:
         raise ValueError(f"{who}: grad_y must have shape {expected}, got {tuple(grad_y.shape)}")
     grad_y, x, W = _contiguous(grad_y, x, W)
-    return _impl(x).conv2d_backward(grad_y, x, W, stride, padding)
+    return _backward(_impl(x), "conv2d_backward", need_grad_x, grad_y, x, W, stride, padding)

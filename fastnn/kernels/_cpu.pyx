@@ -410,7 +410,8 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
 cdef void _dense_backward(const floating *grad_y, const floating *x, const floating *weights,
                           floating *grad_x, floating *grad_w, floating *grad_b,
                           int n, int i, int o) noexcept nogil:
-    _gemm(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)    # grad_y @ W.T
+    if grad_x != NULL:
+        _gemm(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)    # grad_y @ W.T
     _gemm(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)          # x.T @ grad_y
     if floating is float:
         fnn_column_sums_f(grad_y, n, o, grad_b)
@@ -418,17 +419,17 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
         fnn_column_sums_d(grad_y, n, o, grad_b)
 
 
-def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W):
-    """-> (grad_x (N, I), grad_W (I, O), grad_b (O,)): two GEMMs threaded by BLAS unless
-    small, and a column sum."""
+def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True):
+    """-> (grad_x (N, I) or None, grad_W (I, O), grad_b (O,)): two GEMMs (one without
+    grad_x) threaded by BLAS unless small, and a column sum."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
-    cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype)
+    cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
     cdef cnp.ndarray grad_b = np.empty(o, dtype=x.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
-    cdef void *pgx = _data(grad_x)
+    cdef void *pgx = _data(grad_x) if need_grad_x else NULL
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
     cdef bint single = _is_float32(x)
@@ -651,8 +652,8 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
                                 floating *second, const fnn_geometry *g, long k,
                                 int parallel) noexcept nogil:
     """One sample; grad_y: (K, OH*OW). Adds this sample's grad_w and grad_b, writes
-    its grad_x. ``parallel``: split the copies over OpenMP (when samples run one
-    after the other).
+    its grad_x unless grad_x is NULL. ``parallel``: split the copies over OpenMP
+    (when samples run one after the other).
 
     - 1x1 stride 1: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
     - stride 1 on patch rows: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and
@@ -667,13 +668,16 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
     if _pointwise(g):
         _gemm(False, True, <int>k, <int>g.c, <int>ohw, 1, grad_y, <int>ohw, x,
               <int>ohw, 1, grad_w, <int>g.c)
-        _gemm(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
-              <int>ohw, 0, grad_x, <int>ohw)
+        if grad_x != NULL:
+            _gemm(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
+                  <int>ohw, 0, grad_x, <int>ohw)
     elif _backward_by_rows(g):
         _transpose(x, g.c, hw, first, parallel)
         _im2row(first, g, second, parallel)
         _gemm(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
               <int>ckk, 1, grad_w, <int>ckk)
+        if grad_x == NULL:
+            return
         t = _transposed_geometry(g, k)
         _transpose(grad_y, k, ohw, first, parallel)
         _im2row(first, &t, second, parallel)
@@ -683,6 +687,8 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
         _im2col(x, 1, g, first, ohw, parallel)
         _gemm(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, first,
               <int>ohw, 1, grad_w, <int>ckk)
+        if grad_x == NULL:
+            return
         _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
               <int>ohw, 0, second, <int>ohw)
         _col2im(second, 1, g, grad_x, ohw, parallel)
@@ -712,7 +718,8 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
         if small:
             fnn_blas_single_begin()
         for s in range(n):
-            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
+            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights,
+                                  NULL if grad_x == NULL else grad_x + s * chw,
                                   grad_w, grad_b, workspace, workspace + first, g, k,
                                   fnn_max_threads() > 1)
         if small:
@@ -729,7 +736,8 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
         part = workspace + threads * stride_t + c * stride_c
         memset(part, 0, stride_c * sizeof(floating))
         for s in range(c * n // chunks, (c + 1) * n // chunks):
-            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights, grad_x + s * chw,
+            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights,
+                                  NULL if grad_x == NULL else grad_x + s * chw,
                                   part, part + k * ckk, mine, mine + first, g, k, 0)
     fnn_blas_single_end()
     for c in range(chunks):
@@ -741,8 +749,8 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
 
 
 def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stride,
-                    tuple padding):
-    """-> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
+                    tuple padding, bint need_grad_x=True):
+    """-> (grad_x (N, C, H, W) or None, grad_W (K, C, kh, kw), grad_b (K,)).
 
     OpenMP over the samples, single-threaded GEMMs per sample; each of a fixed
     set of sample chunks keeps its own grad_W/grad_b sums (added at the end in
@@ -761,7 +769,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef long per_thread = first + second
     cdef long per_chunk = W.size + k
     cdef bint by_rows = _backward_by_rows(&g)
-    cdef cnp.ndarray grad_x = np.empty_like(x)
+    cdef cnp.ndarray grad_x = np.empty_like(x) if need_grad_x else None
     # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
     cdef cnp.ndarray grad_w = np.empty((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
                                        dtype=x.dtype)
@@ -774,7 +782,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
     cdef void *pw = _data(weights)
-    cdef void *pgx = _data(grad_x)
+    cdef void *pgx = _data(grad_x) if need_grad_x else NULL
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
     cdef void *pws = _data(workspace)

@@ -86,8 +86,9 @@ def conv2d_forward(x, W, b, stride, padding):
     return y
 
 
-def conv2d_backward(grad_y, x, W, stride, padding):
-    """grad_y: (N, K, OH, OW) -> (grad_x: (N, C, H, W), grad_W: (K, C, kh, kw), grad_b: (K,)).
+def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
+    """grad_y: (N, K, OH, OW)
+    -> (grad_x: (N, C, H, W) or None, grad_W: (K, C, kh, kw), grad_b: (K,)).
 
     Same chunking (and workspace bound) as ``conv2d_forward``: the columns of
     each chunk are rebuilt, grad_W accumulates ``grad_y @ cols.T`` and grad_x
@@ -97,7 +98,7 @@ def conv2d_backward(grad_y, x, W, stride, padding):
     k, _, kh, kw = W.shape
     oh, ow = grad_y.shape[2:]
     weights = W.reshape(k, c * kh * kw)
-    grad_x = np.empty_like(x)
+    grad_x = np.empty_like(x) if need_grad_x else None
     grad_weights = np.zeros((k, c * kh * kw), dtype=x.dtype)
     chunk = _conv_chunk(x.shape, kh, kw, oh, ow, x.itemsize)
     for start in range(0, n, chunk):
@@ -106,7 +107,8 @@ def conv2d_backward(grad_y, x, W, stride, padding):
         cols = im2col(xs, kh, kw, stride, padding)
         gy = grad_y[start:start + chunk].transpose(1, 0, 2, 3).reshape(k, ns * oh * ow)
         grad_weights += gy @ cols.T
-        grad_x[start:start + chunk] = col2im(weights.T @ gy, xs.shape, kh, kw, stride, padding)
+        if need_grad_x:
+            grad_x[start:start + chunk] = col2im(weights.T @ gy, xs.shape, kh, kw, stride, padding)
     grad_b = grad_y.sum(axis=(0, 2, 3))
     return grad_x, grad_weights.reshape(W.shape), grad_b
 
@@ -167,9 +169,10 @@ def dense_forward(x, W, b):
     return y
 
 
-def dense_backward(grad_y, x, W):
-    """grad_y: (N, O) -> (grad_x: (N, I), grad_W: (I, O), grad_b: (O,))."""
-    return grad_y @ W.T, x.T @ grad_y, grad_y.sum(axis=0)
+def dense_backward(grad_y, x, W, need_grad_x=True):
+    """grad_y: (N, O) -> (grad_x: (N, I) or None, grad_W: (I, O), grad_b: (O,))."""
+    grad_x = grad_y @ W.T if need_grad_x else None
+    return grad_x, x.T @ grad_y, grad_y.sum(axis=0)
 
 
 def softmax_cross_entropy(logits, labels):
