@@ -8,9 +8,11 @@ import textwrap
 import numpy as np
 import pytest
 
+import fastnn
 from fastnn import backend
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the same fastnn as this process (installed or in-tree build).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
 
 
 def test_available_lists_both_cpu_backends():
@@ -51,12 +53,17 @@ def test_to_cuda_without_a_gpu_says_why():
         backend.to_device(np.ones(3), "cuda")
 
 
-def run_python(code, env=None):
-    """Run ``code`` in a fresh interpreter that imports fastnn from this checkout."""
-    environment = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_python(code, env=None, drop=()):
+    """Run ``code`` in a fresh interpreter that imports the fastnn this process uses
+    (from a neutral directory, so no other checkout shadows it)."""
+    environment = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep
+                       + os.environ.get("PYTHONPATH", ""))
     environment.update(env or {})
+    for name in drop:
+        environment.pop(name, None)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=environment, cwd=REPO, timeout=120)
+                          text=True, env=environment, cwd=os.path.dirname(PACKAGE_PARENT),
+                          timeout=120)
 
 
 def test_import_works_without_the_compiled_extension():
@@ -99,10 +106,7 @@ def test_wait_policy_is_scoped_to_the_extension_import():
     """, env={"OMP_WAIT_POLICY": "active"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "active"      # the user's choice, untouched
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = "import os, fastnn; print(os.environ.get('OMP_WAIT_POLICY'))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=dict(environment, PYTHONPATH=REPO), cwd=REPO, timeout=120)
+    result = run_python("import os, fastnn; print(os.environ.get('OMP_WAIT_POLICY'))",
+                        drop=("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "None"
