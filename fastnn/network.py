@@ -17,6 +17,8 @@ import numpy as np
 from . import backend, losses, optim
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import Softmax
+from .layers.conv import Conv2D
+from .layers.dense import Dense
 
 __all__ = ["Network", "Sequential", "History"]
 
@@ -187,6 +189,15 @@ class Network:
         for b in reversed(self._get_plan().backwards[:stop]):
             grad = b(grad, lr)
         return grad
+
+    def _train_backward(self, grad, lr):
+        """Training's backward: the layers ``fit`` trains, down to the first with
+        parameters, whose input gradient nobody uses (skipped where the layer can)."""
+        plan = self._get_plan()
+        for b in reversed(plan.backwards[plan.first_trained + 1:plan.n_train]):
+            grad = b(grad, lr)
+        if plan.first_trained < plan.n_train:
+            plan.first_backward(grad, lr)
 
     def forward(self, x, training=False):
         """Run every layer on ``x`` (on the network's device) and return the output."""
@@ -408,7 +419,7 @@ class Network:
                     if self.metrics:
                         outputs.append(out)
                         targets.append(yb)
-                    self._run_backward(grad, n_train, optimizer.lr)
+                    self._train_backward(grad, optimizer.lr)
                     optimizer.step(params, [layer.grads[name] for layer, name in slots], decay)
                     if bar is not None:
                         bar.update(1)
@@ -662,6 +673,23 @@ class _Plan:
         fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
                  and isinstance(layers[-1], Softmax))
         self.n_train = len(layers) - fused
+        # Training stops its backward at the first layer with parameters: the
+        # built-in parameter-free layers before it have no gradients to fill, and
+        # Dense / Conv2D skip their input gradient there (a first Dense layer's
+        # grad_x GEMM is as large as its grad_W one).
+        self.first_trained, self.first_backward = 0, None
+        for i, (layer, tutorial) in enumerate(self.steps):
+            if tutorial or _layer_params(layer) or not _builtin(layer):
+                self.first_trained = i
+                break
+        else:
+            self.first_trained = len(layers)
+        if self.first_trained < len(layers):
+            first = layers[self.first_trained]
+            if isinstance(first, (Dense, Conv2D)) and _builtin(first):
+                self.first_backward = lambda g, lr, b=first.backward: b(g, need_grad_x=False)
+            else:
+                self.first_backward = self.backwards[self.first_trained]
         self.dtype = np.dtype(np.float32)
         for layer in layers:
             params = _layer_params(layer)
@@ -694,6 +722,11 @@ class _TutorialStep:
             grad = grad[:, 0]
         grad_x = self.layer.backward_propagation(grad, learning_rate)
         return grad_x[:, None] if self.rows and grad_x.ndim == 2 else grad_x
+
+
+def _builtin(layer):
+    """A fastnn layer class, whose backward has no effect beyond its gradients."""
+    return type(layer).__module__.startswith("fastnn.layers.")
 
 
 def _forward_of(layer):

@@ -380,3 +380,18 @@ def test_layer_base_without_implementation_says_so():
         pass
     with pytest.raises(NotImplementedError, match="Empty"):
         Empty().forward(np.zeros(2))
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: fn.Dense(5, 3, seed=0, dtype="float64"), (4, 1, 5)),
+                                         (lambda: fn.Conv2D(2, 3, 3, padding=1, seed=0,
+                                                            dtype="float64"), (2, 2, 5, 4))])
+def test_backward_without_grad_x_gives_the_same_parameter_gradients(cpu_backend, make, shape):
+    layer = make()
+    x = rand(*shape)
+    grad_y = rand(*layer.forward(x).shape)
+    grad_x = layer.backward(grad_y)
+    full = {k: g.copy() for k, g in layer.grads.items()}
+    assert grad_x.shape == x.shape
+    assert layer.backward(grad_y, need_grad_x=False) is None
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, full[k])

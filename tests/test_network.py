@@ -514,3 +514,37 @@ def test_the_course_layer_classes_train_inside_a_network():
     expected = [np.tanh(np.tanh(xi @ theirs[0].weights + theirs[0].bias) @ theirs[2].weights
                         + theirs[2].bias) for xi in x]
     np.testing.assert_allclose(out, np.array(expected), rtol=1e-6)
+
+
+def test_training_backward_stops_at_the_first_layer_with_parameters():
+    """fit skips the unused input gradient of its first trained layer: the step
+    must still equal plain gradient descent through every layer."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10, 1, 2, 3))
+    y = rng.integers(0, 3, 10)
+    net = fn.Network([fn.Flatten(), fn.Dense(6, 5, seed=0, dtype="float64"), fn.ReLU(),
+                      fn.Dense(5, 3, seed=1, dtype="float64")])
+    calls = []
+    first = net.layers[1]
+    original = first.backward
+
+    def spy(grad_y, need_grad_x=True):
+        calls.append(need_grad_x)
+        return original(grad_y, need_grad_x)
+    first.backward = spy
+    ref = fn.Network([fn.Flatten(), fn.Dense(6, 5, seed=0, dtype="float64"), fn.ReLU(),
+                      fn.Dense(5, 3, seed=1, dtype="float64")])
+    net.compile("cross_entropy", optim.SGD(lr=0.1, momentum=0.9))
+    net.fit(x, y, epochs=2, batch_size="full", shuffle=False, verbose=0)
+    assert calls == [False, False]
+    loss = losses.CrossEntropy()
+    opt = optim.SGD(lr=0.1, momentum=0.9)
+    params = [layer.params[k] for layer in ref.layers for k in layer.params]
+    for _ in range(2):
+        out = ref.forward(x, training=True)
+        _, grad = loss._loss_and_grad(out, y)
+        assert ref.backward(grad).shape == x.shape
+        opt.step(params, [layer.grads[k] for layer in ref.layers for k in layer.grads])
+    for a, b in zip(net.layers, ref.layers):
+        for k in a.params:
+            np.testing.assert_allclose(a.params[k], b.params[k], rtol=1e-12)

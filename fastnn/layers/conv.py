@@ -63,7 +63,9 @@ class Conv2D(Layer):
                                                     self.stride, self.padding)
         return self.output
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, need_grad_x=True):
+        """grad_y -> grad_x; ``need_grad_x=False`` (a network's first layer in training)
+        skips grad_x and returns None."""
         x = self._x
         if x is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
@@ -73,8 +75,9 @@ class Conv2D(Layer):
             raise ValueError(f"{self._name()}: expected grad_y of shape {expected}, "
                              f"got {tuple(grad_y.shape)}")
         grad_y = contiguous(grad_y)
-        grad_x, grad_W, grad_b = kernel_impl(grad_y).conv2d_backward(
-            grad_y, x, self.params["W"], self.stride, self.padding)
+        grad_x, grad_W, grad_b = kernels._backward(
+            kernel_impl(grad_y), "conv2d_backward", need_grad_x, grad_y, x, self.params["W"],
+            self.stride, self.padding)
         self.grads["W"] = grad_W
         if self.use_bias:
             self.grads["b"] = grad_b

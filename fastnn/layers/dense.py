@@ -1,6 +1,7 @@
 """Dense (fully connected) layer, and the tutorial's FCLayer alias."""
 import numpy as np
 
+from .. import kernels
 from .base import Layer, as_dtype, check_float_array, contiguous, initialize, kernel_impl, make_rng
 
 __all__ = ["Dense", "FCLayer"]
@@ -76,7 +77,9 @@ class Dense(Layer):
         self.output = y if x.ndim == 2 else y.reshape(x.shape[:-1] + (self.out_features,))
         return self.output
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, need_grad_x=True):
+        """grad_y -> grad_x; ``need_grad_x=False`` (a network's first layer in training)
+        skips grad_x's GEMM and returns None."""
         x2 = self._x2
         if x2 is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
@@ -93,11 +96,12 @@ class Dense(Layer):
                              f"{tuple(self.input.shape[:-1]) + (self.out_features,)}, "
                              f"got {tuple(grad_y.shape)}")
         g2 = contiguous(grad_y if grad_y.ndim == 2 else grad_y.reshape(-1, self.out_features))
-        grad_x, grad_W, grad_b = kernel_impl(g2).dense_backward(g2, x2, W)
+        grad_x, grad_W, grad_b = kernels._backward(kernel_impl(g2), "dense_backward",
+                                                   need_grad_x, g2, x2, W)
         self.grads["W"] = grad_W
         if self.use_bias:
             self.grads["b"] = grad_b
-        if self.input.ndim != 2:
+        if grad_x is not None and self.input.ndim != 2:
             grad_x = grad_x.reshape(self.input.shape)
         return grad_x
 
