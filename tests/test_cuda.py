@@ -372,3 +372,48 @@ def test_to_device_copies_are_right_back_to_back(dtype):
         assert backend.is_cuda_array(got) and got.dtype == want.dtype
         np.testing.assert_array_equal(cp.asnumpy(got), want)
         np.testing.assert_array_equal(backend.to_device(got, "cpu"), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_without_grad_x(dtype):
+    """need_grad_x=False (a network's first layer): grad_x is None, the rest unchanged."""
+    rng = np.random.default_rng(16)
+    x, W = rand(rng, (3, 2, 8, 7), dtype), rand(rng, (4, 2, 3, 3), dtype)
+    gy = rand(rng, (3, 4, 8, 7), dtype)
+    expected = ref.conv2d_backward(gy, x, W, (1, 1), (1, 1))
+    got = kernels.conv2d_backward(cp.asarray(gy), cp.asarray(x), cp.asarray(W), 1, 1,
+                                  need_grad_x=False)
+    assert got[0] is None
+    for g, e in zip(got[1:], expected[1:]):
+        assert_close(g, e, dtype)
+    xd, Wd, gyd = rand(rng, (5, 6), dtype), rand(rng, (6, 3), dtype), rand(rng, (5, 3), dtype)
+    got = kernels.dense_backward(cp.asarray(gyd), cp.asarray(xd), cp.asarray(Wd), need_grad_x=False)
+    assert got[0] is None
+    for g, e in zip(got[1:], ref.dense_backward(gyd, xd, Wd)[1:]):
+        assert_close(g, e, dtype)
+
+
+def test_relu_into_out_buffers_in_place():
+    rng = np.random.default_rng(17)
+    x = rand(rng, (4, 33), np.float32)
+    gy = rand(rng, x.shape, np.float32)
+    cx, cgy = cp.asarray(x), cp.asarray(gy)
+    y = kernels.relu_forward(cx, out=cx)
+    assert y is cx
+    np.testing.assert_array_equal(cp.asnumpy(cx), ref.relu_forward(x))
+    g = kernels.relu_backward(cgy, cx, out=cgy)
+    assert g is cgy
+    np.testing.assert_array_equal(cp.asnumpy(cgy), ref.relu_backward(gy, ref.relu_forward(x)))
+
+
+def test_fused_layer_pieces_accept_strided_views():
+    rng = np.random.default_rng(18)
+    base = rand(rng, (8, 6, 5), np.float64)
+    view = cp.asarray(base).transpose(1, 0, 2)           # (6, 8, 5), not contiguous
+    y, mask = _cuda.dropout_forward(view, 0.5, seed=7)
+    np.testing.assert_array_equal(cp.asnumpy(y), base.transpose(1, 0, 2) * cp.asnumpy(mask))
+    gamma, beta = np.ones(8), np.zeros(8)
+    want = _batchnorm_numpy(base.transpose(1, 0, 2), gamma, beta, 1e-5,
+                            np.ones_like(base.transpose(1, 0, 2)))[0]
+    got = _cuda.batchnorm_forward(view, cp.asarray(gamma), cp.asarray(beta), 1e-5)[0]
+    assert_close(got, want, np.float64)

@@ -155,7 +155,7 @@ def _out_buffer(who, out, like):
 # Implementations that take fastnn's optional keywords (ReLU's ``out=``, the
 # backward passes' ``need_grad_x=``); the others get the plain call, and their
 # result is copied into ``out`` or their grad_x dropped.
-_TAKE_OUT = ("fastnn.kernels._reference", "fastnn.kernels._cpu")
+_TAKE_OUT = ("fastnn.kernels._reference", "fastnn.kernels._cpu", "fastnn.kernels._cuda")
 
 
 def _backward(impl, name, need_grad_x, *args):

@@ -540,6 +540,12 @@ def _plane_grid(positions, channels=1, samples=1):
 _i = np.int32
 
 
+def _c(a):
+    """``a`` C-contiguous (None passes): the fused pieces that layers call directly
+    index raw memory, so a strided view must become its contiguous copy."""
+    return a if a is None or a.flags.c_contiguous else _cp().ascontiguousarray(a)
+
+
 # --- GEMM: cuBLAS strided-batched, called directly -----------------------------------
 
 def set_tf32(enabled):
@@ -700,8 +706,8 @@ def conv2d_forward(x, W, b, stride, padding):
     return y
 
 
-def conv2d_backward(grad_y, x, W, stride, padding):
-    """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
+def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
+    """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W) or None, grad_W (K, C, kh, kw), grad_b (K,)).
 
     Per chunk: columns rebuilt by im2col; per-sample partials
     ``grad_y[i] @ cols[i].T`` (one batched GEMM) summed over the samples in
@@ -710,6 +716,7 @@ def conv2d_backward(grad_y, x, W, stride, padding):
     correlation of grad_y with the flipped, transposed kernel: im2col of
     grad_y and one batched GEMM writing NCHW (an expansion pass is cheaper
     than a gather); otherwise ``col2im(W.T @ grad_y[i])`` (batched GEMM, gather).
+    ``need_grad_x=False`` (a network's first layer) skips grad_x and returns None.
     """
     cp = _cp()
     n, c, h, w = x.shape
@@ -717,12 +724,12 @@ def conv2d_backward(grad_y, x, W, stride, padding):
     oh, ow = grad_y.shape[2:]
     p, ckk, kk = oh * ow, c * kh * kw, kh * kw
     dtype = x.dtype
-    transposed = (tuple(stride) == (1, 1) and padding[0] < kh and padding[1] < kw
-                  and k * h * w <= c * p)
+    transposed = (need_grad_x and tuple(stride) == (1, 1) and padding[0] < kh
+                  and padding[1] < kw and k * h * w <= c * p)
     col_elems = max(ckk * p, k * kk * h * w) if transposed else ckk * p
     per_sample = (col_elems + k * ckk) * x.itemsize
     chunk = min(n, max(1, CONV_WORKSPACE_BYTES // per_sample))
-    grad_x = cp.empty(x.shape, dtype=dtype)
+    grad_x = cp.empty(x.shape, dtype=dtype) if need_grad_x else None
     grad_W = cp.empty(W.shape, dtype=dtype)
     grad_b = cp.empty(k, dtype=dtype)
     workspace = cp.empty(chunk * col_elems, dtype=dtype)
@@ -740,6 +747,8 @@ def conv2d_backward(grad_y, x, W, stride, padding):
         if partials is not grad_W:
             _sum_rows(partials, ns, k * ckk, grad_W, accumulate=start > 0)
         # the workspace is reused below: the columns of x are no longer needed
+        if not need_grad_x:
+            continue
         if transposed:
             grad_cols = workspace[:ns * k * kk * h * w]
             _im2col_into(gys, kh, kw, (1, 1), pad_t, h, w, grad_cols, True)
@@ -791,17 +800,17 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
 
 # --- elementwise ----------------------------------------------------------------------
 
-def relu_forward(x):
-    """y = max(x, 0) (NaN stays NaN, as np.maximum)."""
-    y = _cp().empty(x.shape, dtype=x.dtype)
+def relu_forward(x, out=None):
+    """y = max(x, 0) (NaN stays NaN, as np.maximum); into ``out`` when given (may be x)."""
+    y = _cp().empty(x.shape, dtype=x.dtype) if out is None else out
     _kernel("relu_forward_kernel", x.dtype)((_blocks(x.size, 4 * _THREADS),), (_THREADS,),
                                             (x, y, np.int64(x.size)))
     return y
 
 
-def relu_backward(grad_y, y):
-    """grad_x = grad_y where y > 0, else 0."""
-    grad_x = _cp().empty(grad_y.shape, dtype=grad_y.dtype)
+def relu_backward(grad_y, y, out=None):
+    """grad_x = grad_y where y > 0, else 0; into ``out`` when given (may be grad_y)."""
+    grad_x = _cp().empty(grad_y.shape, dtype=grad_y.dtype) if out is None else out
     _kernel("relu_backward_kernel", grad_y.dtype)((_blocks(y.size, 4 * _THREADS),), (_THREADS,),
                                                   (grad_y, y, grad_x, np.int64(y.size)))
     return grad_x
@@ -820,15 +829,17 @@ def dense_forward(x, W, b):
     return _gemm(x, W, y, n, o, i, accumulate=b is not None)
 
 
-def dense_backward(grad_y, x, W):
-    """-> (grad_y @ W.T, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum."""
+def dense_backward(grad_y, x, W, need_grad_x=True):
+    """-> (grad_y @ W.T or None, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum.
+    ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM."""
     cp = _cp()
     n, i = x.shape
     o = W.shape[1]
-    grad_x = cp.empty((n, i), dtype=x.dtype)
+    grad_x = None
     grad_W = cp.empty((i, o), dtype=x.dtype)
     grad_b = cp.empty(o, dtype=x.dtype)
-    _gemm(grad_y, W, grad_x, n, i, o, trans_b=True)
+    if need_grad_x:
+        grad_x = _gemm(grad_y, W, cp.empty((n, i), dtype=x.dtype), n, i, o, trans_b=True)
     _gemm(x, grad_y, grad_W, i, o, n, trans_a=True)
     _sum_rows(grad_y, n, o, grad_b)
     return grad_x, grad_W, grad_b
@@ -861,8 +872,9 @@ def dropout_forward(x, p, seed):
     gives the same mask. Returns ``(y, mask)``, both shaped and typed like x.
     """
     cp = _cp()
-    y = cp.empty_like(x)
-    mask = cp.empty_like(x)
+    x = _c(x)
+    y = cp.empty(x.shape, dtype=x.dtype)
+    mask = cp.empty(x.shape, dtype=x.dtype)
     _kernel("dropout_kernel", x.dtype)(
         (_blocks(x.size),), (_THREADS,),
         (x, y, mask, np.int64(x.size), np.float64(p), x.dtype.type(1.0 / (1.0 - p)),
@@ -891,6 +903,7 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
     Returns ``(y, x_hat, mean, var, inv_std)``; backward needs x_hat and inv_std.
     """
     cp = _cp()
+    x, gamma, beta, mean, var = (_c(a) for a in (x, gamma, beta, mean, var))
     n, c, s = _channel_view(x)
     if mean is None:
         mean = cp.empty(c, dtype=x.dtype)
@@ -898,8 +911,8 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
         _kernel("channel_mean_var_kernel", x.dtype)(
             (c,), (_THREADS,), (x, mean, var, _i(n), _i(c), _i(s)))
     inv_std = 1 / cp.sqrt(var + x.dtype.type(eps))
-    x_hat = cp.empty_like(x)
-    y = cp.empty_like(x)
+    x_hat = cp.empty(x.shape, dtype=x.dtype)
+    y = cp.empty(x.shape, dtype=x.dtype)
     _kernel("batchnorm_apply_kernel", x.dtype)(
         _plane_grid(s, c, n), (_THREADS,),
         (x, mean, inv_std, gamma, beta, x_hat, y, _i(n), _i(c), _i(s)))
@@ -913,12 +926,13 @@ def batchnorm_backward(grad_y, x_hat, gamma, inv_std):
     sum(grad_y * x_hat) (= grad_gamma); one elementwise pass gives grad_x.
     """
     cp = _cp()
+    grad_y, x_hat, gamma, inv_std = (_c(a) for a in (grad_y, x_hat, gamma, inv_std))
     n, c, s = _channel_view(grad_y)
     grad_beta = cp.empty(c, dtype=grad_y.dtype)
     grad_gamma = cp.empty(c, dtype=grad_y.dtype)
     _kernel("channel_grad_sums_kernel", grad_y.dtype)(
         (c,), (_THREADS,), (grad_y, x_hat, grad_beta, grad_gamma, _i(n), _i(c), _i(s)))
-    grad_x = cp.empty_like(grad_y)
+    grad_x = cp.empty(grad_y.shape, dtype=grad_y.dtype)
     _kernel("batchnorm_grad_x_kernel", grad_y.dtype)(
         _plane_grid(s, c, n), (_THREADS,),
         (grad_y, x_hat, gamma, inv_std, grad_beta, grad_gamma, grad_x, _i(n), _i(c), _i(s),
@@ -937,8 +951,7 @@ def sgd_step(param, grad, buf, lr, momentum=0.0, weight_decay=0.0, l1=0.0, neste
     """
     cp = _cp()
     dt = param.dtype.type
-    if not grad.flags.c_contiguous:
-        grad = cp.ascontiguousarray(grad)
+    grad = _c(grad)
     first = buf is None
     if momentum and first:
         buf = cp.empty(param.shape, dtype=param.dtype)
@@ -954,10 +967,8 @@ def adam_step(param, grad, m, v, step_size, betas, inv_sqrt_bc2, eps, weight_dec
 
     ``step_size = lr / (1 - b1**t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2**t)``.
     """
-    cp = _cp()
     dt = param.dtype.type
-    if not grad.flags.c_contiguous:
-        grad = cp.ascontiguousarray(grad)
+    grad = _c(grad)
     b1, b2 = betas
     _kernel("adam_kernel", param.dtype)(
         (_blocks(param.size),), (_THREADS,),
