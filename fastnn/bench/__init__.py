@@ -28,9 +28,9 @@ _EXEC_MARK = "FASTNN_BENCH_ORIGINAL_ENV"        # set in the re-executed child: 
 _WORKLOAD_NAMES = ("W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
 _PEERS = ("numpy", "torch")
 
-# timing settings: (repeats, warm-up calls, minimum seconds per repeat)
-_FULL = (5, 1, 0.2)
-_QUICK = (3, 1, 0.02)
+# timing settings: (repeats, warm-up calls, minimum seconds per repeat, pause before each turn)
+_FULL = (5, 1, 0.2, 0.15)
+_QUICK = (3, 1, 0.02, 0.05)
 
 
 def _parser():
@@ -201,12 +201,12 @@ def _speed_ratio(fast, peer, best=False):
 
 def _run_metric(metric, timing, log):
     from .timing import Result, measure_interleaved
-    repeats, warmup, min_repeat_s = timing
+    repeats, warmup, min_repeat_s, settle_s = timing
     results = [Result(metric.workload, metric.name, impl.name, metric.unit, metric.kind,
                       impl.work, note=impl.note, scale=metric.scale) for impl in metric.impls]
     runnable = [(impl, res) for impl, res in zip(metric.impls, results) if impl.run is not None]
     measured = measure_interleaved([impl for impl, _ in runnable], repeats=repeats,
-                                   warmup=warmup, min_repeat_s=min_repeat_s)
+                                   warmup=warmup, min_repeat_s=min_repeat_s, settle_s=settle_s)
     for (impl, res), outcome in zip(runnable, measured):
         if isinstance(outcome, Exception):   # report a failing implementation, keep going
             res.error = f"{type(outcome).__name__}: {outcome}"
@@ -312,7 +312,7 @@ def run(args, original_env, log=print):
         "blas_pin_unset": not args.keep_blas_env and args.reexec,
         "threads_requested": args.threads,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
-        "timing": dict(zip(("repeats", "warmup", "min_repeat_s"), timing)),
+        "timing": dict(zip(("repeats", "warmup", "min_repeat_s", "settle_s"), timing)),
         "device": args.device, "quick": args.quick,
     }
     if args.device == "cuda":

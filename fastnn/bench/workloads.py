@@ -201,7 +201,7 @@ def _mnist_like(cfg, n):
 
 def build_w2(cfg):
     import fastnn as fn
-    n = 6400 if cfg.quick else 60000
+    n = 3200 if cfg.quick else 60000
     batch = 128
     x4, y = _mnist_like(cfg, n)
     x = x4.reshape(n, 784)
@@ -333,7 +333,7 @@ def _fastnn_lenet(cfg):
 def build_w3(cfg):
     import fastnn as fn
     batch = 256 if cfg.cuda else 64
-    n = batch * (10 if cfg.quick else 100)
+    n = batch * (5 if cfg.quick else 100)
     x, y = _mnist_like(cfg, n)
 
     def fastnn_fit():
