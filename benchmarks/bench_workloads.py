@@ -61,6 +61,8 @@ def test_workload(benchmark, workload, index, impl_name):
     benchmark.group = f"{workload} {metric.name}"
     benchmark.extra_info.update(unit=metric.unit, work_per_call=impl.work)
     benchmark.pedantic(impl.run, rounds=5 if FULL else 3, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:          # --benchmark-disable: ran once, nothing timed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info["median_" + metric.unit] = (
         impl.work / median if metric.kind == "rate" else median * metric.scale / impl.work)
