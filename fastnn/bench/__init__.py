@@ -169,6 +169,18 @@ def _blas_info():
     return [{k: info.get(k) for k in keys if k in info} for info in threadpool_info()]
 
 
+def _source_revision():
+    """``git describe`` of the fastnn checkout the run imported, when it is one."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _machine():
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -306,6 +318,7 @@ def run(args, original_env, log=print):
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "machine": _machine(),
         "fastnn_backend": backend.current(),
+        "fastnn_source": _source_revision(),
         "compiled_kernels_error": backend.compiled_error(),
         "environment_at_start": original_env,
         "environment_of_run": _env_record(),
