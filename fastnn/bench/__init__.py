@@ -123,7 +123,11 @@ def _maybe_reexec(args):
     wanted[_EXEC_MARK] = json.dumps(_env_record(start))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "fastnn.bench", *sys.argv[1:]], wanted)
+    # the child imports this very fastnn (not one that the working directory may shadow)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+            "from fastnn.bench import main; sys.exit(main())")
+    os.execve(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]], wanted)
 
 
 # --- machine and library facts ---------------------------------------------------------
