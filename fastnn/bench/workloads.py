@@ -514,7 +514,8 @@ def build_w6(cfg):
     bwd.append(_guarded("copy", gb_fwd, copy, sync=sync))
     targets = (("copy", 0.8, ">= 0.8 x copy GB/s"), ("torch", 1.0, ">= 1.0 x torch"))
     return [Metric("W6", "ReLU forward 16M", "GB/s", "rate", fwd, targets=targets,
-                   description="bytes = 4*n read + 4*n written; copy = np.copyto (one thread), the limit the issue names"),
+                   description="bytes = 4*n read + 4*n written; copy = np.copyto (one "
+                               "thread), the limit the issue names"),
             Metric("W6", "ReLU backward 16M", "GB/s", "rate", bwd, targets=targets,
                    description="grad_x = grad_y * (y > 0); bytes = 8*n read + 4*n written")]
 
