@@ -26,6 +26,14 @@ def nonnegative(value, name, who):
     return float(value)
 
 
+def _compiled_cpu():
+    """The compiled CPU kernels when they are the backend in use, else None (NumPy)."""
+    if backend.current() != "cpu":
+        return None
+    from .kernels import _cpu
+    return _cpu
+
+
 class Optimizer:
     """Base class: ``step(params, grads, decay)`` updates ``params`` in place."""
 
@@ -106,12 +114,26 @@ class SGD(Optimizer):
         self._prepare(params)
         lr, mom = self.lr, self.momentum
         regularised = self.weight_decay or self.l1
+        compiled = _compiled_cpu()
         for i, (p, g) in enumerate(zip(params, grads)):
             if type(p) is not np.ndarray and backend.is_cuda_array(p):   # one fused CUDA kernel
                 decayed = regularised and (decay is None or decay[i])
                 self.state[i] = _cuda.sgd_step(
                     p, g, self.state[i], lr, mom, self.weight_decay if decayed else 0.0,
                     self.l1 if decayed else 0.0, self.nesterov)
+                continue
+            if (compiled is not None and type(g) is np.ndarray and g.dtype is p.dtype
+                    and g.shape == p.shape and p.flags.c_contiguous and g.flags.c_contiguous):
+                # one compiled pass over p, g and the momentum buffer (the NumPy
+                # sequence below makes four)
+                decayed = regularised and (decay is None or decay[i])
+                buf, first = self.state[i], False
+                if mom and buf is None:
+                    buf, first = np.empty_like(p), True
+                    self.state[i] = buf
+                compiled.sgd_step(p, g, buf if mom else None, lr, mom,
+                                  self.weight_decay if decayed else 0.0,
+                                  self.l1 if decayed else 0.0, self.nesterov, first)
                 continue
             tmp = self._tmp[i]
             if regularised and (decay is None or decay[i]):

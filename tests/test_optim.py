@@ -108,3 +108,26 @@ def test_schedules_match_torch(ours, theirs):
         topt.step()
         tsched.step()
         opt.schedule.step()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.1, momentum=0.5, weight_decay=0.05, l1=0.02)])
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+def test_sgd_compiled_step_matches_the_numpy_one(kwargs, dtype, rtol):
+    """The compiled CPU backend updates in one fused pass; the NumPy backend runs the
+    array expressions. Both must follow the same rule."""
+    from fastnn import backend
+    if "cpu" not in backend.available():
+        pytest.skip("compiled kernels not built")
+    before = backend.current()
+    try:
+        results = []
+        for name in ("cpu", "numpy"):
+            backend.use(name)
+            results.append(run_ours(optim.SGD(**kwargs), dtype=dtype))
+    finally:
+        backend.use(before)
+    for ours, reference in zip(*results):
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol)

@@ -35,7 +35,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from libc.string cimport memset
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cnp.import_array()
 
@@ -363,24 +363,46 @@ cdef int _sample_threads(long n):
 
 # A GEMM of fewer flops than this runs on one BLAS thread: waking BLAS's sleeping
 # workers costs more than they save (LeNet's 64x400x120 dense forward took 17 ms
-# threaded on this shared machine and 0.05 ms on one thread). Below m*n*k =
+# threaded on this shared machine and 0.05 ms on one thread), and a threaded GEMM
+# of a millisecond or so stalls whenever another process holds the second core
+# (the MLP's 128x784x256 GEMMs: 0.43 ms threaded when quiet, 2.5 ms under load,
+# against 0.6 ms on one thread; one training pass interleaved 10 times at load
+# ~1.9: median 10.7k samples/s with 2^25 here, 48.5k with 2^27). Below m*n*k =
 # 65536*4 OpenBLAS stays on one thread by itself, and the thread count is left
 # alone (it costs microseconds, which batch-1 inference cannot spare).
-DEF THREADED_GEMM_MIN_FLOPS = 33554432.0      # 2^25, about 0.4 ms on one core
+cdef double _threaded_gemm_min_flops = 134217728.0     # 2^27, about 1.5 ms on one core
 DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
+
+
+def _set_threaded_gemm_min_flops(double flops):
+    """Change the threaded-GEMM threshold (for measurements); returns the old one."""
+    global _threaded_gemm_min_flops
+    old, _threaded_gemm_min_flops = _threaded_gemm_min_flops, flops
+    return old
 
 
 cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
     """A GEMM that BLAS would thread but should not."""
-    return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < THREADED_GEMM_MIN_FLOPS
+    return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < _threaded_gemm_min_flops
 
 
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
                          floating *y, int n, int i, int o) noexcept nogil:
-    cdef floating beta = 0
+    cdef floating beta = 0, one = 1
+    cdef int inc = 1
+    cdef char no_trans = b'N'
     if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
         _broadcast(y, bias, n, o, 0)
         beta = 1
+    if n == 1 and i > 0 and o > 0:
+        # one sample: GEMV. A GEMM would pack all of W first (784x256: 20 against
+        # 10 us here). Row-major W (I, O) is column-major (O, I): y = W_cm @ x.
+        if floating is float:
+            sgemv(&no_trans, &o, &i, &one, <float*>weights, &o, <float*>x, &inc, &beta, y, &inc)
+        else:
+            dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y,
+                  &inc)
+        return
     _gemm(False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
 
 
@@ -446,6 +468,112 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
         if small:
             fnn_blas_single_end()
     return grad_x, grad_w, grad_b
+
+
+def mlp_forward(cnp.ndarray x, list layers):
+    """x: (N, I) through a chain of dense layers in one call (no Python per layer:
+    batch-1 latency). ``layers``: a list of ``(layer, relu)`` with ``layer.params``
+    a Dense layer's dict (``W`` (I, O), optional ``b`` (O,)); ``relu`` applies
+    max(., 0) in place on that layer's output. Returns the last output, or None
+    when a parameter is not a C-contiguous array of x's dtype or the shapes do not
+    chain (the caller then runs the layers one by one, with their checks)."""
+    cdef int n = x.shape[0], i, o
+    cdef cnp.ndarray y, W
+    cdef object b
+    cdef object layer
+    cdef dict params
+    cdef void *px
+    cdef void *pw
+    cdef void *pb
+    cdef void *py
+    cdef bint single = _is_float32(x), small, relu
+    cdef list chain = []
+    i = x.shape[1]
+    for layer, relu in layers:           # validate everything before computing anything
+        params = layer.params
+        W = params.get("W")
+        b = params.get("b")
+        if (type(W) is not np.ndarray or W.dtype is not x.dtype or W.ndim != 2
+                or not W.flags.c_contiguous or W.shape[0] != i):
+            return None
+        o = W.shape[1]
+        if b is not None and (type(b) is not np.ndarray or b.dtype is not x.dtype
+                              or b.ndim != 1 or b.shape[0] != o or not b.flags.c_contiguous):
+            return None
+        chain.append((W, b, relu))
+        i = o
+    for W, b, relu in chain:
+        i, o = W.shape[0], W.shape[1]
+        y = np.empty((n, o), dtype=x.dtype)
+        px, pw, py = _data(x), _data(W), _data(y)
+        pb = NULL if b is None else _data(b)
+        small = _small_gemm(n, i, o) and blas_thread_control()
+        with nogil:
+            if small:
+                fnn_blas_single_begin()
+            if single:
+                _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
+                if relu:
+                    fnn_relu_forward_f(<float*>py, <float*>py, <long>n * o)
+            else:
+                _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
+                if relu:
+                    fnn_relu_forward_d(<double*>py, <double*>py, <long>n * o)
+            if small:
+                fnn_blas_single_end()
+        x = y
+    return x
+
+
+# --- SGD --------------------------------------------------------------------------
+
+cdef void _sgd_step(floating *p, const floating *g, floating *buf, long n, floating lr,
+                    floating momentum, floating weight_decay, floating l1, bint nesterov,
+                    bint first) noexcept nogil:
+    cdef long k
+    cdef floating d, v
+    if weight_decay == 0 and l1 == 0 and not nesterov:
+        if buf == NULL:                  # plain SGD
+            for k in range(n):
+                p[k] = p[k] - lr * g[k]
+            return
+        if not first:                    # momentum, the common case: a branch-free loop
+            for k in range(n):
+                v = momentum * buf[k] + g[k]
+                buf[k] = v
+                p[k] = p[k] - lr * v
+            return
+    for k in range(n):
+        d = g[k]
+        if weight_decay != 0:
+            d = d + weight_decay * p[k]
+        if l1 != 0:
+            d = d + l1 * ((p[k] > 0) - (p[k] < 0))
+        if buf != NULL:
+            v = d if first else momentum * buf[k] + d
+            buf[k] = v
+            d = d + momentum * v if nesterov else v
+        p[k] = p[k] - lr * d
+
+
+def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double momentum,
+             double weight_decay, double l1, bint nesterov, bint first):
+    """PyTorch's SGD rule on one parameter, in place and in one pass (dampening 0):
+    d = g + weight_decay * p + l1 * sign(p); buf = d (``first``) or momentum * buf + d
+    (``buf`` None: no momentum); d = d + momentum * buf (nesterov) or buf; p -= lr * d.
+    p, g, buf: C-contiguous, same shape and dtype (float32 or float64)."""
+    cdef long n = p.size
+    cdef void *pp = _data(p)
+    cdef void *pg = _data(g)
+    cdef void *pbuf = NULL if buf is None else _data(buf)
+    cdef bint single = _is_float32(p)
+    with nogil:
+        if single:
+            _sgd_step(<float*>pp, <float*>pg, <float*>pbuf, n, lr, momentum, weight_decay,
+                      l1, nesterov, first)
+        else:
+            _sgd_step(<double*>pp, <double*>pg, <double*>pbuf, n, lr, momentum, weight_decay,
+                      l1, nesterov, first)
 
 
 # --- softmax cross-entropy -----------------------------------------------------------
