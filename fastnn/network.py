@@ -16,9 +16,9 @@ import numpy as np
 
 from . import backend, losses, optim
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
-from .layers.activation import Softmax
+from .layers.activation import ReLU, Softmax
 from .layers.conv import Conv2D
-from .layers.dense import Dense
+from .layers.dense import Dense, FCLayer
 
 __all__ = ["Network", "Sequential", "History"]
 
@@ -491,6 +491,13 @@ class Network:
         else:
             on_cuda = backend.is_cuda_array(x)
             x = self._as_input(x, "Network.predict", check_finite=False, move=False)
+        if (plan.dense_chain is not None and x.ndim == 2 and batch_size is None
+                and not on_cuda and self._device == "cpu" and backend.current() == "cpu"):
+            # a Dense/ReLU network in one compiled call (batch-1 latency); None when
+            # a parameter does not fit it: then the layers run one by one
+            out = backend._compiled.mlp_forward(x, plan.dense_chain)
+            if out is not None:
+                return out
         n = len(x)
         if batch_size is None and (x.ndim <= 2 or n <= _PREDICT_CHUNK):
             chunk = n
@@ -690,6 +697,19 @@ class _Plan:
                 self.first_backward = lambda g, lr, b=first.backward: b(g, need_grad_x=False)
             else:
                 self.first_backward = self.backwards[self.first_trained]
+        # Dense (ReLU)? ... Dense with fastnn's own classes: predict runs it in one
+        # compiled call; None for any other network
+        self.dense_chain = []
+        for layer in layers:
+            if type(layer) in (Dense, FCLayer):
+                self.dense_chain.append((layer, False))
+            elif type(layer) is ReLU and self.dense_chain and not self.dense_chain[-1][1]:
+                self.dense_chain[-1] = (self.dense_chain[-1][0], True)
+            else:
+                self.dense_chain = None
+                break
+        if not self.dense_chain:
+            self.dense_chain = None
         self.dtype = np.dtype(np.float32)
         for layer in layers:
             params = _layer_params(layer)

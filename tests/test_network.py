@@ -548,3 +548,28 @@ def test_training_backward_stops_at_the_first_layer_with_parameters():
     for a, b in zip(net.layers, ref.layers):
         for k in a.params:
             np.testing.assert_allclose(a.params[k], b.params[k], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_predict_of_a_dense_relu_network_equals_the_layer_by_layer_forward(dtype, batch):
+    """predict runs a Dense/ReLU chain in one compiled call; it must give what the
+    layers give one by one (and fall back to them when a parameter does not fit)."""
+    net = fn.Network([fn.Dense(9, 6, seed=0, dtype=dtype), fn.ReLU(),
+                      fn.Dense(6, 5, bias=False, seed=1, dtype=dtype), fn.ReLU(),
+                      fn.FCLayer(5, 3, seed=2, dtype=dtype)])
+    x = np.random.default_rng(1).standard_normal((batch, 9)).astype(dtype)
+    expected = x
+    for layer in net.layers:
+        expected = layer.forward(expected, training=False)
+    out = net.predict(x)
+    assert out.dtype == np.dtype(dtype) and out.shape == (batch, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == "float32" else 1e-12)
+    # a Fortran-ordered weight (not C-contiguous): the layers' own path, same result
+    net.layers[2].params["W"] = np.asfortranarray(net.layers[2].params["W"])
+    np.testing.assert_allclose(net.predict(x), expected, rtol=1e-5 if dtype == "float32" else 1e-12)
+    # a weight of another dtype: the layer's own error, not a misread buffer
+    net.layers[2].params["W"] = net.layers[2].params["W"].astype(
+        "float64" if dtype == "float32" else "float32")
+    with pytest.raises((TypeError, ValueError)):
+        net.predict(x)

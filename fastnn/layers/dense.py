@@ -60,6 +60,11 @@ class Dense(Layer):
     def forward(self, x, training=True):
         params = self.params
         W = params["W"]
+        b = params.get("b")
+        if not W.flags.c_contiguous:     # a weight the user assigned (the kernels read raw memory)
+            W = params["W"] = contiguous(W)
+        if b is not None and not b.flags.c_contiguous:
+            b = params["b"] = contiguous(b)
         if (type(x) is np.ndarray and x.ndim == 2 and x.shape[1] == self.in_features
                 and x.dtype is W.dtype and x.flags.c_contiguous):
             x2 = x                     # the hot path: a ready (N, in) batch
@@ -73,7 +78,7 @@ class Dense(Layer):
             x2 = contiguous(x if x.ndim == 2 else x.reshape(-1, self.in_features))
         self.input = x
         self._x2 = x2
-        y = kernel_impl(x2).dense_forward(x2, W, params.get("b"))
+        y = kernel_impl(x2).dense_forward(x2, W, b)
         self.output = y if x.ndim == 2 else y.reshape(x.shape[:-1] + (self.out_features,))
         return self.output
 
@@ -83,7 +88,7 @@ class Dense(Layer):
         x2 = self._x2
         if x2 is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
-        W = self.params["W"]
+        W = contiguous(self.params["W"])
         try:
             ok = (grad_y.dtype == W.dtype and grad_y.ndim >= 1
                   and grad_y.shape[-1] == self.out_features
