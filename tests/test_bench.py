@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_w6_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--workload", "W6", "--compare", "numpy", "--json", str(out)]) == 0
+    argv = ["--quick", "--workload", "W6", "--compare", "numpy", "--json", str(out)]
+    assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     for key in ("machine", "versions", "blas", "results", "targets", "environment_at_start"):
         assert key in report

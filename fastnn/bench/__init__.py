@@ -149,7 +149,8 @@ def _versions():
     out = {"python": platform.python_version(), "numpy": numpy.__version__,
            "fastnn": fastnn.__version__}
     from importlib import metadata
-    for mod, dists in (("scipy", ("scipy",)), ("torch", ("torch",)), ("threadpoolctl", ("threadpoolctl",)),
+    for mod, dists in (("scipy", ("scipy",)), ("torch", ("torch",)),
+                       ("threadpoolctl", ("threadpoolctl",)),
                        ("cupy", ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x"))):
         loaded = sys.modules.get(mod)
         out[mod] = getattr(loaded, "__version__", None) if loaded is not None else None
@@ -278,7 +279,8 @@ def _table(results, targets):
                 f"{'(best)':>7}  {'target':<24} verdict")
         lines += [head, "-" * len(head)]
         for t in targets:
-            ratio, best = ("-" if v is None else f"{v:.2f}x" for v in (t["ratio"], t["ratio_of_best"]))
+            ratio, best = ("-" if v is None else f"{v:.2f}x"
+                           for v in (t["ratio"], t["ratio_of_best"]))
             lines.append(f"{t['workload']:<8} {t['metric']:<36} {t['impl']:<15} {t['peer']:<11} "
                          f"{ratio:>7} {best:>7}  {t['target']:<24} {t['verdict']}")
         lines.append("verdict from the ratio of medians; (best) = ratio of the fastest repeats.")
@@ -339,7 +341,8 @@ def run(args, original_env, log=print):
             else str(props["name"])
     log(f"fastnn-bench {fastnn.__version__}: backend {backend.current()}, device {args.device}, "
         f"{'quick' if args.quick else 'full'} run, {report['machine']['cpu_model']}, "
-        f"{report['machine']['usable_cpus']} cpus, load {report['machine']['loadavg_start'][0]:.2f}")
+        f"{report['machine']['usable_cpus']} cpus, "
+        f"load {report['machine']['loadavg_start'][0]:.2f}")
     results, metrics = [], []
     try:
         for name in args.workloads:

@@ -272,7 +272,8 @@ class _NCHWtoNHWC:
 
 
 def lenet(seed=0, dtype=np.float32):
-    """LeNet-5 for 1x28x28 inputs: conv 6@5x5 pad 2, ReLU, pool, conv 16@5x5, ReLU, pool, 120, 84, 10."""
+    """LeNet-5 for 1x28x28 inputs: conv 6@5x5 pad 2, ReLU, pool, conv 16@5x5, ReLU, pool,
+    then dense 120, 84, 10."""
     rng = np.random.default_rng(seed)
     return _Sequential([
         _NCHWtoNHWC(),
