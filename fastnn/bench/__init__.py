@@ -83,7 +83,8 @@ def _parse(argv):
 
 def _initial_environ():
     """The environment this process started with: ``import fastnn`` may have set
-    variables since (``OMP_WAIT_POLICY``), and the peers must not inherit them."""
+    variables since (``OMP_WAIT_POLICY``); the child starts from the user's
+    environment and fastnn makes its own choices there again."""
     try:
         with open("/proc/self/environ", "rb") as f:
             items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
@@ -380,7 +381,8 @@ def _blas_line(blas):
     for b in blas:
         if b.get("user_api") == "blas":
             parts.append(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')} "
-                         f"{b.get('num_threads')} threads ({b.get('prefix')})")
+                         f"{b.get('num_threads')} threads "
+                         f"({os.path.basename(b.get('filepath') or '?')})")
     return "; ".join(parts) or "none found"
 
 
