@@ -564,3 +564,29 @@ def test_bad_input_raises_clear_errors(backend_name, name, args, error, words):
         getattr(kernels, name)(*args)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_dense_split_over_threads_gives_the_same_bits_as_one_thread(dtype):
+    """Medium dense GEMMs may run split over the OpenMP team or on one thread (it
+    depends on the machine's load); the result must not: same seed, same weights."""
+    if "cpu" not in backend.available():
+        pytest.skip("compiled kernels not built")
+    from fastnn.kernels import _cpu
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 300)).astype(dtype)       # 2*128*300*500 flops: split
+    W = rng.standard_normal((300, 500)).astype(dtype)
+    b = rng.standard_normal(500).astype(dtype)
+    grad_y = rng.standard_normal((128, 500)).astype(dtype)
+    results = []
+    old = _cpu._set_split_gemm_min_flops(1e300)              # never split
+    try:
+        for threshold in (1e300, 2.0 ** 20):
+            _cpu._set_split_gemm_min_flops(threshold)
+            results.append([_cpu.dense_forward(x, W, b), *_cpu.dense_backward(grad_y, x, W)])
+    finally:
+        _cpu._set_split_gemm_min_flops(old)
+    for one_thread, split in zip(*results):
+        np.testing.assert_array_equal(one_thread, split)
+    np.testing.assert_allclose(results[0][0], x @ W + b, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-3 if dtype == np.float32 else 1e-10)

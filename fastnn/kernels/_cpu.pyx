@@ -114,6 +114,50 @@ cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating
               <double*>a, &lda, &beta, c, &ldc)
 
 
+cdef int _single_streak = 0          # GEMMs left to run on one thread (contention seen)
+DEF SINGLE_STREAK = 256
+DEF MAX_SPLIT_BLOCKS = 64
+
+
+cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
+                      const floating *a, int lda, const floating *b, int ldb,
+                      floating beta, floating *c, int ldc) noexcept nogil:
+    """_gemm split into one column block of c per OpenMP thread, each block on one BLAS
+    thread (the caller holds BLAS to one thread), taken dynamically: a thread that the
+    scheduler keeps waiting leaves its block to the others. Every element of c comes
+    from the same single-threaded kernel with the same summation order as an unsplit
+    GEMM on one thread, so the result does not depend on the split.
+
+    If one thread ended up doing every block, the other core is busy elsewhere: the
+    next SINGLE_STREAK medium GEMMs run on one thread without waking the team."""
+    global _single_streak
+    # blocks of at least 64 columns: narrower ones waste the packing of op(a)
+    cdef int threads = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS, n // 64))
+    cdef int width = ((n + threads - 1) // threads + 15) // 16 * 16
+    cdef int count = (n + width - 1) // width
+    cdef int block, j0
+    cdef int taken_by[MAX_SPLIT_BLOCKS]
+    for block in prange(count, num_threads=threads, schedule="dynamic"):
+        j0 = block * width
+        taken_by[block] = fnn_thread_id()
+        _gemm(trans_a, trans_b, m, min(width, n - j0), k, alpha, a, lda,
+              b + (<long>j0 * ldb if trans_b else j0), ldb, beta, c + j0, ldc)
+    for block in range(1, count):
+        if taken_by[block] != taken_by[0]:
+            return
+    if count > 1:
+        _single_streak = SINGLE_STREAK
+
+
+cdef inline void _gemm_any(bint split, bint trans_a, bint trans_b, int m, int n, int k,
+                           floating alpha, const floating *a, int lda, const floating *b,
+                           int ldb, floating beta, floating *c, int ldc) noexcept nogil:
+    if split:
+        _gemm_split(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    else:
+        _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
 cdef inline void _im2col(const floating *x, long n, const fnn_geometry *g, floating *cols,
                          long ld, int parallel) noexcept nogil:
     if floating is float:
@@ -374,6 +418,36 @@ cdef double _threaded_gemm_min_flops = 134217728.0     # 2^27, about 1.5 ms on o
 DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 
 
+# From 2^25 flops up to the threaded threshold, a GEMM is split over the OpenMP team
+# in column blocks, each on one BLAS thread (_gemm_split): a late thread only loses
+# its block instead of stalling the GEMM, and when one thread ends up doing all the
+# blocks the next medium GEMMs stay on one thread. Measured on the MLP of W2 (one
+# pass of 6400 samples, interleaved): quiet machine 83k samples/s split against
+# 64k on one thread; with the other core busy both about 40k.
+cdef double _split_gemm_min_flops = 33554432.0          # 2^25
+
+
+cdef inline bint _split(double m, double n, double k):
+    """Split a GEMM kept off BLAS's threads over the OpenMP team (see _gemm_split)?"""
+    global _single_streak
+    if 2.0 * m * n * k < _split_gemm_min_flops or fnn_max_threads() < 2:
+        return False
+    if _single_streak > 0:
+        _single_streak -= 1
+        return False
+    return True
+
+
+def _set_split_gemm_min_flops(double flops):
+    """Change the split threshold (for measurements and tests; 1e300: never split) and
+    forget any contention seen, so the next GEMM at or above it is split; returns the
+    old threshold."""
+    global _split_gemm_min_flops, _single_streak
+    old, _split_gemm_min_flops = _split_gemm_min_flops, flops
+    _single_streak = 0
+    return old
+
+
 def _set_threaded_gemm_min_flops(double flops):
     """Change the threaded-GEMM threshold (for measurements); returns the old one."""
     global _threaded_gemm_min_flops
@@ -387,7 +461,7 @@ cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
 
 
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
-                         floating *y, int n, int i, int o) noexcept nogil:
+                         floating *y, int n, int i, int o, bint split=False) noexcept nogil:
     cdef floating beta = 0, one = 1
     cdef int inc = 1
     cdef char no_trans = b'N'
@@ -403,7 +477,7 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
             dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y,
                   &inc)
         return
-    _gemm(False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
+    _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
@@ -417,13 +491,14 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
     cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
+    cdef bint split = small and n > 1 and _split(n, i, o)
     with nogil:
         if small:
             fnn_blas_single_begin()
         if single:
-            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
+            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split)
         else:
-            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
+            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split)
         if small:
             fnn_blas_single_end()
     return y
@@ -431,10 +506,10 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
 
 cdef void _dense_backward(const floating *grad_y, const floating *x, const floating *weights,
                           floating *grad_x, floating *grad_w, floating *grad_b,
-                          int n, int i, int o) noexcept nogil:
+                          int n, int i, int o, bint split=False) noexcept nogil:
     if grad_x != NULL:
-        _gemm(False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)    # grad_y @ W.T
-    _gemm(True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)          # x.T @ grad_y
+        _gemm_any(split, False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)  # grad_y @ W.T
+    _gemm_any(split, True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)        # x.T @ grad_y
     if floating is float:
         fnn_column_sums_f(grad_y, n, o, grad_b)
     else:
@@ -456,15 +531,16 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     cdef void *pgb = _data(grad_b)
     cdef bint single = _is_float32(x)
     cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
+    cdef bint split = small and _split(n, i, o)
     with nogil:
         if small:
             fnn_blas_single_begin()
         if single:
             _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
-                            <float*>pgb, n, i, o)
+                            <float*>pgb, n, i, o, split)
         else:
             _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
-                            <double*>pgb, n, i, o)
+                            <double*>pgb, n, i, o, split)
         if small:
             fnn_blas_single_end()
     return grad_x, grad_w, grad_b
