@@ -567,26 +567,32 @@ def test_bad_input_raises_clear_errors(backend_name, name, args, error, words):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-def test_dense_split_over_threads_gives_the_same_bits_as_one_thread(dtype):
-    """Medium dense GEMMs may run split over the OpenMP team or on one thread (it
-    depends on the machine's load); the result must not: same seed, same weights."""
+def test_dense_split_gemms_give_the_same_bits_on_a_busy_machine(dtype):
+    """Medium dense GEMMs run in blocks over the OpenMP team, or the same blocks on
+    one thread while the other cores are busy: the result must not depend on which
+    (same seed, same weights), and must be the product."""
     if "cpu" not in backend.available():
         pytest.skip("compiled kernels not built")
     from fastnn.kernels import _cpu
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 300)).astype(dtype)       # 2*128*300*500 flops: split
-    W = rng.standard_normal((300, 500)).astype(dtype)
-    b = rng.standard_normal(500).astype(dtype)
-    grad_y = rng.standard_normal((128, 500)).astype(dtype)
-    results = []
-    old = _cpu._set_split_gemm_min_flops(1e300)              # never split
-    try:
-        for threshold in (1e300, 2.0 ** 20):
-            _cpu._set_split_gemm_min_flops(threshold)
-            results.append([_cpu.dense_forward(x, W, b), *_cpu.dense_backward(grad_y, x, W)])
-    finally:
-        _cpu._set_split_gemm_min_flops(old)
-    for one_thread, split in zip(*results):
-        np.testing.assert_array_equal(one_thread, split)
-    np.testing.assert_allclose(results[0][0], x @ W + b, rtol=1e-4 if dtype == np.float32 else 1e-12,
-                               atol=1e-3 if dtype == np.float32 else 1e-10)
+    for n, i, o in ((128, 300, 500), (130, 700, 250)):      # split by columns, by rows
+        x = rng.standard_normal((n, i)).astype(dtype)       # about 2^25 flops: split
+        W = rng.standard_normal((i, o)).astype(dtype)
+        b = rng.standard_normal(o).astype(dtype)
+        grad_y = rng.standard_normal((n, o)).astype(dtype)
+        results = []
+        old = _cpu._set_split_gemm_min_flops(2.0 ** 20)
+        try:
+            for busy in (False, True):
+                _cpu._set_split_gemm_min_flops(2.0 ** 20)    # wakes the team again
+                if busy:
+                    _cpu._assume_busy_cores()
+                results.append([_cpu.dense_forward(x, W, b), *_cpu.dense_backward(grad_y, x, W)])
+        finally:
+            _cpu._set_split_gemm_min_flops(old)
+        for team, one_thread in zip(*results):
+            np.testing.assert_array_equal(team, one_thread)
+        tol = dict(rtol=1e-4, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-10)
+        np.testing.assert_allclose(results[0][0], x @ W + b, **tol)
+        np.testing.assert_allclose(results[0][1], grad_y @ W.T, **tol)
+        np.testing.assert_allclose(results[0][2], x.T @ grad_y, **tol)

@@ -122,26 +122,42 @@ DEF MAX_SPLIT_BLOCKS = 64
 cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                       const floating *a, int lda, const floating *b, int ldb,
                       floating beta, floating *c, int ldc) noexcept nogil:
-    """_gemm split into one column block of c per OpenMP thread, each block on one BLAS
-    thread (the caller holds BLAS to one thread), taken dynamically: a thread that the
-    scheduler keeps waiting leaves its block to the others. Every element of c comes
-    from the same single-threaded kernel with the same summation order as an unsplit
-    GEMM on one thread, so the result does not depend on the split.
+    """_gemm split into one block of c per OpenMP thread, each block on one BLAS thread
+    (the caller holds BLAS to one thread), taken dynamically: a thread that the
+    scheduler keeps waiting leaves its block to the others. Blocks of rows when op(a)
+    is the larger operand, else of columns (each thread packs the whole of the other
+    one). The blocks depend only on the shapes and the thread count, so the result
+    does not depend on which thread computes which block, nor on the machine's load
+    (an unsplit GEMM can round differently in its tail rows).
 
     If one thread ended up doing every block, the other core is busy elsewhere: the
-    next SINGLE_STREAK medium GEMMs run on one thread without waking the team."""
+    blocks of the next SINGLE_STREAK medium GEMMs run one after the other on the
+    calling thread, without waking the team."""
     global _single_streak
-    # blocks of at least 64 columns: narrower ones waste the packing of op(a)
-    cdef int threads = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS, n // 64))
-    cdef int width = ((n + threads - 1) // threads + 15) // 16 * 16
-    cdef int count = (n + width - 1) // width
+    cdef bint by_rows = m > n
+    cdef int extent = m if by_rows else n
+    # blocks of at least 64 rows or columns: thinner ones waste the packing
+    cdef int threads = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS, extent // 64))
+    cdef int width = ((extent + threads - 1) // threads + 15) // 16 * 16
+    cdef int count = (extent + width - 1) // width
     cdef int block, j0
     cdef int taken_by[MAX_SPLIT_BLOCKS]
-    for block in prange(count, num_threads=threads, schedule="dynamic"):
+    cdef int team = threads
+    if _single_streak > 0:
+        _single_streak -= 1
+        team = 1
+    for block in prange(count, num_threads=team, schedule="dynamic"):
         j0 = block * width
         taken_by[block] = fnn_thread_id()
-        _gemm(trans_a, trans_b, m, min(width, n - j0), k, alpha, a, lda,
-              b + (<long>j0 * ldb if trans_b else j0), ldb, beta, c + j0, ldc)
+        if by_rows:
+            _gemm(trans_a, trans_b, min(width, m - j0), n, k, alpha,
+                  a + (j0 if trans_a else <long>j0 * lda), lda, b, ldb, beta,
+                  c + <long>j0 * ldc, ldc)
+        else:
+            _gemm(trans_a, trans_b, m, min(width, n - j0), k, alpha, a, lda,
+                  b + (<long>j0 * ldb if trans_b else j0), ldb, beta, c + j0, ldc)
+    if team == 1:
+        return
     for block in range(1, count):
         if taken_by[block] != taken_by[0]:
             return
@@ -421,27 +437,29 @@ DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 # From 2^25 flops up to the threaded threshold, a GEMM is split over the OpenMP team
 # in column blocks, each on one BLAS thread (_gemm_split): a late thread only loses
 # its block instead of stalling the GEMM, and when one thread ends up doing all the
-# blocks the next medium GEMMs stay on one thread. Measured on the MLP of W2 (one
-# pass of 6400 samples, interleaved): quiet machine 83k samples/s split against
-# 64k on one thread; with the other core busy both about 40k.
+# blocks the next medium GEMMs run their blocks on one thread. Measured on the MLP
+# of W2 (one pass of 6400 samples, interleaved with one unsplit thread): quiet
+# machine median 79.5k, best 110k samples/s against 78.4k / 79.1k; with the
+# other core busy 74.6k against 75.2k.
 cdef double _split_gemm_min_flops = 33554432.0          # 2^25
 
 
 cdef inline bint _split(double m, double n, double k):
     """Split a GEMM kept off BLAS's threads over the OpenMP team (see _gemm_split)?"""
+    return 2.0 * m * n * k >= _split_gemm_min_flops and fnn_max_threads() > 1
+
+
+def _assume_busy_cores():
+    """Act as if contention had just been seen (for tests): the next split GEMMs run
+    their blocks on the calling thread."""
     global _single_streak
-    if 2.0 * m * n * k < _split_gemm_min_flops or fnn_max_threads() < 2:
-        return False
-    if _single_streak > 0:
-        _single_streak -= 1
-        return False
-    return True
+    _single_streak = SINGLE_STREAK
 
 
 def _set_split_gemm_min_flops(double flops):
     """Change the split threshold (for measurements and tests; 1e300: never split) and
-    forget any contention seen, so the next GEMM at or above it is split; returns the
-    old threshold."""
+    forget any contention seen, so the next split GEMM wakes the team; returns the old
+    threshold."""
     global _split_gemm_min_flops, _single_streak
     old, _split_gemm_min_flops = _split_gemm_min_flops, flops
     _single_streak = 0
