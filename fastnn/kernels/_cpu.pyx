@@ -11,9 +11,13 @@ of its own; everything else here uses OpenMP. The two pools never run at the
 same time (each one's idle workers would starve the other's: DESIGN.md
 measured 38 against 377 GFLOP/s):
 
-- dense: one GEMM per product, threaded by BLAS, outside any OpenMP region
-  (its threads share the packed operands: 150 GFLOP/s here against 110-130
-  for the same GEMMs split into single-threaded blocks over OpenMP);
+- dense: from 2^27 flops, one GEMM per product, threaded by BLAS, outside any
+  OpenMP region (its threads share the packed operands: 150 GFLOP/s here
+  against 110-130 for the same GEMMs split into single-threaded blocks over
+  OpenMP); from 2^25 to 2^27, blocks over OpenMP with BLAS held to one thread,
+  taken dynamically, on one thread while the other cores are busy
+  (``_gemm_split``: a threaded GEMM of a millisecond stalls whenever the
+  scheduler keeps one of its threads waiting); below, one BLAS thread;
 - conv: OpenMP over the samples, one patch matrix + single-threaded GEMM
   per sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
   own threads reach about 115 on one sample's GEMM). BLAS is held to one
