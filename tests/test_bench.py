@@ -114,6 +114,13 @@ def test_targets_are_speed_ratios_in_both_kinds():
         assert rows[0]["verdict"] == "miss"
         rows = bench._targets([metric], [res("fastnn", kind, 2.0)])
         assert rows[0]["verdict"] == "n/a"
+    # medians and best repeats disagree: a neighbour's job slowed some repeats
+    fast = Result("W", "m", "fastnn", "u", "rate", work=1.0, times_s=[1.0, 1.0, 1.0])
+    peer = Result("W", "m", "torch", "u", "rate", work=1.0, times_s=[9.0, 9.0, 0.5])
+    metric = Metric("W", "m", "u", "rate", [], targets=(("torch", 1.25, "t"),))
+    row, = bench._targets([metric], [fast, peer])
+    assert row["ratio"] == pytest.approx(9.0) and row["ratio_of_best"] == pytest.approx(0.5)
+    assert row["verdict"] == "unsure"
 
 
 # --- the NumPy peers compute what they claim ------------------------------------------
