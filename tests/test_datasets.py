@@ -1,25 +1,16 @@
 """fastnn.datasets: xor, circles, load_mnist (IDX reader, search path, checked download)."""
 import gzip
 import hashlib
-import os
 import pathlib
 
 import numpy as np
 import pytest
 
 from fastnn import datasets
+from _data import shared_data_root
 
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def shared_data_root():
-    """$FASTNN_DATA, else <repo>/../shared/data; None when neither holds MNIST."""
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    for root in (os.environ.get("FASTNN_DATA"), repo.parent / "shared" / "data"):
-        if root and (pathlib.Path(root) / "mnist").is_dir():
-            return str(root)
-    return None
 
 
 # --- xor, circles ---------------------------------------------------------------

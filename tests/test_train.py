@@ -1,5 +1,4 @@
 """The fastnn-train command (fastnn.train): options, quick trainings, save/plot, determinism."""
-import os
 import pathlib
 import shutil
 import subprocess
@@ -9,21 +8,10 @@ import numpy as np
 import pytest
 
 import fastnn as fn
+from _data import needs_mnist, shared_data_root
 from fastnn import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def shared_data_root():
-    """$FASTNN_DATA, else <repo>/../shared/data; None when neither holds MNIST."""
-    for root in (os.environ.get("FASTNN_DATA"), REPO.parent / "shared" / "data"):
-        if root and (pathlib.Path(root) / "mnist").is_dir():
-            return str(root)
-    return None
-
-
-needs_mnist = pytest.mark.skipif(shared_data_root() is None,
-                                 reason="MNIST files not found ($FASTNN_DATA or ../shared/data)")
 
 
 def weights(path):
