@@ -47,6 +47,9 @@ void fnn_im2col_##S(const T *x, long n, const fnn_geometry *g, T *cols, long ld,
 void fnn_im2row_##S(const T *x_hwc, const fnn_geometry *g, T *rows, int parallel);      \
 /* out (cols, rows) = a (rows, cols) transposed, in cache-sized tiles. */               \
 void fnn_transpose_##S(const T *a, long rows, long cols, T *out, int parallel);         \
+/* The same, plus bias[c] added to every value of output row c (bias: (cols,)). */      \
+void fnn_transpose_bias_##S(const T *a, long rows, long cols, const T *bias, T *out,  \
+                            int parallel);                                            \
 /* Adjoint of im2col: cols (c*kh*kw, ld) -> x (n, c, h, w), overwritten; overlapping \
  * windows add up. Parallel over (n, c) planes, so no two threads write one value. */\
 void fnn_col2im_##S(const T *cols, long n, const fnn_geometry *g, T *x, long ld,     \

@@ -100,19 +100,48 @@ void NAME(fnn_im2row)(const T *x_hwc, const fnn_geometry *g, T *rows, int parall
         }
 }
 
+/* Tiles of a (rows, cols) -> out (cols, rows), adding bias[c] to out row c when bias
+ * is non-NULL. Wide a (rows <= cols): 16x16 tiles read along a's rows, 16 open
+ * output lines (5x faster here than contiguous writes with 32x32 tiles). Tall a
+ * (rows > cols, e.g. a conv's (OH*OW, K) output): there the output lines of a tile
+ * lie rows*sizeof(T) apart, 4 KiB for 1024 rows, and 16 of them share one L1 set;
+ * 32x4 tiles written along out's rows took 20 against 130 us for 1024x64 floats. */
+static void NAME(transpose_tiles)(const T *a, long rows, long cols, const T *bias, T *out,
+                                  int parallel)
+{
+    const long tile_r = rows > cols ? 32 : 16, tile_c = rows > cols ? 4 : 16;
+    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    for (long r0 = 0; r0 < rows; r0 += tile_r)
+        for (long c0 = 0; c0 < cols; c0 += tile_c) {
+            const long r1 = r0 + tile_r < rows ? r0 + tile_r : rows;
+            const long c1 = c0 + tile_c < cols ? c0 + tile_c : cols;
+            if (rows > cols) {
+                for (long c = c0; c < c1; c++) {
+                    const T add = bias ? bias[c] : 0;
+                    if (bias)
+                        for (long r = r0; r < r1; r++) out[c * rows + r] = a[r * cols + c] + add;
+                    else
+                        for (long r = r0; r < r1; r++) out[c * rows + r] = a[r * cols + c];
+                }
+            } else if (bias) {
+                for (long r = r0; r < r1; r++)
+                    for (long c = c0; c < c1; c++) out[c * rows + r] = a[r * cols + c] + bias[c];
+            } else {
+                for (long r = r0; r < r1; r++)
+                    for (long c = c0; c < c1; c++) out[c * rows + r] = a[r * cols + c];
+            }
+        }
+}
+
 void NAME(fnn_transpose)(const T *a, long rows, long cols, T *out, int parallel)
 {
-    const long tile = 16;     /* contiguous reads, 16 open output lines: 5x faster here
-                                 than contiguous writes with 32x32 tiles */
-    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
-    for (long r0 = 0; r0 < rows; r0 += tile)
-        for (long c0 = 0; c0 < cols; c0 += tile) {
-            const long r1 = r0 + tile < rows ? r0 + tile : rows;
-            const long c1 = c0 + tile < cols ? c0 + tile : cols;
-            for (long r = r0; r < r1; r++)
-                for (long c = c0; c < c1; c++)
-                    out[c * rows + r] = a[r * cols + c];
-        }
+    NAME(transpose_tiles)(a, rows, cols, NULL, out, parallel);
+}
+
+void NAME(fnn_transpose_bias)(const T *a, long rows, long cols, const T *bias, T *out,
+                              int parallel)
+{
+    NAME(transpose_tiles)(a, rows, cols, bias, out, parallel);
 }
 
 void NAME(fnn_col2im)(const T *cols, long n, const fnn_geometry *g, T *x, long ld,
