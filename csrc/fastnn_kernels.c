@@ -87,6 +87,29 @@ static inline float fnn_expf(float x)
     return x < -87.3f ? 0.0f : e;
 }
 
+#if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+/* out[i*ldo + j] = a[j*lda + i] (+ bias[i]) for a 4x4 block: 4 loads, 4 stores. */
+static inline void transpose_block4_f(const float *a, long lda, float *out, long ldo,
+                                      const float *bias)
+{
+    __m128 r0 = _mm_loadu_ps(a), r1 = _mm_loadu_ps(a + lda);
+    __m128 r2 = _mm_loadu_ps(a + 2 * lda), r3 = _mm_loadu_ps(a + 3 * lda);
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+    if (bias) {
+        r0 = _mm_add_ps(r0, _mm_set1_ps(bias[0]));
+        r1 = _mm_add_ps(r1, _mm_set1_ps(bias[1]));
+        r2 = _mm_add_ps(r2, _mm_set1_ps(bias[2]));
+        r3 = _mm_add_ps(r3, _mm_set1_ps(bias[3]));
+    }
+    _mm_storeu_ps(out, r0);
+    _mm_storeu_ps(out + ldo, r1);
+    _mm_storeu_ps(out + 2 * ldo, r2);
+    _mm_storeu_ps(out + 3 * ldo, r3);
+}
+#define TRANSPOSE_BLOCK4 transpose_block4_f
+#endif
+
 #define T float
 #define UINT uint32_t
 #define S f
@@ -97,6 +120,7 @@ static inline float fnn_expf(float x)
 #undef S
 #undef EXP
 
+#undef TRANSPOSE_BLOCK4
 #define T double
 #define UINT uint64_t
 #define S d
