@@ -724,7 +724,10 @@ def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
 # of a stride-1 conv becomes a conv too (no col2im). Measured here against
 # im2col + GEMM + col2im on the conv of issue 2 (N=32, C=K=64, 32x32, 3x3,
 # pad 1; one thread, CPU time, best of 12): forward 32.6 against 33.0 ms,
-# backward 66.5 against 79 ms. y = W_rows @ rows.T still lands in NCHW.
+# backward 66.5 against 79 ms. The GEMMs compute y.T = rows @ W_rows.T (and
+# grad_x.T), the patch matrix being BLAS's second operand (N = OH*OW): per
+# sample 0.81 against 0.99 ms for y = W_rows @ rows.T on one thread (OpenBLAS
+# 0.3.30 SkylakeX); a blocked transpose then writes NCHW, adding the bias.
 #
 # Workspaces are pooled: allocating and freeing megabytes per call pays the page
 # faults every time (DESIGN.md). list.pop/append are atomic under the GIL, so
@@ -859,7 +862,9 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
 
     OpenMP over the samples; each thread builds one sample's patch rows in its
-    own workspace and runs a single-threaded GEMM straight into y[n] (NCHW).
+    own workspace, runs a single-threaded GEMM into y[n].T (channels last, in the
+    workspace) and transposes it into y[n] (NCHW) adding the bias (1x1 convs, and
+    im2col columns below 4 channels: one GEMM straight into y[n]).
     Workspace: threads * (max(C*H*W, K*OH*OW) + OH*OW*C*kh*kw) elements, whatever
     N is.
     """
