@@ -11,6 +11,7 @@ import pytest
 
 import fastnn as fn
 from fastnn import callbacks, losses, optim
+from _helpers import BatchRecorder
 
 # --- names and signatures --------------------------------------------------------------------
 # (where, name, the signature API.md gives, without self); None: no argument list given
@@ -408,22 +409,6 @@ def test_history_loss_is_the_mean_of_batch_losses_before_each_update():
         W, b = W - 0.5 * xb.T @ g, b - 0.5 * g.sum(0)
     assert math.isclose(h.history["loss"][0], np.mean(batch_losses), rel_tol=1e-12)
     np.testing.assert_allclose(net.layers[0].params["W"], W, rtol=1e-12)
-
-
-class BatchRecorder(fn.Layer):
-    """Identity layer that records the training batch sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def forward(self, x, training=True):
-        if training:
-            self.sizes.append(len(x))
-        return x
-
-    def backward(self, grad_y):
-        return grad_y
 
 
 def test_default_batch_size_after_compile_is_32():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastnn import datasets
-from _data import shared_data_root
+from _helpers import shared_data_root
 
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

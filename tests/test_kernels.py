@@ -6,6 +6,7 @@ import pytest
 
 from fastnn import backend, kernels
 from fastnn.kernels import _reference
+from _helpers import numerical_grad
 
 BACKENDS = ["numpy", "cpu"]
 DTYPES = [np.float32, np.float64]
@@ -47,21 +48,6 @@ def run_on(name, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         backend.use(previous)
-
-
-def numerical_grad(f, array, eps=1e-6):
-    """Central finite differences of scalar f() with respect to every entry of array."""
-    grad = np.empty_like(array)
-    flat, g = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        up = f()
-        flat[i] = saved - eps
-        down = f()
-        flat[i] = saved
-        g[i] = (up - down) / (2 * eps)
-    return grad
 
 
 def test_compiled_kernels_loaded():

@@ -4,6 +4,7 @@ import pytest
 
 import fastnn as fn
 from fastnn import backend
+from _helpers import numerical_grad
 
 CPU_BACKENDS = [b for b in ("cpu", "numpy") if b in backend.available()]
 
@@ -15,21 +16,6 @@ def cpu_backend(request):
     backend.use(request.param)
     yield request.param
     backend.use(before)
-
-
-def numeric_grad(f, a, eps=1e-6):
-    """Central differences of the scalar f() with respect to every element of ``a`` (in place)."""
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return grad
 
 
 def check_gradients(layer, x, training=True, before_forward=lambda: None, atol=1e-6):
@@ -47,9 +33,9 @@ def check_gradients(layer, x, training=True, before_forward=lambda: None, atol=1
     layer.forward(x, training)
     grad_x = layer.backward(g)
     analytic = {name: layer.grads[name].copy() for name in layer.params}
-    np.testing.assert_allclose(grad_x, numeric_grad(objective, x), rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(grad_x, numerical_grad(objective, x), rtol=1e-5, atol=atol)
     for name, p in layer.params.items():
-        np.testing.assert_allclose(analytic[name], numeric_grad(objective, p), rtol=1e-5, atol=atol,
+        np.testing.assert_allclose(analytic[name], numerical_grad(objective, p), rtol=1e-5, atol=atol,
                                    err_msg=f"grad of {name}")
 
 

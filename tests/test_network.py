@@ -4,6 +4,7 @@ import pytest
 
 import fastnn as fn
 from fastnn import losses, optim
+from _helpers import BatchRecorder
 
 
 def blobs(n=120, seed=0, classes=3, dim=4):
@@ -25,22 +26,6 @@ def mlp(seed=0, dtype="float32", softmax=False, dropout=0.0, batchnorm=False):
     if softmax:
         layers.append(fn.Softmax())
     return fn.Network(layers)
-
-
-class BatchRecorder(fn.Layer):
-    """Identity layer that records the batch sizes it sees in training."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def forward(self, x, training=True):
-        if training:
-            self.sizes.append(len(x))
-        return x
-
-    def backward(self, grad_y):
-        return grad_y
 
 
 # --- training ------------------------------------------------------------------------------

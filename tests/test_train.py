@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from _data import needs_mnist, shared_data_root
+from _helpers import needs_mnist, shared_data_root
 from fastnn import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -1,0 +1,55 @@
+"""Helpers shared by the test files: finite differences, a batch-recording layer, the MNIST files."""
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def numerical_grad(f, array, eps=1e-6):
+    """Central finite differences of the scalar ``f()`` with respect to every entry of ``array``
+    (perturbed in place and restored)."""
+    assert array.flags.c_contiguous, "numerical_grad perturbs the array through a flat view"
+    grad = np.empty_like(array)
+    flat, g = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        up = f()
+        flat[i] = saved - eps
+        down = f()
+        flat[i] = saved
+        g[i] = (up - down) / (2 * eps)
+    return grad
+
+
+class BatchRecorder(fn.Layer):
+    """Identity layer that records the batch sizes it sees in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x, training=True):
+        if training:
+            self.sizes.append(len(x))
+        return x
+
+    def backward(self, grad_y):
+        return grad_y
+
+
+def shared_data_root():
+    """$FASTNN_DATA, else <repo>/../shared/data; None when neither holds MNIST."""
+    for root in (os.environ.get("FASTNN_DATA"), REPO.parent / "shared" / "data"):
+        if root and (pathlib.Path(root) / "mnist").is_dir():
+            return str(root)
+    return None
+
+
+needs_mnist = pytest.mark.skipif(shared_data_root() is None,
+                                 reason="MNIST files not found ($FASTNN_DATA or ../shared/data)")
