@@ -1,38 +1,16 @@
 """The course's from-scratch XOR program (seeds/004), run on fastnn with only its imports changed."""
 import contextlib
 import io
+import pathlib
 import re
 
 import numpy as np
 
-TUTORIAL_PROGRAM = '''
-import numpy as np
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
-from fastnn import Network
-from fastnn import FCLayer
-from fastnn import ActivationLayer
-from fastnn.activations import tanh, tanh_prime
-from fastnn.losses import mse, mse_prime
-
-# training data
-x_train = np.array([[[0,0]], [[0,1]], [[1,0]], [[1,1]]])
-y_train = np.array([[[0]], [[1]], [[1]], [[0]]])
-
-# network
-net = Network()
-net.add(FCLayer(2, 3))
-net.add(ActivationLayer(tanh, tanh_prime))
-net.add(FCLayer(3, 1))
-net.add(ActivationLayer(tanh, tanh_prime))
-
-# train
-net.use(mse, mse_prime)
-net.fit(x_train, y_train, epochs=1000, learning_rate=0.1)
-
-# test
-out = net.predict(x_train)
-print(out)
-'''
+# The tutorial program itself: examples/xor_tutorial.py (test_examples checks that it differs
+# from the course's program only in its import lines).
+TUTORIAL_PROGRAM = (REPO / "examples" / "xor_tutorial.py").read_text()
 
 
 def run_tutorial(seed):
