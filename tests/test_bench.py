@@ -38,6 +38,23 @@ def test_quick_w6_writes_json(tmp_path, capsys):
     assert "ReLU forward 16M" in printed and "BLAS in use" in printed
 
 
+def test_torch_alone_times_pytorch_in_its_own_process(tmp_path):
+    """--compare torch-alone: every torch row of the workload comes back from the child
+    process as a torch-alone row, and PyTorch's targets are judged against it too."""
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--workload", "W6", "--compare", "torch,torch-alone", "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert "errors" not in report
+    rows = {(r["metric"], r["impl"]): r for r in report["results"]}
+    for metric in ("ReLU forward 16M", "ReLU backward 16M"):
+        alone = rows[(metric, "torch-alone")]
+        assert alone["error"] == "" and len(alone["seconds_per_call"]) == 3
+        assert alone["median"] > 0 and alone["unit"] == rows[(metric, "torch")]["unit"]
+    assert {t["peer"] for t in report["targets"]} == {"copy", "torch", "torch-alone"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workload", "W9"], "unknown workload"),
     (["--compare", "numpy,jax"], "unknown peer"),

@@ -1,7 +1,8 @@
 """``fastnn-bench``: the workloads W0-W7 on fastnn against NumPy and PyTorch.
 
-    fastnn-bench [--workload NAME ...] [--device cpu|cuda] [--compare numpy,torch]
-                 [--threads N] [--quick] [--json FILE] [--keep-blas-env]
+    fastnn-bench [--workload NAME ...] [--device cpu|cuda]
+                 [--compare numpy,torch,torch-alone] [--threads N] [--quick]
+                 [--json FILE] [--keep-blas-env]
 
 Thread counts and OpenBLAS's kernel choice are fixed when the libraries load,
 and ``import fastnn`` has already loaded NumPy by the time this module runs.
@@ -12,6 +13,14 @@ Called in-process as ``main([...])`` (tests), it cannot change an already
 loaded library: it limits threads with threadpoolctl and reports the BLAS
 kernel as it finds it. The kernel actually running is always reported
 (threadpoolctl: internal_api, architecture, num_threads).
+
+PyTorch's wheel bundles a libgomp with the same soname as the one fastnn's
+extension loads, so in one process both run under one OpenMP runtime,
+configured by whichever loaded first: the ``torch`` peer runs under fastnn's
+``OMP_WAIT_POLICY=passive``. The ``torch-alone`` peer times PyTorch's
+implementations again in a process of their own that loads PyTorch first
+(libgomp's defaults), before the in-process rounds; its rows are not
+interleaved with fastnn's, so a change of load between the two is not evened out.
 """
 import argparse
 import json
@@ -26,7 +35,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 BLAS_PIN_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _EXEC_MARK = "FASTNN_BENCH_ORIGINAL_ENV"        # set in the re-executed child: the parent's env
 _WORKLOAD_NAMES = ("W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
-_PEERS = ("numpy", "torch")
+_PEERS = ("numpy", "torch", "torch-alone")
+_ALONE = "torch-alone"
 
 # timing settings: (repeats, warm-up calls, minimum seconds per repeat, pause before each turn)
 _FULL = (5, 1, 0.2, 0.15)
@@ -43,7 +53,9 @@ def _parser():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default) or cuda (CuPy arrays against PyTorch CUDA)")
     p.add_argument("--compare", default="numpy,torch", metavar="PEERS",
-                   help="comma-separated peers among numpy,torch (default both; 'none' for none)")
+                   help="comma-separated peers among numpy,torch,torch-alone (default "
+                        "numpy,torch; torch-alone: PyTorch timed in a process of its own, "
+                        "with its own OpenMP settings; 'none' for none)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads for OpenMP, BLAS and PyTorch (set before they load)")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
@@ -51,6 +63,7 @@ def _parser():
                    help="write machine, versions, BLAS kernel and every repeat to FILE")
     p.add_argument("--keep-blas-env", action="store_true",
                    help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE (default: unset for this run)")
+    p.add_argument("--only-impl", default=None, help=argparse.SUPPRESS)   # the torch-alone child
     return p
 
 
@@ -217,11 +230,13 @@ def _speed_ratio(fast, peer, best=False):
     return fast.speed(best) / peer.speed(best)
 
 
-def _run_metric(metric, timing, log):
+def _run_metric(metric, timing, log, only_impl=None):
     from .timing import Result, measure_interleaved
     repeats, warmup, min_repeat_s, settle_s = timing
+    impls = [i for i in metric.impls if only_impl is None or i.name == only_impl]
+    metric.impls = impls
     results = [Result(metric.workload, metric.name, impl.name, metric.unit, metric.kind,
-                      impl.work, note=impl.note, scale=metric.scale) for impl in metric.impls]
+                      impl.work, note=impl.note, scale=metric.scale) for impl in impls]
     runnable = [(impl, res) for impl, res in zip(metric.impls, results) if impl.run is not None]
     measured = measure_interleaved([impl for impl, _ in runnable], repeats=repeats,
                                    warmup=warmup, min_repeat_s=min_repeat_s, settle_s=settle_s)
@@ -238,13 +253,52 @@ def _run_metric(metric, timing, log):
     return results
 
 
+def _torch_alone(args, log):
+    """Time the ``torch`` implementations of the selected workloads in a child
+    process that loads PyTorch before fastnn (so libgomp keeps PyTorch's
+    defaults); returns its results as ``Result`` rows named ``torch-alone``."""
+    import subprocess
+    import tempfile
+    from .timing import Result
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {package_root!r}); import torch; "
+            "from fastnn.bench import main; sys.exit(main(sys.argv[1:]))")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "alone.json")
+        argv = ["--workload", *args.workloads, "--device", args.device, "--compare", "torch",
+                "--only-impl", "torch", "--json", out]
+        argv += ["--quick"] if args.quick else []
+        argv += ["--threads", str(args.threads)] if args.threads is not None else []
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        log("  timing PyTorch alone in a process of its own ...")
+        done = subprocess.run([sys.executable, "-c", code, *argv], env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(out):
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            log(f"  torch-alone failed: {tail[0]}")
+            return [], f"torch-alone failed: {tail[0]}"
+        with open(out) as f:
+            report = json.load(f)
+    rows = []
+    for r in report["results"]:
+        rows.append(Result(r["workload"], r["metric"], _ALONE, r["unit"], r["kind"],
+                           r["work_per_call"], inner=r["calls_per_repeat"],
+                           times_s=r["seconds_per_call"] or [], error=r["error"],
+                           note="PyTorch in its own process (libgomp defaults)",
+                           scale=r.get("scale", 1.0)))
+    return rows, None
+
+
 def _targets(metrics, results):
     rows = []
     for metric in metrics:
         mine = [r for r in results if r.workload == metric.workload and r.metric == metric.name]
         by_name = {r.impl: r for r in mine}
+        goals = list(metric.targets)
+        if _ALONE in by_name:        # PyTorch's targets hold against both of its rows
+            goals += [(_ALONE, need, text) for peer, need, text in metric.targets if peer == "torch"]
         for fast in (r for r in mine if r.impl.startswith("fastnn")):
-            for peer, need, text in metric.targets:
+            for peer, need, text in goals:
                 ratio = _speed_ratio(fast, by_name.get(peer))
                 ratio_best = _speed_ratio(fast, by_name.get(peer), best=True)
                 if ratio is None:
@@ -320,6 +374,9 @@ def run(args, original_env, log=print):
             limiter = threadpool_limits(limits=args.threads)
         except ImportError:
             pass
+    alone, alone_error = [], None
+    if _ALONE in args.peers:         # first, before this process warms anything up
+        alone, alone_error = _torch_alone(args, log)
     cfg = Config(quick=args.quick, device=args.device, compare=args.peers)
     torch = cfg.torch()
     if torch is not None and args.threads is not None:
@@ -362,11 +419,15 @@ def run(args, original_env, log=print):
                 continue
             for metric in built:
                 metrics.append(metric)
-                results.extend(_run_metric(metric, timing, log))
+                results.extend(_run_metric(metric, timing, log, args.only_impl))
+                results.extend(r for r in alone
+                               if (r.workload, r.metric) == (metric.workload, metric.name))
             del built
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
+    if alone_error:
+        report.setdefault("errors", []).append(alone_error)
     targets = _targets(metrics, results)
     report["versions"] = _versions()
     report["blas"] = _blas_info()
@@ -377,7 +438,7 @@ def run(args, original_env, log=print):
                           "unit": r.unit, "kind": r.kind, "work_per_call": r.work,
                           "calls_per_repeat": r.inner, "seconds_per_call": r.times_s,
                           "median": r.median if r.ok else None, "best": r.best if r.ok else None,
-                          "note": r.note, "error": r.error} for r in results]
+                          "scale": r.scale, "note": r.note, "error": r.error} for r in results]
     report["targets"] = targets
     report["table"] = _table(results, targets)
     return report
