@@ -75,9 +75,11 @@ CONV_CASES = [
     (2, 3, 5, 4, 2, 2, 2, 1, 2),         # stride 1 but padding >= kernel: the col2im path
     (3, 2, 6, 5, 3, 3, 1, 1, (1, 0)),    # stride 1, non-square kernel and padding
     (3, 5, 9, 8, 4, 3, 3, 2, 1),         # patch rows forward, columns backward (stride 2)
-    (2, 6, 7, 9, 5, 3, 3, 1, 1),         # y.T (63, 5), grad_x.T (63, 6): transposes with ragged
-                                         # edges in both dimensions around the 4x4 blocks
+    (2, 6, 7, 9, 5, 3, 3, 1, 1),         # y.T (63, 5): a transpose with ragged edges in both
+                                         # dimensions around the 4x4 blocks
     (2, 9, 3, 3, 10, 3, 3, 1, 0),        # one output pixel, more filters than pixels
+    (2, 33, 7, 9, 5, 3, 3, 1, 1),        # grad_x by the transposed conv: grad_x.T (63, 33) ragged
+    (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 

@@ -778,8 +778,24 @@ cdef inline bint _by_rows(const fnn_geometry *g) noexcept nogil:
 
 
 cdef inline bint _backward_by_rows(const fnn_geometry *g) noexcept nogil:
-    """Whether the backward pass uses patch rows and the transposed conv."""
+    """Whether the backward pass takes grad_W on patch rows."""
     return _by_rows(g) and _transposable(g)
+
+
+# From this many input channels up, grad_x is the transposed conv (patch rows of
+# grad_y, a GEMM with C columns); below, W.T @ grad_y and col2im: the transposed
+# conv runs over every input pixel with all kh*kw taps (about twice the flops of a
+# valid conv) and a GEMM only C wide. Backward, one thread, best of 7 x 20 calls
+# (two alternated rounds, load 1-1.5), col2im against transposed: LeNet's conv
+# (N64 C6 14x14 K16 5x5) 1.27-1.39 against 1.89-2.15 ms; N32 C16 16x16 K32 3x3
+# 2.70-3.13 against 3.00-3.04; N16 C32 2.56-2.79 against 2.36-2.75; N8 C64
+# 32x32 K64 3x3 16.6-17.0 against 16.4-17.0 ms.
+DEF TRANSPOSED_MIN_CHANNELS = 32
+
+
+cdef inline bint _grad_x_transposed(const fnn_geometry *g) noexcept nogil:
+    """Whether grad_x is the transposed conv (else W.T @ grad_y + col2im)."""
+    return _backward_by_rows(g) and g.c >= TRANSPOSED_MIN_CHANNELS
 
 
 cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept nogil:
@@ -900,9 +916,12 @@ cdef void _backward_buffers(const fnn_geometry *g, long k, long *first, long *se
     cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
     if _pointwise(g):
         first[0] = second[0] = 0
-    elif _backward_by_rows(g):
+    elif _grad_x_transposed(g):
         first[0] = max(g.c * hw, k * ohw)   # x, grad_y, then grad_x.T: channels last
         second[0] = max(ohw * kk * g.c, hw * kk * k)    # their patch rows
+    elif _backward_by_rows(g):
+        first[0] = g.c * hw                 # x, channels last
+        second[0] = ohw * kk * g.c          # its patch rows, then grad_x's columns
     else:
         first[0] = second[0] = g.c * kk * ohw           # im2col columns, their gradient
 
@@ -918,7 +937,8 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
 
     - 1x1 stride 1: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
     - stride 1 on patch rows: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and
-      grad_x = the conv of grad_y with ``weights`` = flipped W as (C, kh, kw, K);
+      grad_x = the conv of grad_y with ``weights`` = flipped W as (C, kh, kw, K)
+      (``_grad_x_transposed``), else grad_x = col2im(W.T @ grad_y) (``weights`` W);
     - otherwise: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
       grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw)).
     """
@@ -938,6 +958,11 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
         _gemm(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
               <int>ckk, 1, grad_w, <int>ckk)
         if grad_x == NULL:
+            return
+        if not _grad_x_transposed(g):
+            _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+                  <int>ohw, 0, second, <int>ohw)
+            _col2im(second, 1, g, grad_x, ohw, parallel)
             return
         t = _transposed_geometry(g, k)
         _transpose(grad_y, k, ohw, first, parallel)
@@ -1019,8 +1044,9 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     OpenMP over the samples, single-threaded GEMMs per sample; each of a fixed
     set of sample chunks keeps its own grad_W/grad_b sums (added at the end in
     chunk order), so no two threads write one value and every call gives the
-    same bits. With stride 1 (padding < kernel), grad_x is the conv of grad_y with
-    the flipped weights: a GEMM as deep as the forward one and no col2im.
+    same bits. With stride 1 (padding < kernel) and from 32 input channels, grad_x
+    is the conv of grad_y with the flipped weights: a GEMM as deep as the forward
+    one and no col2im.
     Workspace: threads * 2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
     elements + min(N, 4*threads) * (K*C*kh*kw + K).
     """
@@ -1041,7 +1067,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef cnp.ndarray workspace = _take_workspace(
         threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
     cdef cnp.ndarray weights = W
-    if by_rows:   # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
+    if _grad_x_transposed(&g):   # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
         weights = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
