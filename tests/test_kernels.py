@@ -280,6 +280,20 @@ def test_maxpool2d_compiled_matches_reference(dtype, case):
                  run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape), dtype)
 
 
+@pytest.mark.parametrize("kh, kw, stride", [(2, 2, 2), (3, 3, 2)])
+def test_maxpool2d_parallel_matches_reference(kh, kw, stride):
+    """Above 2^21 elements the compiled pool splits its planes over the threads."""
+    rng = np.random.default_rng(11)
+    x = np.round(random(rng, (2, 8, 383, 385), np.float32))     # 2.36M elements
+    y_ref, arg_ref = run_on("numpy", kernels.maxpool2d_forward, x, kh, kw, stride)
+    y, arg = run_on("cpu", kernels.maxpool2d_forward, x, kh, kw, stride)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(arg, arg_ref)
+    grad_y = random(rng, y.shape, np.float32)
+    np.testing.assert_array_equal(run_on("cpu", kernels.maxpool2d_backward, grad_y, arg, x.shape),
+                                  run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape))
+
+
 def test_maxpool2d_ties_and_nan(backend_name):
     x = np.zeros((1, 1, 4, 4))
     x[0, 0, 3, 2] = np.nan
@@ -303,7 +317,7 @@ def test_maxpool2d_gradient_by_finite_differences(backend_name):
 
 # --- ReLU -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (300, 400)])   # last one runs in parallel
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (1500, 1500)])  # last one runs in parallel
 def test_relu(backend_name, dtype, shape):
     rng = np.random.default_rng(13)
     x = random(rng, shape, dtype)
