@@ -132,12 +132,12 @@ static void wino_unit_outputs(const wino_plan *p, const wino_unit *q, long *o_lo
 }
 
 /* Elements of one thread's buffers: input region, V, M, output region, a
- * scratch row for outputs past the edge. */
+ * scratch row for outputs past the edge, a scratch tile. */
 static long wino_thread_elems(const wino_plan *p)
 {
     return p->ns * p->in_rows * p->in_cols * p->ch_in + 16 * p->tiles * p->ch_in
          + 16 * p->tiles * p->ch_out + p->ns * p->out_rows * p->out_cols * p->ch_out
-         + p->ch_out;
+         + p->ch_out + 16 * wino_max(p->ch_in, p->ch_out);
 }
 
 #endif /* FNN_WINOGRAD_COMMON */
@@ -223,77 +223,85 @@ static void NAME(wino_scatter)(const T *region, long ch, long h, long w, long ns
 }
 
 /* --- the transforms, vectorized over channels ------------------------------- */
+/* Each in two separable passes through a scratch tile `tmp` (16*ch elements, in
+ * L1), so that every loop reads and writes at most 4 streams: one pass over the
+ * 16 streams of a tile spilled its pointers to the stack and ran 3x slower. */
 
-/* out[xi*ld + c] = (B^T d B)[xi] for c < ch, d[i][j] = p[4i+j][c]. */
-static void NAME(wino_input_tile)(const T *const *p, T *restrict out, long ld, long ch)
+/* out[xi*ch + c] = (B^T d B)[xi] for c < ch, d[i][j] = p[4i+j][c]. */
+static void NAME(wino_input_tile)(const T *const *p, T *restrict out, T *restrict tmp, long ch)
 {
-    const T *p00 = p[0], *p01 = p[1], *p02 = p[2], *p03 = p[3];
-    const T *p10 = p[4], *p11 = p[5], *p12 = p[6], *p13 = p[7];
-    const T *p20 = p[8], *p21 = p[9], *p22 = p[10], *p23 = p[11];
-    const T *p30 = p[12], *p31 = p[13], *p32 = p[14], *p33 = p[15];
-    #pragma omp simd
-    for (long c = 0; c < ch; c++) {
-        /* columns: t = B^T d */
-        const T t00 = p00[c] - p20[c], t01 = p01[c] - p21[c], t02 = p02[c] - p22[c], t03 = p03[c] - p23[c];
-        const T t10 = p10[c] + p20[c], t11 = p11[c] + p21[c], t12 = p12[c] + p22[c], t13 = p13[c] + p23[c];
-        const T t20 = p20[c] - p10[c], t21 = p21[c] - p11[c], t22 = p22[c] - p12[c], t23 = p23[c] - p13[c];
-        const T t30 = p10[c] - p30[c], t31 = p11[c] - p31[c], t32 = p12[c] - p32[c], t33 = p13[c] - p33[c];
-        /* rows: t B */
-        out[0 * ld + c] = t00 - t02;  out[1 * ld + c] = t01 + t02;
-        out[2 * ld + c] = t02 - t01;  out[3 * ld + c] = t01 - t03;
-        out[4 * ld + c] = t10 - t12;  out[5 * ld + c] = t11 + t12;
-        out[6 * ld + c] = t12 - t11;  out[7 * ld + c] = t11 - t13;
-        out[8 * ld + c] = t20 - t22;  out[9 * ld + c] = t21 + t22;
-        out[10 * ld + c] = t22 - t21; out[11 * ld + c] = t21 - t23;
-        out[12 * ld + c] = t30 - t32; out[13 * ld + c] = t31 + t32;
-        out[14 * ld + c] = t32 - t31; out[15 * ld + c] = t31 - t33;
+    for (int j = 0; j < 4; j++) {           /* columns: tmp = B^T d */
+        const T *d0 = p[j], *d1 = p[4 + j], *d2 = p[8 + j], *d3 = p[12 + j];
+        T *t0 = tmp + j * ch, *t1 = t0 + 4 * ch, *t2 = t0 + 8 * ch, *t3 = t0 + 12 * ch;
+        #pragma omp simd
+        for (long c = 0; c < ch; c++) {
+            t0[c] = d0[c] - d2[c];
+            t1[c] = d1[c] + d2[c];
+            t2[c] = d2[c] - d1[c];
+            t3[c] = d1[c] - d3[c];
+        }
+    }
+    for (int i = 0; i < 4; i++) {           /* rows: out = tmp B */
+        const T *t0 = tmp + 4 * i * ch, *t1 = t0 + ch, *t2 = t0 + 2 * ch, *t3 = t0 + 3 * ch;
+        T *o0 = out + 4 * i * ch, *o1 = o0 + ch, *o2 = o0 + 2 * ch, *o3 = o0 + 3 * ch;
+        #pragma omp simd
+        for (long c = 0; c < ch; c++) {
+            o0[c] = t0[c] - t2[c];
+            o1[c] = t1[c] + t2[c];
+            o2[c] = t2[c] - t1[c];
+            o3[c] = t1[c] - t3[c];
+        }
     }
 }
 
-/* q[2i+j][c] = (A^T m A)[i][j] for c < ch, m[xi] = in[xi*ld + c]. */
-static void NAME(wino_output_tile)(const T *restrict in, long ld, T *const *q, long ch)
+/* q[2i+j][c] = (A^T m A)[i][j] for c < ch, m[xi] = in[xi*ch + c]. */
+static void NAME(wino_output_tile)(const T *restrict in, T *const *q, T *restrict tmp, long ch)
 {
-    T *q00 = q[0], *q01 = q[1], *q10 = q[2], *q11 = q[3];
-    #pragma omp simd
-    for (long c = 0; c < ch; c++) {
-        /* rows: s = A^T m */
-        const T s00 = in[0 * ld + c] + in[4 * ld + c] + in[8 * ld + c];
-        const T s01 = in[1 * ld + c] + in[5 * ld + c] + in[9 * ld + c];
-        const T s02 = in[2 * ld + c] + in[6 * ld + c] + in[10 * ld + c];
-        const T s03 = in[3 * ld + c] + in[7 * ld + c] + in[11 * ld + c];
-        const T s10 = in[4 * ld + c] - in[8 * ld + c] - in[12 * ld + c];
-        const T s11 = in[5 * ld + c] - in[9 * ld + c] - in[13 * ld + c];
-        const T s12 = in[6 * ld + c] - in[10 * ld + c] - in[14 * ld + c];
-        const T s13 = in[7 * ld + c] - in[11 * ld + c] - in[15 * ld + c];
-        /* columns: s A */
-        q00[c] = s00 + s01 + s02;
-        q01[c] = s01 - s02 - s03;
-        q10[c] = s10 + s11 + s12;
-        q11[c] = s11 - s12 - s13;
+    for (int j = 0; j < 4; j++) {           /* columns: tmp (2x4) = A^T m */
+        const T *m0 = in + j * ch, *m1 = m0 + 4 * ch, *m2 = m0 + 8 * ch, *m3 = m0 + 12 * ch;
+        T *t0 = tmp + j * ch, *t1 = t0 + 4 * ch;
+        #pragma omp simd
+        for (long c = 0; c < ch; c++) {
+            t0[c] = m0[c] + m1[c] + m2[c];
+            t1[c] = m1[c] - m2[c] - m3[c];
+        }
+    }
+    for (int i = 0; i < 2; i++) {           /* rows: q = tmp A */
+        const T *t0 = tmp + 4 * i * ch, *t1 = t0 + ch, *t2 = t0 + 2 * ch, *t3 = t0 + 3 * ch;
+        T *q0 = q[2 * i], *q1 = q[2 * i + 1];
+        #pragma omp simd
+        for (long c = 0; c < ch; c++) {
+            q0[c] = t0[c] + t1[c] + t2[c];
+            q1[c] = t1[c] - t2[c] - t3[c];
+        }
     }
 }
 
-/* out[xi*ld + c] = (A a A^T)[xi] for c < ch, a[i][j] = q[2i+j][c] (a 2x2 block of
+/* out[xi*ch + c] = (A a A^T)[xi] for c < ch, a[i][j] = q[2i+j][c] (a 2x2 block of
  * grad_y), A = [1 0; 1 1; 1 -1; 0 -1]. */
-static void NAME(wino_grad_tile)(const T *const *q, T *restrict out, long ld, long ch)
+static void NAME(wino_grad_tile)(const T *const *q, T *restrict out, T *restrict tmp, long ch)
 {
-    const T *q00 = q[0], *q01 = q[1], *q10 = q[2], *q11 = q[3];
-    #pragma omp simd
-    for (long c = 0; c < ch; c++) {
-        /* rows: r = A a (4x2) */
-        const T r00 = q00[c], r01 = q01[c];
-        const T r10 = q00[c] + q10[c], r11 = q01[c] + q11[c];
-        const T r20 = q00[c] - q10[c], r21 = q01[c] - q11[c];
-        const T r30 = -q10[c], r31 = -q11[c];
-        /* columns: r A^T (4x4) */
-        out[0 * ld + c] = r00;  out[1 * ld + c] = r00 + r01;
-        out[2 * ld + c] = r00 - r01;  out[3 * ld + c] = -r01;
-        out[4 * ld + c] = r10;  out[5 * ld + c] = r10 + r11;
-        out[6 * ld + c] = r10 - r11;  out[7 * ld + c] = -r11;
-        out[8 * ld + c] = r20;  out[9 * ld + c] = r20 + r21;
-        out[10 * ld + c] = r20 - r21; out[11 * ld + c] = -r21;
-        out[12 * ld + c] = r30; out[13 * ld + c] = r30 + r31;
-        out[14 * ld + c] = r30 - r31; out[15 * ld + c] = -r31;
+    for (int j = 0; j < 2; j++) {           /* columns: tmp (4x2) = A a */
+        const T *a0 = q[j], *a1 = q[2 + j];
+        T *t0 = tmp + j * ch, *t1 = t0 + 2 * ch, *t2 = t0 + 4 * ch, *t3 = t0 + 6 * ch;
+        #pragma omp simd
+        for (long c = 0; c < ch; c++) {
+            t0[c] = a0[c];
+            t1[c] = a0[c] + a1[c];
+            t2[c] = a0[c] - a1[c];
+            t3[c] = -a1[c];
+        }
+    }
+    for (int i = 0; i < 4; i++) {           /* rows: out = tmp A^T */
+        const T *t0 = tmp + 2 * i * ch, *t1 = t0 + ch;
+        T *o0 = out + 4 * i * ch, *o1 = o0 + ch, *o2 = o0 + 2 * ch, *o3 = o0 + 3 * ch;
+        #pragma omp simd
+        for (long c = 0; c < ch; c++) {
+            o0[c] = t0[c];
+            o1[c] = t0[c] + t1[c];
+            o2[c] = t0[c] - t1[c];
+            o3[c] = -t1[c];
+        }
     }
 }
 
@@ -352,11 +360,12 @@ static void NAME(wino_weight_grads)(const T *P, long k, long c, T *grad_w)
 
 /* The unit's input region (rows [*r_lo, +*nr) x columns [*c_lo, +*nc) of the
  * image) gathered channels last into `region`, and its tiles transformed into
- * V[xi] (p->tiles, ch_in) at V + xi * p->tiles * ch_in. */
+ * V (p->tiles, 16, ch_in): V[xi] = V + xi * ch_in is a (tiles, ch_in) matrix with
+ * row stride 16 * ch_in. tmp: 16 * ch_in elements of scratch. */
 static void NAME(wino_unit_input)(const wino_plan *p, const wino_unit *q, const T *x,
-                                  const T *zeros, T *region, T *V)
+                                  const T *zeros, T *region, T *V, T *tmp)
 {
-    const long ch = p->ch_in, ld = p->tiles * ch;
+    const long ch = p->ch_in;
     const long r_lo = wino_max(0, 2 * q->ty0 - p->ph);
     const long r_hi = wino_min(p->h, 2 * (q->ty0 + q->nty) + 2 - p->ph);
     const long c_lo = wino_max(0, 2 * q->tx0 - p->pw);
@@ -377,7 +386,7 @@ static void NAME(wino_unit_input)(const wino_plan *p, const wino_unit *q, const 
                             ? region + ((s * nr + r) * nc + col) * ch : zeros;
                     }
                 }
-                NAME(wino_input_tile)(ptr, V + t * ch, ld, ch);
+                NAME(wino_input_tile)(ptr, V + 16 * t * ch, tmp, ch);
             }
 }
 
@@ -407,10 +416,11 @@ static void NAME(wino_conv_unit)(const wino_plan *p, long u, const T *x, const T
     T *M = V + 16 * p->tiles * cin;
     T *out = M + 16 * p->tiles * cout;
     T *outside = out + p->ns * p->out_rows * p->out_cols * cout;
-    NAME(wino_unit_input)(p, &q, x, zeros, region, V);
+    T *tmp = outside + cout;
+    NAME(wino_unit_input)(p, &q, x, zeros, region, V, tmp);
     for (int xi = 0; xi < 16; xi++)   /* M[xi] (tiles, K) = V[xi] (tiles, C) @ U[xi] (C, K) */
-        gemm(0, 0, (int)tiles, (int)cout, (int)cin, 1, V + xi * p->tiles * cin, (int)cin,
-             U + xi * cin * cout, (int)cout, 0, M + xi * p->tiles * cout, (int)cout);
+        gemm(0, 0, (int)tiles, (int)cout, (int)cin, 1, V + xi * cin, (int)(16 * cin),
+             U + xi * cin * cout, (int)cout, 0, M + xi * cout, (int)(16 * cout));
     long o_lo, onr, oc_lo, onc;
     wino_unit_outputs(p, &q, &o_lo, &onr, &oc_lo, &onc);
     T *ptr[4];
@@ -419,7 +429,7 @@ static void NAME(wino_conv_unit)(const wino_plan *p, long u, const T *x, const T
             for (long tx = 0; tx < q.ntx; tx++) {
                 const long t = (s * q.nty + ty) * q.ntx + tx;
                 NAME(wino_tile_outputs)(p, s, ty, tx, out, onr, onc, outside, ptr);
-                NAME(wino_output_tile)(M + t * cout, p->tiles * cout, ptr, cout);
+                NAME(wino_output_tile)(M + 16 * t * cout, ptr, tmp, cout);
             }
     NAME(wino_scatter)(out, cout, p->oh, p->ow, q.ns, o_lo, onr, oc_lo, onc, bias,
                        y + q.s0 * cout * p->oh * p->ow);
@@ -437,7 +447,8 @@ static void NAME(wino_grad_w_unit)(const wino_plan *p, long u, const T *grad_y, 
     T *V = region + p->ns * p->in_rows * p->in_cols * cin;
     T *D = V + 16 * p->tiles * cin;
     T *gy = D + 16 * p->tiles * k;
-    NAME(wino_unit_input)(p, &q, x, zeros, region, V);
+    T *tmp = gy + p->ns * p->out_rows * p->out_cols * k + k;
+    NAME(wino_unit_input)(p, &q, x, zeros, region, V, tmp);
     long o_lo, onr, oc_lo, onc;
     wino_unit_outputs(p, &q, &o_lo, &onr, &oc_lo, &onc);
     NAME(wino_gather)(grad_y + q.s0 * k * p->oh * p->ow, k, p->oh, p->ow, q.ns, o_lo, onr,
@@ -454,11 +465,11 @@ static void NAME(wino_grad_w_unit)(const wino_plan *p, long u, const T *grad_y, 
                 const long t = (s * q.nty + ty) * q.ntx + tx;
                 /* the same pixel pointers, read here (zeros past the edge) */
                 NAME(wino_tile_outputs)(p, s, ty, tx, gy, onr, onc, (T *)zeros, (T **)ptr);
-                NAME(wino_grad_tile)(ptr, D + t * k, p->tiles * k, k);
+                NAME(wino_grad_tile)(ptr, D + 16 * t * k, tmp, k);
             }
     for (int xi = 0; xi < 16; xi++)   /* P[xi] (K, C) += D[xi].T (K, tiles) @ V[xi] (tiles, C) */
-        gemm(1, 0, (int)k, (int)cin, (int)tiles, 1, D + xi * p->tiles * k, (int)k,
-             V + xi * p->tiles * cin, (int)cin, 1, P + xi * k * cin, (int)cin);
+        gemm(1, 0, (int)k, (int)cin, (int)tiles, 1, D + xi * k, (int)(16 * k),
+             V + xi * cin, (int)(16 * cin), 1, P + xi * k * cin, (int)cin);
 }
 
 /* --- drivers -------------------------------------------------------------------- */
