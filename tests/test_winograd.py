@@ -188,7 +188,9 @@ def test_winograd_same_bits_on_one_and_two_threads():
     ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), np.float64, "im2col"),     # exact path
     ((64, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), np.float32, "im2col"),        # LeNet conv1
     ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), np.float32, "im2col"),       # LeNet conv2
-    ((32, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),       # few channels
+    ((32, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),       # 3 channels in
+    ((32, 4, 32, 32), (4, 4, 3, 3), (1, 1), (1, 1), np.float32, "winograd"),
+    ((32, 64, 32, 32), (3, 64, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),      # 3 channels out
     ((32, 64, 32, 32), (64, 64, 3, 3), (2, 2), (1, 1), np.float32, "im2col"),     # stride 2
     ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (3, 3), np.float32, "im2col"),     # padding 3
     ((32, 64, 2, 2), (64, 64, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),       # 2x2 output

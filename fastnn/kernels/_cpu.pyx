@@ -889,12 +889,17 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
 # output channel and 2x2 output tile instead of 36, in 16 small GEMMs per block
 # of tiles, plus the tile transforms. ``auto`` takes it for float32 from
 # WINOGRAD_MIN_CHANNELS input and output channels on outputs of at least
-# WINOGRAD_MIN_PIXELS pixels; float64 keeps the direct GEMMs (exact to the
-# reference's rounding; Winograd adds a few ulps, see tests/test_winograd.py).
+# WINOGRAD_MIN_PIXELS pixels; float64 keeps the patch-row GEMMs (Winograd's
+# transforms add a few ulps of round-off, see tests/test_winograd.py).
+# Measured here (N=32, 32x32, pad 1, forward + backward, one thread, best of 5,
+# patch rows / Winograd time): C=K=64 1.8x, C=K=16 1.8x, C=K=8 1.0-1.1x,
+# C=K=4 1.04x, C=4 K=64 1.27x, C=64 K=4 1.78x, but C=3 K=64 0.62x (below 4
+# input channels the patch-matrix path takes im2col columns, faster there); C=K=64
+# on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles).
 DEF CONV_AUTO = 0
 DEF CONV_WINOGRAD = 1
 DEF CONV_IM2COL = 2
-DEF WINOGRAD_MIN_CHANNELS = 16
+DEF WINOGRAD_MIN_CHANNELS = 4
 DEF WINOGRAD_MIN_PIXELS = 16
 _CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV_IM2COL}
 cdef int _conv_algorithm = CONV_AUTO
