@@ -25,7 +25,9 @@ measured 38 against 377 GFLOP/s):
   through the thread-count functions of the library, found with
   threadpoolctl) and restored afterwards. If that control cannot be found,
   or the batch is smaller than the thread count, samples run one after the
-  other with BLAS threading each GEMM.
+  other with BLAS threading each GEMM. 3x3 stride-1 float32 convs run as
+  Winograd F(2x2, 3x3) instead (csrc/winograd_template.h): OpenMP over blocks
+  of tiles, 16 single-threaded GEMMs per block, the same BLAS hold.
 
 ``fastnn.backend`` makes libgomp's idle workers sleep instead of spin
 (``OMP_WAIT_POLICY=passive`` while this module loads, unless the user chose a
@@ -1019,7 +1021,9 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     workspace) and transposes it into y[n] (NCHW) adding the bias (1x1 convs, and
     im2col columns below 4 channels: one GEMM straight into y[n]).
     Workspace: threads * (max(C*H*W, K*OH*OW) + OH*OW*C*kh*kw) elements, whatever
-    N is.
+    N is. 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
+    elements of transformed weights + per thread one block of tiles (about 512 KiB
+    of transformed tiles and its input and output regions).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
@@ -1177,7 +1181,10 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     same bits. With stride 1 (padding < kernel), grad_x is the conv of grad_y with
     the flipped weights: a GEMM as deep as the forward one and no col2im.
     Workspace: threads * 2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
-    elements + min(N, 4*threads) * (K*C*kh*kw + K).
+    elements + min(N, 4*threads) * (K*C*kh*kw + K). Where ``_use_winograd``:
+    grad_W and grad_b summed over at most 8 fixed chunks of tile blocks (16*K*C + K
+    elements each, added in chunk order: the same bits for any thread count), then
+    grad_x as the Winograd conv of grad_y with the flipped weights (padding 2 - p).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
