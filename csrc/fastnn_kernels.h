@@ -112,8 +112,8 @@ FNN_DECLARE_WINOGRAD(float, f)
 FNN_DECLARE_WINOGRAD(double, d)
 #undef FNN_DECLARE_WINOGRAD
 
-/* Bytes of one Winograd block's transformed tiles (for measurements); returns the
- * old value, and leaves it when bytes <= 0. */
-long fnn_winograd_set_block_bytes(long bytes);
+/* Tiles per Winograd block (for tests and measurements; 0: chosen from the
+ * channel counts); returns the old setting. */
+long fnn_winograd_set_tiles(long tiles);
 
 #endif

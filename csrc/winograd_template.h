@@ -30,25 +30,29 @@
 #ifndef FNN_WINOGRAD_COMMON
 #define FNN_WINOGRAD_COMMON
 
-/* Bytes of one unit's transformed tiles V and products M (16 * tiles * (C + K)
- * elements): 512 KiB keeps both in a core's L2 (1 MiB on Zen 4) next to the
- * GEMM's packed operands. Clamped to [WINO_MIN_TILES, WINO_MAX_TILES] tiles:
- * fewer tiles would re-read the 16 transformed weight matrices too often. */
-static long wino_block_bytes = 512L * 1024;
-#define WINO_MIN_TILES 16L
+/* Tiles per unit: WINO_MIN_TILES, or up to WINO_MAX_TILES while the unit's
+ * transformed tiles V and products M (16 * tiles * (C + K) elements) stay within
+ * WINO_BLOCK_BYTES (few channels: longer GEMMs). Each unit reads all 16*C*K
+ * transformed weights, so its GEMMs do tiles/2 flops per weight byte (float):
+ * measured here (one thread, forward + backward, patch rows / Winograd time),
+ * N=8 C=512 K=256 8x8: 0.82x with 16 tiles, 1.17x with 64, 1.57x with 128;
+ * N=4 C=K=512 14x14: 1.02x with 64, 1.21x with 128; W4 (C=K=64) about the
+ * same with 64 and 128 (1.9-2.0x). */
+#define WINO_BLOCK_BYTES (512L * 1024)
+#define WINO_MIN_TILES 128L
 #define WINO_MAX_TILES 256L
+static long wino_tiles_override = 0;       /* tiles per unit when > 0 (tests) */
 /* Units of the weight gradient are summed in this many fixed chunks (each with
  * its own 16*K*C partial, added in chunk order): independent of the thread count,
  * so 1 and 2 threads give the same bits. */
 #define WINO_CHUNKS 8L
 
-long fnn_winograd_set_block_bytes(long bytes)
+long fnn_winograd_set_tiles(long tiles)
 {
-    const long old = wino_block_bytes;
-    if (bytes > 0) wino_block_bytes = bytes;
+    const long old = wino_tiles_override;
+    wino_tiles_override = tiles > 0 ? tiles : 0;
     return old;
 }
-
 /* A conv (ch_in, h, w) -> (ch_out, oh, ow), cut into units of tiles. */
 typedef struct {
     long n, ch_in, h, w, ch_out, oh, ow;
@@ -77,8 +81,9 @@ static wino_plan wino_make_plan(long n, long ch_in, long h, long w, long ph, lon
     p.ow = w + 2 * pw - 2;
     p.th = (p.oh + 1) / 2;
     p.tw = (p.ow + 1) / 2;
-    long budget = wino_block_bytes / (16 * (ch_in + ch_out) * elem);
+    long budget = WINO_BLOCK_BYTES / (16 * (ch_in + ch_out) * elem);
     budget = wino_max(WINO_MIN_TILES, wino_min(WINO_MAX_TILES, budget));
+    if (wino_tiles_override) budget = wino_tiles_override;
     const long per_sample = p.th * p.tw;
     if (per_sample <= budget) {             /* whole samples */
         p.ns = wino_max(1, wino_min(n, budget / per_sample));

@@ -33,12 +33,12 @@ def winograd():
     backend.use(previous_backend)
 
 
-@pytest.fixture
-def small_blocks():
-    """The smallest blocks of tiles: bands of one tile row, pieces of wide rows."""
-    old = _cpu._set_winograd_block_bytes(1)
+@pytest.fixture(params=[1, 5, 40])
+def small_blocks(request):
+    """Small blocks of tiles: bands of tile rows, pieces of tile rows, single tiles."""
+    old = _cpu._set_winograd_tiles(request.param)
     yield
-    _cpu._set_winograd_block_bytes(old)
+    _cpu._set_winograd_tiles(old)
 
 
 def inputs(n, c, k, h, w, dtype, seed=0):
@@ -93,7 +93,8 @@ def test_winograd_matches_reference(winograd, case, dtype):
                                   (3, 4, 4, 40, 9, (2, 0)), (2, 16, 17, 32, 32, (1, 1))],
                          ids=["bands", "row-pieces", "tall", "w4-like"])
 def test_winograd_small_blocks_match_reference(winograd, small_blocks, case):
-    """Units of one tile row, and pieces of one tile row, with their edge tiles."""
+    """Units of a few tile rows, pieces of one tile row, single tiles, with their edge
+    tiles (the default blocks hold whole samples of these)."""
     n, c, k, h, w, padding = case
     x, W, b = inputs(n, c, k, h, w, np.float64, seed=2)
     grad_y = np.random.default_rng(3).standard_normal(
@@ -154,7 +155,7 @@ DIGEST_SCRIPT = """
     from fastnn.kernels import _cpu
     backend.use("cpu")
     _cpu._set_conv_algorithm("winograd")
-    _cpu._set_winograd_block_bytes(40000)     # many units and several chunks
+    _cpu._set_winograd_tiles(18)              # many units and several chunks
     rng = np.random.default_rng(11)
     x = rng.standard_normal((9, 16, 20, 22)).astype(np.float32)
     W = rng.standard_normal((17, 16, 3, 3)).astype(np.float32)

@@ -115,7 +115,7 @@ cdef extern from "fastnn_kernels.h" nogil:
                                  const fnn_geometry *g, const double *w, long k,
                                  double *grad_x, double *grad_w, double *grad_b, double *work,
                                  int threads, fnn_gemm_fn_d gemm)
-    long fnn_winograd_set_block_bytes(long nbytes)
+    long fnn_winograd_set_tiles(long tiles)
 
 
 # --- typed helpers (one body for float and double) ---------------------------------
@@ -920,9 +920,10 @@ def _set_conv_algorithm(str name):
     return old
 
 
-def _set_winograd_block_bytes(long nbytes):
-    """Bytes of one block's transformed tiles (for measurements); returns the old value."""
-    return fnn_winograd_set_block_bytes(nbytes)
+def _set_winograd_tiles(long tiles):
+    """Tiles per Winograd block (for tests and measurements; 0: chosen from the channel
+    counts, see csrc/winograd_template.h); returns the old setting."""
+    return fnn_winograd_set_tiles(tiles)
 
 
 cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single):
@@ -1022,8 +1023,8 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     im2col columns below 4 channels: one GEMM straight into y[n]).
     Workspace: threads * (max(C*H*W, K*OH*OW) + OH*OW*C*kh*kw) elements, whatever
     N is. 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
-    elements of transformed weights + per thread one block of tiles (about 512 KiB
-    of transformed tiles and its input and output regions).
+    elements of transformed weights + per thread one block of 128-256 tiles (its
+    transformed tiles, 16*tiles*(C+K) elements, and its input and output regions).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
