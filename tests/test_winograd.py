@@ -195,6 +195,8 @@ def test_winograd_same_bits_on_one_and_two_threads():
     ((32, 64, 32, 32), (64, 64, 3, 3), (2, 2), (1, 1), np.float32, "im2col"),     # stride 2
     ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (3, 3), np.float32, "im2col"),     # padding 3
     ((32, 64, 2, 2), (64, 64, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),       # 2x2 output
+    ((1, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),   # few tiles in all
+    ((4, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), np.float32, "winograd"),
 ])
 def test_auto_chooses_winograd_where_it_pays(x_shape, w_shape, stride, padding, dtype, choice):
     assert _cpu._conv_choice(x_shape, w_shape, stride, padding, dtype) == choice

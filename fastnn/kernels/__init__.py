@@ -286,9 +286,9 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0):
     sample's patches per thread (threads * (C*H*W + C*kh*kw*OH*OW) elements),
     the NumPy reference one chunk of samples whose columns fit in 32 MiB (or
     one sample, if larger). Compiled float32 3x3 stride-1 convs (padding <= 2,
-    >= 4 channels in and out) run as Winograd F(2x2, 3x3): per thread one block
-    of 128-256 tiles (16*tiles*(C+K) elements transformed), plus 16*C*K
-    transformed weights.
+    >= 4 channels in and out, enough output pixels) run as Winograd F(2x2, 3x3):
+    per thread one block of 128-256 tiles (16*tiles*(C+K) elements
+    transformed), plus 16*C*K transformed weights.
     """
     who = "conv2d_forward"
     stride, padding, _, _ = _conv_geometry(who, x, W, stride, padding)

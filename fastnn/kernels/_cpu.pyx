@@ -891,18 +891,23 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
 # output channel and 2x2 output tile instead of 36, in 16 small GEMMs per block
 # of tiles, plus the tile transforms. ``auto`` takes it for float32 from
 # WINOGRAD_MIN_CHANNELS input and output channels on outputs of at least
-# WINOGRAD_MIN_PIXELS pixels; float64 keeps the patch-row GEMMs (Winograd's
-# transforms add a few ulps of round-off, see tests/test_winograd.py).
+# WINOGRAD_MIN_PIXELS pixels per sample and WINOGRAD_MIN_BATCH_PIXELS in all
+# (below, the per-call work on the 16*C*K transformed weights is not repaid);
+# float64 keeps the patch-row GEMMs (Winograd's transforms add a few ulps of
+# round-off, see tests/test_winograd.py).
 # Measured here (N=32, 32x32, pad 1, forward + backward, one thread, best of 5,
 # patch rows / Winograd time): C=K=64 1.8x, C=K=16 1.8x, C=K=8 1.0-1.1x,
 # C=K=4 1.04x, C=4 K=64 1.27x, C=64 K=4 1.78x, but C=3 K=64 0.62x (below 4
 # input channels the patch-matrix path takes im2col columns, faster there); C=K=64
-# on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles).
+# on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles);
+# N=1 16x16 C=K=64 1.06x, C=K=128 0.94x, N=1 14x14 C=K=256 0.78x, N=2 8x8
+# C=K=64 0.89x, but N=8 8x8 C=K=128 1.33x and N=4 14x14 C=K=512 1.21x.
 DEF CONV_AUTO = 0
 DEF CONV_WINOGRAD = 1
 DEF CONV_IM2COL = 2
 DEF WINOGRAD_MIN_CHANNELS = 4
 DEF WINOGRAD_MIN_PIXELS = 16
+DEF WINOGRAD_MIN_BATCH_PIXELS = 512
 _CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV_IM2COL}
 cdef int _conv_algorithm = CONV_AUTO
 
@@ -934,7 +939,8 @@ cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single):
     if _conv_algorithm == CONV_WINOGRAD:
         return True
     return (single and g.c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS
-            and g.oh * g.ow >= WINOGRAD_MIN_PIXELS)
+            and g.oh * g.ow >= WINOGRAD_MIN_PIXELS
+            and n * g.oh * g.ow >= WINOGRAD_MIN_BATCH_PIXELS)
 
 
 def _conv_choice(tuple x_shape, tuple w_shape, tuple stride, tuple padding, dtype):
