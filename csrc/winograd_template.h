@@ -18,9 +18,10 @@
  * Layout: channels last. A unit of work is a block of at most `tiles` tiles:
  * several whole samples (small images) or one band of tile rows (or of tile
  * columns) of one sample. Its input region is copied to (pixels, C), the
- * transformed tiles are V[xi] (tiles, C), the GEMMs give M[xi] (tiles, K) =
- * V[xi] @ U[xi] (C, K), and the output region (pixels, K) is transposed into
- * NCHW, adding the bias. The blocks depend only on the shapes, so the result
+ * transformed tiles are V (tiles, 16, C), so V[xi] = V + xi*C is a (tiles, C)
+ * matrix with row stride 16*C; the GEMMs give M[xi] (tiles, K) = V[xi] @ U[xi]
+ * (C, K) in M (tiles, 16, K), and the output region (pixels, K) is transposed
+ * into NCHW, adding the bias. The blocks depend only on the shapes, so the result
  * does not depend on the thread count or on which thread ran which unit.
  */
 #define CAT_(a, b) a##_##b
@@ -34,10 +35,10 @@
  * transformed tiles V and products M (16 * tiles * (C + K) elements) stay within
  * WINO_BLOCK_BYTES (few channels: longer GEMMs). Each unit reads all 16*C*K
  * transformed weights, so its GEMMs do tiles/2 flops per weight byte (float):
- * measured here (one thread, forward + backward, patch rows / Winograd time),
- * N=8 C=512 K=256 8x8: 0.82x with 16 tiles, 1.17x with 64, 1.57x with 128;
- * N=4 C=K=512 14x14: 1.02x with 64, 1.21x with 128; W4 (C=K=64) about the
- * same with 64 and 128 (1.9-2.0x). */
+ * measured here (forward + backward, patch-row time / Winograd time),
+ * N=8 C=512 K=256 8x8: 0.82x with 16 tiles (two threads); one thread, 1.17x
+ * with 64, 1.57x with 128; N=4 C=K=512 14x14: 1.02x with 64, 1.21x with 128;
+ * W4 (C=K=64) about the same with 64 and 128 (1.9-2.0x). */
 #define WINO_BLOCK_BYTES (512L * 1024)
 #define WINO_MIN_TILES 128L
 #define WINO_MAX_TILES 256L
@@ -53,6 +54,7 @@ long fnn_winograd_set_tiles(long tiles)
     wino_tiles_override = tiles > 0 ? tiles : 0;
     return old;
 }
+
 /* A conv (ch_in, h, w) -> (ch_out, oh, ow), cut into units of tiles. */
 typedef struct {
     long n, ch_in, h, w, ch_out, oh, ow;
@@ -229,8 +231,10 @@ static void NAME(wino_scatter)(const T *region, long ch, long h, long w, long ns
 
 /* --- the transforms, vectorized over channels ------------------------------- */
 /* Each in two separable passes through a scratch tile `tmp` (16*ch elements, in
- * L1), so that every loop reads and writes at most 4 streams: one pass over the
- * 16 streams of a tile spilled its pointers to the stack and ran 3x slower. */
+ * L1), so that every loop reads and writes at most 4 streams. One pass over the
+ * 16 input and 16 output streams of a tile (then tiles-major, the outputs 16 KiB
+ * apart) spilled its pointers to the stack and met L1 set conflicts: 21% of
+ * the W4 time against 7% now (perf, one thread). */
 
 /* out[xi*ch + c] = (B^T d B)[xi] for c < ch, d[i][j] = p[4i+j][c]. */
 static void NAME(wino_input_tile)(const T *const *p, T *restrict out, T *restrict tmp, long ch)
