@@ -115,6 +115,7 @@ static inline void transpose_block4_f(const float *a, long lda, float *out, long
 #define S f
 #define EXP fnn_expf
 #include "kernels_template.h"
+#include "winograd_template.h"
 #undef T
 #undef UINT
 #undef S
@@ -126,6 +127,7 @@ static inline void transpose_block4_f(const float *a, long lda, float *out, long
 #define S d
 #define EXP exp
 #include "kernels_template.h"
+#include "winograd_template.h"
 #undef T
 #undef UINT
 #undef S

@@ -89,4 +89,37 @@ FNN_DECLARE(float, f)
 FNN_DECLARE(double, d)
 #undef FNN_DECLARE
 
+/* Winograd F(2x2, 3x3) convolution (winograd_template.h): 3x3 kernels, stride 1,
+ * padding 0..2 per axis, n >= 1, OpenMP over blocks of tiles (`threads`), BLAS
+ * held to one thread inside. GEMMs go through `gemm`, row-major
+ * c (m, n) = alpha * op(a) @ op(b) + beta * c (fastnn calls BLAS from Cython).
+ * `work` holds the elements the *_workspace functions give for the same
+ * arguments and thread count. */
+#define FNN_DECLARE_WINOGRAD(T, S)                                                  \
+typedef void (*fnn_gemm_fn_##S)(int trans_a, int trans_b, int m, int n, int k,       \
+                                T alpha, const T *a, int lda, const T *b, int ldb,   \
+                                T beta, T *c, int ldc);                              \
+long fnn_winograd_forward_workspace_##S(long n, const fnn_geometry *g, long k,       \
+                                        int threads);                                \
+/* y (n, k, oh, ow) = conv(x (n, c, h, w), w (k, c, 3, 3)) + bias (k,) or NULL. */   \
+void fnn_winograd_forward_##S(const T *x, long n, const fnn_geometry *g, const T *w, \
+                              long k, const T *bias, T *y, T *work, int threads,     \
+                              fnn_gemm_fn_##S gemm);                                 \
+long fnn_winograd_backward_workspace_##S(long n, const fnn_geometry *g, long k,      \
+                                         int threads, int need_grad_x);              \
+/* grad_y (n, k, oh, ow) -> grad_w (k, c, 3, 3), grad_b (k,), and grad_x (n, c, h, w) \
+ * unless NULL. Sums in a fixed order: the same bits for any thread count. */        \
+void fnn_winograd_backward_##S(const T *grad_y, const T *x, long n,                  \
+                               const fnn_geometry *g, const T *w, long k, T *grad_x, \
+                               T *grad_w, T *grad_b, T *work, int threads,           \
+                               fnn_gemm_fn_##S gemm);
+
+FNN_DECLARE_WINOGRAD(float, f)
+FNN_DECLARE_WINOGRAD(double, d)
+#undef FNN_DECLARE_WINOGRAD
+
+/* Tiles per Winograd block (for tests and measurements; 0: chosen from the
+ * channel counts); returns the old setting. */
+long fnn_winograd_set_tiles(long tiles);
+
 #endif

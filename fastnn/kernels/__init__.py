@@ -285,7 +285,10 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0):
     a workspace that does not grow with N: the compiled kernels build one
     sample's patches per thread (threads * (C*H*W + C*kh*kw*OH*OW) elements),
     the NumPy reference one chunk of samples whose columns fit in 32 MiB (or
-    one sample, if larger).
+    one sample, if larger). Compiled float32 3x3 stride-1 convs (padding <= 2,
+    >= 4 channels in and out, enough output pixels) run as Winograd F(2x2, 3x3):
+    per thread one block of 128-256 tiles (16*tiles*(C+K) elements
+    transformed), plus 16*C*K transformed weights.
     """
     who = "conv2d_forward"
     stride, padding, _, _ = _conv_geometry(who, x, W, stride, padding)
@@ -304,8 +307,10 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
     The workspace does not grow with N either: compiled, per thread two buffers
     of at most max(C, K)*kh*kw*max(H*W, OH*OW) elements, plus one
     K*C*kh*kw + K partial sum per chunk of samples (at most 4 * threads
-    chunks); reference, the forward pass's chunks. ``need_grad_x=False`` (a
-    network's first layer) skips grad_x and returns None in its place.
+    chunks); reference, the forward pass's chunks. Winograd (see conv2d_forward):
+    per thread one block of tiles, plus one 16*K*C + K partial per chunk of
+    blocks (at most 8). ``need_grad_x=False`` (a network's first layer) skips
+    grad_x and returns None in its place.
     """
     who = "conv2d_backward"
     stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)

@@ -25,7 +25,9 @@ measured 38 against 377 GFLOP/s):
   through the thread-count functions of the library, found with
   threadpoolctl) and restored afterwards. If that control cannot be found,
   or the batch is smaller than the thread count, samples run one after the
-  other with BLAS threading each GEMM.
+  other with BLAS threading each GEMM. 3x3 stride-1 float32 convs run as
+  Winograd F(2x2, 3x3) instead (csrc/winograd_template.h): OpenMP over blocks
+  of tiles, 16 single-threaded GEMMs per block, the same BLAS hold.
 
 ``fastnn.backend`` makes libgomp's idle workers sleep instead of spin
 (``OMP_WAIT_POLICY=passive`` while this module loads, unless the user chose a
@@ -89,6 +91,31 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_row_sums_d(const double *a, long rows, long cols, double *out, int accumulate)
     void fnn_broadcast_f(float *a, const float *value, long rows, long cols, int per_row)
     void fnn_broadcast_d(double *a, const double *value, long rows, long cols, int per_row)
+    ctypedef void (*fnn_gemm_fn_f)(int, int, int, int, int, float, const float *, int,
+                                   const float *, int, float, float *, int)
+    ctypedef void (*fnn_gemm_fn_d)(int, int, int, int, int, double, const double *, int,
+                                   const double *, int, double, double *, int)
+    long fnn_winograd_forward_workspace_f(long n, const fnn_geometry *g, long k, int threads)
+    long fnn_winograd_forward_workspace_d(long n, const fnn_geometry *g, long k, int threads)
+    void fnn_winograd_forward_f(const float *x, long n, const fnn_geometry *g, const float *w,
+                                long k, const float *bias, float *y, float *work, int threads,
+                                fnn_gemm_fn_f gemm)
+    void fnn_winograd_forward_d(const double *x, long n, const fnn_geometry *g, const double *w,
+                                long k, const double *bias, double *y, double *work,
+                                int threads, fnn_gemm_fn_d gemm)
+    long fnn_winograd_backward_workspace_f(long n, const fnn_geometry *g, long k, int threads,
+                                           int need_grad_x)
+    long fnn_winograd_backward_workspace_d(long n, const fnn_geometry *g, long k, int threads,
+                                           int need_grad_x)
+    void fnn_winograd_backward_f(const float *grad_y, const float *x, long n,
+                                 const fnn_geometry *g, const float *w, long k, float *grad_x,
+                                 float *grad_w, float *grad_b, float *work, int threads,
+                                 fnn_gemm_fn_f gemm)
+    void fnn_winograd_backward_d(const double *grad_y, const double *x, long n,
+                                 const fnn_geometry *g, const double *w, long k,
+                                 double *grad_x, double *grad_w, double *grad_b, double *work,
+                                 int threads, fnn_gemm_fn_d gemm)
+    long fnn_winograd_set_tiles(long tiles)
 
 
 # --- typed helpers (one body for float and double) ---------------------------------
@@ -874,6 +901,141 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
     fnn_blas_single_end()
 
 
+# --- Winograd F(2x2, 3x3) (csrc/winograd_template.h) ---------------------------------
+#
+# For 3x3 stride-1 convs with padding 0..2: 16 multiply-adds per input channel,
+# output channel and 2x2 output tile instead of 36, in 16 small GEMMs per block
+# of tiles, plus the tile transforms. ``auto`` takes it for float32 from
+# WINOGRAD_MIN_CHANNELS input and output channels on outputs of at least
+# WINOGRAD_MIN_PIXELS pixels per sample and WINOGRAD_MIN_BATCH_PIXELS in all
+# (below, the per-call work on the 16*C*K transformed weights is not repaid);
+# float64 keeps the patch-row GEMMs (Winograd's transforms add a few ulps of
+# round-off, see tests/test_winograd.py).
+# Measured here (N=32, 32x32, pad 1, forward + backward, one thread, best of 5,
+# patch rows / Winograd time): C=K=64 1.8x, C=K=16 1.8x, C=K=8 1.0-1.1x,
+# C=K=4 1.04x, C=4 K=64 1.27x, C=64 K=4 1.78x, but C=3 K=64 0.62x (below 4
+# input channels the patch-matrix path takes im2col columns, faster there); C=K=64
+# on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles);
+# N=1 16x16 C=K=64 1.06x, C=K=128 0.94x, N=1 14x14 C=K=256 0.78x, N=2 8x8
+# C=K=64 0.89x, but N=8 8x8 C=K=128 1.33x and N=4 14x14 C=K=512 1.21x.
+DEF CONV_AUTO = 0
+DEF CONV_WINOGRAD = 1
+DEF CONV_IM2COL = 2
+DEF WINOGRAD_MIN_CHANNELS = 4
+DEF WINOGRAD_MIN_PIXELS = 16
+DEF WINOGRAD_MIN_BATCH_PIXELS = 512
+_CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV_IM2COL}
+cdef int _conv_algorithm = CONV_AUTO
+
+
+def _set_conv_algorithm(str name):
+    """Choose the conv algorithm (for tests and measurements): "auto", "winograd"
+    (wherever it applies: 3x3, stride 1, padding <= 2, float32 and float64) or
+    "im2col" (the patch-matrix GEMMs); returns the previous name."""
+    global _conv_algorithm
+    if name not in _CONV_ALGORITHMS:
+        raise ValueError(f"_set_conv_algorithm: name must be one of {sorted(_CONV_ALGORITHMS)}, "
+                         f"got {name!r}")
+    old = [key for key, value in _CONV_ALGORITHMS.items() if value == _conv_algorithm][0]
+    _conv_algorithm = _CONV_ALGORITHMS[name]
+    return old
+
+
+def _set_winograd_tiles(long tiles):
+    """Tiles per Winograd block (for tests and measurements; 0: chosen from the channel
+    counts, see csrc/winograd_template.h); returns the old setting."""
+    return fnn_winograd_set_tiles(tiles)
+
+
+cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single):
+    """Whether this conv runs as Winograd F(2x2, 3x3) (see above)."""
+    if not (g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1 and g.ph <= 2 and g.pw <= 2
+            and n > 0 and k > 0 and g.c > 0) or _conv_algorithm == CONV_IM2COL:
+        return False
+    if _conv_algorithm == CONV_WINOGRAD:
+        return True
+    return (single and g.c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS
+            and g.oh * g.ow >= WINOGRAD_MIN_PIXELS
+            and n * g.oh * g.ow >= WINOGRAD_MIN_BATCH_PIXELS)
+
+
+def _conv_choice(tuple x_shape, tuple w_shape, tuple stride, tuple padding, dtype):
+    """"winograd" or "im2col": what conv2d_forward/backward run for these arguments."""
+    cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], w_shape[2], w_shape[3],
+                                    stride, padding)
+    return ("winograd" if _use_winograd(&g, x_shape[0], w_shape[0], np.dtype(dtype) == np.float32)
+            else "im2col")
+
+
+cdef int _winograd_threads():
+    """All OpenMP threads when BLAS can be held to one thread inside them, else 1."""
+    return fnn_max_threads() if blas_thread_control() else 1
+
+
+cdef void _gemm_f(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                  int lda, const float *b, int ldb, float beta, float *c, int ldc) noexcept nogil:
+    _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void _gemm_d(int trans_a, int trans_b, int m, int n, int k, double alpha, const double *a,
+                  int lda, const double *b, int ldb, double beta, double *c, int ldc) noexcept nogil:
+    _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometry *g, long k):
+    cdef long n = x.shape[0]
+    cdef int threads = _winograd_threads()
+    cdef bint single = _is_float32(x)
+    cdef long count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
+                       else fnn_winograd_forward_workspace_d(n, g, k, threads))
+    cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pb = NULL if b is None else _data(b)
+    cdef void *py = _data(y)
+    cdef void *pws = _data(workspace)
+    with nogil:
+        if single:
+            fnn_winograd_forward_f(<float*>px, n, g, <float*>pw, k, <float*>pb, <float*>py,
+                                   <float*>pws, threads, _gemm_f)
+        else:
+            fnn_winograd_forward_d(<double*>px, n, g, <double*>pw, k, <double*>pb, <double*>py,
+                                   <double*>pws, threads, _gemm_d)
+    _give_back(workspace)
+    return y
+
+
+cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
+                              const fnn_geometry *g, long k, bint need_grad_x):
+    cdef long n = x.shape[0]
+    cdef int threads = _winograd_threads()
+    cdef bint single = _is_float32(x)
+    cdef long count = (fnn_winograd_backward_workspace_f(n, g, k, threads, need_grad_x) if single
+                       else fnn_winograd_backward_workspace_d(n, g, k, threads, need_grad_x))
+    cdef cnp.ndarray grad_x = np.empty_like(x) if need_grad_x else None
+    cdef cnp.ndarray grad_w = np.empty_like(W)
+    cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pgx = _data(grad_x) if need_grad_x else NULL
+    cdef void *pgw = _data(grad_w)
+    cdef void *pgb = _data(grad_b)
+    cdef void *pws = _data(workspace)
+    with nogil:
+        if single:
+            fnn_winograd_backward_f(<float*>pg, <float*>px, n, g, <float*>pw, k, <float*>pgx,
+                                    <float*>pgw, <float*>pgb, <float*>pws, threads, _gemm_f)
+        else:
+            fnn_winograd_backward_d(<double*>pg, <double*>px, n, g, <double*>pw, k,
+                                    <double*>pgx, <double*>pgw, <double*>pgb, <double*>pws,
+                                    threads, _gemm_d)
+    _give_back(workspace)
+    return grad_x, grad_w, grad_b
+
+
 def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
     """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
 
@@ -882,11 +1044,15 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     workspace) and transposes it into y[n] (NCHW) adding the bias (1x1 convs, and
     im2col columns below 4 channels: one GEMM straight into y[n]).
     Workspace: threads * (max(C*H*W, K*OH*OW) + OH*OW*C*kh*kw) elements, whatever
-    N is.
+    N is. 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
+    elements of transformed weights + per thread one block of 128-256 tiles (its
+    transformed tiles, 16*tiles*(C+K) elements, and its input and output regions).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
+    if _use_winograd(&g, n, k, _is_float32(x)):
+        return _winograd_forward(x, W, b, &g, k)
     cdef int threads = _sample_threads(n)
     cdef long per_thread = _forward_workspace(&g, k)
     cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
@@ -1048,11 +1214,16 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     is the conv of grad_y with the flipped weights: a GEMM as deep as the forward
     one and no col2im.
     Workspace: threads * 2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
-    elements + min(N, 4*threads) * (K*C*kh*kw + K).
+    elements + min(N, 4*threads) * (K*C*kh*kw + K). Where ``_use_winograd``:
+    grad_W and grad_b summed over at most 8 fixed chunks of tile blocks (16*K*C + K
+    elements each, added in chunk order: the same bits for any thread count), then
+    grad_x as the Winograd conv of grad_y with the flipped weights (padding 2 - p).
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
+    if _use_winograd(&g, n, k, _is_float32(x)):
+        return _winograd_backward(grad_y, x, W, &g, k, need_grad_x)
     cdef int threads = _sample_threads(n)
     cdef long first, second
     _backward_buffers(&g, k, &first, &second)
