@@ -245,6 +245,12 @@ POOL_CASES = [  # (N, C, H, W, kh, kw, stride): odd sizes, overlapping windows, 
     (1, 2, 7, 9, 3, 3, 2),
     (2, 2, 5, 6, 2, 3, (1, 2)),
     (3, 1, 9, 7, 3, 2, (3, 1)),
+    # 2x2/2 rows of at least 4 outputs run 4 at a time (SSE, float32), a ragged end as
+    # one more overlapping block: LeNet's 28x28 and 10x10, and odd widths
+    (2, 3, 28, 28, 2, 2, 2),
+    (1, 2, 10, 10, 2, 2, 2),
+    (1, 1, 5, 23, 2, 2, 2),
+    (1, 1, 3, 17, 2, 2, 2),
 ]
 
 
@@ -300,6 +306,22 @@ def test_maxpool2d_ties_and_nan(backend_name):
     y, argmax = kernels.maxpool2d_forward(x, 2, 2, 2)
     np.testing.assert_array_equal(argmax[0, 0], [[0, 2], [8, 14]])   # first of equal values
     assert np.isnan(y[0, 0, 1, 1]) and not np.isnan(y[0, 0, 0, 0])    # NaN propagates
+
+
+def test_maxpool2d_ties_and_nan_wide_rows(backend_name, dtype):
+    """The same rules on rows wide enough for the 4-at-a-time 2x2 path (and its
+    overlapping last block): NaN in each window position, ties, -inf."""
+    x = np.zeros((1, 1, 4, 14), dtype=dtype)
+    for q, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (1, 1), (0, 1), (1, 0)]):
+        x[0, 0, i, 2 * q + j] = np.nan
+    x[0, 0, 2:, :] = -np.inf
+    x[0, 0, 3, 13] = 1
+    x[0, 0, 2, 5] = -1
+    y, argmax = kernels.maxpool2d_forward(x, 2, 2, 2)
+    assert np.isnan(y[0, 0, 0]).all()
+    np.testing.assert_array_equal(argmax[0, 0, 0], [0, 3, 18, 21, 23, 11, 26])
+    np.testing.assert_array_equal(y[0, 0, 1], [-np.inf, -np.inf, -1, -np.inf, -np.inf, -np.inf, 1])
+    np.testing.assert_array_equal(argmax[0, 0, 1], [28, 30, 33, 34, 36, 38, 55])
 
 
 def test_maxpool2d_gradient_by_finite_differences(backend_name):
