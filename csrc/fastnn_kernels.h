@@ -118,6 +118,19 @@ FNN_DECLARE_WINOGRAD(float, f)
 FNN_DECLARE_WINOGRAD(double, d)
 #undef FNN_DECLARE_WINOGRAD
 
+/* Direct float32 convolution for few output channels (direct_conv.c): stride 1,
+ * 1 <= k <= FNN_DIRECT_MAX_K, output rows of at least 8 pixels (fnn_direct_conv_fits).
+ * One sample: y (k, oh, ow) = conv(x (c, h, w)) + bias, with the weights as
+ * wt (c*kh*kw, kp) (transposed, columns zero-padded to kp = k rounded up to
+ * fnn_direct_conv_block(k)) and bias (kp,) zero-padded too. work: the padded input,
+ * fnn_direct_conv_workspace elements. */
+#define FNN_DIRECT_MAX_K 16
+int fnn_direct_conv_fits(const fnn_geometry *g, long k);
+long fnn_direct_conv_block(long k);
+long fnn_direct_conv_workspace(const fnn_geometry *g);
+void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
+                               long k, const float *bias, float *y, float *work);
+
 /* Tiles per Winograd block (for tests and measurements; 0: chosen from the
  * channel counts); returns the old setting. */
 long fnn_winograd_set_tiles(long tiles);

@@ -80,6 +80,17 @@ CONV_CASES = [
     (2, 9, 3, 3, 10, 3, 3, 1, 0),        # one output pixel, more filters than pixels
     (2, 33, 7, 9, 5, 3, 3, 1, 1),        # grad_x by the transposed conv: grad_x.T (63, 33) ragged
     (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
+    # float32 stride 1, K <= 16, rows of >= 8 pixels: the direct conv forward (blocks of
+    # 4, 6 or 8 channels, 8 pixels, a ragged row end overlapping); LeNet's convs at
+    # batch 1 and 64, odd sizes
+    (1, 1, 28, 28, 6, 5, 5, 1, 2),
+    (64, 1, 28, 28, 6, 5, 5, 1, 2),
+    (64, 6, 14, 14, 16, 5, 5, 1, 0),
+    (2, 1, 13, 11, 6, 5, 5, 1, 2),
+    (2, 6, 15, 13, 16, 5, 5, 1, 0),
+    (2, 2, 9, 17, 5, 5, 5, 1, 2),
+    (2, 3, 8, 12, 11, 3, 5, 1, (0, 2)),
+    (1, 2, 6, 8, 3, 1, 1, 1, 0),         # but 1x1 keeps its GEMM on x
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 

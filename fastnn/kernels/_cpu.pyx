@@ -116,6 +116,11 @@ cdef extern from "fastnn_kernels.h" nogil:
                                  double *grad_x, double *grad_w, double *grad_b, double *work,
                                  int threads, fnn_gemm_fn_d gemm)
     long fnn_winograd_set_tiles(long tiles)
+    int fnn_direct_conv_fits(const fnn_geometry *g, long k)
+    long fnn_direct_conv_block(long k)
+    long fnn_direct_conv_workspace(const fnn_geometry *g)
+    void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
+                                   long k, const float *bias, float *y, float *work)
 
 
 # --- typed helpers (one body for float and double) ---------------------------------
@@ -761,6 +766,13 @@ def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
 # concurrent callers never share a buffer.
 _workspace_pool = []
 
+# Which conv algorithm runs: chosen per shape (CONV_AUTO), or forced for tests and
+# measurements (_set_conv_algorithm; see the Winograd section below).
+DEF CONV_AUTO = 0
+DEF CONV_WINOGRAD = 1
+DEF CONV_IM2COL = 2
+cdef int _conv_algorithm = CONV_AUTO
+
 
 def _take_workspace(Py_ssize_t count, dtype):
     """A uint8 buffer holding at least ``count`` elements of ``dtype``."""
@@ -841,8 +853,15 @@ cdef inline long _forward_first(const fnn_geometry *g, long k) noexcept nogil:
 
 
 cdef inline long _forward_workspace(const fnn_geometry *g, long k) noexcept nogil:
-    """Elements of one thread's forward workspace: that buffer + the patch matrix."""
-    return _forward_first(g, k) + g.oh * g.ow * g.c * g.kh * g.kw
+    """Elements of one thread's forward workspace: that buffer + the patch matrix
+    (or the direct conv's padded input)."""
+    return max(_forward_first(g, k) + g.oh * g.ow * g.c * g.kh * g.kw,
+               fnn_direct_conv_workspace(g))
+
+
+cdef inline bint _direct(const fnn_geometry *g, long k) noexcept nogil:
+    """Whether a float32 forward pass runs the direct conv (csrc/direct_conv.c)."""
+    return _conv_algorithm == CONV_AUTO and fnn_direct_conv_fits(g, k) and not _pointwise(g)
 
 
 cdef void _conv_forward_sample(const floating *x, const floating *weights,
@@ -855,6 +874,10 @@ cdef void _conv_forward_sample(const floating *x, const floating *weights,
     cdef long kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
     cdef floating beta = 0
     cdef floating *rows = work + _forward_first(g, k)
+    if floating is float:
+        if _direct(g, k):        # weights (C*kh*kw, kp), bias (kp,): see conv2d_forward
+            fnn_direct_conv_forward_f(x, g, weights, k, bias, y, work)
+            return
     if bias != NULL and not _by_rows(g):
         _broadcast(y, bias, k, ohw, 1)
         beta = 1
@@ -918,14 +941,10 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
 # on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles);
 # N=1 16x16 C=K=64 1.06x, C=K=128 0.94x, N=1 14x14 C=K=256 0.78x, N=2 8x8
 # C=K=64 0.89x, but N=8 8x8 C=K=128 1.33x and N=4 14x14 C=K=512 1.21x.
-DEF CONV_AUTO = 0
-DEF CONV_WINOGRAD = 1
-DEF CONV_IM2COL = 2
 DEF WINOGRAD_MIN_CHANNELS = 4
 DEF WINOGRAD_MIN_PIXELS = 16
 DEF WINOGRAD_MIN_BATCH_PIXELS = 512
 _CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV_IM2COL}
-cdef int _conv_algorithm = CONV_AUTO
 
 
 def _set_conv_algorithm(str name):
@@ -1058,7 +1077,16 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
     cdef cnp.ndarray weights = W
-    if _by_rows(&g):             # (K, kh, kw, C): the patch rows' order
+    cdef long kp
+    if _is_float32(x) and _direct(&g, k):     # (C*kh*kw, kp) and a bias (kp,), zero-padded
+        kp = (k + fnn_direct_conv_block(k) - 1) // fnn_direct_conv_block(k) * fnn_direct_conv_block(k)
+        weights = np.zeros((W.size // k, kp), dtype=np.float32)
+        weights[:, :k] = W.reshape(k, -1).T
+        padded = np.zeros(kp, dtype=np.float32)
+        if b is not None:
+            padded[:k] = b
+        b = padded
+    elif _by_rows(&g):           # (K, kh, kw, C): the patch rows' order
         weights = np.ascontiguousarray(W.transpose(0, 2, 3, 1))
     cdef void *px = _data(x)
     cdef void *pw = _data(weights)
