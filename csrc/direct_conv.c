@@ -16,7 +16,11 @@
 
 #include "fastnn_kernels.h"
 
+/* the helpers below are always inlined into their callers' clones */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline __attribute__((always_inline)) v8f load8(const float *p)
 {
@@ -38,7 +42,8 @@ static inline __attribute__((always_inline)) void store8(float *p, v8f v)
 
 int fnn_direct_conv_fits(const fnn_geometry *g, long k)
 {
-    return g->sh == 1 && g->sw == 1 && g->ow >= 8 && k >= 1 && k <= FNN_DIRECT_MAX_K;
+    return g->sh == 1 && g->sw == 1 && g->ow >= 8 && k >= 1 && k <= FNN_DIRECT_MAX_K
+           && g->kw <= FNN_DIRECT_MAX_KW;
 }
 
 long fnn_direct_conv_block(long k)
@@ -77,21 +82,26 @@ forward_block(const float *xp, long hp, long wp, const fnn_geometry *g, const fl
         }
 }
 
+/* x (C, h, w) -> work: the input with a zero border of the padding (returned), or x. */
+static const float *padded_input(const float *x, const fnn_geometry *g, float *work)
+{
+    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
+    if (!g->ph && !g->pw) return x;
+    memset(work, 0, (size_t)(g->c * hp * wp) * sizeof(float));
+    for (long c = 0; c < g->c; c++)
+        for (long r = 0; r < g->h; r++)
+            memcpy(work + (c * hp + r + g->ph) * wp + g->pw, x + (c * g->h + r) * g->w,
+                   (size_t)g->w * sizeof(float));
+    return work;
+}
+
 CLONES
 void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
                                long k, const float *bias, float *y, float *work)
 {
     const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
     const long kb = fnn_direct_conv_block(k), kp = (k + kb - 1) / kb * kb;
-    const float *xp = x;
-    if (g->ph || g->pw) {          /* a zero border, so the taps need no bounds checks */
-        memset(work, 0, (size_t)(g->c * hp * wp) * sizeof(float));
-        for (long c = 0; c < g->c; c++)
-            for (long r = 0; r < g->h; r++)
-                memcpy(work + (c * hp + r + g->ph) * wp + g->pw, x + (c * g->h + r) * g->w,
-                       (size_t)g->w * sizeof(float));
-        xp = work;
-    }
+    const float *xp = padded_input(x, g, work);      /* the taps need no bounds checks */
     for (long k0 = 0; k0 < k; k0 += kb) {
         const long left = k - k0 < kb ? k - k0 : kb;
         float *yk = y + k0 * g->oh * g->ow;
@@ -102,4 +112,61 @@ void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const floa
         else
             forward_block(xp, hp, wp, g, wt + k0, kp, bias + k0, yk, left, 8);
     }
+}
+
+/* grad_w (k, c, kh, kw) += the correlation of grad_y (k, oh, ow) with the padded input:
+ * per (k, c, i), kw vector sums over 8-pixel blocks of every output row (a ragged row
+ * end: the last 8 pixels with the lanes already done masked off in both operands, so
+ * an inf input meets no 0 * inf), then each summed across its lanes in a fixed order.
+ * kw <= FNN_DIRECT_MAX_KW (fnn_direct_conv_fits). */
+/* One (k, c, i): out[j] += sum over oh, ow of gy[oh, ow] * src[oh, ow + j], j < KW
+ * (a compile-time count, so the KW sums stay in registers). */
+static inline __attribute__((always_inline)) void
+grad_w_row(const float *gy, const float *src, long oh_n, long ow, long wp, v8i mask,
+           float *out, const int KW)
+{
+    v8f acc[FNN_DIRECT_MAX_KW];
+    for (int j = 0; j < KW; j++) acc[j] = (v8f){0};
+    for (long oh = 0; oh < oh_n; oh++, gy += ow, src += wp) {
+        long ow0 = 0;
+        for (; ow0 + 8 <= ow; ow0 += 8) {
+            const v8f gv = load8(gy + ow0);
+            for (int j = 0; j < KW; j++) acc[j] += gv * load8(src + ow0 + j);
+        }
+        if (ow0 < ow) {
+            ow0 = ow - 8;
+            const v8f gv = (v8f)((v8i)load8(gy + ow0) & mask);
+            for (int j = 0; j < KW; j++) acc[j] += gv * (v8f)((v8i)load8(src + ow0 + j) & mask);
+        }
+    }
+    for (int j = 0; j < KW; j++) {
+        const v8f a = acc[j];
+        out[j] += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    }
+}
+
+CLONES
+void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
+                              long k, float *grad_w, float *work)
+{
+    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, ow = g->ow, ohw = g->oh * g->ow;
+    const long tail = ow % 8;
+    const float *xp = padded_input(x, g, work);
+    v8i mask;                      /* lanes 8 - tail .. 7: the pixels the last block adds */
+    for (int l = 0; l < 8; l++) mask[l] = l >= 8 - tail ? -1 : 0;
+    for (long kk = 0; kk < k; kk++)
+        for (long c = 0; c < g->c; c++)
+            for (int i = 0; i < g->kh; i++) {
+                const float *gy = grad_y + kk * ohw, *src = xp + (c * hp + i) * wp;
+                float *out = grad_w + ((kk * g->c + c) * g->kh + i) * g->kw;
+                switch (g->kw) {
+                case 1: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 1); break;
+                case 2: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 2); break;
+                case 3: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 3); break;
+                case 4: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 4); break;
+                case 5: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 5); break;
+                case 6: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 6); break;
+                default: grad_w_row(gy, src, g->oh, ow, wp, mask, out, 7); break;
+                }
+            }
 }

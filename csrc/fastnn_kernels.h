@@ -119,17 +119,22 @@ FNN_DECLARE_WINOGRAD(double, d)
 #undef FNN_DECLARE_WINOGRAD
 
 /* Direct float32 convolution for few output channels (direct_conv.c): stride 1,
- * 1 <= k <= FNN_DIRECT_MAX_K, output rows of at least 8 pixels (fnn_direct_conv_fits).
+ * 1 <= k <= FNN_DIRECT_MAX_K, kw <= FNN_DIRECT_MAX_KW, output rows of at least 8 pixels
+ * (fnn_direct_conv_fits).
  * One sample: y (k, oh, ow) = conv(x (c, h, w)) + bias, with the weights as
  * wt (c*kh*kw, kp) (transposed, columns zero-padded to kp = k rounded up to
  * fnn_direct_conv_block(k)) and bias (kp,) zero-padded too. work: the padded input,
  * fnn_direct_conv_workspace elements. */
 #define FNN_DIRECT_MAX_K 16
+#define FNN_DIRECT_MAX_KW 7
 int fnn_direct_conv_fits(const fnn_geometry *g, long k);
 long fnn_direct_conv_block(long k);
 long fnn_direct_conv_workspace(const fnn_geometry *g);
 void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
                                long k, const float *bias, float *y, float *work);
+/* One sample: grad_w (k, c, kh, kw) += the weight gradient of grad_y (k, oh, ow). */
+void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
+                              long k, float *grad_w, float *work);
 
 /* Tiles per Winograd block (for tests and measurements; 0: chosen from the
  * channel counts); returns the old setting. */
