@@ -60,6 +60,15 @@ void fnn_transpose_bias_##S(const T *a, long rows, long cols, const T *bias, T *
  * windows add up. Parallel over (n, c) planes, so no two threads write one value. */\
 void fnn_col2im_##S(const T *cols, long n, const fnn_geometry *g, T *x, long ld,     \
                     int parallel);                                                   \
+/* a: planes of (oh, ow) -> out: planes of len = (oh-1)*wp + ow values, rows wp apart \
+ * and zero between (wp >= ow), the layout fnn_col2im_rows takes. */                 \
+void fnn_pad_rows_##S(const T *a, long planes, long oh, long ow, long wp, T *out);   \
+/* col2im of one sample for stride 1: cols (c*kh*kw, len) rows in fnn_pad_rows'       \
+ * layout with wp = w + 2*pw -> x (c, h, w), overwritten. In that layout each (i, j)  \
+ * is one add of len contiguous values at offset i*wp + j of the padded plane (the   \
+ * zeros between rows add nothing), instead of oh adds of ow values. work: (h+2*ph) \
+ * * wp elements when padded, else unused. */                                        \
+void fnn_col2im_rows_##S(const T *cols, const fnn_geometry *g, T *x, T *work);      \
 /* x: planes of (h, w) -> y, argmax: planes of (oh, ow); argmax is h_in*w + w_in,    \
  * the first maximum in row-major window order (NaN wins, as in NumPy). */           \
 void fnn_maxpool2d_forward_##S(const T *x, long planes, long h, long w, int kh,      \

@@ -190,6 +190,39 @@ void NAME(fnn_col2im)(const T *cols, long n, const fnn_geometry *g, T *x, long l
         }
 }
 
+void NAME(fnn_pad_rows)(const T *a, long planes, long oh, long ow, long wp, T *out)
+{
+    const long len = (oh - 1) * wp + ow;
+    for (long p = 0; p < planes; p++)
+        for (long r = 0; r < oh; r++) {
+            T *dst = out + p * len + r * wp;
+            memcpy(dst, a + (p * oh + r) * ow, (size_t)ow * sizeof(T));
+            if (r + 1 < oh)
+                for (long q = ow; q < wp; q++) dst[q] = 0;
+        }
+}
+
+void NAME(fnn_col2im_rows)(const T *cols, const fnn_geometry *g, T *x, T *work)
+{
+    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
+    const long len = (g->oh - 1) * wp + g->ow, hw = g->h * g->w;
+    const int padded = g->ph || g->pw;
+    for (long ch = 0; ch < g->c; ch++) {
+        T *plane = padded ? work : x + ch * hw;       /* (hp, wp) */
+        memset(plane, 0, (size_t)(hp * wp) * sizeof(T));
+        for (int i = 0; i < g->kh; i++)
+            for (int j = 0; j < g->kw; j++) {
+                const T *src = cols + ((ch * g->kh + i) * g->kw + j) * len;
+                T *dst = plane + i * wp + j;
+                for (long q = 0; q < len; q++) dst[q] += src[q];
+            }
+        if (padded)
+            for (long r = 0; r < g->h; r++)
+                memcpy(x + ch * hw + r * g->w, plane + (r + g->ph) * wp + g->pw,
+                       (size_t)g->w * sizeof(T));
+    }
+}
+
 void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh, int kw,
                                  int sh, int sw, T *y, int64_t *argmax)
 {

@@ -92,6 +92,7 @@ CONV_CASES = [
     (2, 3, 8, 12, 11, 3, 5, 1, (0, 2)),
     (2, 3, 9, 10, 8, 3, 3, 1, 1),        # 8 and 16 channels: 6-pixel blocks, channels in lanes
     (1, 2, 6, 8, 3, 1, 1, 1, 0),         # but 1x1 keeps its GEMM on x
+    (2, 5, 7, 9, 3, 3, 5, 1, (2, 1)),    # patch rows, grad_x by col2im on padded rows
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 
