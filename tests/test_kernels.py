@@ -79,7 +79,6 @@ CONV_CASES = [
                                          # dimensions around the 4x4 blocks
     (2, 9, 3, 3, 10, 3, 3, 1, 0),        # one output pixel, more filters than pixels
     (2, 33, 7, 9, 5, 3, 3, 1, 1),        # grad_x by the transposed conv: grad_x.T (63, 33) ragged
-    (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
     # float32 stride 1, K <= 16, rows of >= 8 pixels: the direct conv forward (blocks of
     # 4, 6 or 8 channels, 8 pixels, a ragged row end overlapping); LeNet's convs at
     # batch 1 and 64, odd sizes
@@ -93,6 +92,7 @@ CONV_CASES = [
     (2, 3, 9, 10, 8, 3, 3, 1, 1),        # 8 and 16 channels: 6-pixel blocks, channels in lanes
     (1, 2, 6, 8, 3, 1, 1, 1, 0),         # but 1x1 keeps its GEMM on x
     (2, 5, 7, 9, 3, 3, 5, 1, (2, 1)),    # patch rows, grad_x by col2im on padded rows
+    (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
 ]
 CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
 
@@ -162,6 +162,40 @@ def test_conv2d_reference_chunks_the_batch(monkeypatch):
                *_reference.conv2d_backward(grad_y, x, W, stride, padding))
     for c, w in zip(chunked, whole):
         np.testing.assert_allclose(c, w, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", [(64, 1, 28, 28, 6, 5, 5, 1, 2), (3, 6, 14, 14, 16, 5, 5, 1, 0),
+                                  (2, 2, 9, 17, 5, 5, 5, 1, 2)], ids=["lenet1", "lenet2", "odd"])
+def test_conv2d_float32_gemm_paths_match_reference(case):
+    """The patch-matrix GEMM paths that the direct float32 conv replaces (and that run on
+    CPUs without AVX2 + FMA) stay right: forced with _set_conv_algorithm("im2col")."""
+    from fastnn.kernels import _cpu
+    x, W, b, stride, padding = conv_inputs(case, np.float32)
+    grad_y = random(np.random.default_rng(5), run_on("numpy", kernels.conv2d_forward, x, W, b,
+                                                      stride, padding).shape, np.float32)
+    previous = _cpu._set_conv_algorithm("im2col")
+    try:
+        got = (run_on("cpu", kernels.conv2d_forward, x, W, b, stride, padding),
+               *run_on("cpu", kernels.conv2d_backward, grad_y, x, W, stride, padding))
+    finally:
+        _cpu._set_conv_algorithm(previous)
+    want = (run_on("numpy", kernels.conv2d_forward, x, W, b, stride, padding),
+            *run_on("numpy", kernels.conv2d_backward, grad_y, x, W, stride, padding))
+    for g, w in zip(got, want):
+        assert_close(g, w, np.float32)
+
+
+def test_conv2d_direct_is_deterministic():
+    """The direct float32 conv (LeNet's shapes): the same bits call after call."""
+    x, W, b, stride, padding = conv_inputs((64, 1, 28, 28, 6, 5, 5, 1, 2), np.float32)
+    grad_y = random(np.random.default_rng(6), (64, 6, 28, 28), np.float32)
+    first = (kernels.conv2d_forward(x, W, b, stride, padding),
+             *kernels.conv2d_backward(grad_y, x, W, stride, padding))
+    for _ in range(3):
+        again = (kernels.conv2d_forward(x, W, b, stride, padding),
+                 *kernels.conv2d_backward(grad_y, x, W, stride, padding))
+        for a, f in zip(again, first):
+            np.testing.assert_array_equal(a, f)
 
 
 def test_compiled_kernels_restore_the_blas_thread_count():

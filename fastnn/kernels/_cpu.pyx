@@ -25,7 +25,9 @@ measured 38 against 377 GFLOP/s):
   through the thread-count functions of the library, found with
   threadpoolctl) and restored afterwards. If that control cannot be found,
   or the batch is smaller than the thread count, samples run one after the
-  other with BLAS threading each GEMM. 3x3 stride-1 float32 convs run as
+  other with BLAS threading each GEMM. Float32 stride-1 convs with few output
+  channels (at most 16, e.g. LeNet's) run a direct conv per sample (no GEMM,
+  csrc/direct_conv.c) in the same loops. 3x3 stride-1 float32 convs run as
   Winograd F(2x2, 3x3) instead (csrc/winograd_template.h): OpenMP over blocks
   of tiles, 16 single-threaded GEMMs per block, the same BLAS hold.
 
@@ -981,7 +983,7 @@ _CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV
 def _set_conv_algorithm(str name):
     """Choose the conv algorithm (for tests and measurements): "auto", "winograd"
     (wherever it applies: 3x3, stride 1, padding <= 2, float32 and float64) or
-    "im2col" (the patch-matrix GEMMs); returns the previous name."""
+    "im2col" (the patch-matrix GEMMs, no direct conv either); returns the previous name."""
     global _conv_algorithm
     if name not in _CONV_ALGORITHMS:
         raise ValueError(f"_set_conv_algorithm: name must be one of {sorted(_CONV_ALGORITHMS)}, "
@@ -1097,6 +1099,10 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     N is. 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
     elements of transformed weights + per thread one block of 128-256 tiles (its
     transformed tiles, 16*tiles*(C+K) elements, and its input and output regions).
+    float32 stride-1 convs with at most 16 output channels and rows of at least 8
+    pixels (``_direct``, on CPUs with AVX2 + FMA) run the direct conv of
+    csrc/direct_conv.c per sample instead: no patch matrix, the padded input
+    (C*(H+2ph)*(W+2pw) elements) in the workspace.
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
