@@ -1211,12 +1211,17 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
               <int>ckk, 1, grad_w, <int>ckk)
         if grad_x == NULL:
             return
+        if not _grad_x_transposed(g) and parallel:     # col2im split over the planes
+            _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+                  <int>ohw, 0, second, <int>ohw)
+            _col2im(second, 1, g, grad_x, ohw, parallel)
+            return
         if not _grad_x_transposed(g):
             # grad_y's rows spaced as the padded input's: col2im is then one long add
-            # per (c, i, j) (fnn_col2im_rows) instead of oh short ones. LeNet's conv2
-            # (14x14 -> 10x10), one thread, batch 64, whole backward, best of 9 in
-            # three alternated rounds: 1257 -> 1125 us (col2im 23% -> 8% of the
-            # profile; the W.T @ grad_y GEMM is 36% wider)
+            # per (c, i, j) (fnn_col2im_rows, one thread) instead of oh short ones.
+            # LeNet's conv2 (14x14 -> 10x10), one thread, batch 64, whole backward,
+            # best of 9 in three alternated rounds: 1257 -> 1125 us (col2im 23% -> 8%
+            # of the profile; the W.T @ grad_y GEMM is 36% wider)
             len_ = _padded_len(g)
             _pad_rows(grad_y, k, g.oh, g.ow, g.w + 2 * g.pw, first)
             _gemm(True, False, <int>ckk, <int>len_, <int>k, 1, weights, <int>ckk, first,
