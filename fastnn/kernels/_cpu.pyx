@@ -55,6 +55,13 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)
     int fnn_blas_single_begin()
     void fnn_blas_single_end()
+    ctypedef void (*fnn_task_fn)(void *ctx, long i) noexcept nogil
+    int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
+    void fnn_pool_set_spin_us(long us)
+    long fnn_pool_spin_us()
+    int fnn_pool_workers()
+    void fnn_pool_stats(long *posted, long *helped)
+    void fnn_pool_set_busy(int busy)
     void fnn_im2col_f(const float *x, long n, const fnn_geometry *g, float *cols, long ld, int parallel)
     void fnn_im2col_d(const double *x, long n, const fnn_geometry *g, double *cols, long ld, int parallel)
     void fnn_col2im_f(const float *cols, long n, const fnn_geometry *g, float *x, long ld, int parallel)
@@ -122,55 +129,72 @@ cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating
               <double*>a, &lda, &beta, c, &ldc)
 
 
-cdef int _single_streak = 0          # GEMMs left to run on one thread (contention seen)
-DEF SINGLE_STREAK = 256
 DEF MAX_SPLIT_BLOCKS = 64
+
+
+ctypedef struct _gemm_job:           # one GEMM cut into blocks of c (see _gemm_split)
+    bint single, trans_a, trans_b, by_rows
+    int m, n, k, lda, ldb, ldc, width
+    double alpha, beta
+    const void *a
+    const void *b
+    void *c
+
+
+cdef inline void _gemm_block(const _gemm_job *job, int j0, floating alpha,
+                             const floating *a, const floating *b, floating beta,
+                             floating *c) noexcept nogil:
+    """Rows (by_rows) or columns [j0, j0 + width) of the job's c."""
+    if job.by_rows:
+        _gemm(job.trans_a, job.trans_b, min(job.width, job.m - j0), job.n, job.k, alpha,
+              a + (j0 if job.trans_a else <long>j0 * job.lda), job.lda, b, job.ldb, beta,
+              c + <long>j0 * job.ldc, job.ldc)
+    else:
+        _gemm(job.trans_a, job.trans_b, job.m, min(job.width, job.n - j0), job.k, alpha,
+              a, job.lda, b + (<long>j0 * job.ldb if job.trans_b else j0), job.ldb, beta,
+              c + j0, job.ldc)
+
+
+cdef void _gemm_task(void *ctx, long block) noexcept nogil:
+    cdef const _gemm_job *job = <const _gemm_job*>ctx
+    cdef int j0 = <int>block * job.width
+    if job.single:
+        _gemm_block(job, j0, <float>job.alpha, <const float*>job.a, <const float*>job.b,
+                    <float>job.beta, <float*>job.c)
+    else:
+        _gemm_block(job, j0, job.alpha, <const double*>job.a, <const double*>job.b,
+                    job.beta, <double*>job.c)
 
 
 cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                       const floating *a, int lda, const floating *b, int ldb,
                       floating beta, floating *c, int ldc) noexcept nogil:
-    """_gemm split into one block of c per OpenMP thread, each block on one BLAS thread
-    (the caller holds BLAS to one thread), taken dynamically: a thread that the
-    scheduler keeps waiting leaves its block to the others. Blocks of rows when op(a)
-    is the larger operand, else of columns (each thread packs the whole of the other
-    one). The blocks depend only on the shapes and the thread count, so the result
-    does not depend on which thread computes which block, nor on the machine's load
-    (an unsplit GEMM can round differently in its tail rows).
+    """_gemm split into one block of c per thread, each block on one BLAS thread (the
+    caller holds BLAS to one thread), run by fastnn's worker pool (csrc/pool.c):
+    blocks are taken dynamically, so a thread that the scheduler keeps waiting leaves
+    its block to the others. Blocks of rows when op(a) is the larger operand, else of
+    columns (each thread packs the whole of the other one). The blocks depend only on
+    the shapes and the thread count, so the result does not depend on which thread
+    computes which block, nor on the machine's load (an unsplit GEMM can round
+    differently in its tail rows).
 
-    If one thread ended up doing every block, the other core is busy elsewhere: the
-    blocks of the next SINGLE_STREAK medium GEMMs run one after the other on the
-    calling thread, without waking the team."""
-    global _single_streak
-    cdef bint by_rows = m > n
-    cdef int extent = m if by_rows else n
+    While the other cores are busy elsewhere, the blocks run one after the other on
+    the calling thread: the pool does that by itself (it runs jobs on the caller for
+    a while after its workers slowed one down)."""
+    cdef _gemm_job job
+    cdef int block
+    job.by_rows = m > n
+    cdef int extent = m if job.by_rows else n
     # blocks of at least 64 rows or columns: thinner ones waste the packing
     cdef int threads = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS, extent // 64))
-    cdef int width = ((extent + threads - 1) // threads + 15) // 16 * 16
-    cdef int count = (extent + width - 1) // width
-    cdef int block, j0
-    cdef int taken_by[MAX_SPLIT_BLOCKS]
-    cdef int team = threads
-    if _single_streak > 0:
-        _single_streak -= 1
-        team = 1
-    for block in prange(count, num_threads=team, schedule="dynamic"):
-        j0 = block * width
-        taken_by[block] = fnn_thread_id()
-        if by_rows:
-            _gemm(trans_a, trans_b, min(width, m - j0), n, k, alpha,
-                  a + (j0 if trans_a else <long>j0 * lda), lda, b, ldb, beta,
-                  c + <long>j0 * ldc, ldc)
-        else:
-            _gemm(trans_a, trans_b, m, min(width, n - j0), k, alpha, a, lda,
-                  b + (<long>j0 * ldb if trans_b else j0), ldb, beta, c + j0, ldc)
-    if team == 1:
-        return
-    for block in range(1, count):
-        if taken_by[block] != taken_by[0]:
-            return
-    if count > 1:
-        _single_streak = SINGLE_STREAK
+    job.width = ((extent + threads - 1) // threads + 15) // 16 * 16
+    cdef int count = (extent + job.width - 1) // job.width
+    job.single = floating is float
+    job.trans_a, job.trans_b = trans_a, trans_b
+    job.m, job.n, job.k, job.lda, job.ldb, job.ldc = m, n, k, lda, ldb, ldc
+    job.alpha, job.beta = alpha, beta
+    job.a, job.b, job.c = a, b, c
+    fnn_pool_run(_gemm_task, &job, count)
 
 
 cdef inline void _gemm_any(bint split, bint trans_a, bint trans_b, int m, int n, int k,
@@ -463,25 +487,60 @@ DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 cdef double _split_gemm_min_flops = 33554432.0          # 2^25
 
 
+# A one-sample dense forward whose W has at least this many bytes runs as a GEMV in
+# slices of outputs over the worker pool (each core streams its slice of W from its
+# own L2): MEASURE.
+cdef long _split_gemv_min_bytes = 262144
+
+
+def _set_split_gemv_min_bytes(long nbytes):
+    """Change the one-sample split threshold (for measurements and tests); returns the
+    old one."""
+    global _split_gemv_min_bytes
+    old, _split_gemv_min_bytes = _split_gemv_min_bytes, nbytes
+    return old
+
+
+def _pool_spin_us(long us=-1):
+    """How long (us) an idle pool worker spins before it sleeps; set it when us >= 0
+    (for measurements). Returns the old value."""
+    old = fnn_pool_spin_us()
+    if us >= 0:
+        fnn_pool_set_spin_us(us)
+    return old
+
+
+def _pool_workers():
+    """Worker threads the pool has started in this process (for tests)."""
+    return fnn_pool_workers()
+
+
+def _pool_stats():
+    """(jobs posted to the pool's workers, jobs in which a worker ran a task) so far in
+    this process (for measurements)."""
+    cdef long posted, helped
+    fnn_pool_stats(&posted, &helped)
+    return posted, helped
+
+
 cdef inline bint _split(double m, double n, double k):
     """Split a GEMM kept off BLAS's threads over the OpenMP team (see _gemm_split)?"""
     return 2.0 * m * n * k >= _split_gemm_min_flops and fnn_max_threads() > 1
 
 
 def _assume_busy_cores():
-    """Act as if contention had just been seen (for tests): the next split GEMMs run
-    their blocks on the calling thread."""
-    global _single_streak
-    _single_streak = SINGLE_STREAK
+    """Act as if contention had just been seen (for tests): the next split GEMMs and
+    GEMVs run their blocks on the calling thread."""
+    fnn_pool_set_busy(1)
 
 
 def _set_split_gemm_min_flops(double flops):
     """Change the split threshold (for measurements and tests; 1e300: never split) and
-    forget any contention seen, so the next split GEMM wakes the team; returns the old
-    threshold."""
-    global _split_gemm_min_flops, _single_streak
+    forget any contention seen, so the next split GEMM goes to the pool's workers;
+    returns the old threshold."""
+    global _split_gemm_min_flops
     old, _split_gemm_min_flops = _split_gemm_min_flops, flops
-    _single_streak = 0
+    fnn_pool_set_busy(0)
     return old
 
 
@@ -497,29 +556,80 @@ cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
     return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < _threaded_gemm_min_flops
 
 
+ctypedef struct _gemv_job:           # one sample's dense forward, cut into output slices
+    bint single
+    int i, o, width
+    const void *x
+    const void *weights
+    const void *bias
+    void *y
+
+
+cdef inline void _gemv(const floating *x, const floating *weights, const floating *bias,
+                       floating *y, int i, int o, int j0, int width) noexcept nogil:
+    """y[j0:j0 + width] = x @ W[:, j0:j0 + width] + bias[j0:j0 + width] for one sample x
+    (i,) and row-major W (i, o), which BLAS reads as column-major (o, i): a GEMV on
+    rows j0.. of it. A GEMM would pack all of W first (784x256: 20 against 10 us)."""
+    cdef floating beta = 0, one = 1
+    cdef int inc = 1, k
+    cdef char no_trans = b'N'
+    if bias != NULL:                 # bias first, then the GEMV adds onto it
+        for k in range(j0, j0 + width):
+            y[k] = bias[k]
+        beta = 1
+    if floating is float:
+        sgemv(&no_trans, &width, &i, &one, <float*>weights + j0, &o, <float*>x, &inc, &beta,
+              y + j0, &inc)
+    else:
+        dgemv(&no_trans, &width, &i, &one, <double*>weights + j0, &o, <double*>x, &inc, &beta,
+              y + j0, &inc)
+
+
+cdef void _gemv_task(void *ctx, long block) noexcept nogil:
+    cdef const _gemv_job *job = <const _gemv_job*>ctx
+    cdef int j0 = <int>block * job.width
+    cdef int width = min(job.width, job.o - j0)
+    if job.single:
+        _gemv(<const float*>job.x, <const float*>job.weights, <const float*>job.bias,
+              <float*>job.y, job.i, job.o, j0, width)
+    else:
+        _gemv(<const double*>job.x, <const double*>job.weights, <const double*>job.bias,
+              <double*>job.y, job.i, job.o, j0, width)
+
+
+cdef inline bint _split_gemv(long i, long o, long itemsize) noexcept nogil:
+    """Split a one-sample dense forward of W (i, o) over the worker pool?"""
+    return i * o * itemsize >= _split_gemv_min_bytes and o >= 32 and fnn_max_threads() > 1
+
+
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
                          floating *y, int n, int i, int o, bint split=False) noexcept nogil:
-    cdef floating beta = 0, one = 1
-    cdef int inc = 1
-    cdef char no_trans = b'N'
+    """y (n, o) = x (n, i) @ W (i, o) + bias. With ``split``: GEMMs in blocks over the
+    pool (_gemm_split); a single sample's GEMV in slices of outputs over the pool, each
+    on one BLAS thread (the caller holds BLAS to one thread)."""
+    cdef floating beta = 0
+    cdef _gemv_job job
+    if n == 1 and i > 0 and o > 0:
+        if not split:
+            _gemv(x, weights, bias, y, i, o, 0, o)
+            return
+        job.single = floating is float
+        job.i, job.o = i, o
+        # fixed slices (multiples of 16 outputs) whatever thread runs them
+        job.width = ((o + fnn_max_threads() - 1) // fnn_max_threads() + 15) // 16 * 16
+        job.x, job.weights, job.bias, job.y = x, weights, bias, y
+        fnn_pool_run(_gemv_task, &job, (o + job.width - 1) // job.width)
+        return
     if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
         _broadcast(y, bias, n, o, 0)
         beta = 1
-    if n == 1 and i > 0 and o > 0:
-        # one sample: GEMV. A GEMM would pack all of W first (784x256: 20 against
-        # 10 us here). Row-major W (I, O) is column-major (O, I): y = W_cm @ x.
-        if floating is float:
-            sgemv(&no_trans, &o, &i, &one, <float*>weights, &o, <float*>x, &inc, &beta, y, &inc)
-        else:
-            dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y,
-                  &inc)
-        return
     _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS
-    unless small, onto the pre-broadcast bias (beta = 1: no second pass over y)."""
+    unless small, onto the pre-broadcast bias (beta = 1: no second pass over y); one
+    sample: a GEMV, in slices over the worker pool when W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
@@ -527,8 +637,12 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
-    cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
-    cdef bint split = small and n > 1 and _split(n, i, o)
+    cdef bint split, small
+    if n == 1:
+        split = small = _split_gemv(i, o, x.itemsize) and blas_thread_control()
+    else:
+        small = _small_gemm(n, i, o) and blas_thread_control()
+        split = small and _split(n, i, o)
     with nogil:
         if small:
             fnn_blas_single_begin()
@@ -599,7 +713,7 @@ def mlp_forward(cnp.ndarray x, list layers):
     cdef void *pw
     cdef void *pb
     cdef void *py
-    cdef bint single = _is_float32(x), small, relu
+    cdef bint single = _is_float32(x), small, split, relu
     cdef list chain = []
     i = x.shape[1]
     for layer, relu in layers:           # validate everything before computing anything
@@ -620,16 +734,20 @@ def mlp_forward(cnp.ndarray x, list layers):
         y = np.empty((n, o), dtype=x.dtype)
         px, pw, py = _data(x), _data(W), _data(y)
         pb = NULL if b is None else _data(b)
-        small = _small_gemm(n, i, o) and blas_thread_control()
+        if n == 1:
+            split = small = _split_gemv(i, o, x.itemsize) and blas_thread_control()
+        else:
+            small = _small_gemm(n, i, o) and blas_thread_control()
+            split = False
         with nogil:
             if small:
                 fnn_blas_single_begin()
             if single:
-                _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
+                _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split)
                 if relu:
                     fnn_relu_forward_f(<float*>py, <float*>py, <long>n * o)
             else:
-                _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
+                _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split)
                 if relu:
                     fnn_relu_forward_d(<double*>py, <double*>py, <long>n * o)
             if small:
