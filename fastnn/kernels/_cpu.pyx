@@ -515,6 +515,41 @@ def _pool_workers():
     return fnn_pool_workers()
 
 
+ctypedef struct _nest_job:            # _pool_nested: results of the nested jobs
+    int64_t *out
+    long inner
+
+
+cdef void _sum_task(void *ctx, long i) noexcept nogil:
+    (<int64_t*>ctx)[0] += i + 1       # unsynchronized: right only when run serially
+
+
+cdef void _nest_task(void *ctx, long i) noexcept nogil:
+    cdef _nest_job *job = <_nest_job*>ctx
+    cdef int64_t total = 0
+    cdef int threads = fnn_pool_run(_sum_task, &total, job.inner)
+    job.out[2 * i] = total
+    job.out[2 * i + 1] = threads
+
+
+def _pool_nested(long outer, long inner, bint in_openmp=False):
+    """Tests of nested calls: ``outer`` tasks (a pool job, or an OpenMP loop when
+    ``in_openmp``), each running a pool job of ``inner`` tasks that add i + 1 to one
+    unsynchronized total. -> int64 (outer, 2): each nested job's total (inner *
+    (inner + 1) / 2 when it ran serially) and the threads it reported."""
+    cdef cnp.ndarray out = np.zeros((outer, 2), dtype=np.int64)
+    cdef _nest_job job
+    cdef long t
+    job.out, job.inner = <int64_t*>_data(out), inner
+    with nogil:
+        if in_openmp:
+            for t in prange(outer, num_threads=max(2, fnn_max_threads()), schedule="static"):
+                _nest_task(&job, t)
+        else:
+            fnn_pool_run(_nest_task, &job, outer)
+    return out
+
+
 def _pool_stats():
     """(jobs posted to the pool's workers, jobs in which a worker ran a task) so far in
     this process (for measurements)."""
@@ -626,6 +661,18 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
     _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
 
 
+cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
+    """How _dense_forward runs x (n, i) @ W (i, o): returns whether BLAS must be held
+    to one thread around it, and sets ``split`` (the same for dense_forward and
+    mlp_forward, so predict and forward give the same bits)."""
+    if n == 1:
+        split[0] = _split_gemv(i, o, itemsize) and blas_thread_control()
+        return split[0]
+    small = _small_gemm(n, i, o) and blas_thread_control()
+    split[0] = small and _split(n, i, o)
+    return small
+
+
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS
     unless small, onto the pre-broadcast bias (beta = 1: no second pass over y); one
@@ -637,12 +684,8 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
-    cdef bint split, small
-    if n == 1:
-        split = small = _split_gemv(i, o, x.itemsize) and blas_thread_control()
-    else:
-        small = _small_gemm(n, i, o) and blas_thread_control()
-        split = small and _split(n, i, o)
+    cdef bint split
+    cdef bint small = _dense_forward_plan(n, i, o, x.itemsize, &split)
     with nogil:
         if small:
             fnn_blas_single_begin()
@@ -734,11 +777,7 @@ def mlp_forward(cnp.ndarray x, list layers):
         y = np.empty((n, o), dtype=x.dtype)
         px, pw, py = _data(x), _data(W), _data(y)
         pb = NULL if b is None else _data(b)
-        if n == 1:
-            split = small = _split_gemv(i, o, x.itemsize) and blas_thread_control()
-        else:
-            small = _small_gemm(n, i, o) and blas_thread_control()
-            split = False
+        small = _dense_forward_plan(n, i, o, x.itemsize, &split)
         with nogil:
             if small:
                 fnn_blas_single_begin()
