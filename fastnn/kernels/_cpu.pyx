@@ -475,6 +475,10 @@ cdef int _sample_threads(long n):
 # alone (it costs microseconds, which batch-1 inference cannot spare).
 cdef double _threaded_gemm_min_flops = 134217728.0     # 2^27, about 1.5 ms on one core
 DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
+# OpenBLAS threads a GEMV from m*n = 2304 * 4 (GEMM_MULTITHREAD_THRESHOLD); a batch-1
+# dense forward holds BLAS to one thread from there: its GEMVs take microseconds, and
+# large ones are split over fastnn's pool (_split_gemv) instead.
+DEF BLAS_OWN_SINGLE_THREAD_MN = 9216.0
 
 
 # From 2^25 flops up to the threaded threshold, a GEMM is split over the OpenMP team
@@ -591,69 +595,95 @@ cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
     return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < _threaded_gemm_min_flops
 
 
-ctypedef struct _gemv_job:           # one sample's dense forward, cut into output slices
+DEF GEMV_SCRATCH = 4096             # outputs of the partial sums of a split GEMV
+
+
+ctypedef struct _gemv_job:           # one sample's dense forward, cut into blocks of inputs
     bint single
-    int i, o, width
+    int i, o, rows                   # rows: inputs (rows of W) per block
     const void *x
     const void *weights
     const void *bias
-    void *y
+    void *y                          # block 0 adds its product onto the bias here,
+    void *partial                    # block b > 0 writes its own to partial[(b-1)*o:]
 
 
 cdef inline void _gemv(const floating *x, const floating *weights, const floating *bias,
-                       floating *y, int i, int o, int j0, int width) noexcept nogil:
-    """y[j0:j0 + width] = x @ W[:, j0:j0 + width] + bias[j0:j0 + width] for one sample x
-    (i,) and row-major W (i, o), which BLAS reads as column-major (o, i): a GEMV on
-    rows j0.. of it. A GEMM would pack all of W first (784x256: 20 against 10 us)."""
+                       floating *y, int i, int o) noexcept nogil:
+    """y (o,) = x (i,) @ W (i, o) + bias (NULL: none) for one sample and row-major W,
+    which BLAS reads as column-major (o, i). A GEMM would pack all of W first
+    (784x256: 20 against 10 us)."""
     cdef floating beta = 0, one = 1
     cdef int inc = 1, k
     cdef char no_trans = b'N'
     if bias != NULL:                 # bias first, then the GEMV adds onto it
-        for k in range(j0, j0 + width):
+        for k in range(o):
             y[k] = bias[k]
         beta = 1
     if floating is float:
-        sgemv(&no_trans, &width, &i, &one, <float*>weights + j0, &o, <float*>x, &inc, &beta,
-              y + j0, &inc)
+        sgemv(&no_trans, &o, &i, &one, <float*>weights, &o, <float*>x, &inc, &beta, y, &inc)
     else:
-        dgemv(&no_trans, &width, &i, &one, <double*>weights + j0, &o, <double*>x, &inc, &beta,
-              y + j0, &inc)
+        dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y, &inc)
 
 
 cdef void _gemv_task(void *ctx, long block) noexcept nogil:
     cdef const _gemv_job *job = <const _gemv_job*>ctx
-    cdef int j0 = <int>block * job.width
-    cdef int width = min(job.width, job.o - j0)
+    cdef long r0 = block * job.rows, offset = r0 * job.o
+    cdef int rows = min(job.rows, job.i - <int>r0)
     if job.single:
-        _gemv(<const float*>job.x, <const float*>job.weights, <const float*>job.bias,
-              <float*>job.y, job.i, job.o, j0, width)
+        _gemv(<const float*>job.x + r0, <const float*>job.weights + offset,
+              <const float*>job.bias if block == 0 else NULL,
+              <float*>job.y if block == 0 else <float*>job.partial + (block - 1) * job.o,
+              rows, job.o)
     else:
-        _gemv(<const double*>job.x, <const double*>job.weights, <const double*>job.bias,
-              <double*>job.y, job.i, job.o, j0, width)
+        _gemv(<const double*>job.x + r0, <const double*>job.weights + offset,
+              <const double*>job.bias if block == 0 else NULL,
+              <double*>job.y if block == 0 else <double*>job.partial + (block - 1) * job.o,
+              rows, job.o)
+
+
+cdef inline int _gemv_blocks(long i, long o) noexcept nogil:
+    """Blocks of inputs of a split one-sample dense forward: one per thread, of at least
+    64 inputs, their partial sums within GEMV_SCRATCH."""
+    return <int>max(1, min(fnn_max_threads(), i // 64, 1 + GEMV_SCRATCH // o))
 
 
 cdef inline bint _split_gemv(long i, long o, long itemsize) noexcept nogil:
     """Split a one-sample dense forward of W (i, o) over the worker pool?"""
-    return i * o * itemsize >= _split_gemv_min_bytes and o >= 32 and fnn_max_threads() > 1
+    return i * o * itemsize >= _split_gemv_min_bytes and _gemv_blocks(i, o) > 1
+
+
+cdef void _split_gemv_run(const floating *x, const floating *weights, const floating *bias,
+                          floating *y, int i, int o) noexcept nogil:
+    """_gemv in blocks of rows of W (contiguous, so each core streams its own part of
+    W from its own cache; blocks of output columns would read W in strided pieces, 20%
+    slower on one core) over the worker pool, each on one BLAS thread (the caller holds
+    BLAS to one thread); y = block 0 + block 1 + ..., in that order. The blocks depend
+    only on the shape and the thread count: the same bits whoever runs them."""
+    cdef floating partial[GEMV_SCRATCH]
+    cdef _gemv_job job
+    cdef int count = _gemv_blocks(i, o), block, k
+    job.single = floating is float
+    job.i, job.o = i, o
+    job.rows = ((i + count - 1) // count + 15) // 16 * 16
+    count = (i + job.rows - 1) // job.rows
+    job.x, job.weights, job.bias, job.y, job.partial = x, weights, bias, y, partial
+    fnn_pool_run(_gemv_task, &job, count)
+    for block in range(count - 1):
+        for k in range(o):
+            y[k] += partial[block * o + k]
 
 
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
                          floating *y, int n, int i, int o, bint split=False) noexcept nogil:
     """y (n, o) = x (n, i) @ W (i, o) + bias. With ``split``: GEMMs in blocks over the
-    pool (_gemm_split); a single sample's GEMV in slices of outputs over the pool, each
-    on one BLAS thread (the caller holds BLAS to one thread)."""
+    pool (_gemm_split), one sample's GEMV in blocks over the pool (_split_gemv_run)."""
     cdef floating beta = 0
-    cdef _gemv_job job
     if n == 1 and i > 0 and o > 0:
-        if not split:
-            _gemv(x, weights, bias, y, i, o, 0, o)
-            return
-        job.single = floating is float
-        job.i, job.o = i, o
-        # fixed slices (multiples of 16 outputs) whatever thread runs them
-        job.width = ((o + fnn_max_threads() - 1) // fnn_max_threads() + 15) // 16 * 16
-        job.x, job.weights, job.bias, job.y = x, weights, bias, y
-        fnn_pool_run(_gemv_task, &job, (o + job.width - 1) // job.width)
+        if split:
+            _split_gemv_run(x, weights, bias, y, i, o)
+        else:
+            _gemv(x, weights, bias, y, i, o)
         return
     if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
         _broadcast(y, bias, n, o, 0)
@@ -665,9 +695,10 @@ cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
     """How _dense_forward runs x (n, i) @ W (i, o): returns whether BLAS must be held
     to one thread around it, and sets ``split`` (the same for dense_forward and
     mlp_forward, so predict and forward give the same bits)."""
-    if n == 1:
-        split[0] = _split_gemv(i, o, itemsize) and blas_thread_control()
-        return split[0]
+    if n == 1:                       # BLAS would thread a GEMV of this size by itself
+        small = <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN and blas_thread_control()
+        split[0] = small and _split_gemv(i, o, itemsize)
+        return small
     small = _small_gemm(n, i, o) and blas_thread_control()
     split[0] = small and _split(n, i, o)
     return small
@@ -740,59 +771,110 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     return grad_x, grad_w, grad_b
 
 
+ctypedef struct _mlp_step:          # one dense layer of mlp_forward
+    void *weights
+    void *bias
+    void *y
+    int i, o
+    bint relu, split, small
+
+
+cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int n,
+                   bint single) noexcept nogil:
+    """The steps in order; BLAS held to one thread once for the whole chain when every
+    step wants it (batch 1: saves a begin/end pair per layer)."""
+    cdef Py_ssize_t k
+    cdef const _mlp_step *step
+    cdef bint all_small = True
+    for k in range(count):
+        all_small = all_small and steps[k].small
+    if all_small:
+        fnn_blas_single_begin()
+    for k in range(count):
+        step = &steps[k]
+        if step.small and not all_small:
+            fnn_blas_single_begin()
+        if single:
+            _dense_forward(<const float*>x, <const float*>step.weights,
+                           <const float*>step.bias, <float*>step.y, n, step.i, step.o, step.split)
+            if step.relu:
+                fnn_relu_forward_f(<float*>step.y, <float*>step.y, <long>n * step.o)
+        else:
+            _dense_forward(<const double*>x, <const double*>step.weights,
+                           <const double*>step.bias, <double*>step.y, n, step.i, step.o,
+                           step.split)
+            if step.relu:
+                fnn_relu_forward_d(<double*>step.y, <double*>step.y, <long>n * step.o)
+        if step.small and not all_small:
+            fnn_blas_single_end()
+        x = step.y
+    if all_small:
+        fnn_blas_single_end()
+
+
 def mlp_forward(cnp.ndarray x, list layers):
     """x: (N, I) through a chain of dense layers in one call (no Python per layer:
     batch-1 latency). ``layers``: a list of ``(layer, relu)`` with ``layer.params``
     a Dense layer's dict (``W`` (I, O), optional ``b`` (O,)); ``relu`` applies
     max(., 0) in place on that layer's output. Returns the last output, or None
-    when a parameter is not a C-contiguous array of x's dtype or the shapes do not
-    chain (the caller then runs the layers one by one, with their checks)."""
-    cdef int n = x.shape[0], i, o
-    cdef cnp.ndarray y, W
-    cdef object b
-    cdef object layer
+    when x or a parameter is not a C-contiguous array of x's dtype or the shapes do
+    not chain (the caller then runs the layers one by one, with their checks).
+
+    All checks and allocations first, then every layer in one GIL-free call (per
+    layer, NumPy's attribute checks and np.empty cost about 1 us, a tenth of the
+    784-256-128-10 MLP's batch-1 time)."""
+    cdef Py_ssize_t count = len(layers), k
+    cdef int n, i, o
+    cdef void *dtype = cnp.PyArray_DESCR(x)    # compared by identity, as `is`
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    cdef bint single = type_num == cnp.NPY_FLOAT32
+    cdef object layer, W, b, relu
     cdef dict params
-    cdef void *px
-    cdef void *pw
-    cdef void *pb
-    cdef void *py
-    cdef bint single = _is_float32(x), small, split, relu
-    cdef list chain = []
-    i = x.shape[1]
-    for layer, relu in layers:           # validate everything before computing anything
+    cdef list keep = [None] * (3 * count)    # W, b, y of each step: alive while nogil
+    cdef _mlp_step steps_small[8]
+    cdef _mlp_step *steps = steps_small
+    cdef cnp.npy_intp dims[2]
+    cdef cnp.ndarray y = x
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(x) or cnp.PyArray_NDIM(x) != 2
+            or (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64)):
+        return None
+    n, i = cnp.PyArray_DIM(x, 0), cnp.PyArray_DIM(x, 1)
+    if count > 8:
+        y = np.empty(count * sizeof(_mlp_step), dtype=np.uint8)
+        keep.append(y)
+        steps = <_mlp_step*>_data(y)
+    dims[0] = n
+    for k in range(count):           # validate everything before computing anything
+        layer, relu = layers[k]
         params = layer.params
         W = params.get("W")
         b = params.get("b")
-        if (type(W) is not np.ndarray or W.dtype is not x.dtype or W.ndim != 2
-                or not W.flags.c_contiguous or W.shape[0] != i):
+        if (type(W) is not np.ndarray or <void*>cnp.PyArray_DESCR(<cnp.ndarray>W) != dtype
+                or cnp.PyArray_NDIM(<cnp.ndarray>W) != 2
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>W)
+                or cnp.PyArray_DIM(<cnp.ndarray>W, 0) != i):
             return None
-        o = W.shape[1]
-        if b is not None and (type(b) is not np.ndarray or b.dtype is not x.dtype
-                              or b.ndim != 1 or b.shape[0] != o or not b.flags.c_contiguous):
+        o = cnp.PyArray_DIM(<cnp.ndarray>W, 1)
+        if b is not None and (type(b) is not np.ndarray
+                              or <void*>cnp.PyArray_DESCR(<cnp.ndarray>b) != dtype
+                              or cnp.PyArray_NDIM(<cnp.ndarray>b) != 1
+                              or cnp.PyArray_DIM(<cnp.ndarray>b, 0) != o
+                              or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>b)):
             return None
-        chain.append((W, b, relu))
+        dims[1] = o
+        y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+        keep[3 * k], keep[3 * k + 1], keep[3 * k + 2] = W, b, y
+        steps[k].weights = _data(W)
+        steps[k].bias = NULL if b is None else _data(b)
+        steps[k].y = _data(y)
+        steps[k].i, steps[k].o = i, o
+        steps[k].relu = relu
+        steps[k].small = _dense_forward_plan(n, i, o, cnp.PyArray_ITEMSIZE(x), &steps[k].split)
         i = o
-    for W, b, relu in chain:
-        i, o = W.shape[0], W.shape[1]
-        y = np.empty((n, o), dtype=x.dtype)
-        px, pw, py = _data(x), _data(W), _data(y)
-        pb = NULL if b is None else _data(b)
-        small = _dense_forward_plan(n, i, o, x.itemsize, &split)
-        with nogil:
-            if small:
-                fnn_blas_single_begin()
-            if single:
-                _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split)
-                if relu:
-                    fnn_relu_forward_f(<float*>py, <float*>py, <long>n * o)
-            else:
-                _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split)
-                if relu:
-                    fnn_relu_forward_d(<double*>py, <double*>py, <long>n * o)
-            if small:
-                fnn_blas_single_end()
-        x = y
-    return x
+    cdef const void *px = _data(x)
+    with nogil:
+        _mlp_run(px, steps, count, n, single)
+    return y
 
 
 # --- SGD --------------------------------------------------------------------------
