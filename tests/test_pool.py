@@ -110,6 +110,23 @@ def test_mlp_forward_of_one_sample_equals_layer_by_layer(split_everything):
             if k < len(Ws) - 1:
                 by_layer = np.maximum(by_layer, 0)
         np.testing.assert_array_equal(_cpu.mlp_forward(x, chain), by_layer)
+    # what mlp_forward cannot take, it declines (the caller runs the layers one by one)
+    x = rng.standard_normal((4, 785)).astype(np.float32)
+    assert _cpu.mlp_forward(np.asfortranarray(x), chain) is None
+    assert _cpu.mlp_forward(x.astype(np.float64), chain) is None
+    assert _cpu.mlp_forward(x[:, :784].copy(), chain) is None
+    assert _cpu.mlp_forward(x.astype(np.float16), chain) is None
+
+
+def test_predict_of_non_contiguous_or_other_dtype_input_is_the_forward_pass():
+    import fastnn as fn
+    net = fn.Network([fn.Dense(785, 257, seed=1), fn.ReLU(), fn.Dense(257, 10, seed=2)])
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 785)).astype(np.float32)
+    want = net.forward(x, training=False)
+    for variant in (x, np.asfortranarray(x), x.astype(np.float64), x[:1], x[::2]):
+        expected = want[:1] if len(variant) == 1 else want[::2] if len(variant) == 3 else want
+        np.testing.assert_allclose(net.predict(variant), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_nested_pool_jobs_run_serially_on_their_caller():
