@@ -32,6 +32,9 @@
 #include "fastnn_kernels.h"
 
 #define POOL_MAX_WORKERS 63
+#ifndef POLLS_PER_YIELD
+#define POLLS_PER_YIELD 16
+#endif
 #define IDX_MASK 0xffffffffULL
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -66,8 +69,11 @@ static uint32_t start_gen[POOL_MAX_WORKERS];
  * before serial_until run on the caller alone */
 #define SERIAL_MIN_NS 2000000L            /* 2 ms */
 #define SERIAL_MAX_NS 256000000L          /* 0.256 s */
+#define STALL_NS 20000L                   /* workers later than the caller by this much */
+#define MISSED_MAX 8                      /* jobs in a row that no worker took a task of */
 static long serial_until;
 static long serial_ns = SERIAL_MIN_NS;
+static int missed;
 static long jobs_posted, jobs_helped;     /* statistics, under `callers` too */
 
 static _Thread_local int inside;            /* a pool worker, or a caller running its job */
@@ -115,12 +121,16 @@ static uint64_t wait_for_job(uint32_t seen)
     uint64_t w;
     const long deadline = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
     for (unsigned spins = 1;; spins++) {
-        w = atomic_load_explicit(&word, memory_order_acquire);
-        if (gen_of(w) != seen)
-            return w;
-        CPU_RELAX();
+        /* polls between yields: a sched_yield() takes ~0.5 us here, a job seen only
+         * after one would start late on a worker */
+        for (int poll = 0; poll < POLLS_PER_YIELD; poll++) {
+            w = atomic_load_explicit(&word, memory_order_acquire);
+            if (gen_of(w) != seen)
+                return w;
+            CPU_RELAX();
+        }
         sched_yield();
-        if (spins % 16 == 0 && now_ns() > deadline)
+        if (spins % 8 == 0 && now_ns() > deadline)
             break;
     }
     pthread_mutex_lock(&sleep_lock);
@@ -159,6 +169,7 @@ static void pool_after_fork_child(void)
     atomic_store(&sleepers, 0);
     serial_until = 0;
     serial_ns = SERIAL_MIN_NS;
+    missed = 0;
 }
 
 static void register_atfork(void)
@@ -254,16 +265,20 @@ int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
     jobs_posted++;
     jobs_helped += helped > 0;
     if (!woken) {
-        /* Spinning workers that took no task, or whose tasks ended later than the
-         * caller's own took to run: their cores are busy elsewhere (a worker
-         * preempted in its task stalls the job for a time slice). Run serially for
-         * a while, longer each time in a row. A woken sleeper starts late anyway:
-         * such jobs say nothing. */
+        /* A worker preempted in its task stalls the job for a time slice (ms), and
+         * spinning workers that never get to take a task only steal time from
+         * whatever holds their cores: after either, run serially for a while,
+         * longer each time in a row. Hiccups of microseconds (an interrupt, a
+         * worker inside sched_yield) say nothing; nor does a job that woke a
+         * sleeper, which starts late anyway. */
         const long end = now_ns();
-        if (helped == 0 || end - own_end > own_end - start) {
+        const int stalled = end - own_end > own_end - start + STALL_NS;
+        missed = helped ? 0 : missed + 1;
+        if (stalled || missed >= MISSED_MAX) {
             serial_until = end + serial_ns;
             serial_ns = serial_ns * 2 > SERIAL_MAX_NS ? SERIAL_MAX_NS : serial_ns * 2;
-        } else {
+            missed = 0;
+        } else if (helped) {
             serial_ns = SERIAL_MIN_NS;
         }
     }
@@ -276,6 +291,7 @@ void fnn_pool_set_busy(int busy)
     pthread_mutex_lock(&callers);
     serial_until = busy ? now_ns() + SERIAL_MAX_NS : 0;
     serial_ns = SERIAL_MIN_NS;
+    missed = 0;
     pthread_mutex_unlock(&callers);
 }
 

@@ -7,17 +7,22 @@ float32 or float64 and releases the GIL while it runs.
 
 Threading, and why. GEMMs come from the BLAS behind
 ``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has a thread pool
-of its own; everything else here uses OpenMP. The two pools never run at the
-same time (each one's idle workers would starve the other's: DESIGN.md
-measured 38 against 377 GFLOP/s):
+of its own; everything else here uses OpenMP, except the dense work of tens to
+hundreds of microseconds, which runs on fastnn's own worker pool
+(``csrc/pool.c``: its idle workers spin for 100 us, yielding their core, so a
+job starts on them within a microsecond, where waking libgomp's passive
+workers costs tens). The pools never run at the same time (each one's idle
+workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
 
 - dense: from 2^27 flops, one GEMM per product, threaded by BLAS, outside any
   OpenMP region (its threads share the packed operands: 150 GFLOP/s here
-  against 110-130 for the same GEMMs split into single-threaded blocks over
-  OpenMP); from 2^25 to 2^27, blocks over OpenMP with BLAS held to one thread,
-  taken dynamically, on one thread while the other cores are busy
-  (``_gemm_split``: a threaded GEMM of a millisecond stalls whenever the
-  scheduler keeps one of its threads waiting); below, one BLAS thread;
+  against 110-130 for the same GEMMs split into single-threaded blocks);
+  from 2^25 to 2^27, blocks over the worker pool with BLAS held to one
+  thread, taken dynamically, on the calling thread alone while the other
+  cores are busy (``_gemm_split``: a threaded GEMM of a millisecond stalls
+  whenever the scheduler keeps one of its threads waiting); below, one BLAS
+  thread. One sample (a GEMV): BLAS held to one thread, and from 256 KB of
+  weights blocks of inputs over the worker pool (``_split_gemv_run``);
 - conv: OpenMP over the samples, one patch matrix + single-threaded GEMM
   per sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
   own threads reach about 115 on one sample's GEMM). BLAS is held to one
@@ -481,13 +486,13 @@ DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 DEF BLAS_OWN_SINGLE_THREAD_MN = 9216.0
 
 
-# From 2^25 flops up to the threaded threshold, a GEMM is split over the OpenMP team
-# in column blocks, each on one BLAS thread (_gemm_split): a late thread only loses
-# its block instead of stalling the GEMM, and when one thread ends up doing all the
-# blocks the next medium GEMMs run their blocks on one thread. Measured on the MLP
-# of W2 (one pass of 6400 samples, interleaved with one unsplit thread): quiet
-# machine median 79.5k, best 110k samples/s against 78.4k / 79.1k; with the
-# other core busy 74.6k against 75.2k.
+# From 2^25 flops up to the threaded threshold, a GEMM is split over the worker pool
+# in blocks, each on one BLAS thread (_gemm_split): a late thread only loses its
+# block instead of stalling the GEMM, and after the workers slowed a job down the
+# pool runs the next ones on the caller alone. Measured on the MLP of W2 with the
+# blocks over OpenMP (one pass of 6400 samples, interleaved with one unsplit
+# thread): quiet machine median 79.5k, best 110k samples/s against 78.4k / 79.1k;
+# with the other core busy 74.6k against 75.2k.
 cdef double _split_gemm_min_flops = 33554432.0          # 2^25
 
 
@@ -563,7 +568,7 @@ def _pool_stats():
 
 
 cdef inline bint _split(double m, double n, double k):
-    """Split a GEMM kept off BLAS's threads over the OpenMP team (see _gemm_split)?"""
+    """Split a GEMM kept off BLAS's threads over the worker pool (see _gemm_split)?"""
     return 2.0 * m * n * k >= _split_gemm_min_flops and fnn_max_threads() > 1
 
 
