@@ -486,19 +486,23 @@ DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 DEF BLAS_OWN_SINGLE_THREAD_MN = 9216.0
 
 
-# From 2^25 flops up to the threaded threshold, a GEMM is split over the worker pool
+# From 2^23 flops up to the threaded threshold, a GEMM is split over the worker pool
 # in blocks, each on one BLAS thread (_gemm_split): a late thread only loses its
 # block instead of stalling the GEMM, and after the workers slowed a job down the
-# pool runs the next ones on the caller alone. Measured on the MLP of W2 with the
-# blocks over OpenMP (one pass of 6400 samples, interleaved with one unsplit
-# thread): quiet machine median 79.5k, best 110k samples/s against 78.4k / 79.1k;
-# with the other core busy 74.6k against 75.2k.
-cdef double _split_gemm_min_flops = 33554432.0          # 2^25
+# pool runs the next ones on the caller alone. Measured on the MLP of W2 (one pass
+# of 12,800 samples, quiet machine, interleaved): from 2^25 (its 128x784x256 GEMMs
+# split) median 101k, best 108k samples/s; from 2^23 (also its 128x256x128 ones,
+# ~100 us each on one core) 122k / 127k; blocks over OpenMP (passive) from 2^25:
+# 106k / 107k. With the other core busy all run about 70k.
+cdef double _split_gemm_min_flops = 8388608.0           # 2^23
 
 
 # A one-sample dense forward whose W has at least this many bytes runs as a GEMV in
-# slices of outputs over the worker pool (each core streams its slice of W from its
-# own L2): MEASURE.
+# blocks of inputs over the worker pool (each core streams its part of W from its
+# own L2). float32 GEMV, quiet machine, 15 interleaved rounds, medians split /
+# whole: 256x128 (128 KB) 2.71 / 2.79 us, 384x128 2.34 / 2.41, 512x128 2.72 / 3.47,
+# 784x128 3.16 / 4.41, 784x256 5.87 / 10.55; float64 784x256 15.1 / 28.9. With the
+# other core busy the pool runs the blocks on the caller: 784x256 10.2 / 9.8 us.
 cdef long _split_gemv_min_bytes = 262144
 
 
