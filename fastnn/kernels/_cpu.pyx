@@ -17,7 +17,7 @@ workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
 - dense: from 2^27 flops, one GEMM per product, threaded by BLAS, outside any
   OpenMP region (its threads share the packed operands: 150 GFLOP/s here
   against 110-130 for the same GEMMs split into single-threaded blocks);
-  from 2^25 to 2^27, blocks over the worker pool with BLAS held to one
+  from 2^23 to 2^27, blocks over the worker pool with BLAS held to one
   thread, taken dynamically, on the calling thread alone while the other
   cores are busy (``_gemm_split``: a threaded GEMM of a millisecond stalls
   whenever the scheduler keeps one of its threads waiting); below, one BLAS
@@ -790,18 +790,20 @@ ctypedef struct _mlp_step:          # one dense layer of mlp_forward
 
 cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int n,
                    bint single) noexcept nogil:
-    """The steps in order; BLAS held to one thread once for the whole chain when every
-    step wants it (batch 1: saves a begin/end pair per layer)."""
+    """The steps in order. One sample: BLAS held to one thread once for the whole chain
+    when a step wants it (its GEMVs never want BLAS's threads; saves a begin/end pair
+    per layer)."""
     cdef Py_ssize_t k
     cdef const _mlp_step *step
-    cdef bint all_small = True
-    for k in range(count):
-        all_small = all_small and steps[k].small
-    if all_small:
+    cdef bint held = False          # BLAS held to one thread for the whole chain
+    if n == 1:
+        for k in range(count):
+            held = held or steps[k].small
+    if held:
         fnn_blas_single_begin()
     for k in range(count):
         step = &steps[k]
-        if step.small and not all_small:
+        if step.small and not held:
             fnn_blas_single_begin()
         if single:
             _dense_forward(<const float*>x, <const float*>step.weights,
@@ -814,10 +816,10 @@ cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int 
                            step.split)
             if step.relu:
                 fnn_relu_forward_d(<double*>step.y, <double*>step.y, <long>n * step.o)
-        if step.small and not all_small:
+        if step.small and not held:
             fnn_blas_single_end()
         x = step.y
-    if all_small:
+    if held:
         fnn_blas_single_end()
 
 
