@@ -45,9 +45,10 @@ void fnn_blas_single_end(void);
  * claimed in order but by whichever thread comes first, so each must write its
  * own outputs. Runs serially on the caller when nested in a pool task or an
  * OpenMP region, or while another thread's job is running, and for a while
- * (2 ms, doubling up to 0.256 s while it recurs) after a job that the workers
- * slowed down (their cores were busy elsewhere); fnn_pool_set_busy(1) starts
- * such a while, fnn_pool_set_busy(0) ends it (tests, measurements). Idle workers spin (yielding the core) for
+ * (2 ms, doubling up to 0.256 s while it recurs) after a job that a worker
+ * stalled or 8 jobs in a row that no worker took part in (their cores are busy
+ * elsewhere); fnn_pool_set_busy(1) starts such a while, fnn_pool_set_busy(0)
+ * ends it (tests, measurements). Idle workers spin (yielding the core) for
  * fnn_pool_spin_us() microseconds, then sleep. */
 typedef void (*fnn_task_fn)(void *ctx, long i);
 int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks);

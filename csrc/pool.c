@@ -2,7 +2,7 @@
  * for fastnn's OpenMP team: libgomp runs passive (backend.py), and waking a
  * sleeping OpenMP worker costs tens of microseconds, more than a batch-1 GEMV
  * takes (about 10 us). A pool worker that finishes a job spins for a bounded
- * time (fnn_pool_spin_ns, default 100 us) before it sleeps, so back-to-back jobs
+ * time (fnn_pool_spin_us(), default 100 us) before it sleeps, so back-to-back jobs
  * (the layers of one predict, the GEMMs of one training step) start on it within
  * a microsecond. It calls sched_yield() while it spins: any other thread that
  * wants its core (an OpenMP or BLAS worker, another process) gets it at once,
@@ -12,13 +12,13 @@
  * it taken runs its tasks itself). A job is posted by storing its fields and then
  * `word` = generation << 32 | 0 (release). A thread claims task `idx` by a CAS of
  * `word` from (gen, idx) to (gen, idx + 1): a CAS that succeeds proves the job
- * `gen` is still running, so its fields (slot gen & 1) are the ones read. Each finished task
- * adds 1 to `done` (release); the caller returns once done == n_tasks (acquire),
- * when every task's writes are visible to it and no thread still reads the job.
+ * `gen` is still running, so its fields (slot gen & 1) are the ones read. Each
+ * finished task adds 1 to `done` (release); the caller returns once done == n_tasks
+ * (acquire), when every task's writes are visible to it and no thread still reads
+ * the job.
  * Which thread runs a task is not fixed, so tasks must write disjoint outputs
  * that depend only on their index.
  */
-#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -274,7 +274,7 @@ int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
          * worker inside sched_yield) say nothing; nor does a job that woke a
          * sleeper, which starts late anyway. */
         const long end = now_ns();
-        const int stalled = end - own_end > own_end - start + STALL_NS;
+        const int stalled = caller_ran && end - own_end > own_end - start + STALL_NS;
         missed = helped ? 0 : missed + 1;
         if (stalled || missed >= MISSED_MAX) {
             serial_until = end + serial_ns;

@@ -496,7 +496,7 @@ class Network:
                 return out
         if (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
                 and self._device == "cpu" and x.ndim and x.shape[0]):
-            on_cuda = False           # hot path: nothing to convert
+            on_cuda = False           # nothing to convert
         else:
             on_cuda = backend.is_cuda_array(x)
             x = self._as_input(x, "Network.predict", check_finite=False, move=False)
