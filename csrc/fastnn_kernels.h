@@ -61,6 +61,10 @@ int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks);
 void fnn_pool_set_spin_us(long us);
 long fnn_pool_spin_us(void);
 int fnn_pool_workers(void);   /* workers started in this process */
+/* Which thread runs the current task: 0 the calling thread, 1.. a worker. In a
+ * job of fnn_pool_run(..., n_tasks) it is below min(fnn_max_threads(), n_tasks)
+ * (per-thread workspaces); nested jobs run on their caller and keep its index. */
+int fnn_pool_thread_index(void);
 void fnn_pool_set_busy(int busy);
 void fnn_pool_stats(long *posted, long *helped);   /* jobs posted to workers, helped by one */
 

@@ -79,6 +79,7 @@ static int missed;
 static long jobs_posted, jobs_helped;     /* statistics, under `callers` too */
 
 static _Thread_local int inside;            /* a pool worker, or a caller running its job */
+static _Thread_local int thread_index;      /* worker id + 1 in a worker, 0 elsewhere */
 
 static inline uint32_t gen_of(uint64_t w) { return (uint32_t)(w >> 32); }
 
@@ -149,6 +150,7 @@ static uint64_t wait_for_job(uint32_t seen)
 static void *worker_main(void *arg)
 {
     const int id = (int)(intptr_t)arg;
+    thread_index = id + 1;
     uint32_t seen = start_gen[id];
     inside = 1;
     for (;;) {
@@ -313,6 +315,11 @@ void fnn_pool_stats(long *posted, long *helped)
     *posted = jobs_posted;
     *helped = jobs_helped;
     pthread_mutex_unlock(&callers);
+}
+
+int fnn_pool_thread_index(void)
+{
+    return thread_index;
 }
 
 int fnn_pool_workers(void)

@@ -206,3 +206,43 @@ def test_pool_after_fork_recreates_its_workers():
     done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and "fork ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", [
+    (9, 1, 12, 11, 6, 5, 5, 2),      # im2col columns (one input channel), LeNet's conv1 shape
+    (7, 6, 14, 13, 16, 5, 5, 0),     # patch rows, grad_x by col2im
+    (5, 33, 7, 9, 5, 3, 3, 1),       # patch rows, grad_x by the transposed conv
+])
+def test_conv_samples_same_bits_on_workers_or_caller(dtype, case):
+    """Conv samples (forward) and sample chunks (backward) run on the pool: the
+    same bits whether the workers take some or the caller takes all, and the
+    NumPy reference's values."""
+    n, c, h, w, k, kh, kw, pad = case
+    rng = np.random.default_rng(n * c * k)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    W = rng.standard_normal((k, c, kh, kw)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    old = _cpu._set_conv_algorithm("im2col")         # Winograd has its own threading
+    try:
+        runs = []
+        for busy in (False, True, False):
+            if busy:
+                _cpu._assume_busy_cores()
+            else:
+                _cpu._set_split_gemm_min_flops(_cpu._set_split_gemm_min_flops(0))  # not busy
+            y = _cpu.conv2d_forward(x, W, b, (1, 1), (pad, pad))
+            grad_y = np.cos(y)
+            runs.append((y, *_cpu.conv2d_backward(grad_y, x, W, (1, 1), (pad, pad))))
+    finally:
+        _cpu._set_conv_algorithm(old)
+    for run in runs[1:]:
+        for got, first in zip(run, runs[0]):
+            np.testing.assert_array_equal(got, first)
+    y, grad_x, grad_w, grad_b = runs[0]
+    np.testing.assert_allclose(y, _reference.conv2d_forward(x, W, b, (1, 1), (pad, pad)),
+                               **tolerance(dtype))
+    for got, ref in zip((grad_x, grad_w, grad_b),
+                        _reference.conv2d_backward(np.cos(y), x, W, (1, 1), (pad, pad))):
+        scale = np.abs(ref).max()            # sums of hundreds of terms: relative to the largest
+        np.testing.assert_allclose(got / scale, ref / scale, **tolerance(dtype))

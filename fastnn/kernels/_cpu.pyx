@@ -67,6 +67,7 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_pool_set_spin_us(long us)
     long fnn_pool_spin_us()
     int fnn_pool_workers()
+    int fnn_pool_thread_index()
     void fnn_pool_stats(long *posted, long *helped)
     void fnn_pool_set_busy(int busy)
     void fnn_im2col_f(const float *x, long n, const fnn_geometry *g, float *cols, long ld, int parallel)
@@ -1126,6 +1127,39 @@ cdef void _conv_forward_sample(const floating *x, const floating *weights,
               <int>ohw, beta, y, <int>ohw)
 
 
+# Conv samples (forward) and sample chunks (backward) run on fastnn's worker pool
+# (csrc/pool.c), not OpenMP: LeNet's per-layer regions last 0.2-1 ms, and waking
+# the passive OpenMP team costs 50-60 us per region on this KVM guest.
+ctypedef struct _conv_job:
+    bint single
+    const void *x
+    const void *weights
+    const void *bias
+    void *y
+    const void *grad_y
+    void *grad_x
+    void *workspace
+    const fnn_geometry *g
+    long n, k, per_thread, chunks, first, stride_c
+    int threads
+
+
+cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
+    """Sample s of a _conv_job, in the workspace of the thread that runs it."""
+    cdef const _conv_job *job = <const _conv_job*>ctx
+    cdef const fnn_geometry *g = job.g
+    cdef long chw = g.c * g.h * g.w, kohw = job.k * g.oh * g.ow
+    cdef long mine = fnn_pool_thread_index() * job.per_thread
+    if job.single:
+        _conv_forward_sample(<const float*>job.x + s * chw, <const float*>job.weights,
+                             <const float*>job.bias, <float*>job.y + s * kohw,
+                             <float*>job.workspace + mine, g, job.k, 0)
+    else:
+        _conv_forward_sample(<const double*>job.x + s * chw, <const double*>job.weights,
+                             <const double*>job.bias, <double*>job.y + s * kohw,
+                             <double*>job.workspace + mine, g, job.k, 0)
+
+
 cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
                         floating *y, floating *workspace, long n, const fnn_geometry *g,
                         long k, int threads) noexcept nogil:
@@ -1142,12 +1176,14 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
         if small:
             fnn_blas_single_end()
         return
+    cdef _conv_job job
+    job.single = floating is float
+    job.x, job.weights, job.bias, job.y, job.workspace = x, weights, bias, y, workspace
+    job.g, job.k, job.per_thread = g, k, per_thread
     fnn_blas_single_begin()
-    # dynamic: a thread that loses its core for a while (shared machine) does not
-    # hold up the others at the end of the region
-    for s in prange(n, num_threads=threads, schedule="dynamic"):
-        _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw,
-                             workspace + fnn_thread_id() * per_thread, g, k, 0)
+    # on the worker pool, samples taken dynamically: a thread that loses its core
+    # for a while (shared machine) leaves its samples to the others
+    fnn_pool_run(_conv_forward_task, &job, n)
     fnn_blas_single_end()
 
 
@@ -1404,6 +1440,34 @@ cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
     return n if n < 4 * threads else 4 * threads
 
 
+cdef inline void _conv_backward_chunk(const _conv_job *job, long c, const floating *grad_y,
+                                      const floating *x, const floating *weights,
+                                      floating *grad_x, floating *workspace) noexcept nogil:
+    """Chunk c of a _conv_job: its samples in order, summed into the chunk's partial."""
+    cdef const fnn_geometry *g = job.g
+    cdef long k = job.k, n = job.n, s
+    cdef long ckk = g.c * g.kh * g.kw, kohw = k * g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef floating *mine = workspace + fnn_pool_thread_index() * job.per_thread
+    cdef floating *part = workspace + job.threads * job.per_thread + c * job.stride_c
+    memset(part, 0, job.stride_c * sizeof(floating))
+    for s in range(c * n // job.chunks, (c + 1) * n // job.chunks):
+        _conv_backward_sample(grad_y + s * kohw, x + s * chw, weights,
+                              NULL if grad_x == NULL else grad_x + s * chw,
+                              part, part + k * ckk, mine, mine + job.first, g, k, 0)
+
+
+cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
+    cdef const _conv_job *job = <const _conv_job*>ctx
+    if job.single:
+        _conv_backward_chunk(job, c, <const float*>job.grad_y, <const float*>job.x,
+                             <const float*>job.weights, <float*>job.grad_x,
+                             <float*>job.workspace)
+    else:
+        _conv_backward_chunk(job, c, <const double*>job.grad_y, <const double*>job.x,
+                             <const double*>job.weights, <double*>job.grad_x,
+                             <double*>job.workspace)
+
+
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
                          floating *grad_x, floating *grad_w, floating *grad_b,
                          floating *workspace, long n, const fnn_geometry *g, long k,
@@ -1414,7 +1478,6 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
     cdef long stride_t = first + second, stride_c = k * ckk + k
     cdef long chunks = _conv_backward_chunks(n, threads)
-    cdef floating *mine
     cdef floating *part
     memset(grad_w, 0, k * ckk * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
@@ -1430,20 +1493,18 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
         if small:
             fnn_blas_single_end()
         return
+    cdef _conv_job job
+    job.single = floating is float
+    job.x, job.weights, job.grad_y, job.grad_x, job.workspace = x, weights, grad_y, grad_x, workspace
+    job.g, job.n, job.k, job.per_thread, job.chunks = g, n, k, stride_t, chunks
+    job.first, job.stride_c, job.threads = first, stride_c, threads
     fnn_blas_single_begin()
     # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
     # for a shared machine) sums its samples in order into the chunk's own partial,
     # and the partials are added in chunk order: which thread ran what cannot change
     # the result, so the same inputs give the same bits every call (per-thread sums
     # under a dynamic schedule did not: same-seed trainings drifted apart).
-    for c in prange(chunks, num_threads=threads, schedule="dynamic"):
-        mine = workspace + fnn_thread_id() * stride_t
-        part = workspace + threads * stride_t + c * stride_c
-        memset(part, 0, stride_c * sizeof(floating))
-        for s in range(c * n // chunks, (c + 1) * n // chunks):
-            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights,
-                                  NULL if grad_x == NULL else grad_x + s * chw,
-                                  part, part + k * ckk, mine, mine + first, g, k, 0)
+    fnn_pool_run(_conv_backward_task, &job, chunks)
     fnn_blas_single_end()
     for c in range(chunks):
         part = workspace + threads * stride_t + c * stride_c
