@@ -23,10 +23,12 @@ workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
   whenever the scheduler keeps one of its threads waiting); below, one BLAS
   thread. One sample (a GEMV): BLAS held to one thread, and from 256 KB of
   weights blocks of inputs over the worker pool (``_split_gemv_run``);
-- conv: OpenMP over the samples, one patch matrix + single-threaded GEMM
-  per sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
-  own threads reach about 115 on one sample's GEMM). BLAS is held to one
-  thread for the duration of that region (``fnn_blas_single_begin/end``,
+- conv: the samples over the worker pool (forward; backward: fixed chunks of
+  samples), one patch matrix + single-threaded GEMM per sample and thread (two
+  threads reach about 2 x 75 GFLOP/s where BLAS's own threads reach about 115
+  on one sample's GEMM; a LeNet layer takes 0.2-1 ms, where a passive OpenMP
+  region costs 50-60 us to start on this KVM guest). BLAS is held to one
+  thread for the duration of that job (``fnn_blas_single_begin/end``,
   through the thread-count functions of the library, found with
   threadpoolctl) and restored afterwards. If that control cannot be found,
   or the batch is smaller than the thread count, samples run one after the
