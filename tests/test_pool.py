@@ -178,8 +178,8 @@ FORK_SCRIPT = textwrap.dedent("""
     xs = rng.standard_normal((64, 300))
     Ws = rng.standard_normal((300, 200))
     want = (_cpu.dense_forward(x, W, None), _cpu.dense_forward(xs, Ws, None))
-    started = _cpu._pool_workers()
-    assert started == _cpu.threads() - 1, (started, _cpu.threads())
+    started = _cpu._pool_workers()       # one per task beyond the first, up to threads - 1
+    assert 1 <= started <= _cpu.threads() - 1, (started, _cpu.threads())
 
     def check(_=None):
         ok = all(np.array_equal(_cpu.dense_forward(a, b, None), w)
