@@ -4,15 +4,13 @@ one-sample GEMV in output slices and the medium GEMMs in blocks (_gemm_split).
 The pool may run a job's tasks on its workers or, while their cores are busy,
 all on the caller: both must give the same bits, equal to the NumPy reference
 within rounding."""
-import subprocess
-import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _helpers import run_python
 from fastnn import backend
 
 if "cpu" not in backend.available():
@@ -203,8 +201,7 @@ FORK_SCRIPT = textwrap.dedent("""
 def test_pool_after_fork_recreates_its_workers():
     if _cpu.threads() < 2 or not _cpu.blas_thread_control():
         pytest.skip("one thread: the pool starts no workers")
-    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    done = run_python(FORK_SCRIPT)
     assert done.returncode == 0 and "fork ok" in done.stdout, done.stderr[-2000:]
 
 
