@@ -42,6 +42,32 @@ void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_th
 int fnn_blas_single_begin(void);
 void fnn_blas_single_end(void);
 
+/* Fast-wake worker pool (csrc/pool.c) for jobs of microseconds, where waking
+ * fastnn's passive OpenMP team costs more than the work. fnn_pool_run runs
+ * task(ctx, i) for i in [0, n_tasks) on the calling thread plus up to
+ * fnn_max_threads() - 1 workers (started on first use, and again after a fork),
+ * each task exactly once, and returns once all are done (their writes visible),
+ * giving the number of threads that ran tasks (1: the caller alone). Tasks are
+ * claimed in order but by whichever thread comes first, so each must write its
+ * own outputs. Runs serially on the caller when nested in a pool task or an
+ * OpenMP region, or while another thread's job is running, and for a while
+ * (2 ms, doubling up to 0.256 s while it recurs) after a job that a worker
+ * stalled or 8 jobs in a row that no worker took part in (their cores are busy
+ * elsewhere); fnn_pool_set_busy(1) starts such a while, fnn_pool_set_busy(0)
+ * ends it (tests, measurements). Idle workers spin (yielding the core) for
+ * fnn_pool_spin_us() microseconds, then sleep. */
+typedef void (*fnn_task_fn)(void *ctx, long i);
+int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks);
+void fnn_pool_set_spin_us(long us);
+long fnn_pool_spin_us(void);
+int fnn_pool_workers(void);   /* workers started in this process */
+/* Which thread runs the current task: 0 the calling thread, 1.. a worker. In a
+ * job of fnn_pool_run(..., n_tasks) it is below min(fnn_max_threads(), n_tasks)
+ * (per-thread workspaces); nested jobs run on their caller and keep its index. */
+int fnn_pool_thread_index(void);
+void fnn_pool_set_busy(int busy);
+void fnn_pool_stats(long *posted, long *helped);   /* jobs posted to workers, helped by one */
+
 #define FNN_DECLARE(T, S)                                                           \
 /* x (n, c, h, w) -> cols (c*kh*kw, ld); sample s fills columns [s*oh*ow, (s+1)*oh*ow).  \
  * O(c*kh*kw*n*oh*ow) copies. */                                                     \

@@ -1,6 +1,10 @@
-"""Helpers shared by the test files: finite differences, a batch-recording layer, the MNIST files."""
+"""Helpers shared by the test files: finite differences, a batch-recording layer, the MNIST
+files, a fresh interpreter on the same fastnn."""
 import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -8,6 +12,22 @@ import pytest
 import fastnn as fn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Subprocesses import the same fastnn as this process (installed or in-tree build).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fn.__file__)))
+
+
+def run_python(code, env=None, drop=()):
+    """Run ``code`` in a fresh interpreter that imports the fastnn this process uses
+    (from a neutral directory, so no other checkout shadows it); ``env`` adds
+    variables, ``drop`` removes them. -> CompletedProcess (text stdout/stderr)."""
+    environment = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep
+                       + os.environ.get("PYTHONPATH", ""))
+    environment.update(env or {})
+    for name in drop:
+        environment.pop(name, None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=environment, cwd=os.path.dirname(PACKAGE_PARENT),
+                          timeout=120)
 
 
 def numerical_grad(f, array, eps=1e-6):

@@ -1,18 +1,11 @@
 """fastnn.backend: backend choice, array-module dispatch, and the fallback when
 the compiled extension is missing."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
-import fastnn
 from fastnn import backend
 
-# Subprocesses import the same fastnn as this process (installed or in-tree build).
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
+from _helpers import run_python
 
 
 def test_available_lists_both_cpu_backends():
@@ -51,19 +44,6 @@ def test_to_cuda_without_a_gpu_says_why():
         pytest.skip("a CUDA device is usable here")
     with pytest.raises(RuntimeError, match="cuda"):
         backend.to_device(np.ones(3), "cuda")
-
-
-def run_python(code, env=None, drop=()):
-    """Run ``code`` in a fresh interpreter that imports the fastnn this process uses
-    (from a neutral directory, so no other checkout shadows it)."""
-    environment = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep
-                       + os.environ.get("PYTHONPATH", ""))
-    environment.update(env or {})
-    for name in drop:
-        environment.pop(name, None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=environment, cwd=os.path.dirname(PACKAGE_PARENT),
-                          timeout=120)
 
 
 def test_import_works_without_the_compiled_extension():

@@ -3,15 +3,10 @@ reference: forward, grad_x, grad_W, grad_b on odd and even sizes, every padding 
 takes, few and many channels, float32 and float64 (forced with
 ``_cpu._set_conv_algorithm("winograd")``); its blocking, determinism, and when
 ``auto`` chooses it."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
-import fastnn
+from _helpers import run_python
 from fastnn import backend, kernels
 from fastnn.kernels import _reference
 
@@ -168,14 +163,9 @@ DIGEST_SCRIPT = """
 
 def test_winograd_same_bits_on_one_and_two_threads():
     """The blocks and the order of the grad_W sums do not depend on the thread count."""
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))
     digests = []
     for threads in ("1", "2"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads,
-                   PYTHONPATH=parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        result = subprocess.run([sys.executable, "-c", textwrap.dedent(DIGEST_SCRIPT)],
-                                capture_output=True, text=True, env=env, cwd=os.path.dirname(parent),
-                                timeout=120)
+        result = run_python(DIGEST_SCRIPT, env={"OMP_NUM_THREADS": threads})
         assert result.returncode == 0, result.stderr
         count, digest = result.stdout.split()
         assert count == threads

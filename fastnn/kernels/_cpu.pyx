@@ -7,21 +7,28 @@ float32 or float64 and releases the GIL while it runs.
 
 Threading, and why. GEMMs come from the BLAS behind
 ``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has a thread pool
-of its own; everything else here uses OpenMP. The two pools never run at the
-same time (each one's idle workers would starve the other's: DESIGN.md
-measured 38 against 377 GFLOP/s):
+of its own; everything else here uses OpenMP, except the dense work of tens to
+hundreds of microseconds, which runs on fastnn's own worker pool
+(``csrc/pool.c``: its idle workers spin for 100 us, yielding their core, so a
+job starts on them within a microsecond, where waking libgomp's passive
+workers costs tens). The pools never run at the same time (each one's idle
+workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
 
 - dense: from 2^27 flops, one GEMM per product, threaded by BLAS, outside any
   OpenMP region (its threads share the packed operands: 150 GFLOP/s here
-  against 110-130 for the same GEMMs split into single-threaded blocks over
-  OpenMP); from 2^25 to 2^27, blocks over OpenMP with BLAS held to one thread,
-  taken dynamically, on one thread while the other cores are busy
-  (``_gemm_split``: a threaded GEMM of a millisecond stalls whenever the
-  scheduler keeps one of its threads waiting); below, one BLAS thread;
-- conv: OpenMP over the samples, one patch matrix + single-threaded GEMM
-  per sample and thread (two threads reach about 2 x 75 GFLOP/s where BLAS's
-  own threads reach about 115 on one sample's GEMM). BLAS is held to one
-  thread for the duration of that region (``fnn_blas_single_begin/end``,
+  against 110-130 for the same GEMMs split into single-threaded blocks);
+  from 2^23 to 2^27, blocks over the worker pool with BLAS held to one
+  thread, taken dynamically, on the calling thread alone while the other
+  cores are busy (``_gemm_split``: a threaded GEMM of a millisecond stalls
+  whenever the scheduler keeps one of its threads waiting); below, one BLAS
+  thread. One sample (a GEMV): BLAS held to one thread, and from 256 KB of
+  weights blocks of inputs over the worker pool (``_split_gemv_run``);
+- conv: the samples over the worker pool (forward; backward: fixed chunks of
+  samples), one patch matrix + single-threaded GEMM per sample and thread (two
+  threads reach about 2 x 75 GFLOP/s where BLAS's own threads reach about 115
+  on one sample's GEMM; a LeNet layer takes 0.2-1 ms, where a passive OpenMP
+  region costs 50-60 us to start on this KVM guest). BLAS is held to one
+  thread for the duration of that job (``fnn_blas_single_begin/end``,
   through the thread-count functions of the library, found with
   threadpoolctl) and restored afterwards. If that control cannot be found,
   or the batch is smaller than the thread count, samples run one after the
@@ -59,6 +66,14 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)
     int fnn_blas_single_begin()
     void fnn_blas_single_end()
+    ctypedef void (*fnn_task_fn)(void *ctx, long i) noexcept nogil
+    int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
+    void fnn_pool_set_spin_us(long us)
+    long fnn_pool_spin_us()
+    int fnn_pool_workers()
+    int fnn_pool_thread_index()
+    void fnn_pool_stats(long *posted, long *helped)
+    void fnn_pool_set_busy(int busy)
     void fnn_im2col_f(const float *x, long n, const fnn_geometry *g, float *cols, long ld, int parallel)
     void fnn_im2col_d(const double *x, long n, const fnn_geometry *g, double *cols, long ld, int parallel)
     void fnn_col2im_f(const float *cols, long n, const fnn_geometry *g, float *x, long ld, int parallel)
@@ -162,55 +177,72 @@ cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating
               <double*>a, &lda, &beta, c, &ldc)
 
 
-cdef int _single_streak = 0          # GEMMs left to run on one thread (contention seen)
-DEF SINGLE_STREAK = 256
 DEF MAX_SPLIT_BLOCKS = 64
+
+
+ctypedef struct _gemm_job:           # one GEMM cut into blocks of c (see _gemm_split)
+    bint single, trans_a, trans_b, by_rows
+    int m, n, k, lda, ldb, ldc, width
+    double alpha, beta
+    const void *a
+    const void *b
+    void *c
+
+
+cdef inline void _gemm_block(const _gemm_job *job, int j0, floating alpha,
+                             const floating *a, const floating *b, floating beta,
+                             floating *c) noexcept nogil:
+    """Rows (by_rows) or columns [j0, j0 + width) of the job's c."""
+    if job.by_rows:
+        _gemm(job.trans_a, job.trans_b, min(job.width, job.m - j0), job.n, job.k, alpha,
+              a + (j0 if job.trans_a else <long>j0 * job.lda), job.lda, b, job.ldb, beta,
+              c + <long>j0 * job.ldc, job.ldc)
+    else:
+        _gemm(job.trans_a, job.trans_b, job.m, min(job.width, job.n - j0), job.k, alpha,
+              a, job.lda, b + (<long>j0 * job.ldb if job.trans_b else j0), job.ldb, beta,
+              c + j0, job.ldc)
+
+
+cdef void _gemm_task(void *ctx, long block) noexcept nogil:
+    cdef const _gemm_job *job = <const _gemm_job*>ctx
+    cdef int j0 = <int>block * job.width
+    if job.single:
+        _gemm_block(job, j0, <float>job.alpha, <const float*>job.a, <const float*>job.b,
+                    <float>job.beta, <float*>job.c)
+    else:
+        _gemm_block(job, j0, job.alpha, <const double*>job.a, <const double*>job.b,
+                    job.beta, <double*>job.c)
 
 
 cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                       const floating *a, int lda, const floating *b, int ldb,
                       floating beta, floating *c, int ldc) noexcept nogil:
-    """_gemm split into one block of c per OpenMP thread, each block on one BLAS thread
-    (the caller holds BLAS to one thread), taken dynamically: a thread that the
-    scheduler keeps waiting leaves its block to the others. Blocks of rows when op(a)
-    is the larger operand, else of columns (each thread packs the whole of the other
-    one). The blocks depend only on the shapes and the thread count, so the result
-    does not depend on which thread computes which block, nor on the machine's load
-    (an unsplit GEMM can round differently in its tail rows).
+    """_gemm split into one block of c per thread, each block on one BLAS thread (the
+    caller holds BLAS to one thread), run by fastnn's worker pool (csrc/pool.c):
+    blocks are taken dynamically, so a thread that the scheduler keeps waiting leaves
+    its block to the others. Blocks of rows when op(a) is the larger operand, else of
+    columns (each thread packs the whole of the other one). The blocks depend only on
+    the shapes and the thread count, so the result does not depend on which thread
+    computes which block, nor on the machine's load (an unsplit GEMM can round
+    differently in its tail rows).
 
-    If one thread ended up doing every block, the other core is busy elsewhere: the
-    blocks of the next SINGLE_STREAK medium GEMMs run one after the other on the
-    calling thread, without waking the team."""
-    global _single_streak
-    cdef bint by_rows = m > n
-    cdef int extent = m if by_rows else n
+    While the other cores are busy elsewhere, the blocks run one after the other on
+    the calling thread: the pool does that by itself (it runs jobs on the caller for
+    a while after its workers slowed one down)."""
+    cdef _gemm_job job
+    cdef int block
+    job.by_rows = m > n
+    cdef int extent = m if job.by_rows else n
     # blocks of at least 64 rows or columns: thinner ones waste the packing
     cdef int threads = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS, extent // 64))
-    cdef int width = ((extent + threads - 1) // threads + 15) // 16 * 16
-    cdef int count = (extent + width - 1) // width
-    cdef int block, j0
-    cdef int taken_by[MAX_SPLIT_BLOCKS]
-    cdef int team = threads
-    if _single_streak > 0:
-        _single_streak -= 1
-        team = 1
-    for block in prange(count, num_threads=team, schedule="dynamic"):
-        j0 = block * width
-        taken_by[block] = fnn_thread_id()
-        if by_rows:
-            _gemm(trans_a, trans_b, min(width, m - j0), n, k, alpha,
-                  a + (j0 if trans_a else <long>j0 * lda), lda, b, ldb, beta,
-                  c + <long>j0 * ldc, ldc)
-        else:
-            _gemm(trans_a, trans_b, m, min(width, n - j0), k, alpha, a, lda,
-                  b + (<long>j0 * ldb if trans_b else j0), ldb, beta, c + j0, ldc)
-    if team == 1:
-        return
-    for block in range(1, count):
-        if taken_by[block] != taken_by[0]:
-            return
-    if count > 1:
-        _single_streak = SINGLE_STREAK
+    job.width = ((extent + threads - 1) // threads + 15) // 16 * 16
+    cdef int count = (extent + job.width - 1) // job.width
+    job.single = floating is float
+    job.trans_a, job.trans_b = trans_a, trans_b
+    job.m, job.n, job.k, job.lda, job.ldb, job.ldc = m, n, k, lda, ldb, ldc
+    job.alpha, job.beta = alpha, beta
+    job.a, job.b, job.c = a, b, c
+    fnn_pool_run(_gemm_task, &job, count)
 
 
 cdef inline void _gemm_any(bint split, bint trans_a, bint trans_b, int m, int n, int k,
@@ -507,37 +539,115 @@ cdef int _sample_threads(long n):
 # alone (it costs microseconds, which batch-1 inference cannot spare).
 cdef double _threaded_gemm_min_flops = 134217728.0     # 2^27, about 1.5 ms on one core
 DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
+# OpenBLAS threads a GEMV from m*n = 2304 * 4 (GEMM_MULTITHREAD_THRESHOLD); a batch-1
+# dense forward holds BLAS to one thread from there: its GEMVs take microseconds, and
+# large ones are split over fastnn's pool (_split_gemv) instead.
+DEF BLAS_OWN_SINGLE_THREAD_MN = 9216.0
 
 
-# From 2^25 flops up to the threaded threshold, a GEMM is split over the OpenMP team
-# in column blocks, each on one BLAS thread (_gemm_split): a late thread only loses
-# its block instead of stalling the GEMM, and when one thread ends up doing all the
-# blocks the next medium GEMMs run their blocks on one thread. Measured on the MLP
-# of W2 (one pass of 6400 samples, interleaved with one unsplit thread): quiet
-# machine median 79.5k, best 110k samples/s against 78.4k / 79.1k; with the
-# other core busy 74.6k against 75.2k.
-cdef double _split_gemm_min_flops = 33554432.0          # 2^25
+# From 2^23 flops up to the threaded threshold, a GEMM is split over the worker pool
+# in blocks, each on one BLAS thread (_gemm_split): a late thread only loses its
+# block instead of stalling the GEMM, and after the workers slowed a job down the
+# pool runs the next ones on the caller alone. Measured on the MLP of W2 (one pass
+# of 12,800 samples, quiet machine, interleaved): from 2^25 (its 128x784x256 GEMMs
+# split) median 101k, best 108k samples/s; from 2^23 (also its 128x256x128 ones,
+# ~100 us each on one core) 122k / 127k; blocks over OpenMP (passive) from 2^25:
+# 106k / 107k. With the other core busy all run about 70k.
+cdef double _split_gemm_min_flops = 8388608.0           # 2^23
+
+
+# A one-sample dense forward whose W has at least this many bytes runs as a GEMV in
+# blocks of inputs over the worker pool (each core streams its part of W from its
+# own L2). float32 GEMV, quiet machine, 15 interleaved rounds, medians split /
+# whole: 256x128 (128 KB) 2.71 / 2.79 us, 384x128 2.34 / 2.41, 512x128 2.72 / 3.47,
+# 784x128 3.16 / 4.41, 784x256 5.87 / 10.55; float64 784x256 15.1 / 28.9. With the
+# other core busy the pool runs the blocks on the caller: 784x256 10.2 / 9.8 us.
+cdef long _split_gemv_min_bytes = 262144
+
+
+def _set_split_gemv_min_bytes(long nbytes):
+    """Change the one-sample split threshold (for measurements and tests); returns the
+    old one."""
+    global _split_gemv_min_bytes
+    old, _split_gemv_min_bytes = _split_gemv_min_bytes, nbytes
+    return old
+
+
+def _pool_spin_us(long us=-1):
+    """How long (us) an idle pool worker spins before it sleeps; set it when us >= 0
+    (for measurements). Returns the old value."""
+    old = fnn_pool_spin_us()
+    if us >= 0:
+        fnn_pool_set_spin_us(us)
+    return old
+
+
+def _pool_workers():
+    """Worker threads the pool has started in this process (for tests)."""
+    return fnn_pool_workers()
+
+
+ctypedef struct _nest_job:            # _pool_nested: results of the nested jobs
+    int64_t *out
+    long inner
+
+
+cdef void _sum_task(void *ctx, long i) noexcept nogil:
+    (<int64_t*>ctx)[0] += i + 1       # unsynchronized: right only when run serially
+
+
+cdef void _nest_task(void *ctx, long i) noexcept nogil:
+    cdef _nest_job *job = <_nest_job*>ctx
+    cdef int64_t total = 0
+    cdef int threads = fnn_pool_run(_sum_task, &total, job.inner)
+    job.out[2 * i] = total
+    job.out[2 * i + 1] = threads
+
+
+def _pool_nested(long outer, long inner, bint in_openmp=False):
+    """Tests of nested calls: ``outer`` tasks (a pool job, or an OpenMP loop when
+    ``in_openmp``), each running a pool job of ``inner`` tasks that add i + 1 to one
+    unsynchronized total. -> int64 (outer, 2): each nested job's total (inner *
+    (inner + 1) / 2 when it ran serially) and the threads it reported."""
+    cdef cnp.ndarray out = np.zeros((outer, 2), dtype=np.int64)
+    cdef _nest_job job
+    cdef long t
+    job.out, job.inner = <int64_t*>_data(out), inner
+    with nogil:
+        if in_openmp:
+            for t in prange(outer, num_threads=max(2, fnn_max_threads()), schedule="static"):
+                _nest_task(&job, t)
+        else:
+            fnn_pool_run(_nest_task, &job, outer)
+    return out
+
+
+def _pool_stats():
+    """(jobs posted to the pool's workers, jobs in which a worker ran a task) so far in
+    this process (for measurements)."""
+    cdef long posted, helped
+    fnn_pool_stats(&posted, &helped)
+    return posted, helped
 
 
 cdef inline bint _split(double m, double n, double k):
-    """Split a GEMM kept off BLAS's threads over the OpenMP team (see _gemm_split)?"""
+    """Split a GEMM kept off BLAS's threads over the worker pool (see _gemm_split)?"""
     return 2.0 * m * n * k >= _split_gemm_min_flops and fnn_max_threads() > 1
 
 
 def _assume_busy_cores():
-    """Act as if contention had just been seen (for tests): the next split GEMMs run
-    their blocks on the calling thread."""
-    global _single_streak
-    _single_streak = SINGLE_STREAK
+    """Act as if contention had just been seen (for tests): the next split GEMMs and
+    GEMVs run their blocks on the calling thread."""
+    fnn_pool_set_busy(1)
 
 
 def _set_split_gemm_min_flops(double flops):
     """Change the split threshold (for measurements and tests; 1e300: never split) and
-    forget any contention seen, so the next split GEMM wakes the team; returns the old
-    threshold."""
-    global _split_gemm_min_flops, _single_streak
+    forget any contention seen, so the next split GEMM goes to the pool's workers;
+    returns the old threshold."""
+    global _split_gemm_min_flops
     old, _split_gemm_min_flops = _split_gemm_min_flops, flops
-    _single_streak = 0
+    fnn_pool_set_busy(0)
     return old
 
 
@@ -553,29 +663,119 @@ cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
     return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < _threaded_gemm_min_flops
 
 
+DEF GEMV_SCRATCH = 4096             # outputs of the partial sums of a split GEMV
+
+
+ctypedef struct _gemv_job:           # one sample's dense forward, cut into blocks of inputs
+    bint single
+    int i, o, rows                   # rows: inputs (rows of W) per block
+    const void *x
+    const void *weights
+    const void *bias
+    void *y                          # block 0 adds its product onto the bias here,
+    void *partial                    # block b > 0 writes its own to partial[(b-1)*o:]
+
+
+cdef inline void _gemv(const floating *x, const floating *weights, const floating *bias,
+                       floating *y, int i, int o) noexcept nogil:
+    """y (o,) = x (i,) @ W (i, o) + bias (NULL: none) for one sample and row-major W,
+    which BLAS reads as column-major (o, i). A GEMM would pack all of W first
+    (784x256: 20 against 10 us)."""
+    cdef floating beta = 0, one = 1
+    cdef int inc = 1, k
+    cdef char no_trans = b'N'
+    if bias != NULL:                 # bias first, then the GEMV adds onto it
+        for k in range(o):
+            y[k] = bias[k]
+        beta = 1
+    if floating is float:
+        sgemv(&no_trans, &o, &i, &one, <float*>weights, &o, <float*>x, &inc, &beta, y, &inc)
+    else:
+        dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y, &inc)
+
+
+cdef void _gemv_task(void *ctx, long block) noexcept nogil:
+    cdef const _gemv_job *job = <const _gemv_job*>ctx
+    cdef long r0 = block * job.rows, offset = r0 * job.o
+    cdef int rows = min(job.rows, job.i - <int>r0)
+    if job.single:
+        _gemv(<const float*>job.x + r0, <const float*>job.weights + offset,
+              <const float*>job.bias if block == 0 else NULL,
+              <float*>job.y if block == 0 else <float*>job.partial + (block - 1) * job.o,
+              rows, job.o)
+    else:
+        _gemv(<const double*>job.x + r0, <const double*>job.weights + offset,
+              <const double*>job.bias if block == 0 else NULL,
+              <double*>job.y if block == 0 else <double*>job.partial + (block - 1) * job.o,
+              rows, job.o)
+
+
+cdef inline int _gemv_blocks(long i, long o) noexcept nogil:
+    """Blocks of inputs of a split one-sample dense forward: one per thread, of at least
+    64 inputs, their partial sums within GEMV_SCRATCH."""
+    return <int>max(1, min(fnn_max_threads(), i // 64, 1 + GEMV_SCRATCH // o))
+
+
+cdef inline bint _split_gemv(long i, long o, long itemsize) noexcept nogil:
+    """Split a one-sample dense forward of W (i, o) over the worker pool?"""
+    return i * o * itemsize >= _split_gemv_min_bytes and _gemv_blocks(i, o) > 1
+
+
+cdef void _split_gemv_run(const floating *x, const floating *weights, const floating *bias,
+                          floating *y, int i, int o) noexcept nogil:
+    """_gemv in blocks of rows of W (contiguous, so each core streams its own part of
+    W from its own cache; blocks of output columns would read W in strided pieces, 20%
+    slower on one core) over the worker pool, each on one BLAS thread (the caller holds
+    BLAS to one thread); y = block 0 + block 1 + ..., in that order. The blocks depend
+    only on the shape and the thread count: the same bits whoever runs them."""
+    cdef floating partial[GEMV_SCRATCH]
+    cdef _gemv_job job
+    cdef int count = _gemv_blocks(i, o), block, k
+    job.single = floating is float
+    job.i, job.o = i, o
+    job.rows = ((i + count - 1) // count + 15) // 16 * 16
+    count = (i + job.rows - 1) // job.rows
+    job.x, job.weights, job.bias, job.y, job.partial = x, weights, bias, y, partial
+    fnn_pool_run(_gemv_task, &job, count)
+    for block in range(count - 1):
+        for k in range(o):
+            y[k] += partial[block * o + k]
+
+
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
                          floating *y, int n, int i, int o, bint split=False) noexcept nogil:
-    cdef floating beta = 0, one = 1
-    cdef int inc = 1
-    cdef char no_trans = b'N'
+    """y (n, o) = x (n, i) @ W (i, o) + bias. With ``split``: GEMMs in blocks over the
+    pool (_gemm_split), one sample's GEMV in blocks over the pool (_split_gemv_run)."""
+    cdef floating beta = 0
+    if n == 1 and i > 0 and o > 0:
+        if split:
+            _split_gemv_run(x, weights, bias, y, i, o)
+        else:
+            _gemv(x, weights, bias, y, i, o)
+        return
     if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
         _broadcast(y, bias, n, o, 0)
         beta = 1
-    if n == 1 and i > 0 and o > 0:
-        # one sample: GEMV. A GEMM would pack all of W first (784x256: 20 against
-        # 10 us here). Row-major W (I, O) is column-major (O, I): y = W_cm @ x.
-        if floating is float:
-            sgemv(&no_trans, &o, &i, &one, <float*>weights, &o, <float*>x, &inc, &beta, y, &inc)
-        else:
-            dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y,
-                  &inc)
-        return
     _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
+
+
+cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
+    """How _dense_forward runs x (n, i) @ W (i, o): returns whether BLAS must be held
+    to one thread around it, and sets ``split`` (the same for dense_forward and
+    mlp_forward, so predict and forward give the same bits)."""
+    if n == 1:                       # BLAS would thread a GEMV of this size by itself
+        small = <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN and blas_thread_control()
+        split[0] = small and _split_gemv(i, o, itemsize)
+        return small
+    small = _small_gemm(n, i, o) and blas_thread_control()
+    split[0] = small and _split(n, i, o)
+    return small
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS
-    unless small, onto the pre-broadcast bias (beta = 1: no second pass over y)."""
+    unless small, onto the pre-broadcast bias (beta = 1: no second pass over y); one
+    sample: a GEMV, in slices over the worker pool when W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
@@ -583,8 +783,8 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
-    cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
-    cdef bint split = small and n > 1 and _split(n, i, o)
+    cdef bint split
+    cdef bint small = _dense_forward_plan(n, i, o, x.itemsize, &split)
     with nogil:
         if small:
             fnn_blas_single_begin()
@@ -639,59 +839,112 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     return grad_x, grad_w, grad_b
 
 
+ctypedef struct _mlp_step:          # one dense layer of mlp_forward
+    void *weights
+    void *bias
+    void *y
+    int i, o
+    bint relu, split, small
+
+
+cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int n,
+                   bint single) noexcept nogil:
+    """The steps in order. One sample: BLAS held to one thread once for the whole chain
+    when a step wants it (its GEMVs never want BLAS's threads; saves a begin/end pair
+    per layer)."""
+    cdef Py_ssize_t k
+    cdef const _mlp_step *step
+    cdef bint held = False          # BLAS held to one thread for the whole chain
+    if n == 1:
+        for k in range(count):
+            held = held or steps[k].small
+    if held:
+        fnn_blas_single_begin()
+    for k in range(count):
+        step = &steps[k]
+        if step.small and not held:
+            fnn_blas_single_begin()
+        if single:
+            _dense_forward(<const float*>x, <const float*>step.weights,
+                           <const float*>step.bias, <float*>step.y, n, step.i, step.o, step.split)
+            if step.relu:
+                fnn_relu_forward_f(<float*>step.y, <float*>step.y, <long>n * step.o)
+        else:
+            _dense_forward(<const double*>x, <const double*>step.weights,
+                           <const double*>step.bias, <double*>step.y, n, step.i, step.o,
+                           step.split)
+            if step.relu:
+                fnn_relu_forward_d(<double*>step.y, <double*>step.y, <long>n * step.o)
+        if step.small and not held:
+            fnn_blas_single_end()
+        x = step.y
+    if held:
+        fnn_blas_single_end()
+
+
 def mlp_forward(cnp.ndarray x, list layers):
     """x: (N, I) through a chain of dense layers in one call (no Python per layer:
     batch-1 latency). ``layers``: a list of ``(layer, relu)`` with ``layer.params``
     a Dense layer's dict (``W`` (I, O), optional ``b`` (O,)); ``relu`` applies
     max(., 0) in place on that layer's output. Returns the last output, or None
-    when a parameter is not a C-contiguous array of x's dtype or the shapes do not
-    chain (the caller then runs the layers one by one, with their checks)."""
-    cdef int n = x.shape[0], i, o
-    cdef cnp.ndarray y, W
-    cdef object b
-    cdef object layer
+    when x or a parameter is not a C-contiguous array of x's dtype or the shapes do
+    not chain (the caller then runs the layers one by one, with their checks).
+
+    All checks and allocations first, then every layer in one GIL-free call (per
+    layer, NumPy's attribute checks and np.empty cost about 1 us, a tenth of the
+    784-256-128-10 MLP's batch-1 time)."""
+    cdef Py_ssize_t count = len(layers), k
+    cdef int n, i, o
+    cdef void *dtype = cnp.PyArray_DESCR(x)    # compared by identity, as `is`
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    cdef bint single = type_num == cnp.NPY_FLOAT32
+    cdef object layer, W, b, relu
     cdef dict params
-    cdef void *px
-    cdef void *pw
-    cdef void *pb
-    cdef void *py
-    cdef bint single = _is_float32(x), small, relu
-    cdef list chain = []
-    i = x.shape[1]
-    for layer, relu in layers:           # validate everything before computing anything
+    cdef list keep = [None] * (3 * count)    # W, b, y of each step: alive while nogil
+    cdef _mlp_step steps_small[8]
+    cdef _mlp_step *steps = steps_small
+    cdef cnp.npy_intp dims[2]
+    cdef cnp.ndarray y = x
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(x) or cnp.PyArray_NDIM(x) != 2
+            or (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64)):
+        return None
+    n, i = cnp.PyArray_DIM(x, 0), cnp.PyArray_DIM(x, 1)
+    if count > 8:
+        y = np.empty(count * sizeof(_mlp_step), dtype=np.uint8)
+        keep.append(y)
+        steps = <_mlp_step*>_data(y)
+    dims[0] = n
+    for k in range(count):           # validate everything before computing anything
+        layer, relu = layers[k]
         params = layer.params
         W = params.get("W")
         b = params.get("b")
-        if (type(W) is not np.ndarray or W.dtype is not x.dtype or W.ndim != 2
-                or not W.flags.c_contiguous or W.shape[0] != i):
+        if (type(W) is not np.ndarray or <void*>cnp.PyArray_DESCR(<cnp.ndarray>W) != dtype
+                or cnp.PyArray_NDIM(<cnp.ndarray>W) != 2
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>W)
+                or cnp.PyArray_DIM(<cnp.ndarray>W, 0) != i):
             return None
-        o = W.shape[1]
-        if b is not None and (type(b) is not np.ndarray or b.dtype is not x.dtype
-                              or b.ndim != 1 or b.shape[0] != o or not b.flags.c_contiguous):
+        o = cnp.PyArray_DIM(<cnp.ndarray>W, 1)
+        if b is not None and (type(b) is not np.ndarray
+                              or <void*>cnp.PyArray_DESCR(<cnp.ndarray>b) != dtype
+                              or cnp.PyArray_NDIM(<cnp.ndarray>b) != 1
+                              or cnp.PyArray_DIM(<cnp.ndarray>b, 0) != o
+                              or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>b)):
             return None
-        chain.append((W, b, relu))
+        dims[1] = o
+        y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+        keep[3 * k], keep[3 * k + 1], keep[3 * k + 2] = W, b, y
+        steps[k].weights = _data(W)
+        steps[k].bias = NULL if b is None else _data(b)
+        steps[k].y = _data(y)
+        steps[k].i, steps[k].o = i, o
+        steps[k].relu = relu
+        steps[k].small = _dense_forward_plan(n, i, o, cnp.PyArray_ITEMSIZE(x), &steps[k].split)
         i = o
-    for W, b, relu in chain:
-        i, o = W.shape[0], W.shape[1]
-        y = np.empty((n, o), dtype=x.dtype)
-        px, pw, py = _data(x), _data(W), _data(y)
-        pb = NULL if b is None else _data(b)
-        small = _small_gemm(n, i, o) and blas_thread_control()
-        with nogil:
-            if small:
-                fnn_blas_single_begin()
-            if single:
-                _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o)
-                if relu:
-                    fnn_relu_forward_f(<float*>py, <float*>py, <long>n * o)
-            else:
-                _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o)
-                if relu:
-                    fnn_relu_forward_d(<double*>py, <double*>py, <long>n * o)
-            if small:
-                fnn_blas_single_end()
-        x = y
-    return x
+    cdef const void *px = _data(x)
+    with nogil:
+        _mlp_run(px, steps, count, n, single)
+    return y
 
 
 # --- SGD --------------------------------------------------------------------------
@@ -932,6 +1185,39 @@ cdef void _conv_forward_sample(const floating *x, const floating *weights,
               <int>ohw, beta, y, <int>ohw)
 
 
+# Conv samples (forward) and sample chunks (backward) run on fastnn's worker pool
+# (csrc/pool.c), not OpenMP: LeNet's per-layer regions last 0.2-1 ms, and waking
+# the passive OpenMP team costs 50-60 us per region on this KVM guest.
+ctypedef struct _conv_job:
+    bint single
+    const void *x
+    const void *weights
+    const void *bias
+    void *y
+    const void *grad_y
+    void *grad_x
+    void *workspace
+    const fnn_geometry *g
+    long n, k, per_thread, chunks, first, stride_c
+    int threads
+
+
+cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
+    """Sample s of a _conv_job, in the workspace of the thread that runs it."""
+    cdef const _conv_job *job = <const _conv_job*>ctx
+    cdef const fnn_geometry *g = job.g
+    cdef long chw = g.c * g.h * g.w, kohw = job.k * g.oh * g.ow
+    cdef long mine = fnn_pool_thread_index() * job.per_thread
+    if job.single:
+        _conv_forward_sample(<const float*>job.x + s * chw, <const float*>job.weights,
+                             <const float*>job.bias, <float*>job.y + s * kohw,
+                             <float*>job.workspace + mine, g, job.k, 0)
+    else:
+        _conv_forward_sample(<const double*>job.x + s * chw, <const double*>job.weights,
+                             <const double*>job.bias, <double*>job.y + s * kohw,
+                             <double*>job.workspace + mine, g, job.k, 0)
+
+
 cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
                         floating *y, floating *workspace, long n, const fnn_geometry *g,
                         long k, int threads) noexcept nogil:
@@ -948,12 +1234,14 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
         if small:
             fnn_blas_single_end()
         return
+    cdef _conv_job job
+    job.single = floating is float
+    job.x, job.weights, job.bias, job.y, job.workspace = x, weights, bias, y, workspace
+    job.g, job.k, job.per_thread = g, k, per_thread
     fnn_blas_single_begin()
-    # dynamic: a thread that loses its core for a while (shared machine) does not
-    # hold up the others at the end of the region
-    for s in prange(n, num_threads=threads, schedule="dynamic"):
-        _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw,
-                             workspace + fnn_thread_id() * per_thread, g, k, 0)
+    # on the worker pool, samples taken dynamically: a thread that loses its core
+    # for a while (shared machine) leaves its samples to the others
+    fnn_pool_run(_conv_forward_task, &job, n)
     fnn_blas_single_end()
 
 
@@ -1252,6 +1540,34 @@ cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
     return n if n < 4 * threads else 4 * threads
 
 
+cdef inline void _conv_backward_chunk(const _conv_job *job, long c, const floating *grad_y,
+                                      const floating *x, const floating *weights,
+                                      floating *grad_x, floating *workspace) noexcept nogil:
+    """Chunk c of a _conv_job: its samples in order, summed into the chunk's partial."""
+    cdef const fnn_geometry *g = job.g
+    cdef long k = job.k, n = job.n, s
+    cdef long ckk = g.c * g.kh * g.kw, kohw = k * g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef floating *mine = workspace + fnn_pool_thread_index() * job.per_thread
+    cdef floating *part = workspace + job.threads * job.per_thread + c * job.stride_c
+    memset(part, 0, job.stride_c * sizeof(floating))
+    for s in range(c * n // job.chunks, (c + 1) * n // job.chunks):
+        _conv_backward_sample(grad_y + s * kohw, x + s * chw, weights,
+                              NULL if grad_x == NULL else grad_x + s * chw,
+                              part, part + k * ckk, mine, mine + job.first, g, k, 0)
+
+
+cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
+    cdef const _conv_job *job = <const _conv_job*>ctx
+    if job.single:
+        _conv_backward_chunk(job, c, <const float*>job.grad_y, <const float*>job.x,
+                             <const float*>job.weights, <float*>job.grad_x,
+                             <float*>job.workspace)
+    else:
+        _conv_backward_chunk(job, c, <const double*>job.grad_y, <const double*>job.x,
+                             <const double*>job.weights, <double*>job.grad_x,
+                             <double*>job.workspace)
+
+
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
                          floating *grad_x, floating *grad_w, floating *grad_b,
                          floating *workspace, long n, const fnn_geometry *g, long k,
@@ -1262,7 +1578,6 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
     cdef long stride_t = first + second, stride_c = k * ckk + k
     cdef long chunks = _conv_backward_chunks(n, threads)
-    cdef floating *mine
     cdef floating *part
     memset(grad_w, 0, k * ckk * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
@@ -1278,20 +1593,18 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
         if small:
             fnn_blas_single_end()
         return
+    cdef _conv_job job
+    job.single = floating is float
+    job.x, job.weights, job.grad_y, job.grad_x, job.workspace = x, weights, grad_y, grad_x, workspace
+    job.g, job.n, job.k, job.per_thread, job.chunks = g, n, k, stride_t, chunks
+    job.first, job.stride_c, job.threads = first, stride_c, threads
     fnn_blas_single_begin()
     # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
     # for a shared machine) sums its samples in order into the chunk's own partial,
     # and the partials are added in chunk order: which thread ran what cannot change
     # the result, so the same inputs give the same bits every call (per-thread sums
     # under a dynamic schedule did not: same-seed trainings drifted apart).
-    for c in prange(chunks, num_threads=threads, schedule="dynamic"):
-        mine = workspace + fnn_thread_id() * stride_t
-        part = workspace + threads * stride_t + c * stride_c
-        memset(part, 0, stride_c * sizeof(floating))
-        for s in range(c * n // chunks, (c + 1) * n // chunks):
-            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights,
-                                  NULL if grad_x == NULL else grad_x + s * chw,
-                                  part, part + k * ckk, mine, mine + first, g, k, 0)
+    fnn_pool_run(_conv_backward_task, &job, chunks)
     fnn_blas_single_end()
     for c in range(chunks):
         part = workspace + threads * stride_t + c * stride_c
