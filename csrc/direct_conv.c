@@ -5,8 +5,9 @@
  * on the NCHW -> HWC transpose, the patch-row copies and y.T's transpose than in its
  * GEMMs. Here each output row is computed in blocks of 8 pixels x KB output channels
  * held in registers: one load of 8 input pixels feeds KB multiply-adds, and no patch
- * matrix is built. GCC vector extensions; the loop is cloned for x86-64-v3 (AVX2 +
- * FMA) and the portable baseline (two SSE halves), chosen at load time.
+ * matrix is built. GCC vector extensions (GCC and clang), cloned for x86-64-v3
+ * (AVX2 + FMA) with GCC's target_clones; chosen only on CPUs with AVX2 + FMA (see
+ * fast_vectors), elsewhere the patch-matrix GEMMs run.
  *
  * Each output value is its bias plus the products in (c, i, j) order: the same bits
  * whichever thread computes it. A row narrower than 8 pixels is not handled here
@@ -16,8 +17,10 @@
 
 #include "fastnn_kernels.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
 /* the helpers below are always inlined into their callers' clones */
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));

@@ -154,8 +154,8 @@ FNN_DECLARE_WINOGRAD(double, d)
 #undef FNN_DECLARE_WINOGRAD
 
 /* Direct float32 convolution for few output channels (direct_conv.c): stride 1,
- * 1 <= k <= FNN_DIRECT_MAX_K, kw <= FNN_DIRECT_MAX_KW, output rows of at least 8 pixels
- * (fnn_direct_conv_fits).
+ * 1 <= k <= FNN_DIRECT_MAX_K, kw <= FNN_DIRECT_MAX_KW, output rows of at least 8 pixels,
+ * a CPU with AVX2 + FMA and a GCC build (fnn_direct_conv_fits; elsewhere it is 0).
  * One sample: y (k, oh, ow) = conv(x (c, h, w)) + bias, with the weights as
  * wt (c*kh*kw, kp) (transposed, columns zero-padded to kp = k rounded up to
  * fnn_direct_conv_block(k)) and bias (kp,) zero-padded too. work: the padded input,
