@@ -243,3 +243,35 @@ def test_conv_samples_same_bits_on_workers_or_caller(dtype, case):
                         _reference.conv2d_backward(np.cos(y), x, W, (1, 1), (pad, pad))):
         scale = np.abs(ref).max()            # sums of hundreds of terms: relative to the largest
         np.testing.assert_allclose(got / scale, ref / scale, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("momentum, weight_decay, l1, nesterov", [
+    (0.9, 0.0, 0.0, False), (0.9, 1e-3, 1e-4, True), (0.0, 1e-3, 0.0, False)])
+def test_sgd_step_in_blocks_same_bits_on_workers_or_caller(dtype, momentum, weight_decay, l1,
+                                                          nesterov):
+    """A large parameter is updated in blocks over the pool: the same bits as on the
+    caller alone (element-wise), and PyTorch's rule written in NumPy."""
+    rng = np.random.default_rng(5)
+    n = 70001                                            # > SGD_SPLIT_MIN, a ragged last block
+    p0, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    buf0 = rng.standard_normal(n).astype(dtype)
+    runs = []
+    for busy in (False, True):
+        if busy:
+            _cpu._assume_busy_cores()
+        else:
+            _cpu._set_split_gemm_min_flops(_cpu._set_split_gemm_min_flops(0))   # not busy
+        p, buf = p0.copy(), buf0.copy()
+        _cpu.sgd_step(p, g, buf if momentum else None, 0.1, momentum, weight_decay, l1,
+                      nesterov, False)
+        runs.append((p, buf))
+    _cpu._set_split_gemm_min_flops(_cpu._set_split_gemm_min_flops(0))
+    for got, first in zip(runs[1], runs[0]):
+        np.testing.assert_array_equal(got, first)
+    d = g.astype(np.float64) + weight_decay * p0 + l1 * np.sign(p0)
+    if momentum:
+        v = momentum * buf0 + d
+        d = d + momentum * v if nesterov else v
+        np.testing.assert_allclose(runs[0][1], v, **tolerance(dtype))
+    np.testing.assert_allclose(runs[0][0], p0 - 0.1 * d, **tolerance(dtype))
