@@ -7,8 +7,9 @@ float32 or float64 and releases the GIL while it runs.
 
 Threading, and why. GEMMs come from the BLAS behind
 ``scipy.linalg.cython_blas`` (OpenBLAS in the wheels), which has a thread pool
-of its own; everything else here uses OpenMP, except the dense work of tens to
-hundreds of microseconds, which runs on fastnn's own worker pool
+of its own; the rest runs on OpenMP (element-wise kernels, Winograd blocks)
+or, for jobs of microseconds to a millisecond (GEMM blocks, batch-1 GEMVs,
+conv samples, SGD blocks), on fastnn's own worker pool
 (``csrc/pool.c``: its idle workers spin for 100 us, yielding their core, so a
 job starts on them within a microsecond, where waking libgomp's passive
 workers costs tens). The pools never run at the same time (each one's idle
@@ -37,6 +38,9 @@ workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
   csrc/direct_conv.c) in the same loops. 3x3 stride-1 float32 convs run as
   Winograd F(2x2, 3x3) instead (csrc/winograd_template.h): OpenMP over blocks
   of tiles, 16 single-threaded GEMMs per block, the same BLAS hold.
+- SGD: a parameter of 65536 elements or more in blocks over the worker pool;
+- element-wise kernels (ReLU, pools, softmax): OpenMP from 2^21 elements
+  (FNN_PARALLEL_MIN), one thread below.
 
 ``fastnn.backend`` makes libgomp's idle workers sleep instead of spin
 (``OMP_WAIT_POLICY=passive`` while this module loads, unless the user chose a
