@@ -41,7 +41,8 @@ static inline __attribute__((always_inline)) void store8(float *p, v8f v)
  * FMA) measured 1.4 ms for LeNet's conv1 forward and 19.9 ms for conv2's, against
  * 0.56 and 0.91 ms on the GEMM paths, so without AVX2 + FMA the direct conv is not
  * chosen (its baseline clone exists because target_clones needs one). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+/* target_clones needs ifunc: glibc (musl has none; there the GEMMs run) */
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 static int fast_vectors(void)          /* reads libgcc's CPU model: cheap */
 {
