@@ -4,6 +4,8 @@
                  [--compare numpy,torch,torch-alone] [--threads N] [--quick]
                  [--json FILE] [--keep-blas-env]
 
+(all three peers by default).
+
 Thread counts and OpenBLAS's kernel choice are fixed when the libraries load,
 and ``import fastnn`` has already loaded NumPy by the time this module runs.
 So the command line sets OMP/OPENBLAS/MKL_NUM_THREADS (``--threads``), unsets
@@ -52,9 +54,9 @@ def _parser():
                    help="workloads to run (W0..W7, default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default) or cuda (CuPy arrays against PyTorch CUDA)")
-    p.add_argument("--compare", default="numpy,torch", metavar="PEERS",
-                   help="comma-separated peers among numpy,torch,torch-alone (default "
-                        "numpy,torch; torch-alone: PyTorch timed in a process of its own, "
+    p.add_argument("--compare", default="numpy,torch,torch-alone", metavar="PEERS",
+                   help="comma-separated peers among numpy,torch,torch-alone (default all "
+                        "three; torch-alone: PyTorch timed again in a process of its own, "
                         "with its own OpenMP settings; 'none' for none)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads for OpenMP, BLAS and PyTorch (set before they load)")
@@ -257,9 +259,12 @@ def _torch_alone(args, log):
     """Time the ``torch`` implementations of the selected workloads in a child
     process that loads PyTorch before fastnn (so libgomp keeps PyTorch's
     defaults); returns its results as ``Result`` rows named ``torch-alone``."""
+    import importlib.util
     import subprocess
     import tempfile
     from .timing import Result
+    if importlib.util.find_spec("torch") is None:   # the torch rows say it is not installed
+        return [], None
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (f"import sys; sys.path.insert(0, {package_root!r}); import torch; "
             "from fastnn.bench import main; sys.exit(main(sys.argv[1:]))")
