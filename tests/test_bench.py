@@ -55,6 +55,17 @@ def test_torch_alone_times_pytorch_in_its_own_process(tmp_path):
     assert {t["peer"] for t in report["targets"]} == {"copy", "torch", "torch-alone"}
 
 
+def test_torch_alone_without_pytorch_adds_nothing(monkeypatch):
+    """Where PyTorch is not installed the default torch-alone peer is skipped, no error."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    args = bench._parse(["--quick", "--workload", "W6"])
+    assert "torch-alone" in args.peers
+    assert bench._torch_alone(args, log=lambda *a: None) == ([], None)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workload", "W9"], "unknown workload"),
     (["--compare", "numpy,jax"], "unknown peer"),
