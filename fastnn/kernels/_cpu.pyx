@@ -64,7 +64,6 @@ cdef extern from "fastnn_kernels.h" nogil:
         int kh, kw, sh, sw, ph, pw
         long oh, ow
     int fnn_max_threads()
-    int fnn_thread_id()
     ctypedef void (*fnn_set_threads_fn)(int)
     ctypedef int (*fnn_get_threads_fn)()
     void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)
@@ -994,15 +993,15 @@ ctypedef struct _sgd_job:
     void *p
     const void *g
     void *buf
-    long n
+    long n, block
     double lr, momentum, weight_decay, l1
 
 
 cdef void _sgd_task(void *ctx, long block) noexcept nogil:
-    """Elements [block * SGD_BLOCK, ...) of an _sgd_job."""
+    """Elements [block * job.block, ...) of an _sgd_job."""
     cdef const _sgd_job *job = <const _sgd_job*>ctx
-    cdef long lo = block * SGD_BLOCK
-    cdef long count = min(<long>SGD_BLOCK, job.n - lo)
+    cdef long lo = block * job.block
+    cdef long count = min(job.block, job.n - lo)
     if job.single:
         _sgd_step(<float*>job.p + lo, <const float*>job.g + lo,
                   <float*>job.buf + lo if job.has_buf else NULL, count, <float>job.lr,
@@ -1029,9 +1028,9 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
     job.single = _is_float32(p)
     job.lr, job.momentum, job.weight_decay, job.l1 = lr, momentum, weight_decay, l1
     job.nesterov, job.first = nesterov, first
+    job.block = SGD_BLOCK if job.n >= SGD_SPLIT_MIN else max(job.n, 1)   # else one task
     with nogil:
-        fnn_pool_run(_sgd_task, &job, (job.n + SGD_BLOCK - 1) // SGD_BLOCK
-                     if job.n >= SGD_SPLIT_MIN else 1)
+        fnn_pool_run(_sgd_task, &job, (job.n + job.block - 1) // job.block)
 
 
 # --- softmax cross-entropy -----------------------------------------------------------
