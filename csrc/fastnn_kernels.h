@@ -4,7 +4,8 @@
  * images are NCHW; a "plane" is one (n, c) image of H*W values. Kernels with a
  * `parallel` flag split their outer loop over OpenMP threads when it is
  * nonzero; callers pass 0 when they already run inside a parallel region.
- * GEMMs are not here: the Cython layer calls BLAS (scipy.linalg.cython_blas).
+ * GEMMs: the Cython layer calls BLAS (scipy.linalg.cython_blas), or for float32 on
+ * AVX-512 CPUs fastnn's own kernel (fnn_sgemm, below).
  */
 #ifndef FASTNN_KERNELS_H
 #define FASTNN_KERNELS_H
@@ -174,5 +175,14 @@ void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geo
 /* Tiles per Winograd block (for tests and measurements; 0: chosen from the
  * channel counts); returns the old setting. */
 long fnn_winograd_set_tiles(long tiles);
+
+/* fastnn's own float32 GEMM (csrc/sgemm.c), one thread: row-major
+ * c (m, n) = alpha * op(a) @ op(b) + beta * c, op(a) = a (m, k) or, with trans_a,
+ * a.T for a (k, m) (likewise b); leading dimensions in elements. beta = 0: c is not
+ * read. Returns 0, or -1 when it cannot run (no buffers; not built for this CPU).
+ * Only call it when fnn_sgemm_supported() (x86-64 with AVX-512F and AVX-512VL). */
+int fnn_sgemm_supported(void);
+int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+              int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
 #endif

@@ -147,6 +147,9 @@ cdef extern from "fastnn_kernels.h" nogil:
                                    long k, const float *bias, float *y, float *work)
     void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
                                   long k, float *grad_w, float *work)
+    int fnn_sgemm_supported()
+    int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                  int lda, const float *b, int ldb, float beta, float *c, int ldc)
 
 
 # --- typed helpers (one body for float and double) ---------------------------------
@@ -155,10 +158,54 @@ cdef inline void* _data(cnp.ndarray a):
     return cnp.PyArray_DATA(a)
 
 
+# Who runs float32 GEMMs: fastnn's own AVX-512 kernel (csrc/sgemm.c) where the CPU
+# has AVX-512 and the GEMM is not tiny (GEMM_AUTO), or always BLAS. FASTNN_GEMM=blas
+# in the environment, or _set_gemm_engine, chooses BLAS (for comparisons).
+DEF GEMM_AUTO = 0
+DEF GEMM_OWN = 1                     # every float32 GEMM (tests of the kernel)
+DEF GEMM_BLAS = 2
+_GEMM_ENGINES = {"auto": GEMM_AUTO, "own": GEMM_OWN, "blas": GEMM_BLAS}
+cdef bint _sgemm_supported = fnn_sgemm_supported()
+cdef int _gemm_engine = GEMM_BLAS if os.environ.get("FASTNN_GEMM") == "blas" else GEMM_AUTO
+# From this many flops the own kernel runs a GEMM. One thread, interleaved medians
+# (own / OpenBLAS): 1.09-1.29x on the dense, MLP, LeNet and Winograd shapes of W1-W4
+# from 2 MFLOP up (98-102 GFLOP/s against 78-91); below, thin ones lose: 128x10x128
+# 0.55-0.75x, LeNet's 64x84x120 (1.3 MFLOP) 0.80x.
+DEF OWN_SGEMM_MIN_FLOPS = 2097152.0
+
+
+def _set_gemm_engine(str name):
+    """Choose who runs float32 GEMMs: "auto" (fastnn's AVX-512 kernel where the CPU
+    has it and the GEMM is not tiny, else BLAS), "own" (that kernel for every size;
+    only where supported) or "blas"; returns the previous name."""
+    global _gemm_engine
+    if name not in _GEMM_ENGINES:
+        raise ValueError(f"_set_gemm_engine: name must be one of {sorted(_GEMM_ENGINES)}, "
+                         f"got {name!r}")
+    if name == "own" and not _sgemm_supported:
+        raise ValueError("_set_gemm_engine: this CPU (or build) has no AVX-512 GEMM kernel")
+    old = [key for key, value in _GEMM_ENGINES.items() if value == _gemm_engine][0]
+    _gemm_engine = _GEMM_ENGINES[name]
+    return old
+
+
+def own_sgemm_supported():
+    """Whether fastnn's own float32 GEMM kernel runs on this CPU (AVX-512F and VL)."""
+    return bool(_sgemm_supported)
+
+
+cdef inline bint _own_gemm(bint single, double m, double n, double k) noexcept nogil:
+    """Does fastnn's own kernel run this GEMM (float32 when ``single``)?"""
+    if not single or not _sgemm_supported or _gemm_engine == GEMM_BLAS:
+        return False
+    return _gemm_engine == GEMM_OWN or 2.0 * m * n * k >= OWN_SGEMM_MIN_FLOPS
+
+
 cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                        const floating *a, int lda, const floating *b, int ldb,
                        floating beta, floating *c, int ldc) noexcept nogil:
-    """Row-major c (m, n) = alpha * op(a) @ op(b) + beta * c, through BLAS.
+    """Row-major c (m, n) = alpha * op(a) @ op(b) + beta * c: fastnn's own float32
+    kernel (see _own_gemm) or BLAS, single-threaded or as BLAS's thread count allows.
 
     BLAS is column-major: row-major C = A @ B is column-major C^T = B^T @ A^T,
     so the operands are swapped and no data moves.
@@ -173,11 +220,51 @@ cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating
             c[i] = beta * c[i] if beta != 0 else 0
         return
     if floating is float:
+        if _own_gemm(True, m, n, k) and fnn_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda,
+                                                   b, ldb, beta, c, ldc) == 0:
+            return                   # (it fails only when its buffers cannot be allocated)
         sgemm(&op_first, &op_second, &n, &m, &k, &alpha, <float*>b, &ldb,
               <float*>a, &lda, &beta, c, &ldc)
     else:
         dgemm(&op_first, &op_second, &n, &m, &k, &alpha, <double*>b, &ldb,
               <double*>a, &lda, &beta, c, &ldc)
+
+
+def _gemm_into(cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint trans_a=False,
+               bint trans_b=False, double alpha=1, double beta=0, bint split=False):
+    """c = alpha * op(a) @ op(b) + beta * c in place through _gemm (or _gemm_split over
+    the worker pool), for tests. a, b, c: 2-D, one dtype (float32 or float64), rows
+    of unit stride; row strides are the leading dimensions (views may be strided)."""
+    cdef cnp.ndarray arr
+    for arr in (a, b, c):
+        if arr.ndim != 2 or arr.dtype != c.dtype or arr.strides[1] != arr.itemsize \
+                or arr.strides[0] % arr.itemsize or arr.strides[0] < arr.shape[1] * arr.itemsize:
+            raise ValueError("_gemm_into: a, b, c must be 2-D of one dtype with unit-stride rows")
+    if c.dtype != np.float32 and c.dtype != np.float64:
+        raise ValueError(f"_gemm_into: dtype must be float32 or float64, got {c.dtype}")
+    cdef int m = c.shape[0], n = c.shape[1]
+    cdef int k = a.shape[0] if trans_a else a.shape[1]
+    if (a.shape[1] if trans_a else a.shape[0]) != m or \
+            (b.shape[1] if trans_b else b.shape[0]) != k or \
+            (b.shape[0] if trans_b else b.shape[1]) != n:
+        raise ValueError(f"_gemm_into: shapes {(<object>a).shape} {(<object>b).shape} -> "
+                         f"{(<object>c).shape} do not match")
+    cdef int lda = max(1, a.strides[0] // a.itemsize), ldb = max(1, b.strides[0] // b.itemsize)
+    cdef int ldc = max(1, c.strides[0] // c.itemsize)
+    cdef void *pa = _data(a)
+    cdef void *pb = _data(b)
+    cdef void *pc = _data(c)
+    cdef bint single = c.dtype == np.float32
+    with nogil:
+        fnn_blas_single_begin()
+        if single:
+            _gemm_any(split, trans_a, trans_b, m, n, k, <float>alpha, <float*>pa, lda,
+                      <float*>pb, ldb, <float>beta, <float*>pc, ldc)
+        else:
+            _gemm_any(split, trans_a, trans_b, m, n, k, alpha, <double*>pa, lda, <double*>pb,
+                      ldb, beta, <double*>pc, ldc)
+        fnn_blas_single_end()
+    return c
 
 
 DEF MAX_SPLIT_BLOCKS = 64
@@ -771,7 +858,7 @@ cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
         split[0] = small and _split_gemv(i, o, itemsize)
         return small
     small = _small_gemm(n, i, o) and blas_thread_control()
-    split[0] = small and _split(n, i, o)
+    split[0] = (small or _own_gemm(itemsize == 4, n, i, o)) and _split(n, i, o)
     return small
 
 
@@ -827,7 +914,7 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     cdef void *pgb = _data(grad_b)
     cdef bint single = _is_float32(x)
     cdef bint small = _small_gemm(n, i, o) and blas_thread_control()
-    cdef bint split = small and _split(n, i, o)
+    cdef bint split = (small or _own_gemm(single, n, i, o)) and _split(n, i, o)
     with nogil:
         if small:
             fnn_blas_single_begin()
