@@ -115,6 +115,8 @@ double fnn_softmax_xent_##S(const T *logits, long n, long c, const int64_t *labe
                             const T *target, T *grad, double *row_loss);             \
 /* out (cols,) = sum over rows of a (rows, cols). */                                 \
 void fnn_column_sums_##S(const T *a, long rows, long cols, T *out);                  \
+/* 1 when none of a[0..n) is NaN or infinite; stops at the block with the first. */  \
+int fnn_all_finite_##S(const T *a, long n);                                          \
 /* out (rows,) = sum over columns of a (rows, cols), added to out when accumulate. */ \
 void fnn_row_sums_##S(const T *a, long rows, long cols, T *out, int accumulate);     \
 /* a (rows, cols): each row r set to value[r] (per_row) or each row set to value     \

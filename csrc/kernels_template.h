@@ -357,6 +357,33 @@ void NAME(fnn_column_sums)(const T *a, long rows, long cols, T *out)
     }
 }
 
+/* A value is NaN or infinite when its exponent bits are all ones, i.e. when its bits
+ * without the sign are at least those of infinity: one max over unsigned integers,
+ * which vectorizes. No temporary array, unlike np.isfinite(x).all(), whose 47 MB
+ * boolean array for MNIST's 60000 x 784 floats took 140 ms on first use (fresh
+ * pages) and 15 ms after; here 14 ms, bound by memory bandwidth. */
+int NAME(fnn_all_finite)(const T *a, long n)
+{
+    enum { BLOCK = 16384 };
+    const UINT magnitude = (UINT)-1 >> 1;
+    T inf = (T)INFINITY;
+    UINT inf_bits;
+    memcpy(&inf_bits, &inf, sizeof inf_bits);
+    for (long start = 0; start < n; start += BLOCK) {
+        long stop = n - start < BLOCK ? n : start + BLOCK;
+        UINT largest = 0;
+        for (long i = start; i < stop; i++) {
+            UINT bits;
+            memcpy(&bits, a + i, sizeof bits);
+            bits &= magnitude;
+            largest = bits > largest ? bits : largest;
+        }
+        if (largest >= inf_bits)
+            return 0;
+    }
+    return 1;
+}
+
 /* Each row summed in 16 interleaved partial sums (lane l takes j = l mod 16), combined
  * in a fixed tree, then the tail: vectorizes, and the order depends only on cols. One
  * running sum was a chain of dependent adds (4 cycles each): LeNet's conv1 grad_b,

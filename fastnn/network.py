@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 
-from . import backend, losses, optim
+from . import backend, kernels, losses, optim
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import ReLU, Softmax
 from .layers.conv import Conv2D
@@ -243,7 +243,7 @@ class Network:
             x = x.astype(dtype)
         elif not x.flags.c_contiguous:
             x = xp.ascontiguousarray(x)
-        if check_finite and not bool(xp.isfinite(x).all()):
+        if check_finite and not kernels.all_finite(x):
             raise ValueError(f"{who}: x contains NaN or infinite values")
         if (move and self._device == "cuda") or (xp is not np and self._device == "cpu"):
             x = backend.to_device(x, self._device)
@@ -259,7 +259,7 @@ class Network:
         if y.ndim == 0 or len(y) != n:
             raise ValueError(f"{who}: x and y must have the same number of samples, got "
                              f"len(x)={n} and y of shape {tuple(y.shape)}")
-        if y.dtype.kind == "f" and not bool(xp.isfinite(y).all()):
+        if y.dtype.kind == "f" and not kernels.all_finite(y):
             raise ValueError(f"{who}: y contains NaN or infinite values")
         if isinstance(self.loss_fn, losses.CrossEntropy):
             if probe.ndim != 2:

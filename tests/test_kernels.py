@@ -670,3 +670,20 @@ def test_dense_split_gemms_give_the_same_bits_on_a_busy_machine(dtype):
         np.testing.assert_allclose(results[0][0], x @ W + b, **tol)
         np.testing.assert_allclose(results[0][1], grad_y @ W.T, **tol)
         np.testing.assert_allclose(results[0][2], x.T @ grad_y, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite(dtype):
+    """One pass over the bits, blocks of 16384: a bad value anywhere is found, the
+    largest finite values are not taken for infinity."""
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 5, 16383, 16384, 40000):
+            a = np.ones(40001, dtype)
+            a[pos] = bad
+            assert not kernels.all_finite(a)
+            assert not kernels.all_finite(a.reshape(1, -1)[:, ::-1])   # strided: NumPy path
+    big = np.full(9, np.finfo(dtype).max, dtype)
+    big[3] = -big[3]
+    assert kernels.all_finite(big)
+    assert kernels.all_finite(np.zeros(0, dtype))
+    assert kernels.all_finite(np.array([np.finfo(dtype).tiny, -0.0], dtype))

@@ -111,6 +111,8 @@ cdef extern from "fastnn_kernels.h" nogil:
                               const double *target, double *grad, double *row_loss)
     void fnn_column_sums_f(const float *a, long rows, long cols, float *out)
     void fnn_column_sums_d(const double *a, long rows, long cols, double *out)
+    int fnn_all_finite_f(const float *a, long n)
+    int fnn_all_finite_d(const double *a, long n)
     void fnn_row_sums_f(const float *a, long rows, long cols, float *out, int accumulate)
     void fnn_row_sums_d(const double *a, long rows, long cols, double *out, int accumulate)
     void fnn_broadcast_f(float *a, const float *value, long rows, long cols, int per_row)
@@ -1118,6 +1120,21 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
     job.block = SGD_BLOCK if job.n >= SGD_SPLIT_MIN else max(job.n, 1)   # else one task
     with nogil:
         fnn_pool_run(_sgd_task, &job, (job.n + job.block - 1) // job.block)
+
+
+def all_finite(cnp.ndarray x):
+    """True when no element of x (float32 or float64, C-contiguous) is NaN or infinite:
+    one pass, no temporary array."""
+    cdef long n = x.size
+    cdef void *px = _data(x)
+    cdef int result
+    cdef bint single = x.itemsize == 4
+    with nogil:
+        if single:
+            result = fnn_all_finite_f(<const float*>px, n)
+        else:
+            result = fnn_all_finite_d(<const double*>px, n)
+    return bool(result)
 
 
 # --- softmax cross-entropy -----------------------------------------------------------
