@@ -312,9 +312,12 @@ cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating 
     """_gemm split into one block of c per thread, each block on one BLAS thread (the
     caller holds BLAS to one thread), run by fastnn's worker pool (csrc/pool.c):
     blocks are taken dynamically, so a thread that the scheduler keeps waiting leaves
-    its block to the others. Blocks of rows when op(a) is the larger operand, else of
-    columns (each thread packs the whole of the other one). The blocks depend only on
-    the shapes and the thread count, so the result does not depend on which thread
+    its block to the others. With BLAS: blocks of rows when op(a) is the larger
+    operand, else of columns (each thread packs the whole of the other one). With the
+    own kernel: blocks of columns wherever each gets 64 or more (2 threads, against
+    row blocks: W2's 128x256x784 177 / 153 GFLOP/s, 784x256x128 179 / 166, 256x128x128
+    162 / 120; W1's 256x1024x1024 187 / 172), else as with BLAS. The blocks depend only
+    on the shapes and the thread count, so the result does not depend on which thread
     computes which block, nor on the machine's load (an unsplit GEMM can round
     differently in its tail rows).
 
@@ -323,11 +326,15 @@ cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating 
     a while after its workers slowed one down)."""
     cdef _gemm_job job
     cdef int block
-    job.by_rows = m > n
+    cdef bint own = _own_gemm(floating is float, m, n, k)
+    cdef int most = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS))
+    job.by_rows = m > n and not (own and n >= 64 * most)
     cdef int extent = m if job.by_rows else n
-    # blocks of at least 64 rows or columns: thinner ones waste the packing
-    cdef int threads = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS, extent // 64))
-    job.width = ((extent + threads - 1) // threads + 15) // 16 * 16
+    # blocks of at least 64 rows or columns: thinner ones waste the packing; the own
+    # kernel's columns in whole tiles of 32
+    cdef int threads = max(1, min(most, extent // 64))
+    cdef int unit = 32 if own and not job.by_rows else 16
+    job.width = ((extent + threads - 1) // threads + unit - 1) // unit * unit
     cdef int count = (extent + job.width - 1) // job.width
     job.single = floating is float
     job.trans_a, job.trans_b = trans_a, trans_b
