@@ -9,9 +9,10 @@ GEMMs: float32 ones from 2 MFLOP run on fastnn's own AVX-512 kernel
 (``csrc/sgemm.c``, one thread per call) where the CPU has AVX-512; the others
 come from the BLAS behind ``scipy.linalg.cython_blas`` (OpenBLAS in the wheels).
 
-Threading, and why. BLAS has a thread pool of its own; the rest runs on OpenMP (element-wise kernels, Winograd blocks)
-or, for jobs of microseconds to a millisecond (GEMM blocks, batch-1 GEMVs,
-conv samples, SGD blocks), on fastnn's own worker pool
+Threading, and why. BLAS has a thread pool of its own; the rest runs on OpenMP
+(element-wise kernels, Winograd blocks) or, for jobs of microseconds to a
+millisecond (GEMM blocks, batch-1 GEMVs, conv samples, SGD blocks), on fastnn's
+own worker pool
 (``csrc/pool.c``: its idle workers spin for 100 us, yielding their core, so a
 job starts on them within a microsecond, where waking libgomp's passive
 workers costs tens). The pools never run at the same time (each one's idle
@@ -19,8 +20,9 @@ workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
 
 - dense: the own kernel's GEMMs from 2^23 flops in blocks of columns over the
   worker pool (one call per block, as below); BLAS GEMMs from 2^27 flops one per
-  product, threaded by BLAS, outside any OpenMP region (its threads share the packed operands: 150 GFLOP/s here
-  against 110-130 for the same GEMMs split into single-threaded blocks);
+  product, threaded by BLAS, outside any OpenMP region (its threads share the
+  packed operands: 150 GFLOP/s here against 110-130 for the same GEMMs split
+  into single-threaded blocks);
   from 2^23 to 2^27, blocks over the worker pool with BLAS held to one
   thread, taken dynamically, on the calling thread alone while the other
   cores are busy (``_gemm_split``: a threaded GEMM of a millisecond stalls
