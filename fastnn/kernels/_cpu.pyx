@@ -317,7 +317,7 @@ cdef int _gemm_plan(_gemm_job *job, bint trans_a, bint trans_b, int m, int n, in
     """Fill ``job``, c cut into at most ``most`` blocks (see _gemm_split); returns the
     number of blocks."""
     cdef bint own = _own_gemm(floating is float, m, n, k)
-    job.by_rows = m > n and not (own and n >= 64 * most)
+    job.by_rows = m > n
     cdef int extent = m if job.by_rows else n
     # blocks of at least 64 rows or columns: thinner ones waste the packing; the own
     # kernel's columns in whole tiles of 32
@@ -338,14 +338,13 @@ cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating 
     """_gemm split into one block of c per thread, each block on one BLAS thread (the
     caller holds BLAS to one thread), run by fastnn's worker pool (csrc/pool.c):
     blocks are taken dynamically, so a thread that the scheduler keeps waiting leaves
-    its block to the others. With BLAS: blocks of rows when op(a) is the larger
-    operand, else of columns (each thread packs the whole of the other one). With the
-    own kernel: blocks of columns wherever each gets 64 or more (2 threads, against
-    row blocks: W2's 128x256x784 177 / 153 GFLOP/s, 784x256x128 179 / 166, 256x128x128
-    162 / 120; W1's 256x1024x1024 187 / 172), else as with BLAS. The blocks depend only
-    on the shapes and the thread count, so the result does not depend on which thread
-    computes which block, nor on the machine's load (an unsplit GEMM can round
-    differently in its tail rows).
+    its block to the others. Blocks of rows when op(a) is the larger operand, else of
+    columns (each thread packs the whole of the other one, so the smaller is packed
+    twice). Own kernel, 2 threads, 41 interleaved rounds, rows / columns (GFLOP/s):
+    m > n 1024x256x784 203 / 187, 784x256x128 199 / 189, 256x128x128 184 / 170; m < n
+    128x256x784 153 / 177. The blocks depend only on the shapes and the thread count,
+    so the result does not depend on which thread computes which block, nor on the
+    machine's load (an unsplit GEMM can round differently in its tail rows).
 
     While the other cores are busy elsewhere, the blocks run one after the other on
     the calling thread: the pool does that by itself (it runs jobs on the caller for
