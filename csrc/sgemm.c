@@ -102,25 +102,11 @@ TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *res
     }
 TILE(12, 2) TILE(8, 2) TILE(4, 2) TILE(12, 1) TILE(8, 1) TILE(4, 1)
 
-TARGET static void any_tile(int kc, const float *ap, const float *bp, float *c, long ldc,
-                            int mv, int nv, float alpha, float beta, int first)
-{
-    if (nv > 16) {
-        if (mv > 8)
-            tile_12_2(kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);
-        else if (mv > 4)
-            tile_8_2(kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);
-        else
-            tile_4_2(kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);
-    } else {
-        if (mv > 8)
-            tile_12_1(kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);
-        else if (mv > 4)
-            tile_8_1(kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);
-        else
-            tile_4_1(kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);
-    }
-}
+typedef void (*tile_fn)(int, const float *, const float *, float *, long, int, int, float,
+                        float, int);
+/* the smallest kernel that covers an mv x nv tile: [nv > 16][rows 4, 8, 12] */
+static const tile_fn tiles[2][3] = {{tile_4_1, tile_8_1, tile_12_1},
+                                    {tile_4_2, tile_8_2, tile_12_2}};
 
 /* dst[p * width + r] = src[r * lds + p] for r < rows (<= width), p < kc; zero for
  * rows..width-1. In 8 x 8 blocks transposed in registers. */
@@ -268,11 +254,13 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
                 int nc = n - j0 < nb ? n - j0 : nb;
                 pack_b(trans_b, b, ldb, j0, nc, p0, kc, bp);
                 for (int ir = 0; ir < mc; ir += MR)
-                    for (int jr = 0; jr < nc; jr += NR)
-                        any_tile(kc, ap + (long)ir * kc, bp + (long)jr * kc,
-                                 c + (long)(i0 + ir) * ldc + j0 + jr, ldc,
-                                 mc - ir < MR ? mc - ir : MR, nc - jr < NR ? nc - jr : NR,
-                                 alpha, beta, p0 == 0);
+                    for (int jr = 0; jr < nc; jr += NR) {
+                        int mv = mc - ir < MR ? mc - ir : MR, nv = nc - jr < NR ? nc - jr : NR;
+                        tiles[nv > 16][(mv > 4) + (mv > 8)](
+                            kc, ap + (long)ir * kc, bp + (long)jr * kc,
+                            c + (long)(i0 + ir) * ldc + j0 + jr, ldc, mv, nv, alpha, beta,
+                            p0 == 0);
+                    }
             }
         }
     }
