@@ -1,10 +1,11 @@
 /* fastnn's own single-threaded float32 GEMM for CPUs with AVX-512 (row-major).
  *
  * Why: OpenBLAS 0.3.30 (SkylakeX kernel) runs the GEMMs of small dense layers well
- * below its 2048^3 rate on this Zen 4: single thread, interleaved with this code
- * (GFLOP/s, medians): 256x1024x1024 NN 81 / 86, NT 80 / 92, TN 93 / 99; 128x256x784
- * NT 75 / 88; 784x128x256 TN 86 / 91 (OpenBLAS / here). A dense layer's backward
- * needs op(a) = grad_y, op(b) = W.T: the transposed packing is where it loses most.
+ * below its 2048^3 rate on a Zen 4 core. benchmarks/bench_gemm.py, one thread, 15
+ * alternating rounds, median GFLOP/s OpenBLAS / here, m x n x k: W1's 256x1024x1024
+ * NN 77 / 90 and NT 77 / 96, 1024x1024x256 TN 88 / 97; W2's 128x256x784 NN 87 / 98,
+ * 128x256x128 NT 78 / 95; Winograd's 64x64x256 TN 62 / 85; 2048^3 92 / 92. On an
+ * Intel Xeon with AVX-512: 1.01-1.48x. (RESULTS.md has the whole table.)
  *
  * Classic Goto/BLIS structure, row-major C = alpha op(A) op(B) + beta C:
  *   for each block of K (KC deep, equal blocks): for each block of M (MC rows):
@@ -199,15 +200,18 @@ TARGET static void pack_b(int trans, const float *b, long ldb, int j0, int nc, i
 #define B_FLOATS ((long)(NC + NR - 1) / NR * NR * KC)
 static pthread_key_t buffer_key;
 static pthread_once_t buffer_once = PTHREAD_ONCE_INIT;
+static int buffer_key_made;
 
 static void make_buffer_key(void)
 {
-    pthread_key_create(&buffer_key, free);
+    buffer_key_made = pthread_key_create(&buffer_key, free) == 0;
 }
 
-static float *thread_buffer(void)
+static float *thread_buffer(void)      /* NULL when it cannot be had: BLAS runs then */
 {
     pthread_once(&buffer_once, make_buffer_key);
+    if (!buffer_key_made)
+        return NULL;
     float *buffer = pthread_getspecific(buffer_key);
     if (buffer == NULL) {
         buffer = aligned_alloc(64, sizeof(float) * (A_FLOATS + B_FLOATS));
