@@ -42,7 +42,7 @@ _ALONE = "torch-alone"
 
 # timing settings: (repeats, warm-up calls, minimum seconds per repeat, pause before each turn)
 _FULL = (5, 1, 0.2, 0.15)
-_QUICK = (3, 1, 0.02, 0.05)
+_QUICK = (3, 1, 0.02, 0.12)
 
 
 def _parser():
