@@ -916,9 +916,10 @@ cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM, threaded by BLAS
-    unless small, onto the pre-broadcast bias (beta = 1: no second pass over y); one
-    sample: a GEMV, in slices over the worker pool when W is large."""
+    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM (own kernel in
+    blocks over the worker pool, or BLAS, see the module docstring) onto the
+    pre-broadcast bias (beta = 1: no second pass over y); one sample: a GEMV, in
+    slices over the worker pool when W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
@@ -961,7 +962,8 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
 
 def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True):
     """-> (grad_x (N, I) or None, grad_W (I, O), grad_b (O,)): two GEMMs (one without
-    grad_x) threaded by BLAS unless small, and a column sum."""
+    grad_x), side by side over the worker pool when both are worth a thread (else each
+    threaded as in dense_forward), and a column sum."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
