@@ -154,3 +154,41 @@ def test_conv_on_the_own_kernel(own_engine, algorithm):
                                rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, _reference.conv2d_backward(g, x, W, (1, 1), (1, 1))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_python_threads_each_pack_in_their_own_buffers():
+    """Four Python threads (each with its packing buffers, plus the pool's) run the own
+    kernel at once, whole and split over the pool: every result has the bits of the
+    same GEMM run alone (one shared buffer would mix their panels)."""
+    import threading
+    rng = np.random.default_rng(17)
+    cases = [operands(rng, m, n, k, ta, tb) + (ta, tb)
+             for (m, n, k), (ta, tb) in zip([(130, 200, 400), (64, 300, 120), (200, 96, 777)],
+                                            [(False, False), (True, False), (False, True)])]
+    want = [_cpu._gemm_into(a, b, np.empty((a.shape[1] if ta else a.shape[0],
+                                            b.shape[0] if tb else b.shape[1]), np.float32), ta, tb)
+            for a, b, ta, tb in cases]
+    failures = []
+
+    def work(seed):
+        try:
+            for rep in range(30):
+                i = (seed + rep) % len(cases)
+                a, b, ta, tb = cases[i]
+                got = _cpu._gemm_into(a, b, np.empty_like(want[i]), ta, tb, split=bool(rep % 2))
+                np.testing.assert_array_equal(got, want[i])
+        except Exception as exc:          # reported by the main thread
+            failures.append(exc)
+
+    old_engine = _cpu._set_gemm_engine("own")
+    old_split = _cpu._set_split_gemm_min_flops(2.0 ** 10)
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        _cpu._set_gemm_engine(old_engine)
+        _cpu._set_split_gemm_min_flops(old_split)
+    assert not failures, failures[0]
