@@ -25,6 +25,9 @@ __all__ = ["Network", "Sequential", "History"]
 _ARCH_KEY = "__fastnn_architecture__"
 _FORMAT = "fastnn.Network"
 _PREDICT_CHUNK = 256          # samples per forward pass for image-like inputs in predict/evaluate
+# fit's steps of a Dense/ReLU network trained with cross-entropy in one compiled call
+# (DenseChainTrainer); False: through the layers (same bits; for tests and benchmarks)
+_COMPILED_TRAIN_STEP = True
 
 
 class History:
@@ -393,7 +396,10 @@ class Network:
         loss_fn, use_style = self.loss_fn, self._style == "use"
         to_device = self._device != "cpu"
         optimizer = self.optimizer
-        bar = None
+        trainer = self._chain_trainer(plan, x, batch_size)
+        # the SGD step runs in the trainer's call (Dense: decay on W only, as `decay` says)
+        fused_sgd = trainer is not None and type(optimizer) is optim.SGD
+        bar = xb = None
         try:
             for epoch in range(epochs):
                 bar = self._progress_bar(epoch, epochs, n_batches) if progress else None
@@ -403,13 +409,22 @@ class Network:
                     if to_device:
                         xb = backend.to_device(xb, self._device)
                         yb = backend.to_device(yb, self._device)
-                    out = self._run_forward(xb, True, n_train)
-                    if use_style:
-                        loss = self.loss(yb, out)
-                        grad = self.loss_prime(yb, out)
-                    else:
-                        loss, grad = loss_fn._loss_and_grad(out, yb)
-                    loss = float(loss)
+                    if trainer is not None:       # forward, loss and backward in one call
+                        if fused_sgd:             # ... and the SGD step
+                            optimizer._prepare(params)
+                        loss = trainer.step(xb, yb, optimizer if fused_sgd else None)
+                        if loss is None:          # a parameter changed shape, dtype or layout
+                            trainer = None        # (the layers' own checks run from here on)
+                        else:
+                            out = trainer.output(len(plan.train_chain) - 1, len(xb), relu=True)
+                    if trainer is None:
+                        out = self._run_forward(xb, True, n_train)
+                        if use_style:
+                            loss = self.loss(yb, out)
+                            grad = self.loss_prime(yb, out)
+                        else:
+                            loss, grad = loss_fn._loss_and_grad(out, yb)
+                        loss = float(loss)
                     if not math.isfinite(loss):
                         raise FloatingPointError(
                             f"{who}: the loss became {loss} at epoch {epoch + 1}, batch {b + 1} "
@@ -417,10 +432,13 @@ class Network:
                             "(lower the learning rate, or check the data)")
                     total += loss
                     if self.metrics:
-                        outputs.append(out)
+                        outputs.append(out if trainer is None else out.copy())
                         targets.append(yb)
-                    self._train_backward(grad, optimizer.lr)
-                    optimizer.step(params, [layer.grads[name] for layer, name in slots], decay)
+                    if trainer is None:
+                        self._train_backward(grad, optimizer.lr)
+                    if trainer is None or not fused_sgd:
+                        optimizer.step(params, [layer.grads[name] for layer, name in slots],
+                                       decay)
                     if bar is not None:
                         bar.update(1)
                         if b % 50 == 0:
@@ -450,12 +468,41 @@ class Network:
         finally:
             if bar is not None:         # an error mid-epoch: close its bar
                 bar.close()
+            if trainer is not None and xb is not None:
+                self._end_chain_trainer(plan, trainer, xb)
         # only after a complete run (as Keras): after a FloatingPointError the
         # parameters stay as they were before the failing step
         for cb in callbacks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self)
         return history
+
+    def _chain_trainer(self, plan, x, batch_size):
+        """A compiled DenseChainTrainer for fit's steps (a Dense/ReLU network trained
+        with cross-entropy, on the CPU with the compiled kernels, 2-D input), its
+        gradients installed as the layers'; else None (the layers run one by one)."""
+        if (plan.train_chain is None or not _COMPILED_TRAIN_STEP or self._device != "cpu"
+                or backend.current() != "cpu" or x.ndim != 2 or x.dtype != plan.dtype):
+            return None
+        trainer = backend._compiled.DenseChainTrainer(plan.train_chain, batch_size, plan.dtype)
+        for (layer, _), grads in zip(plan.train_chain, trainer.grads):
+            layer.grads["W"] = grads["W"]
+            if "b" in layer.params:
+                layer.grads["b"] = grads["b"]
+        return trainer
+
+    @staticmethod
+    def _end_chain_trainer(plan, trainer, x):
+        """After the trainer's last step, on ``x``: the layers keep what their own
+        forward would have kept, copied from the buffers the trainer reuses."""
+        n, k, inp = len(x), -1, x
+        for layer in plan.layers[:plan.n_train]:
+            if type(layer) is ReLU:
+                layer.output = inp = trainer.output(k, n, relu=True).copy()
+            else:
+                k += 1
+                layer.input = layer._x2 = inp
+                layer.output = inp = trainer.output(k, n).copy()
 
     @staticmethod
     def _progress_bar(epoch, epochs, n_batches):
@@ -708,17 +755,11 @@ class _Plan:
                 self.first_backward = self.backwards[self.first_trained]
         # Dense (ReLU)? ... Dense with fastnn's own classes: predict runs it in one
         # compiled call; None for any other network
-        self.dense_chain = []
-        for layer in layers:
-            if type(layer) in (Dense, FCLayer):
-                self.dense_chain.append((layer, False))
-            elif type(layer) is ReLU and self.dense_chain and not self.dense_chain[-1][1]:
-                self.dense_chain[-1] = (self.dense_chain[-1][0], True)
-            else:
-                self.dense_chain = None
-                break
-        if not self.dense_chain:
-            self.dense_chain = None
+        self.dense_chain = _dense_chain(layers)
+        # the layers fit trains, when they are such a chain and the loss is softmax
+        # cross-entropy on their output: fit's step runs in one compiled call
+        self.train_chain = (_dense_chain(layers[:self.n_train])
+                            if type(network.loss_fn) is losses.CrossEntropy else None)
         self.dtype = np.dtype(np.float32)
         for layer in layers:
             params = _layer_params(layer)
@@ -751,6 +792,20 @@ class _TutorialStep:
             grad = grad[:, 0]
         grad_x = self.layer.backward_propagation(grad, learning_rate)
         return grad_x[:, None] if self.rows and grad_x.ndim == 2 else grad_x
+
+
+def _dense_chain(layers):
+    """``[(dense, relu), ...]`` when ``layers`` are Dense (ReLU)? ... Dense of fastnn's own
+    classes, else None."""
+    chain = []
+    for layer in layers:
+        if type(layer) in (Dense, FCLayer):
+            chain.append((layer, False))
+        elif type(layer) is ReLU and chain and not chain[-1][1]:
+            chain[-1] = (chain[-1][0], True)
+        else:
+            return None
+    return chain or None
 
 
 def _builtin(layer):

@@ -110,6 +110,17 @@ class SGD(Optimizer):
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         super().__init__(lr, schedule)
 
+    def _compiled_args(self, i, p, weight):
+        """``(momentum buffer or None, first step?, weight_decay, l1)`` of parameter i (the
+        NumPy array ``p``; ``weight``: weight decay and L1 apply) for the compiled rule
+        (``kernels._cpu.sgd_step``); the buffer is made on the parameter's first step."""
+        buf, first = self.state[i], False
+        if self.momentum and buf is None:
+            buf, first = np.empty_like(p), True
+            self.state[i] = buf
+        return (buf if self.momentum else None, first, self.weight_decay if weight else 0.0,
+                self.l1 if weight else 0.0)
+
     def step(self, params, grads, decay=None):
         self._prepare(params)
         lr, mom = self.lr, self.momentum
@@ -126,14 +137,8 @@ class SGD(Optimizer):
                     and g.shape == p.shape and p.flags.c_contiguous and g.flags.c_contiguous):
                 # one compiled pass over p, g and the momentum buffer (the NumPy
                 # sequence below makes four)
-                decayed = regularised and (decay is None or decay[i])
-                buf, first = self.state[i], False
-                if mom and buf is None:
-                    buf, first = np.empty_like(p), True
-                    self.state[i] = buf
-                compiled.sgd_step(p, g, buf if mom else None, lr, mom,
-                                  self.weight_decay if decayed else 0.0,
-                                  self.l1 if decayed else 0.0, self.nesterov, first)
+                buf, first, weight_decay, l1 = self._compiled_args(i, p, decay is None or decay[i])
+                compiled.sgd_step(p, g, buf, lr, mom, weight_decay, l1, self.nesterov, first)
                 continue
             tmp = self._tmp[i]
             if regularised and (decay is None or decay[i]):
