@@ -184,6 +184,7 @@ long fnn_winograd_set_tiles(long tiles);
  * read. Returns 0, or -1 when it cannot run (no buffers; not built for this CPU).
  * Only call it when fnn_sgemm_supported() (x86-64 with AVX-512F and AVX-512VL). */
 int fnn_sgemm_supported(void);
+extern int fnn_sgemm_direct_a;
 int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
               int lda, const float *b, int ldb, float beta, float *c, int ldc);
 

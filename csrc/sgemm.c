@@ -9,7 +9,8 @@
  *
  * Classic Goto/BLIS structure, row-major C = alpha op(A) op(B) + beta C:
  *   for each block of K (KC deep, equal blocks): for each block of M (MC rows):
- *     pack A's block into panels of MR rows (k-major: MR values per k)
+ *     pack A's block into panels of MR rows (k-major: MR values per k), unless A is
+ *     read in place (untransposed, see fnn_sgemm)
  *     for each block of N (NC columns): pack B's block into panels of NR columns
  *       for each MR x NR tile: the micro-kernel, 24 zmm accumulators.
  * The micro-kernel keeps a 12 x 32 tile of C in registers: per k, two loads of B
@@ -40,6 +41,8 @@
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
+int fnn_sgemm_direct_a = 1;           /* 0: pack every A (tests) */
+
 int fnn_sgemm_supported(void)
 {
     __builtin_cpu_init();
@@ -52,26 +55,44 @@ static __mmask16 lanes(int count)           /* mask of the first count (<= 16) l
 }
 
 /* C tile (mv <= rows, nv <= 16 * vecs) = alpha * A panel @ B panel + (first ? beta * C
- * : C). ap: kc x MR (k-major), bp: kc x NR, both from the packing below. */
+ * : C). bp: kc x NR from the packing below; A: with lda 0, ap is a packed panel kc x MR
+ * (k-major); else ap is A itself, row-major with rows lda apart (rows from mv on read
+ * row 0 again, their results unused). */
 TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *restrict ap,
-                        const float *restrict bp, float *c, long ldc, int mv, int nv,
+                        long lda, const float *restrict bp, float *c, long ldc, int mv, int nv,
                         float alpha, float beta, int first)
 {
     __m512 acc[MR][2];
+    const float *ar[MR];
 #pragma GCC unroll 12
     for (int i = 0; i < rows; i++) {
         acc[i][0] = _mm512_setzero_ps();
         acc[i][1] = _mm512_setzero_ps();
+        ar[i] = ap + (i < mv ? i : 0) * lda;
     }
-    for (int p = 0; p < kc; p++, ap += MR, bp += NR) {
-        __m512 b0 = _mm512_load_ps(bp);
-        __m512 b1 = vecs > 1 ? _mm512_load_ps(bp + 16) : b0;
+    if (lda == 0) {
+        for (int p = 0; p < kc; p++, ap += MR, bp += NR) {
+            __m512 b0 = _mm512_load_ps(bp);
+            __m512 b1 = vecs > 1 ? _mm512_load_ps(bp + 16) : b0;
 #pragma GCC unroll 12
-        for (int i = 0; i < rows; i++) {
-            __m512 a = _mm512_set1_ps(ap[i]);
-            acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-            if (vecs > 1)
-                acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            for (int i = 0; i < rows; i++) {
+                __m512 a = _mm512_set1_ps(ap[i]);
+                acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+                if (vecs > 1)
+                    acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            }
+        }
+    } else {
+        for (int p = 0; p < kc; p++, bp += NR) {
+            __m512 b0 = _mm512_load_ps(bp);
+            __m512 b1 = vecs > 1 ? _mm512_load_ps(bp + 16) : b0;
+#pragma GCC unroll 12
+            for (int i = 0; i < rows; i++) {
+                __m512 a = _mm512_set1_ps(ar[i][p]);
+                acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+                if (vecs > 1)
+                    acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            }
         }
     }
     __mmask16 m0 = lanes(nv), m1 = lanes(nv - 16);
@@ -95,16 +116,16 @@ TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *res
 }
 
 #define TILE(R, V)                                                                     \
-    TARGET static void tile_##R##_##V(int kc, const float *ap, const float *bp, float *c, \
-                                      long ldc, int mv, int nv, float alpha, float beta,  \
-                                      int first)                                          \
+    TARGET static void tile_##R##_##V(int kc, const float *ap, long lda, const float *bp, \
+                                      float *c, long ldc, int mv, int nv, float alpha,    \
+                                      float beta, int first)                              \
     {                                                                                     \
-        tile(R, V, kc, ap, bp, c, ldc, mv, nv, alpha, beta, first);                       \
+        tile(R, V, kc, ap, lda, bp, c, ldc, mv, nv, alpha, beta, first);                  \
     }
 TILE(12, 2) TILE(8, 2) TILE(4, 2) TILE(12, 1) TILE(8, 1) TILE(4, 1)
 
-typedef void (*tile_fn)(int, const float *, const float *, float *, long, int, int, float,
-                        float, int);
+typedef void (*tile_fn)(int, const float *, long, const float *, float *, long, int, int,
+                        float, float, int);
 /* the smallest kernel that covers an mv x nv tile: [nv > 16][rows 4, 8, 12] */
 static const tile_fn tiles[2][3] = {{tile_4_1, tile_8_1, tile_12_1},
                                     {tile_4_2, tile_8_2, tile_12_2}};
@@ -249,11 +270,17 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
         return -1;
     float *bp = ap + A_FLOATS;
     int kb = block_size(k, KC, 8), mb = block_size(m, MC, MR), nb = block_size(n, NC, NR);
+    /* A read in place (no packing) unless transposed or its rows are a multiple of 4 KB
+     * apart, where the 12 rows of a tile fall on the same L1 sets: one thread, m x n x k,
+     * GFLOP/s in place / packed: 128x128x(256, 512, 768, 1000, 1536) 1.03-1.04x, W2's
+     * 128x256x784 1.00x, Winograd's 256x64x64 1.07-1.09x; 128x128x1024 and x2048 0.70x. */
+    int direct = !trans_a && lda % 1024 != 0 && fnn_sgemm_direct_a;
     for (int p0 = 0; p0 < k; p0 += kb) {
         int kc = k - p0 < kb ? k - p0 : kb;
         for (int i0 = 0; i0 < m; i0 += mb) {
             int mc = m - i0 < mb ? m - i0 : mb;
-            pack_a(trans_a, a, lda, i0, mc, p0, kc, ap);
+            if (!direct)
+                pack_a(trans_a, a, lda, i0, mc, p0, kc, ap);
             for (int j0 = 0; j0 < n; j0 += nb) {
                 int nc = n - j0 < nb ? n - j0 : nb;
                 pack_b(trans_b, b, ldb, j0, nc, p0, kc, bp);
@@ -261,7 +288,8 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
                     for (int jr = 0; jr < nc; jr += NR) {
                         int mv = mc - ir < MR ? mc - ir : MR, nv = nc - jr < NR ? nc - jr : NR;
                         tiles[nv > 16][(mv > 4) + (mv > 8)](
-                            kc, ap + (long)ir * kc, bp + (long)jr * kc,
+                            kc, direct ? a + (long)(i0 + ir) * lda + p0 : ap + (long)ir * kc,
+                            direct ? lda : 0, bp + (long)jr * kc,
                             c + (long)(i0 + ir) * ldc + j0 + jr, ldc, mv, nv, alpha, beta,
                             p0 == 0);
                     }

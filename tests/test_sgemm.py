@@ -109,6 +109,28 @@ def test_blocks_over_the_pool_give_the_same_bits(own_engine, trans_a, trans_b):
         _cpu._set_split_gemm_min_flops(old)
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("m,n,k,lda", [(13, 33, 17, 17), (129, 257, 130, 130), (25, 70, 385, 400),
+                                       (30, 40, 1000, 1024), (530, 40, 9, 9)])
+def test_a_read_in_place_gives_the_bits_of_a_packed_a(own_engine, m, n, k, lda, trans_b):
+    """An untransposed A is read where it lies (rows a multiple of 4 KB apart excepted),
+    ragged row tiles reading row 0 again for their missing rows."""
+    rng = np.random.default_rng(m + n + k)
+    a = rng.standard_normal((m, lda)).astype(np.float32)[:, :k]
+    _, b = operands(rng, m, n, k, False, trans_b)
+    out = {}
+    try:
+        for direct in (True, False):
+            _cpu._set_direct_a(direct)
+            out[direct] = np.full((m, n), np.nan, np.float32)
+            _cpu._gemm_into(a, b, out[direct], False, trans_b)
+    finally:
+        _cpu._set_direct_a(True)
+    np.testing.assert_array_equal(out[True], out[False])
+    ref, bound = expected(a, b, False, trans_b)
+    assert np.all(np.abs(out[True] - ref) <= bound)
+
+
 def test_engine_names():
     with pytest.raises(ValueError, match="_set_gemm_engine"):
         _cpu._set_gemm_engine("mkl")

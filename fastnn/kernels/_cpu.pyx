@@ -156,6 +156,7 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
                                   long k, float *grad_w, float *work)
     int fnn_sgemm_supported()
+    int fnn_sgemm_direct_a
     int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                   int lda, const float *b, int ldb, float beta, float *c, int ldc)
 
@@ -195,6 +196,13 @@ def _set_gemm_engine(str name):
     old = [key for key, value in _GEMM_ENGINES.items() if value == _gemm_engine][0]
     _gemm_engine = _GEMM_ENGINES[name]
     return old
+
+
+def _set_direct_a(bint on):
+    """Let the own kernel read an untransposed A in place (True, the default) or pack
+    every A (False), for tests: both give the same bits."""
+    global fnn_sgemm_direct_a
+    fnn_sgemm_direct_a = on
 
 
 def own_sgemm_supported():
