@@ -687,3 +687,11 @@ def test_all_finite(dtype):
     assert kernels.all_finite(big)
     assert kernels.all_finite(np.zeros(0, dtype))
     assert kernels.all_finite(np.array([np.finfo(dtype).tiny, -0.0], dtype))
+    # from 2**21 elements in blocks over the worker pool: a bad value in any block
+    n = 3 * 2**21 + 7
+    a = np.ones(n, dtype)
+    assert kernels.all_finite(a)
+    for pos in (0, 2**20 - 1, 2**20, n // 2, n - 1):
+        a[pos] = np.nan
+        assert not kernels.all_finite(a)
+        a[pos] = 1

@@ -1476,19 +1476,47 @@ cdef class DenseChainTrainer:
         return (self.activations if relu else self.outputs)[k][:n]
 
 
+DEF FINITE_BLOCKS = 64               # most blocks of an all_finite over the pool
+DEF FINITE_SPLIT_MIN = 2097152       # elements from which it is split
+
+
+ctypedef struct _finite_job:
+    const void *x
+    long n, block
+    bint single
+    int ok[FINITE_BLOCKS]            # per block: 1 when all its elements are finite
+
+
+cdef void _finite_task(void *ctx, long block) noexcept nogil:
+    cdef _finite_job *job = <_finite_job*>ctx
+    cdef long lo = block * job.block
+    cdef long count = min(job.block, job.n - lo)
+    if job.single:
+        job.ok[block] = fnn_all_finite_f(<const float*>job.x + lo, count)
+    else:
+        job.ok[block] = fnn_all_finite_d(<const double*>job.x + lo, count)
+
+
 def all_finite(cnp.ndarray x):
     """True when no element of x (float32 or float64, C-contiguous) is NaN or infinite:
-    one pass, no temporary array."""
-    cdef long n = x.size
-    cdef void *px = _data(x)
-    cdef int result
-    cdef bint single = x.itemsize == 4
+    one pass, no temporary array; in blocks over the worker pool from FINITE_SPLIT_MIN
+    elements (MNIST's 60000 x 784 floats, which fit checks on entry: 14 ms on one
+    thread, bound by one core's memory bandwidth)."""
+    cdef _finite_job job
+    cdef long blocks = 1, b
+    job.n = x.size
+    job.x = _data(x)
+    job.single = x.itemsize == 4
+    if job.n >= FINITE_SPLIT_MIN:
+        blocks = min(FINITE_BLOCKS, job.n // (FINITE_SPLIT_MIN // 2))
+    job.block = (job.n + blocks - 1) // blocks if job.n else 1
+    blocks = (job.n + job.block - 1) // job.block
     with nogil:
-        if single:
-            result = fnn_all_finite_f(<const float*>px, n)
-        else:
-            result = fnn_all_finite_d(<const double*>px, n)
-    return bool(result)
+        fnn_pool_run(_finite_task, &job, blocks)
+    for b in range(blocks):
+        if not job.ok[b]:
+            return False
+    return True
 
 
 # --- softmax cross-entropy -----------------------------------------------------------
