@@ -185,6 +185,10 @@ long fnn_winograd_set_tiles(long tiles);
  * Only call it when fnn_sgemm_supported() (x86-64 with AVX-512F and AVX-512VL). */
 int fnn_sgemm_supported(void);
 extern int fnn_sgemm_direct_a;
+/* buf = momentum * buf + g; p -= lr * buf (float32, n elements), with AVX-512; only
+ * where fnn_sgemm_supported(). */
+void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
+                        float momentum);
 int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
               int lda, const float *b, int ldb, float beta, float *c, int ldc);
 

@@ -299,6 +299,34 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
     return 0;
 }
 
+/* SGD with momentum on float32 (the common case of _sgd_step in _cpu.pyx), 16 lanes at
+ * a time: buf = momentum * buf + g; p = p - lr * buf, each operation rounded as the
+ * scalar loop rounds it: the same bits, so no multiply-add may be fused (GCC would fuse
+ * these intrinsics; clang does not fuse across them). */
+#ifndef __clang__
+__attribute__((optimize("fp-contract=off")))
+#endif
+TARGET void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
+                               float momentum)
+{
+    const __m512 vm = _mm512_set1_ps(momentum), vl = _mm512_set1_ps(lr);
+    long k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(vm, _mm512_loadu_ps(buf + k)),
+                                 _mm512_loadu_ps(g + k));
+        _mm512_storeu_ps(buf + k, v);
+        _mm512_storeu_ps(p + k, _mm512_sub_ps(_mm512_loadu_ps(p + k), _mm512_mul_ps(vl, v)));
+    }
+    if (k < n) {
+        __mmask16 m = lanes((int)(n - k));
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(vm, _mm512_maskz_loadu_ps(m, buf + k)),
+                                 _mm512_maskz_loadu_ps(m, g + k));
+        _mm512_mask_storeu_ps(buf + k, m, v);
+        _mm512_mask_storeu_ps(p + k, m, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + k),
+                                                      _mm512_mul_ps(vl, v)));
+    }
+}
+
 #else   /* not GCC/clang on x86-64: BLAS runs every GEMM */
 
 int fnn_sgemm_supported(void) { return 0; }
@@ -309,6 +337,11 @@ int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const 
     (void)trans_a; (void)trans_b; (void)m; (void)n; (void)k; (void)alpha; (void)a;
     (void)lda; (void)b; (void)ldb; (void)beta; (void)c; (void)ldc;
     return -1;
+}
+
+void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr, float momentum)
+{
+    (void)p; (void)g; (void)buf; (void)n; (void)lr; (void)momentum;
 }
 
 #endif

@@ -157,6 +157,8 @@ cdef extern from "fastnn_kernels.h" nogil:
                                   long k, float *grad_w, float *work)
     int fnn_sgemm_supported()
     int fnn_sgemm_direct_a
+    void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
+                            float momentum)
     int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                   int lda, const float *b, int ldb, float beta, float *c, int ldc)
 
@@ -1136,6 +1138,9 @@ cdef void _sgd_step(floating *p, const floating *g, floating *buf, long n, float
                 p[k] = p[k] - lr * g[k]
             return
         if not first:                    # momentum, the common case: a branch-free loop
+            if floating is float and _sgemm_supported and _avx_sgd:   # 16 lanes
+                fnn_sgd_momentum_f(p, g, buf, n, lr, momentum)
+                return
             for k in range(n):
                 v = momentum * buf[k] + g[k]
                 buf[k] = v
@@ -1152,6 +1157,16 @@ cdef void _sgd_step(floating *p, const floating *g, floating *buf, long n, float
             buf[k] = v
             d = d + momentum * v if nesterov else v
         p[k] = p[k] - lr * d
+
+
+cdef bint _avx_sgd = True          # float32 momentum steps on fnn_sgd_momentum_f
+
+
+def _set_avx_sgd(bint on):
+    """Run float32 momentum steps on the AVX-512 loop where the CPU has it (True, the
+    default) or on the portable one (False), for tests: both give the same bits."""
+    global _avx_sgd
+    _avx_sgd = on
 
 
 # A parameter of this many elements or more is updated in blocks over the worker
