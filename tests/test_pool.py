@@ -248,7 +248,7 @@ def test_conv_samples_same_bits_on_workers_or_caller(dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("momentum, weight_decay, l1, nesterov", [
     (0.9, 0.0, 0.0, False), (0.9, 1e-3, 1e-4, True), (0.0, 1e-3, 0.0, False)])
-@pytest.mark.parametrize("n", [7, 32768, 70001])   # one task; one task > one block; ragged blocks
+@pytest.mark.parametrize("n", [7, 16383, 32768, 70001])   # one task; its largest; 2 blocks; ragged
 def test_sgd_step_in_blocks_same_bits_on_workers_or_caller(dtype, momentum, weight_decay, l1,
                                                           nesterov, n):
     """A large parameter is updated in blocks over the pool: the same bits as on the
