@@ -189,6 +189,11 @@ def test_trainer_declines_what_does_not_fit():
     assert trainer.step(x, y.astype(np.int32)) is None                   # label dtype
     assert trainer.step(x, y[:7].copy()) is None                         # label count
     assert trainer.step(x, np.eye(6, dtype=np.float32)[y % 6]) is None   # one-hot width
+    for bad in (-1, 7):                                                  # 7 classes
+        labels = y.astype(np.int64)
+        labels[3] = bad
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\)"):
+            trainer.step(x, labels)
     net.layers[2].params["W"] = net.layers[2].params["W"][:, :20].copy()    # shapes do not chain
     assert trainer.step(x, y) is None
     assert plan.dense_chain is not None

@@ -1394,7 +1394,7 @@ cdef class DenseChainTrainer:
 
     def step(self, cnp.ndarray x, cnp.ndarray labels, sgd=None):
         """One batch: x (N, I) C-contiguous of the dtype, N <= capacity; labels int64
-        (N,) in [0, C) or (N, C) probabilities of the dtype (checked by the caller).
+        (N,) in [0, C) (else ValueError) or (N, C) probabilities of the dtype.
         Fills ``grads``; returns the mean loss (a float, rounded to the dtype as
         softmax_cross_entropy's), or None when x, labels or a parameter does not fit
         (a weight of another shape, dtype or layout: the caller then runs the layers).
@@ -1413,6 +1413,7 @@ cdef class DenseChainTrainer:
         cdef list keep = []            # the parameters, alive while nogil
         cdef list made = []            # momentum buffers made by this step (first steps)
         cdef double loss, lr = 0, momentum = 0
+        cdef const int64_t *pi
         cdef bint nesterov = False
         cdef Py_ssize_t j = 0          # the parameter's index in the optimizer's state
         if sgd is not None:
@@ -1473,6 +1474,11 @@ cdef class DenseChainTrainer:
         if by_index:
             if cnp.PyArray_TYPE(labels) != cnp.NPY_INT64 or cnp.PyArray_DIM(labels, 0) != n:
                 return None
+            pi = <const int64_t*>_data(labels)
+            for k in range(n):           # an index out of range would read past the logits
+                if pi[k] < 0 or pi[k] >= i:
+                    raise ValueError(f"DenseChainTrainer: labels must lie in [0, {i}), got "
+                                     f"{pi[k]}")
         elif (cnp.PyArray_NDIM(labels) != 2 or cnp.PyArray_TYPE(labels) != type_num
               or cnp.PyArray_DIM(labels, 0) != n or cnp.PyArray_DIM(labels, 1) != i):
             return None
