@@ -148,6 +148,29 @@ def test_a_weight_it_cannot_take_mid_fit_hands_over_to_the_layers(monkeypatch):
     assert_same_state(a, b)
 
 
+def test_a_declined_step_leaves_the_optimizer_untouched():
+    """The last layer's weight is Fortran-ordered: the trainer declines the step after
+    looking at the layers before it, and must not have made their momentum buffers
+    (the layers' SGD step would take them as filled, from a first step never run)."""
+    net = chain()
+    net.layers[4].params["W"] = np.asfortranarray(net.layers[4].params["W"])
+    opt = OPTIMIZERS["momentum"]()
+    params = [layer.params[name] for layer, name in net.parameters()]
+    opt._prepare(params)
+    trainer = backend._compiled.DenseChainTrainer(net._get_plan().dense_chain, 8, np.float32)
+    x, y = data(n=8)
+    before = [p.copy() for p in params]
+    assert trainer.step(x, y.astype(np.int64), opt) is None
+    assert opt.state == [None] * len(params)
+    for p, q in zip(params, before):
+        np.testing.assert_array_equal(p, q)
+    y[3] = 7                                          # a label out of range: the same
+    net.layers[4].params["W"] = np.ascontiguousarray(net.layers[4].params["W"])
+    with pytest.raises(ValueError):
+        trainer.step(x, y.astype(np.int64), opt)
+    assert opt.state == [None] * len(params)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("opt", ["momentum", "adam"])
 def test_a_loss_that_is_not_finite_leaves_parameters_and_optimizer_as_before(monkeypatch, opt):

@@ -1457,12 +1457,6 @@ cdef class DenseChainTrainer:
             layer.grad_w = _data(grad_w)
             layer.grad_b = _data(grad_b)
             layer.update = sgd is not None
-            if layer.update:
-                j = _chain_update(&layer.update_w, sgd, j, W, grad_w, True, lr, momentum,
-                                  nesterov, made)
-                if b_ is not None:
-                    j = _chain_update(&layer.update_b, sgd, j, b_, grad_b, False, lr,
-                                      momentum, nesterov, made)
             layer.relu = self.chain[k][1]
             layer.small_forward = _dense_forward_plan(n, i, layer.o, W.itemsize,
                                                       &layer.split_forward)
@@ -1482,6 +1476,14 @@ cdef class DenseChainTrainer:
         elif (cnp.PyArray_NDIM(labels) != 2 or cnp.PyArray_TYPE(labels) != type_num
               or cnp.PyArray_DIM(labels, 0) != n or cnp.PyArray_DIM(labels, 1) != i):
             return None
+        if sgd is not None:              # all checked: the state may change now
+            for k in range(count):
+                layer = &layers[k]
+                j = _chain_update(&layer.update_w, sgd, j, keep[2 * k], self.grads[k]["W"],
+                                  True, lr, momentum, nesterov, made)
+                if keep[2 * k + 1] is not None:
+                    j = _chain_update(&layer.update_b, sgd, j, keep[2 * k + 1],
+                                      self.grad_biases[k], False, lr, momentum, nesterov, made)
         cdef const void *px = _data(x)
         cdef const void *pl = _data(labels)
         cdef void *pr = _data(self.row_loss)
