@@ -205,6 +205,16 @@ class Network:
     def forward(self, x, training=False):
         """Run every layer on ``x`` (on the network's device) and return the output."""
         plan = self._get_plan()
+        if (plan.dense_chain is not None and type(x) is np.ndarray and x.dtype is plan.dtype
+                and x.ndim == 2 and x.shape[0] and self._device == "cpu"
+                and backend._current == "cpu"):
+            # a Dense/ReLU network in one compiled call (batch-1 latency), the layers then
+            # given what their own forward keeps; None when x is not C-contiguous or a
+            # parameter does not fit: then the layers run one by one
+            outputs = backend._compiled.mlp_forward(x, plan.dense_chain, True)
+            if outputs is not None:
+                _keep_chain_state(plan.layers, x, outputs)
+                return outputs[-1]
         # hot path (batch-1 inference): a ready NumPy array skips the entry conversion
         if not (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
                 and self._device == "cpu" and x.ndim and x.shape[0]):
@@ -497,14 +507,11 @@ class Network:
     def _end_chain_trainer(plan, trainer, x):
         """After the trainer's last step, on ``x``: the layers keep what their own
         forward would have kept, copied from the buffers the trainer reuses."""
-        n, k, inp = len(x), -1, x
-        for layer in plan.layers[:plan.n_train]:
-            if type(layer) is ReLU:
-                layer.output = inp = trainer.output(k, n, relu=True).copy()
-            else:
-                k += 1
-                layer.input = layer._x2 = inp
-                layer.output = inp = trainer.output(k, n).copy()
+        n, outputs = len(x), []
+        for k, (_, relu) in enumerate(plan.train_chain):
+            z = trainer.output(k, n).copy()
+            outputs += [z, trainer.output(k, n, relu=True).copy() if relu else z]
+        _keep_chain_state(plan.layers[:plan.n_train], x, outputs)
 
     @staticmethod
     def _progress_bar(epoch, epochs, n_batches):
@@ -808,6 +815,20 @@ def _dense_chain(layers):
         else:
             return None
     return chain or None
+
+
+def _keep_chain_state(layers, x, outputs):
+    """Give a Dense/ReLU chain's ``layers`` what their own forward on ``x`` keeps, from
+    each Dense layer's outputs before and after its ReLU, ``[z0, y0, z1, y1, ...]``
+    (mlp_forward's): a Dense layer its input and output, a ReLU its output."""
+    k, inp = -2, x
+    for layer in layers:
+        if type(layer) is ReLU:
+            layer.output = inp = outputs[k + 1]
+        else:
+            k += 2
+            layer.input = layer._x2 = inp
+            layer.output = inp = outputs[k]
 
 
 def _builtin(layer):

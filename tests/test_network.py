@@ -558,3 +558,33 @@ def test_predict_of_a_dense_relu_network_equals_the_layer_by_layer_forward(dtype
         "float64" if dtype == "float32" else "float32")
     with pytest.raises((TypeError, ValueError)):
         net.predict(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_forward_of_a_dense_relu_network_keeps_what_the_layers_keep(dtype, batch):
+    """forward runs a Dense/ReLU chain in one compiled call, then gives each layer
+    what its own forward keeps: the same output, states and backward, bit for bit."""
+    def make():
+        return fn.Network([fn.Dense(9, 6, seed=0, dtype=dtype), fn.ReLU(),
+                           fn.Dense(6, 5, bias=False, seed=1, dtype=dtype), fn.ReLU(),
+                           fn.FCLayer(5, 3, seed=2, dtype=dtype), fn.ReLU()])
+    net, ref = make(), make()
+    x = np.random.default_rng(1).standard_normal((batch, 9)).astype(dtype)
+    expected = x
+    for layer in ref.layers:
+        expected = layer.forward(expected)
+    out = net.forward(x)
+    np.testing.assert_array_equal(out, expected)
+    for a, b in zip(net.layers, ref.layers):
+        for attr in ("input", "output"):
+            if hasattr(b, attr):
+                np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr))
+    assert net.layers[0].input is x
+    grad = np.random.default_rng(2).standard_normal((batch, 3)).astype(dtype)
+    np.testing.assert_array_equal(net.backward(grad), ref.backward(grad))
+    for a, b in zip(net.layers, ref.layers):
+        for k in getattr(b, "grads", {}):
+            np.testing.assert_array_equal(a.grads[k], b.grads[k])
+    # what it cannot take (a Fortran-ordered input) goes through the layers: same result
+    np.testing.assert_array_equal(net.forward(np.asfortranarray(x)), expected)

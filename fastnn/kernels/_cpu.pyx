@@ -1020,7 +1020,8 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
 ctypedef struct _mlp_step:          # one dense layer of mlp_forward
     void *weights
     void *bias
-    void *y
+    void *z                          # its output before the ReLU
+    void *y                          # after it (z itself when not kept apart)
     int i, o
     bint relu, split, small
 
@@ -1044,15 +1045,15 @@ cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int 
             fnn_blas_single_begin()
         if single:
             _dense_forward(<const float*>x, <const float*>step.weights,
-                           <const float*>step.bias, <float*>step.y, n, step.i, step.o, step.split)
+                           <const float*>step.bias, <float*>step.z, n, step.i, step.o, step.split)
             if step.relu:
-                fnn_relu_forward_f(<float*>step.y, <float*>step.y, <long>n * step.o)
+                fnn_relu_forward_f(<float*>step.z, <float*>step.y, <long>n * step.o)
         else:
             _dense_forward(<const double*>x, <const double*>step.weights,
-                           <const double*>step.bias, <double*>step.y, n, step.i, step.o,
+                           <const double*>step.bias, <double*>step.z, n, step.i, step.o,
                            step.split)
             if step.relu:
-                fnn_relu_forward_d(<double*>step.y, <double*>step.y, <long>n * step.o)
+                fnn_relu_forward_d(<double*>step.z, <double*>step.y, <long>n * step.o)
         if step.small and not held:
             fnn_blas_single_end()
         x = step.y
@@ -1060,13 +1061,15 @@ cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int 
         fnn_blas_single_end()
 
 
-def mlp_forward(cnp.ndarray x, list layers):
+def mlp_forward(cnp.ndarray x, list layers, bint outputs=False):
     """x: (N, I) through a chain of dense layers in one call (no Python per layer:
     batch-1 latency). ``layers``: a list of ``(layer, relu)`` with ``layer.params``
     a Dense layer's dict (``W`` (I, O), optional ``b`` (O,)); ``relu`` applies
-    max(., 0) in place on that layer's output. Returns the last output, or None
-    when x or a parameter is not a C-contiguous array of x's dtype or the shapes do
-    not chain (the caller then runs the layers one by one, with their checks).
+    max(., 0) on that layer's output. Returns the last output (``outputs``: a list
+    of each layer's output before and after its ReLU, ``[z0, y0, z1, y1, ...]``,
+    with ``y`` the same array as ``z`` for a layer without ReLU), or None when x or
+    a parameter is not a C-contiguous array of x's dtype or the shapes do not chain
+    (the caller then runs the layers one by one, with their checks).
 
     All checks and allocations first, then every layer in one GIL-free call (per
     layer, NumPy's attribute checks and np.empty cost about 1 us, a tenth of the
@@ -1079,6 +1082,8 @@ def mlp_forward(cnp.ndarray x, list layers):
     cdef object layer, W, b, relu
     cdef dict params
     cdef list keep = [None] * (3 * count)    # W, b, y of each step: alive while nogil
+    cdef list out = [None] * (2 * count) if outputs else None
+    cdef cnp.ndarray z
     cdef _mlp_step steps_small[8]
     cdef _mlp_step *steps = steps_small
     cdef cnp.npy_intp dims[2]
@@ -1110,10 +1115,16 @@ def mlp_forward(cnp.ndarray x, list layers):
                               or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>b)):
             return None
         dims[1] = o
-        y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+        z = y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+        if outputs and relu:         # the ReLU's output apart (else in place)
+            y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+            out[2 * k], out[2 * k + 1] = z, y
+        elif outputs:
+            out[2 * k] = out[2 * k + 1] = z
         keep[3 * k], keep[3 * k + 1], keep[3 * k + 2] = W, b, y
         steps[k].weights = _data(W)
         steps[k].bias = NULL if b is None else _data(b)
+        steps[k].z = _data(z)
         steps[k].y = _data(y)
         steps[k].i, steps[k].o = i, o
         steps[k].relu = relu
@@ -1122,7 +1133,7 @@ def mlp_forward(cnp.ndarray x, list layers):
     cdef const void *px = _data(x)
     with nogil:
         _mlp_run(px, steps, count, n, single)
-    return y
+    return out if outputs else y
 
 
 # --- SGD --------------------------------------------------------------------------
