@@ -178,7 +178,7 @@ def test_conv_on_the_own_kernel(own_engine, algorithm):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
-def test_python_threads_each_pack_in_their_own_buffers():
+def test_python_threads_each_pack_in_their_own_buffers(own_engine):
     """Four Python threads (each with its packing buffers, plus the pool's) run the own
     kernel at once, whole and split over the pool: every result has the bits of the
     same GEMM run alone (one shared buffer would mix their panels)."""
@@ -187,6 +187,7 @@ def test_python_threads_each_pack_in_their_own_buffers():
     cases = [operands(rng, m, n, k, ta, tb) + (ta, tb)
              for (m, n, k), (ta, tb) in zip([(130, 200, 400), (64, 300, 120), (200, 96, 777)],
                                             [(False, False), (True, False), (False, True)])]
+    # alone, on the own kernel (under FASTNN_GEMM=blas too)
     want = [_cpu._gemm_into(a, b, np.empty((a.shape[1] if ta else a.shape[0],
                                             b.shape[0] if tb else b.shape[1]), np.float32), ta, tb)
             for a, b, ta, tb in cases]
@@ -202,7 +203,6 @@ def test_python_threads_each_pack_in_their_own_buffers():
         except Exception as exc:          # reported by the main thread
             failures.append(exc)
 
-    old_engine = _cpu._set_gemm_engine("own")
     old_split = _cpu._set_split_gemm_min_flops(2.0 ** 10)
     try:
         threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
@@ -211,6 +211,5 @@ def test_python_threads_each_pack_in_their_own_buffers():
         for t in threads:
             t.join()
     finally:
-        _cpu._set_gemm_engine(old_engine)
         _cpu._set_split_gemm_min_flops(old_split)
     assert not failures, failures[0]
