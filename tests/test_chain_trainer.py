@@ -222,3 +222,38 @@ def test_trainer_declines_what_does_not_fit():
     assert plan.dense_chain is not None
     with pytest.raises(TypeError, match="float32 or float64"):
         backend._compiled.DenseChainTrainer(plan.dense_chain, 8, np.float16)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_chains_train_like_the_layers(monkeypatch, seed):
+    """Random depths, widths, biases, ReLU placements, batch sizes, dtypes, targets
+    and optimizers: the compiled step and the layers give the same bits."""
+    rng = np.random.default_rng(100 + seed)
+    dtype = ("float32", "float64")[seed % 2]
+    widths = [int(w) for w in rng.integers(1, 70, size=int(rng.integers(2, 5)))]
+    classes = int(rng.integers(2, 12))
+    relus = [bool(r) for r in rng.integers(0, 2, size=len(widths))]
+    biases = [bool(b) for b in rng.integers(0, 2, size=len(widths))]
+
+    def make():
+        layers = []
+        for k, (w_in, w_out) in enumerate(zip(widths, widths[1:] + [classes])):
+            layers.append(fn.Dense(w_in, w_out, bias=biases[k], seed=seed * 10 + k,
+                                   dtype=dtype))
+            if relus[k]:
+                layers.append(fn.ReLU())
+        return fn.Network(layers)
+
+    n = int(rng.integers(1, 300))
+    x = rng.standard_normal((n, widths[0])).astype(dtype)
+    y = rng.integers(0, classes, n)
+    if seed % 3 == 0:
+        y = np.eye(classes)[y]
+    opt = (OPTIMIZERS["nesterov-l1-l2"], OPTIMIZERS["momentum"], OPTIMIZERS["plain"],
+           OPTIMIZERS["adam"])[seed % 4]
+    runs, steps = fit_both(monkeypatch, make, opt, x, y, fits=2, epochs=2,
+                           batch_size=int(rng.integers(1, 80)))
+    (a, ha), (b, hb) = runs
+    assert steps > 0
+    assert ha == hb
+    assert_same_state(a, b)
