@@ -498,9 +498,7 @@ class Network:
             return None
         trainer = backend._compiled.DenseChainTrainer(plan.train_chain, batch_size, plan.dtype)
         for (layer, _), grads in zip(plan.train_chain, trainer.grads):
-            layer.grads["W"] = grads["W"]
-            if "b" in layer.params:
-                layer.grads["b"] = grads["b"]
+            layer.grads.update(grads)         # "b" only for a layer with a bias
         return trainer
 
     @staticmethod
