@@ -110,9 +110,11 @@ void fnn_relu_forward_##S(const T *x, T *y, long n);                            
 void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);          \
 /* Mean softmax cross-entropy of logits (n, c), log-sum-exp stable; writes           \
  * grad = (softmax - target) / n. Targets: labels (n,) when non-NULL, else           \
- * probabilities (n, c). row_loss (n,) is scratch. */                                \
+ * probabilities (n, c). row_loss (n,) is scratch. predicted (n,), unless NULL:      \
+ * each row's class, the first index of its largest logit (as numpy.argmax). */      \
 double fnn_softmax_xent_##S(const T *logits, long n, long c, const int64_t *labels,  \
-                            const T *target, T *grad, double *row_loss);             \
+                            const T *target, T *grad, double *row_loss,              \
+                            int64_t *predicted);                                     \
 /* out (cols,) = sum over rows of a (rows, cols). */                                 \
 void fnn_column_sums_##S(const T *a, long rows, long cols, T *out);                  \
 /* 1 when none of a[0..n) is NaN or infinite; stops at the block with the first. */  \

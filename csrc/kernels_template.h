@@ -311,7 +311,7 @@ void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, long n)
 }
 
 double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *labels,
-                              const T *target, T *grad, double *row_loss)
+                              const T *target, T *grad, double *row_loss, int64_t *predicted)
 {
     const T inv_n = (T)(1.0 / (double)n);
     #pragma omp parallel for schedule(static) if (n * c >= FNN_PARALLEL_MIN)
@@ -342,6 +342,12 @@ double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *la
             }
         }
         row_loss[i] = loss;
+        if (predicted) {
+            long best = 0;
+            for (long j = 1; j < c; j++)
+                best = z[j] > z[best] ? j : best;
+            predicted[i] = best;
+        }
     }
     double loss = 0;   /* summed in a fixed order: the same loss for any thread count */
     for (long i = 0; i < n; i++) loss += row_loss[i];

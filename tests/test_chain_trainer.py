@@ -224,6 +224,23 @@ def test_trainer_declines_what_does_not_fit():
         backend._compiled.DenseChainTrainer(plan.dense_chain, 8, np.float16)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_predicted_classes_are_numpy_argmax_of_the_logits(dtype, one_hot):
+    """fit's accuracy reads the trainer's classes: ties go to the first class, as
+    numpy.argmax (two equal weight columns tie every row; a final ReLU ties zeros)."""
+    for relu_last in (False, True):
+        net = chain(dtype, relu_last=relu_last)
+        W, b = net.layers[4].params["W"], net.layers[4].params["b"]
+        W[:, 5], b[5] = W[:, 2], b[2]
+        trainer = backend._compiled.DenseChainTrainer(net._get_plan().dense_chain, 50, dtype)
+        x, y = data(n=50, dtype=dtype, one_hot=one_hot)
+        assert trainer.step(x, y if one_hot else y.astype(np.int64)) is not None
+        logits = trainer.output(2, 50, relu=True)
+        np.testing.assert_array_equal(trainer.predicted(50), np.argmax(logits, axis=1))
+        assert (np.argmax(logits, axis=1) != 5).all()
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_chains_train_like_the_layers(monkeypatch, seed):
     """Random depths, widths, biases, ReLU placements, batch sizes, dtypes, targets

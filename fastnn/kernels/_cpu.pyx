@@ -112,9 +112,11 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
     void fnn_relu_backward_d(const double *grad_y, const double *y, double *grad_x, long n)
     double fnn_softmax_xent_f(const float *logits, long n, long c, const int64_t *labels,
-                              const float *target, float *grad, double *row_loss)
+                              const float *target, float *grad, double *row_loss,
+                              int64_t *predicted)
     double fnn_softmax_xent_d(const double *logits, long n, long c, const int64_t *labels,
-                              const double *target, double *grad, double *row_loss)
+                              const double *target, double *grad, double *row_loss,
+                              int64_t *predicted)
     void fnn_column_sums_f(const float *a, long rows, long cols, float *out)
     void fnn_column_sums_d(const double *a, long rows, long cols, double *out)
     int fnn_all_finite_f(const float *a, long n)
@@ -1261,8 +1263,8 @@ ctypedef struct _chain_layer:        # one dense layer of a DenseChainTrainer st
 
 
 cdef void _chain_step(const void *x, const void *labels, bint by_index, void *row_loss,
-                      _chain_layer *layers, Py_ssize_t count, int n, bint single,
-                      double *loss) noexcept nogil:
+                      int64_t *predicted, _chain_layer *layers, Py_ssize_t count, int n,
+                      bint single, double *loss) noexcept nogil:
     """Forward, softmax cross-entropy and backward of the chain: the calls of the
     Dense / ReLU layers' forward and backward and of softmax_cross_entropy, in their
     order and with their plans (the same bits), without Python between them. With
@@ -1299,12 +1301,13 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
         loss[0] = <float>fnn_softmax_xent_f(<const float*>layer.y, n, layer.o,
                                             <const int64_t*>labels if by_index else NULL,
                                             NULL if by_index else <const float*>labels,
-                                            <float*>layer.grad_y, <double*>row_loss)
+                                            <float*>layer.grad_y, <double*>row_loss,
+                                            predicted)
     else:
         loss[0] = fnn_softmax_xent_d(<const double*>layer.y, n, layer.o,
                                      <const int64_t*>labels if by_index else NULL,
                                      NULL if by_index else <const double*>labels,
-                                     <double*>layer.grad_y, <double*>row_loss)
+                                     <double*>layer.grad_y, <double*>row_loss, predicted)
     if not isfinite(loss[0]):
         return
     for k in range(count - 1, -1, -1):
@@ -1362,7 +1365,8 @@ cdef class DenseChainTrainer:
     layers: ``params`` ``W`` (I, O), optional ``b`` (O,)); ``capacity``:
     the largest batch; ``dtype``: float32 or float64. ``grads``: per layer a dict
     ``{"W": (I, O), "b": (O,)}`` (``b`` only for a layer with a bias), overwritten by
-    each ``step``. The first layer's input gradient is not computed (as in training
+    each ``step``, as are ``output`` and ``predicted`` (each sample's class, for
+    fit's accuracy). The first layer's input gradient is not computed (as in training
     through the layers).
     """
     cdef list chain, outputs, activations, grad_outputs, grad_biases
@@ -1370,7 +1374,7 @@ cdef class DenseChainTrainer:
     cdef object dtype
     cdef int capacity
     cdef bint single, blas_control
-    cdef cnp.ndarray layer_structs, row_loss
+    cdef cnp.ndarray layer_structs, row_loss, classes
 
     def __init__(self, list layers, int capacity, dtype):
         cdef Py_ssize_t k, count = len(layers)
@@ -1401,6 +1405,7 @@ cdef class DenseChainTrainer:
             self.grads.append(grads)
         self.layer_structs = np.zeros(count * sizeof(_chain_layer), dtype=np.uint8)
         self.row_loss = np.empty(capacity, dtype=np.float64)
+        self.classes = np.empty(capacity, dtype=np.int64)
         self.blas_control = blas_thread_control()
 
     def step(self, cnp.ndarray x, cnp.ndarray labels, sgd=None):
@@ -1498,8 +1503,9 @@ cdef class DenseChainTrainer:
         cdef const void *px = _data(x)
         cdef const void *pl = _data(labels)
         cdef void *pr = _data(self.row_loss)
+        cdef int64_t *pc = <int64_t*>_data(self.classes)
         with nogil:
-            _chain_step(px, pl, by_index, pr, layers, count, n, self.single, &loss)
+            _chain_step(px, pl, by_index, pr, pc, layers, count, n, self.single, &loss)
         if not isfinite(loss):          # no step ran: no momentum buffer either
             for j in made:
                 sgd.state[j] = None
@@ -1509,6 +1515,11 @@ cdef class DenseChainTrainer:
         """Of the last step, layer k's output (``relu``: after its ReLU): a view (n, O)
         of the buffer the next step overwrites."""
         return (self.activations if relu else self.outputs)[k][:n]
+
+    def predicted(self, int n):
+        """Of the last step, each sample's class: the first index of its largest
+        logit (as numpy.argmax), int64 (n,), a view the next step overwrites."""
+        return self.classes[:n]
 
 
 DEF FINITE_BLOCKS = 64               # most blocks of an all_finite over the pool
@@ -1573,9 +1584,9 @@ def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
     cdef bint single = _is_float32(logits)
     with nogil:
         if single:
-            loss = fnn_softmax_xent_f(<float*>pz, n, c, pi, <float*>pt, <float*>pg, pr)
+            loss = fnn_softmax_xent_f(<float*>pz, n, c, pi, <float*>pt, <float*>pg, pr, NULL)
         else:
-            loss = fnn_softmax_xent_d(<double*>pz, n, c, pi, <double*>pt, <double*>pg, pr)
+            loss = fnn_softmax_xent_d(<double*>pz, n, c, pi, <double*>pt, <double*>pg, pr, NULL)
     return logits.dtype.type(loss), grad
 
 
