@@ -61,6 +61,27 @@ def test_accuracy_is_reported_by_default_for_classification_losses():
     assert h.history["accuracy"][-1] > 0.8
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: mlp(), (100, 4)),                                         # the compiled step
+    (lambda: mlp(dropout=0.2, softmax=True), (100, 4)),                # the layers
+    (lambda: fn.Network([fn.Conv2D(1, 4, 2, seed=0), fn.ReLU(), fn.Flatten(),
+                         fn.Dense(4, 3, seed=1)]), (100, 1, 2, 2)),
+])
+def test_fit_accuracy_from_classes_equals_accuracy_of_the_scores(make, shape):
+    """fit keeps each sample's class for the built-in accuracy (not its scores): the
+    same history as a metric that takes the scores."""
+    x, y = blobs(100)
+    x = x.reshape(shape)
+    histories = []
+    for metric in ("accuracy", lambda t, p: fn.metrics.accuracy(t, p)):
+        net = make()
+        net.compile("cross_entropy", optim.SGD(lr=0.05, momentum=0.9), metrics=[metric])
+        histories.append(net.fit(x, y, epochs=3, batch_size=16, verbose=0, seed=0).history)
+    assert list(histories[1]) == ["loss", "<lambda>"]
+    assert histories[0]["accuracy"] == histories[1]["<lambda>"]
+    assert histories[0]["loss"] == histories[1]["loss"]
+
+
 @pytest.mark.parametrize("style,batch_size,expected", [
     ("use", None, [1] * 10), ("compile", None, [10]), ("compile", "full", [10]),
     ("compile", 4, [4, 4, 2]), ("use", 3, [3, 3, 3, 1])])
