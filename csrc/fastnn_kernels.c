@@ -166,6 +166,18 @@ static long maxpool2x2_row_f(const float *top, long w, long ow, long at, float *
 #define MAXPOOL2X2_ROW maxpool2x2_row_f
 #endif
 
+/* softmax rows in AVX-512 lanes where the CPU has them (softmax_avx512.c) */
+int fnn_softmax_avx512 = 1;
+static int softmax_row_ok(void)
+{
+    static int supported = -1;     /* a benign race: every thread stores the same value */
+    if (supported < 0)
+        supported = fnn_softmax_row_supported();
+    return supported && fnn_softmax_avx512;
+}
+#define SOFTMAX_ROW fnn_softmax_row_f
+#define SOFTMAX_ROW_SUPPORTED softmax_row_ok
+
 #define T float
 #define UINT uint32_t
 #define S f
@@ -176,6 +188,8 @@ static long maxpool2x2_row_f(const float *top, long w, long ow, long at, float *
 #undef UINT
 #undef S
 #undef EXP
+#undef SOFTMAX_ROW
+#undef SOFTMAX_ROW_SUPPORTED
 
 #undef TRANSPOSE_BLOCK4
 #undef MAXPOOL2X2_ROW

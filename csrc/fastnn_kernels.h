@@ -194,4 +194,13 @@ void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
 int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
               int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
+/* One row (c classes) of fnn_softmax_xent_f in AVX-512 lanes (csrc/softmax_avx512.c):
+ * writes g, sets *predicted unless NULL, returns the row's loss; the target is
+ * class `label` when t is NULL, else the probabilities t. Only where
+ * fnn_softmax_row_supported() (x86-64 with AVX-512F). */
+int fnn_softmax_row_supported(void);
+extern int fnn_softmax_avx512;      /* 0: the portable loop everywhere (tests) */
+double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t, float *g,
+                         float inv_n, int64_t *predicted);
+
 #endif

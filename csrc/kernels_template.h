@@ -314,10 +314,20 @@ double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *la
                               const T *target, T *grad, double *row_loss, int64_t *predicted)
 {
     const T inv_n = (T)(1.0 / (double)n);
+#ifdef SOFTMAX_ROW
+    const int fast = SOFTMAX_ROW_SUPPORTED();
+#endif
     #pragma omp parallel for schedule(static) if (n * c >= FNN_PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
         const T *z = logits + i * c;
         T *g = grad + i * c;
+#ifdef SOFTMAX_ROW
+        if (fast) {
+            row_loss[i] = SOFTMAX_ROW(z, c, labels ? labels[i] : 0, labels ? NULL : target + i * c,
+                                      g, inv_n, predicted ? predicted + i : NULL);
+            continue;
+        }
+#endif
         /* "omp simd" allows the reordered (vectorized) max and sum */
         T top = z[0];
         #pragma omp simd reduction(max:top)

@@ -224,21 +224,46 @@ def test_trainer_declines_what_does_not_fit():
         backend._compiled.DenseChainTrainer(plan.dense_chain, 8, np.float16)
 
 
+@pytest.fixture(params=[True, False], ids=["avx512-rows", "portable"])
+def softmax_rows(request):
+    """float32 softmax rows in AVX-512 lanes (where the CPU has them) or portable."""
+    if backend._compiled._set_avx_softmax(request.param) != request.param:
+        backend._compiled._set_avx_softmax(True)
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    backend._compiled._set_avx_softmax(True)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("one_hot", [False, True])
-def test_predicted_classes_are_numpy_argmax_of_the_logits(dtype, one_hot):
+@pytest.mark.parametrize("classes", [7, 40])
+def test_predicted_classes_are_numpy_argmax_of_the_logits(softmax_rows, dtype, one_hot,
+                                                           classes):
     """fit's accuracy reads the trainer's classes: ties go to the first class, as
     numpy.argmax (two equal weight columns tie every row; a final ReLU ties zeros)."""
     for relu_last in (False, True):
-        net = chain(dtype, relu_last=relu_last)
-        W, b = net.layers[4].params["W"], net.layers[4].params["b"]
-        W[:, 5], b[5] = W[:, 2], b[2]
+        net = fn.Network([fn.Dense(30, 24, seed=1, dtype=dtype), fn.ReLU(),
+                          fn.Dense(24, classes, seed=2, dtype=dtype)]
+                         + ([fn.ReLU()] if relu_last else []))
+        W, b = net.layers[2].params["W"], net.layers[2].params["b"]
+        W[:, classes - 2], b[classes - 2] = W[:, 2], b[2]
         trainer = backend._compiled.DenseChainTrainer(net._get_plan().dense_chain, 50, dtype)
-        x, y = data(n=50, dtype=dtype, one_hot=one_hot)
+        x, y = data(n=50, dtype=dtype, classes=classes, one_hot=one_hot)
         assert trainer.step(x, y if one_hot else y.astype(np.int64)) is not None
-        logits = trainer.output(2, 50, relu=True)
+        logits = trainer.output(1, 50, relu=True)
         np.testing.assert_array_equal(trainer.predicted(50), np.argmax(logits, axis=1))
-        assert (np.argmax(logits, axis=1) != 5).all()
+        assert (np.argmax(logits, axis=1) != classes - 2).all()
+        assert len(set(np.argmax(logits, axis=1))) > 2
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_compiled_step_gives_the_bits_of_the_layers_on_both_softmax_rows(monkeypatch,
+                                                                          softmax_rows, opt):
+    x, y = data()
+    (a, ha), (b, hb) = fit_both(monkeypatch, chain, OPTIMIZERS[opt], x, y, epochs=2,
+                                batch_size=37)[0]
+    assert ha == hb
+    assert_same_state(a, b)
 
 
 @pytest.mark.parametrize("seed", range(8))

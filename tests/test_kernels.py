@@ -528,6 +528,51 @@ def test_softmax_cross_entropy_compiled_matches_reference(dtype):
         assert_close(got[1], want[1], dtype)
 
 
+@pytest.fixture(params=[True, False], ids=["avx512-rows", "portable"])
+def softmax_rows(request):
+    """The compiled float32 softmax on its AVX-512 rows (where the CPU has them) or on
+    the portable loop."""
+    from fastnn.kernels import _cpu
+    if _cpu._set_avx_softmax(request.param) != request.param:
+        _cpu._set_avx_softmax(True)
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    _cpu._set_avx_softmax(True)
+
+
+@pytest.mark.parametrize("c", [1, 2, 10, 16, 17, 33, 100])
+def test_softmax_cross_entropy_float32_rows_match_float64(softmax_rows, c):
+    """Row widths around the 16 lanes; labels and probabilities; batch of 1."""
+    rng = np.random.default_rng(c)
+    for n in (1, 7, 128):
+        logits = (rng.standard_normal((n, c)) * 5).astype(np.float32)
+        labels = rng.integers(0, c, n)
+        probs = rng.random((n, c)).astype(np.float32)
+        probs /= probs.sum(axis=1, keepdims=True)
+        for target in (labels, probs):
+            loss, grad = run_on("cpu", kernels.softmax_cross_entropy, logits, target)
+            z = logits.astype(np.float64)
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            t = np.eye(c)[labels] if target.ndim == 1 else probs.astype(np.float64)
+            np.testing.assert_allclose(loss, -(t * np.log(p)).sum() / n, rtol=2e-6)
+            np.testing.assert_allclose(grad, (p - t) / n, rtol=0, atol=4e-7 / n)
+
+
+def test_softmax_cross_entropy_float32_special_logits(softmax_rows):
+    """-inf and very negative logits weigh 0; NaN or +inf make the loss NaN."""
+    def run(row):
+        return run_on("cpu", kernels.softmax_cross_entropy, np.array([row], np.float32),
+                      np.array([1]))
+    for low in (-np.inf, -200.0):
+        loss, grad = run([low, 0.0, 1.0])
+        np.testing.assert_allclose(loss, np.log1p(np.e), rtol=1e-6)
+        assert grad[0, 0] == 0
+    for bad in (np.nan, np.inf):
+        loss, grad = run([bad, 0.0, 1.0])
+        assert np.isnan(loss) and np.isnan(grad).all()
+
+
 def test_softmax_cross_entropy_gradient_by_finite_differences(backend_name):
     rng = np.random.default_rng(21)
     logits = random(rng, (4, 5), np.float64)

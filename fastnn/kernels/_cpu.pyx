@@ -159,6 +159,8 @@ cdef extern from "fastnn_kernels.h" nogil:
                                   long k, float *grad_w, float *work)
     int fnn_sgemm_supported()
     int fnn_sgemm_direct_a
+    int fnn_softmax_row_supported()
+    int fnn_softmax_avx512
     void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
                             float momentum)
     int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
@@ -207,6 +209,15 @@ def _set_direct_a(bint on):
     every A (False), for tests: both give the same bits."""
     global fnn_sgemm_direct_a
     fnn_sgemm_direct_a = on
+
+
+def _set_avx_softmax(bint on):
+    """Run float32 softmax cross-entropy rows in AVX-512 lanes where the CPU has them
+    (True, the default) or on the portable loop (False), for tests; returns whether the
+    AVX-512 rows run now."""
+    global fnn_softmax_avx512
+    fnn_softmax_avx512 = on
+    return bool(on and fnn_softmax_row_supported())
 
 
 def own_sgemm_supported():
