@@ -193,6 +193,21 @@ void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
                         float momentum);
 int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
               int lda, const float *b, int ldb, float beta, float *c, int ldc);
+/* What fnn_sgemm_ex does to C in the tiles' registers, each NULL when not wanted:
+ * bias (n,) added to every row in place of beta * C (C is not read); then mask
+ * (m, n), ldc apart: C = 0 where mask is not > 0 (ReLU's backward, y being its
+ * output); relu (m, n), ldc apart: max(0, C) stored there too (ReLU's forward).
+ * The same bits as a pre-broadcast bias with beta = 1 and the ReLU kernels after. */
+typedef struct {
+    const float *bias;
+    const float *mask;
+    float *relu;
+} fnn_epilogue;
+/* fnn_sgemm with an epilogue (ep may be NULL); with one, returns -1 also when k = 0 or
+ * alpha = 0 (the caller does the epilogue's work on its own then). */
+int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                 int lda, const float *b, int ldb, float beta, float *c, int ldc,
+                 const fnn_epilogue *ep);
 
 /* One row (c classes) of fnn_softmax_xent_f in AVX-512 lanes (csrc/softmax_avx512.c):
  * writes g, sets *predicted unless NULL, returns the row's loss; the target is

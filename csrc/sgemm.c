@@ -55,12 +55,14 @@ static __mmask16 lanes(int count)           /* mask of the first count (<= 16) l
 }
 
 /* C tile (mv <= rows, nv <= 16 * vecs) = alpha * A panel @ B panel + (first ? beta * C
- * : C). bp: kc x NR from the packing below; A: with lda 0, ap is a packed panel kc x MR
- * (k-major); else ap is A itself, row-major with rows lda apart (rows from mv on read
- * row 0 again, their results unused). */
+ * : C), or + bias instead of beta * C where ep->bias (ep: the epilogue, moved to this
+ * tile's corner, or NULL); after the last block of K, ep's mask and ReLU. bp: kc x NR
+ * from the packing below; A: with lda 0, ap is a packed panel kc x MR (k-major); else
+ * ap is A itself, row-major with rows lda apart (rows from mv on read row 0 again,
+ * their results unused). */
 TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *restrict ap,
                         long lda, const float *restrict bp, float *c, long ldc, int mv, int nv,
-                        float alpha, float beta, int first)
+                        float alpha, float beta, int first, int last, const fnn_epilogue *ep)
 {
     __m512 acc[MR][2];
     const float *ar[MR];
@@ -97,35 +99,59 @@ TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *res
     }
     __mmask16 m0 = lanes(nv), m1 = lanes(nv - 16);
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(first ? beta : 1.0f);
-    int read_c = !first || beta != 0;        /* beta = 0: C is not read (may hold NaN) */
+    const __m512 zero = _mm512_setzero_ps();
+    /* bias + product rounds as bias (the pre-broadcast C) + product did with beta 1 */
+    const int add_bias = first && ep && ep->bias;
+    __m512 bias0 = add_bias ? _mm512_maskz_loadu_ps(m0, ep->bias) : zero;
+    __m512 bias1 = add_bias && vecs > 1 ? _mm512_maskz_loadu_ps(m1, ep->bias + 16) : zero;
+    int read_c = !add_bias && (!first || beta != 0);   /* beta = 0: C is not read (may hold NaN) */
+    const float *mask = last && ep ? ep->mask : NULL;
+    float *relu = last && ep ? ep->relu : NULL;
 #pragma GCC unroll 12
     for (int i = 0; i < rows; i++) {
         if (i >= mv)
             break;
         float *ci = c + i * ldc;
         __m512 r0 = _mm512_mul_ps(acc[i][0], va), r1 = _mm512_mul_ps(acc[i][1], va);
-        if (read_c) {
+        if (add_bias) {
+            r0 = _mm512_add_ps(bias0, r0);
+            r1 = _mm512_add_ps(bias1, r1);
+        } else if (read_c) {
             r0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), r0);
             if (vecs > 1)
                 r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), r1);
         }
+        if (mask) {         /* ReLU's backward: 0 where its output is not > 0 (or NaN) */
+            const float *mi = mask + i * ldc;
+            r0 = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m0, _mm512_maskz_loadu_ps(m0, mi),
+                                                             zero, _CMP_GT_OQ), r0);
+            if (vecs > 1)
+                r1 = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(
+                    m1, _mm512_maskz_loadu_ps(m1, mi + 16), zero, _CMP_GT_OQ), r1);
+        }
         _mm512_mask_storeu_ps(ci, m0, r0);
         if (vecs > 1)
             _mm512_mask_storeu_ps(ci + 16, m1, r1);
+        if (relu) {         /* max(0, r) keeps NaN and -0.0, as x < 0 ? 0 : x */
+            _mm512_mask_storeu_ps(relu + i * ldc, m0, _mm512_max_ps(zero, r0));
+            if (vecs > 1)
+                _mm512_mask_storeu_ps(relu + i * ldc + 16, m1, _mm512_max_ps(zero, r1));
+        }
     }
 }
 
 #define TILE(R, V)                                                                     \
     TARGET static void tile_##R##_##V(int kc, const float *ap, long lda, const float *bp, \
                                       float *c, long ldc, int mv, int nv, float alpha,    \
-                                      float beta, int first)                              \
+                                      float beta, int first, int last,                    \
+                                      const fnn_epilogue *ep)                             \
     {                                                                                     \
-        tile(R, V, kc, ap, lda, bp, c, ldc, mv, nv, alpha, beta, first);                  \
+        tile(R, V, kc, ap, lda, bp, c, ldc, mv, nv, alpha, beta, first, last, ep);        \
     }
 TILE(12, 2) TILE(8, 2) TILE(4, 2) TILE(12, 1) TILE(8, 1) TILE(4, 1)
 
 typedef void (*tile_fn)(int, const float *, long, const float *, float *, long, int, int,
-                        float, float, int);
+                        float, float, int, int, const fnn_epilogue *);
 /* the smallest kernel that covers an mv x nv tile: [nv > 16][rows 4, 8, 12] */
 static const tile_fn tiles[2][3] = {{tile_4_1, tile_8_1, tile_12_1},
                                     {tile_4_2, tile_8_2, tile_12_2}};
@@ -257,9 +283,30 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
                      const float *a, int lda, const float *b, int ldb, float beta,
                      float *c, int ldc)
 {
+    return fnn_sgemm_ex(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, NULL);
+}
+
+/* the epilogue of the tile at row i, column j */
+static fnn_epilogue moved(const fnn_epilogue *ep, long i, long j, long ldc)
+{
+    fnn_epilogue at = {NULL, NULL, NULL};
+    if (ep) {
+        at.bias = ep->bias ? ep->bias + j : NULL;
+        at.mask = ep->mask ? ep->mask + i * ldc + j : NULL;
+        at.relu = ep->relu ? ep->relu + i * ldc + j : NULL;
+    }
+    return at;
+}
+
+TARGET int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                        const float *a, int lda, const float *b, int ldb, float beta,
+                        float *c, int ldc, const fnn_epilogue *ep)
+{
     if (m <= 0 || n <= 0)
         return 0;
     if (k <= 0 || alpha == 0) {            /* C = beta * C, as BLAS (0 * NaN products skipped) */
+        if (ep)
+            return -1;                     /* the caller's passes do the epilogue's work */
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
                 c[(long)i * ldc + j] = beta == 0 ? 0.0f : beta * c[(long)i * ldc + j];
@@ -287,11 +334,12 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
                 for (int ir = 0; ir < mc; ir += MR)
                     for (int jr = 0; jr < nc; jr += NR) {
                         int mv = mc - ir < MR ? mc - ir : MR, nv = nc - jr < NR ? nc - jr : NR;
+                        fnn_epilogue at = moved(ep, i0 + ir, j0 + jr, ldc);
                         tiles[nv > 16][(mv > 4) + (mv > 8)](
                             kc, direct ? a + (long)(i0 + ir) * lda + p0 : ap + (long)ir * kc,
                             direct ? lda : 0, bp + (long)jr * kc,
                             c + (long)(i0 + ir) * ldc + j0 + jr, ldc, mv, nv, alpha, beta,
-                            p0 == 0);
+                            p0 == 0, p0 + kc == k, ep ? &at : NULL);
                     }
             }
         }
@@ -337,6 +385,14 @@ int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const 
     (void)trans_a; (void)trans_b; (void)m; (void)n; (void)k; (void)alpha; (void)a;
     (void)lda; (void)b; (void)ldb; (void)beta; (void)c; (void)ldc;
     return -1;
+}
+
+int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                 int lda, const float *b, int ldb, float beta, float *c, int ldc,
+                 const fnn_epilogue *ep)
+{
+    (void)ep;
+    return fnn_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr, float momentum)

@@ -131,6 +131,59 @@ def test_a_read_in_place_gives_the_bits_of_a_packed_a(own_engine, m, n, k, lda, 
     assert np.all(np.abs(out[True] - ref) <= bound)
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (13, 33, 17), (25, 70, 385), (128, 256, 784),
+                                   (530, 40, 9), (129, 257, 130)])
+def test_epilogue_gives_the_bits_of_the_separate_passes(own_engine, m, n, k, trans_a, trans_b,
+                                                        split):
+    """The bias, ReLU forward and ReLU backward (mask) on the tiles: the bits of a
+    pre-broadcast bias with beta 1 and the ReLU kernels after, over K blocks (k 385,
+    784), ragged tiles and blocks over the pool; a mask with NaN, 0 and -0.0."""
+    rng = np.random.default_rng(m + n + k)
+    a, b = operands(rng, m, n, k, trans_a, trans_b)
+    bias = rng.standard_normal(n).astype(np.float32)
+    mask = rng.standard_normal((m, n)).astype(np.float32)
+    mask.flat[::7] = np.nan
+    mask.flat[::11] = 0.0
+    mask.flat[::13] = -0.0
+    plain = np.empty((m, n), np.float32)
+    plain[:] = bias
+    _cpu._gemm_into(a, b, plain, trans_a, trans_b, beta=1.0, split=split)
+
+    def fused(**epilogue):
+        c = np.full((m, n), np.nan, np.float32)             # not read
+        _cpu._gemm_into(a, b, c, trans_a, trans_b, split=split, **epilogue)
+        return c
+    np.testing.assert_array_equal(fused(bias=bias), plain)
+    relu = np.full((m, n), np.nan, np.float32)
+    np.testing.assert_array_equal(fused(bias=bias, relu=relu), plain)
+    np.testing.assert_array_equal(relu, _cpu.relu_forward(plain))
+    masked = _cpu.relu_backward(plain, mask)
+    np.testing.assert_array_equal(fused(bias=bias, mask=mask, relu=relu), masked)
+    np.testing.assert_array_equal(relu, _cpu.relu_forward(masked))
+
+
+def test_epilogue_relu_keeps_nan():
+    """max(0, c) in the tiles, as relu_forward's x < 0 ? 0 : x: NaN stays NaN; a NaN
+    in the mask zeroes, as relu_backward's y > 0 ? g : 0. On both engines."""
+    a = np.ones((20, 1), np.float32)
+    b = np.array([[np.nan, -0.0, -2.0, 3.0] * 10], np.float32)    # (1, 40)
+    mask = np.tile(np.array([1.0, np.nan, 0.0, -1.0] * 10, np.float32), (20, 1))
+    for engine in ("own", "blas"):
+        old = _cpu._set_gemm_engine(engine)
+        try:
+            c, relu = np.empty((20, 40), np.float32), np.empty((20, 40), np.float32)
+            _cpu._gemm_into(a, b, c, relu=relu)
+            np.testing.assert_array_equal(relu, _cpu.relu_forward(c))
+            assert np.isnan(relu[:, ::4]).all()
+            _cpu._gemm_into(a, b, c, mask=mask)
+            assert np.isnan(c[:, ::4]).all() and (c[:, 1::4] == 0).all()
+            np.testing.assert_array_equal(c[:, 2::4], 0)
+        finally:
+            _cpu._set_gemm_engine(old)
+
+
 def test_engine_names():
     with pytest.raises(ValueError, match="_set_gemm_engine"):
         _cpu._set_gemm_engine("mkl")

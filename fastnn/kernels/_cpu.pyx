@@ -59,7 +59,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 from libc.math cimport isfinite
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cnp.import_array()
@@ -159,6 +159,13 @@ cdef extern from "fastnn_kernels.h" nogil:
                                   long k, float *grad_w, float *work)
     int fnn_sgemm_supported()
     int fnn_sgemm_direct_a
+    ctypedef struct fnn_epilogue:
+        const float *bias
+        const float *mask
+        float *relu
+    int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                     const float *a, int lda, const float *b, int ldb, float beta,
+                     float *c, int ldc, const fnn_epilogue *ep)
     int fnn_softmax_row_supported()
     int fnn_softmax_avx512
     void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
@@ -261,12 +268,77 @@ cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating
               <double*>a, &lda, &beta, c, &ldc)
 
 
+ctypedef struct _epilogue:           # fnn_epilogue for either dtype (NULL: not wanted)
+    const void *bias                 # (n,) added to every row in place of beta * c
+    const void *mask                 # (m, n), ldc apart: c = 0 where mask is not > 0
+    void *relu                       # (m, n), ldc apart: max(0, c) stored there too
+
+
+cdef void _gemm_epi(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
+                    const floating *a, int lda, const floating *b, int ldb, floating beta,
+                    floating *c, int ldc, const _epilogue *ep) noexcept nogil:
+    """_gemm, then ``ep`` (or NULL): a dense layer's bias and its ReLU forward, or the
+    ReLU backward of the layer below its input gradient, done on each C tile in the
+    own kernel's registers (W2: the separate passes took 15 us of fc1's forward,
+    mostly reading the other core's half of y); elsewhere in passes over c's rows
+    (the bias before the GEMM, with beta 1). The same bits either way."""
+    cdef fnn_epilogue own
+    cdef long r, rows = 1 if ldc == n else m, cols = <long>m * n if ldc == n else n
+    if ep == NULL or (ep.bias == NULL and ep.mask == NULL and ep.relu == NULL):
+        _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return
+    if m <= 0 or n <= 0:
+        return
+    if floating is float:
+        if _own_gemm(True, m, n, k):
+            own.bias, own.mask, own.relu = <const float*>ep.bias, <const float*>ep.mask, \
+                <float*>ep.relu
+            if fnn_sgemm_ex(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                            &own) == 0:
+                return
+    if ep.bias != NULL:
+        for r in range(m):
+            memcpy(c + r * ldc, ep.bias, n * sizeof(floating))
+        beta = 1
+    _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    for r in range(rows):           # the ReLU kernels, on all of c when its rows are contiguous
+        if floating is float:
+            if ep.mask != NULL:
+                fnn_relu_backward_f(c + r * ldc, <const float*>ep.mask + r * ldc, c + r * ldc,
+                                    cols)
+            if ep.relu != NULL:
+                fnn_relu_forward_f(c + r * ldc, <float*>ep.relu + r * ldc, cols)
+        else:
+            if ep.mask != NULL:
+                fnn_relu_backward_d(c + r * ldc, <const double*>ep.mask + r * ldc,
+                                    c + r * ldc, cols)
+            if ep.relu != NULL:
+                fnn_relu_forward_d(c + r * ldc, <double*>ep.relu + r * ldc, cols)
+
+
 def _gemm_into(cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint trans_a=False,
-               bint trans_b=False, double alpha=1, double beta=0, bint split=False):
+               bint trans_b=False, double alpha=1, double beta=0, bint split=False,
+               cnp.ndarray bias=None, cnp.ndarray mask=None, cnp.ndarray relu=None):
     """c = alpha * op(a) @ op(b) + beta * c in place through _gemm (or _gemm_split over
     the worker pool), for tests. a, b, c: 2-D, one dtype (float32 or float64), rows
-    of unit stride; row strides are the leading dimensions (views may be strided)."""
+    of unit stride; row strides are the leading dimensions (views may be strided).
+    The epilogue (see _gemm_epi): ``bias`` (n,) in place of beta * c; ``mask``: c = 0
+    where mask is not > 0; ``relu``: max(0, c) stored there; mask and relu C-contiguous
+    (m, n) arrays, for a C-contiguous c."""
     cdef cnp.ndarray arr
+    cdef _epilogue ep
+    ep.bias = ep.mask = ep.relu = NULL
+    for arr, shape in ((bias, (c.shape[1],)), (mask, (<object>c).shape), (relu, (<object>c).shape)):
+        if arr is not None and (arr.dtype != c.dtype or (<object>arr).shape != shape
+                                or not arr.flags.c_contiguous or not c.flags.c_contiguous):
+            raise ValueError("_gemm_into: bias (n,), mask and relu (m, n), C-contiguous, of "
+                             "c's dtype, for a C-contiguous c")
+    if bias is not None:
+        ep.bias = _data(bias)
+    if mask is not None:
+        ep.mask = _data(mask)
+    if relu is not None:
+        ep.relu = _data(relu)
     for arr in (a, b, c):
         if arr.ndim != 2 or arr.dtype != c.dtype or arr.strides[1] != arr.itemsize \
                 or arr.strides[0] % arr.itemsize or arr.strides[0] < arr.shape[1] * arr.itemsize:
@@ -290,10 +362,10 @@ def _gemm_into(cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint trans_a=False,
         fnn_blas_single_begin()
         if single:
             _gemm_any(split, trans_a, trans_b, m, n, k, <float>alpha, <float*>pa, lda,
-                      <float*>pb, ldb, <float>beta, <float*>pc, ldc)
+                      <float*>pb, ldb, <float>beta, <float*>pc, ldc, &ep)
         else:
             _gemm_any(split, trans_a, trans_b, m, n, k, alpha, <double*>pa, lda, <double*>pb,
-                      ldb, beta, <double*>pc, ldc)
+                      ldb, beta, <double*>pc, ldc, &ep)
         fnn_blas_single_end()
     return c
 
@@ -308,20 +380,29 @@ ctypedef struct _gemm_job:           # one GEMM cut into blocks of c (see _gemm_
     const void *a
     const void *b
     void *c
+    _epilogue ep                     # for the whole of c (see _gemm_epi)
 
 
 cdef inline void _gemm_block(const _gemm_job *job, int j0, floating alpha,
                              const floating *a, const floating *b, floating beta,
                              floating *c) noexcept nogil:
     """Rows (by_rows) or columns [j0, j0 + width) of the job's c."""
+    cdef _epilogue ep = job.ep
+    cdef long at = <long>j0 * job.ldc if job.by_rows else j0     # the block's corner in c
+    if ep.bias != NULL and not job.by_rows:
+        ep.bias = <const floating*>ep.bias + j0
+    if ep.mask != NULL:
+        ep.mask = <const floating*>ep.mask + at
+    if ep.relu != NULL:
+        ep.relu = <floating*>ep.relu + at
     if job.by_rows:
-        _gemm(job.trans_a, job.trans_b, min(job.width, job.m - j0), job.n, job.k, alpha,
-              a + (j0 if job.trans_a else <long>j0 * job.lda), job.lda, b, job.ldb, beta,
-              c + <long>j0 * job.ldc, job.ldc)
+        _gemm_epi(job.trans_a, job.trans_b, min(job.width, job.m - j0), job.n, job.k, alpha,
+                  a + (j0 if job.trans_a else <long>j0 * job.lda), job.lda, b, job.ldb, beta,
+                  c + at, job.ldc, &ep)
     else:
-        _gemm(job.trans_a, job.trans_b, job.m, min(job.width, job.n - j0), job.k, alpha,
-              a, job.lda, b + (<long>j0 * job.ldb if job.trans_b else j0), job.ldb, beta,
-              c + j0, job.ldc)
+        _gemm_epi(job.trans_a, job.trans_b, job.m, min(job.width, job.n - j0), job.k, alpha,
+                  a, job.lda, b + (<long>j0 * job.ldb if job.trans_b else j0), job.ldb, beta,
+                  c + at, job.ldc, &ep)
 
 
 cdef void _gemm_task(void *ctx, long block) noexcept nogil:
@@ -337,7 +418,8 @@ cdef void _gemm_task(void *ctx, long block) noexcept nogil:
 
 cdef int _gemm_plan(_gemm_job *job, bint trans_a, bint trans_b, int m, int n, int k,
                     floating alpha, const floating *a, int lda, const floating *b, int ldb,
-                    floating beta, floating *c, int ldc, int most) noexcept nogil:
+                    floating beta, floating *c, int ldc, int most,
+                    const _epilogue *ep) noexcept nogil:
     """Fill ``job``, c cut into at most ``most`` blocks (see _gemm_split); returns the
     number of blocks."""
     cdef bint own = _own_gemm(floating is float, m, n, k)
@@ -353,12 +435,16 @@ cdef int _gemm_plan(_gemm_job *job, bint trans_a, bint trans_b, int m, int n, in
     job.m, job.n, job.k, job.lda, job.ldb, job.ldc = m, n, k, lda, ldb, ldc
     job.alpha, job.beta = alpha, beta
     job.a, job.b, job.c = a, b, c
+    if ep != NULL:
+        job.ep = ep[0]
+    else:
+        job.ep.bias = job.ep.mask = job.ep.relu = NULL
     return (extent + job.width - 1) // job.width
 
 
 cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                       const floating *a, int lda, const floating *b, int ldb,
-                      floating beta, floating *c, int ldc) noexcept nogil:
+                      floating beta, floating *c, int ldc, const _epilogue *ep) noexcept nogil:
     """_gemm split into one block of c per thread, each block on one BLAS thread (the
     caller holds BLAS to one thread), run by fastnn's worker pool (csrc/pool.c):
     blocks are taken dynamically, so a thread that the scheduler keeps waiting leaves
@@ -375,7 +461,7 @@ cdef void _gemm_split(bint trans_a, bint trans_b, int m, int n, int k, floating 
     a while after its workers slowed one down)."""
     cdef _gemm_job job
     cdef int count = _gemm_plan(&job, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
-                                c, ldc, max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS)))
+                                c, ldc, max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS)), ep)
     fnn_pool_run(_gemm_task, &job, count)
 
 
@@ -396,8 +482,8 @@ cdef void _gemm_split_pair(bint trans_a1, bint trans_b1, int m1, int n1, int k1,
                            const floating *a1, int lda1, const floating *b1, int ldb1,
                            floating *c1, int ldc1, bint trans_a2, bint trans_b2, int m2,
                            int n2, int k2, const floating *a2, int lda2,
-                           const floating *b2, int ldb2, floating *c2,
-                           int ldc2) noexcept nogil:
+                           const floating *b2, int ldb2, floating *c2, int ldc2,
+                           const _epilogue *ep1) noexcept nogil:
     """Two independent GEMMs (alpha 1, beta 0) as one pool job, each in blocks for half
     the threads: on two threads, one whole GEMM per thread, with no operand packed
     twice: a dense layer's grad_x and grad_W (interleaved medians against each GEMM
@@ -405,20 +491,21 @@ cdef void _gemm_split_pair(bint trans_a1, bint trans_b1, int m1, int n1, int k1,
     cdef _gemm_pair pair
     cdef int half = max(1, min(fnn_max_threads(), MAX_SPLIT_BLOCKS) // 2)
     pair.first_blocks = _gemm_plan(&pair.first, trans_a1, trans_b1, m1, n1, k1, <floating>1,
-                                   a1, lda1, b1, ldb1, <floating>0, c1, ldc1, half)
+                                   a1, lda1, b1, ldb1, <floating>0, c1, ldc1, half, ep1)
     cdef int blocks = pair.first_blocks + _gemm_plan(
         &pair.second, trans_a2, trans_b2, m2, n2, k2, <floating>1, a2, lda2, b2, ldb2,
-        <floating>0, c2, ldc2, half)
+        <floating>0, c2, ldc2, half, NULL)
     fnn_pool_run(_gemm_pair_task, &pair, blocks)
 
 
 cdef inline void _gemm_any(bint split, bint trans_a, bint trans_b, int m, int n, int k,
                            floating alpha, const floating *a, int lda, const floating *b,
-                           int ldb, floating beta, floating *c, int ldc) noexcept nogil:
+                           int ldb, floating beta, floating *c, int ldc,
+                           const _epilogue *ep=NULL) noexcept nogil:
     if split:
-        _gemm_split(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        _gemm_split(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep)
     else:
-        _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        _gemm_epi(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep)
 
 
 cdef inline void _im2col(const floating *x, long n, const fnn_geometry *g, floating *cols,
@@ -910,20 +997,26 @@ cdef void _split_gemv_run(const floating *x, const floating *weights, const floa
 
 
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
-                         floating *y, int n, int i, int o, bint split=False) noexcept nogil:
-    """y (n, o) = x (n, i) @ W (i, o) + bias. With ``split``: GEMMs in blocks over the
-    pool (_gemm_split), one sample's GEMV in blocks over the pool (_split_gemv_run)."""
-    cdef floating beta = 0
+                         floating *y, int n, int i, int o, bint split=False,
+                         floating *relu=NULL) noexcept nogil:
+    """y (n, o) = x (n, i) @ W (i, o) + bias, and ``relu`` (n, o) = max(y, 0) unless
+    NULL. With ``split``: GEMMs in blocks over the pool (_gemm_split), one sample's GEMV
+    in blocks over the pool (_split_gemv_run)."""
+    cdef _epilogue ep
     if n == 1 and i > 0 and o > 0:
         if split:
             _split_gemv_run(x, weights, bias, y, i, o)
         else:
             _gemv(x, weights, bias, y, i, o)
+        if relu != NULL:
+            if floating is float:
+                fnn_relu_forward_f(y, relu, o)
+            else:
+                fnn_relu_forward_d(y, relu, o)
         return
-    if bias != NULL:                 # bias pre-broadcast, then the GEMM adds onto it
-        _broadcast(y, bias, n, o, 0)
-        beta = 1
-    _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, beta, y, o)
+    # the bias and the ReLU on the GEMM's tiles (see _gemm_epi)
+    ep.bias, ep.mask, ep.relu = bias, NULL, relu
+    _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, 0, y, o, &ep)
 
 
 cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
@@ -941,9 +1034,9 @@ cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM (own kernel in
-    blocks over the worker pool, or BLAS, see the module docstring) onto the
-    pre-broadcast bias (beta = 1: no second pass over y); one sample: a GEMV, in
-    slices over the worker pool when W is large."""
+    blocks over the worker pool, or BLAS, see the module docstring), the bias added on
+    the own kernel's tiles (else pre-broadcast, beta = 1: no second pass over y either
+    way); one sample: a GEMV, in slices over the worker pool when W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
     cdef void *px = _data(x)
@@ -968,15 +1061,20 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
 cdef void _dense_backward(const floating *grad_y, const floating *x, const floating *weights,
                           floating *grad_x, floating *grad_w, floating *grad_b,
                           int n, int i, int o, bint split=False,
-                          bint pair=False) noexcept nogil:
+                          bint pair=False, const floating *relu_y=NULL) noexcept nogil:
     """``split``: each GEMM in blocks over the pool; ``pair`` (with grad_x): the two
-    GEMMs as one pool job, side by side (_gemm_split_pair)."""
+    GEMMs as one pool job, side by side (_gemm_split_pair). ``relu_y`` (n, i), unless
+    NULL: x is a ReLU's output, y, and grad_x comes through its backward (0 where y is
+    not > 0; on the GEMM's tiles, see _gemm_epi)."""
+    cdef _epilogue ep
+    ep.bias, ep.mask, ep.relu = NULL, relu_y, NULL
     if pair and grad_x != NULL:      # grad_y @ W.T and x.T @ grad_y side by side
         _gemm_split_pair(False, True, n, i, o, grad_y, o, weights, o, grad_x, i,
-                         True, False, i, o, n, x, i, grad_y, o, grad_w, o)
+                         True, False, i, o, n, x, i, grad_y, o, grad_w, o, &ep)
     else:
         if grad_x != NULL:
-            _gemm_any(split, False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i)
+            _gemm_any(split, False, True, n, i, o, 1, grad_y, o, weights, o, 0, grad_x, i,
+                      &ep)
         _gemm_any(split, True, False, i, o, n, 1, x, i, grad_y, o, 0, grad_w, o)
     if floating is float:
         fnn_column_sums_f(grad_y, n, o, grad_b)
@@ -1058,15 +1156,12 @@ cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int 
             fnn_blas_single_begin()
         if single:
             _dense_forward(<const float*>x, <const float*>step.weights,
-                           <const float*>step.bias, <float*>step.z, n, step.i, step.o, step.split)
-            if step.relu:
-                fnn_relu_forward_f(<float*>step.z, <float*>step.y, <long>n * step.o)
+                           <const float*>step.bias, <float*>step.z, n, step.i, step.o, step.split,
+                           <float*>step.y if step.relu else NULL)
         else:
             _dense_forward(<const double*>x, <const double*>step.weights,
                            <const double*>step.bias, <double*>step.z, n, step.i, step.o,
-                           step.split)
-            if step.relu:
-                fnn_relu_forward_d(<double*>step.z, <double*>step.y, <long>n * step.o)
+                           step.split, <double*>step.y if step.relu else NULL)
         if step.small and not held:
             fnn_blas_single_end()
         x = step.y
@@ -1278,7 +1373,9 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
                       bint single, double *loss) noexcept nogil:
     """Forward, softmax cross-entropy and backward of the chain: the calls of the
     Dense / ReLU layers' forward and backward and of softmax_cross_entropy, in their
-    order and with their plans (the same bits), without Python between them. With
+    order and with their plans (the same bits), without Python between them; each
+    ReLU on the GEMM of the layer it follows (forward) or precedes (backward: on that
+    layer's grad_x), see _gemm_epi. With
     ``update``, a layer's SGD step follows its backward, while its gradients are still
     in cache (its grad_x is done, and no layer below reads its parameters: the same
     bits as stepping after the whole backward). Nothing after the loss when it is not
@@ -1287,6 +1384,7 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
     cdef _chain_layer *layer
     cdef const void *inp = x
     cdef long size
+    cdef bint below_relu
     for k in range(count):
         layer = &layers[k]
         size = <long>n * layer.o
@@ -1295,15 +1393,11 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
         if single:
             _dense_forward(<const float*>inp, <const float*>layer.weights,
                            <const float*>layer.bias, <float*>layer.z, n, layer.i, layer.o,
-                           layer.split_forward)
-            if layer.relu:
-                fnn_relu_forward_f(<float*>layer.z, <float*>layer.y, size)
+                           layer.split_forward, <float*>layer.y if layer.relu else NULL)
         else:
             _dense_forward(<const double*>inp, <const double*>layer.weights,
                            <const double*>layer.bias, <double*>layer.z, n, layer.i, layer.o,
-                           layer.split_forward)
-            if layer.relu:
-                fnn_relu_forward_d(<double*>layer.z, <double*>layer.y, size)
+                           layer.split_forward, <double*>layer.y if layer.relu else NULL)
         if layer.small_forward:
             fnn_blas_single_end()
         inp = layer.y
@@ -1324,7 +1418,9 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
     for k in range(count - 1, -1, -1):
         layer = &layers[k]
         size = <long>n * layer.o
-        if layer.relu:
+        # a ReLU below a layer runs its backward on that layer's grad_x GEMM
+        below_relu = k > 0 and layers[k - 1].relu
+        if layer.relu and k == count - 1:
             if single:
                 fnn_relu_backward_f(<float*>layer.grad_y, <float*>layer.y,
                                     <float*>layer.grad_y, size)
@@ -1339,13 +1435,15 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
                             <const float*>layer.weights,
                             NULL if k == 0 else <float*>layers[k - 1].grad_y,
                             <float*>layer.grad_w, <float*>layer.grad_b, n, layer.i, layer.o,
-                            layer.split_backward, layer.pair)
+                            layer.split_backward, layer.pair,
+                            <const float*>inp if below_relu else NULL)
         else:
             _dense_backward(<const double*>layer.grad_y, <const double*>inp,
                             <const double*>layer.weights,
                             NULL if k == 0 else <double*>layers[k - 1].grad_y,
                             <double*>layer.grad_w, <double*>layer.grad_b, n, layer.i, layer.o,
-                            layer.split_backward, layer.pair)
+                            layer.split_backward, layer.pair,
+                            <const double*>inp if below_relu else NULL)
         if layer.small_backward:
             fnn_blas_single_end()
         if layer.update:
