@@ -420,14 +420,14 @@ class Network:
             for epoch in range(epochs):
                 bar = self._progress_bar(epoch, epochs, n_batches) if progress else None
                 total, outputs, targets = 0.0, [], []
+                if fused_sgd:             # its state for the trainer's steps (callbacks,
+                    optimizer._prepare(params)    # between epochs, may change parameters)
                 for b, (xb, yb) in enumerate(data.batches(x, y, batch_size, shuffle=shuffle,
                                                           seed=rng)):
                     if to_device:
                         xb = backend.to_device(xb, self._device)
                         yb = backend.to_device(yb, self._device)
                     if trainer is not None:       # forward, loss and backward in one call
-                        if fused_sgd:             # ... and the SGD step
-                            optimizer._prepare(params)
                         loss = trainer.step(xb, yb, optimizer if fused_sgd else None)
                         if loss is None:          # a parameter changed shape, dtype or layout
                             trainer = None        # (the layers' own checks run from here on)
