@@ -299,3 +299,24 @@ def test_random_chains_train_like_the_layers(monkeypatch, seed):
     assert steps > 0
     assert ha == hb
     assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("opt", ["momentum", "nesterov-l1-l2", "plain"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_w2_sized_chain_splits_its_gemms_and_trains_like_the_layers(monkeypatch, opt, dtype):
+    """W2's 784-256-128-10 MLP at batch 128: the GEMMs split over the pool, fc1's over
+    K blocks, the biases and ReLUs on their tiles; the same bits as the layers."""
+    rng = np.random.default_rng(7)
+    x = rng.random((128 * 3 + 50, 784)).astype(dtype)
+    y = rng.integers(0, 10, len(x))
+
+    def make():
+        return fn.Network([fn.Dense(784, 256, seed=1, dtype=dtype), fn.ReLU(),
+                           fn.Dense(256, 128, seed=2, dtype=dtype), fn.ReLU(),
+                           fn.Dense(128, 10, seed=3, dtype=dtype)])
+    runs, steps = fit_both(monkeypatch, make, OPTIMIZERS[opt], x, y, fits=1, epochs=2,
+                           batch_size=128, shuffle=False)
+    (a, ha), (b, hb) = runs
+    assert steps == 8
+    assert ha == hb
+    assert_same_state(a, b)
