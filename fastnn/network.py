@@ -450,9 +450,9 @@ class Network:
                     if classes:
                         outputs.append(out.argmax(axis=1) if trainer is None
                                        else trainer.predicted(len(xb)).copy())
-                        targets.append(yb)
                     elif self.metrics:
                         outputs.append(out if trainer is None else out.copy())
+                    if self.metrics:
                         targets.append(yb)
                     if trainer is None:
                         self._train_backward(grad, optimizer.lr)
