@@ -166,17 +166,19 @@ static long maxpool2x2_row_f(const float *top, long w, long ow, long at, float *
 #define MAXPOOL2X2_ROW maxpool2x2_row_f
 #endif
 
-/* softmax rows in AVX-512 lanes where the CPU has them (softmax_avx512.c) */
-int fnn_softmax_avx512 = 1;
-static int softmax_row_ok(void)
+/* float32 softmax rows and finiteness checks in AVX-512 lanes where the CPU has them
+ * (avx512.c) */
+int fnn_avx512_rows = 1;
+static int avx512_ok(void)
 {
     static int supported = -1;     /* a benign race: every thread stores the same value */
     if (supported < 0)
-        supported = fnn_softmax_row_supported();
-    return supported && fnn_softmax_avx512;
+        supported = fnn_avx512_supported();
+    return supported && fnn_avx512_rows;
 }
+#define AVX512_OK avx512_ok
 #define SOFTMAX_ROW fnn_softmax_row_f
-#define SOFTMAX_ROW_SUPPORTED softmax_row_ok
+#define ALL_FINITE_AVX512 fnn_all_finite_avx512_f
 
 #define T float
 #define UINT uint32_t
@@ -189,7 +191,7 @@ static int softmax_row_ok(void)
 #undef S
 #undef EXP
 #undef SOFTMAX_ROW
-#undef SOFTMAX_ROW_SUPPORTED
+#undef ALL_FINITE_AVX512
 
 #undef TRANSPOSE_BLOCK4
 #undef MAXPOOL2X2_ROW

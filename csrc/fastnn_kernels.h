@@ -209,13 +209,16 @@ int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha, con
                  int lda, const float *b, int ldb, float beta, float *c, int ldc,
                  const fnn_epilogue *ep);
 
-/* One row (c classes) of fnn_softmax_xent_f in AVX-512 lanes (csrc/softmax_avx512.c):
- * writes g, sets *predicted unless NULL, returns the row's loss; the target is
- * class `label` when t is NULL, else the probabilities t. Only where
- * fnn_softmax_row_supported() (x86-64 with AVX-512F). */
-int fnn_softmax_row_supported(void);
-extern int fnn_softmax_avx512;      /* 0: the portable loop everywhere (tests) */
+/* AVX-512 versions of portable kernels (csrc/avx512.c), only where
+ * fnn_avx512_supported() (x86-64 with AVX-512F); fnn_softmax_xent_f and
+ * fnn_all_finite_f call them by themselves unless fnn_avx512_rows is 0 (tests).
+ * fnn_softmax_row_f: one row (c classes) of fnn_softmax_xent_f: writes g, sets
+ * *predicted unless NULL, returns the row's loss; the target is class `label` when t
+ * is NULL, else the probabilities t. */
+int fnn_avx512_supported(void);
+extern int fnn_avx512_rows;
 double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t, float *g,
                          float inv_n, int64_t *predicted);
+int fnn_all_finite_avx512_f(const float *a, long n);
 
 #endif

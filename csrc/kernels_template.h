@@ -315,7 +315,7 @@ double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *la
 {
     const T inv_n = (T)(1.0 / (double)n);
 #ifdef SOFTMAX_ROW
-    const int fast = SOFTMAX_ROW_SUPPORTED();
+    const int fast = AVX512_OK();
 #endif
     #pragma omp parallel for schedule(static) if (n * c >= FNN_PARALLEL_MIN)
     for (long i = 0; i < n; i++) {
@@ -380,6 +380,10 @@ void NAME(fnn_column_sums)(const T *a, long rows, long cols, T *out)
  * pages) and 15 ms after; here 14 ms, bound by memory bandwidth. */
 int NAME(fnn_all_finite)(const T *a, long n)
 {
+#ifdef ALL_FINITE_AVX512
+    if (AVX512_OK())
+        return ALL_FINITE_AVX512(a, n);
+#endif
     enum { BLOCK = 16384 };
     const UINT magnitude = (UINT)-1 >> 1;
     T inf = (T)INFINITY;

@@ -225,19 +225,20 @@ def test_trainer_declines_what_does_not_fit():
 
 
 @pytest.fixture(params=[True, False], ids=["avx512-rows", "portable"])
-def softmax_rows(request):
-    """float32 softmax rows in AVX-512 lanes (where the CPU has them) or portable."""
-    if backend._compiled._set_avx_softmax(request.param) != request.param:
-        backend._compiled._set_avx_softmax(True)
+def avx512_rows(request):
+    """float32 softmax rows (and finiteness checks) in AVX-512 lanes where the CPU has
+    them, or on the portable loops."""
+    if backend._compiled._set_avx512_rows(request.param) != request.param:
+        backend._compiled._set_avx512_rows(True)
         pytest.skip("this CPU has no AVX-512")
     yield request.param
-    backend._compiled._set_avx_softmax(True)
+    backend._compiled._set_avx512_rows(True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("one_hot", [False, True])
 @pytest.mark.parametrize("classes", [7, 40])
-def test_predicted_classes_are_numpy_argmax_of_the_logits(softmax_rows, dtype, one_hot,
+def test_predicted_classes_are_numpy_argmax_of_the_logits(avx512_rows, dtype, one_hot,
                                                            classes):
     """fit's accuracy reads the trainer's classes: ties go to the first class, as
     numpy.argmax (two equal weight columns tie every row; a final ReLU ties zeros)."""
@@ -258,7 +259,7 @@ def test_predicted_classes_are_numpy_argmax_of_the_logits(softmax_rows, dtype, o
 
 @pytest.mark.parametrize("opt", ["momentum", "adam"])
 def test_compiled_step_gives_the_bits_of_the_layers_on_both_softmax_rows(monkeypatch,
-                                                                          softmax_rows, opt):
+                                                                          avx512_rows, opt):
     x, y = data()
     (a, ha), (b, hb) = fit_both(monkeypatch, chain, OPTIMIZERS[opt], x, y, epochs=2,
                                 batch_size=37)[0]

@@ -529,19 +529,21 @@ def test_softmax_cross_entropy_compiled_matches_reference(dtype):
 
 
 @pytest.fixture(params=[True, False], ids=["avx512-rows", "portable"])
-def softmax_rows(request):
-    """The compiled float32 softmax on its AVX-512 rows (where the CPU has them) or on
-    the portable loop."""
+def avx512_rows(request):
+    """The compiled float32 softmax rows and finiteness checks in AVX-512 lanes (where
+    the CPU has them) or on the portable loops."""
+    if "cpu" not in backend.available():
+        pytest.skip("compiled kernels not built")
     from fastnn.kernels import _cpu
-    if _cpu._set_avx_softmax(request.param) != request.param:
-        _cpu._set_avx_softmax(True)
+    if _cpu._set_avx512_rows(request.param) != request.param:
+        _cpu._set_avx512_rows(True)
         pytest.skip("this CPU has no AVX-512")
     yield request.param
-    _cpu._set_avx_softmax(True)
+    _cpu._set_avx512_rows(True)
 
 
 @pytest.mark.parametrize("c", [1, 2, 10, 16, 17, 33, 100])
-def test_softmax_cross_entropy_float32_rows_match_float64(softmax_rows, c):
+def test_softmax_cross_entropy_float32_rows_match_float64(avx512_rows, c):
     """Row widths around the 16 lanes; labels and probabilities; batch of 1."""
     rng = np.random.default_rng(c)
     for n in (1, 7, 128):
@@ -559,7 +561,7 @@ def test_softmax_cross_entropy_float32_rows_match_float64(softmax_rows, c):
             np.testing.assert_allclose(grad, (p - t) / n, rtol=0, atol=4e-7 / n)
 
 
-def test_softmax_cross_entropy_float32_special_logits(softmax_rows):
+def test_softmax_cross_entropy_float32_special_logits(avx512_rows):
     """-inf and very negative logits weigh 0; NaN or +inf make the loss NaN."""
     def run(row):
         return run_on("cpu", kernels.softmax_cross_entropy, np.array([row], np.float32),
@@ -718,11 +720,11 @@ def test_dense_split_gemms_give_the_same_bits_on_a_busy_machine(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_all_finite(dtype):
-    """One pass over the bits, blocks of 16384: a bad value anywhere is found, the
-    largest finite values are not taken for infinity."""
+def test_all_finite(avx512_rows, dtype):
+    """One pass over the bits, blocks of 16384: a bad value anywhere is found (ragged
+    ends of the 16 lanes too), the largest finite values are not taken for infinity."""
     for bad in (np.nan, np.inf, -np.inf):
-        for pos in (0, 5, 16383, 16384, 40000):
+        for pos in (0, 5, 16383, 16384, 39999, 40000):
             a = np.ones(40001, dtype)
             a[pos] = bad
             assert not kernels.all_finite(a)

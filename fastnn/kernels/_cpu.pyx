@@ -166,8 +166,8 @@ cdef extern from "fastnn_kernels.h" nogil:
     int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha,
                      const float *a, int lda, const float *b, int ldb, float beta,
                      float *c, int ldc, const fnn_epilogue *ep)
-    int fnn_softmax_row_supported()
-    int fnn_softmax_avx512
+    int fnn_avx512_supported()
+    int fnn_avx512_rows
     void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
                             float momentum)
     int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
@@ -218,13 +218,13 @@ def _set_direct_a(bint on):
     fnn_sgemm_direct_a = on
 
 
-def _set_avx_softmax(bint on):
-    """Run float32 softmax cross-entropy rows in AVX-512 lanes where the CPU has them
-    (True, the default) or on the portable loop (False), for tests; returns whether the
-    AVX-512 rows run now."""
-    global fnn_softmax_avx512
-    fnn_softmax_avx512 = on
-    return bool(on and fnn_softmax_row_supported())
+def _set_avx512_rows(bint on):
+    """Run float32 softmax cross-entropy rows and finiteness checks in AVX-512 lanes
+    where the CPU has them (True, the default) or on the portable loops (False), for
+    tests; returns whether the AVX-512 loops run now."""
+    global fnn_avx512_rows
+    fnn_avx512_rows = on
+    return bool(on and fnn_avx512_supported())
 
 
 def own_sgemm_supported():

@@ -1,14 +1,18 @@
-/* One row of fnn_softmax_xent_f in AVX-512 lanes (16 classes per vector), for CPUs
- * that have it (fnn_softmax_row_supported()): the portable loop, vectorized by the
- * compiler for SSE2, spends about 70 ns on a row of 10 classes (four-lane vectors
- * and their remainders); here one masked vector holds a row of up to 16 classes.
- * W2's 128 x 10 logits with their classes, one thread: 8.4-9.5 -> 4.2-4.4 us.
+/* AVX-512 versions of portable kernels, for CPUs that have it (chosen at run time:
+ * fnn_avx512_supported(); compiled with target attributes, no -mavx512f for the
+ * file). The portable build is SSE2, where these loops are bound by instructions, not
+ * by memory:
  *
- * The same formulas as the portable row (kernels_template.h), with exp by the same
- * Cephes polynomial (fnn_expf in fastnn_kernels.c); the sums run in another order, so
- * the bits may differ from the portable loop's, but every caller (the layers and the
- * compiled training step) runs this one on a given CPU. Compiled with target
- * attributes (no -mavx512f for the file). */
+ * - fnn_softmax_row_f, one row of fnn_softmax_xent_f: the portable loop spends about
+ *   70 ns on a row of 10 classes (four-lane vectors and their remainders); here one
+ *   masked vector holds a row of up to 16 classes. W2's 128 x 10 logits with their
+ *   classes, one thread: 8.4-9.5 -> 4.2-4.4 us. The same formulas as the portable row
+ *   (kernels_template.h), exp by the same Cephes polynomial (fnn_expf in
+ *   fastnn_kernels.c); the sums run in another order, so the bits may differ from the
+ *   portable loop's, but every caller (the layers and the compiled training step) runs
+ *   this one on a given CPU.
+ * - fnn_all_finite_avx512_f: fnn_all_finite_f 16 lanes at a time (the same test).
+ */
 #include <math.h>
 #include <stdint.h>
 
@@ -20,7 +24,7 @@
 
 #define TARGET __attribute__((target("avx512f,fma")))
 
-int fnn_softmax_row_supported(void)
+int fnn_avx512_supported(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f");
@@ -144,9 +148,38 @@ TARGET double fnn_softmax_row_f(const float *z, long c, int64_t label, const flo
     return loss;
 }
 
-#else   /* not GCC/clang on x86-64: the portable loop runs */
+/* 1 when none of a[0..n) is NaN or infinite: the largest magnitude (sign bit off)
+ * below infinity's bits, in blocks (stops at the block with the first). */
+TARGET int fnn_all_finite_avx512_f(const float *a, long n)
+{
+    enum { BLOCK = 16384 };
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const __m512i inf_bits = _mm512_set1_epi32(0x7f800000);
+    for (long start = 0; start < n; start += BLOCK) {
+        const long stop = n - start < BLOCK ? n : start + BLOCK;
+        __m512i largest = _mm512_setzero_si512();
+        long i = start;
+        for (; i + 16 <= stop; i += 16)
+            largest = _mm512_max_epu32(largest, _mm512_and_si512(
+                _mm512_loadu_si512((const void *)(a + i)), magnitude));
+        if (i < stop)
+            largest = _mm512_max_epu32(largest, _mm512_and_si512(
+                _mm512_maskz_loadu_epi32(lanes(stop - i), a + i), magnitude));
+        if (_mm512_cmpge_epu32_mask(largest, inf_bits))
+            return 0;
+    }
+    return 1;
+}
 
-int fnn_softmax_row_supported(void) { return 0; }
+#else   /* not GCC/clang on x86-64: the portable loops run */
+
+int fnn_avx512_supported(void) { return 0; }
+
+int fnn_all_finite_avx512_f(const float *a, long n)
+{
+    (void)a; (void)n;
+    return 0;
+}
 
 double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t, float *g,
                          float inv_n, int64_t *predicted)
