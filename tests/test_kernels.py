@@ -347,6 +347,47 @@ def test_maxpool2d_parallel_matches_reference(kh, kw, stride):
                                   run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape))
 
 
+@pytest.mark.parametrize("kh, kw, stride", [(2, 2, 2), (3, 3, 2)])
+def test_maxpool2d_large_outputs_reuse_memory_only_when_free(kh, kw, stride):
+    """Outputs from 8 MiB come from reused buffers (_output_array): a dropped result's
+    memory is zeroed again for the next scatter-add, a live one is never written."""
+    rng = np.random.default_rng(12)
+    x = np.round(random(rng, (2, 8, 383, 385), np.float32))      # grad_x: 9.4 MB
+    _, arg = run_on("cpu", kernels.maxpool2d_forward, x, kh, kw, stride)
+    grads = [random(rng, arg.shape, np.float32) for _ in range(3)]
+    want = [run_on("numpy", kernels.maxpool2d_backward, g, arg, x.shape) for g in grads]
+    first = run_on("cpu", kernels.maxpool2d_backward, grads[0], arg, x.shape)
+    address = first.ctypes.data
+    np.testing.assert_array_equal(first, want[0])
+    del first                                       # free: the next result reuses it
+    second = run_on("cpu", kernels.maxpool2d_backward, grads[1], arg, x.shape)
+    assert second.ctypes.data == address
+    np.testing.assert_array_equal(second, want[1])
+    third = run_on("cpu", kernels.maxpool2d_backward, grads[2], arg, x.shape)   # second lives
+    assert third.ctypes.data != address
+    np.testing.assert_array_equal(third, want[2])
+    np.testing.assert_array_equal(second, want[1])
+    view = third[:, 1]                              # a view keeps its buffer taken
+    del third
+    again = run_on("cpu", kernels.maxpool2d_backward, grads[0], arg, x.shape)
+    np.testing.assert_array_equal(view, want[2][:, 1])
+    np.testing.assert_array_equal(again, want[0])
+
+
+def test_output_array_pool_is_bounded():
+    """At most 128 MiB held; free buffers of another size make room for a new size."""
+    from fastnn.kernels import _cpu
+    small = _cpu._output_array((100, 100), np.float32)
+    assert small.base is None and small.flags.c_contiguous           # below 8 MiB: np.empty
+    held = [_cpu._output_array((1024, 1024, 9), np.float32) for _ in range(4)]  # 36 MiB each
+    assert [a.base is not None for a in held] == [True, True, True, False]
+    assert all(a.shape == (1024, 1024, 9) and a.dtype == np.float32 and a.flags.writeable
+               for a in held)
+    del held
+    other = [_cpu._output_array((1024, 1024, 5), np.float64) for _ in range(3)]  # 40 MiB
+    assert all(a.base is not None for a in other)
+
+
 def test_maxpool2d_ties_and_nan(backend_name):
     x = np.zeros((1, 1, 4, 4))
     x[0, 0, 3, 2] = np.nan

@@ -55,6 +55,8 @@ import os
 
 import numpy as np
 cimport numpy as cnp
+from cpython.list cimport PyList_GET_ITEM
+from cpython.ref cimport PyObject, _Py_REFCNT
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
@@ -636,6 +638,49 @@ def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple 
     return dx
 
 
+# --- outputs from reused memory ------------------------------------------------------
+#
+# A large output (from OUTPUT_POOL_MIN bytes) is a view of a buffer kept here, reused
+# for a later output of the same size once nothing refers to it any more. Fresh memory
+# of 32 MiB or more is mapped anew by malloc on every call and faults in page by page:
+# W5's max-pool backward (its 32 MiB input gradient) took 3-20 ms instead of ~2 on
+# this VM, whose host reclaims the pages a process gives back. At most
+# OUTPUT_POOL_BYTES stay held; free buffers of other sizes make room for a new one.
+DEF OUTPUT_POOL_MIN = 8388608
+DEF OUTPUT_POOL_BYTES = 134217728
+cdef list _output_pool = []         # uint8 buffers
+
+
+def _output_array(shape, dtype):
+    """An uninitialized C-contiguous array, from the pool when large (see above)."""
+    cdef Py_ssize_t k
+    cdef PyObject *held
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if nbytes < OUTPUT_POOL_MIN:
+        return np.empty(shape, dtype)
+    for k in range(len(_output_pool)):
+        held = PyList_GET_ITEM(_output_pool, k)         # borrowed
+        if _Py_REFCNT(held) == 1 and (<object>held).nbytes == nbytes:   # the pool's only
+            return (<object>held).view(dtype).reshape(shape)
+    total = sum([b.nbytes for b in _output_pool])
+    k = 0
+    while total + nbytes > OUTPUT_POOL_BYTES and k < len(_output_pool):
+        held = PyList_GET_ITEM(_output_pool, k)         # room: free buffers, oldest first
+        if _Py_REFCNT(held) == 1:
+            total -= (<object>held).nbytes
+            del _output_pool[k]
+        else:
+            k += 1
+    if total + nbytes > OUTPUT_POOL_BYTES:
+        return np.empty(shape, dtype)
+    buffer = np.empty(nbytes, np.uint8)
+    _output_pool.append(buffer)
+    return buffer.view(dtype).reshape(shape)
+
+
 # --- max pooling -------------------------------------------------------------------
 
 def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
@@ -643,8 +688,8 @@ def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
     cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef int sh = stride[0], sw = stride[1]
     cdef long oh = (h - kh) // sh + 1, ow = (w - kw) // sw + 1
-    cdef cnp.ndarray y = np.empty((n, c, oh, ow), dtype=x.dtype)
-    cdef cnp.ndarray argmax = np.empty((n, c, oh, ow), dtype=np.int64)
+    cdef cnp.ndarray y = _output_array((n, c, oh, ow), x.dtype)
+    cdef cnp.ndarray argmax = _output_array((n, c, oh, ow), np.int64)
     cdef void *px = _data(x)
     cdef void *py = _data(y)
     cdef int64_t *pa = <int64_t*>_data(argmax)
@@ -662,17 +707,17 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     so the scatter-add of overlapping windows has no races."""
     cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
     cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
-    # np.zeros: large blocks come zeroed from the OS, which saves the kernel a pass
-    cdef cnp.ndarray grad_x = np.zeros(x_shape, dtype=grad_y.dtype)
+    # each plane zeroed by the kernel just before its scatter (the memory may be reused)
+    cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(grad_x)
     cdef int64_t *pa = <int64_t*>_data(argmax)
     cdef bint single = _is_float32(grad_y)
     with nogil:
         if single:
-            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px, 1)
+            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px, 0)
         else:
-            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px, 1)
+            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px, 0)
     if bad:
         raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
                          f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
