@@ -1127,6 +1127,9 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
         fnn_column_sums_d(grad_y, n, o, grad_b)
 
 
+DEF PAIR_MIN_FLOPS = 262144.0       # both GEMMs of a small dense backward, see below
+
+
 cdef bint _dense_backward_plan(int n, int i, int o, bint single, bint need_grad_x,
                                bint blas_control, bint *split, bint *pair) noexcept:
     """How _dense_backward runs: returns whether BLAS must be held to one thread around
@@ -1138,6 +1141,14 @@ cdef bint _dense_backward_plan(int n, int i, int o, bint single, bint need_grad_
     # the pair from the split size of both GEMMs together: LeNet's 64x400x120 backward
     # 141 us on one thread, about 70 on two
     pair[0] = pooled and need_grad_x and _split(2.0 * n, i, o)
+    if (not pair[0] and need_grad_x and blas_control and fnn_max_threads() > 1
+            and 4.0 * n * i * o >= PAIR_MIN_FLOPS
+            and 2.0 * n * i * o < _threaded_gemm_min_flops):
+        # two GEMMs too small to split, each worth a thread of its own: side by side,
+        # BLAS held to one thread (interleaved medians, serial / pair: W2's 128x128x10
+        # output layer 10.3 / 6.9 us, LeNet's 64x120x84 29.6 / 18.9, 32x64x32 4.6 /
+        # 4.0; on two threads each GEMM whole on its own: the serial calls' bits)
+        pair[0] = small = True
     return small
 
 
