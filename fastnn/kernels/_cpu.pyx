@@ -1443,7 +1443,6 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
     cdef bint below_relu
     for k in range(count):
         layer = &layers[k]
-        size = <long>n * layer.o
         if layer.small_forward:
             fnn_blas_single_begin()
         if single:
@@ -1473,10 +1472,11 @@ cdef void _chain_step(const void *x, const void *labels, bint by_index, void *ro
         return
     for k in range(count - 1, -1, -1):
         layer = &layers[k]
-        size = <long>n * layer.o
-        # a ReLU below a layer runs its backward on that layer's grad_x GEMM
+        # a ReLU below a layer runs its backward on that layer's grad_x GEMM; only the
+        # last layer's own ReLU runs here
         below_relu = k > 0 and layers[k - 1].relu
         if layer.relu and k == count - 1:
+            size = <long>n * layer.o
             if single:
                 fnn_relu_backward_f(<float*>layer.grad_y, <float*>layer.y,
                                     <float*>layer.grad_y, size)
