@@ -609,7 +609,7 @@ def im2col(cnp.ndarray x, int kh, int kw, tuple stride, tuple padding):
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, stride,
                                     padding)
     cdef long n = x.shape[0]
-    cdef cnp.ndarray cols = np.empty((g.c * kh * kw, n * g.oh * g.ow), dtype=x.dtype)
+    cdef cnp.ndarray cols = _output_array((g.c * kh * kw, n * g.oh * g.ow), x.dtype)
     cdef void *px = _data(x)
     cdef void *pc = _data(cols)
     cdef bint single = _is_float32(x)
@@ -626,7 +626,7 @@ def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple 
     cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], kh, kw, stride,
                                     padding)
     cdef long n = x_shape[0]
-    cdef cnp.ndarray dx = np.empty(x_shape, dtype=cols.dtype)
+    cdef cnp.ndarray dx = _output_array(x_shape, cols.dtype)
     cdef void *pc = _data(cols)
     cdef void *px = _data(dx)
     cdef bint single = _is_float32(cols)
@@ -640,44 +640,76 @@ def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple 
 
 # --- outputs from reused memory ------------------------------------------------------
 #
-# A large output (from OUTPUT_POOL_MIN bytes) is a view of a buffer kept here, reused
+# A kernel's output from OUTPUT_POOL_MIN bytes is a view of a buffer kept here, reused
 # for a later output of the same size once nothing refers to it any more. Fresh memory
-# of 32 MiB or more is mapped anew by malloc on every call and faults in page by page:
-# W5's max-pool backward (its 32 MiB input gradient) took 3-20 ms instead of ~2 on
-# this VM, whose host reclaims the pages a process gives back. At most
-# OUTPUT_POOL_BYTES stay held; free buffers of other sizes make room for a new one.
-DEF OUTPUT_POOL_MIN = 8388608
+# faults in page by page, and on this VM (whose host reclaims the pages a process gives
+# back) malloc hands back fresh pages all the time: 32 MiB or more is mapped anew on
+# every call, and smaller blocks are trimmed off the heap's top when freed. W5's max-pool
+# backward (its 32 MiB input gradient) took 3-20 ms instead of ~2; LeNet-5's training
+# step (batch 64, activations of 0.1-1.2 MB) paid ~600 page faults, about 0.6 of its
+# 3.4 ms. At most OUTPUT_POOL_BYTES stay held; free buffers of other sizes make room for
+# a new one. Buffers sit in lists by size: a lookup reads only its own size's few.
+DEF OUTPUT_POOL_MIN = 65536
 DEF OUTPUT_POOL_BYTES = 134217728
-cdef list _output_pool = []         # uint8 buffers
+cdef dict _output_pool = {}         # nbytes -> [uint8 buffers of that size]
+cdef Py_ssize_t _output_pool_bytes = 0
 
 
-def _output_array(shape, dtype):
-    """An uninitialized C-contiguous array, from the pool when large (see above)."""
+cdef inline object _free_buffer(list buffers):
+    """A buffer of ``buffers`` that only the pool refers to, or None."""
     cdef Py_ssize_t k
     cdef PyObject *held
+    for k in range(len(buffers)):
+        held = PyList_GET_ITEM(buffers, k)              # borrowed: the count stays the pool's
+        if _Py_REFCNT(held) == 1:
+            return <object>held
+    return None
+
+
+cdef void _output_pool_make_room(Py_ssize_t nbytes):
+    """Drop free buffers (sizes in first-use order) until ``nbytes`` more fit."""
+    global _output_pool_bytes
+    cdef Py_ssize_t k
+    for size in list(_output_pool):
+        buffers = <list>_output_pool[size]
+        k = 0
+        while _output_pool_bytes + nbytes > OUTPUT_POOL_BYTES and k < len(buffers):
+            if _Py_REFCNT(PyList_GET_ITEM(buffers, k)) == 1:
+                del buffers[k]
+                _output_pool_bytes -= size
+            else:
+                k += 1
+        if not buffers:
+            del _output_pool[size]
+        if _output_pool_bytes + nbytes <= OUTPUT_POOL_BYTES:
+            return
+
+
+cpdef cnp.ndarray _output_array(tuple shape, dtype):
+    """An uninitialized C-contiguous array, from the pool when large (see above)."""
+    global _output_pool_bytes
     dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize
+    cdef Py_ssize_t nbytes = dtype.itemsize
     for d in shape:
-        nbytes *= d
+        nbytes *= <Py_ssize_t>d
     if nbytes < OUTPUT_POOL_MIN:
         return np.empty(shape, dtype)
-    for k in range(len(_output_pool)):
-        held = PyList_GET_ITEM(_output_pool, k)         # borrowed
-        if _Py_REFCNT(held) == 1 and (<object>held).nbytes == nbytes:   # the pool's only
-            return (<object>held).view(dtype).reshape(shape)
-    total = sum([b.nbytes for b in _output_pool])
-    k = 0
-    while total + nbytes > OUTPUT_POOL_BYTES and k < len(_output_pool):
-        held = PyList_GET_ITEM(_output_pool, k)         # room: free buffers, oldest first
-        if _Py_REFCNT(held) == 1:
-            total -= (<object>held).nbytes
-            del _output_pool[k]
-        else:
-            k += 1
-    if total + nbytes > OUTPUT_POOL_BYTES:
-        return np.empty(shape, dtype)
+    buffers = _output_pool.get(nbytes)
+    if buffers is not None:
+        buffer = _free_buffer(<list>buffers)
+        if buffer is not None:
+            return buffer.view(dtype).reshape(shape)
+    if _output_pool_bytes + nbytes > OUTPUT_POOL_BYTES:
+        _output_pool_make_room(nbytes)
+        if _output_pool_bytes + nbytes > OUTPUT_POOL_BYTES:
+            return np.empty(shape, dtype)
+        buffers = _output_pool.get(nbytes)
     buffer = np.empty(nbytes, np.uint8)
-    _output_pool.append(buffer)
+    if buffers is None:
+        _output_pool[nbytes] = [buffer]
+    else:
+        (<list>buffers).append(buffer)
+    _output_pool_bytes += nbytes
     return buffer.view(dtype).reshape(shape)
 
 
@@ -729,7 +761,7 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
 def relu_forward(cnp.ndarray x, cnp.ndarray out=None):
     """y = max(x, 0) in one pass (into ``out``, which may be x); parallel above
     FNN_PARALLEL_MIN elements."""
-    cdef cnp.ndarray y = np.empty_like(x) if out is None else out
+    cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype) if out is None else out
     cdef long n = x.size
     cdef void *px = _data(x)
     cdef void *py = _data(y)
@@ -745,7 +777,8 @@ def relu_forward(cnp.ndarray x, cnp.ndarray out=None):
 def relu_backward(cnp.ndarray grad_y, cnp.ndarray y, cnp.ndarray out=None):
     """grad_x = grad_y where y > 0, else 0, in one pass (into ``out``, which may be
     grad_y or y)."""
-    cdef cnp.ndarray grad_x = np.empty_like(grad_y) if out is None else out
+    cdef cnp.ndarray grad_x = (_output_array((<object>grad_y).shape, grad_y.dtype) if out is None
+                               else out)
     cdef long n = grad_y.size
     cdef void *pg = _data(grad_y)
     cdef void *py = _data(y)
@@ -1083,7 +1116,7 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
     the own kernel's tiles (else pre-broadcast, beta = 1: no second pass over y either
     way); one sample: a GEMV, in slices over the worker pool when W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
-    cdef cnp.ndarray y = np.empty((n, o), dtype=x.dtype)
+    cdef cnp.ndarray y = _output_array((n, o), x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
     cdef void *pb = NULL if b is None else _data(b)
@@ -1157,8 +1190,8 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     grad_x), side by side over the worker pool when both are worth a thread (else each
     threaded as in dense_forward), and a column sum."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
-    cdef cnp.ndarray grad_x = np.empty((n, i), dtype=x.dtype) if need_grad_x else None
-    cdef cnp.ndarray grad_w = np.empty((i, o), dtype=x.dtype)
+    cdef cnp.ndarray grad_x = _output_array((n, i), x.dtype) if need_grad_x else None
+    cdef cnp.ndarray grad_w = _output_array((i, o), x.dtype)
     cdef cnp.ndarray grad_b = np.empty(o, dtype=x.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
@@ -1737,7 +1770,7 @@ def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
 
     Fused: one pass per row (max, exp, sum, log), the loss summed in float64."""
     cdef long n = logits.shape[0], c = logits.shape[1]
-    cdef cnp.ndarray grad = np.empty((n, c), dtype=logits.dtype)
+    cdef cnp.ndarray grad = _output_array((n, c), logits.dtype)
     cdef cnp.ndarray row_loss = np.empty(n, dtype=np.float64)
     cdef bint by_index = labels.ndim == 1
     cdef void *pz = _data(logits)
@@ -2060,7 +2093,7 @@ cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometr
     cdef bint single = _is_float32(x)
     cdef long count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
                        else fnn_winograd_forward_workspace_d(n, g, k, threads))
-    cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
+    cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
@@ -2085,8 +2118,8 @@ cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
     cdef bint single = _is_float32(x)
     cdef long count = (fnn_winograd_backward_workspace_f(n, g, k, threads, need_grad_x) if single
                        else fnn_winograd_backward_workspace_d(n, g, k, threads, need_grad_x))
-    cdef cnp.ndarray grad_x = np.empty_like(x) if need_grad_x else None
-    cdef cnp.ndarray grad_w = np.empty_like(W)
+    cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
+    cdef cnp.ndarray grad_w = _output_array((<object>W).shape, W.dtype)
     cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
     cdef void *pg = _data(grad_y)
@@ -2131,7 +2164,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
         return _winograd_forward(x, W, b, &g, k)
     cdef int threads = _sample_threads(n)
     cdef long per_thread = _forward_workspace(&g, k)
-    cdef cnp.ndarray y = np.empty((n, k, g.oh, g.ow), dtype=x.dtype)
+    cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
     cdef cnp.ndarray weights = W
     cdef long kp
@@ -2373,10 +2406,10 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef long per_thread = first + second
     cdef long per_chunk = W.size + k
     cdef bint by_rows = _backward_by_rows(&g) and not (_is_float32(x) and _direct_grad_w(&g, k))
-    cdef cnp.ndarray grad_x = np.empty_like(x) if need_grad_x else None
+    cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
     # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
-    cdef cnp.ndarray grad_w = np.empty((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
-                                       dtype=x.dtype)
+    cdef cnp.ndarray grad_w = _output_array((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
+                                            x.dtype)
     cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
     cdef cnp.ndarray workspace = _take_workspace(
         threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
