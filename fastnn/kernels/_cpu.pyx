@@ -713,6 +713,15 @@ cpdef cnp.ndarray _output_array(tuple shape, dtype):
     return buffer.view(dtype).reshape(shape)
 
 
+cdef inline cnp.ndarray _empty_2d(cnp.npy_intp *dims, int type_num):
+    """np.empty of a (dims[0], dims[1]) float array: small ones straight from NumPy (the
+    batch-1 path, no Python calls), large ones from the pool."""
+    if dims[0] * dims[1] * (4 if type_num == cnp.NPY_FLOAT32 else 8) < OUTPUT_POOL_MIN:
+        return cnp.PyArray_EMPTY(2, dims, type_num, 0)
+    return _output_array((dims[0], dims[1]), np.float32 if type_num == cnp.NPY_FLOAT32
+                         else np.float64)
+
+
 # --- max pooling -------------------------------------------------------------------
 
 def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
@@ -1312,9 +1321,9 @@ def mlp_forward(cnp.ndarray x, list layers, bint outputs=False):
                               or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>b)):
             return None
         dims[1] = o
-        z = y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+        z = y = _empty_2d(dims, type_num)
         if outputs and relu:         # the ReLU's output apart (else in place)
-            y = cnp.PyArray_EMPTY(2, dims, type_num, 0)
+            y = _empty_2d(dims, type_num)
             out[2 * k], out[2 * k + 1] = z, y
         elif outputs:
             out[2 * k] = out[2 * k + 1] = z
