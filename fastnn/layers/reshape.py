@@ -1,5 +1,5 @@
 """Flatten: (N, d1, d2, ...) -> (N, d1*d2*...)."""
-import numpy as np
+import math
 
 from .base import Layer
 
@@ -32,13 +32,13 @@ class Flatten(Layer):
         if shape is None:
             raise RuntimeError("Flatten: backward called before forward")
         _check_array(grad_y, "grad_y")
-        if grad_y.size != int(np.prod(shape)) or grad_y.ndim < 1 or grad_y.shape[0] != shape[0]:
+        if grad_y.size != math.prod(shape) or grad_y.ndim < 1 or grad_y.shape[0] != shape[0]:
             raise ValueError(f"Flatten: expected grad_y of shape ({shape[0]}, "
-                             f"{int(np.prod(shape[1:]))}), got {tuple(grad_y.shape)}")
+                             f"{math.prod(shape[1:])}), got {tuple(grad_y.shape)}")
         return grad_y.reshape(shape)
 
     def output_shape(self, input_shape):
-        return (int(np.prod(input_shape)),)
+        return (int(math.prod(input_shape)),)
 
     def get_config(self):
         return {}
