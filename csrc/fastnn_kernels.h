@@ -105,6 +105,12 @@ void fnn_maxpool2d_forward_##S(const T *x, long planes, long h, long w, int kh, 
  * Returns the number of argmax entries outside [0, hw) (skipped). */                \
 long fnn_maxpool2d_backward_##S(const T *grad_y, const int64_t *argmax, long planes, \
                                 long ohw, long hw, T *grad_x, int zeroed);           \
+/* Average pooling, no padding: x planes (h, w) -> y planes (oh, ow), and the       \
+ * backward into grad_x planes (h, w) (zeroed first). */                             \
+void fnn_avgpool2d_forward_##S(const T *x, long planes, long h, long w, int kh,      \
+                               int kw, int sh, int sw, T *y);                        \
+void fnn_avgpool2d_backward_##S(const T *grad_y, long planes, long h, long w,        \
+                                int kh, int kw, int sh, int sw, T *grad_x);          \
 /* y = max(x, 0) and grad_x = grad_y * (y > 0): one pass, NaN propagates. */         \
 void fnn_relu_forward_##S(const T *x, T *y, long n);                                 \
 void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);          \

@@ -294,6 +294,91 @@ long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long p
     return bad;
 }
 
+/* Average pooling, in the reference's order (fastnn/kernels/_reference.py): per plane,
+ * y = the window's (0, 0) element, then += each other offset (i, j) in row-major
+ * order, then *= scale; the backward zeroes grad_x and adds grad_y * scale at each
+ * offset in the same order. The same bits as the reference; each offset's loop over
+ * a row of outputs is a strided sweep the compiler vectorizes. */
+void NAME(fnn_avgpool2d_forward)(const T *x, long planes, long h, long w, int kh, int kw,
+                                 int sh, int sw, T *y)
+{
+    const long oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    const T scale = (T)(1.0 / ((double)kh * kw));
+    #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
+    for (long p = 0; p < planes; p++) {
+        const T *restrict xp = x + p * h * w;
+        T *restrict yp = y + p * oh * ow;
+        if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {    /* the common case, one pass */
+            for (long r = 0; r < oh; r++) {
+                const T *restrict top = xp + 2 * r * w, *restrict bot = top + w;
+                T *restrict out = yp + r * ow;
+                for (long q = 0; q < ow; q++)
+                    out[q] = (((top[2 * q] + top[2 * q + 1]) + bot[2 * q]) + bot[2 * q + 1])
+                             * scale;
+            }
+            continue;
+        }
+        for (int i = 0; i < kh; i++)
+            for (int j = 0; j < kw; j++)
+                for (long r = 0; r < oh; r++) {
+                    const T *restrict row = xp + (r * sh + i) * w + j;
+                    T *restrict out = yp + r * ow;
+                    if (i == 0 && j == 0)
+                        for (long q = 0; q < ow; q++) out[q] = row[q * sw];
+                    else if (sw == 2)    /* the usual stride: a constant the compiler vectorizes */
+                        for (long q = 0; q < ow; q++) out[q] += row[2 * q];
+                    else
+                        for (long q = 0; q < ow; q++) out[q] += row[q * sw];
+                }
+        for (long k = 0; k < oh * ow; k++) yp[k] *= scale;
+    }
+}
+
+/* One plane of the backward. grad_y * scale is rounded before it is added, as in the
+ * reference: no multiply-add may be fused (FASTNN_NATIVE builds have FMA). */
+#ifndef __clang__
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void NAME(avgpool2d_backward_plane)(const T *restrict gy, long h, long w, int kh,
+                                           int kw, int sh, int sw, long oh, long ow,
+                                           T scale, T *restrict gx)
+{
+    if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {     /* the common case, one pass */
+        if (h % 2 || w % 2)             /* a last row or column in no window */
+            memset(gx, 0, (size_t)(h * w) * sizeof(T));
+        for (long r = 0; r < oh; r++) {
+            T *restrict top = gx + 2 * r * w, *restrict bot = top + w;
+            for (long q = 0; q < ow; q++) {
+                const T share = gy[r * ow + q] * scale + (T)0;   /* + 0: -0.0 -> 0.0 */
+                top[2 * q] = top[2 * q + 1] = bot[2 * q] = bot[2 * q + 1] = share;
+            }
+        }
+        return;
+    }
+    memset(gx, 0, (size_t)(h * w) * sizeof(T));
+    for (int i = 0; i < kh; i++)
+        for (int j = 0; j < kw; j++)
+            for (long r = 0; r < oh; r++) {
+                const T *restrict share = gy + r * ow;
+                T *restrict row = gx + (r * sh + i) * w + j;
+                if (sw == 2)
+                    for (long q = 0; q < ow; q++) row[2 * q] += share[q] * scale;
+                else
+                    for (long q = 0; q < ow; q++) row[q * sw] += share[q] * scale;
+            }
+}
+
+void NAME(fnn_avgpool2d_backward)(const T *grad_y, long planes, long h, long w, int kh,
+                                  int kw, int sh, int sw, T *grad_x)
+{
+    const long oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    const T scale = (T)(1.0 / ((double)kh * kw));
+    #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
+    for (long p = 0; p < planes; p++)
+        NAME(avgpool2d_backward_plane)(grad_y + p * oh * ow, h, w, kh, kw, sh, sw, oh, ow,
+                                       scale, grad_x + p * h * w);
+}
+
 void NAME(fnn_relu_forward)(const T *x, T *y, long n)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)

@@ -335,6 +335,74 @@ def test_maxpool2d_compiled_matches_reference(dtype, case):
                  run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape), dtype)
 
 
+# --- average pooling ---------------------------------------------------------------
+
+AVGPOOL_CASES = POOL_CASES + [
+    (1, 2, 6, 7, 2, 2, 1),       # overlapping 2x2 windows: each pixel in up to four
+    (2, 1, 3, 3, 3, 3, 1),       # one window covering the whole plane
+]
+
+
+@pytest.mark.parametrize("case", AVGPOOL_CASES)
+def test_avgpool2d_matches_torch(backend_name, dtype, case):
+    torch = pytest.importorskip("torch")
+    n, c, h, w, kh, kw, stride = case
+    x = random(np.random.default_rng(14), (n, c, h, w), dtype)
+    y = kernels.avgpool2d_forward(x, kh, kw, stride)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.avg_pool2d(tx, (kh, kw), stride=stride)
+    assert y.dtype == dtype
+    assert_close(y, ty.detach().numpy(), dtype)
+    grad_y = random(np.random.default_rng(15), y.shape, dtype)
+    ty.backward(torch.tensor(grad_y))
+    assert_close(kernels.avgpool2d_backward(grad_y, x.shape, kh, kw, stride),
+                 tx.grad.numpy(), dtype)
+
+
+@pytest.mark.parametrize("case", AVGPOOL_CASES)
+def test_avgpool2d_compiled_matches_reference_bits(dtype, case):
+    """The compiled kernels add in the reference's order: the same bits, -0.0 and
+    NaN included; a non-contiguous input is made contiguous first."""
+    n, c, h, w, kh, kw, stride = case
+    rng = np.random.default_rng(16)
+    x = random(rng, (n, c, h, 2 * w), dtype)[..., ::2]           # non-contiguous
+    x[0, 0, 0, :2] = [np.nan, -0.0]
+    y_ref = run_on("numpy", kernels.avgpool2d_forward, x, kh, kw, stride)
+    y = run_on("cpu", kernels.avgpool2d_forward, x, kh, kw, stride)
+    np.testing.assert_array_equal(y, y_ref)
+    assert np.array_equal(np.signbit(y), np.signbit(y_ref))
+    grad_y = random(rng, y.shape, dtype)
+    grad_y.flat[:3] = [-0.0, np.nan, 1e-30]
+    want = run_on("numpy", kernels.avgpool2d_backward, grad_y, x.shape, kh, kw, stride)
+    got = run_on("cpu", kernels.avgpool2d_backward, grad_y, x.shape, kh, kw, stride)
+    np.testing.assert_array_equal(got, want)
+    assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_avgpool2d_parallel_matches_reference():
+    """Above 2^21 elements the compiled kernels split their planes over the threads."""
+    rng = np.random.default_rng(17)
+    x = random(rng, (2, 8, 383, 385), np.float32)
+    y = run_on("cpu", kernels.avgpool2d_forward, x, 3, 3, 2)
+    np.testing.assert_array_equal(y, run_on("numpy", kernels.avgpool2d_forward, x, 3, 3, 2))
+    grad_y = random(rng, y.shape, np.float32)
+    np.testing.assert_array_equal(
+        run_on("cpu", kernels.avgpool2d_backward, grad_y, x.shape, 3, 3, 2),
+        run_on("numpy", kernels.avgpool2d_backward, grad_y, x.shape, 3, 3, 2))
+
+
+def test_avgpool2d_gradient_by_finite_differences(backend_name):
+    x = random(np.random.default_rng(18), (2, 2, 7, 6), np.float64)
+    grad_y = random(np.random.default_rng(19), kernels.avgpool2d_forward(x, 3, 2, (2, 1)).shape,
+                    np.float64)
+
+    def loss():
+        return float((kernels.avgpool2d_forward(x, 3, 2, (2, 1)) * grad_y).sum())
+
+    np.testing.assert_allclose(kernels.avgpool2d_backward(grad_y, x.shape, 3, 2, (2, 1)),
+                               numerical_grad(loss, x), rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("kh, kw, stride", [(2, 2, 2), (3, 3, 2)])
 def test_maxpool2d_parallel_matches_reference(kh, kw, stride):
     """Above 2^21 elements the compiled pool splits its planes over the threads."""
@@ -409,6 +477,10 @@ def _pooled_cases():
         ("dense_backward", kernels.dense_backward,
          lambda rng: (random(rng, (256, 200), f32), random(rng, (256, 300), f32),
                       random(rng, (300, 200), f32))),
+        ("avgpool2d_forward", lambda x: kernels.avgpool2d_forward(x, 2, 2, 2),
+         lambda rng: (random(rng, (64, 6, 28, 28), f32),)),
+        ("avgpool2d_backward", lambda g: kernels.avgpool2d_backward(g, (64, 6, 28, 28), 2, 2, 2),
+         lambda rng: (random(rng, (64, 6, 14, 14), f32),)),
         ("softmax_cross_entropy", kernels.softmax_cross_entropy,
          lambda rng: (random(rng, (4096, 10), f32), rng.integers(0, 10, 4096))),
         ("conv2d_forward", lambda x, W: kernels.conv2d_forward(x, W, padding=2), conv),
@@ -760,6 +832,16 @@ BAD_CALLS = [
      ValueError, ["maxpool2d_backward", "[0, 16)"]),
     ("maxpool2d_backward", (_x(1, 1, 2, 2), np.full((1, 1, 2, 2), -1), (1, 1, 4, 4)),
      ValueError, ["maxpool2d_backward", "[0, 16)"]),
+    ("avgpool2d_forward", (_x(1, 1, 3, 3), 4, 4, 1), ValueError, ["avgpool2d_forward", "larger"]),
+    ("avgpool2d_forward", (_x(1, 3, 3), 2, 2, 2), ValueError, ["avgpool2d_forward", "4 dimensions"]),
+    ("avgpool2d_forward", (_x(1, 1, 3, 3, dtype=np.int32), 2, 2, 2), TypeError,
+     ["avgpool2d_forward", "int32"]),
+    ("avgpool2d_backward", (_x(1, 1, 2, 3), (1, 1, 4, 4), 2, 2, 2), ValueError,
+     ["avgpool2d_backward", "(1, 1, 2, 2)", "(1, 1, 2, 3)"]),
+    ("avgpool2d_backward", (_x(1, 1, 2, 2), (1, 4, 4), 2, 2, 2), ValueError,
+     ["avgpool2d_backward", "(N, C, H, W)"]),
+    ("avgpool2d_backward", (_x(1, 1, 2, 2), (1, 1, 4, 4), 2, 2, 0), ValueError,
+     ["avgpool2d_backward", "stride"]),
     ("relu_forward", (np.arange(4),), TypeError, ["relu_forward", "int64"]),
     ("relu_backward", (_x(3), _x(4)), ValueError, ["relu_backward", "(3,)", "(4,)"]),
     ("relu_backward", (_x(3), _x(3, dtype=np.float64)), TypeError, ["relu_backward", "float64"]),

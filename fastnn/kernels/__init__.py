@@ -12,6 +12,7 @@ from .. import backend
 from . import _cuda, _reference  # _cuda imports without CuPy
 
 __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
+           "avgpool2d_forward", "avgpool2d_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "conv_output_size", "pair"]
@@ -153,6 +154,32 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     grad_y, = _contiguous(grad_y)
     argmax = backend.get_array_module(argmax).ascontiguousarray(argmax, dtype="int64")
     return _impl(grad_y).maxpool2d_backward(grad_y, argmax, x_shape)
+
+
+def avgpool2d_forward(x, kh, kw, stride):
+    """x: (N, C, H, W) -> y: (N, C, OH, OW), the mean of each kh x kw window (no padding)."""
+    _float_array(x, "avgpool2d_forward", "x", 4)
+    kh, kw, stride, _ = _window_geometry("avgpool2d_forward", x.shape, kh, kw, stride, 0)
+    x, = _contiguous(x)
+    return _impl(x).avgpool2d_forward(x, kh, kw, stride)
+
+
+def avgpool2d_backward(grad_y, x_shape, kh, kw, stride):
+    """grad_y: (N, C, OH, OW) -> grad_x: x_shape (N, C, H, W), each window's gradient
+    spread evenly over it (overlaps summed)."""
+    who = "avgpool2d_backward"
+    _float_array(grad_y, who, "grad_y", 4)
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 1:
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with positive sizes, got {x_shape}")
+    kh, kw, stride, _ = _window_geometry(who, x_shape, kh, kw, stride, 0)
+    expected = x_shape[:2] + (conv_output_size(x_shape[2], kh, stride[0], 0),
+                              conv_output_size(x_shape[3], kw, stride[1], 0))
+    if tuple(grad_y.shape) != expected:
+        raise ValueError(f"{who}: grad_y must have shape {expected} for x_shape {x_shape}, "
+                         f"{kh}x{kw} windows and stride {stride}, got {tuple(grad_y.shape)}")
+    grad_y, = _contiguous(grad_y)
+    return _impl(grad_y).avgpool2d_backward(grad_y, x_shape, kh, kw, stride)
 
 
 def _out_buffer(who, out, like):

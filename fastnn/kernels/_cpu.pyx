@@ -109,6 +109,14 @@ cdef extern from "fastnn_kernels.h" nogil:
                                   long ohw, long hw, float *grad_x, int zeroed)
     long fnn_maxpool2d_backward_d(const double *grad_y, const int64_t *argmax, long planes,
                                   long ohw, long hw, double *grad_x, int zeroed)
+    void fnn_avgpool2d_forward_f(const float *x, long planes, long h, long w, int kh, int kw,
+                                 int sh, int sw, float *y)
+    void fnn_avgpool2d_forward_d(const double *x, long planes, long h, long w, int kh, int kw,
+                                 int sh, int sw, double *y)
+    void fnn_avgpool2d_backward_f(const float *grad_y, long planes, long h, long w, int kh,
+                                  int kw, int sh, int sw, float *grad_x)
+    void fnn_avgpool2d_backward_d(const double *grad_y, long planes, long h, long w, int kh,
+                                  int kw, int sh, int sw, double *grad_x)
     void fnn_relu_forward_f(const float *x, float *y, long n)
     void fnn_relu_forward_d(const double *x, double *y, long n)
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
@@ -762,6 +770,38 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     if bad:
         raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
                          f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
+    return grad_x
+
+
+def avgpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
+    """x: (N, C, H, W) -> y: (N, C, OH, OW), each window's mean; parallel over planes."""
+    cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef int sh = stride[0], sw = stride[1]
+    cdef cnp.ndarray y = _output_array((n, c, (h - kh) // sh + 1, (w - kw) // sw + 1), x.dtype)
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_avgpool2d_forward_f(<float*>px, n * c, h, w, kh, kw, sh, sw, <float*>py)
+        else:
+            fnn_avgpool2d_forward_d(<double*>px, n * c, h, w, kh, kw, sh, sw, <double*>py)
+    return y
+
+
+def avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape, int kh, int kw, tuple stride):
+    """grad_y: (N, C, OH, OW) -> grad_x: x_shape (N, C, H, W); parallel over planes."""
+    cdef long planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
+    cdef int sh = stride[0], sw = stride[1]
+    cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)    # zeroed by the kernel
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_avgpool2d_backward_f(<float*>pg, planes, h, w, kh, kw, sh, sw, <float*>px)
+        else:
+            fnn_avgpool2d_backward_d(<double*>pg, planes, h, w, kh, kw, sh, sw, <double*>px)
     return grad_x
 
 

@@ -147,6 +147,37 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     return grad_x.reshape(x_shape)
 
 
+def _avgpool_windows(x_shape, kh, kw, stride):
+    """One strided slice per window offset (i, j), row-major: offset (i, j) of every window."""
+    (sh, sw), (h, w) = stride, x_shape[2:]
+    oh = conv_output_size(h, kh, sh, 0)
+    ow = conv_output_size(w, kw, sw, 0)
+    return [(slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
+             slice(j, j + sw * (ow - 1) + 1, sw)) for i in range(kh) for j in range(kw)]
+
+
+def avgpool2d_forward(x, kh, kw, stride):
+    """x: (N, C, H, W) -> y: (N, C, OH, OW), the mean of each window: its (0, 0)
+    element, plus each other offset in row-major order, times 1 / (kh * kw)."""
+    windows = _avgpool_windows(x.shape, kh, kw, stride)
+    y = x[windows[0]].copy()
+    for window in windows[1:]:
+        y += x[window]
+    y *= x.dtype.type(1.0 / len(windows))
+    return y
+
+
+def avgpool2d_backward(grad_y, x_shape, kh, kw, stride):
+    """grad_y: (N, C, OH, OW) -> grad_x: x_shape; each input receives grad_y / (kh * kw)
+    of every window it lies in (offsets in row-major order; pixels in no window: 0)."""
+    windows = _avgpool_windows(x_shape, kh, kw, stride)
+    share = grad_y * grad_y.dtype.type(1.0 / len(windows))
+    grad_x = np.zeros_like(grad_y, shape=x_shape)      # (a CuPy array for CuPy's grad_y)
+    for window in windows:
+        grad_x[window] += share
+    return grad_x
+
+
 def relu_forward(x, out=None):
     """y = max(x, 0) (into ``out`` when given)."""
     return np.maximum(x, 0, out=out)

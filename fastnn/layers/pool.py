@@ -1,7 +1,7 @@
-"""Pooling layers: MaxPool2D (compiled kernel) and AvgPool2D (array ops), NCHW, no padding."""
+"""Pooling layers: MaxPool2D and AvgPool2D (compiled kernels on the CPU), NCHW, no padding."""
 import numpy as np
 
-from .. import backend, kernels
+from .. import kernels
 from .base import Layer, check_float_array, contiguous, kernel_impl
 
 __all__ = ["MaxPool2D", "AvgPool2D"]
@@ -75,32 +75,18 @@ class MaxPool2D(_Pool2D):
 class AvgPool2D(_Pool2D):
     """x: (N, C, H, W) -> mean over each window: (N, C, OH, OW). Kept: the input shape."""
 
-    def _windows(self, shape):
-        """Strided slices, one per window offset (i, j), selecting every window's (i, j) element."""
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        _, oh, ow = self.output_shape(shape[1:])
-        return [(slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
-                 slice(j, j + sw * (ow - 1) + 1, sw)) for i in range(kh) for j in range(kw)]
-
     def forward(self, x, training=True):
         if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
                 or x.dtype not in _FLOATS):
             self._check(x)
-        windows = self._windows(x.shape)
-        y = x[windows[0]].copy()
-        for w in windows[1:]:
-            y += x[w]
-        y *= x.dtype.type(1.0 / len(windows))
+        x = contiguous(x)
+        kh, kw = self.kernel_size
+        self.output = kernel_impl(x).avgpool2d_forward(x, kh, kw, self.stride)
         self._x_shape, self._x_dtype = x.shape, x.dtype
-        self.output = y
-        return y
+        return self.output
 
     def backward(self, grad_y):
         self._check_grad(grad_y)
-        xp = backend.get_array_module(grad_y)
-        windows = self._windows(self._x_shape)
-        share = grad_y * grad_y.dtype.type(1.0 / len(windows))
-        grad_x = xp.zeros(self._x_shape, dtype=grad_y.dtype)
-        for w in windows:
-            grad_x[w] += share
-        return grad_x
+        grad_y = contiguous(grad_y)
+        kh, kw = self.kernel_size
+        return kernel_impl(grad_y).avgpool2d_backward(grad_y, self._x_shape, kh, kw, self.stride)
