@@ -157,6 +157,33 @@ def test_maxpool2x2_torch(benchmark):
     measure(benchmark, "maxpool2x2 fwd+bwd", "torch", step, rounds=10)
 
 
+# --- average pooling 2x2 / 2 on LeNet's first activations (64, 6, 28, 28) ---------------
+
+AVGPOOL_SHAPE = (64, 6, 28, 28)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_avgpool2x2(benchmark, impl):
+    x = rng.standard_normal(AVGPOOL_SHAPE, dtype=np.float32)
+    grad_y = rng.standard_normal((64, 6, 14, 14), dtype=np.float32)
+
+    def step():
+        kernels.avgpool2d_forward(x, 2, 2, 2)
+        kernels.avgpool2d_backward(grad_y, x.shape, 2, 2, 2)
+    measure(benchmark, "avgpool2x2 fwd+bwd", impl, on_backend(impl, step), rounds=50)
+
+
+def test_avgpool2x2_torch(benchmark):
+    need_torch()
+    x = torch.from_numpy(rng.standard_normal(AVGPOOL_SHAPE, dtype=np.float32)).requires_grad_(True)
+    grad_y = torch.from_numpy(rng.standard_normal((64, 6, 14, 14), dtype=np.float32))
+
+    def step():
+        x.grad = None
+        torch.nn.functional.avg_pool2d(x, 2, 2).backward(grad_y)
+    measure(benchmark, "avgpool2x2 fwd+bwd", "torch", step, rounds=50)
+
+
 # --- ReLU on 16M floats ------------------------------------------------------------------
 
 RELU_SIZE = 16 * 2**20
@@ -287,6 +314,12 @@ def _ratio_lines():
             add("maxpool: cpu / numpy speed", m(("maxpool2x2 fwd+bwd", "numpy")) / pool, 10)
         if m(("maxpool2x2 fwd+bwd", "torch")):
             add("maxpool: cpu / torch speed", m(("maxpool2x2 fwd+bwd", "torch")) / pool, 4)
+    avgpool = m(("avgpool2x2 fwd+bwd", "cpu"))
+    if avgpool:
+        add("avgpool (LeNet-sized) fwd+bwd us (cpu)", avgpool * 1e6)
+        for peer in ("numpy", "torch"):
+            if m(("avgpool2x2 fwd+bwd", peer)):
+                add(f"avgpool: cpu / {peer} speed", m(("avgpool2x2 fwd+bwd", peer)) / avgpool)
     nbytes = RELU_SIZE * 4
     for buffer in ("fresh", "out"):
         fwd, bwd = m((f"relu 16M forward {buffer}", "cpu")), m((f"relu 16M backward {buffer}", "cpu"))
