@@ -114,6 +114,11 @@ void fnn_avgpool2d_backward_##S(const T *grad_y, long planes, long h, long w,   
 /* y = max(x, 0) and grad_x = grad_y * (y > 0): one pass, NaN propagates. */         \
 void fnn_relu_forward_##S(const T *x, T *y, long n);                                 \
 void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);          \
+/* y = x where x > 0, else alpha * x; grad_x = grad_y where x > 0, else alpha *       \
+ * grad_y (NaN: the alpha branch, NaN again). */                                     \
+void fnn_leaky_relu_forward_##S(const T *x, T *y, long n, T alpha);                  \
+void fnn_leaky_relu_backward_##S(const T *grad_y, const T *x, T *grad_x, long n,     \
+                                 T alpha);                                            \
 /* Mean softmax cross-entropy of logits (n, c), log-sum-exp stable; writes           \
  * grad = (softmax - target) / n. Targets: labels (n,) when non-NULL, else           \
  * probabilities (n, c). row_loss (n,) is scratch. predicted (n,), unless NULL:      \

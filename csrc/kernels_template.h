@@ -395,6 +395,24 @@ void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, long n)
     }
 }
 
+void NAME(fnn_leaky_relu_forward)(const T *x, T *y, long n, T alpha)
+{
+    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++) {
+        const T v = x[i];
+        y[i] = v > 0 ? v : v * alpha;
+    }
+}
+
+void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, long n, T alpha)
+{
+    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++) {
+        const T g = grad_y[i];
+        grad_x[i] = x[i] > 0 ? g : g * alpha;
+    }
+}
+
 double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *labels,
                               const T *target, T *grad, double *row_loss, int64_t *predicted)
 {

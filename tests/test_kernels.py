@@ -481,6 +481,10 @@ def _pooled_cases():
          lambda rng: (random(rng, (64, 6, 28, 28), f32),)),
         ("avgpool2d_backward", lambda g: kernels.avgpool2d_backward(g, (64, 6, 28, 28), 2, 2, 2),
          lambda rng: (random(rng, (64, 6, 14, 14), f32),)),
+        ("leaky_relu_forward", kernels.leaky_relu_forward,
+         lambda rng: (random(rng, (64, 6, 28, 28), f32), 0.01)),
+        ("leaky_relu_backward", kernels.leaky_relu_backward,
+         lambda rng: (random(rng, (64, 6, 28, 28), f32), random(rng, (64, 6, 28, 28), f32))),
         ("softmax_cross_entropy", kernels.softmax_cross_entropy,
          lambda rng: (random(rng, (4096, 10), f32), rng.integers(0, 10, 4096))),
         ("conv2d_forward", lambda x, W: kernels.conv2d_forward(x, W, padding=2), conv),
@@ -617,6 +621,51 @@ def test_relu_nan_and_gradient(backend_name):
     np.testing.assert_allclose(
         kernels.relu_backward(grad_y, kernels.relu_forward(x)),
         numerical_grad(lambda: float((kernels.relu_forward(x) * grad_y).sum()), x), rtol=1e-6)
+
+
+# --- leaky ReLU -------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [0.01, 0.3])
+def test_leaky_relu_matches_torch(backend_name, dtype, alpha):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(24)
+    x = random(rng, (3, 5, 7), dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.leaky_relu(tx, alpha)
+    y = kernels.leaky_relu_forward(x, alpha)
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    grad_y = random(rng, x.shape, dtype)
+    ty.backward(torch.tensor(grad_y))
+    np.testing.assert_array_equal(kernels.leaky_relu_backward(grad_y, x, alpha), tx.grad.numpy())
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (3, 1, 9, 11), (2**21 + 3,)])
+def test_leaky_relu_compiled_matches_reference_bits(dtype, shape):
+    """Odd sizes, the threaded size, a non-contiguous input, NaN, infinities and -0.0."""
+    rng = np.random.default_rng(25)
+    x = random(rng, shape[:-1] + (2 * shape[-1],), dtype)[..., ::2]
+    specials = np.array([np.nan, -np.inf, np.inf, -0.0, 0.0, -1e-30], dtype)
+    x.flat[:min(x.size, 6)] = specials[:min(x.size, 6)]
+    grad_y = random(rng, x.shape, dtype)
+    for alpha in (0.01, 0.2):
+        want = run_on("numpy", kernels.leaky_relu_forward, x, alpha)
+        got = run_on("cpu", kernels.leaky_relu_forward, x, alpha)
+        np.testing.assert_array_equal(got, want)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
+        want = run_on("numpy", kernels.leaky_relu_backward, grad_y, x, alpha)
+        got = run_on("cpu", kernels.leaky_relu_backward, grad_y, x, alpha)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_leaky_relu_gradient_by_finite_differences(backend_name):
+    x = random(np.random.default_rng(26), (4, 5), np.float64)
+    x[np.abs(x) < 1e-3] = 0.5     # keep finite differences away from the kink
+    grad_y = random(np.random.default_rng(27), x.shape, np.float64)
+    np.testing.assert_allclose(
+        kernels.leaky_relu_backward(grad_y, x, 0.1),
+        numerical_grad(lambda: float((kernels.leaky_relu_forward(x, 0.1) * grad_y).sum()), x),
+        rtol=1e-6)
 
 
 # --- dense ----------------------------------------------------------------------
@@ -842,6 +891,11 @@ BAD_CALLS = [
      ["avgpool2d_backward", "(N, C, H, W)"]),
     ("avgpool2d_backward", (_x(1, 1, 2, 2), (1, 1, 4, 4), 2, 2, 0), ValueError,
      ["avgpool2d_backward", "stride"]),
+    ("leaky_relu_forward", (np.arange(4),), TypeError, ["leaky_relu_forward", "int64"]),
+    ("leaky_relu_forward", (_x(3), "0.1"), TypeError, ["leaky_relu_forward", "alpha", "str"]),
+    ("leaky_relu_backward", (_x(3), _x(4)), ValueError, ["leaky_relu_backward", "(3,)", "(4,)"]),
+    ("leaky_relu_backward", (_x(3), _x(3, dtype=np.float64)), TypeError,
+     ["leaky_relu_backward", "float64"]),
     ("relu_forward", (np.arange(4),), TypeError, ["relu_forward", "int64"]),
     ("relu_backward", (_x(3), _x(4)), ValueError, ["relu_backward", "(3,)", "(4,)"]),
     ("relu_backward", (_x(3), _x(3, dtype=np.float64)), TypeError, ["relu_backward", "float64"]),

@@ -12,7 +12,7 @@ from .. import backend
 from . import _cuda, _reference  # _cuda imports without CuPy
 
 __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
-           "avgpool2d_forward", "avgpool2d_backward",
+           "avgpool2d_forward", "avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "conv_output_size", "pair"]
@@ -232,6 +232,32 @@ def relu_backward(grad_y, y, out=None):
                          f"got {tuple(y.shape)}")
     grad_y, y = _contiguous(grad_y, y)
     return _with_out("relu_backward", _impl(grad_y), "relu_backward", out, grad_y, y)
+
+
+def leaky_relu_forward(x, alpha=0.01):
+    """y = x where x > 0, else alpha * x; same shape and dtype (alpha rounded to it)."""
+    _float_array(x, "leaky_relu_forward", "x")
+    alpha = _alpha("leaky_relu_forward", alpha)
+    x, = _contiguous(x)
+    return _impl(x).leaky_relu_forward(x, alpha)
+
+
+def leaky_relu_backward(grad_y, x, alpha=0.01):
+    """grad_x = grad_y where the forward's input x was positive, else alpha * grad_y."""
+    _float_array(grad_y, "leaky_relu_backward", "grad_y")
+    _same_kind("leaky_relu_backward", grad_y, x=x)
+    if tuple(x.shape) != tuple(grad_y.shape):
+        raise ValueError(f"leaky_relu_backward: x must have the shape of grad_y "
+                         f"{tuple(grad_y.shape)}, got {tuple(x.shape)}")
+    alpha = _alpha("leaky_relu_backward", alpha)
+    grad_y, x = _contiguous(grad_y, x)
+    return _impl(grad_y).leaky_relu_backward(grad_y, x, alpha)
+
+
+def _alpha(who, alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{who}: alpha must be a real number, got {type(alpha).__name__}")
+    return float(alpha)
 
 
 def _dense_shapes(who, x, W):

@@ -117,6 +117,12 @@ cdef extern from "fastnn_kernels.h" nogil:
                                   int kw, int sh, int sw, float *grad_x)
     void fnn_avgpool2d_backward_d(const double *grad_y, long planes, long h, long w, int kh,
                                   int kw, int sh, int sw, double *grad_x)
+    void fnn_leaky_relu_forward_f(const float *x, float *y, long n, float alpha)
+    void fnn_leaky_relu_forward_d(const double *x, double *y, long n, double alpha)
+    void fnn_leaky_relu_backward_f(const float *grad_y, const float *x, float *grad_x, long n,
+                                   float alpha)
+    void fnn_leaky_relu_backward_d(const double *grad_y, const double *x, double *grad_x,
+                                   long n, double alpha)
     void fnn_relu_forward_f(const float *x, float *y, long n)
     void fnn_relu_forward_d(const double *x, double *y, long n)
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
@@ -1157,6 +1163,37 @@ cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
     small = _small_gemm(n, i, o) and blas_thread_control()
     split[0] = (small or _own_gemm(itemsize == 4, n, i, o)) and _split(n, i, o)
     return small
+
+
+def leaky_relu_forward(cnp.ndarray x, double alpha):
+    """y = x where x > 0, else alpha * x (alpha rounded to x's dtype), in one pass."""
+    cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype)
+    cdef long n = x.size
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_leaky_relu_forward_f(<float*>px, <float*>py, n, <float>alpha)
+        else:
+            fnn_leaky_relu_forward_d(<double*>px, <double*>py, n, alpha)
+    return y
+
+
+def leaky_relu_backward(cnp.ndarray grad_y, cnp.ndarray x, double alpha):
+    """grad_x = grad_y where x > 0, else alpha * grad_y, in one pass."""
+    cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, grad_y.dtype)
+    cdef long n = grad_y.size
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(x)
+    cdef void *pgx = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_leaky_relu_backward_f(<float*>pg, <float*>px, <float*>pgx, n, <float>alpha)
+        else:
+            fnn_leaky_relu_backward_d(<double*>pg, <double*>px, <double*>pgx, n, alpha)
+    return grad_x
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):

@@ -43,12 +43,13 @@ import os
 import numpy as np
 
 from ._reference import conv_output_size
-# average pooling: the reference's kh*kw strided sums (slices and in-place adds), which
-# CuPy runs as they are, each one elementwise kernel
-from ._reference import avgpool2d_backward, avgpool2d_forward
+# average pooling (the reference's kh*kw strided sums: slices and in-place adds) and the
+# leaky ReLU (np.where, dispatched to cupy.where): the reference runs on CuPy arrays as it is
+from ._reference import (avgpool2d_backward, avgpool2d_forward, leaky_relu_backward,
+                         leaky_relu_forward)
 
 __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
-           "avgpool2d_forward", "avgpool2d_backward",
+           "avgpool2d_forward", "avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "dropout_forward", "dropout_backward", "batchnorm_forward",

@@ -147,6 +147,16 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     return grad_x.reshape(x_shape)
 
 
+def leaky_relu_forward(x, alpha):
+    """y = x where x > 0, else alpha * x (alpha in x's dtype; NaN stays NaN)."""
+    return np.where(x > 0, x, x * x.dtype.type(alpha))
+
+
+def leaky_relu_backward(grad_y, x, alpha):
+    """grad_x = grad_y where the input was positive, else alpha * grad_y."""
+    return np.where(x > 0, grad_y, grad_y * grad_y.dtype.type(alpha))
+
+
 def _avgpool_windows(x_shape, kh, kw, stride):
     """One strided slice per window offset (i, j), row-major: offset (i, j) of every window."""
     (sh, sw), (h, w) = stride, x_shape[2:]

@@ -1,4 +1,4 @@
-"""Activation layers: ReLU (compiled kernel), LeakyReLU, Sigmoid, Tanh, Softmax (array ops).
+"""Activation layers: ReLU and LeakyReLU (compiled kernels), Sigmoid, Tanh, Softmax (array ops).
 
 They have no parameters. Each keeps what its backward needs (its output, or
 its input for LeakyReLU) and runs on NumPy or CuPy arrays alike.
@@ -57,15 +57,15 @@ class LeakyReLU(_Elementwise):
 
     def forward(self, x, training=True):
         self._check(x)
-        xp = backend.get_array_module(x)
+        x = contiguous(x)
         self.input = x
-        self.output = xp.where(x > 0, x, x * x.dtype.type(self.alpha))
+        self.output = kernel_impl(x).leaky_relu_forward(x, self.alpha)
         return self.output
 
     def backward(self, grad_y):
         self._check_grad(grad_y, self.input)
-        xp = backend.get_array_module(grad_y)
-        return xp.where(self.input > 0, grad_y, grad_y * grad_y.dtype.type(self.alpha))
+        grad_y = contiguous(grad_y)
+        return kernel_impl(grad_y).leaky_relu_backward(grad_y, self.input, self.alpha)
 
     def get_config(self):
         return {"alpha": self.alpha}
