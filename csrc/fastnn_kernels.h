@@ -119,6 +119,17 @@ void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);     
 void fnn_leaky_relu_forward_##S(const T *x, T *y, long n, T alpha);                  \
 void fnn_leaky_relu_backward_##S(const T *grad_y, const T *x, T *grad_x, long n,     \
                                  T alpha);                                            \
+/* BatchNorm on x viewed as (n, c, s), statistics per channel c: the batch mean and  \
+ * biased variance (double sums; work: 2 * c doubles), x_hat and y (also inv_std =   \
+ * 1 / sqrt(var + eps)), and the training backward (grad_x, grad_gamma, grad_beta). */\
+void fnn_batchnorm_stats_##S(const T *x, long n, long c, long s, T *mean, T *var,    \
+                             double *work);                                          \
+void fnn_batchnorm_apply_##S(const T *x, long n, long c, long s, const T *mean,      \
+                             const T *var, T eps, const T *gamma, const T *beta,     \
+                             T *inv_std, T *x_hat, T *y);                            \
+void fnn_batchnorm_backward_##S(const T *grad_y, const T *x_hat, long n, long c,     \
+                                long s, const T *gamma, const T *inv_std, T *grad_x, \
+                                T *grad_gamma, T *grad_beta, double *work);          \
 /* Mean softmax cross-entropy of logits (n, c), log-sum-exp stable; writes           \
  * grad = (softmax - target) / n. Targets: labels (n,) when non-NULL, else           \
  * probabilities (n, c). row_loss (n,) is scratch. predicted (n,), unless NULL:      \

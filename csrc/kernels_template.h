@@ -413,6 +413,185 @@ void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, long 
     }
 }
 
+/* BatchNorm on x viewed as (n, c, s): channel ch holds x[(i*c + ch)*s + k]. Sums run in
+ * double, in 8 fixed lanes (then added in order): no dependence on threads, and no
+ * float32 round-off growing with the batch. */
+#define BN_LANES 8
+
+static inline void NAME(bn_sum)(const T *a, long len, double lanes[BN_LANES])
+{
+    long k = 0;
+    for (; k + BN_LANES <= len; k += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) lanes[j] += (double)a[k + j];
+    for (; k < len; k++) lanes[k % BN_LANES] += (double)a[k];
+}
+
+static inline void NAME(bn_sum_sq)(const T *a, long len, double mu, double lanes[BN_LANES])
+{
+    long k = 0;
+    for (; k + BN_LANES <= len; k += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) {
+            const double d = (double)a[k + j] - mu;
+            lanes[j] += d * d;
+        }
+    for (; k < len; k++) {
+        const double d = (double)a[k] - mu;
+        lanes[k % BN_LANES] += d * d;
+    }
+}
+
+static inline void NAME(bn_sum_pair)(const T *g, const T *xh, long len, double sg[BN_LANES],
+                                     double sgx[BN_LANES])
+{
+    long k = 0;
+    for (; k + BN_LANES <= len; k += BN_LANES)
+        for (int j = 0; j < BN_LANES; j++) {
+            sg[j] += (double)g[k + j];
+            sgx[j] += (double)g[k + j] * (double)xh[k + j];
+        }
+    for (; k < len; k++) {
+        sg[k % BN_LANES] += (double)g[k];
+        sgx[k % BN_LANES] += (double)g[k] * (double)xh[k];
+    }
+}
+
+static inline double NAME(bn_total)(const double lanes[BN_LANES])
+{
+    double t = 0;
+    for (int j = 0; j < BN_LANES; j++) t += lanes[j];
+    return t;
+}
+
+void NAME(fnn_batchnorm_stats)(const T *restrict x, long n, long c, long s,
+                               T *restrict mean, T *restrict var, double *restrict work)
+{
+    const double count = (double)n * s;
+    if (s == 1) {          /* (N, C): whole rows at a time, one double sum per channel */
+        double *mu = work, *sq = work + c;
+        for (long ch = 0; ch < c; ch++) mu[ch] = sq[ch] = 0;
+        for (long i = 0; i < n; i++)
+            for (long ch = 0; ch < c; ch++) mu[ch] += (double)x[i * c + ch];
+        for (long ch = 0; ch < c; ch++) mu[ch] /= count;
+        for (long i = 0; i < n; i++)
+            for (long ch = 0; ch < c; ch++) {
+                const double d = (double)x[i * c + ch] - mu[ch];
+                sq[ch] += d * d;
+            }
+        for (long ch = 0; ch < c; ch++) {
+            mean[ch] = (T)mu[ch];
+            var[ch] = (T)(sq[ch] / count);
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+    for (long ch = 0; ch < c; ch++) {
+        double lanes[BN_LANES] = {0};
+        for (long i = 0; i < n; i++) NAME(bn_sum)(x + (i * c + ch) * s, s, lanes);
+        const double mu = NAME(bn_total)(lanes) / count;
+        for (int j = 0; j < BN_LANES; j++) lanes[j] = 0;
+        for (long i = 0; i < n; i++) NAME(bn_sum_sq)(x + (i * c + ch) * s, s, mu, lanes);
+        mean[ch] = (T)mu;
+        var[ch] = (T)(NAME(bn_total)(lanes) / count);
+    }
+}
+
+/* inv_std = 1 / sqrt(var + eps) per channel; x_hat = (x - mean) * inv_std and
+ * y = gamma * x_hat + beta, each operation rounded to T (no fused multiply-add). */
+#ifndef __clang__
+__attribute__((optimize("fp-contract=off")))
+#endif
+void NAME(fnn_batchnorm_apply)(const T *restrict x, long n, long c, long s,
+                               const T *restrict mean, const T *restrict var, T eps,
+                               const T *restrict gamma, const T *restrict beta,
+                               T *restrict inv_std, T *restrict x_hat, T *restrict y)
+{
+    for (long ch = 0; ch < c; ch++)
+        inv_std[ch] = (T)1 / (T)sqrt((double)(var[ch] + eps));
+    if (s == 1) {          /* (N, C): a row of channels at a time */
+        for (long i = 0; i < n; i++) {
+            const T *restrict xs = x + i * c;
+            T *restrict hs = x_hat + i * c, *restrict ys = y + i * c;
+            for (long ch = 0; ch < c; ch++) {
+                const T h = (xs[ch] - mean[ch]) * inv_std[ch];
+                hs[ch] = h;
+                ys[ch] = gamma[ch] * h + beta[ch];
+            }
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++)
+        for (long ch = 0; ch < c; ch++) {
+            const T mu = mean[ch], inv = inv_std[ch], ga = gamma[ch], be = beta[ch];
+            const T *restrict xs = x + (i * c + ch) * s;
+            T *restrict hs = x_hat + (i * c + ch) * s, *restrict ys = y + (i * c + ch) * s;
+            for (long k = 0; k < s; k++) {
+                const T h = (xs[k] - mu) * inv;
+                hs[k] = h;
+                ys[k] = ga * h + be;
+            }
+        }
+}
+
+/* Training backward: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat) per
+ * channel (double), then grad_x = gamma * inv_std * (grad_y - grad_beta / m -
+ * x_hat * grad_gamma / m), m = n * s values per channel. work: 2 * c doubles. */
+#ifndef __clang__
+__attribute__((optimize("fp-contract=off")))
+#endif
+void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_hat, long n,
+                                  long c, long s, const T *restrict gamma,
+                                  const T *restrict inv_std, T *restrict grad_x,
+                                  T *restrict grad_gamma, T *restrict grad_beta,
+                                  double *restrict work)
+{
+    const T inv_count = (T)(1.0 / ((double)n * s));
+    if (s == 1) {
+        double *sg = work, *sgx = work + c;
+        for (long ch = 0; ch < c; ch++) sg[ch] = sgx[ch] = 0;
+        for (long i = 0; i < n; i++)
+            for (long ch = 0; ch < c; ch++) {
+                sg[ch] += (double)grad_y[i * c + ch];
+                sgx[ch] += (double)grad_y[i * c + ch] * (double)x_hat[i * c + ch];
+            }
+        for (long ch = 0; ch < c; ch++) {
+            grad_beta[ch] = (T)sg[ch];
+            grad_gamma[ch] = (T)sgx[ch];
+        }
+    } else {
+        #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+        for (long ch = 0; ch < c; ch++) {
+            double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
+            for (long i = 0; i < n; i++)
+                NAME(bn_sum_pair)(grad_y + (i * c + ch) * s, x_hat + (i * c + ch) * s, s, sg, sgx);
+            grad_beta[ch] = (T)NAME(bn_total)(sg);
+            grad_gamma[ch] = (T)NAME(bn_total)(sgx);
+        }
+    }
+    if (s == 1) {          /* (N, C): a row of channels at a time, the same operations */
+        for (long i = 0; i < n; i++) {
+            const T *restrict gs = grad_y + i * c, *restrict hs = x_hat + i * c;
+            T *restrict out = grad_x + i * c;
+            for (long ch = 0; ch < c; ch++)
+                out[ch] = (gamma[ch] * inv_std[ch])
+                          * ((gs[ch] - grad_beta[ch] * inv_count)
+                             - hs[ch] * (grad_gamma[ch] * inv_count));
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++)
+        for (long ch = 0; ch < c; ch++) {
+            const T scale = gamma[ch] * inv_std[ch];
+            const T mean_g = grad_beta[ch] * inv_count, mean_gx = grad_gamma[ch] * inv_count;
+            const T *restrict gs = grad_y + (i * c + ch) * s;
+            const T *restrict hs = x_hat + (i * c + ch) * s;
+            T *restrict out = grad_x + (i * c + ch) * s;
+            for (long k = 0; k < s; k++)
+                out[k] = scale * ((gs[k] - mean_g) - hs[k] * mean_gx);
+        }
+}
+
 double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *labels,
                               const T *target, T *grad, double *row_loss, int64_t *predicted)
 {

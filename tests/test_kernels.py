@@ -485,6 +485,11 @@ def _pooled_cases():
          lambda rng: (random(rng, (64, 6, 28, 28), f32), 0.01)),
         ("leaky_relu_backward", kernels.leaky_relu_backward,
          lambda rng: (random(rng, (64, 6, 28, 28), f32), random(rng, (64, 6, 28, 28), f32))),
+        ("batchnorm_forward", lambda x: _cpu_module().batchnorm_forward(
+            x, np.ones(6, f32), np.zeros(6, f32), 1e-5), lambda rng: (random(rng, (64, 6, 28, 28), f32),)),
+        ("batchnorm_backward", lambda g, h: _cpu_module().batchnorm_backward(
+            g, h, np.ones(6, f32), np.ones(6, f32)),
+         lambda rng: (random(rng, (64, 6, 28, 28), f32), random(rng, (64, 6, 28, 28), f32))),
         ("softmax_cross_entropy", kernels.softmax_cross_entropy,
          lambda rng: (random(rng, (4096, 10), f32), rng.integers(0, 10, 4096))),
         ("conv2d_forward", lambda x, W: kernels.conv2d_forward(x, W, padding=2), conv),
@@ -495,6 +500,11 @@ def _pooled_cases():
         ("col2im", lambda cols: kernels.col2im(cols, (4, 3, 30, 30), 3, 3, padding=1),
          lambda rng: (random(rng, (27, 3600), np.float64),)),
     ]
+
+
+def _cpu_module():
+    from fastnn.kernels import _cpu
+    return _cpu
 
 
 def _arrays(result):
@@ -666,6 +676,46 @@ def test_leaky_relu_gradient_by_finite_differences(backend_name):
         kernels.leaky_relu_backward(grad_y, x, 0.1),
         numerical_grad(lambda: float((kernels.leaky_relu_forward(x, 0.1) * grad_y).sum()), x),
         rtol=1e-6)
+
+
+# --- batch normalisation (the layers' kernels; the public layers are tested too) --------
+
+BATCHNORM_SHAPES = [(2, 3), (64, 257), (5, 4, 3), (1, 3, 7, 5), (16, 6, 28, 28),
+                    (8, 32, 96, 96)]      # the last one: channels split over the threads
+
+
+@pytest.mark.parametrize("shape", BATCHNORM_SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_compiled_matches_reference(dtype, shape, training):
+    from fastnn.kernels import _cpu
+    rng = np.random.default_rng(28)
+    c = shape[1]
+    x = random(rng, shape, dtype) * dtype(3) + dtype(5)      # an offset mean, as activations have
+    gamma, beta = random(rng, (c,), dtype), random(rng, (c,), dtype)
+    stats = () if training else (random(rng, (c,), dtype), np.abs(random(rng, (c,), dtype)) + 0.5)
+    want = _reference.batchnorm_forward(x, gamma, beta, 1e-5, *stats)
+    got = _cpu.batchnorm_forward(x, gamma, beta, 1e-5, *stats)
+    for g, w in zip(got, want):                          # y, x_hat, mean, var, inv_std
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, dtype)
+    grad_y = random(rng, shape, dtype)
+    want = _reference.batchnorm_backward(grad_y, want[1], gamma, want[4])
+    got = _cpu.batchnorm_backward(grad_y, got[1], gamma, got[4])
+    for g, w in zip(got, want):                          # grad_x, grad_gamma, grad_beta
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, dtype)
+
+
+def test_batchnorm_statistics_in_double():
+    """float32 inputs, but the sums run in double: the mean and variance of a large
+    batch with a large offset are the float64 ones, rounded once."""
+    from fastnn.kernels import _cpu
+    x = (random(np.random.default_rng(29), (256, 4, 32, 32), np.float64) + 1000).astype(np.float32)
+    _, _, mean, var, _ = _cpu.batchnorm_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32),
+                                                1e-5)
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_equal(mean, x64.mean(axis=(0, 2, 3)).astype(np.float32))
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), rtol=1e-6)
 
 
 # --- dense ----------------------------------------------------------------------

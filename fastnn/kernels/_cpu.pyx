@@ -123,6 +123,24 @@ cdef extern from "fastnn_kernels.h" nogil:
                                    float alpha)
     void fnn_leaky_relu_backward_d(const double *grad_y, const double *x, double *grad_x,
                                    long n, double alpha)
+    void fnn_batchnorm_stats_f(const float *x, long n, long c, long s, float *mean, float *var,
+                               double *work)
+    void fnn_batchnorm_stats_d(const double *x, long n, long c, long s, double *mean,
+                               double *var, double *work)
+    void fnn_batchnorm_apply_f(const float *x, long n, long c, long s, const float *mean,
+                               const float *var, float eps, const float *gamma,
+                               const float *beta, float *inv_std, float *x_hat, float *y)
+    void fnn_batchnorm_apply_d(const double *x, long n, long c, long s, const double *mean,
+                               const double *var, double eps, const double *gamma,
+                               const double *beta, double *inv_std, double *x_hat, double *y)
+    void fnn_batchnorm_backward_f(const float *grad_y, const float *x_hat, long n, long c,
+                                  long s, const float *gamma, const float *inv_std,
+                                  float *grad_x, float *grad_gamma, float *grad_beta,
+                                  double *work)
+    void fnn_batchnorm_backward_d(const double *grad_y, const double *x_hat, long n, long c,
+                                  long s, const double *gamma, const double *inv_std,
+                                  double *grad_x, double *grad_gamma, double *grad_beta,
+                                  double *work)
     void fnn_relu_forward_f(const float *x, float *y, long n)
     void fnn_relu_forward_d(const double *x, double *y, long n)
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, long n)
@@ -1194,6 +1212,83 @@ def leaky_relu_backward(cnp.ndarray grad_y, cnp.ndarray x, double alpha):
         else:
             fnn_leaky_relu_backward_d(<double*>pg, <double*>px, <double*>pgx, n, alpha)
     return grad_x
+
+
+# --- batch normalisation (the layers' CPU path; the same calls as the CUDA module's) ---
+
+def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=None):
+    """x: (N, C) or (N, C, ...) C-contiguous; gamma, beta: (C,) -> (y, x_hat, mean, var,
+    inv_std). With ``mean``/``var`` None (training) the batch's mean and biased variance
+    per channel (double sums, two passes), else the given (running) statistics."""
+    cdef long n = x.shape[0], c = x.shape[1]
+    cdef long s = x.size // (n * c) if n * c else 0
+    dtype = x.dtype
+    gamma, beta = np.ascontiguousarray(gamma, dtype), np.ascontiguousarray(beta, dtype)
+    training = mean is None
+    if training:
+        mean, var = np.empty(c, dtype), np.empty(c, dtype)
+    else:
+        mean, var = np.ascontiguousarray(mean, dtype), np.ascontiguousarray(var, dtype)
+    cdef cnp.ndarray work = np.empty(2 * c, np.float64)
+    cdef cnp.ndarray inv_std = np.empty(c, dtype)
+    cdef cnp.ndarray x_hat = _output_array((<object>x).shape, dtype)
+    cdef cnp.ndarray y = _output_array((<object>x).shape, dtype)
+    cdef void *px = _data(x)
+    cdef void *pm = _data(<cnp.ndarray>mean)
+    cdef void *pv = _data(<cnp.ndarray>var)
+    cdef void *pga = _data(<cnp.ndarray>gamma)
+    cdef void *pbe = _data(<cnp.ndarray>beta)
+    cdef void *pinv = _data(inv_std)
+    cdef void *ph = _data(x_hat)
+    cdef void *py = _data(y)
+    cdef double *pw = <double*>_data(work)
+    cdef bint single = _is_float32(x), stats = training
+    with nogil:
+        if single:
+            if stats:
+                fnn_batchnorm_stats_f(<float*>px, n, c, s, <float*>pm, <float*>pv, pw)
+            fnn_batchnorm_apply_f(<float*>px, n, c, s, <float*>pm, <float*>pv, <float>eps,
+                                  <float*>pga, <float*>pbe, <float*>pinv, <float*>ph,
+                                  <float*>py)
+        else:
+            if stats:
+                fnn_batchnorm_stats_d(<double*>px, n, c, s, <double*>pm, <double*>pv, pw)
+            fnn_batchnorm_apply_d(<double*>px, n, c, s, <double*>pm, <double*>pv, eps,
+                                  <double*>pga, <double*>pbe, <double*>pinv, <double*>ph,
+                                  <double*>py)
+    return y, x_hat, mean, var, inv_std
+
+
+def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray inv_std):
+    """Training-mode backward -> (grad_x, grad_gamma, grad_beta); grad_y and x_hat of one
+    shape, C-contiguous."""
+    cdef long n = grad_y.shape[0], c = grad_y.shape[1]
+    cdef long s = grad_y.size // (n * c) if n * c else 0
+    dtype = grad_y.dtype
+    gamma = np.ascontiguousarray(gamma, dtype)
+    inv_std = np.ascontiguousarray(inv_std, dtype)
+    cdef cnp.ndarray work = np.empty(2 * c, np.float64)
+    cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, dtype)
+    cdef cnp.ndarray grad_gamma = np.empty(c, dtype)
+    cdef cnp.ndarray grad_beta = np.empty(c, dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *ph = _data(x_hat)
+    cdef void *pga = _data(<cnp.ndarray>gamma)
+    cdef void *pinv = _data(inv_std)
+    cdef void *pgx = _data(grad_x)
+    cdef void *pgg = _data(grad_gamma)
+    cdef void *pgb = _data(grad_beta)
+    cdef double *pw = <double*>_data(work)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_batchnorm_backward_f(<float*>pg, <float*>ph, n, c, s, <float*>pga, <float*>pinv,
+                                     <float*>pgx, <float*>pgg, <float*>pgb, pw)
+        else:
+            fnn_batchnorm_backward_d(<double*>pg, <double*>ph, n, c, s, <double*>pga,
+                                     <double*>pinv, <double*>pgx, <double*>pgg, <double*>pgb,
+                                     pw)
+    return grad_x, grad_gamma, grad_beta
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b):

@@ -157,6 +157,39 @@ def leaky_relu_backward(grad_y, x, alpha):
     return np.where(x > 0, grad_y, grad_y * grad_y.dtype.type(alpha))
 
 
+def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
+    """x: (N, C) or (N, C, ...); gamma, beta: (C,) -> (y, x_hat, mean, var, inv_std).
+
+    Statistics per channel (axis 1) over every other axis. With ``mean``/``var``
+    None (training): the batch mean and biased variance; else the given (running)
+    ones. x_hat = (x - mean) * inv_std, inv_std = 1 / sqrt(var + eps); y = gamma *
+    x_hat + beta."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    if mean is None:
+        mean = x.mean(axis=axes)
+        centred = x - mean.reshape(shape)
+        var = (centred * centred).mean(axis=axes)
+    else:
+        centred = x - mean.reshape(shape)
+    inv_std = (1 / np.sqrt(var + x.dtype.type(eps))).astype(x.dtype, copy=False)
+    x_hat = centred * inv_std.reshape(shape)
+    return gamma.reshape(shape) * x_hat + beta.reshape(shape), x_hat, mean, var, inv_std
+
+
+def batchnorm_backward(grad_y, x_hat, gamma, inv_std):
+    """Training-mode BatchNorm backward -> (grad_x, grad_gamma, grad_beta): the batch
+    statistics' own gradients (the mean and the x_hat-projection) are removed."""
+    axes = (0,) + tuple(range(2, grad_y.ndim))
+    shape = (1, grad_y.shape[1]) + (1,) * (grad_y.ndim - 2)
+    grad_gamma = (grad_y * x_hat).sum(axis=axes)
+    grad_beta = grad_y.sum(axis=axes)
+    g_hat = grad_y * gamma.reshape(shape)
+    proj = (g_hat * x_hat).mean(axis=axes).reshape(shape)
+    grad_x = (g_hat - g_hat.mean(axis=axes).reshape(shape) - x_hat * proj) * inv_std.reshape(shape)
+    return grad_x, grad_gamma, grad_beta
+
+
 def _avgpool_windows(x_shape, kh, kw, stride):
     """One strided slice per window offset (i, j), row-major: offset (i, j) of every window."""
     (sh, sw), (h, w) = stride, x_shape[2:]

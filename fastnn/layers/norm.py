@@ -1,8 +1,7 @@
 """Batch normalisation with PyTorch's running statistics."""
 import numpy as np
 
-from .. import backend
-from .base import Layer, as_dtype, check_float_array, check_number, kernel_impl
+from .base import Layer, as_dtype, check_float_array, check_number, contiguous, kernel_impl
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -62,41 +61,7 @@ class _BatchNorm(Layer):
 
     def forward(self, x, training=True):
         self._check(x)
-        xp = backend.get_array_module(x)
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = (1, self.num_features) + (1,) * (x.ndim - 2)
-        if backend.is_cuda_array(x):
-            return self._forward_cuda(x, training, axes, shape)
-        gamma, beta = self.params["gamma"].reshape(shape), self.params["beta"].reshape(shape)
-        if training:
-            m = x.size // self.num_features
-            if m < 2:
-                raise ValueError(f"{self._name()}: training needs more than 1 value per channel, "
-                                 f"got input of shape {tuple(x.shape)}")
-            mean = x.mean(axis=axes)
-            centred = x - mean.reshape(shape)
-            var = (centred * centred).mean(axis=axes)
-            inv_std = 1 / xp.sqrt(var + self.eps)
-            x_hat = centred * inv_std.reshape(shape)
-            self._update_running(mean, var, m)
-        else:
-            inv_std = 1 / xp.sqrt(self.buffers["running_var"] + self.eps)
-            x_hat = (x - self.buffers["running_mean"].reshape(shape)) * inv_std.reshape(shape)
-        self._cache = (x_hat, inv_std.astype(x.dtype, copy=False), training, axes, shape)
-        self.output = x_hat * gamma + beta
-        return self.output
-
-    def _update_running(self, mean, var, m):
-        """PyTorch's momentum update; the running variance takes the unbiased batch variance."""
-        mom = self.momentum
-        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-        rm *= 1 - mom
-        rm += mom * mean
-        rv *= 1 - mom
-        rv += (mom * m / (m - 1)) * var
-
-    def _forward_cuda(self, x, training, axes, shape):
-        """The fused CUDA kernels: statistics and normalisation in one launch each."""
+        x = contiguous(x)
         impl = kernel_impl(x)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if training:
@@ -109,31 +74,38 @@ class _BatchNorm(Layer):
         else:
             y, x_hat, _, _, inv_std = impl.batchnorm_forward(
                 x, gamma, beta, self.eps, self.buffers["running_mean"], self.buffers["running_var"])
-        self._cache = (x_hat, inv_std, training, axes, shape)
+        self._cache = (x_hat, inv_std, training)
         self.output = y
         return y
+
+    def _update_running(self, mean, var, m):
+        """PyTorch's momentum update; the running variance takes the unbiased batch variance."""
+        mom = self.momentum
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - mom
+        rm += mom * mean
+        rv *= 1 - mom
+        rv += (mom * m / (m - 1)) * var
 
     def backward(self, grad_y):
         if self._cache is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
-        x_hat, inv_std, training, axes, shape = self._cache
+        x_hat, inv_std, training = self._cache
         if getattr(grad_y, "shape", None) != x_hat.shape or grad_y.dtype != x_hat.dtype:
             check_float_array(grad_y, self._name(), "grad_y", x_hat.dtype)
             raise ValueError(f"{self._name()}: expected grad_y of shape {tuple(x_hat.shape)}, "
                              f"got {tuple(grad_y.shape)}")
-        if training and backend.is_cuda_array(grad_y):
+        grad_y = contiguous(grad_y)
+        if training:
             grad_x, self.grads["gamma"], self.grads["beta"] = kernel_impl(grad_y).batchnorm_backward(
                 grad_y, x_hat, self.params["gamma"], inv_std)
             return grad_x
+        # eval mode: fixed statistics, y is affine in x
+        axes = (0,) + tuple(range(2, grad_y.ndim))
+        shape = (1, self.num_features) + (1,) * (grad_y.ndim - 2)
         self.grads["gamma"] = (grad_y * x_hat).sum(axis=axes)
         self.grads["beta"] = grad_y.sum(axis=axes)
-        g_hat = grad_y * self.params["gamma"].reshape(shape)
-        if not training:
-            return g_hat * inv_std.reshape(shape)
-        m = x_hat.size // self.num_features
-        # d/dx of the batch statistics: the mean and the x_hat-projection of g_hat are removed
-        proj = (g_hat * x_hat).mean(axis=axes).reshape(shape)
-        return (g_hat - g_hat.mean(axis=axes).reshape(shape) - x_hat * proj) * inv_std.reshape(shape)
+        return grad_y * self.params["gamma"].reshape(shape) * inv_std.reshape(shape)
 
     def output_shape(self, input_shape):
         input_shape = tuple(input_shape)
