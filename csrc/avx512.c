@@ -12,6 +12,9 @@
  *   portable loop's, but every caller (the layers and the compiled training step) runs
  *   this one on a given CPU.
  * - fnn_all_finite_avx512_f: fnn_all_finite_f 16 lanes at a time (the same test).
+ * - fnn_dropout_avx512_f/_d: fnn_dropout_forward's counter-based mask 8 lanes at a
+ *   time (64-bit multiplies: AVX-512DQ), the same bits; the portable loop spends
+ *   about 5 cycles an element on its three scalar multiplies.
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,6 +31,15 @@ int fnn_avx512_supported(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f");
+}
+
+#define TARGET_DQ __attribute__((target("avx512f,avx512dq,avx512vl")))
+
+int fnn_avx512dq_supported(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+           && __builtin_cpu_supports("avx512vl");
 }
 
 static __mmask16 lanes(long count)          /* mask of the first count (<= 16) lanes */
@@ -171,9 +183,71 @@ TARGET int fnn_all_finite_avx512_f(const float *a, long n)
     return 1;
 }
 
+/* The dropout masks of elements first .. first + n - 1, 8 at a time: lane k keeps its
+ * element (mask = scale, else +0) when the splitmix64 finaliser of seed + (index + 1) *
+ * golden, shifted right by 11, is >= keep_from; y = x * mask. */
+TARGET_DQ static inline __mmask8 dropout_keep(__m512i index, __m512i seed, __m512i keep_from)
+{
+    __m512i z = _mm512_add_epi64(seed, _mm512_mullo_epi64(
+        _mm512_add_epi64(index, _mm512_set1_epi64(1)), _mm512_set1_epi64((long long)0x9E3779B97F4A7C15ull)));
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
+                           _mm512_set1_epi64((long long)0xBF58476D1CE4E5B9ull));
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
+                           _mm512_set1_epi64((long long)0x94D049BB133111EBull));
+    z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+    return _mm512_cmpge_epu64_mask(_mm512_srli_epi64(z, 11), keep_from);
+}
+
+TARGET_DQ void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long n, long first,
+                                    uint64_t keep_from, float scale, uint64_t seed)
+{
+    const __m512i vseed = _mm512_set1_epi64((long long)seed);
+    const __m512i vkeep = _mm512_set1_epi64((long long)keep_from);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    __m512i index = _mm512_add_epi64(_mm512_set1_epi64(first),
+                                     _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    for (long i = 0; i < n; i += 8, index = _mm512_add_epi64(index, _mm512_set1_epi64(8))) {
+        const __mmask8 in = n - i >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (n - i)) - 1);
+        const __m256 m = _mm256_maskz_mov_ps(dropout_keep(index, vseed, vkeep), vscale);
+        _mm256_mask_storeu_ps(mask + i, in, m);
+        _mm256_mask_storeu_ps(y + i, in, _mm256_mul_ps(_mm256_maskz_loadu_ps(in, x + i), m));
+    }
+}
+
+TARGET_DQ void fnn_dropout_avx512_d(const double *x, double *y, double *mask, long n,
+                                    long first, uint64_t keep_from, double scale, uint64_t seed)
+{
+    const __m512i vseed = _mm512_set1_epi64((long long)seed);
+    const __m512i vkeep = _mm512_set1_epi64((long long)keep_from);
+    const __m512d vscale = _mm512_set1_pd(scale);
+    __m512i index = _mm512_add_epi64(_mm512_set1_epi64(first),
+                                     _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    for (long i = 0; i < n; i += 8, index = _mm512_add_epi64(index, _mm512_set1_epi64(8))) {
+        const __mmask8 in = n - i >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (n - i)) - 1);
+        const __m512d m = _mm512_maskz_mov_pd(dropout_keep(index, vseed, vkeep), vscale);
+        _mm512_mask_storeu_pd(mask + i, in, m);
+        _mm512_mask_storeu_pd(y + i, in, _mm512_mul_pd(_mm512_maskz_loadu_pd(in, x + i), m));
+    }
+}
+
 #else   /* not GCC/clang on x86-64: the portable loops run */
 
 int fnn_avx512_supported(void) { return 0; }
+int fnn_avx512dq_supported(void) { return 0; }
+
+void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long n, long first,
+                          uint64_t keep_from, float scale, uint64_t seed)
+{
+    (void)x; (void)y; (void)mask; (void)n; (void)first; (void)keep_from; (void)scale;
+    (void)seed;
+}
+
+void fnn_dropout_avx512_d(const double *x, double *y, double *mask, long n, long first,
+                          uint64_t keep_from, double scale, uint64_t seed)
+{
+    (void)x; (void)y; (void)mask; (void)n; (void)first; (void)keep_from; (void)scale;
+    (void)seed;
+}
 
 int fnn_all_finite_avx512_f(const float *a, long n)
 {

@@ -166,8 +166,8 @@ static long maxpool2x2_row_f(const float *top, long w, long ow, long at, float *
 #define MAXPOOL2X2_ROW maxpool2x2_row_f
 #endif
 
-/* float32 softmax rows and finiteness checks in AVX-512 lanes where the CPU has them
- * (avx512.c) */
+/* float32 softmax rows, finiteness checks and dropout masks in AVX-512 lanes where the
+ * CPU has them (avx512.c); fnn_avx512_rows = 0 runs the portable loops (tests) */
 int fnn_avx512_rows = 1;
 static int avx512_ok(void)
 {
@@ -177,6 +177,14 @@ static int avx512_ok(void)
     return supported && fnn_avx512_rows;
 }
 #define AVX512_OK avx512_ok
+static int avx512dq_ok(void)
+{
+    static int supported = -1;     /* a benign race, as above */
+    if (supported < 0)
+        supported = fnn_avx512dq_supported();
+    return supported && fnn_avx512_rows;
+}
+#define AVX512DQ_OK avx512dq_ok
 #define SOFTMAX_ROW fnn_softmax_row_f
 #define ALL_FINITE_AVX512 fnn_all_finite_avx512_f
 
@@ -184,6 +192,7 @@ static int avx512_ok(void)
 #define UINT uint32_t
 #define S f
 #define EXP fnn_expf
+#define DROPOUT_AVX512 fnn_dropout_avx512_f
 #include "kernels_template.h"
 #include "winograd_template.h"
 #undef T
@@ -192,6 +201,8 @@ static int avx512_ok(void)
 #undef EXP
 #undef SOFTMAX_ROW
 #undef ALL_FINITE_AVX512
+#undef DROPOUT_AVX512
+#define DROPOUT_AVX512 fnn_dropout_avx512_d
 
 #undef TRANSPOSE_BLOCK4
 #undef MAXPOOL2X2_ROW

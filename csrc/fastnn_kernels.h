@@ -119,6 +119,11 @@ void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);     
 void fnn_leaky_relu_forward_##S(const T *x, T *y, long n, T alpha);                  \
 void fnn_leaky_relu_backward_##S(const T *grad_y, const T *x, T *grad_x, long n,     \
                                  T alpha);                                            \
+/* Inverted dropout with the CUDA kernel's counter-based mask (see the template);    \
+ * out = a * b element-wise (dropout's backward). */                                \
+void fnn_dropout_forward_##S(const T *x, T *y, T *mask, long n, uint64_t keep_from,  \
+                             T scale, uint64_t seed);                                \
+void fnn_multiply_##S(const T *a, const T *b, T *out, long n);                       \
 /* BatchNorm on x viewed as (n, c, s), statistics per channel c: the batch mean and  \
  * biased variance (double sums; work: 2 * c doubles), x_hat and y (also inv_std =   \
  * 1 / sqrt(var + eps)), and the training backward (grad_x, grad_gamma, grad_beta). */\
@@ -242,5 +247,13 @@ extern int fnn_avx512_rows;
 double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t, float *g,
                          float inv_n, int64_t *predicted);
 int fnn_all_finite_avx512_f(const float *a, long n);
+/* fnn_dropout_forward's AVX-512DQ loops (avx512.c): elements first .. first + n - 1 of
+ * the mask, x, y and mask pointing at element first; used where
+ * fnn_avx512dq_supported() and fnn_avx512_rows. */
+int fnn_avx512dq_supported(void);
+void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long n, long first,
+                          uint64_t keep_from, float scale, uint64_t seed);
+void fnn_dropout_avx512_d(const double *x, double *y, double *mask, long n, long first,
+                          uint64_t keep_from, double scale, uint64_t seed);
 
 #endif

@@ -413,6 +413,44 @@ void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, long 
     }
 }
 
+/* Inverted dropout: element i is kept (mask = scale) when the counter-based uniform
+ * u(seed, i) >= p, else dropped (mask = 0); y = x * mask. u is the CUDA kernel's
+ * (fastnn/kernels/_cuda.py): splitmix64's finaliser of seed + (i + 1) * golden,
+ * u = (z >> 11) / 2^53, so a seed gives the same mask on every backend and thread
+ * count. keep_from = ceil(p * 2^53): u >= p exactly when z >> 11 >= keep_from. */
+void NAME(fnn_dropout_forward)(const T *x, T *y, T *mask, long n, uint64_t keep_from,
+                               T scale, uint64_t seed)
+{
+#ifdef DROPOUT_AVX512
+    if (AVX512DQ_OK()) {
+        #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+        for (long b = 0; b < n; b += 65536)
+            DROPOUT_AVX512(x + b, y + b, mask + b, n - b < 65536 ? n - b : 65536, b,
+                           keep_from, scale, seed);
+        return;
+    }
+#endif
+    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++) {
+        uint64_t z = seed + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        /* kept: z >> 11 >= keep_from, both below 2^53, so the difference's sign bit is
+         * clear; as arithmetic, not a comparison, which GCC turns into a branch that
+         * misses half the time (64 x 256 floats: 34 -> 26 us) */
+        const T m = scale * (T)(1 - (((z >> 11) - keep_from) >> 63));
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+
+void NAME(fnn_multiply)(const T *a, const T *b, T *out, long n)
+{
+    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    for (long i = 0; i < n; i++) out[i] = a[i] * b[i];
+}
+
 /* BatchNorm on x viewed as (n, c, s): channel ch holds x[(i*c + ch)*s + k]. Sums run in
  * double, in 8 fixed lanes (then added in order): no dependence on threads, and no
  * float32 round-off growing with the batch. */

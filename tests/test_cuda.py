@@ -288,6 +288,31 @@ def test_dropout_mask_scale_rate_and_seed(dtype):
     np.testing.assert_array_equal(cp.asnumpy(_cuda.dropout_backward(gy, mask)), m)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_mask_is_the_cpu_reference_mask(dtype):
+    """The same seed drops the same elements on the GPU and the CPU (the reference's
+    uint64 splitmix64; the compiled CPU kernels are tested against it too)."""
+    x = np.random.default_rng(13).standard_normal((5, 7, 33)).astype(dtype)
+    for p, seed in ((0.3, 123), (0.5, 2**64 - 1), (0.9, 0)):
+        y, mask = _cuda.dropout_forward(cp.asarray(x), p, seed)
+        want_y, want_mask = ref.dropout_forward(x, p, seed)
+        np.testing.assert_array_equal(cp.asnumpy(mask), want_mask)
+        np.testing.assert_array_equal(cp.asnumpy(y), want_y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avgpool_and_leaky_relu_run_the_reference_on_cupy(dtype):
+    x = np.random.default_rng(14).standard_normal((2, 3, 7, 9)).astype(dtype)
+    y = _cuda.avgpool2d_forward(cp.asarray(x), 3, 2, (2, 1))
+    assert_close(y, ref.avgpool2d_forward(x, 3, 2, (2, 1)), dtype)
+    gy = np.random.default_rng(15).standard_normal(y.shape).astype(dtype)
+    assert_close(_cuda.avgpool2d_backward(cp.asarray(gy), x.shape, 3, 2, (2, 1)),
+                 ref.avgpool2d_backward(gy, x.shape, 3, 2, (2, 1)), dtype)
+    assert_close(_cuda.leaky_relu_forward(cp.asarray(x), 0.1), ref.leaky_relu_forward(x, 0.1), dtype)
+    assert_close(_cuda.leaky_relu_backward(cp.asarray(x), cp.asarray(x), 0.1),
+                 ref.leaky_relu_backward(x, x, 0.1), dtype)
+
+
 def _batchnorm_numpy(x, gamma, beta, eps, gy):
     axes = (0,) + tuple(range(2, x.ndim))
     shape = (1, -1) + (1,) * (x.ndim - 2)

@@ -485,6 +485,10 @@ def _pooled_cases():
          lambda rng: (random(rng, (64, 6, 28, 28), f32), 0.01)),
         ("leaky_relu_backward", kernels.leaky_relu_backward,
          lambda rng: (random(rng, (64, 6, 28, 28), f32), random(rng, (64, 6, 28, 28), f32))),
+        ("dropout_forward", lambda x: _cpu_module().dropout_forward(x, 0.5, 3),
+         lambda rng: (random(rng, (64, 6, 28, 28), f32),)),
+        ("dropout_backward", lambda g, m: _cpu_module().dropout_backward(g, m),
+         lambda rng: (random(rng, (64, 6, 28, 28), f32), random(rng, (64, 6, 28, 28), f32))),
         ("batchnorm_forward", lambda x: _cpu_module().batchnorm_forward(
             x, np.ones(6, f32), np.zeros(6, f32), 1e-5), lambda rng: (random(rng, (64, 6, 28, 28), f32),)),
         ("batchnorm_backward", lambda g, h: _cpu_module().batchnorm_backward(
@@ -676,6 +680,39 @@ def test_leaky_relu_gradient_by_finite_differences(backend_name):
         kernels.leaky_relu_backward(grad_y, x, 0.1),
         numerical_grad(lambda: float((kernels.leaky_relu_forward(x, 0.1) * grad_y).sum()), x),
         rtol=1e-6)
+
+
+# --- dropout (the layer's kernels: a counter-based mask, the same on every backend) -----
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (64, 256), (3, 5, 9, 11), (2**21 + 5,)])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_compiled_matches_reference_bits(avx512_rows, dtype, shape, p):
+    """The AVX-512 and portable loops, odd sizes and the threaded size: the reference's
+    mask and output, bit for bit, for small, large and negative seeds."""
+    from fastnn.kernels import _cpu
+    x = random(np.random.default_rng(30), shape, dtype)
+    for seed in (0, 12345, 2**64 - 1, -3):
+        y, mask = _cpu.dropout_forward(x, p, seed)
+        want_y, want_mask = _reference.dropout_forward(x, p, seed)
+        assert y.dtype == mask.dtype == dtype and y.shape == mask.shape == shape
+        np.testing.assert_array_equal(mask, want_mask)
+        np.testing.assert_array_equal(y, want_y)
+    grad_y = random(np.random.default_rng(31), shape, dtype)
+    np.testing.assert_array_equal(_cpu.dropout_backward(grad_y, mask),
+                                  _reference.dropout_backward(grad_y, mask))
+
+
+def test_dropout_mask_rate_scale_and_seed():
+    from fastnn.kernels import _cpu
+    x = np.ones((1000, 1000), np.float32)
+    _, mask = _cpu.dropout_forward(x, 0.3, 7)
+    assert set(np.unique(mask)) == {np.float32(0), np.float32(1 / 0.7)}
+    assert abs((mask == 0).mean() - 0.3) < 0.003          # 1e6 draws: ~0.0005 std
+    assert np.array_equal(_cpu.dropout_forward(x, 0.3, 7)[1], mask)
+    assert not np.array_equal(_cpu.dropout_forward(x, 0.3, 8)[1], mask)
+    # neighbouring elements are independent: the rate of both kept is (1 - p)^2
+    kept = mask.reshape(-1) > 0
+    assert abs((kept[:-1] & kept[1:]).mean() - 0.49) < 0.003
 
 
 # --- batch normalisation (the layers' kernels; the public layers are tested too) --------

@@ -225,6 +225,28 @@ def test_batchnorm_matches_torch_train_and_eval(ours, theirs, shape):
 
 
 # --- behaviour -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_masks_are_the_same_on_every_cpu_backend(dtype):
+    """A layer seeded alike drops the same elements on the compiled kernels and the
+    NumPy reference (and on CUDA: tests/test_cuda.py); non-contiguous inputs too."""
+    x = rand(6, 40, seed=3, dtype=dtype)[:, ::2]
+    results = {}
+    for name in CPU_BACKENDS:
+        before = backend.current()
+        backend.use(name)
+        try:
+            layer = fn.Dropout(0.4, seed=11)
+            y = layer.forward(x)
+            results[name] = (y, layer.backward(np.ones_like(y)))
+        finally:
+            backend.use(before)
+    first = next(iter(results.values()))
+    for y, grad in results.values():
+        np.testing.assert_array_equal(y, first[0])
+        np.testing.assert_array_equal(grad, first[1])
+    assert 0 < (first[0] == 0).sum() < x.size
+
+
 def test_dropout_is_inverted_and_identity_at_eval():
     layer = fn.Dropout(0.25, seed=0)
     x = np.ones((200, 500), dtype=np.float32)

@@ -51,6 +51,7 @@ workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
 (``OMP_WAIT_POLICY=passive`` while this module loads, unless the user chose a
 policy), so they do not steal a core from NumPy's BLAS between fastnn calls.
 """
+import math
 import os
 
 import numpy as np
@@ -59,7 +60,7 @@ from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport PyObject, _Py_REFCNT
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.math cimport isfinite
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
@@ -123,6 +124,12 @@ cdef extern from "fastnn_kernels.h" nogil:
                                    float alpha)
     void fnn_leaky_relu_backward_d(const double *grad_y, const double *x, double *grad_x,
                                    long n, double alpha)
+    void fnn_dropout_forward_f(const float *x, float *y, float *mask, long n, uint64_t keep_from,
+                               float scale, uint64_t seed)
+    void fnn_dropout_forward_d(const double *x, double *y, double *mask, long n,
+                               uint64_t keep_from, double scale, uint64_t seed)
+    void fnn_multiply_f(const float *a, const float *b, float *out, long n)
+    void fnn_multiply_d(const double *a, const double *b, double *out, long n)
     void fnn_batchnorm_stats_f(const float *x, long n, long c, long s, float *mean, float *var,
                                double *work)
     void fnn_batchnorm_stats_d(const double *x, long n, long c, long s, double *mean,
@@ -1211,6 +1218,47 @@ def leaky_relu_backward(cnp.ndarray grad_y, cnp.ndarray x, double alpha):
             fnn_leaky_relu_backward_f(<float*>pg, <float*>px, <float*>pgx, n, <float>alpha)
         else:
             fnn_leaky_relu_backward_d(<double*>pg, <double*>px, <double*>pgx, n, alpha)
+    return grad_x
+
+
+# --- dropout (the layer's CPU path; the same calls and masks as the CUDA module's) -----
+
+def dropout_forward(cnp.ndarray x, double p, seed):
+    """Inverted dropout of x (C-contiguous), p in [0, 1) -> (y, mask), mask = 1/(1-p)
+    where the counter-based uniform of (seed, element index) is >= p, else 0; the
+    CUDA module's masks, bit for bit."""
+    cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype)
+    cdef cnp.ndarray mask = _output_array((<object>x).shape, x.dtype)
+    cdef uint64_t keep_from = <uint64_t>math.ceil(p * 9007199254740992.0)
+    cdef uint64_t s = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    cdef double scale = x.dtype.type(1.0 / (1.0 - p))
+    cdef long n = x.size
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef void *pm = _data(mask)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_dropout_forward_f(<float*>px, <float*>py, <float*>pm, n, keep_from,
+                                  <float>scale, s)
+        else:
+            fnn_dropout_forward_d(<double*>px, <double*>py, <double*>pm, n, keep_from, scale, s)
+    return y, mask
+
+
+def dropout_backward(cnp.ndarray grad_y, cnp.ndarray mask):
+    """grad_x = grad_y * mask (both C-contiguous, one shape and dtype)."""
+    cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, grad_y.dtype)
+    cdef long n = grad_y.size
+    cdef void *pg = _data(grad_y)
+    cdef void *pm = _data(mask)
+    cdef void *px = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_multiply_f(<float*>pg, <float*>pm, <float*>px, n)
+        else:
+            fnn_multiply_d(<double*>pg, <double*>pm, <double*>px, n)
     return grad_x
 
 

@@ -157,6 +157,26 @@ def leaky_relu_backward(grad_y, x, alpha):
     return np.where(x > 0, grad_y, grad_y * grad_y.dtype.type(alpha))
 
 
+def dropout_forward(x, p, seed):
+    """Inverted dropout -> (y, mask): element i (in C order) is kept, mask = 1/(1-p) in
+    x's dtype, when its counter-based uniform u(seed, i) >= p, else mask = 0; y = x *
+    mask. u = (z >> 11) / 2^53 with z the splitmix64 finaliser of seed + (i + 1) *
+    0x9E3779B97F4A7C15 (uint64 arithmetic, wrapping), as in the CUDA kernel."""
+    z = np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF) \
+        + np.arange(1, x.size + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    u = (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+    mask = np.where(u >= p, x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0)).reshape(x.shape)
+    return x * mask, mask
+
+
+def dropout_backward(grad_y, mask):
+    """grad_x = grad_y * mask (the scaled mask of dropout_forward)."""
+    return grad_y * mask
+
+
 def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
     """x: (N, C) or (N, C, ...); gamma, beta: (C,) -> (y, x_hat, mean, var, inv_std).
 

@@ -1,8 +1,7 @@
 """Inverted dropout."""
 import numpy as np
 
-from .. import backend
-from .base import Layer, check_float_array, kernel_impl, make_rng
+from .base import Layer, check_float_array, contiguous, kernel_impl, make_rng
 
 __all__ = ["Dropout"]
 
@@ -29,15 +28,10 @@ class Dropout(Layer):
         if self._identity:
             self._mask = None
             return x
-        if backend.is_cuda_array(x):
-            # one fused CUDA pass; its counter-based mask follows a seed from this layer's rng
-            self.output, self._mask = kernel_impl(x).dropout_forward(
-                x, self.p, int(self.rng.integers(2**63)))
-            return self.output
-        mask = (self.rng.random(x.shape, dtype=x.dtype) >= self.p).astype(x.dtype)
-        mask *= x.dtype.type(1.0 / (1.0 - self.p))
-        self._mask = mask
-        self.output = x * mask
+        # one pass; the counter-based mask follows a seed drawn from this layer's rng, and
+        # a seed gives the same mask on every backend (CPU, NumPy reference, CUDA)
+        self.output, self._mask = kernel_impl(x).dropout_forward(
+            contiguous(x), self.p, int(self.rng.integers(2**63)))
         return self.output
 
     def backward(self, grad_y):
@@ -50,7 +44,7 @@ class Dropout(Layer):
             check_float_array(grad_y, "Dropout", "grad_y", mask.dtype)
             raise ValueError(f"Dropout: expected grad_y of shape {tuple(mask.shape)}, "
                              f"got {tuple(grad_y.shape)}")
-        return grad_y * mask
+        return kernel_impl(grad_y).dropout_backward(contiguous(grad_y), mask)
 
     def get_config(self):
         return {"p": self.p}
