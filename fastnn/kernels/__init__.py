@@ -99,6 +99,14 @@ def _window_geometry(who, shape, kh, kw, stride, padding):
     return kh, kw, stride, padding
 
 
+def _image_shape(who, x_shape):
+    """``x_shape`` as a tuple of 4 positive ints (N, C, H, W), else ValueError."""
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 1:
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with positive sizes, got {x_shape}")
+    return x_shape
+
+
 def im2col(x, kh, kw, stride=1, padding=0):
     """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW).
 
@@ -114,9 +122,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
 def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     """Adjoint of ``im2col``: cols (C*kh*kw, N*OH*OW) -> dx (N, C, H, W), overlaps summed."""
     _float_array(cols, "col2im", "cols", 2)
-    x_shape = tuple(int(s) for s in x_shape)
-    if len(x_shape) != 4 or min(x_shape) < 1:
-        raise ValueError(f"col2im: x_shape must be (N, C, H, W) with positive sizes, got {x_shape}")
+    x_shape = _image_shape("col2im", x_shape)
     kh, kw, stride, padding = _window_geometry("col2im", x_shape, kh, kw, stride, padding)
     n, c, h, w = x_shape
     oh = conv_output_size(h, kh, stride[0], padding[0])
@@ -169,9 +175,7 @@ def avgpool2d_backward(grad_y, x_shape, kh, kw, stride):
     spread evenly over it (overlaps summed)."""
     who = "avgpool2d_backward"
     _float_array(grad_y, who, "grad_y", 4)
-    x_shape = tuple(int(s) for s in x_shape)
-    if len(x_shape) != 4 or min(x_shape) < 1:
-        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with positive sizes, got {x_shape}")
+    x_shape = _image_shape(who, x_shape)
     kh, kw, stride, _ = _window_geometry(who, x_shape, kh, kw, stride, 0)
     expected = x_shape[:2] + (conv_output_size(x_shape[2], kh, stride[0], 0),
                               conv_output_size(x_shape[3], kw, stride[1], 0))
