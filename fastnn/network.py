@@ -25,9 +25,6 @@ __all__ = ["Network", "Sequential", "History"]
 _ARCH_KEY = "__fastnn_architecture__"
 _FORMAT = "fastnn.Network"
 _PREDICT_CHUNK = 256          # samples per forward pass for image-like inputs in predict/evaluate
-# fit's steps of a Dense/ReLU network trained with cross-entropy in one compiled call
-# (DenseChainTrainer); False: through the layers (same bits; for tests and benchmarks)
-_COMPILED_TRAIN_STEP = True
 
 
 class History:
@@ -204,16 +201,6 @@ class Network:
     def forward(self, x, training=False):
         """Run every layer on ``x`` (on the network's device) and return the output."""
         plan = self._get_plan()
-        if (plan.dense_chain is not None and type(x) is np.ndarray and x.dtype is plan.dtype
-                and x.ndim == 2 and x.shape[0] and self._device == "cpu"
-                and backend._current == "cpu"):
-            # a Dense/ReLU network in one compiled call (batch-1 latency), the layers then
-            # given what their own forward keeps; None when x is not C-contiguous or a
-            # parameter does not fit: then the layers run one by one
-            outputs = backend._compiled.mlp_forward(x, plan.dense_chain, True)
-            if outputs is not None:
-                _keep_chain_state(plan.layers, x, outputs)
-                return outputs[-1]
         # hot path (batch-1 inference): a ready NumPy array skips the entry conversion
         if not (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
                 and self._device == "cpu" and x.ndim and x.shape[0]):
@@ -315,48 +302,127 @@ class Network:
                                  self._get_plan().n_train)
 
     # -- training ------------------------------------------------------------------------------
+    def train_step(self, x, y):
+        """One optimizer step on one batch, the step ``fit`` runs for each of its batches:
+        the layers' forward (training mode), the loss, the layers' backward, then
+        ``optimizer.step(params, grads)``. Works on every network and device.
+
+        x: (B, ...) inputs, y: (B, ...) targets (as for ``fit``). Returns
+        ``{"loss": float, <metric>: float, ...}`` for this batch, the loss taken
+        before the update. Raises ``FloatingPointError`` and leaves the
+        parameters untouched when the loss is NaN or infinite. Needs
+        ``compile()`` (or a ``fit`` after ``use()``, which sets the optimizer).
+        """
+        who = "Network.train_step"
+        self._check_trainable(who)
+        if self.optimizer is None:
+            raise ValueError(f"{who}: no optimizer: call compile(loss, optimizer) first")
+        x = self._as_input(x, who)
+        y = self._as_target(y, len(x), self._probe(x, who), who)
+        loss, out = self._step(x, y)
+        logs = {"loss": loss}
+        if self.metrics:
+            logs.update(self._metric_values(y, out))
+        return logs
+
+    def _step(self, x, y):
+        """``train_step`` on a checked batch already on the device; returns ``(loss, out)``
+        with ``out`` the output of the trained layers. The only place parameters change
+        (tutorial-protocol layers update their own inside their backward)."""
+        plan = self._get_plan()
+        out = self._run_forward(x, True, plan.n_train)
+        if self._style == "use":
+            loss, grad = self.loss(y, out), self.loss_prime(y, out)
+        else:
+            loss, grad = self.loss_fn._loss_and_grad(out, y)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss}; parameters are left as they "
+                                     "were before this step (lower the learning rate, or "
+                                     "check the data)")
+        self._train_backward(grad, self.optimizer.lr)
+        self.optimizer.step([layer.params[name] for layer, name in plan.slots],
+                            [layer.grads[name] for layer, name in plan.slots], plan.decay)
+        return loss, out
+
+    def _check_trainable(self, who):
+        if self._style is None:
+            raise ValueError(f"{who}: call use(loss, loss_prime) or compile(...) first")
+        if not self.layers:
+            raise ValueError(f"{who}: the network has no layers")
+
     def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
             shuffle=True, callbacks=(), verbose=1, seed=None):
-        """Train on ``(x, y)`` and return a ``History``.
+        """Train on ``(x, y)`` and return a ``History``: ``epochs`` passes of
+        ``train_step`` over batches of ``(x, y)``, with callbacks and progress around it.
 
         ``batch_size``: None (1 after ``use()``, 32 after ``compile()``), an int,
         or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
         SGD; with it, it sets the optimizer's lr (its schedules start over from it).
         Raises ``FloatingPointError`` (parameters left as before that step) when
-        the loss becomes NaN or inf. On the CPU, a network of Dense (ReLU) layers
-        trained with cross-entropy runs each step in one compiled call (forward,
-        loss, backward and an SGD step; the same results as layer by layer).
+        the loss becomes NaN or inf.
         """
         who = "Network.fit"
-        if self._style is None:
-            raise ValueError(f"{who}: call use(loss, loss_prime) or compile(...) first")
-        if not self.layers:
-            raise ValueError(f"{who}: the network has no layers")
+        self._check_trainable(who)
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"{who}: epochs must be an int >= 0, got {epochs!r}")
         if learning_rate is not None:
             learning_rate = optim.nonnegative(learning_rate, "learning_rate", who)
         elif self._style == "use":
             raise ValueError(f"{who}: after use(), pass learning_rate (or call compile())")
-
-        plan = self._get_plan()
-        n_train = plan.n_train
         # checked once here; batches move to the device one at a time in the loop
         x = self._as_input(x, who, move=False)
-        n = len(x)
         probe = self._probe(x, who)
-        y = self._as_target(y, n, probe, who, move=False)
-        val = None
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError(f"{who}: validation_data must be a pair (x_val, y_val)")
-            xv = self._as_input(validation_data[0], who + " (validation_data)", move=False)
-            # its own probe: a wrong sample shape fails now, not after the first epoch
-            val_probe = self._run_forward(backend.to_device(xv[:1], self._device), False, n_train)
-            yv = self._as_target(validation_data[1], len(xv), val_probe,
-                                 who + " (validation_data)", move=False)
-            val = (xv, yv)
+        y = self._as_target(y, len(x), probe, who, move=False)
+        val = self._validation_data(validation_data, who)
+        batch_size = self._batch_size(batch_size, len(x), who)
+        if self._style == "use":         # the tutorial: plain SGD at that rate
+            self.optimizer = optim.SGD(lr=learning_rate)
+        elif learning_rate is not None:
+            self.optimizer.lr = learning_rate
+        rng = self._seed_layers(seed)
+        callbacks = self._fit_callbacks(callbacks, learning_rate is not None)
+        # accuracy needs only each sample's class, not the epoch's scores
+        classes = (self.metrics and probe.ndim == 2 and probe.shape[1] >= 2
+                   and all(f is metrics_module.accuracy for _, f in self.metrics))
+        epoch_run = _Epoch(self, x, y, batch_size, shuffle, rng, classes, callbacks)
+        history = self.history = History()
+        self.stop_training = False
+        for epoch in range(1, epochs + 1):
+            for cb in callbacks:
+                if hasattr(cb, "on_epoch_begin"):
+                    cb.on_epoch_begin(self, epoch)
+            logs = epoch_run.run(epoch, epochs, verbose)
+            if val is not None:
+                logs.update({"val_" + k: v for k, v in self._evaluate(*val).items()})
+            history._append(epoch, logs)
+            epoch_run.report(epoch, epochs, logs, verbose)
+            for cb in callbacks:
+                if hasattr(cb, "on_epoch_end"):
+                    cb.on_epoch_end(self, epoch, logs)
+            if self.stop_training:
+                break
+        # only after a complete run (as Keras): after a FloatingPointError the
+        # parameters stay as they were before the failing step
+        for cb in callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
+        return history
 
+    def _validation_data(self, validation_data, who):
+        """``validation_data`` checked (and kept on the host), or None."""
+        if validation_data is None:
+            return None
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError(f"{who}: validation_data must be a pair (x_val, y_val)")
+        who += " (validation_data)"
+        xv = self._as_input(validation_data[0], who, move=False)
+        # its own probe: a wrong sample shape fails now, not after the first epoch
+        yv = self._as_target(validation_data[1], len(xv), self._probe(xv, who), who,
+                             move=False)
+        return xv, yv
+
+    def _batch_size(self, batch_size, n, who):
         if batch_size is None:
             batch_size = 1 if self._style == "use" else 32
         elif batch_size == "full":
@@ -365,168 +431,40 @@ class Network:
                 or batch_size < 1:
             raise ValueError(f"{who}: batch_size must be None, 'full' or a positive int, "
                              f"got {batch_size!r}")
-        batch_size = int(min(batch_size, n))
+        return int(min(batch_size, n))
 
-        if self._style == "use":         # the tutorial: plain SGD at that rate
-            self.optimizer = optim.SGD(lr=learning_rate)
-        elif learning_rate is not None:
-            self.optimizer.lr = learning_rate
-
+    def _seed_layers(self, seed):
+        """fit's shuffling generator; with a seed, Dropout masks follow it too."""
         rng = make_rng(seed)      # seed=None: from NumPy's global state (np.random.seed works)
-        if seed is not None:      # Dropout masks follow the fit's seed too
+        if seed is not None:
             for layer in self.layers:
                 if isinstance(getattr(layer, "rng", None), np.random.Generator):
                     layer.rng = np.random.default_rng(rng.integers(2**63))
+        return rng
 
-        # the parameters the optimizer updates (tutorial-protocol layers update their own)
-        slots = [(layer, name) for layer, tutorial in plan.steps if not tutorial
-                 for name in _layer_params(layer)]
-        params = [layer.params[name] for layer, name in slots]
-        decay = [flag for layer, tutorial in plan.steps if not tutorial
-                 for flag in _weight_flags(layer)]
-
+    def _fit_callbacks(self, callbacks, new_lr):
+        """The callbacks of a fit, the optimizer's schedule included, each told the run began."""
         callbacks = list(callbacks)
         schedule = getattr(self.optimizer, "schedule", None)
         if schedule is not None and not any(cb is schedule for cb in callbacks):
             callbacks.append(schedule)
-        self.stop_training = False
-        history = History()
-        self.history = history
-        if learning_rate is not None:     # schedules already bound start over from the new rate
+        if new_lr:     # schedules already bound start over from the new rate
             for cb in callbacks:
                 if isinstance(cb, optim.Schedule) and cb.optimizer is self.optimizer:
                     cb.bind(None)
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(self)
+        return callbacks
 
-        from . import data
-        tutorial_print = self._style == "use" and verbose == 1
-        progress = verbose == 1 and not tutorial_print
-        n_batches = -(-n // batch_size)
-        loss_fn, use_style = self.loss_fn, self._style == "use"
-        to_device = self._device != "cpu"
-        optimizer = self.optimizer
-        trainer = self._chain_trainer(plan, x, batch_size)
-        # the SGD step runs in the trainer's call (Dense: decay on W only, as `decay` says)
-        fused_sgd = trainer is not None and type(optimizer) is optim.SGD
-        # accuracy needs only each sample's class (the argmax of its scores, the
-        # trainer's when it runs), not the epoch's scores kept and checked at its end:
-        # the same value, W2's 17-20 us a step down to 1.4
-        classes = (self.metrics and probe.ndim == 2 and probe.shape[1] >= 2
-                   and all(f is metrics_module.accuracy for _, f in self.metrics))
-        bar = xb = None
-        try:
-            for epoch in range(epochs):
-                bar = self._progress_bar(epoch, epochs, n_batches) if progress else None
-                total, outputs, targets = 0.0, [], []
-                if fused_sgd:             # its state for the trainer's steps (callbacks,
-                    optimizer._prepare(params)    # between epochs, may change parameters)
-                for b, (xb, yb) in enumerate(data.batches(x, y, batch_size, shuffle=shuffle,
-                                                          seed=rng)):
-                    if to_device:
-                        xb = backend.to_device(xb, self._device)
-                        yb = backend.to_device(yb, self._device)
-                    if trainer is not None:       # forward, loss and backward in one call
-                        loss = trainer.step(xb, yb, optimizer if fused_sgd else None)
-                        if loss is None:          # a parameter changed shape, dtype or layout
-                            trainer = None        # (the layers' own checks run from here on)
-                        else:
-                            out = trainer.output(len(plan.train_chain) - 1, len(xb), relu=True)
-                    if trainer is None:
-                        out = self._run_forward(xb, True, n_train)
-                        if use_style:
-                            loss = self.loss(yb, out)
-                            grad = self.loss_prime(yb, out)
-                        else:
-                            loss, grad = loss_fn._loss_and_grad(out, yb)
-                        loss = float(loss)
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(
-                            f"{who}: the loss became {loss} at epoch {epoch + 1}, batch {b + 1} "
-                            f"of {n_batches}; parameters are left as they were before that step "
-                            "(lower the learning rate, or check the data)")
-                    total += loss
-                    if classes:
-                        outputs.append(out.argmax(axis=1) if trainer is None
-                                       else trainer.predicted(len(xb)).copy())
-                    elif self.metrics:
-                        outputs.append(out if trainer is None else out.copy())
-                    if self.metrics:
-                        targets.append(yb)
-                    if trainer is None:
-                        self._train_backward(grad, optimizer.lr)
-                    if trainer is None or not fused_sgd:
-                        optimizer.step(params, [layer.grads[name] for layer, name in slots],
-                                       decay)
-                    if bar is not None:
-                        bar.update(1)
-                        if b % 50 == 0:
-                            bar.set_postfix(loss=f"{total / (b + 1):.4f}", refresh=False)
-                logs = {"loss": total / n_batches}
-                if self.metrics:
-                    xp = backend.get_array_module(outputs[0])
-                    logs.update(self._metric_values(xp.concatenate(targets), xp.concatenate(outputs)))
-                if val is not None:
-                    logs.update({"val_" + k: v for k, v in self._evaluate(*val).items()})
-                history._append(epoch + 1, logs)
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
-                    bar.close()
-                    bar = None
-                elif tutorial_print:
-                    extra = "".join(f"   {k}={v:f}" for k, v in logs.items() if k != "loss")
-                    print("epoch %d/%d    error=%f%s" % (epoch + 1, epochs, logs["loss"], extra))
-                elif verbose >= 2:
-                    print(f"epoch {epoch + 1}/{epochs} - "
-                          + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
-                for cb in callbacks:
-                    if hasattr(cb, "on_epoch_end"):
-                        cb.on_epoch_end(self, epoch + 1, logs)
-                if self.stop_training:
-                    break
-        finally:
-            if bar is not None:         # an error mid-epoch: close its bar
-                bar.close()
-            if trainer is not None and xb is not None:
-                self._end_chain_trainer(plan, trainer, xb)
-        # only after a complete run (as Keras): after a FloatingPointError the
-        # parameters stay as they were before the failing step
-        for cb in callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
-        return history
-
-    def _chain_trainer(self, plan, x, batch_size):
-        """A compiled DenseChainTrainer for fit's steps (a Dense/ReLU network trained
-        with cross-entropy, on the CPU with the compiled kernels, 2-D input), its
-        gradients installed as the layers'; else None (the layers run one by one)."""
-        if (plan.train_chain is None or not _COMPILED_TRAIN_STEP or self._device != "cpu"
-                or backend.current() != "cpu" or x.ndim != 2 or x.dtype != plan.dtype):
-            return None
-        trainer = backend._compiled.DenseChainTrainer(plan.train_chain, batch_size, plan.dtype)
-        for (layer, _), grads in zip(plan.train_chain, trainer.grads):
-            layer.grads.update(grads)         # "b" only for a layer with a bias
-        return trainer
-
-    @staticmethod
-    def _end_chain_trainer(plan, trainer, x):
-        """After the trainer's last step, on ``x``: the layers keep what their own
-        forward would have kept, copied from the buffers the trainer reuses."""
-        n, outputs = len(x), []
-        for k, (_, relu) in enumerate(plan.train_chain):
-            z = trainer.output(k, n).copy()
-            outputs += [z, trainer.output(k, n, relu=True).copy() if relu else z]
-        _keep_chain_state(plan.layers[:plan.n_train], x, outputs)
+    def _metric_values(self, y_true, y_pred):
+        return {name: float(f(y_true, y_pred)) for name, f in self.metrics}
 
     @staticmethod
     def _progress_bar(epoch, epochs, n_batches):
         from tqdm.auto import tqdm
         return tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                     leave=True, file=sys.stderr, dynamic_ncols=True)
-
-    def _metric_values(self, y_true, y_pred):
-        return {name: float(f(y_true, y_pred)) for name, f in self.metrics}
 
     # -- inference -----------------------------------------------------------------------------
     def _chunks(self, n, ndim, batch_size, who):
@@ -547,28 +485,12 @@ class Network:
         on the device ``x`` came from.
         """
         plan = self._get_plan()
-        if (plan.dense_chain is not None and batch_size is None and type(x) is np.ndarray
-                and x.ndim == 2 and x.dtype is plan.dtype and x.shape[0]
-                and self._device == "cpu" and backend._current == "cpu"):
-            # hot path (batch-1 latency: each check here costs ~0.1 us): a Dense/ReLU
-            # network in one compiled call; None when x is not C-contiguous or a
-            # parameter does not fit: then the general path below
-            out = backend._compiled.mlp_forward(x, plan.dense_chain)
-            if out is not None:
-                return out
         if (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
                 and self._device == "cpu" and x.ndim and x.shape[0]):
             on_cuda = False           # nothing to convert
         else:
             on_cuda = backend.is_cuda_array(x)
             x = self._as_input(x, "Network.predict", check_finite=False, move=False)
-        if (plan.dense_chain is not None and x.ndim == 2 and batch_size is None
-                and not on_cuda and self._device == "cpu" and backend.current() == "cpu"):
-            # a Dense/ReLU network in one compiled call (batch-1 latency); None when
-            # a parameter does not fit it: then the layers run one by one
-            out = backend._compiled.mlp_forward(x, plan.dense_chain)
-            if out is not None:
-                return out
         n = len(x)
         if batch_size is None and (x.ndim <= 2 or n <= _PREDICT_CHUNK):
             chunk = n
@@ -732,8 +654,16 @@ class Network:
 
 class _Plan:
     """What the loops need, computed once per layer list: each layer's forward and
-    backward as plain callables, the parameters' dtype, and ``n_train``, the
-    number of layers training runs (all but a final Softmax fused with CrossEntropy)."""
+    backward as plain callables, the trained parameters (``slots``, ``decay``), the
+    parameters' dtype, and ``n_train``, the number of layers training runs (all but a
+    final Softmax fused with CrossEntropy).
+
+    Fusion happens here, as kernels the layers call, never as a second engine: a Dense
+    followed by a ReLU applies the ReLU on its GEMM's output (``relu=True``), the ReLU
+    then only keeps that output; a Dense whose input is a ReLU's output applies that
+    ReLU's backward to its grad_x (``relu_x=True``), the ReLU's backward then passes
+    the gradient through. The bits are those of the layers run one by one.
+    """
 
     def __init__(self, network):
         layers = network.layers
@@ -748,33 +678,16 @@ class _Plan:
             else:
                 self.forwards.append(_forward_of(layer))
                 self.backwards.append(lambda g, lr, b=layer.backward: b(g))
+        self._fuse_dense_relu(layers)
         fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
                  and isinstance(layers[-1], Softmax))
         self.n_train = len(layers) - fused
-        # Training stops its backward at the first layer with parameters: the
-        # built-in parameter-free layers before it have no gradients to fill, and
-        # Dense / Conv2D skip their input gradient there (a first Dense layer's
-        # grad_x GEMM is as large as its grad_W one).
-        self.first_trained, self.first_backward = 0, None
-        for i, (layer, tutorial) in enumerate(self.steps):
-            if tutorial or _layer_params(layer) or not _builtin(layer):
-                self.first_trained = i
-                break
-        else:
-            self.first_trained = len(layers)
-        if self.first_trained < len(layers):
-            first = layers[self.first_trained]
-            if isinstance(first, (Dense, Conv2D)) and _builtin(first):
-                self.first_backward = lambda g, lr, b=first.backward: b(g, need_grad_x=False)
-            else:
-                self.first_backward = self.backwards[self.first_trained]
-        # Dense (ReLU)? ... Dense with fastnn's own classes: predict runs it in one
-        # compiled call; None for any other network
-        self.dense_chain = _dense_chain(layers)
-        # the layers fit trains, when they are such a chain and the loss is softmax
-        # cross-entropy on their output: fit's step runs in one compiled call
-        self.train_chain = (_dense_chain(layers[:self.n_train])
-                            if type(network.loss_fn) is losses.CrossEntropy else None)
+        self._first_trained(layers)
+        # the parameters the optimizer updates (tutorial-protocol layers update their own)
+        self.slots = [(layer, name) for layer, tutorial in self.steps if not tutorial
+                      for name in _layer_params(layer)]
+        self.decay = [flag for layer, tutorial in self.steps if not tutorial
+                      for flag in _weight_flags(layer)]
         self.dtype = np.dtype(np.float32)
         for layer in layers:
             params = _layer_params(layer)
@@ -782,9 +695,114 @@ class _Plan:
                 self.dtype = next(iter(params.values())).dtype
                 break
 
+    def _fuse_dense_relu(self, layers):
+        for i, layer in enumerate(layers):
+            if type(layer) not in (Dense, FCLayer):
+                continue
+            if i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+                relu = layers[i + 1]
+                self.forwards[i] = lambda x, training, d=layer: d.forward(x, training, relu=True)
+                self.forwards[i + 1] = lambda x, training, r=relu: _keep_output(r, x)
+            if i > 0 and type(layers[i - 1]) is ReLU:
+                self.backwards[i] = lambda g, lr, d=layer: d.backward(g, relu_x=True)
+                self.backwards[i - 1] = lambda g, lr: g
+
+    def _first_trained(self, layers):
+        """Training stops its backward at the first layer with parameters: the
+        built-in parameter-free layers before it have no gradients to fill, and
+        Dense / Conv2D skip their input gradient there (a first Dense layer's
+        grad_x GEMM is as large as its grad_W one)."""
+        self.first_trained, self.first_backward = len(layers), None
+        for i, (layer, tutorial) in enumerate(self.steps):
+            if tutorial or _layer_params(layer) or not _builtin(layer):
+                self.first_trained = i
+                break
+        if self.first_trained < len(layers):
+            first = layers[self.first_trained]
+            if isinstance(first, (Dense, Conv2D)) and _builtin(first):
+                self.first_backward = lambda g, lr, b=first.backward: b(g, need_grad_x=False)
+            else:
+                self.first_backward = self.backwards[self.first_trained]
+
     def matches(self, layers):
         """Still the plan of ``layers`` (the same layer objects, in the same order)?"""
         return self.layers == layers       # element-wise `is` first, in C
+
+
+def _keep_output(relu, y):
+    """A ReLU fused into the Dense before it: y is already its output; keep it for backward."""
+    relu.output = y
+    return y
+
+
+class _Epoch:
+    """One pass of ``fit`` over its batches: ``Network._step`` (``train_step``) per batch,
+    then the epoch's loss (the mean of the batch losses) and metrics; progress shown as
+    a bar, the tutorial's line or nothing."""
+
+    def __init__(self, network, x, y, batch_size, shuffle, rng, classes, callbacks):
+        self.network, self.x, self.y = network, x, y
+        self.batch_size, self.shuffle, self.rng, self.classes = batch_size, shuffle, rng, classes
+        self.n_batches = -(-len(x) // batch_size)
+        self.batch_end = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
+        self.bar = None
+
+    def run(self, epoch, epochs, verbose):
+        """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
+        from . import data
+        net = self.network
+        tutorial = net._style == "use"
+        if verbose == 1 and not tutorial:
+            self.bar = net._progress_bar(epoch, epochs, self.n_batches)
+        to_device = net._device != "cpu"
+        total, outputs, targets = 0.0, [], []
+        try:
+            for b, (xb, yb) in enumerate(data.batches(self.x, self.y, self.batch_size,
+                                                      shuffle=self.shuffle, seed=self.rng)):
+                if to_device:
+                    xb = backend.to_device(xb, net._device)
+                    yb = backend.to_device(yb, net._device)
+                try:
+                    loss, out = net._step(xb, yb)
+                except FloatingPointError as exc:
+                    raise FloatingPointError(f"Network.fit: at epoch {epoch}, batch {b + 1} of "
+                                             f"{self.n_batches}, {exc}") from None
+                total += loss
+                if net.metrics:
+                    outputs.append(out.argmax(axis=1) if self.classes else out)
+                    targets.append(yb)
+                for cb in self.batch_end:
+                    cb.on_batch_end(net, b + 1, {"loss": loss})
+                if self.bar is not None:
+                    self.bar.update(1)
+                    if b % 50 == 0:
+                        self.bar.set_postfix(loss=f"{total / (b + 1):.4f}", refresh=False)
+        except BaseException:
+            self._close_bar()
+            raise
+        logs = {"loss": total / self.n_batches}
+        if net.metrics:
+            xp = backend.get_array_module(outputs[0])
+            logs.update(net._metric_values(xp.concatenate(targets), xp.concatenate(outputs)))
+        return logs
+
+    def report(self, epoch, epochs, logs, verbose):
+        """Show an epoch's logs: on its bar, as the tutorial's line (``use()``), or a line
+        (``verbose >= 2``)."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
+            self._close_bar()
+        elif self.network._style == "use" and verbose == 1:
+            extra = "".join(f"   {k}={v:f}" for k, v in logs.items() if k != "loss")
+            print("epoch %d/%d    error=%f%s" % (epoch, epochs, logs["loss"], extra))
+        elif verbose >= 2:
+            print(f"epoch {epoch}/{epochs} - "
+                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class _TutorialStep:
@@ -807,34 +825,6 @@ class _TutorialStep:
             grad = grad[:, 0]
         grad_x = self.layer.backward_propagation(grad, learning_rate)
         return grad_x[:, None] if self.rows and grad_x.ndim == 2 else grad_x
-
-
-def _dense_chain(layers):
-    """``[(dense, relu), ...]`` when ``layers`` are Dense (ReLU)? ... Dense of fastnn's own
-    classes, else None."""
-    chain = []
-    for layer in layers:
-        if type(layer) in (Dense, FCLayer):
-            chain.append((layer, False))
-        elif type(layer) is ReLU and chain and not chain[-1][1]:
-            chain[-1] = (chain[-1][0], True)
-        else:
-            return None
-    return chain or None
-
-
-def _keep_chain_state(layers, x, outputs):
-    """Give a Dense/ReLU chain's ``layers`` what their own forward on ``x`` keeps, from
-    each Dense layer's outputs before and after its ReLU, ``[z0, y0, z1, y1, ...]``
-    (mlp_forward's): a Dense layer its input and output, a ReLU its output."""
-    k, inp = -2, x
-    for layer in layers:
-        if type(layer) is ReLU:
-            layer.output = inp = outputs[k + 1]
-        else:
-            k += 2
-            layer.input = layer._x2 = inp
-            layer.output = inp = outputs[k]
 
 
 def _builtin(layer):

@@ -10,8 +10,7 @@ import math
 
 import numpy as np
 
-from . import backend
-from .kernels import _cuda
+from . import backend, kernels
 
 __all__ = ["Optimizer", "SGD", "Adam", "Schedule", "StepLR", "ExponentialLR", "CosineAnnealingLR",
            "get"]
@@ -26,37 +25,36 @@ def nonnegative(value, name, who):
     return float(value)
 
 
-def _compiled_cpu():
-    """The compiled CPU kernels when they are the backend in use, else None (NumPy)."""
-    if backend.current() != "cpu":
-        return None
-    from .kernels import _cpu
-    return _cpu
-
 
 class Optimizer:
-    """Base class: ``step(params, grads, decay)`` updates ``params`` in place."""
+    """Base class. ``step(params, grads, decay=None)`` updates each array of ``params``
+    in place from the gradient array of the same index in ``grads``.
+
+    This is the one place where gradients pass between the layers' backward and
+    the update (``Network.train_step`` calls it once per batch): a wrapper that
+    averages gradients across processes or clips them wraps an optimizer's
+    ``step``. ``decay[i]`` says whether parameter i is a weight (weight decay and
+    L1 apply to weights only); None means every parameter is. The update rules
+    themselves are kernels (``fastnn.kernels.sgd_step`` / ``adam_step``), so they
+    run on every backend and device. State (momentum buffers, Adam moments) lives
+    here, aligned with ``params``, on the parameters' device.
+    """
 
     def __init__(self, lr, schedule=None):
         self.lr = nonnegative(lr, "lr", type(self).__name__)
         self.state = None          # per-parameter state, aligned with the params list
-        self._tmp = None           # per-parameter scratch buffers (no allocation per step)
+        self._shapes = None        # [(shape, dtype)] of the params the state was made for
         self.schedule = schedule
         if schedule is not None:
             schedule.bind(self)
 
     def _prepare(self, params):
         """(Re)create the state when the parameters' count, shapes or dtypes changed."""
-        tmp = self._tmp
-        if tmp is not None and len(tmp) == len(params):
-            for t, p in zip(tmp, params):
-                if t.shape != p.shape or t.dtype != p.dtype:
-                    break
-            else:
-                return
-        self.state = [None] * len(params)
-        self._tmp = [backend.get_array_module(p).empty_like(p) for p in params]
-        self._init_state(params)
+        shapes = [(p.shape, p.dtype) for p in params]
+        if shapes != self._shapes:
+            self._shapes = shapes
+            self.state = [None] * len(params)
+            self._init_state(params)
 
     def _init_state(self, params):
         pass
@@ -64,7 +62,7 @@ class Optimizer:
     def reset(self):
         """Forget all state (momentum buffers, moments, step count)."""
         self.state = None
-        self._tmp = None
+        self._shapes = None
 
     def step(self, params, grads, decay=None):
         """Update each array of ``params`` in place from ``grads`` (same order and shapes)."""
@@ -74,11 +72,12 @@ class Optimizer:
         """Move the state to ``device`` ("cpu" or "cuda")."""
         if self.state is not None:
             self.state = [self._move(s, device) for s in self.state]
-            self._tmp = [backend.to_device(t, device) for t in self._tmp]
         return self
 
     @staticmethod
     def _move(s, device):
+        if s is None:
+            return None
         if isinstance(s, tuple):
             return tuple(backend.to_device(a, device) for a in s)
         return backend.to_device(s, device)
@@ -91,7 +90,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent, PyTorch's rule (dampening 0).
+    """Stochastic gradient descent, PyTorch's rule (dampening 0), one
+    ``fastnn.kernels.sgd_step`` per parameter:
 
     g = grad + weight_decay * W + l1 * sign(W)        (weights only)
     buf = g (first step), else momentum * buf + g
@@ -110,65 +110,15 @@ class SGD(Optimizer):
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         super().__init__(lr, schedule)
 
-    def _compiled_args(self, i, p, weight):
-        """``(momentum buffer or None, first step?, weight_decay, l1)`` of parameter i (the
-        NumPy array ``p``; ``weight``: weight decay and L1 apply) for the compiled rule
-        (``kernels._cpu.sgd_step``); the buffer is made on the parameter's first step."""
-        buf, first = self.state[i], False
-        if self.momentum and buf is None:
-            buf, first = np.empty_like(p), True
-            self.state[i] = buf
-        return (buf if self.momentum else None, first, self.weight_decay if weight else 0.0,
-                self.l1 if weight else 0.0)
-
     def step(self, params, grads, decay=None):
         self._prepare(params)
-        lr, mom = self.lr, self.momentum
-        regularised = self.weight_decay or self.l1
-        compiled = _compiled_cpu()
+        state = self.state
         for i, (p, g) in enumerate(zip(params, grads)):
-            if type(p) is not np.ndarray and backend.is_cuda_array(p):   # one fused CUDA kernel
-                decayed = regularised and (decay is None or decay[i])
-                self.state[i] = _cuda.sgd_step(
-                    p, g, self.state[i], lr, mom, self.weight_decay if decayed else 0.0,
-                    self.l1 if decayed else 0.0, self.nesterov)
-                continue
-            if (compiled is not None and type(g) is np.ndarray and g.dtype is p.dtype
-                    and g.shape == p.shape and p.flags.c_contiguous and g.flags.c_contiguous):
-                # one compiled pass over p, g and the momentum buffer (the NumPy
-                # sequence below makes four)
-                buf, first, weight_decay, l1 = self._compiled_args(i, p, decay is None or decay[i])
-                compiled.sgd_step(p, g, buf, lr, mom, weight_decay, l1, self.nesterov, first)
-                continue
-            tmp = self._tmp[i]
-            if regularised and (decay is None or decay[i]):
-                if self.weight_decay:
-                    np.multiply(p, self.weight_decay, out=tmp)
-                    tmp += g
-                else:
-                    tmp[...] = g
-                if self.l1:
-                    tmp += self.l1 * np.sign(p)
-                g = tmp
-            if mom:
-                buf = self.state[i]
-                if buf is None:
-                    buf = self.state[i] = g.copy()
-                else:
-                    buf *= mom
-                    buf += g
-                if self.nesterov:
-                    if g is not tmp:
-                        tmp[...] = g
-                    tmp += mom * buf
-                    g = tmp
-                else:
-                    g = buf
-            if g is tmp:
-                tmp *= lr
-            else:
-                np.multiply(g, lr, out=tmp)
-            p -= tmp
+            weight = decay is None or decay[i]
+            state[i] = kernels.sgd_step(
+                p, g, state[i], lr=self.lr, momentum=self.momentum,
+                weight_decay=self.weight_decay if weight else 0.0,
+                l1=self.l1 if weight else 0.0, nesterov=self.nesterov)
 
     def get_config(self):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
@@ -176,7 +126,8 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam, PyTorch's rule (L2 ``weight_decay`` added to the gradient, weights only).
+    """Adam, PyTorch's rule (L2 ``weight_decay`` added to the gradient, weights only),
+    one ``fastnn.kernels.adam_step`` per parameter:
 
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     W -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -206,31 +157,11 @@ class Adam(Optimizer):
         self._prepare(params)
         self.t += 1
         b1, b2 = self.betas
-        step_size = self.lr / (1 - b1 ** self.t)
-        sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
         for i, (p, g) in enumerate(zip(params, grads)):
-            if type(p) is not np.ndarray and backend.is_cuda_array(p):   # one fused CUDA kernel
-                decayed = self.weight_decay and (decay is None or decay[i])
-                _cuda.adam_step(p, g, *self.state[i], step_size, self.betas, 1 / sqrt_bc2,
-                                self.eps, self.weight_decay if decayed else 0.0)
-                continue
             m, v = self.state[i]
-            tmp = self._tmp[i]
-            if self.weight_decay and (decay is None or decay[i]):
-                g = g + self.weight_decay * p
-            m *= b1
-            np.multiply(g, 1 - b1, out=tmp)
-            m += tmp
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1 - b2
-            v += tmp
-            np.sqrt(v, out=tmp)
-            tmp *= 1 / sqrt_bc2
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
+            weight = decay is None or decay[i]
+            kernels.adam_step(p, g, m, v, lr=self.lr, step=self.t, beta1=b1, beta2=b2,
+                              eps=self.eps, weight_decay=self.weight_decay if weight else 0.0)
 
     def get_config(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,

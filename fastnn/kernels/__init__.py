@@ -6,6 +6,8 @@ CUDA kernels (``_cuda``). Every implementation module exposes the same
 functions with the same (already validated) arguments, so this file is the
 only place where bad input is caught.
 """
+import math
+
 import numpy as np
 
 from .. import backend
@@ -15,7 +17,7 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "avgpool2d_forward", "avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
-           "conv_output_size", "pair"]
+           "sgd_step", "adam_step", "conv_output_size", "pair"]
 
 conv_output_size = _reference.conv_output_size
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -273,22 +275,29 @@ def _dense_shapes(who, x, W):
                          f"(x {tuple(x.shape)}, W {tuple(W.shape)})")
 
 
-def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b."""
+def dense_forward(x, W, b, relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b.
+
+    ``relu=True`` fuses a following ReLU: y = max(x @ W + b, 0), the bits of
+    ``relu_forward(dense_forward(x, W, b))`` (the compiled kernel applies it on
+    the GEMM's tiles)."""
     _dense_shapes("dense_forward", x, W)
     if b is not None:
         _same_kind("dense_forward", x, b=b)
         if tuple(b.shape) != (W.shape[1],):
             raise ValueError(f"dense_forward: b must have shape ({W.shape[1]},), got {tuple(b.shape)}")
     x, W, b = _contiguous(x, W, b)
+    if relu:
+        return _impl(x).dense_forward(x, W, b, True)
     return _impl(x).dense_forward(x, W, b)
 
 
-def dense_backward(grad_y, x, W, *, need_grad_x=True):
+def dense_backward(grad_y, x, W, *, need_grad_x=True, relu_x=False):
     """grad_y: (N, O), x: (N, I), W: (I, O) -> (grad_x (N, I), grad_W (I, O), grad_b (O,)).
 
     ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM and returns
-    None in its place."""
+    None in its place. ``relu_x=True`` (x is a ReLU's output) fuses that ReLU's
+    backward: grad_x is ``relu_backward(grad_y @ W.T, x)``."""
     _dense_shapes("dense_backward", x, W)
     _float_array(grad_y, "dense_backward", "grad_y", 2)
     _same_kind("dense_backward", x, grad_y=grad_y)
@@ -296,6 +305,8 @@ def dense_backward(grad_y, x, W, *, need_grad_x=True):
         raise ValueError(f"dense_backward: grad_y must have shape {(x.shape[0], W.shape[1])}, "
                          f"got {tuple(grad_y.shape)}")
     grad_y, x, W = _contiguous(grad_y, x, W)
+    if relu_x:
+        return _impl(x).dense_backward(grad_y, x, W, need_grad_x, True)
     return _backward(_impl(x), "dense_backward", need_grad_x, grad_y, x, W)
 
 
@@ -390,3 +401,76 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
         raise ValueError(f"{who}: grad_y must have shape {expected}, got {tuple(grad_y.shape)}")
     grad_y, x, W = _contiguous(grad_y, x, W)
     return _backward(_impl(x), "conv2d_backward", need_grad_x, grad_y, x, W, stride, padding)
+
+
+# --- update rules ------------------------------------------------------------------------
+def _parameter_update(who, param, **arrays):
+    """Check an update's arrays: ``param`` a writeable C-contiguous float array, and each
+    of ``arrays`` (gradient, state; None skipped) of its shape, dtype and device, state
+    C-contiguous and writeable; none of the state may overlap ``param``."""
+    _float_array(param, who, "param")
+    if not param.flags.c_contiguous or not param.flags.writeable:
+        raise ValueError(f"{who}: param must be a writeable C-contiguous array "
+                         f"(C-contiguous: {param.flags.c_contiguous}, writeable: "
+                         f"{param.flags.writeable})")
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        _same_kind(who, param, **{name: a})
+        if tuple(a.shape) != tuple(param.shape):
+            raise ValueError(f"{who}: {name} must have the shape of param {tuple(param.shape)}, "
+                             f"got {tuple(a.shape)}")
+        if name != "grad" and (not a.flags.c_contiguous or not a.flags.writeable):
+            raise ValueError(f"{who}: {name} must be a writeable C-contiguous array")
+        if name != "grad" and backend.get_array_module(a).may_share_memory(a, param):
+            raise ValueError(f"{who}: {name} must not share memory with param")
+
+
+def sgd_step(param, grad, buf=None, *, lr, momentum=0.0, weight_decay=0.0, l1=0.0,
+             nesterov=False):
+    """One SGD update of ``param`` in place, PyTorch's rule (dampening 0):
+
+    d = grad + weight_decay * param + l1 * sign(param);
+    buf = d (first step: ``buf`` None) or momentum * buf + d;
+    d = d + momentum * buf (nesterov) or buf;  param -= lr * d.
+
+    param, grad, buf: same shape and dtype. Returns the momentum buffer (a new
+    array on the first step; None without momentum). One pass over memory.
+    """
+    who = "sgd_step"
+    _parameter_update(who, param, grad=grad, buf=buf)
+    if buf is not None and not momentum:
+        raise ValueError(f"{who}: a momentum buffer was given but momentum is 0")
+    grad, = _contiguous(grad)
+    impl = _impl(param)
+    if impl.__name__ == "fastnn.kernels._cpu":      # its buffer is made here, filled there
+        first = momentum and buf is None
+        if first:
+            buf = np.empty_like(param)
+        impl.sgd_step(param, grad, buf if momentum else None, lr, momentum, weight_decay, l1,
+                      nesterov, bool(first))
+        return buf if momentum else None
+    return impl.sgd_step(param, grad, buf, lr, momentum, weight_decay, l1, nesterov)
+
+
+def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.0):
+    """One Adam update (PyTorch's rule) of ``param`` and its moments ``m``, ``v`` in place,
+    at ``step`` t >= 1 (the bias corrections' exponent):
+
+    g = grad + weight_decay * param;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+    param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+
+    param, grad, m, v: same shape and dtype.
+    """
+    who = "adam_step"
+    _parameter_update(who, param, grad=grad, m=m, v=v)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"{who}: step must be an int >= 1, got {step!r}")
+    if backend.get_array_module(m).may_share_memory(m, v):
+        raise ValueError(f"{who}: m and v must not share memory")
+    grad, = _contiguous(grad)
+    step_size = lr / (1 - beta1 ** step)
+    inv_sqrt_bc2 = 1 / math.sqrt(1 - beta2 ** step)
+    _impl(param).adam_step(param, grad, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps,
+                           weight_decay)

@@ -255,17 +255,23 @@ def relu_backward(grad_y, y, out=None):
     return out
 
 
-def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b."""
+def dense_forward(x, W, b, relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b, then
+    ``relu_forward(y)`` when ``relu`` (a Dense layer followed by a ReLU, fused)."""
     y = x @ W
     if b is not None:
         y += b
-    return y
+    return relu_forward(y, out=y) if relu else y
 
 
-def dense_backward(grad_y, x, W, need_grad_x=True):
-    """grad_y: (N, O) -> (grad_x: (N, I) or None, grad_W: (I, O), grad_b: (O,))."""
+def dense_backward(grad_y, x, W, need_grad_x=True, relu_x=False):
+    """grad_y: (N, O) -> (grad_x: (N, I) or None, grad_W: (I, O), grad_b: (O,)).
+
+    ``relu_x``: x is the output of a ReLU, whose backward is fused here:
+    grad_x becomes ``relu_backward(grad_y @ W.T, x)``."""
     grad_x = grad_y @ W.T if need_grad_x else None
+    if grad_x is not None and relu_x:
+        grad_x = relu_backward(grad_x, x)
     return grad_x, x.T @ grad_y, grad_y.sum(axis=0)
 
 
@@ -290,3 +296,43 @@ def softmax_cross_entropy(logits, labels):
         grad = p - labels
     grad /= n
     return logits.dtype.type(loss), grad.astype(logits.dtype, copy=False)
+
+
+def sgd_step(p, g, buf, lr, momentum, weight_decay, l1, nesterov):
+    """PyTorch's SGD rule (dampening 0) on one parameter ``p``, in place.
+
+    d = g + weight_decay * p + l1 * sign(p);  buf = d on the first step (``buf`` None),
+    else momentum * buf + d;  d = d + momentum * buf (nesterov) or buf;  p -= lr * d.
+    Returns the momentum buffer (None without momentum). Scalars are rounded to p's dtype
+    and each operation rounds, in this order (the compiled and CUDA kernels' order).
+    """
+    d = g
+    if weight_decay:
+        d = d + p * weight_decay
+    if l1:
+        d = d + l1 * np.sign(p)
+    if momentum:
+        if buf is None:
+            buf = d.copy()
+        else:
+            buf *= momentum
+            buf += d
+        d = d + momentum * buf if nesterov else buf
+    p -= lr * d
+    return buf if momentum else None
+
+
+def adam_step(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay):
+    """PyTorch's Adam rule on one parameter ``p`` and its moments ``m``, ``v``, in place.
+
+    g = g + weight_decay * p;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;
+    p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps), with ``step_size = lr / (1 - beta1^t)``
+    and ``inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t)`` at step t.
+    """
+    if weight_decay:
+        g = g + weight_decay * p
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    p -= step_size * (m / (np.sqrt(v) * inv_sqrt_bc2 + eps))

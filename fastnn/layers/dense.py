@@ -57,7 +57,10 @@ class Dense(Layer):
         raise ValueError(f"{self._name()}: expected input of shape (..., {self.in_features}), "
                          f"got {tuple(x.shape)}")
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, *, relu=False):
+        """x: (..., in_features) -> y: (..., out_features). ``relu=True`` (the Network
+        passes it when a ReLU layer follows) returns max(y, 0), the ReLU fused into
+        the kernel."""
         params = self.params
         W = params["W"]
         b = params.get("b")
@@ -78,13 +81,17 @@ class Dense(Layer):
             x2 = contiguous(x if x.ndim == 2 else x.reshape(-1, self.in_features))
         self.input = x
         self._x2 = x2
-        y = kernel_impl(x2).dense_forward(x2, W, b)
+        impl = kernel_impl(x2)
+        y = impl.dense_forward(x2, W, b, True) if relu else impl.dense_forward(x2, W, b)
         self.output = y if x.ndim == 2 else y.reshape(x.shape[:-1] + (self.out_features,))
         return self.output
 
-    def backward(self, grad_y, need_grad_x=True):
-        """grad_y -> grad_x; ``need_grad_x=False`` (a network's first layer in training)
-        skips grad_x's GEMM and returns None."""
+    def backward(self, grad_y, need_grad_x=True, *, relu_x=False):
+        """grad_y: (..., out_features) -> grad_x: (..., in_features); fills ``grads``.
+
+        ``need_grad_x=False`` (a network's first layer in training) skips grad_x's GEMM
+        and returns None. ``relu_x=True`` (the Network passes it when this layer's input
+        is a ReLU's output) applies that ReLU's backward to grad_x, fused."""
         x2 = self._x2
         if x2 is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
@@ -101,8 +108,11 @@ class Dense(Layer):
                              f"{tuple(self.input.shape[:-1]) + (self.out_features,)}, "
                              f"got {tuple(grad_y.shape)}")
         g2 = contiguous(grad_y if grad_y.ndim == 2 else grad_y.reshape(-1, self.out_features))
-        grad_x, grad_W, grad_b = kernels._backward(kernel_impl(g2), "dense_backward",
-                                                   need_grad_x, g2, x2, W)
+        if relu_x and need_grad_x:
+            grad_x, grad_W, grad_b = kernel_impl(g2).dense_backward(g2, x2, W, True, True)
+        else:
+            grad_x, grad_W, grad_b = kernels._backward(kernel_impl(g2), "dense_backward",
+                                                       need_grad_x, g2, x2, W)
         self.grads["W"] = grad_W
         if self.use_bias:
             self.grads["b"] = grad_b

@@ -1,0 +1,145 @@
+"""fastnn.kernels.sgd_step / adam_step, the update rules every optimizer runs: the NumPy
+reference against PyTorch's rules written out, and every backend (compiled CPU, CUDA where
+present) against the reference on the same cases, float32 and float64."""
+import numpy as np
+import pytest
+
+from fastnn import backend, kernels
+
+BACKENDS = [b for b in ("numpy", "cpu", "cuda") if b in backend.available()]
+SIZES = [0, 1, 7, 1000, 70001]          # 70001: blocks over the worker pool, and a tail
+SGD_CASES = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
+             dict(lr=0.1, weight_decay=0.01, l1=0.001),
+             dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.05, l1=0.01)]
+ADAM_CASES = [dict(lr=0.01), dict(lr=0.05, beta1=0.8, beta2=0.99, eps=1e-6),
+              dict(lr=0.01, weight_decay=0.1)]
+
+
+def on(name, a):
+    """``a`` (a NumPy array) as backend ``name`` takes it."""
+    return backend.to_device(a, "cuda") if name == "cuda" else a.copy()
+
+
+def host(a):
+    return None if a is None else np.asarray(backend.to_device(a, "cpu"))
+
+
+def run(name, fn, *args, **kwargs):
+    previous = backend.current()
+    backend.use("numpy" if name == "numpy" else "cpu")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        backend.use(previous)
+
+
+def sgd_trajectory(name, n, dtype, steps=3, **kwargs):
+    rng = np.random.default_rng(n)
+    p = on(name, rng.standard_normal(n).astype(dtype))
+    buf = None
+    for k in range(steps):
+        g = on(name, rng.standard_normal(n).astype(dtype))
+        buf = run(name, kernels.sgd_step, p, g, buf, **kwargs)
+    return host(p), host(buf)
+
+
+def adam_trajectory(name, n, dtype, steps=3, **kwargs):
+    rng = np.random.default_rng(n)
+    p = on(name, rng.standard_normal(n).astype(dtype))
+    m, v = on(name, np.zeros(n, dtype)), on(name, np.zeros(n, dtype))
+    for t in range(1, steps + 1):
+        g = on(name, rng.standard_normal(n).astype(dtype))
+        run(name, kernels.adam_step, p, g, m, v, step=t, **kwargs)
+    return host(p), host(m), host(v)
+
+
+def assert_same(got, want, dtype, name):
+    """The compiled kernels give the reference's bits in float64 (element-wise, same order
+    of operations); float32 and CUDA (which may contract into FMAs) to round-off."""
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        elif dtype == np.float64 and name == "cpu":
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=2e-6 if dtype == np.float32 else 1e-14,
+                                       atol=1e-6 if dtype == np.float32 else 1e-14)
+
+
+def test_sgd_reference_is_torchs_rule():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(50)
+    grads = [rng.standard_normal(50) for _ in range(4)]
+    kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    t = torch.tensor(p0.copy(), requires_grad=True)
+    opt = torch.optim.SGD([t], **kw)
+    p, buf = p0.copy(), None
+    for g in grads:
+        t.grad = torch.tensor(g)
+        opt.step()
+        buf = run("numpy", kernels.sgd_step, p, g, buf, **kw)
+    np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_adam_reference_is_torchs_rule():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(50)
+    grads = [rng.standard_normal(50) for _ in range(4)]
+    t = torch.tensor(p0.copy(), requires_grad=True)
+    opt = torch.optim.Adam([t], lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    p, m, v = p0.copy(), np.zeros(50), np.zeros(50)
+    for step, g in enumerate(grads, 1):
+        t.grad = torch.tensor(g)
+        opt.step()
+        run("numpy", kernels.adam_step, p, g, m, v, lr=0.01, step=step, beta1=0.8, beta2=0.99,
+            eps=1e-6, weight_decay=0.1)
+    np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kwargs", SGD_CASES, ids=lambda k: ",".join(sorted(k)))
+def test_sgd_step_matches_reference(name, dtype, n, kwargs):
+    assert_same(sgd_trajectory(name, n, dtype, **kwargs),
+                sgd_trajectory("numpy", n, dtype, **kwargs), dtype, name)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kwargs", ADAM_CASES, ids=lambda k: ",".join(sorted(k)))
+def test_adam_step_matches_reference(name, dtype, n, kwargs):
+    assert_same(adam_trajectory(name, n, dtype, **kwargs),
+                adam_trajectory("numpy", n, dtype, **kwargs), dtype, name)
+
+
+@pytest.mark.parametrize("name", ["numpy", "cpu"])
+def test_update_kernels_refuse_bad_arrays(name):
+    p = np.zeros(6, np.float32)
+    g = np.ones(6, np.float32)
+    readonly = np.zeros(6, np.float32)
+    readonly.flags.writeable = False
+    bad = [
+        (dict(param=readonly, grad=g), ValueError, "writeable"),
+        (dict(param=np.zeros(12, np.float32)[::2], grad=g), ValueError, "C-contiguous"),
+        (dict(param=p, grad=np.ones(5, np.float32)), ValueError, "shape"),
+        (dict(param=p, grad=np.ones(6, np.float64)), TypeError, "dtype"),
+        (dict(param=p, grad=g, buf=p[:]), ValueError, "share memory"),
+        (dict(param=np.zeros(6, np.int32), grad=g), TypeError, "float32 or float64"),
+    ]
+    for args, error, message in bad:
+        with pytest.raises(error, match=message):
+            run(name, kernels.sgd_step, lr=0.1, momentum=0.9 if "buf" in args else 0.0, **args)
+    with pytest.raises(ValueError, match="momentum is 0"):
+        run(name, kernels.sgd_step, p, g, np.zeros(6, np.float32), lr=0.1)
+    m, v = np.zeros(6, np.float32), np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="step"):
+        run(name, kernels.adam_step, p, g, m, v, lr=0.1, step=0)
+    with pytest.raises(ValueError, match="m and v"):
+        run(name, kernels.adam_step, p, g, m, m, lr=0.1, step=1)
+    with pytest.raises(ValueError, match="share memory"):
+        run(name, kernels.adam_step, p, g, p, v, lr=0.1, step=1)
+    np.testing.assert_array_equal(p, 0)           # nothing was written by a refused call
