@@ -9,7 +9,9 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import zipfile
 
 import numpy as np
@@ -319,7 +321,9 @@ class Network:
             raise ValueError(f"{who}: no optimizer: call compile(loss, optimizer) first")
         x = self._as_input(x, who)
         y = self._as_target(y, len(x), self._probe(x, who), who)
-        loss, out = self._step(x, y)
+        with _StepBoundary() as boundary:
+            loss, out = self._step(x, y)
+        boundary.raise_if_interrupted(f"{who}: interrupted; the step was applied whole")
         logs = {"loss": loss}
         if self.metrics:
             logs.update(self._metric_values(y, out))
@@ -388,6 +392,18 @@ class Network:
         epoch_run = _Epoch(self, x, y, batch_size, shuffle, rng, classes, callbacks)
         history = self.history = History()
         self.stop_training = False
+        with _StepBoundary() as epoch_run.boundary:
+            self._fit_epochs(epoch_run, epochs, val, callbacks, verbose)
+        epoch_run.boundary.raise_if_interrupted("Network.fit: interrupted at the end of "
+                                                "training, after its last whole step")
+        # only after a complete run (as Keras): after a FloatingPointError the
+        # parameters stay as they were before the failing step
+        for cb in callbacks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(self)
+        return history
+
+    def _fit_epochs(self, epoch_run, epochs, val, callbacks, verbose):
         for epoch in range(1, epochs + 1):
             for cb in callbacks:
                 if hasattr(cb, "on_epoch_begin"):
@@ -395,19 +411,13 @@ class Network:
             logs = epoch_run.run(epoch, epochs, verbose)
             if val is not None:
                 logs.update({"val_" + k: v for k, v in self._evaluate(*val).items()})
-            history._append(epoch, logs)
+            self.history._append(epoch, logs)
             epoch_run.report(epoch, epochs, logs, verbose)
             for cb in callbacks:
                 if hasattr(cb, "on_epoch_end"):
                     cb.on_epoch_end(self, epoch, logs)
             if self.stop_training:
                 break
-        # only after a complete run (as Keras): after a FloatingPointError the
-        # parameters stay as they were before the failing step
-        for cb in callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
-        return history
 
     def _validation_data(self, validation_data, who):
         """``validation_data`` checked (and kept on the host), or None."""
@@ -735,6 +745,36 @@ def _keep_output(relu, y):
     return y
 
 
+class _StepBoundary:
+    """Ctrl-C (SIGINT) inside it takes effect at the next step boundary, so a step is
+    applied whole or not at all: the first SIGINT is noted and raised as
+    KeyboardInterrupt by ``raise_if_interrupted`` (called between steps); a second one
+    interrupts at once. Only in the main thread, and only while SIGINT has Python's
+    default handler (a handler of the user's own is left alone)."""
+
+    def __enter__(self):
+        self.pending, self.previous = False, None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def raise_if_interrupted(self, message):
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt(message)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
 class _Epoch:
     """One pass of ``fit`` over its batches: ``Network._step`` (``train_step``) per batch,
     then the epoch's loss (the mean of the batch losses) and metrics; progress shown as
@@ -746,6 +786,7 @@ class _Epoch:
         self.n_batches = -(-len(x) // batch_size)
         self.batch_end = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         self.bar = None
+        self.boundary = None       # fit's _StepBoundary
 
     def run(self, epoch, epochs, verbose):
         """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
@@ -759,6 +800,9 @@ class _Epoch:
         try:
             for b, (xb, yb) in enumerate(data.batches(self.x, self.y, self.batch_size,
                                                       shuffle=self.shuffle, seed=self.rng)):
+                self.boundary.raise_if_interrupted(
+                    f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
+                    f"{self.n_batches}; the parameters are those after the last whole step")
                 if to_device:
                     xb = backend.to_device(xb, net._device)
                     yb = backend.to_device(yb, net._device)

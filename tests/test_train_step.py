@@ -1,0 +1,174 @@
+"""Network.train_step, the one step every network takes (fit runs it per batch), the
+optimizer seam it ends in, the Dense+ReLU fusion inside it, and Ctrl-C at step boundaries."""
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import backend, optim
+from _helpers import run_python
+
+BACKENDS = ["numpy", "cpu"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    previous = backend.current()
+    backend.use(request.param)
+    yield request.param
+    backend.use(previous)
+
+
+def blobs(n=48, features=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.standard_normal((n, features)) + 2 * np.eye(classes, features)[y]
+    return x, y
+
+
+class Identity(fn.Layer):
+    """A user layer between two built-in ones: it stops the plan from fusing them."""
+
+    def forward(self, x, training=True):
+        return x
+
+    def backward(self, grad_y):
+        return grad_y
+
+
+def mlp(dtype, unfused=False, seed=0):
+    gap = (lambda: [Identity()]) if unfused else (lambda: [])
+    layers = [fn.Dense(6, 9, seed=seed, dtype=dtype), *gap(), fn.ReLU(), *gap(),
+              fn.Dense(9, 7, seed=seed + 1, dtype=dtype), *gap(), fn.ReLU(), *gap(),
+              fn.Dense(7, 3, seed=seed + 2, dtype=dtype)]
+    return fn.Network(layers)
+
+
+def weights(net):
+    return [layer.params[name].copy() for layer, name in net.parameters()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_train_step_is_one_batch_of_fit(backend_name, dtype):
+    x, y = blobs()
+    a, b = mlp(dtype), mlp(dtype)
+    for net in (a, b):
+        net.compile("cross_entropy", optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01))
+    history = a.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0)
+    logs = b.train_step(x, y)
+    assert set(logs) == {"loss", "accuracy"}
+    assert logs["loss"] == history.history["loss"][0]
+    for p, q in zip(weights(a), weights(b)):
+        np.testing.assert_array_equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opt", [lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
+                                 lambda: optim.Adam(lr=0.01, weight_decay=0.01)],
+                         ids=["sgd", "adam"])
+def test_fused_dense_relu_steps_give_the_bits_of_the_layers_one_by_one(backend_name, dtype, opt):
+    """The plan fuses a ReLU into the Dense before it (forward) and the Dense after it
+    (backward); identity layers between them stop that fusion. Same bits either way."""
+    x, y = blobs()
+    fused, plain = mlp(dtype), mlp(dtype, unfused=True)
+    for net in (fused, plain):
+        net.compile("cross_entropy", opt())
+    h1 = fused.fit(x, y, epochs=3, batch_size=5, seed=3, verbose=0)
+    h2 = plain.fit(x, y, epochs=3, batch_size=5, seed=3, verbose=0)
+    assert h1.history == h2.history
+    for p, q in zip(weights(fused), weights(plain)):
+        np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(fused.predict(x), plain.predict(x))
+
+
+def test_every_update_passes_through_optimizer_step():
+    """The seam: an optimizer whose step does nothing leaves every parameter unchanged
+    (MLP, CNN with BatchNorm and Dropout), and its step sees each batch once."""
+    class Counting(optim.SGD):
+        calls = 0
+
+        def step(self, params, grads, decay=None):
+            Counting.calls += 1
+            assert len(params) == len(grads) == len(decay)
+            for p, g in zip(params, grads):
+                assert p.shape == g.shape
+
+    cnn = fn.Network([fn.Conv2D(1, 3, 3, padding=1, seed=0), fn.BatchNorm2d(3), fn.ReLU(),
+                      fn.MaxPool2D(2), fn.Flatten(), fn.Dropout(0.3, seed=0),
+                      fn.Dense(3 * 4 * 4, 3, seed=1)])
+    rng = np.random.default_rng(0)
+    cases = [(mlp("float32"), *blobs()),
+             (cnn, rng.standard_normal((20, 1, 8, 8)).astype(np.float32), rng.integers(0, 3, 20))]
+    for net, x, y in cases:
+        net.compile("cross_entropy", Counting(lr=0.1))
+        before = weights(net)
+        Counting.calls = 0
+        net.fit(x, y, epochs=2, batch_size=8, verbose=0)
+        assert Counting.calls == 2 * -(-len(x) // 8)
+        for p, q in zip(before, weights(net)):
+            np.testing.assert_array_equal(p, q)
+
+
+def test_train_step_checks_and_leaves_parameters_on_a_nan_loss():
+    x, y = blobs()
+    net = mlp("float64")
+    with pytest.raises(ValueError, match="compile"):
+        net.train_step(x, y)
+    net.compile("cross_entropy", optim.SGD(lr=0.1))
+    with pytest.raises(ValueError, match="same number of samples"):
+        net.train_step(x, y[:-1])
+    net.layers[0].params["W"][0, 0] = np.nan
+    before = weights(net)
+    with pytest.raises(FloatingPointError, match="parameters are left"):
+        net.train_step(x, y)
+    for p, q in zip(before, weights(net)):
+        np.testing.assert_array_equal(p, q)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_in_fit_stops_at_a_step_boundary():
+    """SIGINT at a random moment of fit: KeyboardInterrupt names the step, and the weights
+    are exactly those of an uninterrupted run of that many steps."""
+    code = r"""
+    import os, re, signal, threading, time
+    import numpy as np
+    import fastnn as fn
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 4000)
+    def make():
+        net = fn.Network([fn.Dense(64, 256, seed=0), fn.ReLU(), fn.Dense(256, 256, seed=1),
+                          fn.ReLU(), fn.Dense(256, 10, seed=2)])
+        net.compile("cross_entropy", fn.optim.SGD(lr=0.01, momentum=0.9))
+        return net
+    for trial in range(6):
+        net = make()
+        steps = []
+        class Count(fn.callbacks.Callback):
+            def on_batch_end(self, network, batch, logs):
+                steps.append(batch)
+        delay = 0.02 + 0.03 * trial
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            net.fit(x, y, epochs=50, batch_size=16, shuffle=False, verbose=0,
+                    callbacks=[Count()])
+            raise SystemExit("fit was not interrupted")
+        except KeyboardInterrupt as exc:
+            assert "interrupted before epoch" in str(exc), str(exc)
+        done = len(steps)
+        ref = make()
+        per_epoch = 4000 // 16
+        epochs, rest = divmod(done, per_epoch)
+        if epochs:
+            ref.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0)
+        for b in range(rest):
+            ref.train_step(x[b * 16:(b + 1) * 16], y[b * 16:(b + 1) * 16])
+        for (la, na), (lb, nb) in zip(net.parameters(), ref.parameters()):
+            assert np.array_equal(la.params[na], lb.params[nb]), (trial, done)
+        print("ok", trial, done)
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.count("ok") == 6
