@@ -770,11 +770,10 @@ class _Plan:
                 self.first_backward = self.backwards[self.first_trained]
         # Dense (ReLU)? ... Dense with fastnn's own classes: predict runs it in one
         # compiled call; None for any other network
-        self.dense_chain = _dense_chain(layers)
+        self.dense_chain = None       # the compiled chain engine is gone (issue 13)
         # the layers fit trains, when they are such a chain and the loss is softmax
         # cross-entropy on their output: fit's step runs in one compiled call
-        self.train_chain = (_dense_chain(layers[:self.n_train])
-                            if type(network.loss_fn) is losses.CrossEntropy else None)
+        self.train_chain = None
         self.dtype = np.dtype(np.float32)
         for layer in layers:
             params = _layer_params(layer)
