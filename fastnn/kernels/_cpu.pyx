@@ -1328,17 +1328,20 @@ def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray
     return grad_x, grad_gamma, grad_beta
 
 
-def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM (own kernel in
-    blocks over the worker pool, or BLAS, see the module docstring), the bias added on
-    the own kernel's tiles (else pre-broadcast, beta = 1: no second pass over y either
-    way); one sample: a GEMV, in slices over the worker pool when W is large."""
+def dense_forward(cnp.ndarray x, cnp.ndarray W, b, bint relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y (N, O) = x @ W + b, then max(y, 0)
+    when ``relu`` (the bits of relu_forward(dense_forward(x, W, b))): one GEMM (own
+    kernel in blocks over the worker pool, or BLAS, see the module docstring), the bias
+    and the ReLU on the own kernel's tiles (else the bias pre-broadcast, beta = 1, and
+    the ReLU in a pass over y); one sample: a GEMV, in slices over the worker pool when
+    W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = _output_array((n, o), x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
+    cdef void *pr = py if relu else NULL         # the ReLU in place, over y
     cdef bint single = _is_float32(x)
     cdef bint split
     cdef bint small = _dense_forward_plan(n, i, o, x.itemsize, &split)
@@ -1346,9 +1349,11 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
         if small:
             fnn_blas_single_begin()
         if single:
-            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split)
+            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split,
+                           <float*>pr)
         else:
-            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split)
+            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split,
+                           <double*>pr)
         if small:
             fnn_blas_single_end()
     return y
@@ -1402,10 +1407,13 @@ cdef bint _dense_backward_plan(int n, int i, int o, bint single, bint need_grad_
     return small
 
 
-def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True):
+def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True,
+                   bint relu_x=False):
     """-> (grad_x (N, I) or None, grad_W (I, O), grad_b (O,)): two GEMMs (one without
     grad_x), side by side over the worker pool when both are worth a thread (else each
-    threaded as in dense_forward), and a column sum."""
+    threaded as in dense_forward), and a column sum. ``relu_x``: x is the output of a
+    ReLU, whose backward is fused into grad_x's GEMM (0 where x is not > 0, on the own
+    kernel's tiles, else in a pass): the bits of relu_backward(grad_x, x)."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray grad_x = _output_array((n, i), x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = _output_array((i, o), x.dtype)
@@ -1416,6 +1424,7 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     cdef void *pgx = _data(grad_x) if need_grad_x else NULL
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
+    cdef void *pm = px if relu_x else NULL
     cdef bint single = _is_float32(x)
     cdef bint split, pair
     cdef bint small = _dense_backward_plan(n, i, o, single, need_grad_x,
@@ -1425,10 +1434,10 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
             fnn_blas_single_begin()
         if single:
             _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
-                            <float*>pgb, n, i, o, split, pair)
+                            <float*>pgb, n, i, o, split, pair, <float*>pm)
         else:
             _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
-                            <double*>pgb, n, i, o, split, pair)
+                            <double*>pgb, n, i, o, split, pair, <double*>pm)
         if small:
             fnn_blas_single_end()
     return grad_x, grad_w, grad_b

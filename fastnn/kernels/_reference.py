@@ -255,17 +255,24 @@ def relu_backward(grad_y, y, out=None):
     return out
 
 
-def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b."""
+def dense_forward(x, W, b, relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b, then max(y, 0)
+    when ``relu``."""
     y = x @ W
     if b is not None:
         y += b
+    if relu:
+        np.maximum(y, 0, out=y)
     return y
 
 
-def dense_backward(grad_y, x, W, need_grad_x=True):
-    """grad_y: (N, O) -> (grad_x: (N, I) or None, grad_W: (I, O), grad_b: (O,))."""
+def dense_backward(grad_y, x, W, need_grad_x=True, relu_x=False):
+    """grad_y: (N, O) -> (grad_x: (N, I) or None, grad_W: (I, O), grad_b: (O,)).
+    ``relu_x``: x is a ReLU's output and grad_x goes through that ReLU's backward too
+    (relu_backward: 0 where x is not > 0, NaN in x included)."""
     grad_x = grad_y @ W.T if need_grad_x else None
+    if grad_x is not None and relu_x:
+        relu_backward(grad_x, x, out=grad_x)
     return grad_x, x.T @ grad_y, grad_y.sum(axis=0)
 
 
