@@ -61,6 +61,7 @@ from cpython.ref cimport PyObject, _Py_REFCNT
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint64_t
+from libc.math cimport sqrt, sqrtf
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
@@ -1549,6 +1550,83 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
     _sgd_job_init(&job, p, g, buf, lr, momentum, weight_decay, l1, nesterov, first)
     with nogil:
         _sgd_run(&job)
+
+
+# --- Adam ---------------------------------------------------------------------------
+
+cdef void _adam_step(floating *p, const floating *g, floating *m, floating *v, long n,
+                     floating step_size, floating beta1, floating one_minus_beta1,
+                     floating beta2, floating one_minus_beta2, floating inv_sqrt_bc2,
+                     floating eps, floating weight_decay) noexcept nogil:
+    """Adam on n elements, one pass, in adam_step's order of operations."""
+    cdef long k
+    cdef floating d, mk, vk, root
+    for k in range(n):
+        d = g[k]
+        if weight_decay != 0:
+            d = d + weight_decay * p[k]
+        mk = beta1 * m[k] + one_minus_beta1 * d
+        vk = beta2 * v[k] + one_minus_beta2 * (d * d)
+        m[k] = mk
+        v[k] = vk
+        root = sqrtf(vk) if floating is float else sqrt(vk)
+        p[k] = p[k] - step_size * (mk / (root * inv_sqrt_bc2 + eps))
+
+
+ctypedef struct _adam_job:
+    bint single
+    void *p
+    const void *g
+    void *m
+    void *v
+    long n, block
+    double step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay
+
+
+cdef void _adam_task(void *ctx, long block) noexcept nogil:
+    """Elements [block * job.block, ...) of an _adam_job; the scalars rounded to the
+    dtype (1 - beta in double first, as NumPy does with a Python float)."""
+    cdef const _adam_job *job = <const _adam_job*>ctx
+    cdef long lo = block * job.block
+    cdef long count = min(job.block, job.n - lo)
+    if job.single:
+        _adam_step(<float*>job.p + lo, <const float*>job.g + lo, <float*>job.m + lo,
+                   <float*>job.v + lo, count, <float>job.step_size, <float>job.beta1,
+                   <float>(1.0 - job.beta1), <float>job.beta2, <float>(1.0 - job.beta2),
+                   <float>job.inv_sqrt_bc2, <float>job.eps, <float>job.weight_decay)
+    else:
+        _adam_step(<double*>job.p + lo, <const double*>job.g + lo, <double*>job.m + lo,
+                   <double*>job.v + lo, count, job.step_size, job.beta1, 1.0 - job.beta1,
+                   job.beta2, 1.0 - job.beta2, job.inv_sqrt_bc2, job.eps, job.weight_decay)
+
+
+def adam_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double step_size,
+              double beta1, double beta2, double inv_sqrt_bc2, double eps,
+              double weight_decay):
+    """PyTorch's Adam rule on one parameter, in place (p, m, v) and in one pass:
+    g = g + weight_decay * p (when weight_decay != 0); m = beta1 * m + (1 - beta1) * g;
+    v = beta2 * v + (1 - beta2) * (g * g); p -= step_size * (m / (sqrt(v) *
+    inv_sqrt_bc2 + eps)), in the parameter's dtype with the scalars rounded to it
+    (step_size = lr / (1 - beta1^t), inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t)). p, g, m, v:
+    C-contiguous, one shape and dtype (float32 or float64). From SGD_SPLIT_MIN elements,
+    blocks of SGD_BLOCK over the worker pool (element-wise: the same bits)."""
+    cdef _adam_job job
+    cdef cnp.ndarray a
+    for a in (g, m, v):
+        if a.dtype != p.dtype or a.size != p.size or not a.flags.c_contiguous:
+            raise ValueError(f"adam_step: g, m and v must be C-contiguous arrays of p's size "
+                             f"{p.size} and dtype {p.dtype}, got size {a.size}, {a.dtype}")
+    if p.dtype != np.float32 and p.dtype != np.float64 or not p.flags.c_contiguous:
+        raise ValueError(f"adam_step: p must be a C-contiguous float32 or float64 array, "
+                         f"got {p.dtype}")
+    job.n = p.size
+    job.p, job.g, job.m, job.v = _data(p), _data(g), _data(m), _data(v)
+    job.single = _is_float32(p)
+    job.step_size, job.beta1, job.beta2 = step_size, beta1, beta2
+    job.inv_sqrt_bc2, job.eps, job.weight_decay = inv_sqrt_bc2, eps, weight_decay
+    job.block = SGD_BLOCK if job.n >= SGD_SPLIT_MIN else max(job.n, 1)   # else one task
+    with nogil:
+        fnn_pool_run(_adam_task, &job, (job.n + job.block - 1) // job.block)
 
 
 DEF FINITE_BLOCKS = 64               # most blocks of an all_finite over the pool
