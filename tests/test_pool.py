@@ -88,34 +88,6 @@ def test_split_gemms_same_bits_on_workers_or_caller(split_everything, dtype, n, 
         np.testing.assert_allclose(got, expected, **tolerance(dtype))
 
 
-def test_mlp_forward_of_one_sample_equals_layer_by_layer(split_everything):
-    rng = np.random.default_rng(3)
-    sizes = (785, 257, 129, 10)
-    Ws = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
-          for a, b in zip(sizes, sizes[1:])]
-    bs = [rng.standard_normal(b).astype(np.float32) for b in sizes[1:]]
-
-    class Layer:                    # what mlp_forward reads of a Dense layer
-        def __init__(self, W, b):
-            self.params = {"W": W, "b": b}
-
-    chain = [(Layer(W, b), k < len(Ws) - 1) for k, (W, b) in enumerate(zip(Ws, bs))]
-    for x in (rng.standard_normal((1, 785)).astype(np.float32),
-              rng.standard_normal((5, 785)).astype(np.float32)):
-        by_layer = x
-        for k, (W, b) in enumerate(zip(Ws, bs)):
-            by_layer = _cpu.dense_forward(by_layer, W, b)
-            if k < len(Ws) - 1:
-                by_layer = np.maximum(by_layer, 0)
-        np.testing.assert_array_equal(_cpu.mlp_forward(x, chain), by_layer)
-    # what mlp_forward cannot take, it declines (the caller runs the layers one by one)
-    x = rng.standard_normal((4, 785)).astype(np.float32)
-    assert _cpu.mlp_forward(np.asfortranarray(x), chain) is None
-    assert _cpu.mlp_forward(x.astype(np.float64), chain) is None
-    assert _cpu.mlp_forward(x[:, :784].copy(), chain) is None
-    assert _cpu.mlp_forward(x.astype(np.float16), chain) is None
-
-
 def test_predict_of_non_contiguous_or_other_dtype_input_is_the_forward_pass():
     import fastnn as fn
     net = fn.Network([fn.Dense(785, 257, seed=1), fn.ReLU(), fn.Dense(257, 10, seed=2)])

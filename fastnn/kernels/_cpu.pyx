@@ -61,7 +61,7 @@ from cpython.ref cimport PyObject, _Py_REFCNT
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint64_t
-from libc.math cimport isfinite
+from libc.math cimport sqrt, sqrtf
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
@@ -752,15 +752,6 @@ cpdef cnp.ndarray _output_array(tuple shape, dtype):
     return buffer.view(dtype).reshape(shape)
 
 
-cdef inline cnp.ndarray _empty_2d(cnp.npy_intp *dims, int type_num):
-    """np.empty of a (dims[0], dims[1]) float array: small ones straight from NumPy (the
-    batch-1 path, no Python calls), large ones from the pool."""
-    if dims[0] * dims[1] * (4 if type_num == cnp.NPY_FLOAT32 else 8) < OUTPUT_POOL_MIN:
-        return cnp.PyArray_EMPTY(2, dims, type_num, 0)
-    return _output_array((dims[0], dims[1]), np.float32 if type_num == cnp.NPY_FLOAT32
-                         else np.float64)
-
-
 # --- max pooling -------------------------------------------------------------------
 
 def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
@@ -1179,8 +1170,7 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
 
 cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
     """How _dense_forward runs x (n, i) @ W (i, o): returns whether BLAS must be held
-    to one thread around it, and sets ``split`` (the same for dense_forward and
-    mlp_forward, so predict and forward give the same bits)."""
+    to one thread around it, and sets ``split``."""
     if n == 1:                       # BLAS would thread a GEMV of this size by itself
         small = <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN and blas_thread_control()
         split[0] = small and _split_gemv(i, o, itemsize)
@@ -1339,17 +1329,20 @@ def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray
     return grad_x, grad_gamma, grad_beta
 
 
-def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b: one GEMM (own kernel in
-    blocks over the worker pool, or BLAS, see the module docstring), the bias added on
-    the own kernel's tiles (else pre-broadcast, beta = 1: no second pass over y either
-    way); one sample: a GEMV, in slices over the worker pool when W is large."""
+def dense_forward(cnp.ndarray x, cnp.ndarray W, b, bint relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y (N, O) = x @ W + b, then max(y, 0)
+    when ``relu`` (the bits of relu_forward(dense_forward(x, W, b))): one GEMM (own
+    kernel in blocks over the worker pool, or BLAS, see the module docstring), the bias
+    and the ReLU on the own kernel's tiles (else the bias pre-broadcast, beta = 1, and
+    the ReLU in a pass over y); one sample: a GEMV, in slices over the worker pool when
+    W is large."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray y = _output_array((n, o), x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
+    cdef void *pr = py if relu else NULL         # the ReLU in place, over y
     cdef bint single = _is_float32(x)
     cdef bint split
     cdef bint small = _dense_forward_plan(n, i, o, x.itemsize, &split)
@@ -1357,9 +1350,11 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b):
         if small:
             fnn_blas_single_begin()
         if single:
-            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split)
+            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split,
+                           <float*>pr)
         else:
-            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split)
+            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split,
+                           <double*>pr)
         if small:
             fnn_blas_single_end()
     return y
@@ -1395,8 +1390,7 @@ DEF PAIR_MIN_FLOPS = 262144.0       # both GEMMs of a small dense backward, see 
 cdef bint _dense_backward_plan(int n, int i, int o, bint single, bint need_grad_x,
                                bint blas_control, bint *split, bint *pair) noexcept:
     """How _dense_backward runs: returns whether BLAS must be held to one thread around
-    it, and sets ``split`` and ``pair`` (the same for dense_backward and the chain
-    trainer, so both give the same bits)."""
+    it, and sets ``split`` and ``pair``."""
     cdef bint small = _small_gemm(n, i, o) and blas_control
     cdef bint pooled = small or _own_gemm(single, n, i, o)     # kept off BLAS's threads
     split[0] = pooled and _split(n, i, o)
@@ -1414,10 +1408,13 @@ cdef bint _dense_backward_plan(int n, int i, int o, bint single, bint need_grad_
     return small
 
 
-def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True):
+def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True,
+                   bint relu_x=False):
     """-> (grad_x (N, I) or None, grad_W (I, O), grad_b (O,)): two GEMMs (one without
     grad_x), side by side over the worker pool when both are worth a thread (else each
-    threaded as in dense_forward), and a column sum."""
+    threaded as in dense_forward), and a column sum. ``relu_x``: x is the output of a
+    ReLU, whose backward is fused into grad_x's GEMM (0 where x is not > 0, on the own
+    kernel's tiles, else in a pass): the bits of relu_backward(grad_x, x)."""
     cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
     cdef cnp.ndarray grad_x = _output_array((n, i), x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = _output_array((i, o), x.dtype)
@@ -1428,6 +1425,7 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     cdef void *pgx = _data(grad_x) if need_grad_x else NULL
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
+    cdef void *pm = px if relu_x else NULL
     cdef bint single = _is_float32(x)
     cdef bint split, pair
     cdef bint small = _dense_backward_plan(n, i, o, single, need_grad_x,
@@ -1437,129 +1435,13 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
             fnn_blas_single_begin()
         if single:
             _dense_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx, <float*>pgw,
-                            <float*>pgb, n, i, o, split, pair)
+                            <float*>pgb, n, i, o, split, pair, <float*>pm)
         else:
             _dense_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx, <double*>pgw,
-                            <double*>pgb, n, i, o, split, pair)
+                            <double*>pgb, n, i, o, split, pair, <double*>pm)
         if small:
             fnn_blas_single_end()
     return grad_x, grad_w, grad_b
-
-
-ctypedef struct _mlp_step:          # one dense layer of mlp_forward
-    void *weights
-    void *bias
-    void *z                          # its output before the ReLU
-    void *y                          # after it (z itself when not kept apart)
-    int i, o
-    bint relu, split, small
-
-
-cdef void _mlp_run(const void *x, const _mlp_step *steps, Py_ssize_t count, int n,
-                   bint single) noexcept nogil:
-    """The steps in order. One sample: BLAS held to one thread once for the whole chain
-    when a step wants it (its GEMVs never want BLAS's threads; saves a begin/end pair
-    per layer)."""
-    cdef Py_ssize_t k
-    cdef const _mlp_step *step
-    cdef bint held = False          # BLAS held to one thread for the whole chain
-    if n == 1:
-        for k in range(count):
-            held = held or steps[k].small
-    if held:
-        fnn_blas_single_begin()
-    for k in range(count):
-        step = &steps[k]
-        if step.small and not held:
-            fnn_blas_single_begin()
-        if single:
-            _dense_forward(<const float*>x, <const float*>step.weights,
-                           <const float*>step.bias, <float*>step.z, n, step.i, step.o, step.split,
-                           <float*>step.y if step.relu else NULL)
-        else:
-            _dense_forward(<const double*>x, <const double*>step.weights,
-                           <const double*>step.bias, <double*>step.z, n, step.i, step.o,
-                           step.split, <double*>step.y if step.relu else NULL)
-        if step.small and not held:
-            fnn_blas_single_end()
-        x = step.y
-    if held:
-        fnn_blas_single_end()
-
-
-def mlp_forward(cnp.ndarray x, list layers, bint outputs=False):
-    """x: (N, I) through a chain of dense layers in one call (no Python per layer:
-    batch-1 latency). ``layers``: a list of ``(layer, relu)`` with ``layer.params``
-    a Dense layer's dict (``W`` (I, O), optional ``b`` (O,)); ``relu`` applies
-    max(., 0) on that layer's output. Returns the last output (``outputs``: a list
-    of each layer's output before and after its ReLU, ``[z0, y0, z1, y1, ...]``,
-    with ``y`` the same array as ``z`` for a layer without ReLU), or None when x or
-    a parameter is not a C-contiguous array of x's dtype or the shapes do not chain
-    (the caller then runs the layers one by one, with their checks).
-
-    All checks and allocations first, then every layer in one GIL-free call (per
-    layer, NumPy's attribute checks and np.empty cost about 1 us, a tenth of the
-    784-256-128-10 MLP's batch-1 time)."""
-    cdef Py_ssize_t count = len(layers), k
-    cdef int n, i, o
-    cdef void *dtype = cnp.PyArray_DESCR(x)    # compared by identity, as `is`
-    cdef int type_num = cnp.PyArray_TYPE(x)
-    cdef bint single = type_num == cnp.NPY_FLOAT32
-    cdef object layer, W, b, relu
-    cdef dict params
-    cdef list keep = [None] * (3 * count)    # W, b, y of each step: alive while nogil
-    cdef list out = [None] * (2 * count) if outputs else None
-    cdef cnp.ndarray z
-    cdef _mlp_step steps_small[8]
-    cdef _mlp_step *steps = steps_small
-    cdef cnp.npy_intp dims[2]
-    cdef cnp.ndarray y = x
-    if (not cnp.PyArray_IS_C_CONTIGUOUS(x) or cnp.PyArray_NDIM(x) != 2
-            or (type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64)):
-        return None
-    n, i = cnp.PyArray_DIM(x, 0), cnp.PyArray_DIM(x, 1)
-    if count > 8:
-        y = np.empty(count * sizeof(_mlp_step), dtype=np.uint8)
-        keep.append(y)
-        steps = <_mlp_step*>_data(y)
-    dims[0] = n
-    for k in range(count):           # validate everything before computing anything
-        layer, relu = layers[k]
-        params = layer.params
-        W = params.get("W")
-        b = params.get("b")
-        if (type(W) is not np.ndarray or <void*>cnp.PyArray_DESCR(<cnp.ndarray>W) != dtype
-                or cnp.PyArray_NDIM(<cnp.ndarray>W) != 2
-                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>W)
-                or cnp.PyArray_DIM(<cnp.ndarray>W, 0) != i):
-            return None
-        o = cnp.PyArray_DIM(<cnp.ndarray>W, 1)
-        if b is not None and (type(b) is not np.ndarray
-                              or <void*>cnp.PyArray_DESCR(<cnp.ndarray>b) != dtype
-                              or cnp.PyArray_NDIM(<cnp.ndarray>b) != 1
-                              or cnp.PyArray_DIM(<cnp.ndarray>b, 0) != o
-                              or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>b)):
-            return None
-        dims[1] = o
-        z = y = _empty_2d(dims, type_num)
-        if outputs and relu:         # the ReLU's output apart (else in place)
-            y = _empty_2d(dims, type_num)
-            out[2 * k], out[2 * k + 1] = z, y
-        elif outputs:
-            out[2 * k] = out[2 * k + 1] = z
-        keep[3 * k], keep[3 * k + 1], keep[3 * k + 2] = W, b, y
-        steps[k].weights = _data(W)
-        steps[k].bias = NULL if b is None else _data(b)
-        steps[k].z = _data(z)
-        steps[k].y = _data(y)
-        steps[k].i, steps[k].o = i, o
-        steps[k].relu = relu
-        steps[k].small = _dense_forward_plan(n, i, o, cnp.PyArray_ITEMSIZE(x), &steps[k].split)
-        i = o
-    cdef const void *px = _data(x)
-    with nogil:
-        _mlp_run(px, steps, count, n, single)
-    return out if outputs else y
 
 
 # --- SGD --------------------------------------------------------------------------
@@ -1670,283 +1552,81 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
         _sgd_run(&job)
 
 
-# --- training step of a Dense/ReLU chain -------------------------------------------
+# --- Adam ---------------------------------------------------------------------------
 
-ctypedef struct _chain_layer:        # one dense layer of a DenseChainTrainer step
-    void *weights
-    void *bias
-    void *z                          # output (n, o) before the ReLU
-    void *y                          # after it (z itself when the layer has none)
-    void *grad_y                     # d loss / d z, (n, o)
-    void *grad_w
-    void *grad_b
-    int i, o
-    bint relu, small_forward, split_forward, small_backward, split_backward, pair
-    bint update                      # SGD on W (and b) right after the layer's backward
-    _sgd_job update_w, update_b
+cdef void _adam_step(floating *p, const floating *g, floating *m, floating *v, long n,
+                     floating step_size, floating beta1, floating one_minus_beta1,
+                     floating beta2, floating one_minus_beta2, floating inv_sqrt_bc2,
+                     floating eps, floating weight_decay) noexcept nogil:
+    """Adam on n elements, one pass, in adam_step's order of operations."""
+    cdef long k
+    cdef floating d, mk, vk, root
+    for k in range(n):
+        d = g[k]
+        if weight_decay != 0:
+            d = d + weight_decay * p[k]
+        mk = beta1 * m[k] + one_minus_beta1 * d
+        vk = beta2 * v[k] + one_minus_beta2 * (d * d)
+        m[k] = mk
+        v[k] = vk
+        root = sqrtf(vk) if floating is float else sqrt(vk)
+        p[k] = p[k] - step_size * (mk / (root * inv_sqrt_bc2 + eps))
 
 
-cdef void _chain_step(const void *x, const void *labels, bint by_index, void *row_loss,
-                      int64_t *predicted, _chain_layer *layers, Py_ssize_t count, int n,
-                      bint single, double *loss) noexcept nogil:
-    """Forward, softmax cross-entropy and backward of the chain: the calls of the
-    Dense / ReLU layers' forward and backward and of softmax_cross_entropy, in their
-    order and with their plans (the same bits), without Python between them; each
-    ReLU on the GEMM of the layer it follows (forward) or precedes (backward: on that
-    layer's grad_x), see _gemm_epi. With
-    ``update``, a layer's SGD step follows its backward, while its gradients are still
-    in cache (its grad_x is done, and no layer below reads its parameters: the same
-    bits as stepping after the whole backward). Nothing after the loss when it is not
-    finite."""
-    cdef Py_ssize_t k
-    cdef _chain_layer *layer
-    cdef const void *inp = x
-    cdef long size
-    cdef bint below_relu
-    for k in range(count):
-        layer = &layers[k]
-        if layer.small_forward:
-            fnn_blas_single_begin()
-        if single:
-            _dense_forward(<const float*>inp, <const float*>layer.weights,
-                           <const float*>layer.bias, <float*>layer.z, n, layer.i, layer.o,
-                           layer.split_forward, <float*>layer.y if layer.relu else NULL)
-        else:
-            _dense_forward(<const double*>inp, <const double*>layer.weights,
-                           <const double*>layer.bias, <double*>layer.z, n, layer.i, layer.o,
-                           layer.split_forward, <double*>layer.y if layer.relu else NULL)
-        if layer.small_forward:
-            fnn_blas_single_end()
-        inp = layer.y
-    layer = &layers[count - 1]
-    if single:
-        loss[0] = <float>fnn_softmax_xent_f(<const float*>layer.y, n, layer.o,
-                                            <const int64_t*>labels if by_index else NULL,
-                                            NULL if by_index else <const float*>labels,
-                                            <float*>layer.grad_y, <double*>row_loss,
-                                            predicted)
+ctypedef struct _adam_job:
+    bint single
+    void *p
+    const void *g
+    void *m
+    void *v
+    long n, block
+    double step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay
+
+
+cdef void _adam_task(void *ctx, long block) noexcept nogil:
+    """Elements [block * job.block, ...) of an _adam_job; the scalars rounded to the
+    dtype (1 - beta in double first, as NumPy does with a Python float)."""
+    cdef const _adam_job *job = <const _adam_job*>ctx
+    cdef long lo = block * job.block
+    cdef long count = min(job.block, job.n - lo)
+    if job.single:
+        _adam_step(<float*>job.p + lo, <const float*>job.g + lo, <float*>job.m + lo,
+                   <float*>job.v + lo, count, <float>job.step_size, <float>job.beta1,
+                   <float>(1.0 - job.beta1), <float>job.beta2, <float>(1.0 - job.beta2),
+                   <float>job.inv_sqrt_bc2, <float>job.eps, <float>job.weight_decay)
     else:
-        loss[0] = fnn_softmax_xent_d(<const double*>layer.y, n, layer.o,
-                                     <const int64_t*>labels if by_index else NULL,
-                                     NULL if by_index else <const double*>labels,
-                                     <double*>layer.grad_y, <double*>row_loss, predicted)
-    if not isfinite(loss[0]):
-        return
-    for k in range(count - 1, -1, -1):
-        layer = &layers[k]
-        # a ReLU below a layer runs its backward on that layer's grad_x GEMM; only the
-        # last layer's own ReLU runs here
-        below_relu = k > 0 and layers[k - 1].relu
-        if layer.relu and k == count - 1:
-            size = <long>n * layer.o
-            if single:
-                fnn_relu_backward_f(<float*>layer.grad_y, <float*>layer.y,
-                                    <float*>layer.grad_y, size)
-            else:
-                fnn_relu_backward_d(<double*>layer.grad_y, <double*>layer.y,
-                                    <double*>layer.grad_y, size)
-        inp = x if k == 0 else layers[k - 1].y
-        if layer.small_backward:
-            fnn_blas_single_begin()
-        if single:
-            _dense_backward(<const float*>layer.grad_y, <const float*>inp,
-                            <const float*>layer.weights,
-                            NULL if k == 0 else <float*>layers[k - 1].grad_y,
-                            <float*>layer.grad_w, <float*>layer.grad_b, n, layer.i, layer.o,
-                            layer.split_backward, layer.pair,
-                            <const float*>inp if below_relu else NULL)
-        else:
-            _dense_backward(<const double*>layer.grad_y, <const double*>inp,
-                            <const double*>layer.weights,
-                            NULL if k == 0 else <double*>layers[k - 1].grad_y,
-                            <double*>layer.grad_w, <double*>layer.grad_b, n, layer.i, layer.o,
-                            layer.split_backward, layer.pair,
-                            <const double*>inp if below_relu else NULL)
-        if layer.small_backward:
-            fnn_blas_single_end()
-        if layer.update:
-            _sgd_run(&layer.update_w)
-            if layer.bias != NULL:
-                _sgd_run(&layer.update_b)
+        _adam_step(<double*>job.p + lo, <const double*>job.g + lo, <double*>job.m + lo,
+                   <double*>job.v + lo, count, job.step_size, job.beta1, 1.0 - job.beta1,
+                   job.beta2, 1.0 - job.beta2, job.inv_sqrt_bc2, job.eps, job.weight_decay)
 
 
-cdef Py_ssize_t _chain_update(_sgd_job *job, sgd, Py_ssize_t j, cnp.ndarray p, cnp.ndarray g,
-                              bint weight, double lr, double momentum, bint nesterov,
-                              list made) except -1:
-    """Fills ``job`` with ``sgd``'s step of parameter j (``weight``: weight decay and
-    L1 apply); returns j + 1."""
-    buf, first, weight_decay, l1 = sgd._compiled_args(j, p, weight)
-    if first:
-        made.append(j)
-    _sgd_job_init(job, p, g, buf, lr, momentum, weight_decay, l1, nesterov, first)
-    return j + 1
-
-
-cdef class DenseChainTrainer:
-    """Training's forward, softmax cross-entropy and backward of a chain of Dense
-    layers (each optionally followed by ReLU) in one GIL-free call per batch, on
-    buffers kept from batch to batch (W2's 784-256-128-10 MLP: the layers' Python,
-    checks and fresh arrays cost about a tenth of a 128-sample step).
-
-    ``layers``: ``[(layer, relu), ...]`` as ``mlp_forward`` takes them (Dense
-    layers: ``params`` ``W`` (I, O), optional ``b`` (O,)); ``capacity``:
-    the largest batch; ``dtype``: float32 or float64. ``grads``: per layer a dict
-    ``{"W": (I, O), "b": (O,)}`` (``b`` only for a layer with a bias), overwritten by
-    each ``step``, as are ``output`` and ``predicted`` (each sample's class, for
-    fit's accuracy). The first layer's input gradient is not computed (as in training
-    through the layers).
-    """
-    cdef list chain, outputs, activations, grad_outputs, grad_biases
-    cdef readonly list grads
-    cdef object dtype
-    cdef int capacity
-    cdef bint single, blas_control
-    cdef cnp.ndarray layer_structs, row_loss, classes
-
-    def __init__(self, list layers, int capacity, dtype):
-        cdef Py_ssize_t k, count = len(layers)
-        cdef dict params
-        self.dtype = np.dtype(dtype)
-        if self.dtype != np.float32 and self.dtype != np.float64:
-            raise TypeError(f"DenseChainTrainer: float32 or float64, got {self.dtype}")
-        if count == 0 or capacity < 1:
-            raise ValueError("DenseChainTrainer: needs at least one layer and a capacity >= 1")
-        self.single = self.dtype == np.float32
-        self.capacity = capacity
-        self.chain = list(layers)
-        self.outputs, self.activations, self.grad_outputs = [], [], []
-        self.grads, self.grad_biases = [], []
-        for k in range(count):
-            layer, relu = self.chain[k]
-            params = layer.params
-            i, o = params["W"].shape
-            z = np.empty((capacity, o), dtype=self.dtype)
-            self.outputs.append(z)
-            self.activations.append(np.empty_like(z) if relu else z)
-            self.grad_outputs.append(np.empty((capacity, o), dtype=self.dtype))
-            # the column sums run with or without a bias
-            self.grad_biases.append(np.zeros(o, dtype=self.dtype))
-            grads = {"W": np.zeros((i, o), dtype=self.dtype)}
-            if "b" in params:
-                grads["b"] = self.grad_biases[k]
-            self.grads.append(grads)
-        self.layer_structs = np.zeros(count * sizeof(_chain_layer), dtype=np.uint8)
-        self.row_loss = np.empty(capacity, dtype=np.float64)
-        self.classes = np.empty(capacity, dtype=np.int64)
-        self.blas_control = blas_thread_control()
-
-    def step(self, cnp.ndarray x, cnp.ndarray labels, sgd=None):
-        """One batch: x (N, I) C-contiguous of the dtype, N <= capacity; labels int64
-        (N,) in [0, C) (else ValueError) or (N, C) probabilities of the dtype.
-        Fills ``grads``; returns the mean loss (a float, rounded to the dtype as
-        softmax_cross_entropy's), or None when x, labels or a parameter does not fit
-        (a weight of another shape, dtype or layout: the caller then runs the layers).
-
-        ``sgd``: a ``fastnn.optim.SGD`` whose state is prepared for the parameters
-        ``[W, b, W, b, ...]`` of the chain: its step runs too (each layer's right
-        after its backward), unless the loss is not finite."""
-        cdef Py_ssize_t k, count = len(self.chain)
-        cdef _chain_layer *layers = <_chain_layer*>_data(self.layer_structs)
-        cdef _chain_layer *layer
-        cdef int type_num = cnp.NPY_FLOAT32 if self.single else cnp.NPY_FLOAT64
-        cdef int n, i
-        cdef bint by_index
-        cdef cnp.ndarray W, grad_w, grad_b
-        cdef dict params
-        cdef list keep = []            # the parameters, alive while nogil
-        cdef list made = []            # momentum buffers made by this step (first steps)
-        cdef double loss, lr = 0, momentum = 0
-        cdef const int64_t *pi
-        cdef bint nesterov = False
-        cdef Py_ssize_t j = 0          # the parameter's index in the optimizer's state
-        if sgd is not None:
-            lr, momentum, nesterov = sgd.lr, sgd.momentum, sgd.nesterov
-        if (cnp.PyArray_TYPE(x) != type_num or cnp.PyArray_NDIM(x) != 2
-                or not cnp.PyArray_IS_C_CONTIGUOUS(x)):
-            return None
-        n, i = cnp.PyArray_DIM(x, 0), cnp.PyArray_DIM(x, 1)
-        if n < 1 or n > self.capacity or not cnp.PyArray_IS_C_CONTIGUOUS(labels):
-            return None
-        for k in range(count):
-            layer = &layers[k]
-            params = self.chain[k][0].params
-            W_ = params.get("W")
-            b_ = params.get("b")
-            grad_w = self.grads[k]["W"]
-            grad_b = self.grad_biases[k]
-            if (type(W_) is not np.ndarray or cnp.PyArray_TYPE(<cnp.ndarray>W_) != type_num
-                    or cnp.PyArray_NDIM(<cnp.ndarray>W_) != 2
-                    or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>W_)
-                    or cnp.PyArray_DIM(<cnp.ndarray>W_, 0) != i
-                    or cnp.PyArray_DIM(<cnp.ndarray>W_, 1) != grad_w.shape[1]):
-                return None
-            W = <cnp.ndarray>W_
-            layer.o = W.shape[1]
-            if b_ is not None and (type(b_) is not np.ndarray
-                                   or cnp.PyArray_TYPE(<cnp.ndarray>b_) != type_num
-                                   or cnp.PyArray_NDIM(<cnp.ndarray>b_) != 1
-                                   or cnp.PyArray_DIM(<cnp.ndarray>b_, 0) != layer.o
-                                   or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>b_)
-                                   or "b" not in self.grads[k]):
-                return None
-            keep.append(W_)
-            keep.append(b_)
-            layer.i = i
-            layer.weights = _data(W)
-            layer.bias = NULL if b_ is None else _data(<cnp.ndarray>b_)
-            layer.z = _data(<cnp.ndarray>self.outputs[k])
-            layer.y = _data(<cnp.ndarray>self.activations[k])
-            layer.grad_y = _data(<cnp.ndarray>self.grad_outputs[k])
-            layer.grad_w = _data(grad_w)
-            layer.grad_b = _data(grad_b)
-            layer.update = sgd is not None
-            layer.relu = self.chain[k][1]
-            layer.small_forward = _dense_forward_plan(n, i, layer.o, W.itemsize,
-                                                      &layer.split_forward)
-            layer.small_backward = _dense_backward_plan(n, i, layer.o, self.single, k > 0,
-                                                        self.blas_control,
-                                                        &layer.split_backward, &layer.pair)
-            i = layer.o
-        by_index = cnp.PyArray_NDIM(labels) == 1
-        if by_index:
-            if cnp.PyArray_TYPE(labels) != cnp.NPY_INT64 or cnp.PyArray_DIM(labels, 0) != n:
-                return None
-            pi = <const int64_t*>_data(labels)
-            for k in range(n):           # an index out of range would read past the logits
-                if pi[k] < 0 or pi[k] >= i:
-                    raise ValueError(f"DenseChainTrainer: labels must lie in [0, {i}), got "
-                                     f"{pi[k]}")
-        elif (cnp.PyArray_NDIM(labels) != 2 or cnp.PyArray_TYPE(labels) != type_num
-              or cnp.PyArray_DIM(labels, 0) != n or cnp.PyArray_DIM(labels, 1) != i):
-            return None
-        if sgd is not None:              # all checked: the state may change now
-            for k in range(count):
-                layer = &layers[k]
-                j = _chain_update(&layer.update_w, sgd, j, keep[2 * k], self.grads[k]["W"],
-                                  True, lr, momentum, nesterov, made)
-                if keep[2 * k + 1] is not None:
-                    j = _chain_update(&layer.update_b, sgd, j, keep[2 * k + 1],
-                                      self.grad_biases[k], False, lr, momentum, nesterov, made)
-        cdef const void *px = _data(x)
-        cdef const void *pl = _data(labels)
-        cdef void *pr = _data(self.row_loss)
-        cdef int64_t *pc = <int64_t*>_data(self.classes)
-        with nogil:
-            _chain_step(px, pl, by_index, pr, pc, layers, count, n, self.single, &loss)
-        if not isfinite(loss):          # no step ran: no momentum buffer either
-            for j in made:
-                sgd.state[j] = None
-        return loss
-
-    def output(self, Py_ssize_t k, int n, bint relu=False):
-        """Of the last step, layer k's output (``relu``: after its ReLU): a view (n, O)
-        of the buffer the next step overwrites."""
-        return (self.activations if relu else self.outputs)[k][:n]
-
-    def predicted(self, int n):
-        """Of the last step, each sample's class: the first index of its largest
-        logit (as numpy.argmax), int64 (n,), a view the next step overwrites."""
-        return self.classes[:n]
+def adam_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double step_size,
+              double beta1, double beta2, double inv_sqrt_bc2, double eps,
+              double weight_decay):
+    """PyTorch's Adam rule on one parameter, in place (p, m, v) and in one pass:
+    g = g + weight_decay * p (when weight_decay != 0); m = beta1 * m + (1 - beta1) * g;
+    v = beta2 * v + (1 - beta2) * (g * g); p -= step_size * (m / (sqrt(v) *
+    inv_sqrt_bc2 + eps)), in the parameter's dtype with the scalars rounded to it
+    (step_size = lr / (1 - beta1^t), inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t)). p, g, m, v:
+    C-contiguous, one shape and dtype (float32 or float64). From SGD_SPLIT_MIN elements,
+    blocks of SGD_BLOCK over the worker pool (element-wise: the same bits)."""
+    cdef _adam_job job
+    cdef cnp.ndarray a
+    for a in (g, m, v):
+        if a.dtype != p.dtype or a.size != p.size or not a.flags.c_contiguous:
+            raise ValueError(f"adam_step: g, m and v must be C-contiguous arrays of p's size "
+                             f"{p.size} and dtype {p.dtype}, got size {a.size}, {a.dtype}")
+    if p.dtype != np.float32 and p.dtype != np.float64 or not p.flags.c_contiguous:
+        raise ValueError(f"adam_step: p must be a C-contiguous float32 or float64 array, "
+                         f"got {p.dtype}")
+    job.n = p.size
+    job.p, job.g, job.m, job.v = _data(p), _data(g), _data(m), _data(v)
+    job.single = _is_float32(p)
+    job.step_size, job.beta1, job.beta2 = step_size, beta1, beta2
+    job.inv_sqrt_bc2, job.eps, job.weight_decay = inv_sqrt_bc2, eps, weight_decay
+    job.block = SGD_BLOCK if job.n >= SGD_SPLIT_MIN else max(job.n, 1)   # else one task
+    with nogil:
+        fnn_pool_run(_adam_task, &job, (job.n + job.block - 1) // job.block)
 
 
 DEF FINITE_BLOCKS = 64               # most blocks of an all_finite over the pool
