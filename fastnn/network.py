@@ -473,7 +473,7 @@ class Network:
     @staticmethod
     def _progress_bar(epoch, epochs, n_batches):
         from tqdm.auto import tqdm
-        return tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+        return tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
                     leave=True, file=sys.stderr, dynamic_ncols=True)
 
     # -- inference -----------------------------------------------------------------------------
