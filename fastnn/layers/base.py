@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend, kernels
 
 __all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "check_float_array",
-           "check_number", "uses_tutorial_protocol"]
+           "check_number", "checked_param", "uses_tutorial_protocol"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -99,6 +99,21 @@ def kernel_impl(x):
     return kernels._impl(x)
 
 
+def checked_param(who, name, value, shape, dtype, hint=""):
+    """``value`` as parameter ``name`` of layer ``who``: a NumPy or CuPy array of
+    ``shape`` and ``dtype``, C-contiguous (a non-contiguous one is copied)."""
+    if not (isinstance(value, np.ndarray) or backend.is_cuda_array(value)):
+        raise TypeError(f"{who}: parameter {name!r} must be a NumPy or CuPy array, "
+                        f"got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise TypeError(f"{who}: parameter {name!r} must have the layer's dtype {dtype}, got "
+                        f"{value.dtype} (convert it, or the network with net.to(dtype))")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{who}: parameter {name!r} must have shape {tuple(shape)}{hint}, "
+                         f"got {tuple(value.shape)}")
+    return contiguous(value)
+
+
 def contiguous(x):
     """``x`` as a C-contiguous array of its own module (no copy when it already is)."""
     if x.flags.c_contiguous:
@@ -130,6 +145,7 @@ class Layer:
     """
 
     weight_names = None
+    dtype = None                   # the parameters' dtype, for layers that have some
 
     def __init__(self):
         self.params = {}
@@ -137,6 +153,38 @@ class Layer:
         self.buffers = {}
         self.input = None
         self.output = None
+        self._checked = None       # [(store, name, array)] last found right by _check_params
+
+    # -- parameters a user may assign -----------------------------------------
+    def param_specs(self):
+        """``{(store, name): (shape, hint)}``: the expected shape of each entry of
+        ``params`` / ``buffers`` (store "params" or "buffers"), the layer's dtype for
+        all; ``hint`` adds to the error. Built-in layers declare theirs; the default,
+        empty, checks nothing (a user layer checks its own)."""
+        return {}
+
+    def _check_params(self):
+        """Before a kernel reads them: every declared parameter and buffer has its
+        shape, the dtype of the layer and a C-contiguous layout (a non-contiguous one
+        is replaced by a C-contiguous copy). Checked once per assigned array: later
+        calls compare identities only. A TypeError / ValueError names the layer, the
+        parameter, what was expected and what came."""
+        checked = self._checked
+        if checked is not None:
+            for store, name, array in checked:
+                if getattr(self, store).get(name) is not array:
+                    break
+            else:
+                return
+        who = self._name() if hasattr(self, "_name") else type(self).__name__
+        checked = []
+        for (store, name), (shape, hint) in self.param_specs().items():
+            arrays = getattr(self, store)
+            if name not in arrays:
+                raise ValueError(f"{who}: {store[:-1]} {name!r} is missing")
+            arrays[name] = checked_param(who, name, arrays[name], shape, self.dtype, hint)
+            checked.append((store, name, arrays[name]))
+        self._checked = checked
 
     # -- the protocol ---------------------------------------------------------
     def forward(self, x, training=True):

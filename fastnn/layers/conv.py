@@ -28,7 +28,7 @@ class Conv2D(Layer):
         self.stride = kernels.pair(stride, "stride", who, 1)
         self.padding = kernels.pair(padding, "padding", who, 0)
         self.use_bias = bool(bias)
-        dt = as_dtype(dtype, who)
+        dt = self.dtype = as_dtype(dtype, who)
         kh, kw = self.kernel_size
         shape = (self.out_channels, self.in_channels, kh, kw)
         rng = make_rng(seed)
@@ -44,6 +44,14 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         return f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw})"
 
+    def param_specs(self):
+        kh, kw = self.kernel_size
+        specs = {("params", "W"): ((self.out_channels, self.in_channels, kh, kw),
+                                   " (out_channels, in_channels, kh, kw)")}
+        if self.use_bias:
+            specs["params", "b"] = ((self.out_channels,), "")
+        return specs
+
     def _check(self, x):
         check_float_array(x, self._name(), "input", self.params["W"].dtype)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -53,6 +61,7 @@ class Conv2D(Layer):
         self._checked_shape = x.shape
 
     def forward(self, x, training=True):
+        self._check_params()            # once per assigned array: the kernels read raw memory
         if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
                 or x.dtype != self.params["W"].dtype):
             self._check(x)
@@ -75,6 +84,7 @@ class Conv2D(Layer):
             raise ValueError(f"{self._name()}: expected grad_y of shape {expected}, "
                              f"got {tuple(grad_y.shape)}")
         grad_y = contiguous(grad_y)
+        self._check_params()
         grad_x, grad_W, grad_b = kernels._backward(
             kernel_impl(grad_y), "conv2d_backward", need_grad_x, grad_y, x, self.params["W"],
             self.stride, self.padding)

@@ -27,7 +27,7 @@ class Dense(Layer):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.use_bias = bool(bias)
         self.init, self.seed = init, seed
-        dt = as_dtype(dtype, self._name())
+        dt = self.dtype = as_dtype(dtype, self._name())
         rng = make_rng(seed)
         shape = (self.in_features, self.out_features)
         self.params["W"] = initialize(init, shape, self.in_features, self.out_features, rng, dt,
@@ -52,6 +52,14 @@ class Dense(Layer):
     def bias(self):
         return self.params.get("b")
 
+    def param_specs(self):
+        specs = {("params", "W"): ((self.in_features, self.out_features),
+                                   " (in_features, out_features); a torch.nn.Linear weight is "
+                                   "(out, in): assign its transpose, or use load_state_dict")}
+        if self.use_bias:
+            specs["params", "b"] = ((self.out_features,), "")
+        return specs
+
     def _bad_input(self, x):
         check_float_array(x, self._name(), "input", self.params["W"].dtype)
         raise ValueError(f"{self._name()}: expected input of shape (..., {self.in_features}), "
@@ -61,13 +69,10 @@ class Dense(Layer):
         """x: (..., in_features) -> y: (..., out_features). ``relu=True`` (the Network
         passes it when a ReLU layer follows) returns max(y, 0), the ReLU fused into
         the kernel."""
+        self._check_params()            # once per assigned array: the kernels read raw memory
         params = self.params
         W = params["W"]
         b = params.get("b")
-        if not W.flags.c_contiguous:     # a weight the user assigned (the kernels read raw memory)
-            W = params["W"] = contiguous(W)
-        if b is not None and not b.flags.c_contiguous:
-            b = params["b"] = contiguous(b)
         if (type(x) is np.ndarray and x.ndim == 2 and x.shape[1] == self.in_features
                 and x.dtype is W.dtype and x.flags.c_contiguous):
             x2 = x                     # the hot path: a ready (N, in) batch
@@ -95,7 +100,8 @@ class Dense(Layer):
         x2 = self._x2
         if x2 is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
-        W = contiguous(self.params["W"])
+        self._check_params()
+        W = self.params["W"]
         try:
             ok = (grad_y.dtype == W.dtype and grad_y.ndim >= 1
                   and grad_y.shape[-1] == self.out_features

@@ -27,7 +27,7 @@ class _BatchNorm(Layer):
         self.num_features = int(num_features)
         self.eps = check_number(eps, "eps", who, low=0)
         self.momentum = check_number(momentum, "momentum", who, 0, 1)
-        dt = as_dtype(dtype, who)
+        dt = self.dtype = as_dtype(dtype, who)
         self.params["gamma"] = np.ones(self.num_features, dtype=dt)
         self.params["beta"] = np.zeros(self.num_features, dtype=dt)
         self.buffers["running_mean"] = np.zeros(self.num_features, dtype=dt)
@@ -53,6 +53,12 @@ class _BatchNorm(Layer):
     def _name(self):
         return f"{type(self).__name__}({self.num_features})"
 
+    def param_specs(self):
+        shape = (self.num_features,)
+        return {(store, name): (shape, " (num_features,)") for store, name in (
+            ("params", "gamma"), ("params", "beta"), ("buffers", "running_mean"),
+            ("buffers", "running_var"))}
+
     def _check(self, x):
         check_float_array(x, self._name(), "input", self.params["gamma"].dtype)
         if x.ndim not in self._ranks or x.shape[1] != self.num_features:
@@ -60,6 +66,7 @@ class _BatchNorm(Layer):
                              f"got {tuple(x.shape)}")
 
     def forward(self, x, training=True):
+        self._check_params()            # once per assigned array: the kernels read raw memory
         self._check(x)
         x = contiguous(x)
         impl = kernel_impl(x)
@@ -88,6 +95,7 @@ class _BatchNorm(Layer):
         rv += (mom * m / (m - 1)) * var
 
     def backward(self, grad_y):
+        self._check_params()
         if self._cache is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
         x_hat, inv_std, training = self._cache
