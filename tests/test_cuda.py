@@ -209,6 +209,40 @@ def test_dense_matches_reference(n, i, o, bias, dtype):
         assert_close(g, e, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,i,o", [(1, 5, 3), (7, 13, 4), (33, 1, 65), (0, 6, 5), (70000, 3, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_fused_relu_matches_reference(n, i, o, bias, dtype):
+    """dense_forward(relu=True) is relu_forward of the product plus bias;
+    dense_backward(relu_x=True) zeroes grad_x where x <= 0 or x is NaN, as relu_backward
+    (odd sizes, batch 1, an empty batch, more rows than a grid's y dimension)."""
+    rng = np.random.default_rng(19)
+    x, W = rand(rng, (n, i), dtype), rand(rng, (i, o), dtype)
+    b = rand(rng, (o,), dtype) if bias else None
+    gy = rand(rng, (n, o), dtype)
+    x.flat[:3] = [0.0, np.nan, -0.0][:x.size]                     # the ReLU's edge values
+    cx, cW = cp.asarray(x), cp.asarray(W)
+    cb = None if b is None else cp.asarray(b)
+    finite = np.nan_to_num(x)                                     # NaN rows: checked below
+    want = ref.relu_forward(ref.dense_forward(finite, W, b))
+    y = _cuda.dense_forward(cp.asarray(finite), cW, cb, True)
+    assert y.dtype == dtype and y.shape == (n, o)
+    assert_close(y, want, dtype)
+    assert not (cp.asnumpy(y) < 0).any()
+    nan_row = 1 // i                                              # x.flat[1] is NaN:
+    if n > nan_row:                                               # its row of y stays NaN
+        assert np.isnan(cp.asnumpy(_cuda.dense_forward(cx, cW, cb, True))[nan_row]).all()
+    grad_x, grad_W, grad_b = _cuda.dense_backward(cp.asarray(gy), cx, cW, True, True)
+    plain = ref.dense_backward(gy, x, W)
+    assert_close(grad_x, ref.relu_backward(plain[0], x), dtype)
+    dead = ~(x > 0)                                               # x <= 0 or NaN
+    assert (cp.asnumpy(grad_x)[dead] == 0).all()
+    for got, want in zip((grad_W, grad_b), plain[1:]):
+        if np.isfinite(want).all():                               # x's NaN reaches grad_W
+            assert_close(got, want, dtype)
+    assert _cuda.dense_backward(cp.asarray(gy), cx, cW, False, True)[0] is None
+
+
 def test_dense_non_contiguous_inputs():
     rng = np.random.default_rng(8)
     x, W = rand(rng, (9, 6), np.float64), rand(rng, (5, 9), np.float64)

@@ -412,20 +412,40 @@ def relu_backward(grad_y, y, out=None):
 
 # --- dense ------------------------------------------------------------------------------
 
-def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b (bias written, GEMM adds onto it)."""
+def _row_grid(rows, width):
+    """Grid for the (rows, width) kernels: x covers a row, y the rows (at least one block:
+    an empty batch launches a kernel that does nothing)."""
+    return (_blocks(width), max(1, min(rows, _GRID_YZ)))
+
+
+def dense_forward(x, W, b, relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b, then max(y, 0)
+    when ``relu`` (NaN stays NaN, as ``relu_forward``).
+
+    Without ``relu`` the bias is written first and the GEMM adds onto it; with ``relu``
+    the GEMM writes y and one pass adds the bias and applies the ReLU."""
     n, i = x.shape
     o = W.shape[1]
     y = _cp().empty((n, o), dtype=x.dtype)
+    if relu:
+        _gemm(x, W, y, n, o, i)
+        if b is None:
+            return relu_forward(y, out=y)
+        _kernel("bias_relu_rows_kernel", x.dtype)(_row_grid(n, o), (_THREADS,),
+                                                  (y, b, _i(n), _i(o)))
+        return y
     if b is not None:
-        _kernel("bias_rows_kernel", x.dtype)(
-            (_blocks(o), min(n, _GRID_YZ)), (_THREADS,), (y, b, _i(n), _i(o)))
+        _kernel("bias_rows_kernel", x.dtype)(_row_grid(n, o), (_THREADS,), (y, b, _i(n), _i(o)))
     return _gemm(x, W, y, n, o, i, accumulate=b is not None)
 
 
-def dense_backward(grad_y, x, W, need_grad_x=True):
-    """-> (grad_y @ W.T or None, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum.
-    ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM."""
+def dense_backward(grad_y, x, W, need_grad_x=True, relu_x=False):
+    """grad_y: (N, O), x: (N, I), W: (I, O) -> (grad_x (N, I) or None, grad_W (I, O),
+    grad_b (O,)) = (grad_y @ W.T, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum.
+
+    ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM. ``relu_x=True``
+    (x is the output of a ReLU) applies that ReLU's backward to grad_x in place: zero
+    where x <= 0 or x is NaN, the rule and kernel of ``relu_backward``."""
     cp = _cp()
     n, i = x.shape
     o = W.shape[1]
@@ -434,6 +454,8 @@ def dense_backward(grad_y, x, W, need_grad_x=True):
     grad_b = cp.empty(o, dtype=x.dtype)
     if need_grad_x:
         grad_x = _gemm(grad_y, W, cp.empty((n, i), dtype=x.dtype), n, i, o, trans_b=True)
+        if relu_x:
+            relu_backward(grad_x, x, out=grad_x)
     _gemm(x, grad_y, grad_W, i, o, n, trans_a=True)
     _sum_rows(grad_y, n, o, grad_b)
     return grad_x, grad_W, grad_b

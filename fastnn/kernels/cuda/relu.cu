@@ -35,3 +35,16 @@ __global__ void relu_backward_kernel(const T* __restrict__ gy, const T* __restri
     }
     for (; i < total; i += s) gx[i] = y[i] > (T)0 ? gy[i] : (T)0;
 }
+
+// Dense layer + ReLU epilogue, after the GEMM wrote y (R, M) = x @ W:
+// y = relu(y + bias[j]) in place, one read-modify-write pass.
+template <typename T>
+__global__ void bias_relu_rows_kernel(T* __restrict__ y, const T* __restrict__ bias, int R, int M) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= M) return;
+    const T b = bias[j];
+    for (int r = blockIdx.y; r < R; r += gridDim.y) {
+        const i64 at = (i64)r * M + j;
+        y[at] = relu_of(y[at] + b);
+    }
+}
