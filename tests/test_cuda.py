@@ -1,4 +1,7 @@
-"""CUDA kernels (fastnn.kernels on CuPy arrays) against the NumPy reference.
+"""GPU-only tests of the CUDA kernels: device-side strided views, the conv workspace's
+chunks, determinism, dropout masks, TF32, host/device copies, in-place buffers, the
+fused dense + ReLU kernels. The kernels' shared cases against the NumPy reference run
+in tests/test_kernels.py (its "cuda" backend, on the lists of tests/cases.py).
 
 Skipped without CuPy or without a usable GPU. Tolerances: the largest error
 over the largest reference magnitude stays under 1e-4 in float32 and 1e-10 in
@@ -11,6 +14,7 @@ cp = pytest.importorskip("cupy")
 
 from fastnn import backend, kernels  # noqa: E402
 from fastnn.kernels import _reference as ref  # noqa: E402
+from cases import DENSE_CASES  # noqa: E402
 
 if backend.cupy() is None:
     pytest.skip("CuPy is installed but no CUDA device is usable", allow_module_level=True)
@@ -40,59 +44,8 @@ def rand(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-# (N, C, H, W), (kh, kw), stride, padding: odd sizes, batch 1, rectangular windows
-CONV_CASES = [
-    ((1, 1, 5, 5), (3, 3), 1, 0),
-    ((2, 3, 7, 6), (3, 3), 1, 1),
-    ((3, 2, 9, 11), (2, 3), 2, 0),
-    ((2, 4, 8, 7), (3, 2), (2, 1), (1, 2)),
-    ((1, 3, 6, 6), (1, 1), 1, 0),
-    ((4, 2, 10, 9), (5, 4), 3, 2),
-    ((5, 1, 28, 28), (5, 5), 1, 2),
-]
-
-
 def test_available_lists_cuda():
     assert "cuda" in backend.available()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,k,stride,padding", CONV_CASES)
-def test_im2col_col2im_match_reference(shape, k, stride, padding, dtype):
-    rng = np.random.default_rng(0)
-    x = rand(rng, shape, dtype)
-    cols = ref.im2col(x, *k, pair(stride), pair(padding))
-    got = kernels.im2col(cp.asarray(x), *k, stride, padding)
-    # im2col only copies: equal exactly
-    np.testing.assert_array_equal(cp.asnumpy(got), cols)
-    grad_cols = rand(rng, cols.shape, dtype)
-    assert_close(kernels.col2im(cp.asarray(grad_cols), shape, *k, stride, padding),
-                 ref.col2im(grad_cols, shape, *k, pair(stride), pair(padding)), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape,k,stride,padding", CONV_CASES)
-def test_conv2d_matches_reference(shape, k, stride, padding, bias, dtype):
-    rng = np.random.default_rng(1)
-    n, c, h, w = shape
-    out_channels = 3
-    x = rand(rng, shape, dtype)
-    W = rand(rng, (out_channels, c) + k, dtype)
-    b = rand(rng, (out_channels,), dtype) if bias else None
-    y = ref.conv2d_forward(x, W, b, pair(stride), pair(padding))
-    gy = rand(rng, y.shape, dtype)
-    expected = ref.conv2d_backward(gy, x, W, pair(stride), pair(padding))
-    cx, cW = cp.asarray(x), cp.asarray(W)
-    cb = None if b is None else cp.asarray(b)
-    assert_close(kernels.conv2d_forward(cx, cW, cb, stride, padding), y, dtype)
-    got = kernels.conv2d_backward(cp.asarray(gy), cx, cW, stride, padding)
-    for g, e in zip(got, expected):
-        assert_close(g, e, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -135,30 +88,6 @@ def test_conv2d_non_contiguous_inputs(dtype):
         assert_close(g, e, dtype)
 
 
-POOL_CASES = [
-    ((2, 3, 8, 8), (2, 2), (2, 2)),
-    ((1, 2, 7, 9), (3, 3), (2, 2)),      # overlapping windows, odd sizes
-    ((3, 1, 5, 5), (2, 3), (1, 2)),
-    ((1, 1, 4, 6), (4, 6), (1, 1)),      # one window
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,k,stride", POOL_CASES)
-@pytest.mark.parametrize("ties", [False, True])
-def test_maxpool_matches_reference(shape, k, stride, ties, dtype):
-    rng = np.random.default_rng(4)
-    x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(dtype)
-    y, argmax = ref.maxpool2d_forward(x, *k, stride)
-    cy, cargmax = kernels.maxpool2d_forward(cp.asarray(x), *k, stride)
-    np.testing.assert_array_equal(cp.asnumpy(cy), y)
-    np.testing.assert_array_equal(cp.asnumpy(cargmax), argmax)   # first maximum wins
-    assert cargmax.dtype == cp.int64
-    gy = rand(rng, y.shape, dtype)
-    assert_close(kernels.maxpool2d_backward(cp.asarray(gy), cargmax, shape),
-                 ref.maxpool2d_backward(gy, argmax, shape), dtype)
-
-
 def test_maxpool_non_contiguous_input():
     rng = np.random.default_rng(5)
     x = rand(rng, (2, 3, 9, 10), np.float32)
@@ -169,44 +98,39 @@ def test_maxpool_non_contiguous_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_relu_matches_reference(dtype):
-    rng = np.random.default_rng(6)
-    x = rand(rng, (3, 5, 7), dtype)
-    x[0, 0, :3] = 0
-    gy = rand(rng, x.shape, dtype)
-    y = ref.relu_forward(x)
-    cy = kernels.relu_forward(cp.asarray(x)[:, :, ::1])
-    np.testing.assert_array_equal(cp.asnumpy(cy), y)
-    assert cy.dtype == dtype
-    np.testing.assert_array_equal(cp.asnumpy(kernels.relu_backward(cp.asarray(gy), cy)),
-                                  ref.relu_backward(gy, y))
-    xt = rand(rng, (6, 4), dtype)
-    np.testing.assert_array_equal(cp.asnumpy(kernels.relu_forward(cp.asarray(xt).T)),
-                                  ref.relu_forward(xt.T))
-    # large and odd: the 4-per-thread main loop and its remainder
-    big = rand(rng, (1000003,), dtype)
-    big[::97] = np.nan
-    gbig = rand(rng, big.shape, dtype)
-    ybig = kernels.relu_forward(cp.asarray(big))
-    np.testing.assert_array_equal(cp.asnumpy(ybig), ref.relu_forward(big))
-    np.testing.assert_array_equal(cp.asnumpy(kernels.relu_backward(cp.asarray(gbig), ybig)),
-                                  ref.relu_backward(gbig, ref.relu_forward(big)))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,i,o", [(1, 5, 3), (7, 13, 4), (33, 1, 65)])
+@pytest.mark.parametrize("n,i,o", DENSE_CASES + [(70000, 3, 2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_dense_matches_reference(n, i, o, bias, dtype):
-    rng = np.random.default_rng(7)
+def test_dense_fused_relu_matches_reference(n, i, o, bias, dtype):
+    """dense_forward(relu=True) is relu_forward of the product plus bias;
+    dense_backward(relu_x=True) zeroes grad_x where x <= 0 or x is NaN, as relu_backward
+    (the shared dense cases, and more rows than a grid's y dimension). Called on _cuda
+    directly until the public wrappers take relu / relu_x; then it belongs with the
+    shared tests of tests/test_kernels.py."""
+    rng = np.random.default_rng(19)
     x, W = rand(rng, (n, i), dtype), rand(rng, (i, o), dtype)
     b = rand(rng, (o,), dtype) if bias else None
     gy = rand(rng, (n, o), dtype)
+    x.flat[:3] = [0.0, np.nan, -0.0][:x.size]                     # the ReLU's edge values
+    cx, cW = cp.asarray(x), cp.asarray(W)
     cb = None if b is None else cp.asarray(b)
-    assert_close(kernels.dense_forward(cp.asarray(x), cp.asarray(W), cb),
-                 ref.dense_forward(x, W, b), dtype)
-    got = kernels.dense_backward(cp.asarray(gy), cp.asarray(x), cp.asarray(W))
-    for g, e in zip(got, ref.dense_backward(gy, x, W)):
-        assert_close(g, e, dtype)
+    finite = np.nan_to_num(x)                                     # NaN rows: checked below
+    want = ref.relu_forward(ref.dense_forward(finite, W, b))
+    y = _cuda.dense_forward(cp.asarray(finite), cW, cb, True)
+    assert y.dtype == dtype and y.shape == (n, o)
+    assert_close(y, want, dtype)
+    assert not (cp.asnumpy(y) < 0).any()
+    nan_row = 1 // i                                              # x.flat[1] is NaN:
+    if n > nan_row:                                               # its row of y stays NaN
+        assert np.isnan(cp.asnumpy(_cuda.dense_forward(cx, cW, cb, True))[nan_row]).all()
+    grad_x, grad_W, grad_b = _cuda.dense_backward(cp.asarray(gy), cx, cW, True, True)
+    plain = ref.dense_backward(gy, x, W)
+    assert_close(grad_x, ref.relu_backward(plain[0], x), dtype)
+    dead = ~(x > 0)                                               # x <= 0 or NaN
+    assert (cp.asnumpy(grad_x)[dead] == 0).all()
+    for got, want in zip((grad_W, grad_b), plain[1:]):
+        if np.isfinite(want).all():                               # x's NaN reaches grad_W
+            assert_close(got, want, dtype)
+    assert _cuda.dense_backward(cp.asarray(gy), cx, cW, False, True)[0] is None
 
 
 def test_dense_non_contiguous_inputs():
@@ -214,35 +138,6 @@ def test_dense_non_contiguous_inputs():
     x, W = rand(rng, (9, 6), np.float64), rand(rng, (5, 9), np.float64)
     got = kernels.dense_forward(cp.asarray(x).T[::1], cp.asarray(W).T, None)   # (6, 9) @ (9, 5)
     assert_close(got, x.T @ W.T, np.float64)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,c", [(1, 10), (37, 10), (5, 45), (300, 3)])
-@pytest.mark.parametrize("onehot", [False, True])
-def test_softmax_cross_entropy_matches_reference(n, c, onehot, dtype):
-    rng = np.random.default_rng(9)
-    logits = rand(rng, (n, c), dtype) * 3
-    labels = rng.integers(0, c, n)
-    if onehot:
-        targets = rng.random((n, c)).astype(dtype)
-        targets /= targets.sum(axis=1, keepdims=True)
-        labels_cpu, labels_gpu = targets, cp.asarray(targets)
-    else:
-        labels_cpu, labels_gpu = labels.astype(np.int64), cp.asarray(labels.astype(np.int32))
-    loss, grad = ref.softmax_cross_entropy(logits.copy(), labels_cpu)
-    closs, cgrad = kernels.softmax_cross_entropy(cp.asarray(logits), labels_gpu)
-    assert closs.dtype == dtype and closs.shape == ()
-    assert_close(closs, np.asarray(loss), dtype)
-    assert_close(cgrad, grad, dtype)
-
-
-def test_softmax_cross_entropy_is_stable_for_huge_logits():
-    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], dtype=np.float32)
-    labels = np.array([0, 2])
-    loss, grad = ref.softmax_cross_entropy(logits.copy(), labels)
-    closs, cgrad = kernels.softmax_cross_entropy(cp.asarray(logits), cp.asarray(labels))
-    assert_close(closs, np.asarray(loss), np.float32)
-    assert_close(cgrad, grad, np.float32)
 
 
 def test_softmax_cross_entropy_non_contiguous_logits():
@@ -300,19 +195,6 @@ def test_dropout_mask_is_the_cpu_reference_mask(dtype):
         np.testing.assert_array_equal(cp.asnumpy(y), want_y)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_avgpool_and_leaky_relu_run_the_reference_on_cupy(dtype):
-    x = np.random.default_rng(14).standard_normal((2, 3, 7, 9)).astype(dtype)
-    y = _cuda.avgpool2d_forward(cp.asarray(x), 3, 2, (2, 1))
-    assert_close(y, ref.avgpool2d_forward(x, 3, 2, (2, 1)), dtype)
-    gy = np.random.default_rng(15).standard_normal(y.shape).astype(dtype)
-    assert_close(_cuda.avgpool2d_backward(cp.asarray(gy), x.shape, 3, 2, (2, 1)),
-                 ref.avgpool2d_backward(gy, x.shape, 3, 2, (2, 1)), dtype)
-    assert_close(_cuda.leaky_relu_forward(cp.asarray(x), 0.1), ref.leaky_relu_forward(x, 0.1), dtype)
-    assert_close(_cuda.leaky_relu_backward(cp.asarray(x), cp.asarray(x), 0.1),
-                 ref.leaky_relu_backward(x, x, 0.1), dtype)
-
-
 def _batchnorm_numpy(x, gamma, beta, eps, gy):
     axes = (0,) + tuple(range(2, x.ndim))
     shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -326,31 +208,6 @@ def _batchnorm_numpy(x, gamma, beta, eps, gy):
     gx = (gamma * inv_std).reshape(shape) / m * (m * gy - g_beta.reshape(shape)
                                                  - x_hat * g_gamma.reshape(shape))
     return y, mean, var, gx, g_gamma, g_beta
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(7, 5), (1, 3), (4, 3, 5, 6), (2, 6, 1, 9)])
-def test_batchnorm_matches_numpy(shape, dtype):
-    rng = np.random.default_rng(13)
-    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
-    gamma = rng.standard_normal(shape[1]).astype(dtype)
-    beta = rng.standard_normal(shape[1]).astype(dtype)
-    gy = rng.standard_normal(shape).astype(dtype)
-    eps = 1e-5
-    y, mean, var, gx, g_gamma, g_beta = _batchnorm_numpy(
-        x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), eps,
-        gy.astype(np.float64))
-    cy, x_hat, cmean, cvar, inv_std = _cuda.batchnorm_forward(
-        cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), eps)
-    for got, want in ((cy, y), (cmean, mean), (cvar, var)):
-        assert_close(got, want, dtype)
-    grads = _cuda.batchnorm_backward(cp.asarray(gy), x_hat, cp.asarray(gamma), inv_std)
-    for got, want in zip(grads, (gx, g_gamma, g_beta)):
-        assert_close(got, want, dtype)
-    # eval mode: given statistics are used as they are
-    ey = _cuda.batchnorm_forward(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), eps,
-                                 mean=cmean, var=cvar)[0]
-    assert_close(ey, y, dtype)
 
 
 def test_tf32_switch_is_opt_in_and_leaves_cupy_alone():
@@ -397,25 +254,6 @@ def test_to_device_copies_are_right_back_to_back(dtype):
         assert backend.is_cuda_array(got) and got.dtype == want.dtype
         np.testing.assert_array_equal(cp.asnumpy(got), want)
         np.testing.assert_array_equal(backend.to_device(got, "cpu"), want)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_without_grad_x(dtype):
-    """need_grad_x=False (a network's first layer): grad_x is None, the rest unchanged."""
-    rng = np.random.default_rng(16)
-    x, W = rand(rng, (3, 2, 8, 7), dtype), rand(rng, (4, 2, 3, 3), dtype)
-    gy = rand(rng, (3, 4, 8, 7), dtype)
-    expected = ref.conv2d_backward(gy, x, W, (1, 1), (1, 1))
-    got = kernels.conv2d_backward(cp.asarray(gy), cp.asarray(x), cp.asarray(W), 1, 1,
-                                  need_grad_x=False)
-    assert got[0] is None
-    for g, e in zip(got[1:], expected[1:]):
-        assert_close(g, e, dtype)
-    xd, Wd, gyd = rand(rng, (5, 6), dtype), rand(rng, (6, 3), dtype), rand(rng, (5, 3), dtype)
-    got = kernels.dense_backward(cp.asarray(gyd), cp.asarray(xd), cp.asarray(Wd), need_grad_x=False)
-    assert got[0] is None
-    for g, e in zip(got[1:], ref.dense_backward(gyd, xd, Wd)[1:]):
-        assert_close(g, e, dtype)
 
 
 def test_relu_into_out_buffers_in_place():

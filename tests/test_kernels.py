@@ -1,6 +1,7 @@
 """fastnn.kernels: every kernel on every CPU backend ("numpy" reference and
 "cpu" compiled), float32 and float64, against PyTorch where installed, against
-finite differences (float64), and the compiled kernels against the reference."""
+finite differences (float64), and the compiled kernels and, where a GPU is usable, the
+CUDA kernels against the reference, on the case lists of tests/cases.py."""
 import gc
 
 import numpy as np
@@ -9,8 +10,12 @@ import pytest
 from fastnn import backend, kernels
 from fastnn.kernels import _reference
 from _helpers import numerical_grad
+from cases import (AVGPOOL_CASES, BATCHNORM_SHAPES, CONV_CASES, CONV_IDS, DENSE_CASES,
+                   GEOMETRIES, LENET_CONV2, POOL_CASES, SOFTMAX_CASES)
 
 BACKENDS = ["numpy", "cpu"]
+# where a GPU is usable, the CUDA kernels (NumPy inputs copied over, results copied back)
+CUDA = ["cuda"] if "cuda" in backend.available() else []
 DTYPES = [np.float32, np.float64]
 
 
@@ -25,15 +30,29 @@ def backend_name(request):
     backend.use(previous)
 
 
+@pytest.fixture(params=["cpu"] + CUDA)
+def fast_backend(request):
+    """A backend tested against the NumPy reference: the compiled CPU kernels, CUDA."""
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS + CUDA)
+def any_backend(request):
+    """Every backend, for tests that call through ``run_on``."""
+    return request.param
+
+
 @pytest.fixture(params=DTYPES, ids=["float32", "float64"])
 def dtype(request):
     return request.param
 
 
-def assert_close(got, want, dtype):
+def assert_close(got, want, dtype, on=None):
     """Equal to round-off: relative 1e-5 (float32) or 1e-12 (float64) of the largest value,
-    since a sum of many products has an absolute error that scales with its terms."""
-    eps = 1e-5 if dtype == np.float32 else 1e-12
+    since a sum of many products has an absolute error that scales with its terms; for
+    results ``on="cuda"`` 1e-4 / 1e-10 (cuBLAS and the GPU's reductions add in other orders)."""
+    eps = (1e-4 if on == "cuda" else 1e-5) if dtype == np.float32 else (
+        1e-10 if on == "cuda" else 1e-12)
     want = np.asarray(want)
     np.testing.assert_allclose(got, want, rtol=eps, atol=eps * max(1.0, float(np.abs(want).max(initial=0))))
 
@@ -43,13 +62,35 @@ def random(rng, shape, dtype):
 
 
 def run_on(name, fn, *args, **kwargs):
-    """fn(*args) under backend ``name``."""
+    """fn(*args) under backend ``name``: "numpy" or "cpu" for NumPy arrays; "cuda": the
+    NumPy arguments copied to the GPU, the results (which must be CuPy arrays: nothing
+    may fall back to the host) copied back."""
+    if name == "cuda":
+        cp = backend.cupy()
+        args = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        return _to_host(fn(*args, **kwargs))
     previous = backend.current()
     backend.use(name)
     try:
         return fn(*args, **kwargs)
     finally:
         backend.use(previous)
+
+
+def _to_host(result):
+    """A CUDA kernel's result (an array, None or a tuple of them) as NumPy arrays."""
+    if isinstance(result, tuple):
+        return tuple(_to_host(r) for r in result)
+    if result is None:
+        return None
+    assert backend.is_cuda_array(result), f"a CUDA kernel returned a {type(result).__name__}"
+    return backend.cupy().asnumpy(result)
+
+
+def _impl_module(name):
+    """The implementation module of a fast backend, for its layer pieces (BatchNorm)."""
+    from fastnn.kernels import _cpu, _cuda
+    return {"cpu": _cpu, "cuda": _cuda}[name]
 
 
 def test_compiled_kernels_loaded():
@@ -61,43 +102,6 @@ def test_compiled_kernels_loaded():
 
 
 # --- convolution ------------------------------------------------------------------
-
-# (N, C, H, W, K, kh, kw, stride, padding): odd sizes, strides and paddings,
-# batch of 1, a 1x1 conv, a kernel as large as the padded input.
-CONV_CASES = [
-    (2, 3, 7, 9, 4, 3, 3, 1, 1),
-    (1, 2, 8, 5, 3, 3, 2, (2, 1), (0, 1)),
-    (3, 4, 6, 6, 2, 1, 1, 1, 0),
-    (2, 1, 5, 5, 2, 5, 5, 1, 2),
-    (2, 3, 9, 8, 4, 3, 3, 2, 0),
-    (1, 2, 4, 3, 3, 6, 5, 3, 1),
-    (2, 2, 7, 7, 3, 2, 4, (3, 2), (2, 0)),
-    (1, 16, 20, 19, 32, 3, 3, 1, 1),     # batch of 1: BLAS threads the GEMMs, not OpenMP
-    (3, 8, 12, 12, 24, 3, 3, 1, 1),      # more samples than threads, GEMMs per sample
-    (2, 3, 5, 4, 2, 2, 2, 1, 2),         # stride 1 but padding >= kernel: the col2im path
-    (3, 2, 6, 5, 3, 3, 1, 1, (1, 0)),    # stride 1, non-square kernel and padding
-    (3, 5, 9, 8, 4, 3, 3, 2, 1),         # patch rows forward, columns backward (stride 2)
-    (2, 6, 7, 9, 5, 3, 3, 1, 1),         # y.T (63, 5): a transpose with ragged edges in both
-                                         # dimensions around the 4x4 blocks
-    (2, 9, 3, 3, 10, 3, 3, 1, 0),        # one output pixel, more filters than pixels
-    (2, 33, 7, 9, 5, 3, 3, 1, 1),        # grad_x by the transposed conv: grad_x.T (63, 33) ragged
-    # float32 stride 1, K <= 16, rows of >= 8 pixels: the direct conv forward (blocks of
-    # 4, 6 or 8 channels, 8 pixels, a ragged row end overlapping); LeNet's convs at
-    # batch 1 and 64, odd sizes
-    (1, 1, 28, 28, 6, 5, 5, 1, 2),
-    (64, 1, 28, 28, 6, 5, 5, 1, 2),
-    (64, 6, 14, 14, 16, 5, 5, 1, 0),
-    (2, 1, 13, 11, 6, 5, 5, 1, 2),
-    (2, 6, 15, 13, 16, 5, 5, 1, 0),
-    (2, 2, 9, 17, 5, 5, 5, 1, 2),
-    (2, 3, 8, 12, 11, 3, 5, 1, (0, 2)),
-    (2, 3, 9, 10, 8, 3, 3, 1, 1),        # 8 and 16 channels: 6-pixel blocks, channels in lanes
-    (1, 2, 6, 8, 3, 1, 1, 1, 0),         # but 1x1 keeps its GEMM on x
-    (2, 5, 7, 9, 3, 3, 5, 1, (2, 1)),    # patch rows, grad_x by col2im on padded rows
-    (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
-]
-CONV_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
-
 
 def conv_inputs(case, dtype, seed=0):
     n, c, h, w, k, kh, kw, stride, padding = case
@@ -124,17 +128,18 @@ def test_conv2d_matches_torch(backend_name, dtype, case):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
-def test_conv2d_compiled_matches_reference(dtype, case):
+def test_conv2d_backends_match_reference(fast_backend, dtype, case):
     x, W, b, stride, padding = conv_inputs(case, dtype)
     for bias in (b, None):
         ref = run_on("numpy", kernels.conv2d_forward, x, W, bias, stride, padding)
-        got = run_on("cpu", kernels.conv2d_forward, x, W, bias, stride, padding)
-        assert_close(got, ref, dtype)
+        got = run_on(fast_backend, kernels.conv2d_forward, x, W, bias, stride, padding)
+        assert got.dtype == dtype
+        assert_close(got, ref, dtype, fast_backend)
     grad_y = random(np.random.default_rng(2), ref.shape, dtype)
     want = run_on("numpy", kernels.conv2d_backward, grad_y, x, W, stride, padding)
-    got = run_on("cpu", kernels.conv2d_backward, grad_y, x, W, stride, padding)
+    got = run_on(fast_backend, kernels.conv2d_backward, grad_y, x, W, stride, padding)
     for g, r in zip(got, want):
-        assert_close(g, r, dtype)
+        assert_close(g, r, dtype, fast_backend)
 
 
 def test_conv2d_gradients_by_finite_differences(backend_name):
@@ -204,7 +209,7 @@ def test_compiled_kernels_restore_the_blas_thread_count():
     """BLAS is held to one thread only while a compiled kernel runs."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    x, W, b, stride, padding = conv_inputs(CONV_CASES[-1], np.float32)
+    x, W, b, stride, padding = conv_inputs(LENET_CONV2, np.float32)
     run_on("cpu", kernels.conv2d_forward, x, W, b, stride, padding)
     run_on("cpu", kernels.dense_forward, np.ones((300, 300), np.float32), np.ones((300, 300), np.float32), None)
     small = np.ones((64, 40), np.float32), np.ones((40, 12), np.float32)   # a one-thread GEMM
@@ -215,35 +220,28 @@ def test_compiled_kernels_restore_the_blas_thread_count():
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[7],
-                                  CONV_CASES[8], CONV_CASES[-1]],
+                                  CONV_CASES[8], LENET_CONV2],
                          ids=["columns", "1x1", "stride2", "rows-batch1", "rows", "rows-stride2"])
-def test_backward_without_grad_x(backend_name, case):
+def test_backward_without_grad_x(any_backend, case):
     """need_grad_x=False (a first layer): grad_x is None, the parameter gradients unchanged."""
     x, W, b, stride, padding = conv_inputs(case, np.float64)
     grad_y = random(np.random.default_rng(24), kernels.conv2d_forward(x, W, b, stride, padding).shape,
                     np.float64)
-    full = kernels.conv2d_backward(grad_y, x, W, stride, padding)
-    part = kernels.conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=False)
+    full = run_on(any_backend, kernels.conv2d_backward, grad_y, x, W, stride, padding)
+    part = run_on(any_backend, kernels.conv2d_backward, grad_y, x, W, stride, padding,
+                  need_grad_x=False)
     assert part[0] is None
     np.testing.assert_array_equal(part[1], full[1])
     np.testing.assert_array_equal(part[2], full[2])
     xd, Wd, gd = (random(np.random.default_rng(25), s, np.float64) for s in ((5, 7), (7, 3), (5, 3)))
-    full = kernels.dense_backward(gd, xd, Wd)
-    part = kernels.dense_backward(gd, xd, Wd, need_grad_x=False)
+    full = run_on(any_backend, kernels.dense_backward, gd, xd, Wd)
+    part = run_on(any_backend, kernels.dense_backward, gd, xd, Wd, need_grad_x=False)
     assert part[0] is None
     np.testing.assert_array_equal(part[1], full[1])
     np.testing.assert_array_equal(part[2], full[2])
 
 
 # --- im2col / col2im ---------------------------------------------------------------
-
-GEOMETRIES = [  # (N, C, H, W, kh, kw, stride, padding)
-    (2, 3, 5, 6, 3, 3, 1, 1),
-    (1, 2, 7, 4, 2, 3, (2, 1), (1, 0)),
-    (3, 1, 6, 6, 3, 3, 2, 2),
-    (2, 2, 3, 3, 5, 5, 1, 1),
-]
-
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_im2col_layout(backend_name, dtype, geometry):
@@ -277,31 +275,19 @@ def test_col2im_is_the_adjoint_of_im2col(backend_name, geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_im2col_col2im_compiled_match_reference(dtype, geometry):
+def test_im2col_col2im_backends_match_reference(fast_backend, dtype, geometry):
     n, c, h, w, kh, kw, stride, padding = geometry
     x = random(np.random.default_rng(7), (n, c, h, w), dtype)
     cols = run_on("numpy", kernels.im2col, x, kh, kw, stride, padding)
-    np.testing.assert_array_equal(run_on("cpu", kernels.im2col, x, kh, kw, stride, padding), cols)
-    assert_close(run_on("cpu", kernels.col2im, cols, x.shape, kh, kw, stride, padding),
-                 run_on("numpy", kernels.col2im, cols, x.shape, kh, kw, stride, padding), dtype)
+    # im2col only copies: the same values exactly
+    np.testing.assert_array_equal(run_on(fast_backend, kernels.im2col, x, kh, kw, stride, padding),
+                                  cols)
+    assert_close(run_on(fast_backend, kernels.col2im, cols, x.shape, kh, kw, stride, padding),
+                 run_on("numpy", kernels.col2im, cols, x.shape, kh, kw, stride, padding), dtype,
+                 fast_backend)
 
 
 # --- max pooling ------------------------------------------------------------------
-
-POOL_CASES = [  # (N, C, H, W, kh, kw, stride): odd sizes, overlapping windows, batch of 1
-    (2, 3, 8, 8, 2, 2, 2),
-    (1, 2, 7, 9, 2, 2, 2),       # odd sizes: the last row and column belong to no window
-    (1, 2, 7, 9, 3, 3, 2),
-    (2, 2, 5, 6, 2, 3, (1, 2)),
-    (3, 1, 9, 7, 3, 2, (3, 1)),
-    # 2x2/2 rows of at least 4 outputs run 4 at a time (SSE, float32), a ragged end as
-    # one more overlapping block: LeNet's 28x28 and 10x10, and odd widths
-    (2, 3, 28, 28, 2, 2, 2),
-    (1, 2, 10, 10, 2, 2, 2),
-    (1, 1, 5, 23, 2, 2, 2),
-    (1, 1, 3, 17, 2, 2, 2),
-]
-
 
 @pytest.mark.parametrize("case", POOL_CASES)
 def test_maxpool2d_matches_torch(backend_name, dtype, case):
@@ -321,27 +307,23 @@ def test_maxpool2d_matches_torch(backend_name, dtype, case):
 
 
 @pytest.mark.parametrize("case", POOL_CASES)
-def test_maxpool2d_compiled_matches_reference(dtype, case):
+def test_maxpool2d_backends_match_reference(fast_backend, dtype, case):
     n, c, h, w, kh, kw, stride = case
     rng = np.random.default_rng(10)
     # rounded values make ties common: both must pick the first maximum of a window
     x = np.round(random(rng, (n, c, h, w), dtype))
     y_ref, arg_ref = run_on("numpy", kernels.maxpool2d_forward, x, kh, kw, stride)
-    y, arg = run_on("cpu", kernels.maxpool2d_forward, x, kh, kw, stride)
+    y, arg = run_on(fast_backend, kernels.maxpool2d_forward, x, kh, kw, stride)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(arg, arg_ref)
+    assert arg.dtype == np.int64
     grad_y = random(rng, y.shape, dtype)
-    assert_close(run_on("cpu", kernels.maxpool2d_backward, grad_y, arg, x.shape),
-                 run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape), dtype)
+    assert_close(run_on(fast_backend, kernels.maxpool2d_backward, grad_y, arg, x.shape),
+                 run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, x.shape), dtype,
+                 fast_backend)
 
 
 # --- average pooling ---------------------------------------------------------------
-
-AVGPOOL_CASES = POOL_CASES + [
-    (1, 2, 6, 7, 2, 2, 1),       # overlapping 2x2 windows: each pixel in up to four
-    (2, 1, 3, 3, 3, 3, 1),       # one window covering the whole plane
-]
-
 
 @pytest.mark.parametrize("case", AVGPOOL_CASES)
 def test_avgpool2d_matches_torch(backend_name, dtype, case):
@@ -360,21 +342,22 @@ def test_avgpool2d_matches_torch(backend_name, dtype, case):
 
 
 @pytest.mark.parametrize("case", AVGPOOL_CASES)
-def test_avgpool2d_compiled_matches_reference_bits(dtype, case):
-    """The compiled kernels add in the reference's order: the same bits, -0.0 and
-    NaN included; a non-contiguous input is made contiguous first."""
+def test_avgpool2d_backends_match_reference_bits(fast_backend, dtype, case):
+    """The compiled kernels add in the reference's order (CUDA runs the reference on
+    CuPy): the same bits, -0.0 and NaN included; a non-contiguous input is made
+    contiguous first."""
     n, c, h, w, kh, kw, stride = case
     rng = np.random.default_rng(16)
     x = random(rng, (n, c, h, 2 * w), dtype)[..., ::2]           # non-contiguous
     x[0, 0, 0, :2] = [np.nan, -0.0]
     y_ref = run_on("numpy", kernels.avgpool2d_forward, x, kh, kw, stride)
-    y = run_on("cpu", kernels.avgpool2d_forward, x, kh, kw, stride)
+    y = run_on(fast_backend, kernels.avgpool2d_forward, x, kh, kw, stride)
     np.testing.assert_array_equal(y, y_ref)
     assert np.array_equal(np.signbit(y), np.signbit(y_ref))
     grad_y = random(rng, y.shape, dtype)
     grad_y.flat[:3] = [-0.0, np.nan, 1e-30]
     want = run_on("numpy", kernels.avgpool2d_backward, grad_y, x.shape, kh, kw, stride)
-    got = run_on("cpu", kernels.avgpool2d_backward, grad_y, x.shape, kh, kw, stride)
+    got = run_on(fast_backend, kernels.avgpool2d_backward, grad_y, x.shape, kh, kw, stride)
     np.testing.assert_array_equal(got, want)
     assert np.array_equal(np.signbit(got), np.signbit(want))
 
@@ -594,6 +577,24 @@ def test_relu(backend_name, dtype, shape):
     np.testing.assert_array_equal(grad_x, np.where(x > 0, grad_y, 0))
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (6, 4), (1000003,)])
+def test_relu_backends_match_reference_bits(fast_backend, dtype, shape):
+    """Odd sizes (the CUDA kernels' 4-per-thread loop and its remainder), a
+    non-contiguous input, NaN (stays NaN forward; a NaN output passes no gradient)
+    and zeros."""
+    rng = np.random.default_rng(6)
+    x = random(rng, shape[:-1] + (2 * shape[-1],), dtype)[..., ::2]
+    x.flat[::97] = np.nan
+    x.flat[1:3] = 0
+    grad_y = random(rng, shape, dtype)
+    y = run_on(fast_backend, kernels.relu_forward, x)
+    want = run_on("numpy", kernels.relu_forward, x)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(run_on(fast_backend, kernels.relu_backward, grad_y, y),
+                                  run_on("numpy", kernels.relu_backward, grad_y, want))
+
+
 def test_relu_out_buffers(backend_name, dtype):
     """out= receives the result, also in place (out=x, out=grad_y, out=y)."""
     rng = np.random.default_rng(23)
@@ -655,8 +656,9 @@ def test_leaky_relu_matches_torch(backend_name, dtype, alpha):
 
 
 @pytest.mark.parametrize("shape", [(1,), (7, 13), (3, 1, 9, 11), (2**21 + 3,)])
-def test_leaky_relu_compiled_matches_reference_bits(dtype, shape):
-    """Odd sizes, the threaded size, a non-contiguous input, NaN, infinities and -0.0."""
+def test_leaky_relu_backends_match_reference_bits(fast_backend, dtype, shape):
+    """Odd sizes, the threaded size, a non-contiguous input, NaN, infinities and -0.0
+    (CUDA runs the reference on CuPy)."""
     rng = np.random.default_rng(25)
     x = random(rng, shape[:-1] + (2 * shape[-1],), dtype)[..., ::2]
     specials = np.array([np.nan, -np.inf, np.inf, -0.0, 0.0, -1e-30], dtype)
@@ -664,11 +666,11 @@ def test_leaky_relu_compiled_matches_reference_bits(dtype, shape):
     grad_y = random(rng, x.shape, dtype)
     for alpha in (0.01, 0.2):
         want = run_on("numpy", kernels.leaky_relu_forward, x, alpha)
-        got = run_on("cpu", kernels.leaky_relu_forward, x, alpha)
+        got = run_on(fast_backend, kernels.leaky_relu_forward, x, alpha)
         np.testing.assert_array_equal(got, want)
         assert np.array_equal(np.signbit(got), np.signbit(want))
         want = run_on("numpy", kernels.leaky_relu_backward, grad_y, x, alpha)
-        got = run_on("cpu", kernels.leaky_relu_backward, grad_y, x, alpha)
+        got = run_on(fast_backend, kernels.leaky_relu_backward, grad_y, x, alpha)
         np.testing.assert_array_equal(got, want)
 
 
@@ -717,30 +719,26 @@ def test_dropout_mask_rate_scale_and_seed():
 
 # --- batch normalisation (the layers' kernels; the public layers are tested too) --------
 
-BATCHNORM_SHAPES = [(2, 3), (64, 257), (5, 4, 3), (1, 3, 7, 5), (16, 6, 28, 28),
-                    (8, 32, 96, 96)]      # the last one: channels split over the threads
-
-
 @pytest.mark.parametrize("shape", BATCHNORM_SHAPES)
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_compiled_matches_reference(dtype, shape, training):
-    from fastnn.kernels import _cpu
+def test_batchnorm_backends_match_reference(fast_backend, dtype, shape, training):
+    impl = _impl_module(fast_backend)
     rng = np.random.default_rng(28)
     c = shape[1]
     x = random(rng, shape, dtype) * dtype(3) + dtype(5)      # an offset mean, as activations have
     gamma, beta = random(rng, (c,), dtype), random(rng, (c,), dtype)
     stats = () if training else (random(rng, (c,), dtype), np.abs(random(rng, (c,), dtype)) + 0.5)
     want = _reference.batchnorm_forward(x, gamma, beta, 1e-5, *stats)
-    got = _cpu.batchnorm_forward(x, gamma, beta, 1e-5, *stats)
+    got = run_on(fast_backend, impl.batchnorm_forward, x, gamma, beta, 1e-5, *stats)
     for g, w in zip(got, want):                          # y, x_hat, mean, var, inv_std
         assert g.dtype == dtype and g.shape == w.shape
-        assert_close(g, w, dtype)
+        assert_close(g, w, dtype, fast_backend)
     grad_y = random(rng, shape, dtype)
     want = _reference.batchnorm_backward(grad_y, want[1], gamma, want[4])
-    got = _cpu.batchnorm_backward(grad_y, got[1], gamma, got[4])
+    got = run_on(fast_backend, impl.batchnorm_backward, grad_y, got[1], gamma, got[4])
     for g, w in zip(got, want):                          # grad_x, grad_gamma, grad_beta
         assert g.dtype == dtype and g.shape == w.shape
-        assert_close(g, w, dtype)
+        assert_close(g, w, dtype, fast_backend)
 
 
 def test_batchnorm_statistics_in_double():
@@ -778,15 +776,18 @@ def test_dense_matches_torch(backend_name, dtype, n, i, o, with_bias):
     assert_close(grads[2], grad_y.astype(np.float64).sum(axis=0), dtype)
 
 
-@pytest.mark.parametrize("n, i, o", [(37, 50, 23), (150, 200, 70), (20, 300, 500)])
-def test_dense_compiled_matches_reference(dtype, n, i, o):
+@pytest.mark.parametrize("n, i, o", DENSE_CASES)
+def test_dense_backends_match_reference(fast_backend, dtype, n, i, o):
     rng = np.random.default_rng(17)
     x, W, b, grad_y = (random(rng, s, dtype) for s in ((n, i), (i, o), (o,), (n, o)))
-    assert_close(run_on("cpu", kernels.dense_forward, x, W, b),
-                 run_on("numpy", kernels.dense_forward, x, W, b), dtype)
-    for got, want in zip(run_on("cpu", kernels.dense_backward, grad_y, x, W),
+    for bias in (b, None):
+        got = run_on(fast_backend, kernels.dense_forward, x, W, bias)
+        assert got.dtype == dtype and got.shape == (n, o)
+        assert_close(got, run_on("numpy", kernels.dense_forward, x, W, bias), dtype, fast_backend)
+    for got, want in zip(run_on(fast_backend, kernels.dense_backward, grad_y, x, W),
                          run_on("numpy", kernels.dense_backward, grad_y, x, W)):
-        assert_close(got, want, dtype)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close(got, want, dtype, fast_backend)
 
 
 def test_dense_gradients_by_finite_differences(backend_name):
@@ -821,24 +822,27 @@ def test_softmax_cross_entropy_matches_torch(backend_name, dtype, n, c):
         assert_close(grad, tl.grad.numpy(), dtype)
 
 
-def test_softmax_cross_entropy_is_stable_at_large_logits(backend_name, dtype):
+def test_softmax_cross_entropy_is_stable_at_large_logits(any_backend, dtype):
     logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, -1e4]], dtype)
-    loss, grad = kernels.softmax_cross_entropy(logits, np.array([1, 2, 0]))
+    loss, grad = run_on(any_backend, kernels.softmax_cross_entropy, logits, np.array([1, 2, 0]))
     assert np.isfinite(loss) and np.isfinite(grad).all()
     np.testing.assert_allclose(loss, (2e4 + np.log(3) + np.log(2)) / 3, rtol=1e-6)
     np.testing.assert_allclose(grad.sum(axis=1), 0, atol=1e-6)
 
 
-def test_softmax_cross_entropy_compiled_matches_reference(dtype):
+@pytest.mark.parametrize("n, c", SOFTMAX_CASES)
+def test_softmax_cross_entropy_backends_match_reference(fast_backend, dtype, n, c):
+    """Class indices (int64 and int32) and one-hot rows."""
     rng = np.random.default_rng(20)
-    logits = random(rng, (65, 33), dtype) * 5
-    labels = rng.integers(0, 33, 65)
-    onehot = np.eye(33, dtype=dtype)[labels]
-    for target in (labels, onehot):
-        got = run_on("cpu", kernels.softmax_cross_entropy, logits, target)
+    logits = random(rng, (n, c), dtype) * 5
+    labels = rng.integers(0, c, n)
+    onehot = np.eye(c, dtype=dtype)[labels]
+    for target in (labels, labels.astype(np.int32), onehot):
+        got = run_on(fast_backend, kernels.softmax_cross_entropy, logits, target)
         want = run_on("numpy", kernels.softmax_cross_entropy, logits, target)
-        assert_close(got[0], want[0], dtype)
-        assert_close(got[1], want[1], dtype)
+        assert np.asarray(got[0]).dtype == dtype and got[1].dtype == dtype
+        assert_close(got[0], want[0], dtype, fast_backend)
+        assert_close(got[1], want[1], dtype, fast_backend)
 
 
 @pytest.fixture(params=[True, False], ids=["avx512-rows", "portable"])

@@ -2,10 +2,11 @@
 
 ``fastnn.kernels`` validates the arguments and calls these for CuPy arrays
 (C-contiguous, float32 or float64; ``stride``/``padding`` as ``(h, w)``).
-Hand-written kernels live in one CUDA C++ source (``_SOURCE`` below, compiled
-once per process by NVRTC through ``cupy.RawModule``, templated on float and
-double); GEMMs go to cuBLAS (strided-batched GEMM called directly, which
-costs a few microseconds of Python instead of ``cupy.matmul``'s tens).
+Hand-written kernels live in CUDA C++ files shipped with the package
+(``cuda/*.cu``: one module, compiled once per process by NVRTC through
+``cupy.RawModule``, templated on float and double); GEMMs go to cuBLAS
+(strided-batched GEMM called directly, which costs a few microseconds of
+Python instead of ``cupy.matmul``'s tens).
 
 No Python loop runs over the batch. A convolution is, for the whole batch
 (cut into a few chunks only when the columns would pass
@@ -39,6 +40,7 @@ layers and optimizers: ``sgd_step`` / ``adam_step`` (used by ``fastnn.optim``
 on CuPy arrays), ``dropout_forward`` and ``batchnorm_forward`` / ``_backward``.
 """
 import os
+import re
 
 import numpy as np
 
@@ -63,451 +65,37 @@ CONV_WORKSPACE_BYTES = 1 << 30
 _THREADS = 256
 _GRID_YZ = 65535            # CUDA's limit on gridDim.y / gridDim.z: kernels loop past it
 
-_SOURCE = r"""
-typedef long long i64;
-
-__device__ __forceinline__ float  fn_exp(float v)  { return expf(v); }
-__device__ __forceinline__ double fn_exp(double v) { return exp(v); }
-__device__ __forceinline__ float  fn_log(float v)  { return logf(v); }
-__device__ __forceinline__ double fn_log(double v) { return log(v); }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-    for (int off = 16; off > 0; off >>= 1) {
-        T o = __shfl_xor_sync(0xffffffffu, v, off);
-        v = o > v ? o : v;
-    }
-    return v;
-}
-
-// Grid convention of the image kernels: x covers a plane's positions (OH*OW or
-// H*W, 32-bit), y the channels, z the samples (y and z loop past 65535). No
-// 64-bit division anywhere: an index costs one 32-bit divide by the width.
-
-// im2col. Row r = c*KH*KW + i*KW + j, position p = oh*OW + ow of sample n goes to
-//   batch_major: cols[(n*CKK + r)*P + p]     (N, C*KH*KW, P): per-sample GEMMs
-//   otherwise:   cols[r*N*P + n*P + p]       (C*KH*KW, N*P): the API layout
-// One thread per (n, c, p) writes KH*KW entries, coalesced along p.
-template <typename T>
-__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ cols,
-        int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW,
-        int OH, int OW, int batch_major) {
-    const int P = OH * OW;
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= P) return;
-    const int oh = p / OW, ow = p - oh * OW;
-    const int KK = KH * KW;
-    const i64 row_stride = batch_major ? (i64)P : (i64)N * P;
-    for (int n = blockIdx.z; n < N; n += gridDim.z) {
-        for (int c = blockIdx.y; c < C; c += gridDim.y) {
-            const T* plane = x + ((i64)n * C + c) * H * W;
-            T* out = cols + (batch_major ? ((i64)n * C * KK + (i64)c * KK) * P + p
-                                         : (i64)c * KK * row_stride + (i64)n * P + p);
-            for (int i = 0; i < KH; ++i) {
-                const int h = oh * SH - PH + i;
-                const bool row_in = h >= 0 && h < H;
-                for (int j = 0; j < KW; ++j) {
-                    const int w = ow * SW - PW + j;
-                    *out = (row_in && w >= 0 && w < W) ? plane[h * W + w] : (T)0;
-                    out += row_stride;
-                }
-            }
-        }
-    }
-}
-
-// col2im, the adjoint: one thread per input pixel (n, c, h, w) gathers every
-// column entry copied from it, in a fixed order (no atomics). Window offsets i
-// with (h + PH - i) % SH == 0 and 0 <= (h + PH - i) / SH < OH are stepped
-// directly: two divisions per axis per pixel.
-template <typename T>
-__global__ void col2im_kernel(const T* __restrict__ cols, T* __restrict__ dx,
-        int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW,
-        int OH, int OW, int batch_major) {
-    const int hw = blockIdx.x * blockDim.x + threadIdx.x;
-    if (hw >= H * W) return;
-    const int h = hw / W, w = hw - (hw / W) * W;
-    const int P = OH * OW, KK = KH * KW;
-    const i64 row_stride = batch_major ? (i64)P : (i64)N * P;
-    const int hp = h + PH, wp = w + PW;
-    int i0 = max(0, hp - (OH - 1) * SH);
-    i0 += (hp - i0) % SH;
-    const int i1 = min(KH - 1, hp);
-    int j0 = max(0, wp - (OW - 1) * SW);
-    j0 += (wp - j0) % SW;
-    const int j1 = min(KW - 1, wp);
-    for (int n = blockIdx.z; n < N; n += gridDim.z) {
-        for (int c = blockIdx.y; c < C; c += gridDim.y) {
-            const T* base = cols + (batch_major ? ((i64)n * C * KK + (i64)c * KK) * P
-                                                : (i64)c * KK * row_stride + (i64)n * P);
-            T sum = 0;
-            // unrolled so that several taps' loads are in flight at once
-            #pragma unroll 3
-            for (int i = i0, oh = (hp - i0) / SH; i <= i1; i += SH, --oh) {
-                #pragma unroll 3
-                for (int j = j0, ow = (wp - j0) / SW; j <= j1; j += SW, --ow) {
-                    sum += base[(i64)(i * KW + j) * row_stride + oh * OW + ow];
-                }
-            }
-            dx[((i64)n * C + c) * H * W + hw] = sum;
-        }
-    }
-}
-
-// y (N, K, P) = bias[k]: the GEMM then accumulates into it (beta = 1), so the
-// bias costs one write-only pass instead of a read-modify-write.
-template <typename T>
-__global__ void bias_nkp_kernel(T* __restrict__ y, const T* __restrict__ bias, int N, int K, int P) {
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= P) return;
-    for (int n = blockIdx.z; n < N; n += gridDim.z)
-        for (int k = blockIdx.y; k < K; k += gridDim.y)
-            y[((i64)n * K + k) * P + p] = bias[k];
-}
-
-// y (R, M) = bias[j], for the same reason
-template <typename T>
-__global__ void bias_rows_kernel(T* __restrict__ y, const T* __restrict__ bias, int R, int M) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= M) return;
-    const T b = bias[j];
-    for (int r = blockIdx.y; r < R; r += gridDim.y) y[(i64)r * M + j] = b;
-}
-
-// dst[j] (+)= sum_r src[r*M + j]: column sums in row order (dense grad_b, the
-// per-sample partials of a conv weight gradient, conv grad_b). Block (32, 8):
-// 32 columns, 8 row lanes, combined in a fixed order.
-template <typename T>
-__global__ void sum_rows_kernel(const T* __restrict__ src, T* __restrict__ dst, int R, i64 M,
-        int accumulate) {
-    __shared__ T part[8][33];
-    const i64 j = blockIdx.x * (i64)32 + threadIdx.x;
-    T acc = 0;
-    if (j < M)
-        for (int r = threadIdx.y; r < R; r += 8) acc += src[(i64)r * M + j];
-    part[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && j < M) {
-        T total = 0;
-        for (int y = 0; y < 8; ++y) total += part[y][threadIdx.x];
-        dst[j] = accumulate ? dst[j] + total : total;
-    }
-}
-
-// out[r] = sum of row r of src (R, L): one block per row, fixed-order reduction.
-template <typename T>
-__global__ void row_sum_kernel(const T* __restrict__ src, T* __restrict__ out, int R, int L) {
-    __shared__ T part[32];
-    for (int r = blockIdx.x; r < R; r += gridDim.x) {
-        const T* row = src + (i64)r * L;
-        T acc = 0;
-        for (int s = threadIdx.x; s < L; s += blockDim.x) acc += row[s];
-        acc = warp_sum(acc);
-        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            T total = 0;
-            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += part[w];
-            out[r] = total;
-        }
-        __syncthreads();
-    }
-}
-
-// SGD (PyTorch's rule, dampening 0), fused: one pass per parameter.
-//   g += wd * p + l1 * sign(p);  buf = first ? g : mom * buf + g;
-//   g = nesterov ? g + mom * buf : buf;  p -= lr * g
-template <typename T>
-__global__ void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf,
-        i64 total, T lr, T mom, T wd, T l1, int use_mom, int nesterov, int first) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
-         i += (i64)blockDim.x * gridDim.x) {
-        const T pv = p[i];
-        T gv = g[i];
-        if (wd != (T)0) gv = pv * wd + gv;
-        if (l1 != (T)0) gv += l1 * (pv > (T)0 ? (T)1 : (pv < (T)0 ? (T)-1 : (T)0));
-        if (use_mom) {
-            const T b = first ? gv : buf[i] * mom + gv;
-            buf[i] = b;
-            gv = nesterov ? gv + mom * b : b;
-        }
-        p[i] = pv - lr * gv;
-    }
-}
-
-// Adam (PyTorch's rule, L2 weight decay added to the gradient), fused:
-//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
-//   p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
-template <typename T>
-__global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-        T* __restrict__ v, i64 total, T b1, T one_minus_b1, T b2, T one_minus_b2,
-        T inv_sqrt_bc2, T eps, T step_size, T wd) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
-         i += (i64)blockDim.x * gridDim.x) {
-        const T pv = p[i];
-        T gv = g[i];
-        if (wd != (T)0) gv = gv + wd * pv;
-        const T mv = m[i] * b1 + gv * one_minus_b1;
-        const T vv = v[i] * b2 + (gv * gv) * one_minus_b2;
-        m[i] = mv;
-        v[i] = vv;
-        p[i] = pv - (mv / (sqrt(vv) * inv_sqrt_bc2 + eps)) * step_size;
-    }
-}
-
-// ReLU: each thread takes 4 elements a grid-stride apart per step, so four
-// independent coalesced loads are in flight before the first use; the loop
-// after it takes the remainder.
-template <typename T>
-__device__ __forceinline__ T relu_of(T v) { return (v > (T)0 || v != v) ? v : (T)0; }  // NaN stays NaN
-
-template <typename T>
-__global__ void relu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, i64 total) {
-    const i64 s = (i64)blockDim.x * gridDim.x;
-    i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    for (; i + 3 * s < total; i += 4 * s) {
-        const T a = x[i], b = x[i + s], c = x[i + 2 * s], d = x[i + 3 * s];
-        y[i] = relu_of(a); y[i + s] = relu_of(b); y[i + 2 * s] = relu_of(c); y[i + 3 * s] = relu_of(d);
-    }
-    for (; i < total; i += s) y[i] = relu_of(x[i]);
-}
-
-template <typename T>
-__global__ void relu_backward_kernel(const T* __restrict__ gy, const T* __restrict__ y,
-        T* __restrict__ gx, i64 total) {
-    const i64 s = (i64)blockDim.x * gridDim.x;
-    i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    for (; i + 3 * s < total; i += 4 * s) {
-        const T y0 = y[i], y1 = y[i + s], y2 = y[i + 2 * s], y3 = y[i + 3 * s];
-        const T g0 = gy[i], g1 = gy[i + s], g2 = gy[i + 2 * s], g3 = gy[i + 3 * s];
-        gx[i] = y0 > (T)0 ? g0 : (T)0;
-        gx[i + s] = y1 > (T)0 ? g1 : (T)0;
-        gx[i + 2 * s] = y2 > (T)0 ? g2 : (T)0;
-        gx[i + 3 * s] = y3 > (T)0 ? g3 : (T)0;
-    }
-    for (; i < total; i += s) gx[i] = y[i] > (T)0 ? gy[i] : (T)0;
-}
-
-// Max pooling: one thread per output; the first maximum in row-major window
-// order wins (NaN counts as the maximum, as NumPy's argmax).
-template <typename T>
-__global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
-        i64* __restrict__ argmax, int planes, int H, int W, int KH, int KW,
-        int SH, int SW, int OH, int OW) {
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= OH * OW) return;
-    const int oh = p / OW, ow = p - (p / OW) * OW;
-    const int h0 = oh * SH, w0 = ow * SW;
-    for (int plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-        const T* xp = x + (i64)plane * H * W;
-        int best_pos = h0 * W + w0;
-        T best = xp[best_pos];
-        for (int i = 0; i < KH; ++i) {
-            for (int j = 0; j < KW; ++j) {
-                const int pos = (h0 + i) * W + w0 + j;
-                const T v = xp[pos];
-                if (v > best || (v != v && best == best)) { best = v; best_pos = pos; }
-            }
-        }
-        const i64 o = (i64)plane * OH * OW + p;
-        y[o] = best;
-        argmax[o] = best_pos;
-    }
-}
-
-// Max-pool backward: one thread per output adds grad_y to its argmax pixel.
-// Out-of-plane argmax entries are skipped rather than written out of bounds.
-template <typename T>
-__global__ void maxpool_backward_kernel(const T* __restrict__ grad_y,
-        const i64* __restrict__ argmax, T* __restrict__ grad_x, int planes, int out_plane,
-        int in_plane) {
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p >= out_plane) return;
-    for (int plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-        const i64 o = (i64)plane * out_plane + p;
-        const i64 a = argmax[o];
-        if (a >= 0 && a < in_plane) atomicAdd(grad_x + (i64)plane * in_plane + a, grad_y[o]);
-    }
-}
-
-// Softmax cross-entropy in one launch, one block: each warp takes rows in
-// turn, the per-warp losses are summed in a fixed order (deterministic).
-// labels: class indices (int64, onehot == 0) or target rows (T, onehot == 1).
-template <typename T>
-__global__ void softmax_xent_kernel(const T* __restrict__ logits, const i64* __restrict__ classes,
-        const T* __restrict__ targets, T* __restrict__ grad, T* __restrict__ loss,
-        int N, int C, int onehot) {
-    __shared__ T warp_loss[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const T inv_n = (T)1 / (T)N;
-    T acc = 0;
-    for (int row = warp; row < N; row += warps) {
-        const T* z = logits + (i64)row * C;
-        T* g = grad + (i64)row * C;
-        T m = z[0];
-        for (int c = lane; c < C; c += 32) m = z[c] > m ? z[c] : m;
-        m = warp_max(m);
-        T s = 0;
-        for (int c = lane; c < C; c += 32) s += fn_exp(z[c] - m);
-        const T log_norm = m + fn_log(warp_sum(s));
-        T row_loss = 0;
-        if (onehot) {
-            const T* q = targets + (i64)row * C;
-            for (int c = lane; c < C; c += 32) {
-                const T log_p = z[c] - log_norm;
-                row_loss -= q[c] * log_p;
-                g[c] = (fn_exp(log_p) - q[c]) * inv_n;
-            }
-            row_loss = warp_sum(row_loss);
-        } else {
-            const i64 label = classes[row];
-            for (int c = lane; c < C; c += 32)
-                g[c] = (fn_exp(z[c] - log_norm) - (c == label ? (T)1 : (T)0)) * inv_n;
-            row_loss = log_norm - z[label];
-        }
-        acc += row_loss;
-    }
-    if (lane == 0) warp_loss[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        T total = 0;
-        for (int w = 0; w < warps; ++w) total += warp_loss[w];
-        *loss = total * inv_n;
-    }
-}
-
-// Counter-based uniform in [0, 1) from (seed, index): splitmix64 finaliser.
-__device__ __forceinline__ double uniform01(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * (1.0 / 9007199254740992.0);
-}
-
-// Inverted dropout, one pass: mask = (u >= p) / (1 - p); y = x * mask.
-template <typename T>
-__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ y, T* __restrict__ mask,
-        i64 total, double p, T scale, unsigned long long seed) {
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total;
-         idx += (i64)blockDim.x * gridDim.x) {
-        const T m = uniform01(seed, (unsigned long long)idx) >= p ? scale : (T)0;
-        mask[idx] = m;
-        y[idx] = x[idx] * m;
-    }
-}
-
-// BatchNorm statistics: one block per channel c of x viewed as (N, C, S);
-// mean and biased variance by two passes over the channel (no cancellation),
-// accumulated in double, reduced in a fixed order.
-template <typename T>
-__global__ void channel_mean_var_kernel(const T* __restrict__ x, T* __restrict__ mean,
-        T* __restrict__ var, int N, int C, int S) {
-    __shared__ double part[32];
-    const int c = blockIdx.x;
-    const double count = (double)N * S;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    double acc = 0;
-    for (int n = 0; n < N; ++n)
-        for (int s = threadIdx.x; s < S; s += blockDim.x) acc += (double)x[((i64)n * C + c) * S + s];
-    acc = warp_sum(acc);
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    double mu = 0;
-    for (int w = 0; w < warps; ++w) mu += part[w];
-    mu /= count;
-    __syncthreads();
-    acc = 0;
-    for (int n = 0; n < N; ++n)
-        for (int s = threadIdx.x; s < S; s += blockDim.x) {
-            const double d = (double)x[((i64)n * C + c) * S + s] - mu;
-            acc += d * d;
-        }
-    acc = warp_sum(acc);
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double v = 0;
-        for (int w = 0; w < warps; ++w) v += part[w];
-        mean[c] = (T)mu;
-        var[c] = (T)(v / count);
-    }
-}
-
-// BatchNorm backward reductions: per channel, sum(grad_y) and sum(grad_y * x_hat).
-template <typename T>
-__global__ void channel_grad_sums_kernel(const T* __restrict__ grad_y, const T* __restrict__ x_hat,
-        T* __restrict__ sum_gy, T* __restrict__ sum_gy_xhat, int N, int C, int S) {
-    __shared__ double part_a[32];
-    __shared__ double part_b[32];
-    const int c = blockIdx.x;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    double a = 0, b = 0;
-    for (int n = 0; n < N; ++n)
-        for (int s = threadIdx.x; s < S; s += blockDim.x) {
-            const i64 at = ((i64)n * C + c) * S + s;
-            const double g = (double)grad_y[at];
-            a += g;
-            b += g * (double)x_hat[at];
-        }
-    a = warp_sum(a);
-    b = warp_sum(b);
-    if (lane == 0) { part_a[warp] = a; part_b[warp] = b; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double ta = 0, tb = 0;
-        for (int w = 0; w < warps; ++w) { ta += part_a[w]; tb += part_b[w]; }
-        sum_gy[c] = (T)ta;
-        sum_gy_xhat[c] = (T)tb;
-    }
-}
-
-// BatchNorm elementwise passes over x viewed as (N, C, S); grid as the image kernels.
-template <typename T>
-__global__ void batchnorm_apply_kernel(const T* __restrict__ x, const T* __restrict__ mean,
-        const T* __restrict__ inv_std, const T* __restrict__ gamma, const T* __restrict__ beta,
-        T* __restrict__ x_hat, T* __restrict__ y, int N, int C, int S) {
-    const int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= S) return;
-    for (int n = blockIdx.z; n < N; n += gridDim.z)
-        for (int c = blockIdx.y; c < C; c += gridDim.y) {
-            const i64 idx = ((i64)n * C + c) * S + s;
-            const T xh = (x[idx] - mean[c]) * inv_std[c];
-            x_hat[idx] = xh;
-            y[idx] = gamma[c] * xh + beta[c];
-        }
-}
-
-// grad_x = gamma * inv_std * (grad_y - mean(grad_y) - x_hat * mean(grad_y * x_hat))
-template <typename T>
-__global__ void batchnorm_grad_x_kernel(const T* __restrict__ grad_y, const T* __restrict__ x_hat,
-        const T* __restrict__ gamma, const T* __restrict__ inv_std, const T* __restrict__ sum_gy,
-        const T* __restrict__ sum_gy_xhat, T* __restrict__ grad_x, int N, int C, int S,
-        T inv_count) {
-    const int s = blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= S) return;
-    for (int n = blockIdx.z; n < N; n += gridDim.z)
-        for (int c = blockIdx.y; c < C; c += gridDim.y) {
-            const i64 idx = ((i64)n * C + c) * S + s;
-            grad_x[idx] = gamma[c] * inv_std[c] *
-                (grad_y[idx] - sum_gy[c] * inv_count - x_hat[idx] * sum_gy_xhat[c] * inv_count);
-        }
-}
-"""
-
-_KERNELS = ("im2col_kernel", "col2im_kernel", "bias_nkp_kernel", "bias_rows_kernel",
-            "sum_rows_kernel", "row_sum_kernel", "sgd_kernel", "adam_kernel",
-            "relu_forward_kernel",
-            "relu_backward_kernel", "maxpool_forward_kernel", "maxpool_backward_kernel",
-            "softmax_xent_kernel", "dropout_kernel", "channel_mean_var_kernel",
-            "channel_grad_sums_kernel", "batchnorm_apply_kernel", "batchnorm_grad_x_kernel")
+# The CUDA C++ lives in cuda/ next to this file (package data): common.cuh (helpers)
+# and one .cu per op family. Together they are ONE NVRTC module, read and concatenated
+# in the order below into ``RawModule(code=...)``: not ``RawModule(path=...)``, which
+# loads compiled cubin/PTX rather than source, and not ``#include``, since CuPy's
+# compile cache is keyed on the code text (an edited header would leave a stale cached
+# module). One compile per process, one cache entry, the helpers defined once.
+_SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
+_SOURCE_FILES = ("common.cuh", "conv.cu", "gemm_sums.cu", "relu.cu", "pool.cu", "softmax.cu",
+                 "norm_dropout.cu", "optim.cu")
+# NVRTC options of the module. CuPy adds -arch=..., -ftz=true and
+# --device-as-default-execution-space itself (tests/test_cuda_compile.py adds the same).
+_NVRTC_OPTIONS = ()
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def _kernel_source():
+    """The module's CUDA C++: ``_SOURCE_FILES`` concatenated, each behind a ``#line``
+    directive so that compiler messages name the file and line."""
+    parts = []
+    for name in _SOURCE_FILES:
+        with open(os.path.join(_SOURCE_DIR, name), encoding="utf-8") as f:
+            parts.append(f'#line 1 "{name}"\n' + f.read())
+    return "\n".join(parts)
+
+
+def _name_expressions(source):
+    """``name<float>`` and ``name<double>`` for every ``__global__`` template in ``source``
+    (all kernels are templates on the element type): the instantiations NVRTC compiles."""
+    names = re.findall(r"__global__\s+void\s+(\w+)\s*\(", source)
+    return [f"{k}<{t}>" for k in names for t in _CTYPE.values()]
+
 
 _module = None
 _functions = {}
@@ -525,8 +113,9 @@ def _kernel(name, dtype):
     if fn is None:
         global _module
         if _module is None:
-            names = [f"{k}<{t}>" for k in _KERNELS for t in ("float", "double")]
-            _module = _cp().RawModule(code=_SOURCE, name_expressions=names)
+            source = _kernel_source()
+            _module = _cp().RawModule(code=source, options=_NVRTC_OPTIONS,
+                                      name_expressions=_name_expressions(source))
         fn = _module.get_function(f"{name}<{_CTYPE[np.dtype(dtype)]}>")
         _functions[(name, dtype)] = fn
     return fn
@@ -823,20 +412,40 @@ def relu_backward(grad_y, y, out=None):
 
 # --- dense ------------------------------------------------------------------------------
 
-def dense_forward(x, W, b):
-    """x: (N, I), W: (I, O), b: (O,) or None -> y = x @ W + b (bias written, GEMM adds onto it)."""
+def _row_grid(rows, width):
+    """Grid for the (rows, width) kernels: x covers a row, y the rows (at least one block:
+    an empty batch launches a kernel that does nothing)."""
+    return (_blocks(width), max(1, min(rows, _GRID_YZ)))
+
+
+def dense_forward(x, W, b, relu=False):
+    """x: (N, I), W: (I, O), b: (O,) or None -> y: (N, O) = x @ W + b, then max(y, 0)
+    when ``relu`` (NaN stays NaN, as ``relu_forward``).
+
+    Without ``relu`` the bias is written first and the GEMM adds onto it; with ``relu``
+    the GEMM writes y and one pass adds the bias and applies the ReLU."""
     n, i = x.shape
     o = W.shape[1]
     y = _cp().empty((n, o), dtype=x.dtype)
+    if relu:
+        _gemm(x, W, y, n, o, i)
+        if b is None:
+            return relu_forward(y, out=y)
+        _kernel("bias_relu_rows_kernel", x.dtype)(_row_grid(n, o), (_THREADS,),
+                                                  (y, b, _i(n), _i(o)))
+        return y
     if b is not None:
-        _kernel("bias_rows_kernel", x.dtype)(
-            (_blocks(o), min(n, _GRID_YZ)), (_THREADS,), (y, b, _i(n), _i(o)))
+        _kernel("bias_rows_kernel", x.dtype)(_row_grid(n, o), (_THREADS,), (y, b, _i(n), _i(o)))
     return _gemm(x, W, y, n, o, i, accumulate=b is not None)
 
 
-def dense_backward(grad_y, x, W, need_grad_x=True):
-    """-> (grad_y @ W.T or None, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum.
-    ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM."""
+def dense_backward(grad_y, x, W, need_grad_x=True, relu_x=False):
+    """grad_y: (N, O), x: (N, I), W: (I, O) -> (grad_x (N, I) or None, grad_W (I, O),
+    grad_b (O,)) = (grad_y @ W.T, x.T @ grad_y, grad_y summed over rows): two GEMMs, one sum.
+
+    ``need_grad_x=False`` (a network's first layer) skips grad_x's GEMM. ``relu_x=True``
+    (x is the output of a ReLU) applies that ReLU's backward to grad_x in place: zero
+    where x <= 0 or x is NaN, the rule and kernel of ``relu_backward``."""
     cp = _cp()
     n, i = x.shape
     o = W.shape[1]
@@ -845,6 +454,8 @@ def dense_backward(grad_y, x, W, need_grad_x=True):
     grad_b = cp.empty(o, dtype=x.dtype)
     if need_grad_x:
         grad_x = _gemm(grad_y, W, cp.empty((n, i), dtype=x.dtype), n, i, o, trans_b=True)
+        if relu_x:
+            relu_backward(grad_x, x, out=grad_x)
     _gemm(x, grad_y, grad_W, i, o, n, trans_a=True)
     _sum_rows(grad_y, n, o, grad_b)
     return grad_x, grad_W, grad_b

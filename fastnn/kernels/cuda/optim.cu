@@ -1,0 +1,45 @@
+// Fused optimizer updates: one pass over a parameter and its state.
+// Part of one NVRTC module: fastnn/kernels/_cuda.py concatenates common.cuh and the
+// .cu files in the order of its _SOURCE_FILES; the helpers come from common.cuh.
+// Every __global__ template here is instantiated for float and double.
+
+// SGD (PyTorch's rule, dampening 0), fused: one pass per parameter.
+//   g += wd * p + l1 * sign(p);  buf = first ? g : mom * buf + g;
+//   g = nesterov ? g + mom * buf : buf;  p -= lr * g
+template <typename T>
+__global__ void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buf,
+        i64 total, T lr, T mom, T wd, T l1, int use_mom, int nesterov, int first) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const T pv = p[i];
+        T gv = g[i];
+        if (wd != (T)0) gv = pv * wd + gv;
+        if (l1 != (T)0) gv += l1 * (pv > (T)0 ? (T)1 : (pv < (T)0 ? (T)-1 : (T)0));
+        if (use_mom) {
+            const T b = first ? gv : buf[i] * mom + gv;
+            buf[i] = b;
+            gv = nesterov ? gv + mom * b : b;
+        }
+        p[i] = pv - lr * gv;
+    }
+}
+
+// Adam (PyTorch's rule, L2 weight decay added to the gradient), fused:
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+//   p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
+template <typename T>
+__global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
+        T* __restrict__ v, i64 total, T b1, T one_minus_b1, T b2, T one_minus_b2,
+        T inv_sqrt_bc2, T eps, T step_size, T wd) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const T pv = p[i];
+        T gv = g[i];
+        if (wd != (T)0) gv = gv + wd * pv;
+        const T mv = m[i] * b1 + gv * one_minus_b1;
+        const T vv = v[i] * b2 + (gv * gv) * one_minus_b2;
+        m[i] = mv;
+        v[i] = vv;
+        p[i] = pv - (mv / (sqrt(vv) * inv_sqrt_bc2 + eps)) * step_size;
+    }
+}
