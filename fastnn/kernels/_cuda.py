@@ -578,14 +578,13 @@ def sgd_step(param, grad, buf, lr, momentum=0.0, weight_decay=0.0, l1=0.0, neste
     return buf if momentum else None
 
 
-def adam_step(param, grad, m, v, step_size, betas, inv_sqrt_bc2, eps, weight_decay=0.0):
+def adam_step(param, grad, m, v, step_size, b1, b2, inv_sqrt_bc2, eps, weight_decay=0.0):
     """One Adam update of ``param``, ``m``, ``v`` in place (PyTorch's rule), one launch.
 
     ``step_size = lr / (1 - b1**t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2**t)``.
     """
     dt = param.dtype.type
     grad = _c(grad)
-    b1, b2 = betas
     _kernel("adam_kernel", param.dtype)(
         (_blocks(param.size),), (_THREADS,),
         (param, grad, m, v, np.int64(param.size), dt(b1), dt(1 - b1), dt(b2), dt(1 - b2),
