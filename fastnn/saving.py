@@ -524,12 +524,16 @@ def _build(arch, arrays, network_cls):
 
 def _compile(net, arch):
     """``net.compile`` with the record's loss, optimizer and metrics."""
-    loss = _class_from(losses, losses.Loss, arch["loss"]["class"], "loss")(**arch["loss"]["config"])
-    opt = None
-    if "optimizer" in arch:
-        opt_cls = _class_from(optim, optim.Optimizer, arch["optimizer"]["class"], "optimizer")
-        config = dict(arch["optimizer"]["config"])
-        if isinstance(config.get("betas"), list):
-            config["betas"] = tuple(config["betas"])
-        opt = opt_cls(**config)
-    net.compile(loss=loss, optimizer=opt, metrics=tuple(arch.get("metrics", ())))
+    made = {}
+    for key, module, base in (("loss", losses, losses.Loss), ("optimizer", optim, optim.Optimizer)):
+        if key in arch:
+            record = arch[key]
+            config = dict(record["config"])
+            if isinstance(config.get("betas"), list):      # Adam's tuple, a list in JSON
+                config["betas"] = tuple(config["betas"])
+            try:
+                made[key] = _class_from(module, base, record["class"], key)(**config)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise _Reject(f"the {key} {record['class']} has a bad config: {exc}") from None
+    net.compile(loss=made["loss"], optimizer=made.get("optimizer"),
+                metrics=tuple(arch.get("metrics", ())))
