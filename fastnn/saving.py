@@ -223,6 +223,9 @@ def load(path, *, max_bytes=None, network_cls=None):
     ValueError (truncated, hostile or foreign file), each naming ``path``.
     """
     path = os.fspath(path)
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(
+            max_bytes, (int, np.integer)) or max_bytes < 0):
+        raise ValueError(f"Network.load: max_bytes must be None or an int >= 0, got {max_bytes!r}")
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -249,7 +252,7 @@ def _unreadable(path, exc):
 def _load(f, max_bytes, network_cls):
     """The checks and reads of ``load``, in order, on the open file ``f``."""
     size = os.fstat(f.fileno()).st_size
-    limit = MAX_RATIO * size + SLACK_BYTES if max_bytes is None else int(max_bytes)
+    limit = MAX_RATIO * size + SLACK_BYTES if max_bytes is None else max_bytes
     with zipfile.ZipFile(f) as zf:
         infos = _members(zf, size, limit)
         if ARCH_KEY not in infos:
@@ -535,5 +538,8 @@ def _compile(net, arch):
                 made[key] = _class_from(module, base, record["class"], key)(**config)
             except (TypeError, ValueError, AttributeError) as exc:
                 raise _Reject(f"the {key} {record['class']} has a bad config: {exc}") from None
-    net.compile(loss=made["loss"], optimizer=made.get("optimizer"),
-                metrics=tuple(arch.get("metrics", ())))
+    try:
+        net.compile(loss=made["loss"], optimizer=made.get("optimizer"),
+                    metrics=tuple(arch.get("metrics", ())))
+    except ValueError as exc:
+        raise _Reject(f"its metrics {arch.get('metrics')!r:.200}: {exc}") from None

@@ -17,7 +17,7 @@ import pytest
 import fastnn as fn
 from fastnn import layers, optim, saving
 
-from _helpers import PACKAGE_PARENT
+from _helpers import PACKAGE_PARENT, run_python
 
 ARCH = saving.ARCH_KEY
 
@@ -354,6 +354,41 @@ def test_zip_bomb_is_refused_unless_max_bytes_allows_it(tmp_path):
     assert_rejected(path, r"33,55\d,\d+ bytes uncompressed, over the limit", max_mb=1)
     net = saving.load(path, max_bytes=40 * 2**20)
     assert net.layers[0].params["W"].shape == (2048, 2048) and not net.layers[0].params["W"].any()
+
+
+def test_max_bytes_must_be_a_count(tmp_path):
+    fn.Network([fn.ReLU()]).save(tmp_path / "m.npz")
+    for bad in (-1, 1.5, "1000", True):
+        with pytest.raises(ValueError, match="max_bytes must be None or an int >= 0"):
+            saving.load(tmp_path / "m.npz", max_bytes=bad)
+    assert len(saving.load(tmp_path / "m.npz", max_bytes=10**6).layers) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_hostile_files_under_an_address_space_limit(tmp_path):
+    """The same refusals in a process that cannot map 256 MiB more than it has after import:
+    nothing, traced or not, allocates the sizes the files declare."""
+    model_file(tmp_path / "big.npz", arch_of(("Dense", {"in_features": 20000,
+                                                        "out_features": 20000})), dense_arrays(2, 2))
+    huge_member_file(tmp_path / "claim.npz", zipfile.ZIP_DEFLATED)
+    zip_bomb(tmp_path / "bomb.npz", 4096)                     # 128 MiB of zeros
+    model_file(tmp_path / "deep.npz", None, arch_value=np.array("[" * 200_000 + "]" * 200_000))
+    result = run_python(f"""
+        import resource
+        import fastnn as fn
+        vm = next(int(line.split()[1]) for line in open("/proc/self/status")
+                  if line.startswith("VmSize:")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 256 * 2**20, resource.RLIM_INFINITY))
+        for name in ("big", "claim", "bomb", "deep"):
+            try:
+                fn.Network.load({str(tmp_path)!r} + "/" + name + ".npz")
+            except ValueError as exc:
+                print(name, "ValueError", str(exc)[-80:])
+        """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [[n, "ValueError"] for n in
+                                                   ("big", "claim", "bomb", "deep")], lines
 
 
 def test_deep_json_is_refused(tmp_path):
