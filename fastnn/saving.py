@@ -44,7 +44,7 @@ from .layers.base import as_dtype
 
 try:
     import fcntl
-except ImportError:      # Windows: no advisory locks; one save of a path at a time is the caller's affair
+except ImportError:      # Windows: no advisory locks; one save of a path at a time, please
     fcntl = None
 
 __all__ = ["save", "load", "atomic_write", "temp_path"]
@@ -209,6 +209,7 @@ class _Reject(Exception):
     """A file that is a readable zip but not a valid fastnn model."""
 
 
+_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, EOFError, OverflowError,
                RecursionError, NotImplementedError, zipfile.BadZipFile, zlib.error, struct.error)
 
@@ -239,7 +240,8 @@ def load(path, *, max_bytes=None, network_cls=None):
         except OSError as exc:
             if exc.errno is None:          # zipfile's complaints about the format
                 raise _unreadable(path, exc) from None
-            raise OSError(exc.errno, f"Network.load: cannot read {path!r}: {exc.strerror}") from None
+            raise OSError(exc.errno,
+                          f"Network.load: cannot read {path!r}: {exc.strerror}") from None
         except _UNREADABLE as exc:
             raise _unreadable(path, exc) from None
 
@@ -269,14 +271,14 @@ def _load(f, max_bytes, network_cls):
 
 def _members(zf, size, limit):
     """{key: ZipInfo} of the zip's ``.npy`` members, after the checks its directory allows:
-    names, compression, declared sizes against the file's ``size`` and their sum against ``limit``."""
+    names, compression, declared sizes against the file's ``size``, their sum against ``limit``."""
     infos, total = {}, 0
     for info in zf.infolist():
         name = info.filename
         key = name[:-len(".npy")]
         if not name.endswith(".npy") or key in infos:
             raise _Reject(f"unexpected or repeated member {name!r}")
-        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        if info.flag_bits & 0x1 or info.compress_type not in _COMPRESSIONS:
             raise _Reject(f"member {name!r} is encrypted or compressed with a method fastnn "
                           "does not read")
         if info.header_offset + info.compress_size > size or (
@@ -301,7 +303,8 @@ def _read_header(zf, info):
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
-            raise _Reject(f"member {info.filename!r} is a .npy of version {version}, not 1.0 or 2.0")
+            raise _Reject(f"member {info.filename!r} is a .npy of version {version}, "
+                          "not 1.0 or 2.0")
         offset = f.tell()
     if dtype.hasobject or any(d < 0 for d in shape):
         raise _Reject(f"member {info.filename!r} declares {dtype} {shape}")
@@ -346,7 +349,8 @@ def _parse_json(text):
     try:
         obj = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
-        raise _Reject(f"its architecture record nests deeper than {MAX_JSON_DEPTH} levels") from None
+        raise _Reject(f"its architecture record nests deeper than {MAX_JSON_DEPTH} "
+                      "levels") from None
     except ValueError as exc:
         raise _Reject(f"its architecture record is not valid JSON: {exc}") from None
     depth, level = 0, [obj]
@@ -364,7 +368,7 @@ def _no_constant(name):
 
 
 def _check_architecture(arch):
-    """The record's structure: known keys, layer classes, loss and optimizer classes, metric names."""
+    """The record's structure: known keys, layer, loss and optimizer classes, metric names."""
     if not isinstance(arch, dict) or arch.get("format") != FORMAT:
         raise _Reject("its architecture record is not a fastnn.Network")
     if arch.get("version") != VERSION:
@@ -392,7 +396,8 @@ def _check_architecture(arch):
 def _check_record(record, what):
     if not (isinstance(record, dict) and set(record) == {"class", "config"}
             and isinstance(record["class"], str) and isinstance(record["config"], dict)):
-        raise _Reject(f"{what} is not a record {{'class': name, 'config': {{...}}}}: {record!r:.200}")
+        raise _Reject(f"{what} is not a record {{'class': name, 'config': {{...}}}}: "
+                      f"{record!r:.200}")
 
 
 def _class_from(module, base, name, what):

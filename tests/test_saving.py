@@ -259,7 +259,8 @@ def kill_while_writing(directory, code, rounds):
     argument, printing n after each save) ``rounds`` times, each time SIGKILLing it while it
     writes; after every kill the target must load and hold a state of that round or later."""
     target, tmp = directory / "model.npz", saving.temp_path(directory / "model.npz")
-    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ,
+               PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rng, last, mid_write = random.Random(0), -1, 0
     for r in range(rounds):
         start = 100_000 * r
@@ -306,7 +307,8 @@ def test_huge_declared_layer_with_tiny_arrays(tmp_path):
                                                                "out_features": 20000})),
                       dense_arrays(2, 2))
     assert os.path.getsize(path) < 2000
-    assert_rejected(path, r"layer0\.params\.W.*float32 \(2, 2\).*float32 \(20000, 20000\)", max_mb=1)
+    assert_rejected(path, r"layer0\.params\.W.*float32 \(2, 2\).*float32 \(20000, 20000\)",
+                    max_mb=1)
 
 
 def huge_member_file(path, compression):
@@ -368,8 +370,8 @@ def test_max_bytes_must_be_a_count(tmp_path):
 def test_hostile_files_under_an_address_space_limit(tmp_path):
     """The same refusals in a process that cannot map 256 MiB more than it has after import:
     nothing, traced or not, allocates the sizes the files declare."""
-    model_file(tmp_path / "big.npz", arch_of(("Dense", {"in_features": 20000,
-                                                        "out_features": 20000})), dense_arrays(2, 2))
+    big = arch_of(("Dense", {"in_features": 20000, "out_features": 20000}))
+    model_file(tmp_path / "big.npz", big, dense_arrays(2, 2))
     huge_member_file(tmp_path / "claim.npz", zipfile.ZIP_DEFLATED)
     zip_bomb(tmp_path / "bomb.npz", 4096)                     # 128 MiB of zeros
     model_file(tmp_path / "deep.npz", None, arch_value=np.array("[" * 200_000 + "]" * 200_000))
@@ -433,7 +435,8 @@ def test_non_finite_arrays_are_refused(tmp_path, where, value):
     ("optimizer", {"class": "Optimizer", "config": {}}, "unknown optimizer class 'Optimizer'"),
     ("optimizer", {"class": "StepLR", "config": {"step_size": 1}}, "unknown optimizer class"),
     ("optimizer", {"class": "MSE", "config": {}}, "unknown optimizer class 'MSE'"),
-    ("optimizer", {"class": "SGD", "config": {"lr": 0.1, "schedule": {"x": 1}}}, "the optimizer SGD has a bad config.*bind"),
+    ("optimizer", {"class": "SGD", "config": {"lr": 0.1, "schedule": {"x": 1}}},
+     "the optimizer SGD has a bad config.*bind"),
     ("loss", {"class": "MSE", "config": {"reduction": "sum"}}, "the loss MSE has a bad config"),
 ])
 def test_foreign_classes_and_records_are_refused(tmp_path, part, record, match):
@@ -485,7 +488,8 @@ def test_members_that_disagree_with_the_record_are_refused(tmp_path):
     dense = arch_of(("Dense", {"in_features": 3, "out_features": 2}))
     arrays = dense_arrays(3, 2)
     cases = {
-        "missing": (dense, {"layer0.params.W": arrays["layer0.params.W"]}, "'layer0.params.b' is missing"),
+        "missing": (dense, {"layer0.params.W": arrays["layer0.params.W"]},
+                    "'layer0.params.b' is missing"),
         "extra": (dense, dict(arrays, **{"layer0.params.Z": np.ones(2)}), "no layer declares"),
         "dtype": (dense, dense_arrays(3, 2, np.float64), r"float64 \(3, 2\).*float32 \(3, 2\)"),
         "int": (dense, dict(arrays, **{"layer0.params.b": np.ones(2, np.int64)}), "int64"),
@@ -498,7 +502,8 @@ def test_members_that_disagree_with_the_record_are_refused(tmp_path):
 
 
 def test_zip_level_oddities_are_refused(tmp_path):
-    arch = npy_bytes(np.array(json.dumps(arch_of(("Dense", {"in_features": 3, "out_features": 2})))))
+    record = arch_of(("Dense", {"in_features": 3, "out_features": 2}))
+    arch = npy_bytes(np.array(json.dumps(record)))
     arrays = {k + ".npy": npy_bytes(a) for k, a in dense_arrays(3, 2).items()}
     w, b = arrays.items()
     with pytest.warns(UserWarning, match="Duplicate name"):
