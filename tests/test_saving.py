@@ -218,8 +218,9 @@ SAVER = """
     import sys
     import fastnn as fn
     path, value = sys.argv[1], int(sys.argv[2])
+    last = int(sys.argv[3]) if len(sys.argv) > 3 else float("inf")
     net = fn.Network([fn.Dense(1024, 1024, seed=0)])         # 4 MiB of float32
-    while True:                                              # every state: all weights = value
+    while value <= last:                                     # every state: all weights = value
         for p in net.layers[0].params.values():
             p.fill(value)
         net.save(path)
@@ -299,6 +300,30 @@ def test_save_killed_while_writing_leaves_a_complete_file(tmp_path):
 
 def test_model_checkpoint_killed_while_writing_leaves_a_complete_file(tmp_path):
     kill_while_writing(tmp_path, CHECKPOINTER, rounds=12)
+
+
+@pytest.mark.skipif(saving.fcntl is None, reason="needs fcntl.flock")
+def test_two_processes_saving_one_path_never_mix_and_readers_see_whole_files(tmp_path):
+    target = tmp_path / "model.npz"
+    env = dict(os.environ,
+               PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(SAVER), str(target),
+                               str(start), str(start + 24)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=env)
+             for start in (1000, 2000)]
+    loads = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            if target.exists():
+                W = fn.Network.load(target).layers[0].params["W"]
+                assert (W == W[0, 0]).all() and W[0, 0] in range(1000, 2025)
+                loads += 1
+    finally:
+        errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    W = fn.Network.load(target).layers[0].params["W"]
+    assert (W == W[0, 0]).all() and W[0, 0] in (1024, 2024)
+    assert os.listdir(tmp_path) == ["model.npz"] and loads > 0
 
 
 # --- hostile and broken files: a clear ValueError, without allocating --------------------------
