@@ -579,87 +579,19 @@ class Network:
 
     # -- save / load ---------------------------------------------------------------------------
     def save(self, path):
-        """Write ``path``: an .npz of every parameter and buffer plus a JSON architecture (no pickle)."""
-        from .layers import LAYER_CLASSES
-        arch = {"format": _FORMAT, "version": 1, "layers": []}
-        arrays = {}
-        for i, layer in enumerate(self.layers):
-            name = type(layer).__name__
-            if LAYER_CLASSES.get(name) is not type(layer):
-                raise ValueError(f"Network.save: layer {i} ({name}) is not a fastnn built-in layer "
-                                 "and cannot be saved without pickle")
-            arch["layers"].append({"class": name, "config": layer.get_config()})
-            for store in ("params", "buffers"):
-                for k, v in (getattr(layer, store, None) or {}).items():
-                    arrays[f"layer{i}.{store}.{k}"] = np.asarray(backend.to_device(v, "cpu"))
-        if self.loss_fn is not None:
-            arch["loss"] = {"class": type(self.loss_fn).__name__, "config": self.loss_fn.get_config()}
-            if self.optimizer is not None:
-                arch["optimizer"] = {"class": type(self.optimizer).__name__,
-                                     "config": self.optimizer.get_config()}
-            names = [name for name, f in self.metrics if isinstance(name, str)]
-            arch["metrics"] = names
-        arrays[_ARCH_KEY] = np.array(json.dumps(arch))
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        with open(os.fspath(path), "wb") as f:
-            f.write(buf.getvalue())
+        """Write ``path`` atomically: an .npz of every parameter and buffer plus a JSON
+        architecture (no pickle); a process killed meanwhile leaves the old file or the new one.
+        See ``fastnn.saving``."""
+        from . import saving
+        saving.save(self, path)
 
     @classmethod
     def load(cls, path):
-        """Rebuild a Network written by ``save`` (on the CPU). Raises OSError / ValueError naming ``path``."""
-        from .layers import LAYER_CLASSES
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Network.load: no such file {path!r}")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if _ARCH_KEY not in f.files:
-                    raise _FormatError("it holds no fastnn architecture (not saved by Network.save)")
-                arch = json.loads(str(f[_ARCH_KEY][()]))
-                if not isinstance(arch, dict) or arch.get("format") != _FORMAT:
-                    raise _FormatError("its architecture record is not a fastnn.Network")
-                net = cls()
-                for i, spec in enumerate(arch["layers"]):
-                    layer_cls = LAYER_CLASSES.get(spec.get("class"))
-                    if layer_cls is None:
-                        raise _FormatError(f"layer {i} has unknown class {spec.get('class')!r}")
-                    layer = layer_cls.from_config(spec["config"])
-                    for store in ("params", "buffers"):
-                        d = getattr(layer, store, None) or {}
-                        for k in d:
-                            key = f"layer{i}.{store}.{k}"
-                            if key not in f.files:
-                                raise _FormatError(f"array {key!r} is missing")
-                            a = f[key]
-                            if a.shape != d[k].shape or a.dtype != d[k].dtype:
-                                raise _FormatError(f"array {key!r} has {a.dtype} {a.shape}, layer "
-                                                   f"{i} ({spec['class']}) expects {d[k].dtype} "
-                                                   f"{d[k].shape}")
-                            d[k] = np.ascontiguousarray(a)
-                    net.add(layer)
-                if "loss" in arch:
-                    loss_cls = getattr(losses, arch["loss"]["class"], None)
-                    if not (isinstance(loss_cls, type) and issubclass(loss_cls, losses.Loss)):
-                        raise _FormatError(f"unknown loss {arch['loss']['class']!r}")
-                    loss = loss_cls(**arch["loss"]["config"])
-                    opt = None
-                    if "optimizer" in arch:
-                        opt_cls = getattr(optim, arch["optimizer"]["class"], None)
-                        if not (isinstance(opt_cls, type) and issubclass(opt_cls, optim.Optimizer)):
-                            raise _FormatError(f"unknown optimizer {arch['optimizer']['class']!r}")
-                        cfg = dict(arch["optimizer"]["config"])
-                        if "betas" in cfg:
-                            cfg["betas"] = tuple(cfg["betas"])
-                        opt = opt_cls(**cfg)
-                    net.compile(loss=loss, optimizer=opt, metrics=tuple(arch.get("metrics", ())))
-        except _FormatError as exc:
-            raise ValueError(f"Network.load: {path!r} is not a valid fastnn model file: {exc}") from None
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile,
-                json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"Network.load: cannot read {path!r} as a fastnn model file "
-                             f"(truncated or foreign?): {type(exc).__name__}: {exc}") from None
-        return net
+        """Rebuild a Network written by ``save`` (on the CPU), checking every declared shape
+        against the stored arrays before allocating anything. Raises OSError / ValueError
+        naming ``path``. See ``fastnn.saving``."""
+        from . import saving
+        return saving.load(path, network_cls=cls)
 
 
 class _Plan:
