@@ -5,14 +5,10 @@ shuffling, the loss, the optimizer step, metrics, callbacks, the progress bar,
 the NaN stop, save/load and device moves. Layers own their state and checks.
 """
 import inspect
-import io
-import json
 import math
-import os
 import signal
 import sys
 import threading
-import zipfile
 
 import numpy as np
 
@@ -24,8 +20,6 @@ from .layers.dense import Dense, FCLayer
 
 __all__ = ["Network", "Sequential", "History"]
 
-_ARCH_KEY = "__fastnn_architecture__"
-_FORMAT = "fastnn.Network"
 _PREDICT_CHUNK = 256          # samples per forward pass for image-like inputs in predict/evaluate
 
 
@@ -824,10 +818,6 @@ def _forward_of(layer):
     if inspect.Parameter.VAR_KEYWORD in kinds or any(p.name == "training" for p in params):
         return lambda x, training: forward(x, training=training)
     return lambda x, training: forward(x)
-
-
-class _FormatError(Exception):
-    pass
 
 
 Sequential = Network
