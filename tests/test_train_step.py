@@ -1,6 +1,5 @@
 """Network.train_step, the one step every network takes (fit runs it per batch), the
 optimizer seam it ends in, the Dense+ReLU fusion inside it, and Ctrl-C at step boundaries."""
-import signal
 import sys
 
 import numpy as np
