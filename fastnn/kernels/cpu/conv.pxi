@@ -319,20 +319,23 @@ ctypedef struct _conv_job:
     int threads
 
 
-cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
+cdef inline void _conv_forward_job_sample(const _conv_job *job, long s,
+                                          floating kind) noexcept nogil:
     """Sample s of a _conv_job, in the workspace of the thread that runs it."""
-    cdef const _conv_job *job = <const _conv_job*>ctx
     cdef const fnn_geometry *g = job.g
     cdef long chw = g.c * g.h * g.w, kohw = job.k * g.oh * g.ow
     cdef long mine = fnn_pool_thread_index() * job.per_thread
+    _conv_forward_sample(<const floating*>job.x + s * chw, <const floating*>job.weights,
+                         <const floating*>job.bias, <floating*>job.y + s * kohw,
+                         <floating*>job.workspace + mine, g, job.k, 0)
+
+
+cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
+    cdef const _conv_job *job = <const _conv_job*>ctx
     if job.single:
-        _conv_forward_sample(<const float*>job.x + s * chw, <const float*>job.weights,
-                             <const float*>job.bias, <float*>job.y + s * kohw,
-                             <float*>job.workspace + mine, g, job.k, 0)
+        _conv_forward_job_sample(job, s, _F32)
     else:
-        _conv_forward_sample(<const double*>job.x + s * chw, <const double*>job.weights,
-                             <const double*>job.bias, <double*>job.y + s * kohw,
-                             <double*>job.workspace + mine, g, job.k, 0)
+        _conv_forward_job_sample(job, s, _F64)
 
 
 cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
@@ -657,10 +660,14 @@ cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
     return n if n < 4 * threads else 4 * threads
 
 
-cdef inline void _conv_backward_chunk(const _conv_job *job, long c, const floating *grad_y,
-                                      const floating *x, const floating *weights,
-                                      floating *grad_x, floating *workspace) noexcept nogil:
+cdef inline void _conv_backward_chunk(const _conv_job *job, long c,
+                                      floating kind) noexcept nogil:
     """Chunk c of a _conv_job: its samples in order, summed into the chunk's partial."""
+    cdef const floating *grad_y = <const floating*>job.grad_y
+    cdef const floating *x = <const floating*>job.x
+    cdef const floating *weights = <const floating*>job.weights
+    cdef floating *grad_x = <floating*>job.grad_x
+    cdef floating *workspace = <floating*>job.workspace
     cdef const fnn_geometry *g = job.g
     cdef long k = job.k, n = job.n, s
     cdef long ckk = g.c * g.kh * g.kw, kohw = k * g.oh * g.ow, chw = g.c * g.h * g.w
@@ -676,13 +683,9 @@ cdef inline void _conv_backward_chunk(const _conv_job *job, long c, const floati
 cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
     cdef const _conv_job *job = <const _conv_job*>ctx
     if job.single:
-        _conv_backward_chunk(job, c, <const float*>job.grad_y, <const float*>job.x,
-                             <const float*>job.weights, <float*>job.grad_x,
-                             <float*>job.workspace)
+        _conv_backward_chunk(job, c, _F32)
     else:
-        _conv_backward_chunk(job, c, <const double*>job.grad_y, <const double*>job.x,
-                             <const double*>job.weights, <double*>job.grad_x,
-                             <double*>job.workspace)
+        _conv_backward_chunk(job, c, _F64)
 
 
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,

@@ -202,10 +202,13 @@ ctypedef struct _gemm_job:           # one GEMM cut into blocks of c (see _gemm_
     _epilogue ep                     # for the whole of c (see _gemm_epi)
 
 
-cdef inline void _gemm_block(const _gemm_job *job, int j0, floating alpha,
-                             const floating *a, const floating *b, floating beta,
-                             floating *c) noexcept nogil:
-    """Rows (by_rows) or columns [j0, j0 + width) of the job's c."""
+cdef inline void _gemm_block(const _gemm_job *job, long block, floating kind) noexcept nogil:
+    """Rows (by_rows) or columns [j0, j0 + width) of the job's c, j0 = block * width."""
+    cdef int j0 = <int>block * job.width
+    cdef floating alpha = <floating>job.alpha, beta = <floating>job.beta
+    cdef const floating *a = <const floating*>job.a
+    cdef const floating *b = <const floating*>job.b
+    cdef floating *c = <floating*>job.c
     cdef _epilogue ep = job.ep
     cdef long at = <long>j0 * job.ldc if job.by_rows else j0     # the block's corner in c
     if ep.bias != NULL and not job.by_rows:
@@ -226,13 +229,10 @@ cdef inline void _gemm_block(const _gemm_job *job, int j0, floating alpha,
 
 cdef void _gemm_task(void *ctx, long block) noexcept nogil:
     cdef const _gemm_job *job = <const _gemm_job*>ctx
-    cdef int j0 = <int>block * job.width
     if job.single:
-        _gemm_block(job, j0, <float>job.alpha, <const float*>job.a, <const float*>job.b,
-                    <float>job.beta, <float*>job.c)
+        _gemm_block(job, block, _F32)
     else:
-        _gemm_block(job, j0, job.alpha, <const double*>job.a, <const double*>job.b,
-                    job.beta, <double*>job.c)
+        _gemm_block(job, block, _F64)
 
 
 cdef int _gemm_plan(_gemm_job *job, bint trans_a, bint trans_b, int m, int n, int k,
@@ -432,20 +432,23 @@ cdef inline void _gemv(const floating *x, const floating *weights, const floatin
         dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y, &inc)
 
 
-cdef void _gemv_task(void *ctx, long block) noexcept nogil:
-    cdef const _gemv_job *job = <const _gemv_job*>ctx
+cdef inline void _gemv_block(const _gemv_job *job, long block, floating kind) noexcept nogil:
+    """Block ``block`` of a _gemv_job: its rows of W, onto the bias (block 0) or into
+    its own partial sums."""
     cdef long r0 = block * job.rows, offset = r0 * job.o
     cdef int rows = min(job.rows, job.i - <int>r0)
+    _gemv(<const floating*>job.x + r0, <const floating*>job.weights + offset,
+          <const floating*>job.bias if block == 0 else NULL,
+          <floating*>job.y if block == 0 else <floating*>job.partial + (block - 1) * job.o,
+          rows, job.o)
+
+
+cdef void _gemv_task(void *ctx, long block) noexcept nogil:
+    cdef const _gemv_job *job = <const _gemv_job*>ctx
     if job.single:
-        _gemv(<const float*>job.x + r0, <const float*>job.weights + offset,
-              <const float*>job.bias if block == 0 else NULL,
-              <float*>job.y if block == 0 else <float*>job.partial + (block - 1) * job.o,
-              rows, job.o)
+        _gemv_block(job, block, _F32)
     else:
-        _gemv(<const double*>job.x + r0, <const double*>job.weights + offset,
-              <const double*>job.bias if block == 0 else NULL,
-              <double*>job.y if block == 0 else <double*>job.partial + (block - 1) * job.o,
-              rows, job.o)
+        _gemv_block(job, block, _F64)
 
 
 cdef inline int _gemv_blocks(long i, long o) noexcept nogil:

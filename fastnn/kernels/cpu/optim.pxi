@@ -66,20 +66,22 @@ ctypedef struct _sgd_job:
     double lr, momentum, weight_decay, l1
 
 
-cdef void _sgd_task(void *ctx, long block) noexcept nogil:
-    """Elements [block * job.block, ...) of an _sgd_job."""
-    cdef const _sgd_job *job = <const _sgd_job*>ctx
+cdef inline void _sgd_block(const _sgd_job *job, long block, floating kind) noexcept nogil:
+    """Elements [block * job.block, ...) of an _sgd_job, the scalars rounded to the dtype."""
     cdef long lo = block * job.block
     cdef long count = min(job.block, job.n - lo)
+    _sgd_step(<floating*>job.p + lo, <const floating*>job.g + lo,
+              <floating*>job.buf + lo if job.has_buf else NULL, count, <floating>job.lr,
+              <floating>job.momentum, <floating>job.weight_decay, <floating>job.l1,
+              job.nesterov, job.first)
+
+
+cdef void _sgd_task(void *ctx, long block) noexcept nogil:
+    cdef const _sgd_job *job = <const _sgd_job*>ctx
     if job.single:
-        _sgd_step(<float*>job.p + lo, <const float*>job.g + lo,
-                  <float*>job.buf + lo if job.has_buf else NULL, count, <float>job.lr,
-                  <float>job.momentum, <float>job.weight_decay, <float>job.l1,
-                  job.nesterov, job.first)
+        _sgd_block(job, block, _F32)
     else:
-        _sgd_step(<double*>job.p + lo, <const double*>job.g + lo,
-                  <double*>job.buf + lo if job.has_buf else NULL, count, job.lr,
-                  job.momentum, job.weight_decay, job.l1, job.nesterov, job.first)
+        _sgd_block(job, block, _F64)
 
 
 cdef void _sgd_job_init(_sgd_job *job, cnp.ndarray p, cnp.ndarray g, buf, double lr,
@@ -144,21 +146,23 @@ ctypedef struct _adam_job:
     double step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay
 
 
-cdef void _adam_task(void *ctx, long block) noexcept nogil:
+cdef inline void _adam_block(const _adam_job *job, long block, floating kind) noexcept nogil:
     """Elements [block * job.block, ...) of an _adam_job; the scalars rounded to the
     dtype (1 - beta in double first, as NumPy does with a Python float)."""
-    cdef const _adam_job *job = <const _adam_job*>ctx
     cdef long lo = block * job.block
     cdef long count = min(job.block, job.n - lo)
+    _adam_step(<floating*>job.p + lo, <const floating*>job.g + lo, <floating*>job.m + lo,
+               <floating*>job.v + lo, count, <floating>job.step_size, <floating>job.beta1,
+               <floating>(1.0 - job.beta1), <floating>job.beta2, <floating>(1.0 - job.beta2),
+               <floating>job.inv_sqrt_bc2, <floating>job.eps, <floating>job.weight_decay)
+
+
+cdef void _adam_task(void *ctx, long block) noexcept nogil:
+    cdef const _adam_job *job = <const _adam_job*>ctx
     if job.single:
-        _adam_step(<float*>job.p + lo, <const float*>job.g + lo, <float*>job.m + lo,
-                   <float*>job.v + lo, count, <float>job.step_size, <float>job.beta1,
-                   <float>(1.0 - job.beta1), <float>job.beta2, <float>(1.0 - job.beta2),
-                   <float>job.inv_sqrt_bc2, <float>job.eps, <float>job.weight_decay)
+        _adam_block(job, block, _F32)
     else:
-        _adam_step(<double*>job.p + lo, <const double*>job.g + lo, <double*>job.m + lo,
-                   <double*>job.v + lo, count, job.step_size, job.beta1, 1.0 - job.beta1,
-                   job.beta2, 1.0 - job.beta2, job.inv_sqrt_bc2, job.eps, job.weight_decay)
+        _adam_block(job, block, _F64)
 
 
 def adam_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double step_size,

@@ -11,6 +11,13 @@ cdef inline void* _data(cnp.ndarray a):
     return cnp.PyArray_DATA(a)
 
 
+# float32/float64: a body is written once over Cython's fused type ``floating``;
+# where the dtype is known only at run time (a pool job's ``single``), the one
+# dispatch names the specialization with one of these tags (their value is unused).
+cdef float _F32 = 0
+cdef double _F64 = 0
+
+
 def _is_float32(a):
     return a.dtype == np.float32
 
