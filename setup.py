@@ -82,7 +82,8 @@ extensions = [
         "fastnn.kernels._cpu",
         sources=["fastnn/kernels/_cpu.pyx"] + sorted(glob("csrc/*.c")),
         include_dirs=["csrc", numpy.get_include()],
-        depends=sorted(glob("csrc/*.h")),
+        # the .pxi files _cpu.pyx includes: an edit of one rebuilds the module
+        depends=sorted(glob("csrc/*.h")) + sorted(glob("fastnn/kernels/cpu/*.pxi")),
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
 ]

@@ -1,0 +1,792 @@
+# fastnn/kernels/cpu/conv.pxi -- included by _cpu.pyx.
+#
+# Convolution: im2col/col2im, the conv chooser (Winograd F(2x2, 3x3), direct conv
+# for few output channels, patch rows or im2col columns + GEMM) and the forward and
+# backward passes. Threading: conv samples (forward) and fixed sample chunks
+# (backward) over the worker pool with BLAS held to one thread
+# (_sample_threads; samples in turn with BLAS threading each GEMM when the hold
+# is impossible or the batch is 1); Winograd: OpenMP over blocks of tiles, the
+# same hold; public im2col/col2im: OpenMP inside the C kernels.
+
+cdef inline void _im2col(const floating *x, long n, const fnn_geometry *g, floating *cols,
+                         long ld, int parallel) noexcept nogil:
+    if floating is float:
+        fnn_im2col_f(x, n, g, cols, ld, parallel)
+    else:
+        fnn_im2col_d(x, n, g, cols, ld, parallel)
+
+
+cdef inline void _col2im(const floating *cols, long n, const fnn_geometry *g, floating *x,
+                         long ld, int parallel) noexcept nogil:
+    if floating is float:
+        fnn_col2im_f(cols, n, g, x, ld, parallel)
+    else:
+        fnn_col2im_d(cols, n, g, x, ld, parallel)
+
+
+cdef inline void _pad_rows(const floating *a, long planes, long oh, long ow, long wp,
+                           floating *out) noexcept nogil:
+    if floating is float:
+        fnn_pad_rows_f(a, planes, oh, ow, wp, out)
+    else:
+        fnn_pad_rows_d(a, planes, oh, ow, wp, out)
+
+
+cdef inline void _col2im_rows(const floating *cols, const fnn_geometry *g, floating *x,
+                              floating *work) noexcept nogil:
+    if floating is float:
+        fnn_col2im_rows_f(cols, g, x, work)
+    else:
+        fnn_col2im_rows_d(cols, g, x, work)
+
+
+cdef inline void _im2row(const floating *x_hwc, const fnn_geometry *g, floating *rows,
+                         int parallel) noexcept nogil:
+    if floating is float:
+        fnn_im2row_f(x_hwc, g, rows, parallel)
+    else:
+        fnn_im2row_d(x_hwc, g, rows, parallel)
+
+
+cdef inline void _transpose(const floating *a, long rows, long cols, floating *out,
+                            int parallel) noexcept nogil:
+    if floating is float:
+        fnn_transpose_f(a, rows, cols, out, parallel)
+    else:
+        fnn_transpose_d(a, rows, cols, out, parallel)
+
+
+cdef inline void _transpose_bias(const floating *a, long rows, long cols,
+                                 const floating *bias, floating *out, int parallel) noexcept nogil:
+    """out (cols, rows) = a.T, plus bias (cols,) on each output row unless bias is NULL."""
+    if bias == NULL:
+        _transpose(a, rows, cols, out, parallel)
+    elif floating is float:
+        fnn_transpose_bias_f(a, rows, cols, bias, out, parallel)
+    else:
+        fnn_transpose_bias_d(a, rows, cols, bias, out, parallel)
+
+
+cdef inline void _row_sums(const floating *a, long rows, long cols, floating *out,
+                           int accumulate) noexcept nogil:
+    if floating is float:
+        fnn_row_sums_f(a, rows, cols, out, accumulate)
+    else:
+        fnn_row_sums_d(a, rows, cols, out, accumulate)
+
+
+cdef inline void _broadcast(floating *a, const floating *value, long rows, long cols,
+                            int per_row) noexcept nogil:
+    if floating is float:
+        fnn_broadcast_f(a, value, rows, cols, per_row)
+    else:
+        fnn_broadcast_d(a, value, rows, cols, per_row)
+
+
+cdef fnn_geometry _geometry(long c, long h, long w, int kh, int kw, tuple stride,
+                            tuple padding):
+    """Window geometry of an input (C, H, W) and a kh x kw window."""
+    cdef fnn_geometry g
+    g.c, g.h, g.w = c, h, w
+    g.kh, g.kw = kh, kw
+    g.sh, g.sw = stride
+    g.ph, g.pw = padding
+    g.oh = (g.h + 2 * g.ph - kh) // g.sh + 1
+    g.ow = (g.w + 2 * g.pw - kw) // g.sw + 1
+    return g
+
+
+# --- im2col / col2im -----------------------------------------------------------------
+
+def im2col(cnp.ndarray x, int kh, int kw, tuple stride, tuple padding):
+    """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW); parallel over (row, sample)."""
+    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, stride,
+                                    padding)
+    cdef long n = x.shape[0]
+    cdef cnp.ndarray cols = _output_array((g.c * kh * kw, n * g.oh * g.ow), x.dtype)
+    cdef void *px = _data(x)
+    cdef void *pc = _data(cols)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _im2col(<float*>px, n, &g, <float*>pc, n * g.oh * g.ow, 1)
+        else:
+            _im2col(<double*>px, n, &g, <double*>pc, n * g.oh * g.ow, 1)
+    return cols
+
+
+def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple padding):
+    """cols: (C*kh*kw, N*OH*OW) -> dx: (N, C, H, W); parallel over (n, c) planes."""
+    cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], kh, kw, stride,
+                                    padding)
+    cdef long n = x_shape[0]
+    cdef cnp.ndarray dx = _output_array(x_shape, cols.dtype)
+    cdef void *pc = _data(cols)
+    cdef void *px = _data(dx)
+    cdef bint single = _is_float32(cols)
+    with nogil:
+        if single:
+            _col2im(<float*>pc, n, &g, <float*>px, n * g.oh * g.ow, 1)
+        else:
+            _col2im(<double*>pc, n, &g, <double*>px, n * g.oh * g.ow, 1)
+    return dx
+
+
+cdef int _sample_threads(long n):
+    """OpenMP threads for per-sample conv work: all of them when BLAS can be held
+    to one thread and there is a sample for each, else 1."""
+    if not blas_thread_control() or n < 2:
+        return 1
+    return max(1, min(fnn_max_threads(), n))
+
+
+# --- convolution --------------------------------------------------------------------
+#
+# Per sample (from 4 input channels up, see ROWS_MIN_CHANNELS; im2col columns
+# below), the patches are laid out as rows with the channels last ("im2row":
+# one row of kh*kw*C values per output pixel), built from the sample transposed
+# to (H, W, C); the weights are reordered to match, (K, kh, kw, C). On this
+# layout the BLAS reads its operands with unit stride, and the input gradient
+# of a stride-1 conv becomes a conv too (no col2im). Measured here against
+# im2col + GEMM + col2im on the conv of issue 2 (N=32, C=K=64, 32x32, 3x3,
+# pad 1; one thread, CPU time, best of 12): forward 32.6 against 33.0 ms,
+# backward 66.5 against 79 ms. The GEMMs compute y.T = rows @ W_rows.T (and
+# grad_x.T), the patch matrix being BLAS's second operand (N = OH*OW): per
+# sample 0.81 against 0.99 ms for y = W_rows @ rows.T on one thread (OpenBLAS
+# 0.3.30 SkylakeX); a blocked transpose then writes NCHW, adding the bias.
+#
+# Workspaces are pooled: allocating and freeing megabytes per call pays the page
+# faults every time (DESIGN.md). list.pop/append are atomic under the GIL, so
+# concurrent callers never share a buffer.
+_workspace_pool = []
+
+# Which conv algorithm runs: chosen per shape (CONV_AUTO), or forced for tests and
+# measurements (_set_conv_algorithm; see the Winograd section below).
+DEF CONV_AUTO = 0
+DEF CONV_WINOGRAD = 1
+DEF CONV_IM2COL = 2
+cdef int _conv_algorithm = CONV_AUTO
+
+
+def _take_workspace(Py_ssize_t count, dtype):
+    """A uint8 buffer holding at least ``count`` elements of ``dtype``."""
+    nbytes = max(count * np.dtype(dtype).itemsize, 1)
+    try:
+        buffer = _workspace_pool.pop()
+    except IndexError:
+        buffer = None
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer
+
+
+def _give_back(buffer):
+    if len(_workspace_pool) < 4:
+        _workspace_pool.append(buffer)
+
+
+cdef inline bint _pointwise(const fnn_geometry *g) noexcept nogil:
+    """A 1x1 conv with stride 1 and no padding: the input is its own patch matrix."""
+    return g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.ph == 0 and g.pw == 0
+
+
+cdef inline bint _transposable(const fnn_geometry *g) noexcept nogil:
+    """Stride 1 and padding < kernel: grad_x is then the stride-1 conv of grad_y with
+    the flipped, transposed weights (padding k-1-p), with the forward pass's GEMM
+    shape and no col2im."""
+    return g.sh == 1 and g.sw == 1 and g.ph < g.kh and g.pw < g.kw
+
+
+# Below this many input channels the patch rows are too short (C values per
+# copy) and im2col's long rows win: measured per thread, LeNet's 1->6 5x5 conv
+# took 0.48 + 1.2 ms (forward + backward) on columns against 1.6 + 2.9 on rows;
+# from 6 channels up the rows are as fast or faster (64 -> 64 3x3: 15.5 + 31.4
+# against 16.1 + 37.0 ms).
+DEF ROWS_MIN_CHANNELS = 4
+
+
+cdef inline bint _by_rows(const fnn_geometry *g) noexcept nogil:
+    """Whether the forward pass uses patch rows (else im2col columns)."""
+    return g.c >= ROWS_MIN_CHANNELS and not _pointwise(g)
+
+
+cdef inline bint _backward_by_rows(const fnn_geometry *g) noexcept nogil:
+    """Whether the backward pass takes grad_W on patch rows."""
+    return _by_rows(g) and _transposable(g)
+
+
+# From this many input channels up, grad_x is the transposed conv (patch rows of
+# grad_y, a GEMM with C columns); below, W.T @ grad_y and col2im: the transposed
+# conv runs over every input pixel with all kh*kw taps (about twice the flops of a
+# valid conv) and a GEMM only C wide. Backward, one thread, best of 7 x 20 calls
+# (two alternated rounds, load 1-1.5), col2im against transposed: LeNet's conv
+# (N64 C6 14x14 K16 5x5) 1.27-1.39 against 1.89-2.15 ms; N32 C16 16x16 K32 3x3
+# 2.70-3.13 against 3.00-3.04; N16 C32 2.56-2.79 against 2.36-2.75; N8 C64
+# 32x32 K64 3x3 16.6-17.0 against 16.4-17.0 ms.
+DEF TRANSPOSED_MIN_CHANNELS = 32
+
+
+cdef inline bint _grad_x_transposed(const fnn_geometry *g) noexcept nogil:
+    """Whether grad_x is the transposed conv (else W.T @ grad_y + col2im)."""
+    return _backward_by_rows(g) and g.c >= TRANSPOSED_MIN_CHANNELS
+
+
+cdef inline bint _direct_grad_w(const fnn_geometry *g, long k) noexcept nogil:
+    """Whether a float32 backward pass takes grad_W by the direct conv (grad_W in
+    (K, C, kh, kw) order; grad_x, if wanted, by W.T @ grad_y and col2im): where the
+    forward is direct and the patches would be im2col columns (few channels). One
+    thread, batch 64: LeNet's conv1 backward (grad_W, grad_b) 424 -> 310 us; on
+    LeNet's conv2 (10-pixel rows, 6 channels) it took 1650 us against 1220 on rows."""
+    return _direct(g, k) and not _by_rows(g)
+
+
+cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept nogil:
+    """Geometry of that conv: input grad_y (K, OH, OW), output (C, H, W)."""
+    cdef fnn_geometry t
+    t.c, t.h, t.w = k, g.oh, g.ow
+    t.kh, t.kw, t.sh, t.sw = g.kh, g.kw, 1, 1
+    t.ph, t.pw = g.kh - 1 - g.ph, g.kw - 1 - g.pw
+    t.oh, t.ow = g.h, g.w
+    return t
+
+
+cdef inline long _forward_first(const fnn_geometry *g, long k) noexcept nogil:
+    """Elements of the first per-sample forward buffer: x, then y, channels last."""
+    return max(g.c * g.h * g.w, k * g.oh * g.ow)
+
+
+cdef inline long _forward_workspace(const fnn_geometry *g, long k) noexcept nogil:
+    """Elements of one thread's forward workspace: that buffer + the patch matrix
+    (or the direct conv's padded input)."""
+    return max(_forward_first(g, k) + g.oh * g.ow * g.c * g.kh * g.kw,
+               fnn_direct_conv_workspace(g))
+
+
+cdef inline bint _direct(const fnn_geometry *g, long k) noexcept nogil:
+    """Whether a float32 forward pass runs the direct conv (csrc/direct_conv.c)."""
+    return _conv_algorithm == CONV_AUTO and fnn_direct_conv_fits(g, k) and not _pointwise(g)
+
+
+cdef void _conv_forward_sample(const floating *x, const floating *weights,
+                               const floating *bias, floating *y, floating *work,
+                               const fnn_geometry *g, long k, int parallel) noexcept nogil:
+    """One sample: y (K, OH*OW) = (im2row(x) @ weights (K, kh*kw*C).T).T + b on
+    patch rows, or weights (K, C*kh*kw) @ im2col(x) + b on columns (``_by_rows``).
+    work: ``_forward_workspace`` elements. ``parallel``: split the copies over
+    OpenMP (when samples run one after the other)."""
+    cdef long kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
+    cdef floating beta = 0
+    cdef floating *rows = work + _forward_first(g, k)
+    if floating is float:
+        if _direct(g, k):        # weights (C*kh*kw, kp), bias (kp,): see conv2d_forward
+            fnn_direct_conv_forward_f(x, g, weights, k, bias, y, work)
+            return
+    if bias != NULL and not _by_rows(g):
+        _broadcast(y, bias, k, ohw, 1)
+        beta = 1
+    if _pointwise(g):      # y = W (K, C) @ x (C, H*W)
+        _gemm(False, False, <int>k, <int>ohw, <int>g.c, 1, weights, <int>g.c,
+              x, <int>ohw, beta, y, <int>ohw)
+    elif _by_rows(g):
+        _transpose(x, g.c, g.h * g.w, work, parallel)
+        _im2row(work, g, rows, parallel)
+        # y.T (OH*OW, K) = rows @ weights.T into the first buffer (free again), then
+        # transposed into y with the bias: with the patch matrix as BLAS's second
+        # operand the 64x1024x576 GEMM took 0.81 against 0.99 ms (one thread).
+        _gemm(False, True, <int>ohw, <int>k, <int>kkc, 1, rows, <int>kkc, weights,
+              <int>kkc, 0, work, <int>k)
+        _transpose_bias(work, ohw, k, bias, y, parallel)
+    else:
+        _im2col(x, 1, g, work, ohw, parallel)
+        _gemm(False, False, <int>k, <int>ohw, <int>kkc, 1, weights, <int>kkc, work,
+              <int>ohw, beta, y, <int>ohw)
+
+
+# Conv samples (forward) and sample chunks (backward) run on fastnn's worker pool
+# (csrc/pool.c), not OpenMP: LeNet's per-layer regions last 0.2-1 ms, and waking
+# the passive OpenMP team costs 50-60 us per region on this KVM guest.
+ctypedef struct _conv_job:
+    bint single
+    const void *x
+    const void *weights
+    const void *bias
+    void *y
+    const void *grad_y
+    void *grad_x
+    void *workspace
+    const fnn_geometry *g
+    long n, k, per_thread, chunks, first, stride_c
+    int threads
+
+
+cdef inline void _conv_forward_job_sample(const _conv_job *job, long s,
+                                          floating kind) noexcept nogil:
+    """Sample s of a _conv_job, in the workspace of the thread that runs it."""
+    cdef const fnn_geometry *g = job.g
+    cdef long chw = g.c * g.h * g.w, kohw = job.k * g.oh * g.ow
+    cdef long mine = fnn_pool_thread_index() * job.per_thread
+    _conv_forward_sample(<const floating*>job.x + s * chw, <const floating*>job.weights,
+                         <const floating*>job.bias, <floating*>job.y + s * kohw,
+                         <floating*>job.workspace + mine, g, job.k, 0)
+
+
+cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
+    cdef const _conv_job *job = <const _conv_job*>ctx
+    if job.single:
+        _conv_forward_job_sample(job, s, _F32)
+    else:
+        _conv_forward_job_sample(job, s, _F64)
+
+
+cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
+                        floating *y, floating *workspace, long n, const fnn_geometry *g,
+                        long k, int threads) noexcept nogil:
+    cdef long s
+    cdef long ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef long per_thread = _forward_workspace(g, k)
+    cdef bint small = _small_gemm(k, ohw, g.c * g.kh * g.kw)
+    if threads <= 1:         # one sample after the other, BLAS threading each large GEMM
+        if small:
+            fnn_blas_single_begin()
+        for s in range(n):
+            _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw, workspace,
+                                 g, k, fnn_max_threads() > 1)
+        if small:
+            fnn_blas_single_end()
+        return
+    cdef _conv_job job
+    job.single = floating is float
+    job.x, job.weights, job.bias, job.y, job.workspace = x, weights, bias, y, workspace
+    job.g, job.k, job.per_thread = g, k, per_thread
+    fnn_blas_single_begin()
+    # on the worker pool, samples taken dynamically: a thread that loses its core
+    # for a while (shared machine) leaves its samples to the others
+    fnn_pool_run(_conv_forward_task, &job, n)
+    fnn_blas_single_end()
+
+
+# --- Winograd F(2x2, 3x3) (csrc/winograd_template.h) ---------------------------------
+#
+# For 3x3 stride-1 convs with padding 0..2: 16 multiply-adds per input channel,
+# output channel and 2x2 output tile instead of 36, in 16 small GEMMs per block
+# of tiles, plus the tile transforms. ``auto`` takes it for float32 from
+# WINOGRAD_MIN_CHANNELS input and output channels on outputs of at least
+# WINOGRAD_MIN_PIXELS pixels per sample and WINOGRAD_MIN_BATCH_PIXELS in all
+# (below, the per-call work on the 16*C*K transformed weights is not repaid);
+# float64 keeps the patch-row GEMMs (Winograd's transforms add a few ulps of
+# round-off, see tests/test_winograd.py).
+# Measured here (N=32, 32x32, pad 1, forward + backward, one thread, best of 5,
+# patch rows / Winograd time): C=K=64 1.8x, C=K=16 1.8x, C=K=8 1.0-1.1x,
+# C=K=4 1.04x, C=4 K=64 1.27x, C=64 K=4 1.78x, but C=3 K=64 0.62x (below 4
+# input channels the patch-matrix path takes im2col columns, faster there); C=K=64
+# on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles);
+# N=1 16x16 C=K=64 1.06x, C=K=128 0.94x, N=1 14x14 C=K=256 0.78x, N=2 8x8
+# C=K=64 0.89x, but N=8 8x8 C=K=128 1.33x and N=4 14x14 C=K=512 1.21x.
+DEF WINOGRAD_MIN_CHANNELS = 4
+DEF WINOGRAD_MIN_PIXELS = 16
+DEF WINOGRAD_MIN_BATCH_PIXELS = 512
+_CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV_IM2COL}
+
+
+def _set_conv_algorithm(str name):
+    """Choose the conv algorithm (for tests and measurements): "auto", "winograd"
+    (wherever it applies: 3x3, stride 1, padding <= 2, float32 and float64) or
+    "im2col" (the patch-matrix GEMMs, no direct conv either); returns the previous name."""
+    global _conv_algorithm
+    if name not in _CONV_ALGORITHMS:
+        raise ValueError(f"_set_conv_algorithm: name must be one of {sorted(_CONV_ALGORITHMS)}, "
+                         f"got {name!r}")
+    old = [key for key, value in _CONV_ALGORITHMS.items() if value == _conv_algorithm][0]
+    _conv_algorithm = _CONV_ALGORITHMS[name]
+    return old
+
+
+def _set_winograd_tiles(long tiles):
+    """Tiles per Winograd block (for tests and measurements; 0: chosen from the channel
+    counts, see csrc/winograd_template.h); returns the old setting."""
+    return fnn_winograd_set_tiles(tiles)
+
+
+cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single):
+    """Whether this conv runs as Winograd F(2x2, 3x3) (see above)."""
+    if not (g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1 and g.ph <= 2 and g.pw <= 2
+            and n > 0 and k > 0 and g.c > 0) or _conv_algorithm == CONV_IM2COL:
+        return False
+    if _conv_algorithm == CONV_WINOGRAD:
+        return True
+    return (single and g.c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS
+            and g.oh * g.ow >= WINOGRAD_MIN_PIXELS
+            and n * g.oh * g.ow >= WINOGRAD_MIN_BATCH_PIXELS)
+
+
+def _conv_choice(tuple x_shape, tuple w_shape, tuple stride, tuple padding, dtype):
+    """"winograd" or "im2col": what conv2d_forward/backward run for these arguments."""
+    cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], w_shape[2], w_shape[3],
+                                    stride, padding)
+    return ("winograd" if _use_winograd(&g, x_shape[0], w_shape[0], np.dtype(dtype) == np.float32)
+            else "im2col")
+
+
+cdef int _winograd_threads():
+    """All OpenMP threads when BLAS can be held to one thread inside them, else 1."""
+    return fnn_max_threads() if blas_thread_control() else 1
+
+
+cdef void _gemm_f(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                  int lda, const float *b, int ldb, float beta, float *c, int ldc) noexcept nogil:
+    _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void _gemm_d(int trans_a, int trans_b, int m, int n, int k, double alpha, const double *a,
+                  int lda, const double *b, int ldb, double beta, double *c, int ldc) noexcept nogil:
+    _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometry *g, long k):
+    cdef long n = x.shape[0]
+    cdef int threads = _winograd_threads()
+    cdef bint single = _is_float32(x)
+    cdef long count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
+                       else fnn_winograd_forward_workspace_d(n, g, k, threads))
+    cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pb = NULL if b is None else _data(b)
+    cdef void *py = _data(y)
+    cdef void *pws = _data(workspace)
+    with nogil:
+        if single:
+            fnn_winograd_forward_f(<float*>px, n, g, <float*>pw, k, <float*>pb, <float*>py,
+                                   <float*>pws, threads, _gemm_f)
+        else:
+            fnn_winograd_forward_d(<double*>px, n, g, <double*>pw, k, <double*>pb, <double*>py,
+                                   <double*>pws, threads, _gemm_d)
+    _give_back(workspace)
+    return y
+
+
+cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
+                              const fnn_geometry *g, long k, bint need_grad_x):
+    cdef long n = x.shape[0]
+    cdef int threads = _winograd_threads()
+    cdef bint single = _is_float32(x)
+    cdef long count = (fnn_winograd_backward_workspace_f(n, g, k, threads, need_grad_x) if single
+                       else fnn_winograd_backward_workspace_d(n, g, k, threads, need_grad_x))
+    cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
+    cdef cnp.ndarray grad_w = _output_array((<object>W).shape, W.dtype)
+    cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(W)
+    cdef void *pgx = _data(grad_x) if need_grad_x else NULL
+    cdef void *pgw = _data(grad_w)
+    cdef void *pgb = _data(grad_b)
+    cdef void *pws = _data(workspace)
+    with nogil:
+        if single:
+            fnn_winograd_backward_f(<float*>pg, <float*>px, n, g, <float*>pw, k, <float*>pgx,
+                                    <float*>pgw, <float*>pgb, <float*>pws, threads, _gemm_f)
+        else:
+            fnn_winograd_backward_d(<double*>pg, <double*>px, n, g, <double*>pw, k,
+                                    <double*>pgx, <double*>pgw, <double*>pgb, <double*>pws,
+                                    threads, _gemm_d)
+    _give_back(workspace)
+    return grad_x, grad_w, grad_b
+
+
+def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+
+    OpenMP over the samples; each thread builds one sample's patch rows in its
+    own workspace, runs a single-threaded GEMM into y[n].T (channels last, in the
+    workspace) and transposes it into y[n] (NCHW) adding the bias (1x1 convs, and
+    im2col columns below 4 channels: one GEMM straight into y[n]).
+    Workspace: threads * (max(C*H*W, K*OH*OW) + OH*OW*C*kh*kw) elements, whatever
+    N is. 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
+    elements of transformed weights + per thread one block of 128-256 tiles (its
+    transformed tiles, 16*tiles*(C+K) elements, and its input and output regions).
+    float32 stride-1 convs with at most 16 output channels and rows of at least 8
+    pixels (``_direct``, on CPUs with AVX2 + FMA) run the direct conv of
+    csrc/direct_conv.c per sample instead: no patch matrix, the padded input
+    (C*(H+2ph)*(W+2pw) elements) in the workspace.
+    """
+    cdef long n = x.shape[0], k = W.shape[0]
+    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
+                                    stride, padding)
+    if _use_winograd(&g, n, k, _is_float32(x)):
+        return _winograd_forward(x, W, b, &g, k)
+    cdef int threads = _sample_threads(n)
+    cdef long per_thread = _forward_workspace(&g, k)
+    cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
+    cdef cnp.ndarray weights = W
+    cdef long kp
+    if _is_float32(x) and _direct(&g, k):     # (C*kh*kw, kp) and a bias (kp,), zero-padded
+        kp = (k + fnn_direct_conv_block(k) - 1) // fnn_direct_conv_block(k) * fnn_direct_conv_block(k)
+        weights = np.zeros((W.size // k, kp), dtype=np.float32)
+        weights[:, :k] = W.reshape(k, -1).T
+        padded = np.zeros(kp, dtype=np.float32)
+        if b is not None:
+            padded[:k] = b
+        b = padded
+    elif _by_rows(&g):           # (K, kh, kw, C): the patch rows' order
+        weights = np.ascontiguousarray(W.transpose(0, 2, 3, 1))
+    cdef void *px = _data(x)
+    cdef void *pw = _data(weights)
+    cdef void *pb = NULL if b is None else _data(b)
+    cdef void *py = _data(y)
+    cdef void *pws = _data(workspace)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _conv_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, <float*>pws,
+                          n, &g, k, threads)
+        else:
+            _conv_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, <double*>pws,
+                          n, &g, k, threads)
+    _give_back(workspace)
+    return y
+
+
+cdef inline long _padded_len(const fnn_geometry *g) noexcept nogil:
+    """Values per plane in fnn_pad_rows' layout (rows w + 2*pw apart)."""
+    return (g.oh - 1) * (g.w + 2 * g.pw) + g.ow
+
+
+cdef inline long _padded_plane(const fnn_geometry *g) noexcept nogil:
+    return (g.h + 2 * g.ph) * (g.w + 2 * g.pw)
+
+
+cdef void _backward_buffers(const fnn_geometry *g, long k, long *first, long *second) noexcept nogil:
+    """Elements of the two per-sample buffers of the backward pass (see below)."""
+    cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
+    if _pointwise(g):
+        first[0] = second[0] = 0
+    elif _grad_x_transposed(g):
+        first[0] = max(g.c * hw, k * ohw)   # x, grad_y, then grad_x.T: channels last
+        second[0] = max(ohw * kk * g.c, hw * kk * k)    # their patch rows
+    elif _backward_by_rows(g):
+        # x, channels last, then grad_y in padded rows and the padded grad_x plane
+        first[0] = max(g.c * hw, k * _padded_len(g), _padded_plane(g))
+        second[0] = g.c * kk * _padded_len(g)   # x's patch rows, then grad_x's columns
+    else:
+        first[0] = second[0] = g.c * kk * ohw           # im2col columns, their gradient
+    if _direct_grad_w(g, k):     # float32: the padded input, W.T @ grad_y for col2im
+        first[0] = max(first[0], fnn_direct_conv_workspace(g))
+        second[0] = max(second[0], g.c * kk * ohw)
+
+
+cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
+                                const floating *weights, floating *grad_x,
+                                floating *grad_w, floating *grad_b, floating *first,
+                                floating *second, const fnn_geometry *g, long k,
+                                int parallel) noexcept nogil:
+    """One sample; grad_y: (K, OH*OW). Adds this sample's grad_w and grad_b, writes
+    its grad_x unless grad_x is NULL. ``parallel``: split the copies over OpenMP
+    (when samples run one after the other).
+
+    - 1x1 stride 1: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
+    - stride 1 on patch rows: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and
+      grad_x = the conv of grad_y with ``weights`` = flipped W as (C, kh, kw, K)
+      (``_grad_x_transposed``), else grad_x = col2im(W.T @ grad_y) (``weights`` W);
+    - otherwise: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
+      grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw)).
+    """
+    cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
+    cdef long ckk = g.c * kk, len_
+    cdef fnn_geometry t
+    _row_sums(grad_y, k, ohw, grad_b, 1)
+    if floating is float:
+        if _direct_grad_w(g, k):
+            fnn_direct_conv_grad_w_f(grad_y, x, g, k, grad_w, first)
+            if grad_x != NULL:
+                _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+                      <int>ohw, 0, second, <int>ohw)
+                _col2im(second, 1, g, grad_x, ohw, parallel)
+            return
+    if _pointwise(g):
+        _gemm(False, True, <int>k, <int>g.c, <int>ohw, 1, grad_y, <int>ohw, x,
+              <int>ohw, 1, grad_w, <int>g.c)
+        if grad_x != NULL:
+            _gemm(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
+                  <int>ohw, 0, grad_x, <int>ohw)
+    elif _backward_by_rows(g):
+        _transpose(x, g.c, hw, first, parallel)
+        _im2row(first, g, second, parallel)
+        _gemm(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
+              <int>ckk, 1, grad_w, <int>ckk)
+        if grad_x == NULL:
+            return
+        if not _grad_x_transposed(g) and parallel:     # col2im split over the planes
+            _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+                  <int>ohw, 0, second, <int>ohw)
+            _col2im(second, 1, g, grad_x, ohw, parallel)
+            return
+        if not _grad_x_transposed(g):
+            # grad_y's rows spaced as the padded input's: col2im is then one long add
+            # per (c, i, j) (fnn_col2im_rows, one thread) instead of oh short ones.
+            # LeNet's conv2 (14x14 -> 10x10), one thread, batch 64, whole backward,
+            # best of 9 in three alternated rounds: 1257 -> 1125 us (col2im 23% -> 8%
+            # of the profile; the W.T @ grad_y GEMM is 36% wider)
+            len_ = _padded_len(g)
+            _pad_rows(grad_y, k, g.oh, g.ow, g.w + 2 * g.pw, first)
+            _gemm(True, False, <int>ckk, <int>len_, <int>k, 1, weights, <int>ckk, first,
+                  <int>len_, 0, second, <int>len_)
+            _col2im_rows(second, g, grad_x, first)
+            return
+        t = _transposed_geometry(g, k)
+        _transpose(grad_y, k, ohw, first, parallel)
+        _im2row(first, &t, second, parallel)
+        # grad_x.T (H*W, C) into the first buffer (free again), then transposed: the
+        # forward pass's faster operand order
+        _gemm(False, True, <int>hw, <int>g.c, <int>(k * kk), 1, second, <int>(k * kk),
+              weights, <int>(k * kk), 0, first, <int>g.c)
+        _transpose(first, hw, g.c, grad_x, parallel)
+    else:
+        _im2col(x, 1, g, first, ohw, parallel)
+        _gemm(False, True, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, first,
+              <int>ohw, 1, grad_w, <int>ckk)
+        if grad_x == NULL:
+            return
+        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+              <int>ohw, 0, second, <int>ohw)
+        _col2im(second, 1, g, grad_x, ohw, parallel)
+
+
+cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
+    """Sample chunks of the parallel conv backward: four per thread, at most n."""
+    return n if n < 4 * threads else 4 * threads
+
+
+cdef inline void _conv_backward_chunk(const _conv_job *job, long c,
+                                      floating kind) noexcept nogil:
+    """Chunk c of a _conv_job: its samples in order, summed into the chunk's partial."""
+    cdef const floating *grad_y = <const floating*>job.grad_y
+    cdef const floating *x = <const floating*>job.x
+    cdef const floating *weights = <const floating*>job.weights
+    cdef floating *grad_x = <floating*>job.grad_x
+    cdef floating *workspace = <floating*>job.workspace
+    cdef const fnn_geometry *g = job.g
+    cdef long k = job.k, n = job.n, s
+    cdef long ckk = g.c * g.kh * g.kw, kohw = k * g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef floating *mine = workspace + fnn_pool_thread_index() * job.per_thread
+    cdef floating *part = workspace + job.threads * job.per_thread + c * job.stride_c
+    memset(part, 0, job.stride_c * sizeof(floating))
+    for s in range(c * n // job.chunks, (c + 1) * n // job.chunks):
+        _conv_backward_sample(grad_y + s * kohw, x + s * chw, weights,
+                              NULL if grad_x == NULL else grad_x + s * chw,
+                              part, part + k * ckk, mine, mine + job.first, g, k, 0)
+
+
+cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
+    cdef const _conv_job *job = <const _conv_job*>ctx
+    if job.single:
+        _conv_backward_chunk(job, c, _F32)
+    else:
+        _conv_backward_chunk(job, c, _F64)
+
+
+cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
+                         floating *grad_x, floating *grad_w, floating *grad_b,
+                         floating *workspace, long n, const fnn_geometry *g, long k,
+                         int threads) noexcept nogil:
+    cdef long s, c, idx, first, second
+    cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    _backward_buffers(g, k, &first, &second)
+    # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
+    cdef long stride_t = first + second, stride_c = k * ckk + k
+    cdef long chunks = _conv_backward_chunks(n, threads)
+    cdef floating *part
+    memset(grad_w, 0, k * ckk * sizeof(floating))
+    memset(grad_b, 0, k * sizeof(floating))
+    cdef bint small = _small_gemm(k, ohw, ckk)
+    if threads <= 1:         # one sample after the other, BLAS threading each large GEMM
+        if small:
+            fnn_blas_single_begin()
+        for s in range(n):
+            _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights,
+                                  NULL if grad_x == NULL else grad_x + s * chw,
+                                  grad_w, grad_b, workspace, workspace + first, g, k,
+                                  fnn_max_threads() > 1)
+        if small:
+            fnn_blas_single_end()
+        return
+    cdef _conv_job job
+    job.single = floating is float
+    job.x, job.weights, job.grad_y, job.grad_x, job.workspace = x, weights, grad_y, grad_x, workspace
+    job.g, job.n, job.k, job.per_thread, job.chunks = g, n, k, stride_t, chunks
+    job.first, job.stride_c, job.threads = first, stride_c, threads
+    fnn_blas_single_begin()
+    # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
+    # for a shared machine) sums its samples in order into the chunk's own partial,
+    # and the partials are added in chunk order: which thread ran what cannot change
+    # the result, so the same inputs give the same bits every call (per-thread sums
+    # under a dynamic schedule did not: same-seed trainings drifted apart).
+    fnn_pool_run(_conv_backward_task, &job, chunks)
+    fnn_blas_single_end()
+    for c in range(chunks):
+        part = workspace + threads * stride_t + c * stride_c
+        for idx in range(k * ckk):
+            grad_w[idx] += part[idx]
+        for idx in range(k):
+            grad_b[idx] += part[k * ckk + idx]
+
+
+def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stride,
+                    tuple padding, bint need_grad_x=True):
+    """-> (grad_x (N, C, H, W) or None, grad_W (K, C, kh, kw), grad_b (K,)).
+
+    OpenMP over the samples, single-threaded GEMMs per sample; each of a fixed
+    set of sample chunks keeps its own grad_W/grad_b sums (added at the end in
+    chunk order), so no two threads write one value and every call gives the
+    same bits. With stride 1 (padding < kernel) and from 32 input channels, grad_x
+    is the conv of grad_y with the flipped weights: a GEMM as deep as the forward
+    one and no col2im.
+    Workspace: threads * 2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
+    elements + min(N, 4*threads) * (K*C*kh*kw + K). Where ``_use_winograd``:
+    grad_W and grad_b summed over at most 8 fixed chunks of tile blocks (16*K*C + K
+    elements each, added in chunk order: the same bits for any thread count), then
+    grad_x as the Winograd conv of grad_y with the flipped weights (padding 2 - p).
+    """
+    cdef long n = x.shape[0], k = W.shape[0]
+    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
+                                    stride, padding)
+    if _use_winograd(&g, n, k, _is_float32(x)):
+        return _winograd_backward(grad_y, x, W, &g, k, need_grad_x)
+    cdef int threads = _sample_threads(n)
+    cdef long first, second
+    _backward_buffers(&g, k, &first, &second)
+    cdef long per_thread = first + second
+    cdef long per_chunk = W.size + k
+    cdef bint by_rows = _backward_by_rows(&g) and not (_is_float32(x) and _direct_grad_w(&g, k))
+    cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
+    # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
+    cdef cnp.ndarray grad_w = _output_array((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
+                                            x.dtype)
+    cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
+    cdef cnp.ndarray workspace = _take_workspace(
+        threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
+    cdef cnp.ndarray weights = W
+    if _grad_x_transposed(&g):   # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
+        weights = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(x)
+    cdef void *pw = _data(weights)
+    cdef void *pgx = _data(grad_x) if need_grad_x else NULL
+    cdef void *pgw = _data(grad_w)
+    cdef void *pgb = _data(grad_b)
+    cdef void *pws = _data(workspace)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _conv_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx,
+                           <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads)
+        else:
+            _conv_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx,
+                           <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads)
+    _give_back(workspace)
+    if by_rows:
+        grad_w = np.ascontiguousarray(grad_w.transpose(0, 3, 1, 2))
+    return grad_x, grad_w, grad_b

@@ -1,0 +1,123 @@
+# fastnn/kernels/cpu/norm.pxi -- included by _cpu.pyx.
+#
+# Normalisation and dropout: batchnorm_forward/backward (statistics in double,
+# fixed lanes, two passes) and dropout_forward/backward (the CUDA module's
+# counter-based masks). Threading: OpenMP inside the C kernels from
+# FNN_PARALLEL_MIN elements, one thread below.
+
+# --- dropout (the layer's CPU path; the same calls and masks as the CUDA module's) -----
+
+def dropout_forward(cnp.ndarray x, double p, seed):
+    """Inverted dropout of x (C-contiguous), p in [0, 1) -> (y, mask), mask = 1/(1-p)
+    where the counter-based uniform of (seed, element index) is >= p, else 0; the
+    CUDA module's masks, bit for bit."""
+    cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype)
+    cdef cnp.ndarray mask = _output_array((<object>x).shape, x.dtype)
+    cdef uint64_t keep_from = <uint64_t>math.ceil(p * 9007199254740992.0)
+    cdef uint64_t s = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    cdef double scale = x.dtype.type(1.0 / (1.0 - p))
+    cdef long n = x.size
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef void *pm = _data(mask)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_dropout_forward_f(<float*>px, <float*>py, <float*>pm, n, keep_from,
+                                  <float>scale, s)
+        else:
+            fnn_dropout_forward_d(<double*>px, <double*>py, <double*>pm, n, keep_from, scale, s)
+    return y, mask
+
+
+def dropout_backward(cnp.ndarray grad_y, cnp.ndarray mask):
+    """grad_x = grad_y * mask (both C-contiguous, one shape and dtype)."""
+    cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, grad_y.dtype)
+    cdef long n = grad_y.size
+    cdef void *pg = _data(grad_y)
+    cdef void *pm = _data(mask)
+    cdef void *px = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_multiply_f(<float*>pg, <float*>pm, <float*>px, n)
+        else:
+            fnn_multiply_d(<double*>pg, <double*>pm, <double*>px, n)
+    return grad_x
+
+
+# --- batch normalisation (the layers' CPU path; the same calls as the CUDA module's) ---
+
+def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=None):
+    """x: (N, C) or (N, C, ...) C-contiguous; gamma, beta: (C,) -> (y, x_hat, mean, var,
+    inv_std). With ``mean``/``var`` None (training) the batch's mean and biased variance
+    per channel (double sums, two passes), else the given (running) statistics."""
+    cdef long n = x.shape[0], c = x.shape[1]
+    cdef long s = x.size // (n * c) if n * c else 0
+    dtype = x.dtype
+    gamma, beta = np.ascontiguousarray(gamma, dtype), np.ascontiguousarray(beta, dtype)
+    training = mean is None
+    if training:
+        mean, var = np.empty(c, dtype), np.empty(c, dtype)
+    else:
+        mean, var = np.ascontiguousarray(mean, dtype), np.ascontiguousarray(var, dtype)
+    cdef cnp.ndarray work = np.empty(2 * c, np.float64)
+    cdef cnp.ndarray inv_std = np.empty(c, dtype)
+    cdef cnp.ndarray x_hat = _output_array((<object>x).shape, dtype)
+    cdef cnp.ndarray y = _output_array((<object>x).shape, dtype)
+    cdef void *px = _data(x)
+    cdef void *pm = _data(<cnp.ndarray>mean)
+    cdef void *pv = _data(<cnp.ndarray>var)
+    cdef void *pga = _data(<cnp.ndarray>gamma)
+    cdef void *pbe = _data(<cnp.ndarray>beta)
+    cdef void *pinv = _data(inv_std)
+    cdef void *ph = _data(x_hat)
+    cdef void *py = _data(y)
+    cdef double *pw = <double*>_data(work)
+    cdef bint single = _is_float32(x), stats = training
+    with nogil:
+        if single:
+            if stats:
+                fnn_batchnorm_stats_f(<float*>px, n, c, s, <float*>pm, <float*>pv, pw)
+            fnn_batchnorm_apply_f(<float*>px, n, c, s, <float*>pm, <float*>pv, <float>eps,
+                                  <float*>pga, <float*>pbe, <float*>pinv, <float*>ph,
+                                  <float*>py)
+        else:
+            if stats:
+                fnn_batchnorm_stats_d(<double*>px, n, c, s, <double*>pm, <double*>pv, pw)
+            fnn_batchnorm_apply_d(<double*>px, n, c, s, <double*>pm, <double*>pv, eps,
+                                  <double*>pga, <double*>pbe, <double*>pinv, <double*>ph,
+                                  <double*>py)
+    return y, x_hat, mean, var, inv_std
+
+
+def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray inv_std):
+    """Training-mode backward -> (grad_x, grad_gamma, grad_beta); grad_y and x_hat of one
+    shape, C-contiguous."""
+    cdef long n = grad_y.shape[0], c = grad_y.shape[1]
+    cdef long s = grad_y.size // (n * c) if n * c else 0
+    dtype = grad_y.dtype
+    gamma = np.ascontiguousarray(gamma, dtype)
+    inv_std = np.ascontiguousarray(inv_std, dtype)
+    cdef cnp.ndarray work = np.empty(2 * c, np.float64)
+    cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, dtype)
+    cdef cnp.ndarray grad_gamma = np.empty(c, dtype)
+    cdef cnp.ndarray grad_beta = np.empty(c, dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *ph = _data(x_hat)
+    cdef void *pga = _data(<cnp.ndarray>gamma)
+    cdef void *pinv = _data(inv_std)
+    cdef void *pgx = _data(grad_x)
+    cdef void *pgg = _data(grad_gamma)
+    cdef void *pgb = _data(grad_beta)
+    cdef double *pw = <double*>_data(work)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_batchnorm_backward_f(<float*>pg, <float*>ph, n, c, s, <float*>pga, <float*>pinv,
+                                     <float*>pgx, <float*>pgg, <float*>pgb, pw)
+        else:
+            fnn_batchnorm_backward_d(<double*>pg, <double*>ph, n, c, s, <double*>pga,
+                                     <double*>pinv, <double*>pgx, <double*>pgg, <double*>pgb,
+                                     pw)
+    return grad_x, grad_gamma, grad_beta

@@ -1,0 +1,80 @@
+# fastnn/kernels/cpu/pooling.pxi -- included by _cpu.pyx.
+#
+# Max and average pooling, forward and backward (csrc/kernels_template.h).
+# Threading: OpenMP over (sample, channel) planes inside the C kernels from
+# FNN_PARALLEL_MIN elements, one thread below; a plane is never split, so the
+# backward's scatter-add has no races.
+
+# --- max pooling -------------------------------------------------------------------
+
+def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
+    """x: (N, C, H, W) -> (y, argmax int64), (N, C, OH, OW); parallel over (n, c) planes."""
+    cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef int sh = stride[0], sw = stride[1]
+    cdef long oh = (h - kh) // sh + 1, ow = (w - kw) // sw + 1
+    cdef cnp.ndarray y = _output_array((n, c, oh, ow), x.dtype)
+    cdef cnp.ndarray argmax = _output_array((n, c, oh, ow), np.int64)
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef int64_t *pa = <int64_t*>_data(argmax)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_maxpool2d_forward_f(<float*>px, n * c, h, w, kh, kw, sh, sw, <float*>py, pa)
+        else:
+            fnn_maxpool2d_forward_d(<double*>px, n * c, h, w, kh, kw, sh, sw, <double*>py, pa)
+    return y, argmax
+
+
+def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
+    """grad_y, argmax: (N, C, OH, OW) -> grad_x: (N, C, H, W); parallel over planes,
+    so the scatter-add of overlapping windows has no races."""
+    cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
+    cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
+    # each plane zeroed by the kernel just before its scatter (the memory may be reused)
+    cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(grad_x)
+    cdef int64_t *pa = <int64_t*>_data(argmax)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px, 0)
+        else:
+            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px, 0)
+    if bad:
+        raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
+                         f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
+    return grad_x
+
+
+def avgpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
+    """x: (N, C, H, W) -> y: (N, C, OH, OW), each window's mean; parallel over planes."""
+    cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef int sh = stride[0], sw = stride[1]
+    cdef cnp.ndarray y = _output_array((n, c, (h - kh) // sh + 1, (w - kw) // sw + 1), x.dtype)
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            fnn_avgpool2d_forward_f(<float*>px, n * c, h, w, kh, kw, sh, sw, <float*>py)
+        else:
+            fnn_avgpool2d_forward_d(<double*>px, n * c, h, w, kh, kw, sh, sw, <double*>py)
+    return y
+
+
+def avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape, int kh, int kw, tuple stride):
+    """grad_y: (N, C, OH, OW) -> grad_x: x_shape (N, C, H, W); parallel over planes."""
+    cdef long planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
+    cdef int sh = stride[0], sw = stride[1]
+    cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)    # zeroed by the kernel
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            fnn_avgpool2d_backward_f(<float*>pg, planes, h, w, kh, kw, sh, sw, <float*>px)
+        else:
+            fnn_avgpool2d_backward_d(<double*>pg, planes, h, w, kh, kw, sh, sw, <double*>px)
+    return grad_x
