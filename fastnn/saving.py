@@ -25,7 +25,6 @@ building the layer) against the headers. Only then are the arrays read (and
 checked finite) and the layers built. Every failure is a ValueError, or an
 OSError for I/O, naming the file.
 """
-import functools
 import json
 import math
 import os
@@ -36,11 +35,8 @@ import zlib
 
 import numpy as np
 
-from . import backend, kernels, losses, optim
-from .layers import (LAYER_CLASSES, ActivationLayer, AvgPool2D, BatchNorm1d, BatchNorm2d, Conv2D,
-                     Dense, Dropout, FCLayer, Flatten, LeakyReLU, MaxPool2D, ReLU, Sigmoid, Softmax,
-                     Tanh)
-from .layers.base import as_dtype
+from . import backend, losses, optim
+from .layers import LAYER_CLASSES
 
 try:
     import fcntl
@@ -409,66 +405,12 @@ def _class_from(module, base, name, what):
     return cls
 
 
-# --- each built-in layer's arrays, from its config alone --------------------------------------
-def _positive(config, name):
-    value = config.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r:.100}")
-    return value
-
-
-def _dtype(config):
-    return as_dtype(config.get("dtype", "float32"), "dtype")
-
-
-def _dense_arrays(config, in_key="in_features", out_key="out_features"):
-    """Dense / FCLayer: W (in, out), b (out,) unless bias is false."""
-    n_in, n_out = _positive(config, in_key), _positive(config, out_key)
-    shapes = {"params.W": (n_in, n_out)}
-    if config.get("bias", True):
-        shapes["params.b"] = (n_out,)
-    return shapes, _dtype(config)
-
-
-def _conv_arrays(config):
-    """Conv2D: W (out, in, kh, kw), b (out,) unless bias is false."""
-    n_in, n_out = _positive(config, "in_channels"), _positive(config, "out_channels")
-    kh, kw = kernels.pair(config.get("kernel_size"), "kernel_size", "Conv2D", 1)
-    shapes = {"params.W": (n_out, n_in, kh, kw)}
-    if config.get("bias", True):
-        shapes["params.b"] = (n_out,)
-    return shapes, _dtype(config)
-
-
-def _batchnorm_arrays(config):
-    """BatchNorm1d / 2d: gamma, beta, running_mean, running_var, all (num_features,)."""
-    n = (_positive(config, "num_features"),)
-    return ({"params.gamma": n, "params.beta": n, "buffers.running_mean": n,
-             "buffers.running_var": n}, _dtype(config))
-
-
-def _no_arrays(config):
-    return {}, None
-
-
-# a rule for every class of LAYER_CLASSES (a test holds them to the layers' constructors)
-_LAYER_ARRAYS = {
-    Dense: _dense_arrays, FCLayer: functools.partial(_dense_arrays, in_key="input_size",
-                                                     out_key="output_size"),
-    Conv2D: _conv_arrays, BatchNorm1d: _batchnorm_arrays, BatchNorm2d: _batchnorm_arrays,
-    **{cls: _no_arrays for cls in (MaxPool2D, AvgPool2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh,
-                                   Softmax, Dropout, ActivationLayer)}}
-
-
 def _expected_arrays(arch):
     """{member key: (shape, dtype)} of every array the record's layers declare."""
     expected = {}
     for i, spec in enumerate(arch["layers"]):
-        rule = _LAYER_ARRAYS.get(LAYER_CLASSES[spec["class"]])
-        if rule is None:
-            raise _Reject(f"layer {i} ({spec['class']}): fastnn cannot check its arrays")
         try:
-            shapes, dtype = rule(spec["config"])
+            shapes, dtype = LAYER_CLASSES[spec["class"]].array_shapes(spec["config"])
         except (TypeError, ValueError) as exc:
             raise _Reject(f"layer {i} ({spec['class']}) has a bad config: {exc}") from None
         for name, shape in shapes.items():

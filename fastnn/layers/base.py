@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend, kernels
 
 __all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "check_float_array",
-           "check_number", "checked_param", "uses_tutorial_protocol"]
+           "check_number", "checked_param", "config_int", "uses_tutorial_protocol"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -99,6 +99,15 @@ def kernel_impl(x):
     return kernels._impl(x)
 
 
+def config_int(config, name):
+    """``config[name]`` as a positive int; ValueError otherwise (configs may come from a
+    file)."""
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r:.100}")
+    return int(value)
+
+
 def checked_param(who, name, value, shape, dtype, hint=""):
     """``value`` as parameter ``name`` of layer ``who``: a NumPy or CuPy array of
     ``shape`` and ``dtype``, C-contiguous (a non-contiguous one is copied)."""
@@ -154,14 +163,24 @@ class Layer:
         self.input = None
         self.output = None
         self._checked = None       # [(store, name, array)] last found right by _check_params
+        self._specs = None         # param_specs(), computed once
 
     # -- parameters a user may assign -----------------------------------------
+    param_hints = {}               # name -> text added to a wrong-shape error (the layout)
+
+    @classmethod
+    def array_shapes(cls, config):
+        """``({"params.W": shape, "buffers.running_mean": shape, ...}, dtype)``: the arrays
+        a layer built from ``config`` (its ``get_config()``) holds, computed from the config
+        alone (``Network.load`` checks a file's arrays against it before allocating them).
+        Built-in layers with arrays declare theirs; the default has none."""
+        return {}, None
+
     def param_specs(self):
-        """``{(store, name): (shape, hint)}``: the expected shape of each entry of
-        ``params`` / ``buffers`` (store "params" or "buffers"), the layer's dtype for
-        all; ``hint`` adds to the error. Built-in layers declare theirs; the default,
-        empty, checks nothing (a user layer checks its own)."""
-        return {}
+        """``{(store, name): (shape, hint)}`` for ``_check_params``, from ``array_shapes``."""
+        shapes, _ = type(self).array_shapes(self.get_config())
+        return {tuple(key.split(".")): (shape, self.param_hints.get(key.split(".")[1], ""))
+                for key, shape in shapes.items()}
 
     def _check_params(self):
         """Before a kernel reads them: every declared parameter and buffer has its
@@ -178,7 +197,9 @@ class Layer:
                 return
         who = self._name() if hasattr(self, "_name") else type(self).__name__
         checked = []
-        for (store, name), (shape, hint) in self.param_specs().items():
+        if self._specs is None:
+            self._specs = self.param_specs()
+        for (store, name), (shape, hint) in self._specs.items():
             arrays = getattr(self, store)
             if name not in arrays:
                 raise ValueError(f"{who}: {store[:-1]} {name!r} is missing")

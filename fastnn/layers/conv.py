@@ -2,7 +2,8 @@
 import numpy as np
 
 from .. import kernels
-from .base import Layer, as_dtype, check_float_array, contiguous, initialize, kernel_impl, make_rng
+from .base import (Layer, as_dtype, check_float_array, config_int, contiguous, initialize,
+                   kernel_impl, make_rng)
 
 __all__ = ["Conv2D"]
 
@@ -44,13 +45,17 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         return f"Conv2D({self.in_channels} -> {self.out_channels}, {kh}x{kw})"
 
-    def param_specs(self):
-        kh, kw = self.kernel_size
-        specs = {("params", "W"): ((self.out_channels, self.in_channels, kh, kw),
-                                   " (out_channels, in_channels, kh, kw)")}
-        if self.use_bias:
-            specs["params", "b"] = ((self.out_channels,), "")
-        return specs
+    param_hints = {"W": " (out_channels, in_channels, kh, kw)"}
+
+    @classmethod
+    def array_shapes(cls, config):
+        """W (out, in, kh, kw), b (out,) unless ``bias`` is false."""
+        n_in, n_out = config_int(config, "in_channels"), config_int(config, "out_channels")
+        kh, kw = kernels.pair(config.get("kernel_size"), "kernel_size", "Conv2D", 1)
+        shapes = {"params.W": (n_out, n_in, kh, kw)}
+        if config.get("bias", True):
+            shapes["params.b"] = (n_out,)
+        return shapes, as_dtype(config.get("dtype", "float32"), "Conv2D")
 
     def _check(self, x):
         check_float_array(x, self._name(), "input", self.params["W"].dtype)
@@ -110,4 +115,4 @@ class Conv2D(Layer):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": list(self.padding), "bias": self.use_bias,
-                "dtype": str(self.params["W"].dtype)}
+                "dtype": str(self.dtype)}

@@ -2,7 +2,8 @@
 import numpy as np
 
 from .. import kernels
-from .base import Layer, as_dtype, check_float_array, contiguous, initialize, kernel_impl, make_rng
+from .base import (Layer, as_dtype, check_float_array, config_int, contiguous, initialize,
+                   kernel_impl, make_rng)
 
 __all__ = ["Dense", "FCLayer"]
 
@@ -52,13 +53,17 @@ class Dense(Layer):
     def bias(self):
         return self.params.get("b")
 
-    def param_specs(self):
-        specs = {("params", "W"): ((self.in_features, self.out_features),
-                                   " (in_features, out_features); a torch.nn.Linear weight is "
-                                   "(out, in): assign its transpose, or use load_state_dict")}
-        if self.use_bias:
-            specs["params", "b"] = ((self.out_features,), "")
-        return specs
+    param_hints = {"W": " (in_features, out_features); a torch.nn.Linear weight is (out, in): "
+                        "assign its transpose, or use load_state_dict"}
+
+    @classmethod
+    def array_shapes(cls, config, in_key="in_features", out_key="out_features"):
+        """W (in, out), b (out,) unless ``bias`` is false."""
+        n_in, n_out = config_int(config, in_key), config_int(config, out_key)
+        shapes = {"params.W": (n_in, n_out)}
+        if config.get("bias", True):
+            shapes["params.b"] = (n_out,)
+        return shapes, as_dtype(config.get("dtype", "float32"), cls.__name__)
 
     def _bad_input(self, x):
         check_float_array(x, self._name(), "input", self.params["W"].dtype)
@@ -135,7 +140,7 @@ class Dense(Layer):
 
     def get_config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.use_bias, "dtype": str(self.params["W"].dtype)}
+                "bias": self.use_bias, "dtype": str(self.dtype)}
 
 
 class FCLayer(Dense):
@@ -144,6 +149,10 @@ class FCLayer(Dense):
     def __init__(self, input_size, output_size, *, bias=True, init="uniform", seed=None,
                  dtype="float32"):
         super().__init__(input_size, output_size, bias=bias, init=init, seed=seed, dtype=dtype)
+
+    @classmethod
+    def array_shapes(cls, config):
+        return super().array_shapes(config, "input_size", "output_size")
 
     def get_config(self):
         c = super().get_config()

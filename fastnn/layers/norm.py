@@ -1,7 +1,8 @@
 """Batch normalisation with PyTorch's running statistics."""
 import numpy as np
 
-from .base import Layer, as_dtype, check_float_array, check_number, contiguous, kernel_impl
+from .base import (Layer, as_dtype, check_float_array, check_number, config_int, contiguous,
+                   kernel_impl)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -53,11 +54,12 @@ class _BatchNorm(Layer):
     def _name(self):
         return f"{type(self).__name__}({self.num_features})"
 
-    def param_specs(self):
-        shape = (self.num_features,)
-        return {(store, name): (shape, " (num_features,)") for store, name in (
-            ("params", "gamma"), ("params", "beta"), ("buffers", "running_mean"),
-            ("buffers", "running_var"))}
+    @classmethod
+    def array_shapes(cls, config):
+        """gamma, beta, running_mean, running_var: all (num_features,)."""
+        n = (config_int(config, "num_features"),)
+        return ({"params.gamma": n, "params.beta": n, "buffers.running_mean": n,
+                 "buffers.running_var": n}, as_dtype(config.get("dtype", "float32"), cls.__name__))
 
     def _check(self, x):
         check_float_array(x, self._name(), "input", self.params["gamma"].dtype)
@@ -124,7 +126,7 @@ class _BatchNorm(Layer):
 
     def get_config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
-                "dtype": str(self.params["gamma"].dtype)}
+                "dtype": str(self.dtype)}
 
 
 class BatchNorm1d(_BatchNorm):
