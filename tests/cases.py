@@ -88,6 +88,10 @@ AVGPOOL_CASES = POOL_CASES + [
 ]
 
 
+# (N, C, H, W): global average pooling; a 1x1 plane, batch 1, an empty batch, a large plane
+GLOBAL_POOL_CASES = [(2, 3, 5, 7), (1, 4, 1, 1), (3, 2, 28, 28), (0, 3, 4, 4), (2, 1, 64, 65)]
+
+
 # (N, I, O): the compiled GEMM paths' sizes, batch 1, one input feature, an empty batch
 DENSE_CASES = [(37, 50, 23), (150, 200, 70), (20, 300, 500),
                (1, 5, 3), (7, 13, 4), (33, 1, 65), (0, 6, 5)]

@@ -128,6 +128,7 @@ LAYER_CASES = [
     fn.FCLayer(2, 5, bias=False), fn.Conv2D(2, 3, (3, 1)), fn.Conv2D(1, 2, 2, bias=False,
                                                                      dtype="float64"),
     fn.BatchNorm1d(4), fn.BatchNorm2d(3, dtype="float64"), fn.MaxPool2D(2), fn.AvgPool2D(2, 1),
+    fn.GlobalAvgPool2D(),
     fn.Flatten(), fn.ReLU(), fn.LeakyReLU(0.3), fn.Sigmoid(), fn.Tanh(), fn.Softmax(),
     fn.Dropout(0.3), fn.ActivationLayer(fn.activations.tanh, fn.activations.tanh_prime)]
 

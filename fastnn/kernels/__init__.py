@@ -14,7 +14,8 @@ from .. import backend
 from . import _cuda, _reference  # _cuda imports without CuPy
 
 __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
-           "avgpool2d_forward", "avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
+           "avgpool2d_forward", "avgpool2d_backward", "global_avgpool2d_forward",
+           "global_avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "sgd_step", "adam_step", "conv_output_size", "pair"]
@@ -186,6 +187,30 @@ def avgpool2d_backward(grad_y, x_shape, kh, kw, stride):
                          f"{kh}x{kw} windows and stride {stride}, got {tuple(grad_y.shape)}")
     grad_y, = _contiguous(grad_y)
     return _impl(grad_y).avgpool2d_backward(grad_y, x_shape, kh, kw, stride)
+
+
+def global_avgpool2d_forward(x):
+    """x: (N, C, H, W) -> y: (N, C), the mean of each (n, c) plane (summed in float64)."""
+    who = "global_avgpool2d_forward"
+    _float_array(x, who, "x", 4)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{who}: x must have H, W >= 1, got shape {tuple(x.shape)}")
+    x, = _contiguous(x)
+    return _impl(x).global_avgpool2d_forward(x)
+
+
+def global_avgpool2d_backward(grad_y, x_shape):
+    """grad_y: (N, C) -> grad_x: x_shape (N, C, H, W), each plane filled with
+    grad_y[n, c] / (H*W)."""
+    who = "global_avgpool2d_backward"
+    _float_array(grad_y, who, "grad_y", 2)
+    x_shape = tuple(int(s) for s in x_shape)
+    if len(x_shape) != 4 or min(x_shape[2:], default=0) < 1 or min(x_shape) < 0 \
+            or x_shape[:2] != tuple(grad_y.shape):
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with H, W >= 1 and (N, C) = "
+                         f"grad_y's shape {tuple(grad_y.shape)}, got {x_shape}")
+    grad_y, = _contiguous(grad_y)
+    return _impl(grad_y).global_avgpool2d_backward(grad_y, x_shape)
 
 
 def _out_buffer(who, out, like):

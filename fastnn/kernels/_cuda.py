@@ -51,7 +51,8 @@ from ._reference import (avgpool2d_backward, avgpool2d_forward, leaky_relu_backw
                          leaky_relu_forward)
 
 __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
-           "avgpool2d_forward", "avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
+           "avgpool2d_forward", "avgpool2d_backward", "global_avgpool2d_forward",
+           "global_avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "dropout_forward", "dropout_backward", "batchnorm_forward",
@@ -389,6 +390,26 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
     _kernel("maxpool_backward_kernel", grad_y.dtype)(
         _plane_grid(oh * ow, n * c), (_THREADS,),
         (grad_y, argmax, grad_x, _i(n * c), _i(oh * ow), _i(x_shape[2] * x_shape[3])))
+    return grad_x
+
+
+def global_avgpool2d_forward(x):
+    """x: (N, C, H, W) -> y: (N, C); one thread per plane sums it in double."""
+    n, c, h, w = x.shape
+    y = _cp().empty((n, c), dtype=x.dtype)
+    if y.size:
+        _kernel("global_avgpool_forward_kernel", x.dtype)(
+            (_blocks(n * c),), (_THREADS,), (x, y, np.int64(n * c), np.int64(h * w)))
+    return y
+
+
+def global_avgpool2d_backward(grad_y, x_shape):
+    """grad_y: (N, C) -> grad_x: x_shape; one thread per pixel."""
+    grad_x = _cp().empty(x_shape, dtype=grad_y.dtype)
+    if grad_x.size:
+        _kernel("global_avgpool_backward_kernel", grad_y.dtype)(
+            (_blocks(grad_x.size),), (_THREADS,),
+            (grad_y, grad_x, np.int64(grad_y.size), np.int64(x_shape[2] * x_shape[3])))
     return grad_x
 
 

@@ -241,6 +241,21 @@ def avgpool2d_backward(grad_y, x_shape, kh, kw, stride):
     return grad_x
 
 
+def global_avgpool2d_forward(x):
+    """x: (N, C, H, W) -> y: (N, C), the mean of each (n, c) plane: its sum in float64,
+    divided by H*W, rounded once to x's dtype."""
+    n, c, h, w = x.shape
+    return (x.reshape(n, c, h * w).sum(axis=2, dtype=np.float64) / (h * w)).astype(x.dtype)
+
+
+def global_avgpool2d_backward(grad_y, x_shape):
+    """grad_y: (N, C) -> grad_x: x_shape (N, C, H, W), every pixel of plane (n, c) getting
+    grad_y[n, c] / (H*W)."""
+    h, w = x_shape[2:]
+    share = grad_y / grad_y.dtype.type(h * w)
+    return share[:, :, None, None].repeat(h * w, axis=2).reshape(x_shape)
+
+
 def relu_forward(x, out=None):
     """y = max(x, 0) (into ``out`` when given)."""
     return np.maximum(x, 0, out=out)

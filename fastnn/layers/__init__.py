@@ -5,14 +5,14 @@ from .conv import Conv2D
 from .dense import Dense, FCLayer
 from .dropout import Dropout
 from .norm import BatchNorm1d, BatchNorm2d
-from .pool import AvgPool2D, MaxPool2D
+from .pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from .reshape import Flatten
 
-__all__ = ["Layer", "Dense", "FCLayer", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "ReLU",
-           "LeakyReLU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm1d", "BatchNorm2d",
-           "ActivationLayer"]
+__all__ = ["Layer", "Dense", "FCLayer", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D",
+           "Flatten", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm1d",
+           "BatchNorm2d", "ActivationLayer"]
 
 # the built-in layers Network.save / Network.load know by class name
 LAYER_CLASSES = {cls.__name__: cls for cls in (
-    Dense, FCLayer, Conv2D, MaxPool2D, AvgPool2D, Flatten, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax,
-    Dropout, BatchNorm1d, BatchNorm2d, ActivationLayer)}
+    Dense, FCLayer, Conv2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D, Flatten, ReLU, LeakyReLU,
+    Sigmoid, Tanh, Softmax, Dropout, BatchNorm1d, BatchNorm2d, ActivationLayer)}

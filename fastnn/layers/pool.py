@@ -1,10 +1,11 @@
-"""Pooling layers: MaxPool2D and AvgPool2D (compiled kernels on the CPU), NCHW, no padding."""
+"""Pooling layers: MaxPool2D, AvgPool2D and GlobalAvgPool2D (compiled kernels on the CPU), NCHW,
+no padding."""
 import numpy as np
 
 from .. import kernels
 from .base import Layer, check_float_array, contiguous, kernel_impl
 
-__all__ = ["MaxPool2D", "AvgPool2D"]
+__all__ = ["MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -90,3 +91,39 @@ class AvgPool2D(_Pool2D):
         grad_y = contiguous(grad_y)
         kh, kw = self.kernel_size
         return kernel_impl(grad_y).avgpool2d_backward(grad_y, self._x_shape, kh, kw, self.stride)
+
+
+class GlobalAvgPool2D(Layer):
+    """x: (N, C, H, W) -> y: (N, C), the mean of each channel's plane (Keras'
+    GlobalAveragePooling2D; PyTorch's AdaptiveAvgPool2d(1) followed by a Flatten).
+    Kept for backward: the input shape."""
+
+    def forward(self, x, training=True):
+        if not (type(x) is np.ndarray and x.dtype in _FLOATS and x.ndim == 4):
+            check_float_array(x, "GlobalAvgPool2D")
+        self.output_shape(x.shape[1:])
+        x = contiguous(x)
+        self.output = kernel_impl(x).global_avgpool2d_forward(x)
+        self._x_shape, self._x_dtype = x.shape, x.dtype
+        return self.output
+
+    def backward(self, grad_y):
+        x_shape = getattr(self, "_x_shape", None)
+        if x_shape is None:
+            raise RuntimeError("GlobalAvgPool2D: backward called before forward")
+        if getattr(grad_y, "shape", None) != x_shape[:2] or grad_y.dtype != self._x_dtype:
+            check_float_array(grad_y, "GlobalAvgPool2D", "grad_y", self._x_dtype)
+            raise ValueError(f"GlobalAvgPool2D: expected grad_y of shape {x_shape[:2]}, "
+                             f"got {tuple(grad_y.shape)}")
+        grad_y = contiguous(grad_y)
+        return kernel_impl(grad_y).global_avgpool2d_backward(grad_y, x_shape)
+
+    def output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or min(input_shape[1:]) < 1:
+            raise ValueError(f"GlobalAvgPool2D: expected input of shape (N, C, H, W) with "
+                             f"H, W >= 1, got {(None,) + input_shape}")
+        return input_shape[:1]
+
+    def get_config(self):
+        return {}

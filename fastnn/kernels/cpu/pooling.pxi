@@ -1,6 +1,7 @@
 # fastnn/kernels/cpu/pooling.pxi -- included by _cpu.pyx.
 #
-# Max and average pooling, forward and backward (csrc/kernels_template.h).
+# Max and average pooling, forward and backward (csrc/kernels_template.h); global
+# average pooling (here, one thread: it reads each input once).
 # Threading: OpenMP over (sample, channel) planes inside the C kernels from
 # FNN_PARALLEL_MIN elements, one thread below; a plane is never split, so the
 # backward's scatter-add has no races.
@@ -77,4 +78,61 @@ def avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape, int kh, int kw, tuple 
             fnn_avgpool2d_backward_f(<float*>pg, planes, h, w, kh, kw, sh, sw, <float*>px)
         else:
             fnn_avgpool2d_backward_d(<double*>pg, planes, h, w, kh, kw, sh, sw, <double*>px)
+    return grad_x
+
+
+# --- global average pooling --------------------------------------------------------
+
+cdef void _global_avgpool_forward(const floating *x, Py_ssize_t planes, Py_ssize_t hw,
+                                  floating *y) noexcept nogil:
+    cdef Py_ssize_t p, k
+    cdef double total
+    for p in range(planes):
+        total = 0
+        for k in range(hw):
+            total += x[p * hw + k]
+        y[p] = <floating>(total / hw)
+
+
+cdef void _global_avgpool_backward(const floating *grad_y, Py_ssize_t planes, Py_ssize_t hw,
+                                   floating *grad_x) noexcept nogil:
+    cdef Py_ssize_t p, k
+    cdef floating share
+    for p in range(planes):
+        share = grad_y[p] / <floating>hw
+        for k in range(hw):
+            grad_x[p * hw + k] = share
+
+
+def global_avgpool2d_forward(cnp.ndarray x):
+    """x: (N, C, H, W) -> y: (N, C): each plane summed in double, divided by H*W."""
+    cdef Py_ssize_t planes = x.shape[0] * x.shape[1], hw = x.shape[2] * x.shape[3]
+    cdef cnp.ndarray y = _output_array((x.shape[0], x.shape[1]), x.dtype)
+    cdef void *px = _data(x)
+    cdef void *py = _data(y)
+    cdef bint single = _is_float32(x)
+    with nogil:
+        if single:
+            _global_avgpool_forward(<float*>px, planes, hw, <float*>py)
+        else:
+            _global_avgpool_forward(<double*>px, planes, hw, <double*>py)
+    return y
+
+
+def global_avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape):
+    """grad_y: (N, C) -> grad_x: x_shape, each plane filled with grad_y / (H*W)."""
+    cdef Py_ssize_t planes = grad_y.shape[0] * grad_y.shape[1]
+    cdef Py_ssize_t hw = <Py_ssize_t>x_shape[2] * <Py_ssize_t>x_shape[3]
+    if planes != <Py_ssize_t>x_shape[0] * <Py_ssize_t>x_shape[1]:
+        raise ValueError(f"global_avgpool2d_backward: grad_y {grad_y.shape[0]}x"
+                         f"{grad_y.shape[1]} does not match x_shape {x_shape}")
+    cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *px = _data(grad_x)
+    cdef bint single = _is_float32(grad_y)
+    with nogil:
+        if single:
+            _global_avgpool_backward(<float*>pg, planes, hw, <float*>px)
+        else:
+            _global_avgpool_backward(<double*>pg, planes, hw, <double*>px)
     return grad_x

@@ -1,4 +1,5 @@
-// Max pooling forward and backward (average pooling runs the NumPy reference on CuPy).
+// Max pooling and global average pooling, forward and backward (windowed average
+// pooling runs the NumPy reference on CuPy).
 // Part of one NVRTC module: fastnn/kernels/_cuda.py concatenates common.cuh and the
 // .cu files in the order of its _SOURCE_FILES; the helpers come from common.cuh.
 // Every __global__ template here is instantiated for float and double.
@@ -42,5 +43,27 @@ __global__ void maxpool_backward_kernel(const T* __restrict__ grad_y,
         const i64 o = (i64)plane * out_plane + p;
         const i64 a = argmax[o];
         if (a >= 0 && a < in_plane) atomicAdd(grad_x + (i64)plane * in_plane + a, grad_y[o]);
+    }
+}
+
+// Global average pooling: one thread per (n, c) plane sums it in double, in order.
+template <typename T>
+__global__ void global_avgpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y,
+        i64 planes, i64 hw) {
+    for (i64 p = blockIdx.x * (i64)blockDim.x + threadIdx.x; p < planes;
+         p += (i64)blockDim.x * gridDim.x) {
+        double total = 0;
+        for (i64 k = 0; k < hw; ++k) total += (double)x[p * hw + k];
+        y[p] = (T)(total / (double)hw);
+    }
+}
+
+// Its backward: one thread per pixel, grad_y of its plane divided by H*W.
+template <typename T>
+__global__ void global_avgpool_backward_kernel(const T* __restrict__ grad_y,
+        T* __restrict__ grad_x, i64 planes, i64 hw) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < planes * hw;
+         i += (i64)blockDim.x * gridDim.x) {
+        grad_x[i] = grad_y[i / hw] / (T)hw;
     }
 }
