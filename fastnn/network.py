@@ -572,12 +572,14 @@ class Network:
         return f"Network({len(self.layers)} layers, device={self.device!r})"
 
     # -- save / load ---------------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path, include_optimizer=True):
         """Write ``path`` atomically: an .npz of every parameter and buffer plus a JSON
         architecture (no pickle); a process killed meanwhile leaves the old file or the new one.
-        See ``fastnn.saving``."""
+        ``include_optimizer``: also the optimizer's state (momentum buffers, Adam's moments
+        and step count, its schedule's position), so that ``load`` then ``fit`` goes on
+        exactly where this network stopped. See ``fastnn.saving``."""
         from . import saving
-        saving.save(self, path)
+        saving.save(self, path, include_optimizer=include_optimizer)
 
     @classmethod
     def load(cls, path):

@@ -1,0 +1,156 @@
+"""Exact resume (issue 14, defects 5 and 10): the optimizer's state in saves,
+BackupAndRestore (SIGKILL at random moments, then run again), a loss that explodes."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import layers, optim, saving
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def data(n=45, d=6, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
+
+
+def make_net(optimizer, dropout=True, seed=1):
+    net = fn.Network([layers.Dense(6, 16, seed=seed), layers.BatchNorm1d(16), layers.ReLU(),
+                      *([layers.Dropout(0.3, seed=seed)] if dropout else []),
+                      layers.Dense(16, 3, seed=seed + 1)])
+    net.compile("cross_entropy", optimizer)
+    return net
+
+
+def weights(net):
+    return [np.array(a) for layer in net.layers
+            for store in ("params", "buffers") for a in (getattr(layer, store, None) or {}).values()]
+
+
+def assert_same_bits(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        assert u.tobytes() == v.tobytes()
+
+
+OPTIMIZERS = {
+    "sgd-momentum-decay-steplr": lambda: optim.SGD(0.05, momentum=0.9, weight_decay=1e-3,
+                                                   nesterov=True, schedule=optim.StepLR(1, 0.5)),
+    "adam-cosine": lambda: optim.Adam(0.01, weight_decay=1e-4,
+                                      schedule=optim.CosineAnnealingLR(4)),
+    "sgd-plain": lambda: optim.SGD(0.1),
+}
+
+
+# --- 1. the optimizer's state in saves ----------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_save_load_goes_on_exactly(tmp_path, name):
+    """2 epochs, save, load, 2 more: the bits of 4 uninterrupted epochs (weights, buffers,
+    the optimizer's state, the schedule's lr, the history)."""
+    x, y = data()
+    ref = make_net(OPTIMIZERS[name]())
+    h1 = ref.fit(x, y, epochs=2, batch_size=8, seed=3, verbose=0)
+    h2 = ref.fit(x, y, epochs=2, batch_size=8, seed=4, verbose=0)
+
+    net = make_net(OPTIMIZERS[name]())
+    assert net.fit(x, y, epochs=2, batch_size=8, seed=3, verbose=0).history == h1.history
+    net.save(tmp_path / "m.npz")
+    back = fn.Network.load(tmp_path / "m.npz")
+    assert type(back.optimizer.schedule) is type(ref.optimizer.schedule)
+    assert back.fit(x, y, epochs=2, batch_size=8, seed=4, verbose=0).history == h2.history
+    assert_same_bits(weights(back), weights(ref))
+    assert back.optimizer.lr == ref.optimizer.lr
+    assert back.optimizer.state_dict()["schedule"] == ref.optimizer.state_dict()["schedule"]
+    for s, t in zip(back.optimizer.state_dict()["state"], ref.optimizer.state_dict()["state"]):
+        assert_same_bits(s, t)
+
+
+def test_without_the_optimizer_state_training_starts_over(tmp_path):
+    """include_optimizer=False stores the optimizer's config, not its state: the moments
+    start at zero again, so the next steps differ from an uninterrupted run."""
+    x, y = data()
+    net = make_net(optim.Adam(0.01), dropout=False)
+    net.fit(x, y, epochs=1, batch_size=8, seed=3, verbose=0)
+    net.save(tmp_path / "with.npz")
+    net.save(tmp_path / "without.npz", include_optimizer=False)
+    with zipfile.ZipFile(tmp_path / "without.npz") as zf:
+        assert not any(n.startswith("optimizer.") for n in zf.namelist())
+    fresh = fn.Network.load(tmp_path / "without.npz")
+    assert fresh.optimizer.state is None and fresh.optimizer.t == 0
+    assert fn.Network.load(tmp_path / "with.npz").optimizer.t == net.optimizer.t > 0
+
+
+def test_state_dict_round_trip_and_bad_values():
+    p = [np.ones((2, 3), np.float32), np.zeros(3, np.float32)]
+    g = [np.full((2, 3), 0.5, np.float32), np.ones(3, np.float32)]
+    adam = optim.Adam(0.1)
+    adam.step(p, g)
+    sd = adam.state_dict()
+    assert sd["t"] == 1 and [len(e) for e in sd["state"]] == [2, 2]
+    json.dumps({k: v for k, v in sd.items() if k != "state"})      # plain numbers
+    other = optim.Adam(0.1)
+    other.load_state_dict(sd)
+    q = [a.copy() for a in p]
+    adam.step(p, g)
+    other.step(q, g)
+    assert_same_bits(p, q)
+    bad = [({**sd, "t": -1}, "t must be an int"), ({**sd, "lr": float("nan")}, "lr"),
+           ({**sd, "state": [sd["state"][0]]  + [[np.zeros(3)]]}, "list of 2 arrays"),
+           ({**sd, "state": [[np.full((2, 3), np.inf, np.float32)] * 2, sd["state"][1]]},
+            "NaN or infinity"),
+           ({**sd, "schedule": {"epoch": 1, "base_lr": 0.1}}, "schedule"),
+           ({"lr": 0.1}, "expected the keys")]
+    for value, match in bad:
+        with pytest.raises(ValueError, match=match):
+            optim.Adam(0.1).load_state_dict(value)
+    with pytest.raises(ValueError, match="epoch must be an int"):
+        optim.StepLR(2).load_state_dict({"epoch": 2**60, "base_lr": 0.1})
+    sgd = optim.SGD(0.1)            # no momentum: no arrays
+    with pytest.raises(ValueError, match="list of 0 arrays"):
+        sgd.load_state_dict({"lr": 0.1, "schedule": None, "state": [[np.zeros(3)]]})
+
+
+def _rewrite(path, edit_arch=None, edit_arrays=None):
+    """The model file ``path`` with its record and arrays edited (written without checks)."""
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arch = json.loads(str(arrays.pop(saving.ARCH_KEY)))
+    if edit_arch:
+        edit_arch(arch)
+    if edit_arrays:
+        edit_arrays(arrays)
+    np.savez(path, **arrays, **{saving.ARCH_KEY: np.array(json.dumps(arch))})
+
+
+@pytest.mark.parametrize("edit_arch, edit_arrays, match", [
+    (lambda a: a["optimizer_state"].update(t=-3), None, "t must be an int"),
+    (lambda a: a["optimizer_state"].update(lr=1e400), None, "lr must be finite|not a number"),
+    (lambda a: a["optimizer_state"]["params"].pop(), None, "lists the parameters"),
+    (lambda a: a["optimizer_state"]["params"].__setitem__(0, 7), None, "lists the parameters"),
+    (lambda a: a["optimizer_state"].update(params="layer0.params.W"), None,
+     "lists the parameters"),
+    (lambda a: a.pop("optimizer"), None, "(schedule|optimizer_state) but no optimizer"),
+    (lambda a: a["schedule"].update({"class": "Schedule"}), None, "unknown schedule class"),
+    (lambda a: a["schedule"]["config"].update(T_max=0), None, "T_max must be a positive"),
+    (lambda a: a["optimizer_state"]["schedule"].update(epoch="1"), None, "epoch must be an int"),
+    (None, lambda arrs: arrs.update({"optimizer.state.0.0": np.zeros((10**4, 10**4 // 8),
+                                                                     np.float32)[:1]}),
+     r"optimizer.state.0.0.* declares float32 \(6, 16\)"),
+    (None, lambda arrs: arrs.pop("optimizer.state.1.1"), "optimizer.state.1.1' is missing"),
+    (None, lambda arrs: arrs["optimizer.state.0.0"].fill(np.nan), "holds NaN"),
+])
+def test_hostile_optimizer_state_is_refused(tmp_path, edit_arch, edit_arrays, match):
+    x, y = data()
+    net = make_net(optim.Adam(0.01, schedule=optim.CosineAnnealingLR(3)), dropout=False)
+    net.fit(x, y, epochs=1, batch_size=8, seed=3, verbose=0)
+    path = tmp_path / "m.npz"
+    net.save(path)
+    _rewrite(path, edit_arch, edit_arrays)
+    with pytest.raises(ValueError, match=match) as info:
+        fn.Network.load(path)
+    assert str(path) in str(info.value)
