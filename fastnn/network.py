@@ -5,6 +5,7 @@ shuffling, the loss, the optimizer step, metrics, callbacks, the progress bar,
 the NaN stop, save/load and device moves. Layers own their state and checks.
 """
 import inspect
+import itertools
 import math
 import signal
 import sys
@@ -384,10 +385,12 @@ class Network:
         classes = (self.metrics and probe.ndim == 2 and probe.shape[1] >= 2
                    and all(f is metrics_module.accuracy for _, f in self.metrics))
         epoch_run = _Epoch(self, x, y, batch_size, shuffle, rng, classes, callbacks)
-        history = self.history = History()
+        self.history = History()
         self.stop_training = False
+        first = self._resume(callbacks, epoch_run)       # a restored run may have stopped
+        epoch_range = () if self.stop_training else range(first, epochs + 1)
         with _StepBoundary() as epoch_run.boundary:
-            self._fit_epochs(epoch_run, epochs, val, callbacks, verbose)
+            self._fit_epochs(epoch_run, epoch_range, epochs, val, callbacks, verbose)
         epoch_run.boundary.raise_if_interrupted("Network.fit: interrupted at the end of "
                                                 "training, after its last whole step")
         # only after a complete run (as Keras): after a FloatingPointError the
@@ -395,10 +398,21 @@ class Network:
         for cb in callbacks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self)
-        return history
+        return self.history
 
-    def _fit_epochs(self, epoch_run, epochs, val, callbacks, verbose):
-        for epoch in range(1, epochs + 1):
+    def _resume(self, callbacks, run):
+        """The epoch ``fit`` starts at: 1, or the one a callback's ``on_fit_resume(network,
+        run)`` returns (``BackupAndRestore``) after putting the training state back: the
+        parameters, the optimizer, ``self.history``, the random states and the ``_Epoch``
+        ``run``'s position (``run.start`` batches of that epoch done, their loss and outputs)."""
+        first = 1
+        for cb in callbacks:
+            if hasattr(cb, "on_fit_resume"):
+                first = cb.on_fit_resume(self, run) or first
+        return first
+
+    def _fit_epochs(self, epoch_run, epoch_range, epochs, val, callbacks, verbose):
+        for epoch in epoch_range:
             for cb in callbacks:
                 if hasattr(cb, "on_epoch_begin"):
                     cb.on_epoch_begin(self, epoch)
@@ -456,6 +470,8 @@ class Network:
             for cb in callbacks:
                 if isinstance(cb, optim.Schedule) and cb.optimizer is self.optimizer:
                     cb.bind(None)
+        # those that back the training state up (on_fit_resume) see every other one's epoch end
+        callbacks.sort(key=lambda cb: hasattr(cb, "on_fit_resume"))
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(self)
@@ -706,15 +722,24 @@ class _StepBoundary:
 class _Epoch:
     """One pass of ``fit`` over its batches: ``Network._step`` (``train_step``) per batch,
     then the epoch's loss (the mean of the batch losses) and metrics; progress shown as
-    a bar, the tutorial's line or nothing."""
+    a bar, the tutorial's line or nothing.
+
+    Its position, for ``BackupAndRestore``: ``epoch``, ``done`` batches of it done, their
+    loss ``total`` and ``outputs`` / ``targets`` (for the metrics), ``rng_state``: the
+    shuffling Generator's state before this epoch drew its permutation. A ``start`` > 0
+    makes the next ``run`` skip that many batches, keeping ``total`` / ``outputs`` /
+    ``targets`` as they are (set with the Generator's state, it resumes an epoch)."""
 
     def __init__(self, network, x, y, batch_size, shuffle, rng, classes, callbacks):
         self.network, self.x, self.y = network, x, y
         self.batch_size, self.shuffle, self.rng, self.classes = batch_size, shuffle, rng, classes
         self.n_batches = -(-len(x) // batch_size)
+        self.callbacks = callbacks
         self.batch_end = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         self.bar = None
         self.boundary = None       # fit's _StepBoundary
+        self.epoch = self.done = self.start = 0
+        self.total, self.outputs, self.targets, self.rng_state = 0.0, [], [], None
 
     def run(self, epoch, epochs, verbose):
         """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
@@ -724,10 +749,14 @@ class _Epoch:
         if verbose == 1 and not tutorial:
             self.bar = net._progress_bar(epoch, epochs, self.n_batches)
         to_device = net._device != "cpu"
-        total, outputs, targets = 0.0, [], []
+        start, self.start, self.epoch = self.start, 0, epoch
+        if not start:
+            self.total, self.outputs, self.targets = 0.0, [], []
+        self.rng_state = self.rng.bit_generator.state
+        batches = data.batches(self.x, self.y, self.batch_size, shuffle=self.shuffle,
+                               seed=self.rng)
         try:
-            for b, (xb, yb) in enumerate(data.batches(self.x, self.y, self.batch_size,
-                                                      shuffle=self.shuffle, seed=self.rng)):
+            for b, (xb, yb) in itertools.islice(enumerate(batches), start, None):
                 self.boundary.raise_if_interrupted(
                     f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
                     f"{self.n_batches}; the parameters are those after the last whole step")
@@ -739,23 +768,25 @@ class _Epoch:
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"Network.fit: at epoch {epoch}, batch {b + 1} of "
                                              f"{self.n_batches}, {exc}") from None
-                total += loss
+                self.total += loss
                 if net.metrics:
-                    outputs.append(out.argmax(axis=1) if self.classes else out)
-                    targets.append(yb)
+                    self.outputs.append(out.argmax(axis=1) if self.classes else out)
+                    self.targets.append(yb)
+                self.done = b + 1
                 for cb in self.batch_end:
                     cb.on_batch_end(net, b + 1, {"loss": loss})
                 if self.bar is not None:
                     self.bar.update(1)
                     if b % 50 == 0:
-                        self.bar.set_postfix(loss=f"{total / (b + 1):.4f}", refresh=False)
+                        self.bar.set_postfix(loss=f"{self.total / (b + 1):.4f}", refresh=False)
         except BaseException:
             self._close_bar()
             raise
-        logs = {"loss": total / self.n_batches}
+        logs = {"loss": self.total / self.n_batches}
         if net.metrics:
-            xp = backend.get_array_module(outputs[0])
-            logs.update(net._metric_values(xp.concatenate(targets), xp.concatenate(outputs)))
+            xp = backend.get_array_module(self.outputs[0])
+            logs.update(net._metric_values(xp.concatenate(self.targets),
+                                           xp.concatenate(self.outputs)))
         return logs
 
     def report(self, epoch, epochs, logs, verbose):
