@@ -154,3 +154,169 @@ def test_hostile_optimizer_state_is_refused(tmp_path, edit_arch, edit_arrays, ma
     with pytest.raises(ValueError, match=match) as info:
         fn.Network.load(path)
     assert str(path) in str(info.value)
+
+
+# --- 2. BackupAndRestore ----------------------------------------------------------------------
+class Crash(fn.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of the ``at``-th batch of the fit (0: never;
+    -1: as the fit ends, after the last backup, before the other callbacks' train end)."""
+
+    def __init__(self, at):
+        self.at, self.seen = at, 0
+
+    def on_batch_end(self, network, batch, logs):
+        self.seen += 1
+        if self.seen == self.at:
+            raise KeyboardInterrupt
+
+    def on_train_end(self, network):
+        if self.at == -1:
+            raise KeyboardInterrupt
+
+
+def fit_run(backup_dir, save_freq, crash=0, patience=1, epochs=5):
+    """A fresh network, fit with Dropout, BatchNorm, Adam + cosine schedule, shuffling,
+    validation and EarlyStopping(restore_best); -> (network, history or None if crashed)."""
+    x, y = data()
+    net = make_net(optim.Adam(0.01, schedule=optim.CosineAnnealingLR(4)))
+    callbacks = [Crash(crash), fn.callbacks.EarlyStopping("val_loss", patience=patience, min_delta=0.05),
+                 fn.callbacks.BackupAndRestore(backup_dir, save_freq=save_freq)]
+    try:
+        history = net.fit(x, y, epochs=epochs, batch_size=8, seed=5, verbose=0,
+                          validation_data=(x[:9], y[:9]), callbacks=callbacks)
+    except KeyboardInterrupt:
+        return net, None
+    return net, history.history
+
+
+@pytest.mark.parametrize("save_freq", ["epoch", 1, 4, 7])
+@pytest.mark.parametrize("patience", [1, 9])
+def test_interrupted_then_rerun_ends_as_uninterrupted(tmp_path, save_freq, patience):
+    """Stopped after batch k (every k of the 5 x 6 batches, or where EarlyStopping stops
+    first), then run again from scratch with the backup: the same weights, buffers and
+    history as one uninterrupted fit, and the backup is gone."""
+    ref, ref_history = fit_run(tmp_path / "ref", save_freq, patience=patience)
+    stopped_early = len(ref_history["loss"]) < 5
+    assert stopped_early == (patience == 1)        # both paths (stop_training restored) run
+    for crash in [-1, *range(1, 31, 3)]:
+        backup = tmp_path / f"b{crash}"
+        _, history = fit_run(backup, save_freq, crash=crash, patience=patience)
+        assert history is None or crash > 6 * len(ref_history["loss"])
+        assert (crash == -1 and save_freq in ("epoch", 1)) <= (backup / "backup.npz").exists()
+        net, history = fit_run(backup, save_freq, patience=patience)
+        assert history == ref_history
+        assert_same_bits(weights(net), weights(ref))
+        assert not backup.exists()
+
+
+def test_a_backup_of_another_network_or_run_is_refused(tmp_path):
+    fit_run(tmp_path / "b", "epoch", crash=8)
+    assert (tmp_path / "b" / "backup.npz").exists()
+    x, y = data()
+    other = fn.Network([layers.Dense(6, 3)])
+    other.compile("cross_entropy", "adam")
+    with pytest.raises(ValueError, match="BackupAndRestore: the backup .* does not fit .* layers"):
+        other.fit(x, y, epochs=2, verbose=0, callbacks=[fn.callbacks.BackupAndRestore(
+            tmp_path / "b")])
+    net = make_net(optim.Adam(0.01, schedule=optim.CosineAnnealingLR(4)))
+    with pytest.raises(ValueError, match="callbacks"):       # not the callbacks it was made with
+        net.fit(x, y, epochs=2, verbose=0, callbacks=[fn.callbacks.BackupAndRestore(
+            tmp_path / "b")])
+    with pytest.raises(ValueError, match="save_freq must be 'epoch' or a positive int"):
+        fn.callbacks.BackupAndRestore(tmp_path, save_freq=0)
+    with pytest.raises(TypeError, match="backup_dir must be a path"):
+        fn.callbacks.BackupAndRestore(None)
+
+
+CHILD = """
+import json, sys, time
+import numpy as np
+import fastnn as fn
+from fastnn import layers, optim
+
+backup, out, save_freq = sys.argv[1], sys.argv[2], sys.argv[3]
+save_freq = save_freq if save_freq == "epoch" else int(save_freq)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((300, 6)).astype(np.float32)
+y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
+net = fn.Network([layers.Dense(6, 16, seed=1), layers.BatchNorm1d(16), layers.ReLU(),
+                  layers.Dropout(0.3, seed=1), layers.Dense(16, 3, seed=2)])
+net.compile("cross_entropy", optim.Adam(0.01, schedule=optim.CosineAnnealingLR(6)))
+
+class Slow(fn.callbacks.Callback):       # stretches the run so that kills land inside it
+    def on_batch_end(self, network, batch, logs):
+        time.sleep(0.003)
+
+history = net.fit(x, y, epochs=6, batch_size=16, seed=5, verbose=0,
+                  validation_data=(x[:50], y[:50]),
+                  callbacks=[Slow(), fn.callbacks.EarlyStopping("val_loss", patience=2),
+                             fn.callbacks.BackupAndRestore(backup, save_freq=save_freq)])
+arrays = [a for l in net.layers for s in ("params", "buffers")
+          for a in (getattr(l, s, None) or {}).values()]
+np.savez(out + ".npz", *arrays)
+with open(out + ".json", "w") as f:
+    json.dump(history.history, f)
+"""
+
+
+def _spawn(script, *args):
+    import subprocess
+    import sys
+    from _helpers import PACKAGE_PARENT
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _file_id(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _result(out):
+    with np.load(f"{out}.npz") as f:
+        arrays = [f[k] for k in f.files]
+    with open(f"{out}.json") as f:
+        return arrays, json.load(f)
+
+
+@pytest.mark.parametrize("save_freq", ["epoch", 7])
+def test_sigkill_at_random_moments_then_rerun_is_bit_exact(tmp_path, save_freq):
+    """The same script, killed with SIGKILL at random moments (each time a little after it
+    wrote a new backup, so that every run makes progress: inside a step, a save, an
+    epoch's end) and run again until it completes, ends with the weights and history of
+    an uninterrupted run, bit for bit."""
+    import random
+    import signal
+    import time
+    script = tmp_path / "train.py"
+    script.write_text(CHILD)
+    ref = _spawn(script, tmp_path / "ref-backup", tmp_path / "ref", save_freq)
+    assert ref.wait(timeout=120) == 0, ref.stderr.read().decode()
+    backup, out = tmp_path / "backup", tmp_path / "out"
+    chooser, kills, runs = random.Random(f"{save_freq}"), 0, 0
+    while True:
+        runs += 1
+        assert runs < 20
+        before = _file_id(backup / "backup.npz")
+        child = _spawn(script, backup, out, save_freq)
+        if kills < 4:
+            deadline = time.monotonic() + 60
+            while _file_id(backup / "backup.npz") in (before, None) and child.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            time.sleep(chooser.uniform(0, 0.05))
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+                kills += 1
+        if child.wait(timeout=120) == 0:
+            break
+        assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+    assert kills >= 3
+    (ref_arrays, ref_history), (arrays, history) = _result(tmp_path / "ref"), _result(out)
+    assert history == ref_history
+    assert_same_bits(arrays, ref_arrays)
+    assert not backup.exists()
