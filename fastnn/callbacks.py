@@ -253,6 +253,7 @@ class BackupAndRestore(Callback):
         run, arrays = self._run, {}
         record = {"epoch": epoch, "start": start, "stop_training": bool(network.stop_training),
                   "total": run.total if start else 0.0, "shuffle_rng": shuffle_state,
+                  "max_loss": None if run.max_loss == math.inf else run.max_loss,
                   "history": {"epoch": list(network.history.epoch),
                               "history": network.history.history},
                   "layer_rngs": [_rng_of(layer) and _rng_of(layer).bit_generator.state
@@ -310,6 +311,7 @@ class _Restore:
         self._history(record["history"])
         self._callbacks(record["callbacks"], arrays)
         run.start, run.total = start, float(record["total"])
+        run.max_loss = math.inf if record["max_loss"] is None else float(record["max_loss"])
         if start and "outputs" in arrays:
             run.outputs = [backend.to_device(arrays["outputs"], net.device)]
             run.targets = [backend.to_device(arrays["targets"], net.device)]

@@ -22,6 +22,9 @@ from .layers.dense import Dense, FCLayer
 __all__ = ["Network", "Sequential", "History"]
 
 _PREDICT_CHUNK = 256          # samples per forward pass for image-like inputs in predict/evaluate
+# fit stops when a batch loss exceeds DIVERGED times the fit's first batch loss (at least 1):
+# twelve orders of magnitude above where training started, it has diverged for good
+DIVERGED = 1e12
 
 
 class History:
@@ -324,10 +327,11 @@ class Network:
             logs.update(self._metric_values(y, out))
         return logs
 
-    def _step(self, x, y):
+    def _step(self, x, y, max_loss=math.inf):
         """``train_step`` on a checked batch already on the device; returns ``(loss, out)``
         with ``out`` the output of the trained layers. The only place parameters change
-        (tutorial-protocol layers update their own inside their backward)."""
+        (tutorial-protocol layers update their own inside their backward). A loss that is
+        NaN, infinite or above ``max_loss`` in magnitude raises FloatingPointError first."""
         plan = self._get_plan()
         out = self._run_forward(x, True, plan.n_train)
         if self._style == "use":
@@ -335,8 +339,10 @@ class Network:
         else:
             loss, grad = self.loss_fn._loss_and_grad(out, y)
         loss = float(loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss}; parameters are left as they "
+        if not abs(loss) <= max_loss:
+            over = (f", over {max_loss:.3g} (fit's bound: the loss diverged)"
+                    if math.isfinite(loss) else "")
+            raise FloatingPointError(f"the loss became {loss}{over}; parameters are left as they "
                                      "were before this step (lower the learning rate, or "
                                      "check the data)")
         self._train_backward(grad, self.optimizer.lr)
@@ -359,7 +365,8 @@ class Network:
         or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
         SGD; with it, it sets the optimizer's lr (its schedules start over from it).
         Raises ``FloatingPointError`` (parameters left as before that step) when
-        the loss becomes NaN or inf.
+        a batch loss becomes NaN or inf, or explodes: exceeds ``DIVERGED`` (1e12) times
+        ``max(1, |the fit's first batch loss|)`` in magnitude.
         """
         who = "Network.fit"
         self._check_trainable(who)
@@ -740,6 +747,7 @@ class _Epoch:
         self.boundary = None       # fit's _StepBoundary
         self.epoch = self.done = self.start = 0
         self.total, self.outputs, self.targets, self.rng_state = 0.0, [], [], None
+        self.max_loss = math.inf   # DIVERGED x the first batch loss, once there is one
 
     def run(self, epoch, epochs, verbose):
         """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
@@ -764,10 +772,12 @@ class _Epoch:
                     xb = backend.to_device(xb, net._device)
                     yb = backend.to_device(yb, net._device)
                 try:
-                    loss, out = net._step(xb, yb)
+                    loss, out = net._step(xb, yb, self.max_loss)
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"Network.fit: at epoch {epoch}, batch {b + 1} of "
                                              f"{self.n_batches}, {exc}") from None
+                if self.max_loss == math.inf:
+                    self.max_loss = DIVERGED * max(1.0, abs(loss))
                 self.total += loss
                 if net.metrics:
                     self.outputs.append(out.argmax(axis=1) if self.classes else out)

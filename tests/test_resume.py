@@ -320,3 +320,57 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_exact(tmp_path, save_freq):
     assert history == ref_history
     assert_same_bits(arrays, ref_arrays)
     assert not backup.exists()
+
+
+# --- 3. a loss that explodes without becoming NaN -----------------------------------------------
+class Snapshots(fn.callbacks.Callback):
+    """The batch losses and the weights after each step."""
+
+    def __init__(self):
+        self.losses, self.after = [], []
+
+    def on_batch_end(self, network, batch, logs):
+        self.losses.append(logs["loss"])
+        self.after.append(weights(network))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_an_exploding_loss_stops_fit_before_its_step(dtype):
+    """lr=1e4: the loss climbs by orders of magnitude while still finite; past DIVERGED
+    (1e12) times the first batch loss, fit raises FloatingPointError naming the epoch and
+    batch, the parameters as after the last good step."""
+    x, y = data(n=64)
+    net = fn.Network([layers.Dense(6, 16, seed=1, dtype=dtype), layers.ReLU(),
+                      layers.Dense(16, 3, seed=2, dtype=dtype)])
+    net.compile("cross_entropy", optim.SGD(1e4))
+    record = Snapshots()
+    with pytest.raises(FloatingPointError, match=r"Network.fit: at epoch 1, batch \d+ of 8, "
+                                                 r"the loss became .*over .*diverged") as info:
+        net.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[record])
+    failing = float(str(info.value).split("the loss became ")[1].split(",")[0])
+    assert np.isfinite(failing) and failing > fn.network.DIVERGED * record.losses[0]
+    assert all(loss <= fn.network.DIVERGED * max(1, record.losses[0]) for loss in record.losses)
+    assert_same_bits(weights(net), record.after[-1])
+
+
+def test_a_loss_that_grows_less_than_the_bound_trains_on():
+    """The bound is DIVERGED x max(1, first loss): from a first loss of 1e-6, a batch loss
+    of 9e8 trains on (the floor of 1), one of 9e12 stops fit at that batch."""
+    for target, stops in ((3e4, False), (3e6, True)):
+        net = fn.Network([layers.Dense(1, 1, bias=False)])
+        net.layers[0].params["W"][...] = 0                    # lr 0: the output stays 0
+        net.compile("mse", optim.SGD(0.0))
+        x = np.ones((8, 1), np.float32)
+        y = np.repeat(np.array([[1e-3], [target]], np.float32), 4, axis=0)
+        if stops:
+            with pytest.raises(FloatingPointError, match="batch 2 of 2, .*diverged"):
+                net.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
+        else:
+            history = net.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
+            assert history.history["loss"][0] == pytest.approx((1e-6 + 9e8) / 2, rel=1e-5)
+
+
+def test_train_step_alone_has_no_bound_but_nan():
+    net = fn.Network([layers.Dense(1, 1, bias=False)])
+    net.compile("mse", optim.SGD(0.0))
+    assert net.train_step(np.ones((2, 1)), np.full((2, 1), 1e15))["loss"] > 1e29
