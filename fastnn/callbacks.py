@@ -6,7 +6,11 @@ A callback implements any of ``on_train_begin(network)``,
 history, e.g. ``{"loss": ..., "val_loss": ...}``) and ``on_train_end(network)``.
 Setting ``network.stop_training = True`` ends training after the epoch. A callback
 whose state matters to go on exactly has ``state_dict()`` / ``load_state_dict(sd)``
-(plain numbers, and lists of NumPy arrays); ``BackupAndRestore`` stores them.
+(plain numbers, and lists of NumPy arrays); ``BackupAndRestore`` stores them. One
+with ``on_fit_resume(network, run)`` (``BackupAndRestore``) is called once every
+``on_train_begin`` ran, may put a saved training state back into the network and
+fit's ``_Epoch`` ``run``, and returns the epoch to start at; such callbacks run
+after all others.
 """
 import math
 import os
@@ -84,8 +88,8 @@ class _Monitor(Callback):
                 ok = value is None or (isinstance(value, (int, float))
                                        and not isinstance(value, bool))
             if not ok:
-                raise ValueError(f"{who}: {k} must be {'arrays' if k == '_best_state' else 'a number'}"
-                                 f" or None, got {value!r:.100}")
+                kind = "a list of arrays" if k == "_best_state" else "a number"
+                raise ValueError(f"{who}: {k} must be {kind} or None, got {value!r:.100}")
             setattr(self, k, value)
 
 
@@ -113,6 +117,12 @@ class EarlyStopping(_Monitor):
     def on_train_begin(self, network):
         self.best, self.wait, self.best_epoch, self.stopped_epoch = None, 0, None, None
         self._best_state = None
+
+    def state_dict(self):
+        sd = super().state_dict()
+        if sd["_best_state"] is not None:       # host copies of the best epoch's arrays
+            sd["_best_state"] = [np.array(backend.to_device(a, "cpu")) for a in sd["_best_state"]]
+        return sd
 
     def on_epoch_end(self, network, epoch, logs):
         value = self._value(logs)
@@ -159,8 +169,8 @@ def _arrays(network):
 
 
 def _snapshot(network):
-    """Copies of every layer's params and buffers (on the host), in ``_arrays`` order."""
-    return [np.array(backend.to_device(a, "cpu")) for a in _arrays(network)]
+    """Copies of every layer's params and buffers (on their device), in ``_arrays`` order."""
+    return [a.copy() for a in _arrays(network)]
 
 
 def _restore(network, state, who="EarlyStopping"):

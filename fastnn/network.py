@@ -366,7 +366,9 @@ class Network:
         SGD; with it, it sets the optimizer's lr (its schedules start over from it).
         Raises ``FloatingPointError`` (parameters left as before that step) when
         a batch loss becomes NaN or inf, or explodes: exceeds ``DIVERGED`` (1e12) times
-        ``max(1, |the fit's first batch loss|)`` in magnitude.
+        ``max(1, |the fit's first batch loss|)`` in magnitude. With a
+        ``callbacks.BackupAndRestore`` whose directory holds a backup, ``fit`` first
+        puts that training state back and goes on from it (see ``_resume``).
         """
         who = "Network.fit"
         self._check_trainable(who)

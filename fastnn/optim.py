@@ -30,7 +30,8 @@ def _checked_keys(state_dict, keys, who):
     if not isinstance(state_dict, dict):
         raise TypeError(f"{who}: expected a dict, got {type(state_dict).__name__}")
     if set(state_dict) != set(keys):
-        raise ValueError(f"{who}: expected the keys {sorted(keys)}, got {sorted(state_dict)!r:.200}")
+        raise ValueError(f"{who}: expected the keys {sorted(keys)}, got "
+                         f"{sorted(state_dict)!r:.200}")
     return state_dict
 
 
