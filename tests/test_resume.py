@@ -374,3 +374,23 @@ def test_train_step_alone_has_no_bound_but_nan():
     net = fn.Network([layers.Dense(1, 1, bias=False)])
     net.compile("mse", optim.SGD(0.0))
     assert net.train_step(np.ones((2, 1)), np.full((2, 1), 1e15))["loss"] > 1e29
+
+
+def test_callbacks_state_dicts(tmp_path):
+    """ModelCheckpoint's best and EarlyStopping's counters go through plain numbers;
+    anything else is refused naming the callback."""
+    saver = fn.callbacks.ModelCheckpoint(tmp_path / "best.npz")
+    saver.best = 0.25
+    other = fn.callbacks.ModelCheckpoint(tmp_path / "best.npz")
+    other.load_state_dict(json.loads(json.dumps(saver.state_dict())))
+    assert other.best == 0.25
+    stopper = fn.callbacks.EarlyStopping(patience=3)
+    stopper.best, stopper.wait, stopper.best_epoch = 0.5, 2, 4
+    again = fn.callbacks.EarlyStopping(patience=3)
+    again.load_state_dict(stopper.state_dict())
+    assert (again.best, again.wait, again.best_epoch, again._best_state) == (0.5, 2, 4, None)
+    for bad, match in (({"best": "0.5"}, "best must be a number"), ({}, "expected the keys")):
+        with pytest.raises(ValueError, match=f"ModelCheckpoint.load_state_dict: {match}"):
+            other.load_state_dict(bad)
+    with pytest.raises(ValueError, match="_best_state must be a list of arrays"):
+        again.load_state_dict({**stopper.state_dict(), "_best_state": [1.0]})
