@@ -5,6 +5,7 @@ shuffling, the loss, the optimizer step, metrics, callbacks, the progress bar,
 the NaN stop, save/load and device moves. Layers own their state and checks.
 """
 import inspect
+import itertools
 import math
 import signal
 import sys
@@ -21,6 +22,9 @@ from .layers.dense import Dense, FCLayer
 __all__ = ["Network", "Sequential", "History"]
 
 _PREDICT_CHUNK = 256          # samples per forward pass for image-like inputs in predict/evaluate
+# fit stops when a batch loss exceeds DIVERGED times the fit's first batch loss (at least 1):
+# twelve orders of magnitude above where training started, it has diverged for good
+DIVERGED = 1e12
 
 
 class History:
@@ -323,10 +327,11 @@ class Network:
             logs.update(self._metric_values(y, out))
         return logs
 
-    def _step(self, x, y):
+    def _step(self, x, y, max_loss=math.inf):
         """``train_step`` on a checked batch already on the device; returns ``(loss, out)``
         with ``out`` the output of the trained layers. The only place parameters change
-        (tutorial-protocol layers update their own inside their backward)."""
+        (tutorial-protocol layers update their own inside their backward). A loss that is
+        NaN, infinite or above ``max_loss`` in magnitude raises FloatingPointError first."""
         plan = self._get_plan()
         out = self._run_forward(x, True, plan.n_train)
         if self._style == "use":
@@ -334,8 +339,10 @@ class Network:
         else:
             loss, grad = self.loss_fn._loss_and_grad(out, y)
         loss = float(loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss}; parameters are left as they "
+        if not abs(loss) <= max_loss:
+            over = (f", over {max_loss:.3g} (fit's bound: the loss diverged)"
+                    if math.isfinite(loss) else "")
+            raise FloatingPointError(f"the loss became {loss}{over}; parameters are left as they "
                                      "were before this step (lower the learning rate, or "
                                      "check the data)")
         self._train_backward(grad, self.optimizer.lr)
@@ -358,7 +365,10 @@ class Network:
         or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
         SGD; with it, it sets the optimizer's lr (its schedules start over from it).
         Raises ``FloatingPointError`` (parameters left as before that step) when
-        the loss becomes NaN or inf.
+        a batch loss becomes NaN or inf, or explodes: exceeds ``DIVERGED`` (1e12) times
+        ``max(1, |the fit's first batch loss|)`` in magnitude. With a
+        ``callbacks.BackupAndRestore`` whose directory holds a backup, ``fit`` first
+        puts that training state back and goes on from it (see ``_resume``).
         """
         who = "Network.fit"
         self._check_trainable(who)
@@ -384,10 +394,12 @@ class Network:
         classes = (self.metrics and probe.ndim == 2 and probe.shape[1] >= 2
                    and all(f is metrics_module.accuracy for _, f in self.metrics))
         epoch_run = _Epoch(self, x, y, batch_size, shuffle, rng, classes, callbacks)
-        history = self.history = History()
+        self.history = History()
         self.stop_training = False
+        first = self._resume(callbacks, epoch_run)       # a restored run may have stopped
+        epoch_range = () if self.stop_training else range(first, epochs + 1)
         with _StepBoundary() as epoch_run.boundary:
-            self._fit_epochs(epoch_run, epochs, val, callbacks, verbose)
+            self._fit_epochs(epoch_run, epoch_range, epochs, val, callbacks, verbose)
         epoch_run.boundary.raise_if_interrupted("Network.fit: interrupted at the end of "
                                                 "training, after its last whole step")
         # only after a complete run (as Keras): after a FloatingPointError the
@@ -395,10 +407,21 @@ class Network:
         for cb in callbacks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(self)
-        return history
+        return self.history
 
-    def _fit_epochs(self, epoch_run, epochs, val, callbacks, verbose):
-        for epoch in range(1, epochs + 1):
+    def _resume(self, callbacks, run):
+        """The epoch ``fit`` starts at: 1, or the one a callback's ``on_fit_resume(network,
+        run)`` returns (``BackupAndRestore``) after putting the training state back: the
+        parameters, the optimizer, ``self.history``, the random states and the ``_Epoch``
+        ``run``'s position (``run.start`` batches of that epoch done, their loss and outputs)."""
+        first = 1
+        for cb in callbacks:
+            if hasattr(cb, "on_fit_resume"):
+                first = cb.on_fit_resume(self, run) or first
+        return first
+
+    def _fit_epochs(self, epoch_run, epoch_range, epochs, val, callbacks, verbose):
+        for epoch in epoch_range:
             for cb in callbacks:
                 if hasattr(cb, "on_epoch_begin"):
                     cb.on_epoch_begin(self, epoch)
@@ -456,6 +479,8 @@ class Network:
             for cb in callbacks:
                 if isinstance(cb, optim.Schedule) and cb.optimizer is self.optimizer:
                     cb.bind(None)
+        # those that back the training state up (on_fit_resume) see every other one's epoch end
+        callbacks.sort(key=lambda cb: hasattr(cb, "on_fit_resume"))
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(self)
@@ -572,12 +597,14 @@ class Network:
         return f"Network({len(self.layers)} layers, device={self.device!r})"
 
     # -- save / load ---------------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path, include_optimizer=True):
         """Write ``path`` atomically: an .npz of every parameter and buffer plus a JSON
         architecture (no pickle); a process killed meanwhile leaves the old file or the new one.
-        See ``fastnn.saving``."""
+        ``include_optimizer``: also the optimizer's state (momentum buffers, Adam's moments
+        and step count, its schedule's position), so that ``load`` then ``fit`` goes on
+        exactly where this network stopped. See ``fastnn.saving``."""
         from . import saving
-        saving.save(self, path)
+        saving.save(self, path, include_optimizer=include_optimizer)
 
     @classmethod
     def load(cls, path):
@@ -704,15 +731,25 @@ class _StepBoundary:
 class _Epoch:
     """One pass of ``fit`` over its batches: ``Network._step`` (``train_step``) per batch,
     then the epoch's loss (the mean of the batch losses) and metrics; progress shown as
-    a bar, the tutorial's line or nothing."""
+    a bar, the tutorial's line or nothing.
+
+    Its position, for ``BackupAndRestore``: ``epoch``, ``done`` batches of it done, their
+    loss ``total`` and ``outputs`` / ``targets`` (for the metrics), ``rng_state``: the
+    shuffling Generator's state before this epoch drew its permutation. A ``start`` > 0
+    makes the next ``run`` skip that many batches, keeping ``total`` / ``outputs`` /
+    ``targets`` as they are (set with the Generator's state, it resumes an epoch)."""
 
     def __init__(self, network, x, y, batch_size, shuffle, rng, classes, callbacks):
         self.network, self.x, self.y = network, x, y
         self.batch_size, self.shuffle, self.rng, self.classes = batch_size, shuffle, rng, classes
         self.n_batches = -(-len(x) // batch_size)
+        self.callbacks = callbacks
         self.batch_end = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         self.bar = None
         self.boundary = None       # fit's _StepBoundary
+        self.epoch = self.done = self.start = 0
+        self.total, self.outputs, self.targets, self.rng_state = 0.0, [], [], None
+        self.max_loss = math.inf   # DIVERGED x the first batch loss, once there is one
 
     def run(self, epoch, epochs, verbose):
         """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
@@ -722,10 +759,14 @@ class _Epoch:
         if verbose == 1 and not tutorial:
             self.bar = net._progress_bar(epoch, epochs, self.n_batches)
         to_device = net._device != "cpu"
-        total, outputs, targets = 0.0, [], []
+        start, self.start, self.epoch = self.start, 0, epoch
+        if not start:
+            self.total, self.outputs, self.targets = 0.0, [], []
+        self.rng_state = self.rng.bit_generator.state
+        batches = data.batches(self.x, self.y, self.batch_size, shuffle=self.shuffle,
+                               seed=self.rng)
         try:
-            for b, (xb, yb) in enumerate(data.batches(self.x, self.y, self.batch_size,
-                                                      shuffle=self.shuffle, seed=self.rng)):
+            for b, (xb, yb) in itertools.islice(enumerate(batches), start, None):
                 self.boundary.raise_if_interrupted(
                     f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
                     f"{self.n_batches}; the parameters are those after the last whole step")
@@ -733,27 +774,31 @@ class _Epoch:
                     xb = backend.to_device(xb, net._device)
                     yb = backend.to_device(yb, net._device)
                 try:
-                    loss, out = net._step(xb, yb)
+                    loss, out = net._step(xb, yb, self.max_loss)
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"Network.fit: at epoch {epoch}, batch {b + 1} of "
                                              f"{self.n_batches}, {exc}") from None
-                total += loss
+                if self.max_loss == math.inf:
+                    self.max_loss = DIVERGED * max(1.0, abs(loss))
+                self.total += loss
                 if net.metrics:
-                    outputs.append(out.argmax(axis=1) if self.classes else out)
-                    targets.append(yb)
+                    self.outputs.append(out.argmax(axis=1) if self.classes else out)
+                    self.targets.append(yb)
+                self.done = b + 1
                 for cb in self.batch_end:
                     cb.on_batch_end(net, b + 1, {"loss": loss})
                 if self.bar is not None:
                     self.bar.update(1)
                     if b % 50 == 0:
-                        self.bar.set_postfix(loss=f"{total / (b + 1):.4f}", refresh=False)
+                        self.bar.set_postfix(loss=f"{self.total / (b + 1):.4f}", refresh=False)
         except BaseException:
             self._close_bar()
             raise
-        logs = {"loss": total / self.n_batches}
+        logs = {"loss": self.total / self.n_batches}
         if net.metrics:
-            xp = backend.get_array_module(outputs[0])
-            logs.update(net._metric_values(xp.concatenate(targets), xp.concatenate(outputs)))
+            xp = backend.get_array_module(self.outputs[0])
+            logs.update(net._metric_values(xp.concatenate(self.targets),
+                                           xp.concatenate(self.outputs)))
         return logs
 
     def report(self, epoch, epochs, logs, verbose):

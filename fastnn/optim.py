@@ -25,6 +25,22 @@ def nonnegative(value, name, who):
     return float(value)
 
 
+def _checked_keys(state_dict, keys, who):
+    """``state_dict`` if it is a dict with exactly ``keys``; a TypeError / ValueError else."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{who}: expected a dict, got {type(state_dict).__name__}")
+    if set(state_dict) != set(keys):
+        raise ValueError(f"{who}: expected the keys {sorted(keys)}, got "
+                         f"{sorted(state_dict)!r:.200}")
+    return state_dict
+
+
+def _finite_float(value, name, who):
+    value = nonnegative(value, name, who)
+    if not math.isfinite(value):
+        raise ValueError(f"{who}: {name} must be finite, got {value!r}")
+    return value
+
 
 class Optimizer:
     """Base class. ``step(params, grads, decay=None)`` updates each array of ``params``
@@ -47,14 +63,6 @@ class Optimizer:
         self.schedule = schedule
         if schedule is not None:
             schedule.bind(self)
-
-    def _prepare(self, params):
-        """(Re)create the state when the parameters' count, shapes or dtypes changed."""
-        shapes = [(p.shape, p.dtype) for p in params]
-        if shapes != self._shapes:
-            self._shapes = shapes
-            self.state = [None] * len(params)
-            self._init_state(params)
 
     def _init_state(self, params):
         pass
@@ -84,6 +92,91 @@ class Optimizer:
 
     def get_config(self):
         raise NotImplementedError
+
+    def state_dict(self):
+        """What ``load_state_dict`` needs to go on exactly, as host NumPy copies and plain
+        numbers: ``{"lr": float, "state": None or [[array, ...] per parameter],
+        "schedule": {"epoch", "base_lr"} or None}`` (Adam adds ``"t"``); ``state`` is None
+        before the first step. Each array has its parameter's shape and dtype."""
+        state = None
+        if self.state is not None:
+            state = [[np.array(backend.to_device(a, "cpu")) for a in self._arrays(s)]
+                     for s in self.state]
+        schedule = None if self.schedule is None else self.schedule.state_dict()
+        return {"lr": self.lr, "state": state, "schedule": schedule}
+
+    @staticmethod
+    def _arrays(s):
+        return [] if s is None else list(s) if isinstance(s, tuple) else [s]
+
+    def load_state_dict(self, state_dict):
+        """Put back what ``state_dict`` returned (its arrays are copied, on the CPU: move
+        them with ``to``). The next ``step`` must get parameters of the arrays' shapes and
+        dtypes, or the state starts over. ValueError / TypeError naming the optimizer for
+        anything else."""
+        who = f"{type(self).__name__}.load_state_dict"
+        sd = _checked_keys(state_dict, {"lr", "state", "schedule"} | set(self._numbers()), who)
+        state, shapes = None, None
+        if sd["state"] is not None:
+            if not isinstance(sd["state"], (list, tuple)):
+                raise TypeError(f"{who}: state must be None or a list, got {sd['state']!r:.100}")
+            state = [self._entry(arrays, i, who) for i, arrays in enumerate(sd["state"])]
+            if state and self._state_arrays():      # else nothing to check at the next step
+                shapes = [(s[0].shape, s[0].dtype) if isinstance(s, tuple) else (s.shape, s.dtype)
+                          for s in state]
+        numbers = {k: self._number(k, sd[k], who) for k in self._numbers()}
+        lr = _finite_float(sd["lr"], "lr", who)
+        if (sd["schedule"] is None) != (self.schedule is None):
+            raise ValueError(f"{who}: the state has {'no' if sd['schedule'] is None else 'a'} "
+                             f"schedule, this optimizer {'has' if self.schedule else 'has none'}")
+        if self.schedule is not None:
+            self.schedule.load_state_dict(sd["schedule"])
+        self.lr, self.state, self._shapes = lr, state, shapes
+        for k, v in numbers.items():
+            setattr(self, k, v)
+
+    def _state_arrays(self):
+        """How many arrays one parameter's state holds once made (SGD: its momentum buffer,
+        none without momentum; Adam: m and v)."""
+        return 1 if getattr(self, "momentum", 0) else 0
+
+    def _entry(self, arrays, i, who):
+        """One parameter's state from its list of arrays (checked: count, dtype, finite)."""
+        count = self._state_arrays()
+        if not isinstance(arrays, (list, tuple)) or len(arrays) != count:
+            raise ValueError(f"{who}: parameter {i}'s state must be a list of {count} "
+                             f"arrays, got {arrays!r:.100}")
+        out = []
+        for a in arrays:
+            if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64) \
+                    or a.shape != arrays[0].shape or a.dtype != arrays[0].dtype:
+                raise ValueError(f"{who}: parameter {i}'s state must hold float32 / float64 "
+                                 "NumPy arrays of one shape and dtype")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{who}: parameter {i}'s state holds NaN or infinity")
+            out.append(np.array(a, order="C"))
+        if not out:
+            return None
+        return tuple(out) if count > 1 else out[0]
+
+    def _prepare(self, params):
+        """(Re)create the state when the parameters' count, shapes or dtypes changed."""
+        shapes = [(p.shape, p.dtype) for p in params]
+        if shapes != self._shapes:
+            self._shapes = shapes
+            self.state = [None] * len(params)
+            self._init_state(params)
+
+    def _numbers(self):
+        """Names of the plain numbers of the state besides lr (Adam: its step count t)."""
+        return ()
+
+    @staticmethod
+    def _number(name, value, who):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not 0 <= value <= 2**53:
+            raise ValueError(f"{who}: {name} must be an int in [0, 2**53], got {value!r:.100}")
+        return int(value)
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
@@ -143,6 +236,15 @@ class Adam(Optimizer):
         self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
         self.t = 0
         super().__init__(lr, schedule)
+
+    def _state_arrays(self):
+        return 2
+
+    def _numbers(self):
+        return ("t",)
+
+    def state_dict(self):
+        return {**super().state_dict(), "t": self.t}
 
     def _init_state(self, params):
         self.t = 0
@@ -207,6 +309,22 @@ class Schedule:
     def lr_at(self, epoch):
         raise NotImplementedError
 
+    def get_config(self):
+        """The constructor's arguments (what ``fastnn.saving`` stores)."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Its position: ``{"epoch": int, "base_lr": float or None}``."""
+        return {"epoch": self.epoch, "base_lr": self.base_lr}
+
+    def load_state_dict(self, state_dict):
+        """Put back a ``state_dict()`` (the optimizer it is bound to stays)."""
+        who = f"{type(self).__name__}.load_state_dict"
+        sd = _checked_keys(state_dict, ("epoch", "base_lr"), who)
+        epoch = Optimizer._number("epoch", sd["epoch"], who)
+        base_lr = None if sd["base_lr"] is None else _finite_float(sd["base_lr"], "base_lr", who)
+        self.epoch, self.base_lr = epoch, base_lr
+
     def step(self):
         """One epoch done: set the optimizer's lr for the next one."""
         if self.optimizer is None:
@@ -231,6 +349,9 @@ class StepLR(Schedule):
             raise ValueError(f"StepLR: step_size must be a positive int, got {step_size!r}")
         self.step_size, self.gamma = int(step_size), float(gamma)
 
+    def get_config(self):
+        return {"step_size": self.step_size, "gamma": self.gamma}
+
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
 
@@ -241,6 +362,9 @@ class ExponentialLR(Schedule):
     def __init__(self, gamma):
         super().__init__()
         self.gamma = float(gamma)
+
+    def get_config(self):
+        return {"gamma": self.gamma}
 
     def lr_at(self, epoch):
         return self.base_lr * self.gamma ** epoch
@@ -254,6 +378,9 @@ class CosineAnnealingLR(Schedule):
         if isinstance(T_max, bool) or not isinstance(T_max, (int, np.integer)) or T_max < 1:
             raise ValueError(f"CosineAnnealingLR: T_max must be a positive int, got {T_max!r}")
         self.T_max, self.eta_min = int(T_max), float(eta_min)
+
+    def get_config(self):
+        return {"T_max": self.T_max, "eta_min": self.eta_min}
 
     def lr_at(self, epoch):
         return self.eta_min + (self.base_lr - self.eta_min) * (

@@ -5,7 +5,13 @@ named ``layer{i}.params.{name}`` / ``layer{i}.buffers.{name}``, plus
 ``__fastnn_architecture__``, a 0-d unicode array holding the JSON record
 ``{"format": "fastnn.Network", "version": 1, "layers": [{"class", "config"}, ...],
 "loss": {"class", "config"}, "optimizer": {"class", "config"}, "metrics": [name, ...]}``
-(the last three only for a compiled network). No pickle anywhere.
+(the last three only for a compiled network). No pickle anywhere. Optional keys:
+``"schedule": {"class", "config"}``, the optimizer's learning-rate schedule;
+``"optimizer_state": {"lr", "schedule", "params": [key, ...], <numbers>}``, the
+optimizer's ``state_dict()`` (``include_optimizer=True``) whose arrays are members
+``optimizer.state.{i}.{j}`` (array j of parameter ``params[i]``, of its shape and
+dtype); ``"training": {"record": {...}, "arrays": {name: {"shape", "dtype"}}}``,
+what ``fastnn.callbacks.BackupAndRestore`` adds, its arrays members ``training.{name}``.
 
 Saving goes through ``atomic_write``: the bytes go to a temporary file
 ``.<name>.tmp-fastnn`` beside the target, which is flushed, fsynced and
@@ -156,13 +162,26 @@ def _fsync_dir(directory):
 
 
 # --- save -------------------------------------------------------------------------------------
-def save(network, path):
+def save(network, path, include_optimizer=True, training=None):
     """Write ``network`` to ``path`` atomically (the format is in this module's docstring).
 
+    ``include_optimizer``: also store the optimizer's state (momentum buffers, Adam's
+    moments and step count, its schedule's position) so that training goes on exactly
+    after ``load``. ``training``: ``(record, {name: array})``, a JSON-able record and
+    arrays stored beside (``load(..., training=True)`` gives them back).
     ValueError for a layer that is not a fastnn built-in, or a parameter or buffer holding
     NaN or infinity (``load`` would refuse the file); then nothing is written.
     """
     arch, arrays = _architecture(network)
+    if include_optimizer and network.loss_fn is not None and network.optimizer is not None:
+        arch["optimizer_state"] = _optimizer_state(network, arrays)
+    if training is not None:
+        record, extra = training
+        arch["training"] = {"record": record, "arrays": {}}
+        for name, a in extra.items():
+            a = np.asarray(a)
+            arch["training"]["arrays"][name] = {"shape": list(a.shape), "dtype": a.dtype.name}
+            arrays[f"training.{name}"] = a
     arrays[ARCH_KEY] = np.array(json.dumps(arch))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -190,8 +209,34 @@ def _architecture(network):
         if network.optimizer is not None:
             arch["optimizer"] = {"class": type(network.optimizer).__name__,
                                  "config": network.optimizer.get_config()}
+            schedule = network.optimizer.schedule
+            if schedule is not None:
+                arch["schedule"] = {"class": type(schedule).__name__,
+                                    "config": schedule.get_config()}
         arch["metrics"] = [name for name, f in network.metrics if isinstance(name, str)]
     return arch, arrays
+
+
+def _optimizer_state(network, arrays):
+    """The optimizer's ``state_dict()`` as a JSON record; its arrays go into ``arrays``. No
+    state when the optimizer's was made for other parameters (its next step would reset it)."""
+    sd = network.optimizer.state_dict()
+    keys = _param_keys(network)
+    state = sd.pop("state")
+    if state is not None and (len(state) != len(keys) or any(
+            a.shape != arrays[k].shape or a.dtype != arrays[k].dtype
+            for entry, k in zip(state, keys) for a in entry)):
+        state = None
+    for i, entry in enumerate(state or ()):
+        for j, a in enumerate(entry):
+            arrays[f"optimizer.state.{i}.{j}"] = a
+    return {**sd, "params": None if state is None else keys}
+
+
+def _param_keys(network):
+    """The member keys of ``network.parameters()``, in that order (the optimizer's)."""
+    index = {id(layer): i for i, layer in enumerate(network.layers)}
+    return [f"layer{index[id(layer)]}.params.{name}" for layer, name in network.parameters()]
 
 
 def _all_finite(a):
@@ -210,13 +255,16 @@ _UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, EOFError, Overfl
                RecursionError, NotImplementedError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
-def load(path, *, max_bytes=None, network_cls=None):
-    """Rebuild the Network written by ``save`` to ``path`` (on the CPU).
+def load(path, *, max_bytes=None, network_cls=None, training=False):
+    """Rebuild the Network written by ``save`` to ``path`` (on the CPU), its optimizer's
+    state included when the file has it.
 
     ``max_bytes``: the most bytes the arrays may take uncompressed; by default
     ``MAX_RATIO`` (4) times the file's size plus ``SLACK_BYTES`` (16 MiB), which every file
     ``save`` writes (uncompressed) meets and a zip bomb does not. ``network_cls``: the
-    class to build (``Network`` by default). Raises OSError (cannot open or read) or
+    class to build (``Network`` by default). ``training=True`` returns ``(network,
+    (record, {name: array}))`` with what ``save(..., training=)`` stored (None when
+    nothing). Raises OSError (cannot open or read) or
     ValueError (truncated, hostile or foreign file), each naming ``path``.
     """
     path = os.fspath(path)
@@ -229,7 +277,8 @@ def load(path, *, max_bytes=None, network_cls=None):
         raise type(exc)(exc.errno, f"Network.load: cannot open {path!r}: {exc.strerror}") from None
     with f:
         try:
-            return _load(f, max_bytes, network_cls)
+            net, extra = _load(f, max_bytes, network_cls)
+            return (net, extra) if training else net
         except _Reject as exc:
             raise ValueError(f"Network.load: {path!r} is not a valid fastnn model file: "
                              f"{exc}") from None
@@ -262,7 +311,11 @@ def _load(f, max_bytes, network_cls):
         arrays = {key: _read_array(zf, infos[key], key, headers[key]) for key in expected}
     if network_cls is None:
         from .network import Network as network_cls
-    return _build(arch, arrays, network_cls)
+    net = _build(arch, arrays, network_cls)
+    if "training" not in arch:
+        return net, None
+    return net, (arch["training"]["record"],
+                 {k[len("training."):]: a for k, a in arrays.items() if k.startswith("training.")})
 
 
 def _members(zf, size, limit):
@@ -369,7 +422,8 @@ def _check_architecture(arch):
         raise _Reject("its architecture record is not a fastnn.Network")
     if arch.get("version") != VERSION:
         raise _Reject(f"its format version {arch.get('version')!r} is not {VERSION}")
-    extra = set(arch) - {"format", "version", "layers", "loss", "optimizer", "metrics"}
+    extra = set(arch) - {"format", "version", "layers", "loss", "optimizer", "metrics",
+                         "schedule", "optimizer_state", "training"}
     if extra:
         raise _Reject(f"its architecture record has unknown keys {sorted(extra)}")
     if not isinstance(arch.get("layers"), list):
@@ -387,6 +441,34 @@ def _check_architecture(arch):
     metrics = arch.get("metrics", [])
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise _Reject(f"its metrics must be a list of names, got {metrics!r:.200}")
+    for key in ("schedule", "optimizer_state"):
+        if key in arch and "optimizer" not in arch:
+            raise _Reject(f"its architecture record has a {key} but no optimizer")
+    if "schedule" in arch:
+        _check_record(arch["schedule"], "the schedule")
+        _class_from(optim, optim.Schedule, arch["schedule"]["class"], "schedule")
+    if "optimizer_state" in arch and not isinstance(arch["optimizer_state"], dict):
+        raise _Reject("its optimizer_state is not a record")
+    if "training" in arch:
+        _check_training(arch["training"])
+
+
+_TRAINING_DTYPES = ("float32", "float64", "int64")
+
+
+def _check_training(training):
+    """The ``training`` record: a JSON record and the arrays it declares (name: shape, dtype)."""
+    if not (isinstance(training, dict) and set(training) == {"record", "arrays"}
+            and isinstance(training["arrays"], dict)):
+        raise _Reject("its training record is not {'record': ..., 'arrays': {...}}")
+    for name, spec in training["arrays"].items():
+        if not (name.replace("_", "").replace(".", "").isalnum() and name.isascii()
+                and isinstance(spec, dict) and set(spec) == {"shape", "dtype"}
+                and spec["dtype"] in _TRAINING_DTYPES and isinstance(spec["shape"], list)
+                and len(spec["shape"]) <= 8 and all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                    for d in spec["shape"])):
+            raise _Reject(f"its training array {name!r:.100} is declared as {spec!r:.200}")
 
 
 def _check_record(record, what):
@@ -415,7 +497,27 @@ def _expected_arrays(arch):
             raise _Reject(f"layer {i} ({spec['class']}) has a bad config: {exc}") from None
         for name, shape in shapes.items():
             expected[f"layer{i}.{name}"] = (shape, dtype)
+    if "optimizer_state" in arch:
+        expected.update(_optimizer_arrays(arch, expected))
+    for name, spec in arch.get("training", {}).get("arrays", {}).items():
+        expected[f"training.{name}"] = (tuple(spec["shape"]), np.dtype(spec["dtype"]))
     return expected
+
+
+def _optimizer_arrays(arch, expected):
+    """{member key: (shape, dtype)} of the optimizer's state: for each parameter the record
+    lists (each once), as many arrays as the optimizer's config implies, of its shape."""
+    keys = arch["optimizer_state"].get("params")
+    if keys is None:
+        return {}
+    params = [k for k in expected if ".params." in k]
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+            and len(keys) == len(params) and set(keys) == set(params)):
+        raise _Reject(f"its optimizer_state lists the parameters {keys!r:.200}, the layers "
+                      f"declare {params!r:.200}")
+    count = _make(arch, "optimizer", optim, optim.Optimizer)._state_arrays()
+    return {f"optimizer.state.{i}.{j}": expected[k] for i, k in enumerate(keys)
+            for j in range(count)}
 
 
 def _check_keys(infos, expected):
@@ -468,25 +570,51 @@ def _build(arch, arrays, network_cls):
             getattr(layer, store)[k] = a
         net.add(layer)
     if "loss" in arch:
-        _compile(net, arch)
+        _compile(net, arch, arrays)
     return net
 
 
-def _compile(net, arch):
-    """``net.compile`` with the record's loss, optimizer and metrics."""
-    made = {}
-    for key, module, base in (("loss", losses, losses.Loss), ("optimizer", optim, optim.Optimizer)):
-        if key in arch:
-            record = arch[key]
-            config = dict(record["config"])
-            if isinstance(config.get("betas"), list):      # Adam's tuple, a list in JSON
-                config["betas"] = tuple(config["betas"])
-            try:
-                made[key] = _class_from(module, base, record["class"], key)(**config)
-            except (TypeError, ValueError, AttributeError) as exc:
-                raise _Reject(f"the {key} {record['class']} has a bad config: {exc}") from None
+def _make(arch, key, module, base, **extra):
+    """An instance of the record ``arch[key]``'s class made from its config."""
+    record = arch[key]
+    config = dict(record["config"])
+    if isinstance(config.get("betas"), list):      # Adam's tuple, a list in JSON
+        config["betas"] = tuple(config["betas"])
     try:
-        net.compile(loss=made["loss"], optimizer=made.get("optimizer"),
+        return _class_from(module, base, record["class"], key)(**config, **extra)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise _Reject(f"the {key} {record['class']} has a bad config: {exc}") from None
+
+
+def _compile(net, arch, arrays):
+    """``net.compile`` with the record's loss, optimizer (its schedule, its state) and metrics."""
+    optimizer = None
+    if "optimizer" in arch:
+        extra = {"schedule": _make(arch, "schedule", optim, optim.Schedule)} \
+            if "schedule" in arch else {}
+        optimizer = _make(arch, "optimizer", optim, optim.Optimizer, **extra)
+    try:
+        net.compile(loss=_make(arch, "loss", losses, losses.Loss), optimizer=optimizer,
                     metrics=tuple(arch.get("metrics", ())))
     except ValueError as exc:
         raise _Reject(f"its metrics {arch.get('metrics')!r:.200}: {exc}") from None
+    if "optimizer_state" in arch:
+        _load_optimizer_state(net, arch["optimizer_state"], arrays)
+
+
+def _load_optimizer_state(net, record, arrays):
+    """``optimizer.load_state_dict`` with the checked record and arrays, in the order of the
+    built network's parameters."""
+    sd = {k: v for k, v in record.items() if k != "params"}
+    keys = record.get("params")
+    if keys is not None:
+        index = {k: i for i, k in enumerate(keys)}
+        count = net.optimizer._state_arrays()
+        sd["state"] = [[arrays[f"optimizer.state.{index[k]}.{j}"] for j in range(count)]
+                       for k in _param_keys(net)]
+    else:
+        sd["state"] = None
+    try:
+        net.optimizer.load_state_dict(sd)
+    except (TypeError, ValueError) as exc:
+        raise _Reject(f"its optimizer_state: {exc}") from None
