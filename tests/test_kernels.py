@@ -830,12 +830,12 @@ def avx512_rows(request):
     the CPU has them) or on the portable loops."""
     if "cpu" not in backend.available():
         pytest.skip("compiled kernels not built")
-    from fastnn.kernels import _cpu
-    if _cpu._set_avx512_rows(request.param) != request.param:
-        _cpu._set_avx512_rows(True)
+    from fastnn.kernels import variants
+    name = "avx512" if request.param else "portable"
+    if name not in variants.applicable("row_kernels"):
         pytest.skip("this CPU has no AVX-512")
-    yield request.param
-    _cpu._set_avx512_rows(True)
+    with variants.force("row_kernels", name):
+        yield request.param
 
 
 @pytest.mark.parametrize("c", [1, 2, 10, 16, 17, 33, 100])

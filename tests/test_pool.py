@@ -240,12 +240,9 @@ def test_sgd_step_in_blocks_same_bits_on_workers_or_caller(dtype, momentum, weig
     for got, first in zip(runs[1], runs[0]):
         np.testing.assert_array_equal(got, first)
     if dtype == np.float32 and momentum and not weight_decay:   # the AVX-512 loop: same bits
-        try:
-            _cpu._set_avx_sgd(False)
+        with variants.force("sgd_step", "portable"):
             p, buf = p0.copy(), buf0.copy()
             _cpu.sgd_step(p, g, buf, 0.1, momentum, 0.0, 0.0, nesterov, False)
-        finally:
-            _cpu._set_avx_sgd(True)
         np.testing.assert_array_equal(p, runs[0][0])
         np.testing.assert_array_equal(buf, runs[0][1])
     d = g.astype(np.float64) + weight_decay * p0 + l1 * np.sign(p0)

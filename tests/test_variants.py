@@ -5,13 +5,11 @@ runs under both GEMM engines (fastnn's AVX-512 kernel where the CPU has it, and 
 portable path of CPUs without AVX-512). Also the registry itself: names, errors, forcing,
 the environment variables, and that ``chosen`` names what runs."""
 import functools
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from _helpers import run_python
 from fastnn import backend
 
 if "cpu" not in backend.available():
@@ -201,6 +199,22 @@ def test_chosen_dense_and_gemm_variants():
     assert variants.chosen("gemm", m=256, n=256, k=256, dtype=np.float64) == "blas"
 
 
+@pytest.mark.parametrize("op", ["row_kernels", "sgd_step"])
+def test_cpu_only_variants(op):
+    """AVX-512 loops where the CPU has them (chosen), the portable ones always."""
+    assert variants.names(op) == ("avx512", "portable")
+    usable = variants.applicable(op)
+    assert "portable" in usable
+    assert variants.chosen(op) == ("avx512" if "avx512" in usable else "portable")
+    if "avx512" not in usable:
+        with pytest.raises(ValueError, match=f"{op}: variant 'avx512' cannot run here"):
+            with variants.force(op, "avx512"):
+                pass
+    with variants.force(op, "portable"):
+        assert variants.forced(op) == "portable"
+    assert variants.forced(op) is None
+
+
 def test_names_and_unknown_ops_or_variants():
     assert set(variants.OPS) == set(_cpu.VARIANTS)
     assert variants.names("conv2d_forward") == ("winograd", "direct", "pointwise", "rows",
@@ -264,8 +278,7 @@ def test_own_gemm_forced_on_float64_raises():
 
 
 def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return run_python(code, env=env)
 
 
 def test_environment_forces_a_variant_at_import():

@@ -17,7 +17,10 @@ dtype and the CPU, with thresholds timed on one machine (each says which, in
   inputs over the worker pool), ``gemm``, ``gemm_split`` (blocks of the GEMM over the
   pool);
 - ``dense_backward``: ``serial`` (the two GEMMs in turn), ``split`` (each in blocks over
-  the pool), ``pair`` (both as one pool job; with grad_x only).
+  the pool), ``pair`` (both as one pool job; with grad_x only);
+- ``row_kernels`` (the float32 loops of softmax_cross_entropy's rows, all_finite and the
+  dropout masks) and ``sgd_step`` (float32 momentum steps): ``avx512``, ``portable``;
+  the CPU alone decides (no geometry), and float64 has one loop.
 
 Geometry keywords: conv ops ``x_shape, w_shape, stride=1, padding=0, dtype``; ``gemm``
 ``m, n, k, dtype``; dense ops ``x_shape, w_shape, dtype`` (and ``need_grad_x=True`` for
@@ -31,7 +34,8 @@ import os
 
 import numpy as np
 
-OPS = ("conv2d_forward", "conv2d_backward", "gemm", "dense_forward", "dense_backward")
+OPS = ("conv2d_forward", "conv2d_backward", "gemm", "dense_forward", "dense_backward",
+       "row_kernels", "sgd_step")
 
 
 def _cpu():
@@ -63,6 +67,8 @@ def _report(op, **geometry):
     """(the chooser's pick, {variant: None where it applies, else why not})."""
     _check_op(op)
     cpu = _cpu()
+    if op in ("row_kernels", "sgd_step"):
+        return cpu._cpu_variants(op)
     if op == "gemm":
         return cpu._gemm_variants(geometry["m"], geometry["n"], geometry["k"],
                                   geometry.get("dtype", np.float32))

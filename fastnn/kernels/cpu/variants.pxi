@@ -10,10 +10,16 @@ VARIANTS = {"conv2d_forward": CONV_FORWARD_VARIANTS,
             "conv2d_backward": CONV_BACKWARD_VARIANTS,
             "gemm": GEMM_VARIANTS,
             "dense_forward": DENSE_FORWARD_VARIANTS,
-            "dense_backward": DENSE_BACKWARD_VARIANTS}
+            "dense_backward": DENSE_BACKWARD_VARIANTS,
+            "row_kernels": ROW_KERNEL_VARIANTS,
+            "sgd_step": SGD_VARIANTS}
+# forced variants of the ops whose choice is the CPU's alone (AVX-512 or not)
+cdef dict _cpu_only_forced = {"row_kernels": 0, "sgd_step": 0}
 
 
 cdef int _forced_id(str op):
+    if op in _cpu_only_forced:
+        return _cpu_only_forced[op]
     if op == "conv2d_forward":
         return _conv_forward_forced
     if op == "conv2d_backward":
@@ -36,12 +42,15 @@ def _force_variant(str op, name):
     global _dense_forward_forced, _dense_backward_forced
     old = _forced_variant(op)
     cdef int variant = 0 if name is None else VARIANTS[op][name]
-    if op == "gemm" and variant != 0 and _gemm_why_not(variant, True) is not None:
-        raise ValueError(f"gemm: variant {name!r} cannot run here: {_gemm_why_not(variant, True)}")
+    why = _cpu_why_not(op, variant)
+    if why is not None:
+        raise ValueError(f"{op}: variant {name!r} cannot run here: {why}")
     if name == "direct" and not _direct_conv_supported():
         raise ValueError(f"{op}: variant 'direct' cannot run here: needs a CPU with AVX2 + FMA "
                          "(and a GCC build)")
-    if op.startswith("conv2d_"):
+    if op in _cpu_only_forced:
+        _force_cpu_only(op, variant)
+    elif op.startswith("conv2d_"):
         _force_conv(op == "conv2d_backward", variant)
     elif op == "gemm":
         _force_gemm(variant)
@@ -51,6 +60,33 @@ def _force_variant(str op, name):
         _dense_backward_forced = variant
     fnn_pool_set_busy(0)         # a forced split goes to the pool's workers first
     return old
+
+
+cdef str _cpu_why_not(str op, int variant):
+    """None where this CPU and build can run ``variant`` of ``op`` at all, else why not."""
+    if op == "gemm" and variant != 0:
+        return _gemm_why_not(variant, True)
+    if op == "row_kernels" and variant == 1 and not fnn_avx512_supported():
+        return "needs a CPU with AVX-512F (and this build)"
+    if op == "sgd_step" and variant == 1 and not _sgemm_supported:
+        return "needs a CPU with AVX-512F and AVX-512VL (and this build)"
+    return None
+
+
+cdef void _force_cpu_only(str op, int variant):
+    global fnn_avx512_rows, _avx_sgd
+    _cpu_only_forced[op] = variant
+    if op == "row_kernels":
+        fnn_avx512_rows = variant != 2
+    else:
+        _avx_sgd = variant != 2
+
+
+def _cpu_variants(str op):
+    """(the chooser's variant, {variant: None where it can run, else why not}) of an op
+    whose choice is the CPU's alone (row_kernels, sgd_step): AVX-512 where it has it."""
+    why = {name: _cpu_why_not(op, v) for name, v in VARIANTS[op].items()}
+    return ("avx512" if why["avx512"] is None else "portable"), why
 
 
 def _gemm_variants(long m, long n, long k, dtype):
