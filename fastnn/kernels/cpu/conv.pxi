@@ -162,7 +162,7 @@ _workspace_pool = []
 
 # Which conv variant runs (one id per code path; fastnn/kernels/variants.py names
 # them): chosen per call by _conv_forward_pick / _conv_backward_pick, or forced
-# (_force_conv_variant, see "variants" at the end of this file). 0: not forced.
+# (_force_conv, see "variants" at the end of this file). 0: not forced.
 DEF V_WINOGRAD = 1
 DEF V_DIRECT = 2         # float32 direct conv (forward), grad_W by it (backward)
 DEF V_POINTWISE = 3      # 1x1 stride 1 unpadded: x is its own patch matrix
