@@ -20,7 +20,7 @@ for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):   # as fastnn-bench: the 
 
 import numpy as np  # noqa: E402
 
-from fastnn.kernels import _cpu  # noqa: E402
+from fastnn.kernels import _cpu, variants  # noqa: E402
 
 # (name, m, n, k, trans_a, trans_b): C (m, n) = op(A) (m, k) @ op(B) (k, n)
 SHAPES = [
@@ -47,12 +47,11 @@ def time_engines(a, b, out, trans_a, trans_b, split, rounds):
     times = {"blas": [], "own": []}
     for _ in range(rounds):
         for engine in times:
-            _cpu._set_gemm_engine(engine)
-            start = time.perf_counter()
-            for _ in range(calls):
-                _cpu._gemm_into(a, b, out, trans_a, trans_b, split=split)
-            times[engine].append((time.perf_counter() - start) / calls)
-    _cpu._set_gemm_engine("auto")
+            with variants.force("gemm", engine):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    _cpu._gemm_into(a, b, out, trans_a, trans_b, split=split)
+                times[engine].append((time.perf_counter() - start) / calls)
     return {engine: flops / np.median(t) / 1e9 for engine, t in times.items()}
 
 

@@ -64,13 +64,13 @@ def test_adam_step_moves_against_the_gradient():
 def test_adam_step_same_bits_on_workers_or_caller():
     runs = []
     for busy in (False, True):
-        old = _cpu._set_split_gemm_min_flops(2.0 ** 23)   # forgets any busy state
+        _cpu._forget_busy_cores()
         if busy:
             _cpu._assume_busy_cores()
         p, g, m, v = _state(70001, np.float32, 5)
         _cpu.adam_step(p, g, m, v, 1e-3, 0.9, 0.999, 1.3, 1e-8, 0.1)
         runs.append((p, m, v))
-        _cpu._set_split_gemm_min_flops(old)
+    _cpu._forget_busy_cores()
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
 

@@ -3,6 +3,8 @@ relu_x=True) give the bits of the unfused calls (relu_forward after the forward,
 relu_backward on grad_x) on every path (own AVX-512 GEMM with its tile epilogue,
 BLAS with a pass, GEMM blocks over the worker pool, the one-sample GEMV), and
 match the NumPy reference within rounding."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -11,37 +13,39 @@ from fastnn import backend
 if "cpu" not in backend.available():
     pytest.skip("compiled kernels not built", allow_module_level=True)
 
-from fastnn.kernels import _cpu, _reference  # noqa: E402
+from fastnn.kernels import _cpu, _reference, variants  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 # (n, i, o): batch 1 (the GEMV), empty batch, odd sizes, own-kernel sizes (>= 2 MFLOP)
 SHAPES = [(1, 7, 5), (1, 785, 257), (0, 9, 4), (3, 1, 2), (5, 13, 11), (64, 257, 129),
           (130, 300, 70)]
-ENGINES = ["auto", "blas"] + (["own"] if _cpu.own_sgemm_supported() else [])
+ENGINES = [None, "blas"] + (["own"] if _cpu.own_sgemm_supported() else [])    # None: chosen
 
 
 def tolerance(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(params=["whole", "split"])
+@pytest.fixture(params=["chosen", "split"])
 def pooled(request):
-    """GEMMs and GEMVs as they come, or every one split over the worker pool."""
-    if request.param == "whole":
-        yield
-        return
-    old_gemv = _cpu._set_split_gemv_min_bytes(0)
-    old_gemm = _cpu._set_split_gemm_min_flops(2.0 ** 10)
-    yield
-    _cpu._set_split_gemv_min_bytes(old_gemv)
-    _cpu._set_split_gemm_min_flops(old_gemm)
+    """-> shape (n, i, o) -> context: the dense kernels' variants as the choosers pick
+    them, or every one split over the worker pool (the backward's GEMMs as one job)."""
+    def split(shape):
+        stack = contextlib.ExitStack()
+        if request.param == "split":
+            stack.enter_context(variants.force("dense_forward", "gemv_split" if shape[0] == 1
+                                               and min(shape) > 0 else "gemm_split"))
+            stack.enter_context(variants.force("dense_backward", "pair"))
+        return stack
+    return split
 
 
-@pytest.fixture(params=ENGINES)
-def engine(request):
-    old = _cpu._set_gemm_engine(request.param)
-    yield request.param
-    _cpu._set_gemm_engine(old)
+@pytest.fixture(params=ENGINES, ids=lambda engine: engine or "chosen")
+def engine(request, dtype):
+    if request.param == "own" and dtype == np.float64:
+        pytest.skip("float64 GEMMs run on BLAS only (variant 'own' raises there)")
+    with variants.force("gemm", request.param):
+        yield request.param
 
 
 def _case(n, i, o, dtype, seed=0):
@@ -57,6 +61,11 @@ def _case(n, i, o, dtype, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{i}x{o}" for n, i, o in SHAPES])
 def test_dense_forward_relu_is_relu_of_dense_forward(pooled, engine, dtype, shape):
     x, W, b, _ = _case(*shape, dtype)
+    with pooled(shape):
+        _forward_relu_checks(x, W, b, dtype)
+
+
+def _forward_relu_checks(x, W, b, dtype):
     for bias in (b, None):
         fused = _cpu.dense_forward(x, W, bias, relu=True)
         plain = _cpu.dense_forward(x, W, bias)
@@ -72,15 +81,16 @@ def test_dense_forward_relu_is_relu_of_dense_forward(pooled, engine, dtype, shap
 def test_dense_backward_relu_x_is_relu_backward_of_grad_x(pooled, engine, dtype, shape):
     x, W, _, grad_y = _case(*shape, dtype, seed=1)
     x = np.maximum(x, 0)                  # a ReLU's output: zeros where it cut
-    grad_x, grad_w, grad_b = _cpu.dense_backward(grad_y, x, W, relu_x=True)
-    plain_x, plain_w, plain_b = _cpu.dense_backward(grad_y, x, W)
+    with pooled(shape):
+        grad_x, grad_w, grad_b = _cpu.dense_backward(grad_y, x, W, relu_x=True)
+        plain_x, plain_w, plain_b = _cpu.dense_backward(grad_y, x, W)
     np.testing.assert_array_equal(grad_x, _cpu.relu_backward(plain_x, x))
     np.testing.assert_array_equal(grad_w, plain_w)
     np.testing.assert_array_equal(grad_b, plain_b)
     want = _reference.dense_backward(grad_y, x, W, relu_x=True)
     for got, expected in zip((grad_x, grad_w, grad_b), want):
         np.testing.assert_allclose(got, expected, **tolerance(dtype))
-    # without grad_x, relu_x changes nothing
+    # without grad_x (so not as a pair), relu_x changes nothing
     none_x, *rest = _cpu.dense_backward(grad_y, x, W, need_grad_x=False, relu_x=True)
     assert none_x is None
     np.testing.assert_array_equal(rest[0], plain_w)

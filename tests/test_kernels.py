@@ -171,27 +171,6 @@ def test_conv2d_reference_chunks_the_batch(monkeypatch):
         np.testing.assert_allclose(c, w, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("case", [(64, 1, 28, 28, 6, 5, 5, 1, 2), (3, 6, 14, 14, 16, 5, 5, 1, 0),
-                                  (2, 2, 9, 17, 5, 5, 5, 1, 2)], ids=["lenet1", "lenet2", "odd"])
-def test_conv2d_float32_gemm_paths_match_reference(case):
-    """The patch-matrix GEMM paths that the direct float32 conv replaces (and that run on
-    CPUs without AVX2 + FMA) stay right: forced with _set_conv_algorithm("im2col")."""
-    from fastnn.kernels import _cpu
-    x, W, b, stride, padding = conv_inputs(case, np.float32)
-    grad_y = random(np.random.default_rng(5), run_on("numpy", kernels.conv2d_forward, x, W, b,
-                                                      stride, padding).shape, np.float32)
-    previous = _cpu._set_conv_algorithm("im2col")
-    try:
-        got = (run_on("cpu", kernels.conv2d_forward, x, W, b, stride, padding),
-               *run_on("cpu", kernels.conv2d_backward, grad_y, x, W, stride, padding))
-    finally:
-        _cpu._set_conv_algorithm(previous)
-    want = (run_on("numpy", kernels.conv2d_forward, x, W, b, stride, padding),
-            *run_on("numpy", kernels.conv2d_backward, grad_y, x, W, stride, padding))
-    for g, w in zip(got, want):
-        assert_close(g, w, np.float32)
-
-
 def test_conv2d_direct_is_deterministic():
     """The direct float32 conv (LeNet's shapes): the same bits call after call."""
     x, W, b, stride, padding = conv_inputs((64, 1, 28, 28, 6, 5, 5, 1, 2), np.float32)
@@ -851,12 +830,12 @@ def avx512_rows(request):
     the CPU has them) or on the portable loops."""
     if "cpu" not in backend.available():
         pytest.skip("compiled kernels not built")
-    from fastnn.kernels import _cpu
-    if _cpu._set_avx512_rows(request.param) != request.param:
-        _cpu._set_avx512_rows(True)
+    from fastnn.kernels import variants
+    name = "avx512" if request.param else "portable"
+    if name not in variants.applicable("row_kernels"):
         pytest.skip("this CPU has no AVX-512")
-    yield request.param
-    _cpu._set_avx512_rows(True)
+    with variants.force("row_kernels", name):
+        yield request.param
 
 
 @pytest.mark.parametrize("c", [1, 2, 10, 16, 17, 33, 100])
@@ -1026,7 +1005,7 @@ def test_dense_split_gemms_give_the_same_bits_on_a_busy_machine(dtype):
     (same seed, same weights), and must be the product."""
     if "cpu" not in backend.available():
         pytest.skip("compiled kernels not built")
-    from fastnn.kernels import _cpu
+    from fastnn.kernels import _cpu, variants
     rng = np.random.default_rng(0)
     for n, i, o in ((128, 300, 500), (130, 700, 250)):      # split by columns, by rows
         x = rng.standard_normal((n, i)).astype(dtype)       # about 2^25 flops: split
@@ -1034,15 +1013,13 @@ def test_dense_split_gemms_give_the_same_bits_on_a_busy_machine(dtype):
         b = rng.standard_normal(o).astype(dtype)
         grad_y = rng.standard_normal((n, o)).astype(dtype)
         results = []
-        old = _cpu._set_split_gemm_min_flops(2.0 ** 20)
-        try:
+        with variants.force("dense_forward", "gemm_split"), \
+                variants.force("dense_backward", "pair"):
             for busy in (False, True):
-                _cpu._set_split_gemm_min_flops(2.0 ** 20)    # wakes the team again
+                _cpu._forget_busy_cores()                # wakes the team again
                 if busy:
                     _cpu._assume_busy_cores()
                 results.append([_cpu.dense_forward(x, W, b), *_cpu.dense_backward(grad_y, x, W)])
-        finally:
-            _cpu._set_split_gemm_min_flops(old)
         for team, one_thread in zip(*results):
             np.testing.assert_array_equal(team, one_thread)
         tol = dict(rtol=1e-4, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-10)

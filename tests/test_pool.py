@@ -16,7 +16,7 @@ from fastnn import backend
 if "cpu" not in backend.available():
     pytest.skip("compiled kernels not built", allow_module_level=True)
 
-from fastnn.kernels import _cpu, _reference  # noqa: E402
+from fastnn.kernels import _cpu, _reference, variants  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 
@@ -27,13 +27,10 @@ def tolerance(dtype):
 
 @pytest.fixture
 def split_everything():
-    """Every one-sample dense forward with 32+ outputs and every GEMM from 2^10 flops
-    goes to the pool (thresholds restored afterwards)."""
-    old_gemv = _cpu._set_split_gemv_min_bytes(0)
-    old_gemm = _cpu._set_split_gemm_min_flops(2.0 ** 10)
-    yield
-    _cpu._set_split_gemv_min_bytes(old_gemv)
-    _cpu._set_split_gemm_min_flops(old_gemm)
+    """Every dense GEMM goes to the pool: the forward in blocks of the GEMM (or of the
+    GEMV's inputs, for one sample), the backward's two GEMMs as one job."""
+    with variants.force("dense_backward", "pair"):
+        yield lambda n: variants.force("dense_forward", "gemv_split" if n == 1 else "gemm_split")
 
 
 def _dense_case(rng, n, i, o, dtype):
@@ -53,20 +50,18 @@ def test_one_sample_dense_forward_same_bits_on_workers_or_caller(split_everythin
         if busy:
             _cpu._assume_busy_cores()          # the same slices, all on the caller
         else:
-            _cpu._set_split_gemm_min_flops(2.0 ** 10)   # forgets the busy state
-        runs.append(_cpu.dense_forward(x, W, b))
-        runs.append(_cpu.dense_forward(x, W, None))
+            _cpu._forget_busy_cores()
+        with split_everything(1):
+            runs.append(_cpu.dense_forward(x, W, b))
+            runs.append(_cpu.dense_forward(x, W, None))
     for got in runs[2::2]:
         np.testing.assert_array_equal(got, runs[0])
     for got in runs[3::2]:
         np.testing.assert_array_equal(got, runs[1])
     np.testing.assert_allclose(runs[0], _reference.dense_forward(x, W, b), **tolerance(dtype))
     np.testing.assert_allclose(runs[1], _reference.dense_forward(x, W, None), **tolerance(dtype))
-    unsplit = _cpu._set_split_gemv_min_bytes(1 << 62)
-    try:
+    with variants.force("dense_forward", "gemv"):
         np.testing.assert_allclose(_cpu.dense_forward(x, W, b), runs[0], **tolerance(dtype))
-    finally:
-        _cpu._set_split_gemv_min_bytes(unsplit)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -77,10 +72,11 @@ def test_split_gemms_same_bits_on_workers_or_caller(split_everything, dtype, n, 
     grad_y = rng.standard_normal((n, o)).astype(dtype)
     runs = []
     for busy in (False, True):
-        _cpu._set_split_gemm_min_flops(2.0 ** 10)
+        _cpu._forget_busy_cores()
         if busy:
             _cpu._assume_busy_cores()
-        runs.append([_cpu.dense_forward(x, W, b), *_cpu.dense_backward(grad_y, x, W)])
+        with split_everything(n):
+            runs.append([_cpu.dense_forward(x, W, b), *_cpu.dense_backward(grad_y, x, W)])
     for pool, caller in zip(*runs):
         np.testing.assert_array_equal(pool, caller)
     want = [_reference.dense_forward(x, W, b), *_reference.dense_backward(grad_y, x, W)]
@@ -111,8 +107,13 @@ def test_nested_pool_jobs_run_serially_on_their_caller():
 def test_concurrent_calls_from_python_threads(split_everything):
     rng = np.random.default_rng(5)
     one = _dense_case(rng, 1, 785, 257, np.float32)
-    many = _dense_case(rng, 64, 300, 200, np.float64)
+    many = _dense_case(rng, 64, 600, 200, np.float64)
     grad_y = rng.standard_normal((64, 200))
+    if _cpu.threads() > 1 and _cpu.blas_thread_control():     # both split by the chooser
+        assert variants.chosen("dense_forward", x_shape=(1, 785), w_shape=(785, 257)) == \
+            "gemv_split"
+        assert variants.chosen("dense_forward", x_shape=(64, 600), w_shape=(600, 200),
+                               dtype=np.float64) == "gemm_split"
     want_one = _cpu.dense_forward(*one)
     want_many = [_cpu.dense_forward(*many), *_cpu.dense_backward(grad_y, *many[:2])]
     failures = []
@@ -140,8 +141,6 @@ FORK_SCRIPT = textwrap.dedent("""
     import multiprocessing, os, sys
     import numpy as np
     from fastnn.kernels import _cpu
-    _cpu._set_split_gemv_min_bytes(0)
-    _cpu._set_split_gemm_min_flops(2.0 ** 10)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 785)).astype(np.float32)
     W = rng.standard_normal((785, 257)).astype(np.float32)
@@ -173,38 +172,37 @@ FORK_SCRIPT = textwrap.dedent("""
 def test_pool_after_fork_recreates_its_workers():
     if _cpu.threads() < 2 or not _cpu.blas_thread_control():
         pytest.skip("one thread: the pool starts no workers")
-    done = run_python(FORK_SCRIPT)
+    # every dense forward in blocks over the pool (the one sample's too)
+    done = run_python(FORK_SCRIPT, env={"FASTNN_VARIANT_DENSE_FORWARD": "gemm_split"})
     assert done.returncode == 0 and "fork ok" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("case", [
-    (9, 1, 12, 11, 6, 5, 5, 2),      # im2col columns (one input channel), LeNet's conv1 shape
-    (7, 6, 14, 13, 16, 5, 5, 0),     # patch rows, grad_x by col2im
-    (5, 33, 7, 9, 5, 3, 3, 1),       # patch rows, grad_x by the transposed conv
+    (9, 1, 12, 11, 6, 5, 5, 2, "columns", "columns"),     # LeNet's conv1 shape
+    (7, 6, 14, 13, 16, 5, 5, 0, "rows", "rows_col2im"),
+    (5, 33, 7, 9, 5, 3, 3, 1, "rows", "rows_transposed"),
 ])
 def test_conv_samples_same_bits_on_workers_or_caller(dtype, case):
     """Conv samples (forward) and sample chunks (backward) run on the pool: the
     same bits whether the workers take some or the caller takes all, and the
     NumPy reference's values."""
-    n, c, h, w, k, kh, kw, pad = case
+    n, c, h, w, k, kh, kw, pad, forward, backward = case
     rng = np.random.default_rng(n * c * k)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     W = rng.standard_normal((k, c, kh, kw)).astype(dtype)
     b = rng.standard_normal(k).astype(dtype)
-    old = _cpu._set_conv_algorithm("im2col")         # Winograd has its own threading
-    try:
-        runs = []
-        for busy in (False, True, False):
-            if busy:
-                _cpu._assume_busy_cores()
-            else:
-                _cpu._set_split_gemm_min_flops(_cpu._set_split_gemm_min_flops(0))  # not busy
+    runs = []
+    for busy in (False, True, False):
+        if busy:
+            _cpu._assume_busy_cores()
+        else:
+            _cpu._forget_busy_cores()
+        with variants.force("conv2d_forward", forward), \
+                variants.force("conv2d_backward", backward):
             y = _cpu.conv2d_forward(x, W, b, (1, 1), (pad, pad))
             grad_y = np.cos(y)
             runs.append((y, *_cpu.conv2d_backward(grad_y, x, W, (1, 1), (pad, pad))))
-    finally:
-        _cpu._set_conv_algorithm(old)
     for run in runs[1:]:
         for got, first in zip(run, runs[0]):
             np.testing.assert_array_equal(got, first)
@@ -233,21 +231,18 @@ def test_sgd_step_in_blocks_same_bits_on_workers_or_caller(dtype, momentum, weig
         if busy:
             _cpu._assume_busy_cores()
         else:
-            _cpu._set_split_gemm_min_flops(_cpu._set_split_gemm_min_flops(0))   # not busy
+            _cpu._forget_busy_cores()
         p, buf = p0.copy(), buf0.copy()
         _cpu.sgd_step(p, g, buf if momentum else None, 0.1, momentum, weight_decay, l1,
                       nesterov, False)
         runs.append((p, buf))
-    _cpu._set_split_gemm_min_flops(_cpu._set_split_gemm_min_flops(0))
+    _cpu._forget_busy_cores()
     for got, first in zip(runs[1], runs[0]):
         np.testing.assert_array_equal(got, first)
     if dtype == np.float32 and momentum and not weight_decay:   # the AVX-512 loop: same bits
-        try:
-            _cpu._set_avx_sgd(False)
+        with variants.force("sgd_step", "portable"):
             p, buf = p0.copy(), buf0.copy()
             _cpu.sgd_step(p, g, buf, 0.1, momentum, 0.0, 0.0, nesterov, False)
-        finally:
-            _cpu._set_avx_sgd(True)
         np.testing.assert_array_equal(p, runs[0][0])
         np.testing.assert_array_equal(buf, runs[0][1])
     d = g.astype(np.float64) + weight_decay * p0 + l1 * np.sign(p0)

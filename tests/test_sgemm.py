@@ -10,7 +10,7 @@ from fastnn import backend
 if "cpu" not in backend.available():
     pytest.skip("compiled kernels not built", allow_module_level=True)
 
-from fastnn.kernels import _cpu, _reference  # noqa: E402
+from fastnn.kernels import _cpu, _reference, variants  # noqa: E402
 
 if not _cpu.own_sgemm_supported():
     pytest.skip("no AVX-512 on this CPU: BLAS runs every GEMM", allow_module_level=True)
@@ -24,9 +24,8 @@ SHAPES = [  # (m, n, k)
 
 @pytest.fixture
 def own_engine():
-    old = _cpu._set_gemm_engine("own")
-    yield
-    _cpu._set_gemm_engine(old)
+    with variants.force("gemm", "own"):
+        yield
 
 
 def operands(rng, m, n, k, trans_a, trans_b):
@@ -96,39 +95,34 @@ def test_strided_views_leave_the_rest_alone(own_engine, trans_a, trans_b):
 def test_blocks_over_the_pool_give_the_same_bits(own_engine, trans_a, trans_b):
     """Each value's sum runs in the same order whatever the block of C: split over
     the pool (rows or columns) or not, the bits are equal."""
-    old = _cpu._set_split_gemm_min_flops(2.0 ** 10)
-    try:
-        rng = np.random.default_rng(11)
-        for m, n, k in [(300, 70, 500), (70, 300, 129)]:
-            a, b = operands(rng, m, n, k, trans_a, trans_b)
-            whole = _cpu._gemm_into(a, b, np.empty((m, n), np.float32), trans_a, trans_b)
-            split = _cpu._gemm_into(a, b, np.empty((m, n), np.float32), trans_a, trans_b,
-                                    split=True)
-            np.testing.assert_array_equal(whole, split)
-    finally:
-        _cpu._set_split_gemm_min_flops(old)
+    _cpu._forget_busy_cores()                  # the blocks on the pool's workers
+    rng = np.random.default_rng(11)
+    for m, n, k in [(300, 70, 500), (70, 300, 129)]:
+        a, b = operands(rng, m, n, k, trans_a, trans_b)
+        whole = _cpu._gemm_into(a, b, np.empty((m, n), np.float32), trans_a, trans_b)
+        split = _cpu._gemm_into(a, b, np.empty((m, n), np.float32), trans_a, trans_b,
+                                split=True)
+        np.testing.assert_array_equal(whole, split)
 
 
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("m,n,k,lda", [(13, 33, 17, 17), (129, 257, 130, 130), (25, 70, 385, 400),
                                        (30, 40, 1000, 1024), (530, 40, 9, 9)])
-def test_a_read_in_place_gives_the_bits_of_a_packed_a(own_engine, m, n, k, lda, trans_b):
-    """An untransposed A is read where it lies (rows a multiple of 4 KB apart excepted),
-    ragged row tiles reading row 0 again for their missing rows."""
+def test_a_read_in_place_gives_the_bits_of_a_packed_a(m, n, k, lda, trans_b):
+    """An untransposed A is read where it lies (variant "own"; rows a multiple of 4 KB
+    apart excepted), ragged row tiles reading row 0 again for their missing rows: the
+    bits of "own_packed"."""
     rng = np.random.default_rng(m + n + k)
     a = rng.standard_normal((m, lda)).astype(np.float32)[:, :k]
     _, b = operands(rng, m, n, k, False, trans_b)
     out = {}
-    try:
-        for direct in (True, False):
-            _cpu._set_direct_a(direct)
-            out[direct] = np.full((m, n), np.nan, np.float32)
-            _cpu._gemm_into(a, b, out[direct], False, trans_b)
-    finally:
-        _cpu._set_direct_a(True)
-    np.testing.assert_array_equal(out[True], out[False])
+    for variant in ("own", "own_packed"):
+        with variants.force("gemm", variant):
+            out[variant] = np.full((m, n), np.nan, np.float32)
+            _cpu._gemm_into(a, b, out[variant], False, trans_b)
+    np.testing.assert_array_equal(out["own"], out["own_packed"])
     ref, bound = expected(a, b, False, trans_b)
-    assert np.all(np.abs(out[True] - ref) <= bound)
+    assert np.all(np.abs(out["own"] - ref) <= bound)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -171,8 +165,7 @@ def test_epilogue_relu_keeps_nan():
     b = np.array([[np.nan, -0.0, -2.0, 3.0] * 10], np.float32)    # (1, 40)
     mask = np.tile(np.array([1.0, np.nan, 0.0, -1.0] * 10, np.float32), (20, 1))
     for engine in ("own", "blas"):
-        old = _cpu._set_gemm_engine(engine)
-        try:
+        with variants.force("gemm", engine):
             c, relu = np.empty((20, 40), np.float32), np.empty((20, 40), np.float32)
             _cpu._gemm_into(a, b, c, relu=relu)
             np.testing.assert_array_equal(relu, _cpu.relu_forward(c))
@@ -180,15 +173,15 @@ def test_epilogue_relu_keeps_nan():
             _cpu._gemm_into(a, b, c, mask=mask)
             assert np.isnan(c[:, ::4]).all() and (c[:, 1::4] == 0).all()
             np.testing.assert_array_equal(c[:, 2::4], 0)
-        finally:
-            _cpu._set_gemm_engine(old)
 
 
 def test_engine_names():
-    with pytest.raises(ValueError, match="_set_gemm_engine"):
-        _cpu._set_gemm_engine("mkl")
-    old = _cpu._set_gemm_engine("blas")
-    assert _cpu._set_gemm_engine(old) == "blas"
+    assert variants.names("gemm") == ("own", "own_packed", "blas")
+    with pytest.raises(ValueError, match="gemm has no variant 'mkl'"):
+        with variants.force("gemm", "mkl"):
+            pass
+    with variants.force("gemm", "blas"):
+        assert variants.forced("gemm") == "blas"
 
 
 def test_gemm_into_rejects_bad_operands():
@@ -212,19 +205,17 @@ def test_dense_layer_on_the_own_kernel(own_engine, n):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("algorithm", ["im2col", "winograd"])
-def test_conv_on_the_own_kernel(own_engine, algorithm):
+@pytest.mark.parametrize("forward, backward", [("rows", "rows_col2im"),
+                                               ("winograd", "winograd")])
+def test_conv_on_the_own_kernel(own_engine, forward, backward):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 8, 11, 9)).astype(np.float32)
     W = rng.standard_normal((20, 8, 3, 3)).astype(np.float32)
     b = rng.standard_normal(20).astype(np.float32)
-    old = _cpu._set_conv_algorithm(algorithm)
-    try:
+    with variants.force("conv2d_forward", forward), variants.force("conv2d_backward", backward):
         y = _cpu.conv2d_forward(x, W, b, (1, 1), (1, 1))
         g = rng.standard_normal(y.shape).astype(np.float32)
         grads = _cpu.conv2d_backward(g, x, W, (1, 1), (1, 1))
-    finally:
-        _cpu._set_conv_algorithm(old)
     np.testing.assert_allclose(y, _reference.conv2d_forward(x, W, b, (1, 1), (1, 1)),
                                rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, _reference.conv2d_backward(g, x, W, (1, 1), (1, 1))):
@@ -240,7 +231,7 @@ def test_python_threads_each_pack_in_their_own_buffers(own_engine):
     cases = [operands(rng, m, n, k, ta, tb) + (ta, tb)
              for (m, n, k), (ta, tb) in zip([(130, 200, 400), (64, 300, 120), (200, 96, 777)],
                                             [(False, False), (True, False), (False, True)])]
-    # alone, on the own kernel (under FASTNN_GEMM=blas too)
+    # alone, on the own kernel (under FASTNN_VARIANT_GEMM=blas too)
     want = [_cpu._gemm_into(a, b, np.empty((a.shape[1] if ta else a.shape[0],
                                             b.shape[0] if tb else b.shape[1]), np.float32), ta, tb)
             for a, b, ta, tb in cases]
@@ -256,13 +247,10 @@ def test_python_threads_each_pack_in_their_own_buffers(own_engine):
         except Exception as exc:          # reported by the main thread
             failures.append(exc)
 
-    old_split = _cpu._set_split_gemm_min_flops(2.0 ** 10)
-    try:
-        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        _cpu._set_split_gemm_min_flops(old_split)
+    _cpu._forget_busy_cores()
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert not failures, failures[0]

@@ -1,14 +1,14 @@
 """The compiled Winograd F(2x2, 3x3) conv (csrc/winograd_template.h) against the NumPy
 reference: forward, grad_x, grad_W, grad_b on odd and even sizes, every padding it
-takes, few and many channels, float32 and float64 (forced with
-``_cpu._set_conv_algorithm("winograd")``); its blocking, determinism, and when
-``auto`` chooses it."""
+takes, few and many channels, float32 and float64 (the variant "winograd" forced with
+``fastnn.kernels.variants.force``); its blocking, determinism, and when the chooser
+takes it."""
 import numpy as np
 import pytest
 
 from _helpers import run_python
 from fastnn import backend, kernels
-from fastnn.kernels import _reference
+from fastnn.kernels import _reference, variants
 
 _cpu = pytest.importorskip("fastnn.kernels._cpu")
 
@@ -19,12 +19,12 @@ TOLERANCE = {np.float32: 1e-4, np.float64: 1e-12}
 
 @pytest.fixture
 def winograd():
-    """Force Winograd wherever it applies, on the compiled backend."""
+    """Force Winograd (forward and backward), on the compiled backend."""
     previous_backend = backend.current()
     backend.use("cpu")
-    previous = _cpu._set_conv_algorithm("winograd")
-    yield
-    _cpu._set_conv_algorithm(previous)
+    with variants.force("conv2d_forward", "winograd"), \
+            variants.force("conv2d_backward", "winograd"):
+        yield
     backend.use(previous_backend)
 
 
@@ -77,7 +77,9 @@ def test_winograd_matches_reference(winograd, case, dtype):
     n, c, k, h, w, padding = case
     padding = kernels.pair(padding, "padding", "test", 0)
     x, W, b = inputs(n, c, k, h, w, dtype)
-    assert _cpu._conv_choice(x.shape, W.shape, (1, 1), padding, dtype) == "winograd"
+    assert variants.forced("conv2d_forward") == "winograd"
+    assert "winograd" in variants.applicable("conv2d_backward", x_shape=x.shape,
+                                             w_shape=W.shape, padding=padding, dtype=dtype)
     oh, ow = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
     grad_y = np.random.default_rng(1).standard_normal((n, k, oh, ow)).astype(dtype)
     assert_matches_reference(run(x, W, b, grad_y, padding), reference(x, W, b, grad_y, padding),
@@ -147,9 +149,9 @@ def test_winograd_same_bits_on_repeated_calls(winograd):
 DIGEST_SCRIPT = """
     import hashlib, numpy as np
     from fastnn import backend, kernels
-    from fastnn.kernels import _cpu
+    from fastnn.kernels import _cpu, variants
     backend.use("cpu")
-    _cpu._set_conv_algorithm("winograd")
+    assert variants.forced("conv2d_forward") == variants.forced("conv2d_backward") == "winograd"
     _cpu._set_winograd_tiles(18)              # many units and several chunks
     rng = np.random.default_rng(11)
     x = rng.standard_normal((9, 16, 20, 22)).astype(np.float32)
@@ -165,7 +167,9 @@ def test_winograd_same_bits_on_one_and_two_threads():
     """The blocks and the order of the grad_W sums do not depend on the thread count."""
     digests = []
     for threads in ("1", "2"):
-        result = run_python(DIGEST_SCRIPT, env={"OMP_NUM_THREADS": threads})
+        result = run_python(DIGEST_SCRIPT, env={"OMP_NUM_THREADS": threads,
+                                                "FASTNN_VARIANT_CONV2D_FORWARD": "winograd",
+                                                "FASTNN_VARIANT_CONV2D_BACKWARD": "winograd"})
         assert result.returncode == 0, result.stderr
         count, digest = result.stdout.split()
         assert count == threads
@@ -176,31 +180,34 @@ def test_winograd_same_bits_on_one_and_two_threads():
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding, dtype, choice", [
     ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), np.float32, "winograd"),   # W4
     ((64, 16, 14, 14), (32, 16, 3, 3), (1, 1), (0, 2), np.float32, "winograd"),
-    ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), np.float64, "im2col"),     # exact path
-    ((64, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), np.float32, "im2col"),        # LeNet conv1
-    ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), np.float32, "im2col"),       # LeNet conv2
-    ((32, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),       # 3 channels in
+    ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), np.float64, "other"),      # exact path
+    ((64, 1, 28, 28), (6, 1, 5, 5), (1, 1), (2, 2), np.float32, "other"),         # LeNet conv1
+    ((64, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0), np.float32, "other"),        # LeNet conv2
+    ((32, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1), np.float32, "other"),        # 3 channels in
     ((32, 4, 32, 32), (4, 4, 3, 3), (1, 1), (1, 1), np.float32, "winograd"),
-    ((32, 64, 32, 32), (3, 64, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),      # 3 channels out
-    ((32, 64, 32, 32), (64, 64, 3, 3), (2, 2), (1, 1), np.float32, "im2col"),     # stride 2
-    ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (3, 3), np.float32, "im2col"),     # padding 3
-    ((32, 64, 2, 2), (64, 64, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),       # 2x2 output
-    ((1, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), np.float32, "im2col"),   # few tiles in all
+    ((32, 64, 32, 32), (3, 64, 3, 3), (1, 1), (1, 1), np.float32, "other"),       # 3 channels out
+    ((32, 64, 32, 32), (64, 64, 3, 3), (2, 2), (1, 1), np.float32, "other"),      # stride 2
+    ((32, 64, 32, 32), (64, 64, 3, 3), (1, 1), (3, 3), np.float32, "other"),      # padding 3
+    ((32, 64, 2, 2), (64, 64, 3, 3), (1, 1), (1, 1), np.float32, "other"),        # 2x2 output
+    ((1, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), np.float32, "other"),    # few tiles in all
     ((4, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), np.float32, "winograd"),
 ])
 def test_auto_chooses_winograd_where_it_pays(x_shape, w_shape, stride, padding, dtype, choice):
-    assert _cpu._conv_choice(x_shape, w_shape, stride, padding, dtype) == choice
+    geometry = dict(x_shape=x_shape, w_shape=w_shape, stride=stride, padding=padding, dtype=dtype)
+    for op in ("conv2d_forward", "conv2d_backward"):
+        assert (variants.chosen(op, **geometry) == "winograd") == (choice == "winograd")
 
 
-def test_forced_winograd_leaves_other_convs_to_the_patch_matrices(winograd):
-    """A 5x5 kernel or stride 2 under "winograd" still runs (the im2col path)."""
-    assert _cpu._conv_choice((2, 3, 8, 8), (4, 3, 5, 5), (1, 1), (2, 2), np.float64) == "im2col"
+def test_forced_winograd_rejects_other_convs(winograd):
+    """A 5x5 kernel or stride 2 under a forced "winograd" raises, saying why."""
     x, W, b = inputs(2, 3, 4, 8, 8, np.float64)
     W5 = np.random.default_rng(12).standard_normal((4, 3, 5, 5))
-    np.testing.assert_allclose(kernels.conv2d_forward(x, W5, b, 1, 2),
-                               _reference.conv2d_forward(x, W5, b, (1, 1), (2, 2)), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(kernels.conv2d_forward(x, W, b, 2, 1),
-                               _reference.conv2d_forward(x, W, b, (2, 2), (1, 1)), rtol=1e-12, atol=1e-12)
+    assert "winograd" not in variants.applicable("conv2d_forward", x_shape=x.shape,
+                                                 w_shape=W5.shape, padding=2)
+    with pytest.raises(ValueError, match="conv2d_forward: variant 'winograd' .*3x3 kernel"):
+        kernels.conv2d_forward(x, W5, b, 1, 2)
+    with pytest.raises(ValueError, match="conv2d_backward: variant 'winograd' .*stride 1"):
+        kernels.conv2d_backward(np.zeros((2, 4, 4, 4)), x, W, 2, 1)
 
 
 def test_auto_winograd_float32_matches_reference():
@@ -210,13 +217,9 @@ def test_auto_winograd_float32_matches_reference():
     try:
         x, W, b = inputs(4, 64, 64, 32, 32, np.float32, seed=13)
         grad_y = np.random.default_rng(14).standard_normal((4, 64, 32, 32)).astype(np.float32)
-        assert _cpu._conv_choice(x.shape, W.shape, (1, 1), (1, 1), np.float32) == "winograd"
+        assert variants.chosen("conv2d_forward", x_shape=x.shape, w_shape=W.shape, padding=1,
+                               dtype=np.float32) == "winograd"
         assert_matches_reference(run(x, W, b, grad_y, 1), reference(x, W, b, grad_y, (1, 1)),
                                  np.float32)
     finally:
         backend.use(previous)
-
-
-def test_set_conv_algorithm_rejects_unknown_names():
-    with pytest.raises(ValueError, match="_set_conv_algorithm"):
-        _cpu._set_conv_algorithm("fft")

@@ -523,3 +523,6 @@ def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
     inv_sqrt_bc2 = 1 / math.sqrt(1 - beta2 ** step)
     _impl(param).adam_step(param, grad, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps,
                            weight_decay)
+
+
+from . import variants  # noqa: E402  (reads FASTNN_VARIANT_* once the kernels are importable)

@@ -160,12 +160,17 @@ cdef int _sample_threads(long n):
 # concurrent callers never share a buffer.
 _workspace_pool = []
 
-# Which conv algorithm runs: chosen per shape (CONV_AUTO), or forced for tests and
-# measurements (_set_conv_algorithm; see the Winograd section below).
-DEF CONV_AUTO = 0
-DEF CONV_WINOGRAD = 1
-DEF CONV_IM2COL = 2
-cdef int _conv_algorithm = CONV_AUTO
+# Which conv variant runs (one id per code path; fastnn/kernels/variants.py names
+# them): chosen per call by _conv_forward_pick / _conv_backward_pick, or forced
+# (_force_conv, see "variants" at the end of this file). 0: not forced.
+DEF V_WINOGRAD = 1
+DEF V_DIRECT = 2         # float32 direct conv (forward), grad_W by it (backward)
+DEF V_POINTWISE = 3      # 1x1 stride 1 unpadded: x is its own patch matrix
+DEF V_ROWS = 4           # patch rows; backward: grad_x by the transposed conv
+DEF V_ROWS_COL2IM = 5    # backward: grad_W on patch rows, grad_x by col2im
+DEF V_COLUMNS = 6        # im2col columns, grad_x by col2im
+cdef int _conv_forward_forced = 0
+cdef int _conv_backward_forced = 0
 
 
 def _take_workspace(Py_ssize_t count, dtype):
@@ -201,18 +206,13 @@ cdef inline bint _transposable(const fnn_geometry *g) noexcept nogil:
 # copy) and im2col's long rows win: measured per thread, LeNet's 1->6 5x5 conv
 # took 0.48 + 1.2 ms (forward + backward) on columns against 1.6 + 2.9 on rows;
 # from 6 channels up the rows are as fast or faster (64 -> 64 3x3: 15.5 + 31.4
-# against 16.1 + 37.0 ms).
+# against 16.1 + 37.0 ms). Tuned on: AMD EPYC Zen 4, 2 vCPUs, KVM.
 DEF ROWS_MIN_CHANNELS = 4
 
 
 cdef inline bint _by_rows(const fnn_geometry *g) noexcept nogil:
-    """Whether the forward pass uses patch rows (else im2col columns)."""
+    """Whether the chooser takes patch rows (else im2col columns) for this geometry."""
     return g.c >= ROWS_MIN_CHANNELS and not _pointwise(g)
-
-
-cdef inline bint _backward_by_rows(const fnn_geometry *g) noexcept nogil:
-    """Whether the backward pass takes grad_W on patch rows."""
-    return _by_rows(g) and _transposable(g)
 
 
 # From this many input channels up, grad_x is the transposed conv (patch rows of
@@ -222,22 +222,15 @@ cdef inline bint _backward_by_rows(const fnn_geometry *g) noexcept nogil:
 # (two alternated rounds, load 1-1.5), col2im against transposed: LeNet's conv
 # (N64 C6 14x14 K16 5x5) 1.27-1.39 against 1.89-2.15 ms; N32 C16 16x16 K32 3x3
 # 2.70-3.13 against 3.00-3.04; N16 C32 2.56-2.79 against 2.36-2.75; N8 C64
-# 32x32 K64 3x3 16.6-17.0 against 16.4-17.0 ms.
+# 32x32 K64 3x3 16.6-17.0 against 16.4-17.0 ms. Tuned on: AMD EPYC Zen 4, 2 vCPUs,
+# KVM.
 DEF TRANSPOSED_MIN_CHANNELS = 32
 
-
-cdef inline bint _grad_x_transposed(const fnn_geometry *g) noexcept nogil:
-    """Whether grad_x is the transposed conv (else W.T @ grad_y + col2im)."""
-    return _backward_by_rows(g) and g.c >= TRANSPOSED_MIN_CHANNELS
-
-
-cdef inline bint _direct_grad_w(const fnn_geometry *g, long k) noexcept nogil:
-    """Whether a float32 backward pass takes grad_W by the direct conv (grad_W in
-    (K, C, kh, kw) order; grad_x, if wanted, by W.T @ grad_y and col2im): where the
-    forward is direct and the patches would be im2col columns (few channels). One
-    thread, batch 64: LeNet's conv1 backward (grad_W, grad_b) 424 -> 310 us; on
-    LeNet's conv2 (10-pixel rows, 6 channels) it took 1650 us against 1220 on rows."""
-    return _direct(g, k) and not _by_rows(g)
+# A float32 backward pass takes grad_W by the direct conv (V_DIRECT: grad_W in
+# (K, C, kh, kw) order; grad_x, if wanted, by W.T @ grad_y and col2im) where the
+# forward would be direct and the patches im2col columns (few channels). One
+# thread, batch 64: LeNet's conv1 backward (grad_W, grad_b) 424 -> 310 us; on
+# LeNet's conv2 (10-pixel rows, 6 channels) it took 1650 us against 1220 on rows.
 
 
 cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept nogil:
@@ -262,32 +255,29 @@ cdef inline long _forward_workspace(const fnn_geometry *g, long k) noexcept nogi
                fnn_direct_conv_workspace(g))
 
 
-cdef inline bint _direct(const fnn_geometry *g, long k) noexcept nogil:
-    """Whether a float32 forward pass runs the direct conv (csrc/direct_conv.c)."""
-    return _conv_algorithm == CONV_AUTO and fnn_direct_conv_fits(g, k) and not _pointwise(g)
-
-
 cdef void _conv_forward_sample(const floating *x, const floating *weights,
                                const floating *bias, floating *y, floating *work,
-                               const fnn_geometry *g, long k, int parallel) noexcept nogil:
+                               const fnn_geometry *g, long k, int parallel,
+                               int variant) noexcept nogil:
     """One sample: y (K, OH*OW) = (im2row(x) @ weights (K, kh*kw*C).T).T + b on
-    patch rows, or weights (K, C*kh*kw) @ im2col(x) + b on columns (``_by_rows``).
-    work: ``_forward_workspace`` elements. ``parallel``: split the copies over
-    OpenMP (when samples run one after the other)."""
+    patch rows (V_ROWS), or weights (K, C*kh*kw) @ im2col(x) + b on columns, or the
+    direct conv (V_DIRECT, float32), or W @ x (V_POINTWISE). work:
+    ``_forward_workspace`` elements. ``parallel``: split the copies over OpenMP
+    (when samples run one after the other)."""
     cdef long kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
     cdef floating beta = 0
     cdef floating *rows = work + _forward_first(g, k)
     if floating is float:
-        if _direct(g, k):        # weights (C*kh*kw, kp), bias (kp,): see conv2d_forward
+        if variant == V_DIRECT:  # weights (C*kh*kw, kp), bias (kp,): see conv2d_forward
             fnn_direct_conv_forward_f(x, g, weights, k, bias, y, work)
             return
-    if bias != NULL and not _by_rows(g):
+    if bias != NULL and variant != V_ROWS:
         _broadcast(y, bias, k, ohw, 1)
         beta = 1
-    if _pointwise(g):      # y = W (K, C) @ x (C, H*W)
+    if variant == V_POINTWISE:      # y = W (K, C) @ x (C, H*W)
         _gemm(False, False, <int>k, <int>ohw, <int>g.c, 1, weights, <int>g.c,
               x, <int>ohw, beta, y, <int>ohw)
-    elif _by_rows(g):
+    elif variant == V_ROWS:
         _transpose(x, g.c, g.h * g.w, work, parallel)
         _im2row(work, g, rows, parallel)
         # y.T (OH*OW, K) = rows @ weights.T into the first buffer (free again), then
@@ -316,7 +306,7 @@ ctypedef struct _conv_job:
     void *workspace
     const fnn_geometry *g
     long n, k, per_thread, chunks, first, stride_c
-    int threads
+    int threads, variant
 
 
 cdef inline void _conv_forward_job_sample(const _conv_job *job, long s,
@@ -327,7 +317,7 @@ cdef inline void _conv_forward_job_sample(const _conv_job *job, long s,
     cdef long mine = fnn_pool_thread_index() * job.per_thread
     _conv_forward_sample(<const floating*>job.x + s * chw, <const floating*>job.weights,
                          <const floating*>job.bias, <floating*>job.y + s * kohw,
-                         <floating*>job.workspace + mine, g, job.k, 0)
+                         <floating*>job.workspace + mine, g, job.k, 0, job.variant)
 
 
 cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
@@ -340,7 +330,7 @@ cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
 
 cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
                         floating *y, floating *workspace, long n, const fnn_geometry *g,
-                        long k, int threads) noexcept nogil:
+                        long k, int threads, int variant) noexcept nogil:
     cdef long s
     cdef long ohw = g.oh * g.ow, chw = g.c * g.h * g.w
     cdef long per_thread = _forward_workspace(g, k)
@@ -350,14 +340,14 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
             fnn_blas_single_begin()
         for s in range(n):
             _conv_forward_sample(x + s * chw, weights, bias, y + s * k * ohw, workspace,
-                                 g, k, fnn_max_threads() > 1)
+                                 g, k, fnn_max_threads() > 1, variant)
         if small:
             fnn_blas_single_end()
         return
     cdef _conv_job job
     job.single = floating is float
     job.x, job.weights, job.bias, job.y, job.workspace = x, weights, bias, y, workspace
-    job.g, job.k, job.per_thread = g, k, per_thread
+    job.g, job.k, job.per_thread, job.variant = g, k, per_thread, variant
     fnn_blas_single_begin()
     # on the worker pool, samples taken dynamically: a thread that loses its core
     # for a while (shared machine) leaves its samples to the others
@@ -382,23 +372,10 @@ cdef void _conv_forward(const floating *x, const floating *weights, const floati
 # on 4x4 outputs 1.32x, on 3x3 0.87x, on 2x2 0.93x (mostly padding tiles);
 # N=1 16x16 C=K=64 1.06x, C=K=128 0.94x, N=1 14x14 C=K=256 0.78x, N=2 8x8
 # C=K=64 0.89x, but N=8 8x8 C=K=128 1.33x and N=4 14x14 C=K=512 1.21x.
+# Tuned on: AMD EPYC Zen 4, 2 vCPUs, KVM.
 DEF WINOGRAD_MIN_CHANNELS = 4
 DEF WINOGRAD_MIN_PIXELS = 16
 DEF WINOGRAD_MIN_BATCH_PIXELS = 512
-_CONV_ALGORITHMS = {"auto": CONV_AUTO, "winograd": CONV_WINOGRAD, "im2col": CONV_IM2COL}
-
-
-def _set_conv_algorithm(str name):
-    """Choose the conv algorithm (for tests and measurements): "auto", "winograd"
-    (wherever it applies: 3x3, stride 1, padding <= 2, float32 and float64) or
-    "im2col" (the patch-matrix GEMMs, no direct conv either); returns the previous name."""
-    global _conv_algorithm
-    if name not in _CONV_ALGORITHMS:
-        raise ValueError(f"_set_conv_algorithm: name must be one of {sorted(_CONV_ALGORITHMS)}, "
-                         f"got {name!r}")
-    old = [key for key, value in _CONV_ALGORITHMS.items() if value == _conv_algorithm][0]
-    _conv_algorithm = _CONV_ALGORITHMS[name]
-    return old
 
 
 def _set_winograd_tiles(long tiles):
@@ -407,24 +384,18 @@ def _set_winograd_tiles(long tiles):
     return fnn_winograd_set_tiles(tiles)
 
 
-cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single):
-    """Whether this conv runs as Winograd F(2x2, 3x3) (see above)."""
-    if not (g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1 and g.ph <= 2 and g.pw <= 2
-            and n > 0 and k > 0 and g.c > 0) or _conv_algorithm == CONV_IM2COL:
-        return False
-    if _conv_algorithm == CONV_WINOGRAD:
-        return True
-    return (single and g.c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS
+cdef inline bint _winograd_fits(const fnn_geometry *g, long n, long k) noexcept nogil:
+    """Whether Winograd F(2x2, 3x3) can run this conv (either dtype)."""
+    return (g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1 and g.ph <= 2 and g.pw <= 2
+            and n > 0 and k > 0 and g.c > 0)
+
+
+cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single) noexcept nogil:
+    """Whether the chooser takes Winograd F(2x2, 3x3) for this conv (see above)."""
+    return (_winograd_fits(g, n, k) and single
+            and g.c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS
             and g.oh * g.ow >= WINOGRAD_MIN_PIXELS
             and n * g.oh * g.ow >= WINOGRAD_MIN_BATCH_PIXELS)
-
-
-def _conv_choice(tuple x_shape, tuple w_shape, tuple stride, tuple padding, dtype):
-    """"winograd" or "im2col": what conv2d_forward/backward run for these arguments."""
-    cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], w_shape[2], w_shape[3],
-                                    stride, padding)
-    return ("winograd" if _use_winograd(&g, x_shape[0], w_shape[0], np.dtype(dtype) == np.float32)
-            else "im2col")
 
 
 cdef int _winograd_threads():
@@ -504,18 +475,21 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     workspace) and transposes it into y[n] (NCHW) adding the bias (1x1 convs, and
     im2col columns below 4 channels: one GEMM straight into y[n]).
     Workspace: threads * (max(C*H*W, K*OH*OW) + OH*OW*C*kh*kw) elements, whatever
-    N is. 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
+    N is. Which path runs: ``_conv_forward_pick`` (or the variant forced, see the end
+    of this file). 3x3 stride-1 convs where ``_use_winograd``: Winograd F(2x2, 3x3), 16*C*K
     elements of transformed weights + per thread one block of 128-256 tiles (its
     transformed tiles, 16*tiles*(C+K) elements, and its input and output regions).
     float32 stride-1 convs with at most 16 output channels and rows of at least 8
-    pixels (``_direct``, on CPUs with AVX2 + FMA) run the direct conv of
+    pixels (V_DIRECT, on CPUs with AVX2 + FMA) run the direct conv of
     csrc/direct_conv.c per sample instead: no patch matrix, the padded input
     (C*(H+2ph)*(W+2pw) elements) in the workspace.
     """
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
-    if _use_winograd(&g, n, k, _is_float32(x)):
+    _check_gemm_forced(_is_float32(x))
+    cdef int variant = _conv_variant(False, &g, n, k, _is_float32(x))
+    if variant == V_WINOGRAD:
         return _winograd_forward(x, W, b, &g, k)
     cdef int threads = _sample_threads(n)
     cdef long per_thread = _forward_workspace(&g, k)
@@ -523,7 +497,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
     cdef cnp.ndarray weights = W
     cdef long kp
-    if _is_float32(x) and _direct(&g, k):     # (C*kh*kw, kp) and a bias (kp,), zero-padded
+    if variant == V_DIRECT:      # float32: (C*kh*kw, kp) and a bias (kp,), zero-padded
         kp = (k + fnn_direct_conv_block(k) - 1) // fnn_direct_conv_block(k) * fnn_direct_conv_block(k)
         weights = np.zeros((W.size // k, kp), dtype=np.float32)
         weights[:, :k] = W.reshape(k, -1).T
@@ -531,7 +505,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
         if b is not None:
             padded[:k] = b
         b = padded
-    elif _by_rows(&g):           # (K, kh, kw, C): the patch rows' order
+    elif variant == V_ROWS:      # (K, kh, kw, C): the patch rows' order
         weights = np.ascontiguousarray(W.transpose(0, 2, 3, 1))
     cdef void *px = _data(x)
     cdef void *pw = _data(weights)
@@ -542,10 +516,10 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     with nogil:
         if single:
             _conv_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, <float*>pws,
-                          n, &g, k, threads)
+                          n, &g, k, threads, variant)
         else:
             _conv_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, <double*>pws,
-                          n, &g, k, threads)
+                          n, &g, k, threads, variant)
     _give_back(workspace)
     return y
 
@@ -559,21 +533,22 @@ cdef inline long _padded_plane(const fnn_geometry *g) noexcept nogil:
     return (g.h + 2 * g.ph) * (g.w + 2 * g.pw)
 
 
-cdef void _backward_buffers(const fnn_geometry *g, long k, long *first, long *second) noexcept nogil:
+cdef void _backward_buffers(const fnn_geometry *g, long k, int variant, long *first,
+                            long *second) noexcept nogil:
     """Elements of the two per-sample buffers of the backward pass (see below)."""
     cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
-    if _pointwise(g):
+    if variant == V_POINTWISE:
         first[0] = second[0] = 0
-    elif _grad_x_transposed(g):
+    elif variant == V_ROWS:
         first[0] = max(g.c * hw, k * ohw)   # x, grad_y, then grad_x.T: channels last
         second[0] = max(ohw * kk * g.c, hw * kk * k)    # their patch rows
-    elif _backward_by_rows(g):
+    elif variant == V_ROWS_COL2IM:
         # x, channels last, then grad_y in padded rows and the padded grad_x plane
         first[0] = max(g.c * hw, k * _padded_len(g), _padded_plane(g))
         second[0] = g.c * kk * _padded_len(g)   # x's patch rows, then grad_x's columns
     else:
         first[0] = second[0] = g.c * kk * ohw           # im2col columns, their gradient
-    if _direct_grad_w(g, k):     # float32: the padded input, W.T @ grad_y for col2im
+    if variant == V_DIRECT:      # float32: the padded input, W.T @ grad_y for col2im
         first[0] = max(first[0], fnn_direct_conv_workspace(g))
         second[0] = max(second[0], g.c * kk * ohw)
 
@@ -582,16 +557,18 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
                                 const floating *weights, floating *grad_x,
                                 floating *grad_w, floating *grad_b, floating *first,
                                 floating *second, const fnn_geometry *g, long k,
-                                int parallel) noexcept nogil:
+                                int parallel, int variant) noexcept nogil:
     """One sample; grad_y: (K, OH*OW). Adds this sample's grad_w and grad_b, writes
     its grad_x unless grad_x is NULL. ``parallel``: split the copies over OpenMP
     (when samples run one after the other).
 
-    - 1x1 stride 1: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
+    - V_DIRECT (float32): grad_w (K, C, kh, kw) by the direct conv, grad_x =
+      col2im(W.T @ grad_y);
+    - V_POINTWISE: grad_w += grad_y @ x.T, grad_x = W.T @ grad_y (weights (K, C));
     - stride 1 on patch rows: grad_w (K, kh, kw, C) += grad_y @ im2row(x), and
       grad_x = the conv of grad_y with ``weights`` = flipped W as (C, kh, kw, K)
-      (``_grad_x_transposed``), else grad_x = col2im(W.T @ grad_y) (``weights`` W);
-    - otherwise: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
+      (V_ROWS), else grad_x = col2im(W.T @ grad_y) (V_ROWS_COL2IM, ``weights`` W);
+    - V_COLUMNS: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
       grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw)).
     """
     cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
@@ -599,32 +576,32 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
     cdef fnn_geometry t
     _row_sums(grad_y, k, ohw, grad_b, 1)
     if floating is float:
-        if _direct_grad_w(g, k):
+        if variant == V_DIRECT:
             fnn_direct_conv_grad_w_f(grad_y, x, g, k, grad_w, first)
             if grad_x != NULL:
                 _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
                       <int>ohw, 0, second, <int>ohw)
                 _col2im(second, 1, g, grad_x, ohw, parallel)
             return
-    if _pointwise(g):
+    if variant == V_POINTWISE:
         _gemm(False, True, <int>k, <int>g.c, <int>ohw, 1, grad_y, <int>ohw, x,
               <int>ohw, 1, grad_w, <int>g.c)
         if grad_x != NULL:
             _gemm(True, False, <int>g.c, <int>ohw, <int>k, 1, weights, <int>g.c, grad_y,
                   <int>ohw, 0, grad_x, <int>ohw)
-    elif _backward_by_rows(g):
+    elif variant == V_ROWS or variant == V_ROWS_COL2IM:
         _transpose(x, g.c, hw, first, parallel)
         _im2row(first, g, second, parallel)
         _gemm(False, False, <int>k, <int>ckk, <int>ohw, 1, grad_y, <int>ohw, second,
               <int>ckk, 1, grad_w, <int>ckk)
         if grad_x == NULL:
             return
-        if not _grad_x_transposed(g) and parallel:     # col2im split over the planes
+        if variant == V_ROWS_COL2IM and parallel:     # col2im split over the planes
             _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
                   <int>ohw, 0, second, <int>ohw)
             _col2im(second, 1, g, grad_x, ohw, parallel)
             return
-        if not _grad_x_transposed(g):
+        if variant == V_ROWS_COL2IM:
             # grad_y's rows spaced as the padded input's: col2im is then one long add
             # per (c, i, j) (fnn_col2im_rows, one thread) instead of oh short ones.
             # LeNet's conv2 (14x14 -> 10x10), one thread, batch 64, whole backward,
@@ -677,7 +654,8 @@ cdef inline void _conv_backward_chunk(const _conv_job *job, long c,
     for s in range(c * n // job.chunks, (c + 1) * n // job.chunks):
         _conv_backward_sample(grad_y + s * kohw, x + s * chw, weights,
                               NULL if grad_x == NULL else grad_x + s * chw,
-                              part, part + k * ckk, mine, mine + job.first, g, k, 0)
+                              part, part + k * ckk, mine, mine + job.first, g, k, 0,
+                              job.variant)
 
 
 cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
@@ -691,10 +669,10 @@ cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
                          floating *grad_x, floating *grad_w, floating *grad_b,
                          floating *workspace, long n, const fnn_geometry *g, long k,
-                         int threads) noexcept nogil:
+                         int threads, int variant) noexcept nogil:
     cdef long s, c, idx, first, second
     cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
-    _backward_buffers(g, k, &first, &second)
+    _backward_buffers(g, k, variant, &first, &second)
     # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
     cdef long stride_t = first + second, stride_c = k * ckk + k
     cdef long chunks = _conv_backward_chunks(n, threads)
@@ -709,7 +687,7 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
             _conv_backward_sample(grad_y + s * k * ohw, x + s * chw, weights,
                                   NULL if grad_x == NULL else grad_x + s * chw,
                                   grad_w, grad_b, workspace, workspace + first, g, k,
-                                  fnn_max_threads() > 1)
+                                  fnn_max_threads() > 1, variant)
         if small:
             fnn_blas_single_end()
         return
@@ -717,7 +695,7 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     job.single = floating is float
     job.x, job.weights, job.grad_y, job.grad_x, job.workspace = x, weights, grad_y, grad_x, workspace
     job.g, job.n, job.k, job.per_thread, job.chunks = g, n, k, stride_t, chunks
-    job.first, job.stride_c, job.threads = first, stride_c, threads
+    job.first, job.stride_c, job.threads, job.variant = first, stride_c, threads, variant
     fnn_blas_single_begin()
     # The samples are cut into fixed chunks; whichever thread takes a chunk (dynamic,
     # for a shared machine) sums its samples in order into the chunk's own partial,
@@ -745,7 +723,8 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     is the conv of grad_y with the flipped weights: a GEMM as deep as the forward
     one and no col2im.
     Workspace: threads * 2 buffers of at most max(C, K)*kh*kw*max(H*W, OH*OW)
-    elements + min(N, 4*threads) * (K*C*kh*kw + K). Where ``_use_winograd``:
+    elements + min(N, 4*threads) * (K*C*kh*kw + K). Which path runs:
+    ``_conv_backward_pick`` (or the variant forced). Where ``_use_winograd``:
     grad_W and grad_b summed over at most 8 fixed chunks of tile blocks (16*K*C + K
     elements each, added in chunk order: the same bits for any thread count), then
     grad_x as the Winograd conv of grad_y with the flipped weights (padding 2 - p).
@@ -753,14 +732,16 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef long n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
                                     stride, padding)
-    if _use_winograd(&g, n, k, _is_float32(x)):
+    _check_gemm_forced(_is_float32(x))
+    cdef int variant = _conv_variant(True, &g, n, k, _is_float32(x))
+    if variant == V_WINOGRAD:
         return _winograd_backward(grad_y, x, W, &g, k, need_grad_x)
     cdef int threads = _sample_threads(n)
     cdef long first, second
-    _backward_buffers(&g, k, &first, &second)
+    _backward_buffers(&g, k, variant, &first, &second)
     cdef long per_thread = first + second
     cdef long per_chunk = W.size + k
-    cdef bint by_rows = _backward_by_rows(&g) and not (_is_float32(x) and _direct_grad_w(&g, k))
+    cdef bint by_rows = variant == V_ROWS or variant == V_ROWS_COL2IM
     cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
     # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
     cdef cnp.ndarray grad_w = _output_array((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
@@ -769,7 +750,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef cnp.ndarray workspace = _take_workspace(
         threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
     cdef cnp.ndarray weights = W
-    if _grad_x_transposed(&g):   # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
+    if variant == V_ROWS:        # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
         weights = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
@@ -782,11 +763,112 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     with nogil:
         if single:
             _conv_backward(<float*>pg, <float*>px, <float*>pw, <float*>pgx,
-                           <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads)
+                           <float*>pgw, <float*>pgb, <float*>pws, n, &g, k, threads, variant)
         else:
             _conv_backward(<double*>pg, <double*>px, <double*>pw, <double*>pgx,
-                           <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads)
+                           <double*>pgw, <double*>pgb, <double*>pws, n, &g, k, threads,
+                           variant)
     _give_back(workspace)
     if by_rows:
         grad_w = np.ascontiguousarray(grad_w.transpose(0, 3, 1, 2))
     return grad_x, grad_w, grad_b
+
+
+# --- variants: the choosers and what each path needs (fastnn/kernels/variants.py) ---
+
+CONV_FORWARD_VARIANTS = {"winograd": V_WINOGRAD, "direct": V_DIRECT, "pointwise": V_POINTWISE,
+                         "rows": V_ROWS, "columns": V_COLUMNS}
+CONV_BACKWARD_VARIANTS = {"winograd": V_WINOGRAD, "direct": V_DIRECT, "pointwise": V_POINTWISE,
+                          "rows_transposed": V_ROWS, "rows_col2im": V_ROWS_COL2IM,
+                          "columns": V_COLUMNS}
+
+
+cdef int _conv_forward_pick(const fnn_geometry *g, long n, long k, bint single) noexcept nogil:
+    """The chooser: conv2d_forward's variant for this conv (see the sections above)."""
+    if _use_winograd(g, n, k, single):
+        return V_WINOGRAD
+    if single and fnn_direct_conv_fits(g, k) and not _pointwise(g):
+        return V_DIRECT
+    if _pointwise(g):
+        return V_POINTWISE
+    return V_ROWS if _by_rows(g) else V_COLUMNS
+
+
+cdef int _conv_backward_pick(const fnn_geometry *g, long n, long k, bint single) noexcept nogil:
+    """The chooser: conv2d_backward's variant for this conv (see the sections above)."""
+    if _use_winograd(g, n, k, single):
+        return V_WINOGRAD
+    if _pointwise(g):
+        return V_POINTWISE
+    if not _by_rows(g):          # few channels: columns, or grad_W by the direct conv
+        return V_DIRECT if single and fnn_direct_conv_fits(g, k) else V_COLUMNS
+    if not _transposable(g):
+        return V_COLUMNS
+    return V_ROWS if g.c >= TRANSPOSED_MIN_CHANNELS else V_ROWS_COL2IM
+
+
+cdef bint _direct_conv_supported():
+    """Whether this CPU and build run the direct conv at all (AVX2 + FMA, GCC)."""
+    cdef fnn_geometry g = _geometry(1, 1, 8, 1, 1, (1, 1), (0, 0))
+    return fnn_direct_conv_fits(&g, 1)
+
+
+cdef str _conv_why_not(int variant, bint backward, const fnn_geometry *g, long n, long k,
+                       bint single):
+    """None where ``variant`` can run this conv, else why not."""
+    got = (f"got a {g.kh}x{g.kw} kernel, stride ({g.sh}, {g.sw}), padding ({g.ph}, {g.pw}), "
+           f"{n} samples, {g.c} -> {k} channels, {g.oh}x{g.ow} outputs")
+    if variant == V_WINOGRAD and not _winograd_fits(g, n, k):
+        return "needs a 3x3 kernel, stride 1, padding <= 2 and no empty dimension; " + got
+    if variant == V_DIRECT:
+        if not single:
+            return "runs float32 only"
+        if not _direct_conv_supported():
+            return "needs a CPU with AVX2 + FMA (and a GCC build)"
+        if not fnn_direct_conv_fits(g, k):
+            return ("needs stride 1, at least 8 output columns, 1 to 16 filters and a kernel "
+                    "at most 7 wide; " + got)
+    if variant == V_POINTWISE and not _pointwise(g):
+        return "needs a 1x1 kernel, stride 1 and no padding; " + got
+    if backward and (variant == V_ROWS or variant == V_ROWS_COL2IM) and not _transposable(g):
+        return "needs stride 1 and padding smaller than the kernel; " + got
+    return None
+
+
+cdef int _conv_variant(bint backward, const fnn_geometry *g, long n, long k,
+                       bint single) except -1:
+    """The variant this call runs: the forced one (ValueError where it cannot run this
+    conv), else the chooser's."""
+    cdef int forced = _conv_backward_forced if backward else _conv_forward_forced
+    if forced == 0:
+        return _conv_backward_pick(g, n, k, single) if backward else \
+            _conv_forward_pick(g, n, k, single)
+    why = _conv_why_not(forced, backward, g, n, k, single)
+    if why is not None:
+        _forced_error("conv2d_backward" if backward else "conv2d_forward",
+                      CONV_BACKWARD_VARIANTS if backward else CONV_FORWARD_VARIANTS, forced, why)
+    return forced
+
+
+def _conv_variants(bint backward, tuple x_shape, tuple w_shape, tuple stride, tuple padding,
+                   dtype):
+    """(the chooser's variant, {variant: None where it can run, else why not}) of
+    conv2d_backward (``backward``) or conv2d_forward for these arguments."""
+    cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], w_shape[2], w_shape[3],
+                                    stride, padding)
+    cdef long n = x_shape[0], k = w_shape[0]
+    cdef bint single = np.dtype(dtype) == np.float32
+    variants = CONV_BACKWARD_VARIANTS if backward else CONV_FORWARD_VARIANTS
+    pick = _conv_backward_pick(&g, n, k, single) if backward else _conv_forward_pick(&g, n, k, single)
+    why = {}
+    for name, variant in variants.items():
+        why[name] = _conv_why_not(variant, backward, &g, n, k, single)
+    return [key for key, value in variants.items() if value == pick][0], why
+
+
+cdef void _force_conv(bint backward, int variant):
+    global _conv_forward_forced, _conv_backward_forced
+    if backward:
+        _conv_backward_forced = variant
+    else:
+        _conv_forward_forced = variant

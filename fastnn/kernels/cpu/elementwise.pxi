@@ -5,13 +5,10 @@
 # FNN_PARALLEL_MIN (2^21) elements inside the C kernels, one thread below;
 # all_finite in blocks over the worker pool from FINITE_SPLIT_MIN elements.
 
-def _set_avx512_rows(bint on):
-    """Run float32 softmax cross-entropy rows and finiteness checks in AVX-512 lanes
-    where the CPU has them (True, the default) or on the portable loops (False), for
-    tests; returns whether the AVX-512 loops run now."""
-    global fnn_avx512_rows
-    fnn_avx512_rows = on
-    return bool(on and fnn_avx512_supported())
+# Variants (op "row_kernels", fastnn/kernels/variants.py): float32 softmax
+# cross-entropy rows, finiteness checks and dropout masks in AVX-512 lanes where the
+# CPU has them ("avx512", fnn_avx512_rows = 1, the default) or on the portable loops.
+ROW_KERNEL_VARIANTS = {"avx512": 1, "portable": 2}
 
 
 # --- ReLU -------------------------------------------------------------------------

@@ -8,42 +8,54 @@
 # BLAS's own threads for GEMMs from 2^27 flops, outside any parallel region;
 # one BLAS thread below (see the module docstring of _cpu.pyx).
 
-# Who runs float32 GEMMs: fastnn's own AVX-512 kernel (csrc/sgemm.c) where the CPU
-# has AVX-512 and the GEMM is not tiny (GEMM_AUTO), or always BLAS. FASTNN_GEMM=blas
-# in the environment, or _set_gemm_engine, chooses BLAS (for comparisons).
-DEF GEMM_AUTO = 0
-DEF GEMM_OWN = 1                     # every float32 GEMM (tests of the kernel)
-DEF GEMM_BLAS = 2
-_GEMM_ENGINES = {"auto": GEMM_AUTO, "own": GEMM_OWN, "blas": GEMM_BLAS}
+# Variants (fastnn/kernels/variants.py): each op's code paths have ids (below, and
+# V_* in conv.pxi); a chooser picks one per call unless one is forced (0: not
+# forced). A forced variant that cannot run a call raises this error there.
+cdef int _forced_error(str op, dict variants, int forced, why) except -1:
+    """Raise ValueError: the forced variant of ``op`` cannot run this call (``why``)."""
+    name = [key for key, value in variants.items() if value == forced][0]
+    raise ValueError(f"{op}: variant {name!r} is forced (fastnn.kernels.variants.force or "
+                     f"FASTNN_VARIANT_{op.upper()}) but cannot run this call: {why}")
+
+
+# Who runs float32 GEMMs (op "gemm"): fastnn's own AVX-512 kernel (csrc/sgemm.c) where
+# the CPU has AVX-512 and the GEMM is not tiny, else BLAS; "own_packed" is the own
+# kernel packing every A (it reads an untransposed A in place otherwise: the same
+# bits). float64 GEMMs always run on BLAS.
+DEF GEMM_OWN = 1
+DEF GEMM_OWN_PACKED = 2
+DEF GEMM_BLAS = 3
+GEMM_VARIANTS = {"own": GEMM_OWN, "own_packed": GEMM_OWN_PACKED, "blas": GEMM_BLAS}
 cdef bint _sgemm_supported = fnn_sgemm_supported()
-cdef int _gemm_engine = GEMM_BLAS if os.environ.get("FASTNN_GEMM") == "blas" else GEMM_AUTO
+cdef int _gemm_forced = 0
 # From this many flops the own kernel runs a GEMM. One thread, interleaved medians
 # (own / OpenBLAS): 1.09-1.29x on the dense, MLP, LeNet and Winograd shapes of W1-W4
 # from 2 MFLOP up (98-102 GFLOP/s against 78-91); below, thin ones lose: 128x10x128
-# 0.55-0.75x, LeNet's 64x84x120 (1.3 MFLOP) 0.80x.
+# 0.55-0.75x, LeNet's 64x84x120 (1.3 MFLOP) 0.80x. Tuned on: AMD EPYC Zen 4, 2 vCPUs,
+# KVM.
 DEF OWN_SGEMM_MIN_FLOPS = 2097152.0
 
 
-def _set_gemm_engine(str name):
-    """Choose who runs float32 GEMMs: "auto" (fastnn's AVX-512 kernel where the CPU
-    has it and the GEMM is not tiny, else BLAS), "own" (that kernel for every size;
-    only where supported) or "blas"; returns the previous name."""
-    global _gemm_engine
-    if name not in _GEMM_ENGINES:
-        raise ValueError(f"_set_gemm_engine: name must be one of {sorted(_GEMM_ENGINES)}, "
-                         f"got {name!r}")
-    if name == "own" and not _sgemm_supported:
-        raise ValueError("_set_gemm_engine: this CPU (or build) has no AVX-512 GEMM kernel")
-    old = [key for key, value in _GEMM_ENGINES.items() if value == _gemm_engine][0]
-    _gemm_engine = _GEMM_ENGINES[name]
-    return old
+cdef str _gemm_why_not(int variant, bint single):
+    """None where the GEMM variant can run a GEMM of this dtype, else why not."""
+    if variant == GEMM_BLAS:
+        return None
+    if not _sgemm_supported:
+        return "fastnn's own GEMM kernel needs a CPU with AVX-512F and AVX-512VL (and this build)"
+    return None if single else "fastnn's own GEMM kernel runs float32 only"
 
 
-def _set_direct_a(bint on):
-    """Let the own kernel read an untransposed A in place (True, the default) or pack
-    every A (False), for tests: both give the same bits."""
-    global fnn_sgemm_direct_a
-    fnn_sgemm_direct_a = on
+cdef int _check_gemm_forced(bint single) except -1:
+    """Raise where the forced GEMM variant cannot run GEMMs of this dtype."""
+    if _gemm_forced != 0 and _gemm_why_not(_gemm_forced, single) is not None:
+        _forced_error("gemm", GEMM_VARIANTS, _gemm_forced, _gemm_why_not(_gemm_forced, single))
+    return 0
+
+
+cdef void _force_gemm(int variant):
+    global _gemm_forced, fnn_sgemm_direct_a
+    _gemm_forced = variant
+    fnn_sgemm_direct_a = variant != GEMM_OWN_PACKED
 
 
 def own_sgemm_supported():
@@ -51,11 +63,16 @@ def own_sgemm_supported():
     return bool(_sgemm_supported)
 
 
+cdef inline bint _own_gemm_pick(bint single, double m, double n, double k) noexcept nogil:
+    """The chooser: does fastnn's own kernel run this GEMM (float32 when ``single``)?"""
+    return single and _sgemm_supported and 2.0 * m * n * k >= OWN_SGEMM_MIN_FLOPS
+
+
 cdef inline bint _own_gemm(bint single, double m, double n, double k) noexcept nogil:
-    """Does fastnn's own kernel run this GEMM (float32 when ``single``)?"""
-    if not single or not _sgemm_supported or _gemm_engine == GEMM_BLAS:
-        return False
-    return _gemm_engine == GEMM_OWN or 2.0 * m * n * k >= OWN_SGEMM_MIN_FLOPS
+    """Does fastnn's own kernel run this GEMM: the forced variant, else the chooser's."""
+    if _gemm_forced == 0:
+        return _own_gemm_pick(single, m, n, k)
+    return single and _sgemm_supported and _gemm_forced != GEMM_BLAS
 
 
 cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
@@ -164,6 +181,7 @@ def _gemm_into(cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint trans_a=False,
             raise ValueError("_gemm_into: a, b, c must be 2-D of one dtype with unit-stride rows")
     if c.dtype != np.float32 and c.dtype != np.float64:
         raise ValueError(f"_gemm_into: dtype must be float32 or float64, got {c.dtype}")
+    _check_gemm_forced(c.dtype == np.float32)
     cdef int m = c.shape[0], n = c.shape[1]
     cdef int k = a.shape[0] if trans_a else a.shape[1]
     if (a.shape[1] if trans_a else a.shape[0]) != m or \
@@ -337,8 +355,9 @@ cdef inline void _gemm_any(bint split, bint trans_a, bint trans_b, int m, int n,
 # against 0.6 ms on one thread; one training pass interleaved 10 times at load
 # ~1.9: median 10.7k samples/s with 2^25 here, 48.5k with 2^27). Below m*n*k =
 # 65536*4 OpenBLAS stays on one thread by itself, and the thread count is left
-# alone (it costs microseconds, which batch-1 inference cannot spare).
-cdef double _threaded_gemm_min_flops = 134217728.0     # 2^27, about 1.5 ms on one core
+# alone (it costs microseconds, which batch-1 inference cannot spare). Tuned on: AMD
+# EPYC Zen 4, 2 vCPUs, KVM (the two BLAS_OWN_* values are OpenBLAS 0.3.30's own).
+DEF THREADED_GEMM_MIN_FLOPS = 134217728.0     # 2^27, about 1.5 ms on one core
 DEF BLAS_OWN_SINGLE_THREAD_MNK = 262144.0
 # OpenBLAS threads a GEMV from m*n = 2304 * 4 (GEMM_MULTITHREAD_THRESHOLD); a batch-1
 # dense forward holds BLAS to one thread from there: its GEMVs take microseconds, and
@@ -353,8 +372,9 @@ DEF BLAS_OWN_SINGLE_THREAD_MN = 9216.0
 # of 12,800 samples, quiet machine, interleaved): from 2^25 (its 128x784x256 GEMMs
 # split) median 101k, best 108k samples/s; from 2^23 (also its 128x256x128 ones,
 # ~100 us each on one core) 122k / 127k; blocks over OpenMP (passive) from 2^25:
-# 106k / 107k. With the other core busy all run about 70k.
-cdef double _split_gemm_min_flops = 8388608.0           # 2^23
+# 106k / 107k. With the other core busy all run about 70k. Tuned on: AMD EPYC Zen 4,
+# 2 vCPUs, KVM.
+DEF SPLIT_GEMM_MIN_FLOPS = 8388608.0           # 2^23
 
 
 # A one-sample dense forward whose W has at least this many bytes runs as a GEMV in
@@ -363,42 +383,18 @@ cdef double _split_gemm_min_flops = 8388608.0           # 2^23
 # whole: 256x128 (128 KB) 2.71 / 2.79 us, 384x128 2.34 / 2.41, 512x128 2.72 / 3.47,
 # 784x128 3.16 / 4.41, 784x256 5.87 / 10.55; float64 784x256 15.1 / 28.9. With the
 # other core busy the pool runs the blocks on the caller: 784x256 10.2 / 9.8 us.
-cdef long _split_gemv_min_bytes = 262144
-
-
-def _set_split_gemv_min_bytes(long nbytes):
-    """Change the one-sample split threshold (for measurements and tests); returns the
-    old one."""
-    global _split_gemv_min_bytes
-    old, _split_gemv_min_bytes = _split_gemv_min_bytes, nbytes
-    return old
+# Tuned on: AMD EPYC Zen 4, 2 vCPUs, KVM.
+DEF SPLIT_GEMV_MIN_BYTES = 262144
 
 
 cdef inline bint _split(double m, double n, double k) noexcept nogil:
     """Split a GEMM kept off BLAS's threads over the worker pool (see _gemm_split)?"""
-    return 2.0 * m * n * k >= _split_gemm_min_flops and fnn_max_threads() > 1
-
-
-def _set_split_gemm_min_flops(double flops):
-    """Change the split threshold (for measurements and tests; 1e300: never split) and
-    forget any contention seen, so the next split GEMM goes to the pool's workers;
-    returns the old threshold."""
-    global _split_gemm_min_flops
-    old, _split_gemm_min_flops = _split_gemm_min_flops, flops
-    fnn_pool_set_busy(0)
-    return old
-
-
-def _set_threaded_gemm_min_flops(double flops):
-    """Change the threaded-GEMM threshold (for measurements); returns the old one."""
-    global _threaded_gemm_min_flops
-    old, _threaded_gemm_min_flops = _threaded_gemm_min_flops, flops
-    return old
+    return 2.0 * m * n * k >= SPLIT_GEMM_MIN_FLOPS and fnn_max_threads() > 1
 
 
 cdef inline bint _small_gemm(double m, double n, double k) noexcept nogil:
     """A GEMM that BLAS would thread but should not."""
-    return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < _threaded_gemm_min_flops
+    return BLAS_OWN_SINGLE_THREAD_MNK <= m * n * k and 2.0 * m * n * k < THREADED_GEMM_MIN_FLOPS
 
 
 DEF GEMV_SCRATCH = 4096             # outputs of the partial sums of a split GEMV
@@ -459,7 +455,7 @@ cdef inline int _gemv_blocks(long i, long o) noexcept nogil:
 
 cdef inline bint _split_gemv(long i, long o, long itemsize) noexcept nogil:
     """Split a one-sample dense forward of W (i, o) over the worker pool?"""
-    return i * o * itemsize >= _split_gemv_min_bytes and _gemv_blocks(i, o) > 1
+    return i * o * itemsize >= SPLIT_GEMV_MIN_BYTES and _gemv_blocks(i, o) > 1
 
 
 cdef void _split_gemv_run(const floating *x, const floating *weights, const floating *bias,
@@ -483,15 +479,25 @@ cdef void _split_gemv_run(const floating *x, const floating *weights, const floa
             y[k] += partial[block * o + k]
 
 
+# dense_forward's variants: one sample's GEMV, whole or in blocks of inputs over the
+# pool (_split_gemv_run); a GEMM, whole or in blocks over the pool (_gemm_split).
+DEF D_GEMV = 1
+DEF D_GEMV_SPLIT = 2
+DEF D_GEMM = 3
+DEF D_GEMM_SPLIT = 4
+DENSE_FORWARD_VARIANTS = {"gemv": D_GEMV, "gemv_split": D_GEMV_SPLIT, "gemm": D_GEMM,
+                          "gemm_split": D_GEMM_SPLIT}
+cdef int _dense_forward_forced = 0
+
+
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
-                         floating *y, int n, int i, int o, bint split=False,
+                         floating *y, int n, int i, int o, int variant,
                          floating *relu=NULL) noexcept nogil:
     """y (n, o) = x (n, i) @ W (i, o) + bias, and ``relu`` (n, o) = max(y, 0) unless
-    NULL. With ``split``: GEMMs in blocks over the pool (_gemm_split), one sample's GEMV
-    in blocks over the pool (_split_gemv_run)."""
+    NULL, by dense_forward's ``variant`` (D_GEMV* only for n == 1, i > 0, o > 0)."""
     cdef _epilogue ep
-    if n == 1 and i > 0 and o > 0:
-        if split:
+    if variant == D_GEMV or variant == D_GEMV_SPLIT:
+        if variant == D_GEMV_SPLIT:
             _split_gemv_run(x, weights, bias, y, i, o)
         else:
             _gemv(x, weights, bias, y, i, o)
@@ -503,19 +509,42 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
         return
     # the bias and the ReLU on the GEMM's tiles (see _gemm_epi)
     ep.bias, ep.mask, ep.relu = bias, NULL, relu
-    _gemm_any(split, False, False, n, o, i, 1, x, i, weights, o, 0, y, o, &ep)
+    _gemm_any(variant == D_GEMM_SPLIT, False, False, n, o, i, 1, x, i, weights, o, 0, y, o,
+              &ep)
 
 
-cdef bint _dense_forward_plan(int n, int i, int o, long itemsize, bint *split):
-    """How _dense_forward runs x (n, i) @ W (i, o): returns whether BLAS must be held
-    to one thread around it, and sets ``split``."""
+cdef int _dense_forward_pick(int n, int i, int o, long itemsize, bint *small) except -1:
+    """The chooser: dense_forward's variant for x (n, i) @ W (i, o); sets ``small``
+    (BLAS must be held to one thread around it)."""
+    cdef bint split
     if n == 1:                       # BLAS would thread a GEMV of this size by itself
-        small = <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN and blas_thread_control()
-        split[0] = small and _split_gemv(i, o, itemsize)
-        return small
-    small = _small_gemm(n, i, o) and blas_thread_control()
-    split[0] = (small or _own_gemm(itemsize == 4, n, i, o)) and _split(n, i, o)
-    return small
+        small[0] = <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN and blas_thread_control()
+        split = small[0] and _split_gemv(i, o, itemsize)
+        return (D_GEMV_SPLIT if split else D_GEMV) if i > 0 and o > 0 else D_GEMM
+    small[0] = _small_gemm(n, i, o) and blas_thread_control()
+    split = (small[0] or _own_gemm(itemsize == 4, n, i, o)) and _split(n, i, o)
+    return D_GEMM_SPLIT if split else D_GEMM
+
+
+cdef str _dense_forward_why_not(int variant, int n, int i, int o):
+    """None where dense_forward's ``variant`` can run x (n, i) @ W (i, o), else why not."""
+    if (variant == D_GEMV or variant == D_GEMV_SPLIT) and not (n == 1 and i > 0 and o > 0):
+        return f"a GEMV needs one sample, inputs and outputs, got x ({n}, {i}), W ({i}, {o})"
+    return None
+
+
+cdef int _dense_forward_variant(int n, int i, int o, long itemsize, bint *small) except -1:
+    """The variant dense_forward runs: the forced one, else the chooser's; sets ``small``
+    (a forced split also holds BLAS to one thread, where it can)."""
+    cdef int variant = _dense_forward_pick(n, i, o, itemsize, small)
+    if _dense_forward_forced == 0:
+        return variant
+    why = _dense_forward_why_not(_dense_forward_forced, n, i, o)
+    if why is not None:
+        _forced_error("dense_forward", DENSE_FORWARD_VARIANTS, _dense_forward_forced, why)
+    if _dense_forward_forced == D_GEMV_SPLIT or _dense_forward_forced == D_GEMM_SPLIT:
+        small[0] = small[0] or blas_thread_control()
+    return _dense_forward_forced
 
 
 def dense_forward(cnp.ndarray x, cnp.ndarray W, b, bint relu=False):
@@ -533,16 +562,17 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b, bint relu=False):
     cdef void *py = _data(y)
     cdef void *pr = py if relu else NULL         # the ReLU in place, over y
     cdef bint single = _is_float32(x)
-    cdef bint split
-    cdef bint small = _dense_forward_plan(n, i, o, x.itemsize, &split)
+    cdef bint small
+    _check_gemm_forced(single)
+    cdef int variant = _dense_forward_variant(n, i, o, x.itemsize, &small)
     with nogil:
         if small:
             fnn_blas_single_begin()
         if single:
-            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, split,
+            _dense_forward(<float*>px, <float*>pw, <float*>pb, <float*>py, n, i, o, variant,
                            <float*>pr)
         else:
-            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, split,
+            _dense_forward(<double*>px, <double*>pw, <double*>pb, <double*>py, n, i, o, variant,
                            <double*>pr)
         if small:
             fnn_blas_single_end()
@@ -573,28 +603,53 @@ cdef void _dense_backward(const floating *grad_y, const floating *x, const float
         fnn_column_sums_d(grad_y, n, o, grad_b)
 
 
-DEF PAIR_MIN_FLOPS = 262144.0       # both GEMMs of a small dense backward, see below
+# dense_backward's variants: its two GEMMs in turn, each whole or in blocks over the
+# pool, or side by side as one pool job (_gemm_split_pair; with grad_x only).
+DEF D_SERIAL = 1
+DEF D_SPLIT = 2
+DEF D_PAIR = 3
+DENSE_BACKWARD_VARIANTS = {"serial": D_SERIAL, "split": D_SPLIT, "pair": D_PAIR}
+cdef int _dense_backward_forced = 0
+# both GEMMs of a small dense backward, see below. Tuned on: AMD EPYC Zen 4, 2 vCPUs, KVM.
+DEF PAIR_MIN_FLOPS = 262144.0
 
 
-cdef bint _dense_backward_plan(int n, int i, int o, bint single, bint need_grad_x,
-                               bint blas_control, bint *split, bint *pair) noexcept:
-    """How _dense_backward runs: returns whether BLAS must be held to one thread around
-    it, and sets ``split`` and ``pair``."""
-    cdef bint small = _small_gemm(n, i, o) and blas_control
-    cdef bint pooled = small or _own_gemm(single, n, i, o)     # kept off BLAS's threads
-    split[0] = pooled and _split(n, i, o)
+cdef int _dense_backward_pick(int n, int i, int o, bint single, bint need_grad_x,
+                              bint blas_control, bint *small) noexcept:
+    """The chooser: dense_backward's variant; sets ``small`` (BLAS must be held to one
+    thread around it)."""
+    small[0] = _small_gemm(n, i, o) and blas_control
+    cdef bint pooled = small[0] or _own_gemm(single, n, i, o)     # kept off BLAS's threads
     # the pair from the split size of both GEMMs together: LeNet's 64x400x120 backward
     # 141 us on one thread, about 70 on two
-    pair[0] = pooled and need_grad_x and _split(2.0 * n, i, o)
-    if (not pair[0] and need_grad_x and blas_control and fnn_max_threads() > 1
+    if pooled and need_grad_x and _split(2.0 * n, i, o):
+        return D_PAIR
+    if (need_grad_x and blas_control and fnn_max_threads() > 1
             and 4.0 * n * i * o >= PAIR_MIN_FLOPS
-            and 2.0 * n * i * o < _threaded_gemm_min_flops):
+            and 2.0 * n * i * o < THREADED_GEMM_MIN_FLOPS):
         # two GEMMs too small to split, each worth a thread of its own: side by side,
         # BLAS held to one thread (interleaved medians, serial / pair: W2's 128x128x10
         # output layer 10.3 / 6.9 us, LeNet's 64x120x84 29.6 / 18.9, 32x64x32 4.6 /
         # 4.0; on two threads each GEMM whole on its own: the serial calls' bits)
-        pair[0] = small = True
-    return small
+        small[0] = True
+        return D_PAIR
+    return D_SPLIT if pooled and _split(n, i, o) else D_SERIAL
+
+
+cdef int _dense_backward_variant(int n, int i, int o, bint single, bint need_grad_x,
+                                 bint *small) except -1:
+    """The variant dense_backward runs: the forced one, else the chooser's; sets
+    ``small`` (a forced split or pair also holds BLAS to one thread, where it can)."""
+    cdef bint control = blas_thread_control()
+    cdef int variant = _dense_backward_pick(n, i, o, single, need_grad_x, control, small)
+    if _dense_backward_forced == 0:
+        return variant
+    if _dense_backward_forced == D_PAIR and not need_grad_x:
+        _forced_error("dense_backward", DENSE_BACKWARD_VARIANTS, D_PAIR,
+                      "the pair runs grad_x's GEMM beside grad_W's: needs need_grad_x=True")
+    if _dense_backward_forced != D_SERIAL:
+        small[0] = small[0] or control
+    return _dense_backward_forced
 
 
 def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_grad_x=True,
@@ -616,9 +671,10 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     cdef void *pgb = _data(grad_b)
     cdef void *pm = px if relu_x else NULL
     cdef bint single = _is_float32(x)
-    cdef bint split, pair
-    cdef bint small = _dense_backward_plan(n, i, o, single, need_grad_x,
-                                           blas_thread_control(), &split, &pair)
+    cdef bint small
+    _check_gemm_forced(single)
+    cdef int variant = _dense_backward_variant(n, i, o, single, need_grad_x, &small)
+    cdef bint split = variant == D_SPLIT, pair = variant == D_PAIR
     with nogil:
         if small:
             fnn_blas_single_begin()

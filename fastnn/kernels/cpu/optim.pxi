@@ -39,14 +39,11 @@ cdef void _sgd_step(floating *p, const floating *g, floating *buf, long n, float
         p[k] = p[k] - lr * d
 
 
-cdef bint _avx_sgd = True          # float32 momentum steps on fnn_sgd_momentum_f
-
-
-def _set_avx_sgd(bint on):
-    """Run float32 momentum steps on the AVX-512 loop where the CPU has it (True, the
-    default) or on the portable one (False), for tests: both give the same bits."""
-    global _avx_sgd
-    _avx_sgd = on
+# Variants (op "sgd_step", fastnn/kernels/variants.py): float32 momentum steps on the
+# AVX-512 loop fnn_sgd_momentum_f where the CPU has it ("avx512", the default) or on
+# the portable one: both give the same bits.
+SGD_VARIANTS = {"avx512": 1, "portable": 2}
+cdef bint _avx_sgd = True
 
 
 # A parameter of this many elements or more is updated in blocks over the worker

@@ -216,3 +216,9 @@ def _assume_busy_cores():
     """Act as if contention had just been seen (for tests): the next split GEMMs and
     GEMVs run their blocks on the calling thread."""
     fnn_pool_set_busy(1)
+
+
+def _forget_busy_cores():
+    """Forget any contention seen (for tests): the next split GEMMs and GEMVs go to the
+    pool's workers again."""
+    fnn_pool_set_busy(0)
