@@ -10,6 +10,7 @@
 #ifndef FASTNN_KERNELS_H
 #define FASTNN_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Arrays smaller than this (elements) are processed by one thread: below it
@@ -68,6 +69,21 @@ int fnn_pool_workers(void);   /* workers started in this process */
 int fnn_pool_thread_index(void);
 void fnn_pool_set_busy(int busy);
 void fnn_pool_stats(long *posted, long *helped);   /* jobs posted to workers, helped by one */
+
+/* Caching allocator (csrc/alloc.c) for kernel outputs and workspaces: 64-byte
+ * aligned blocks; from FNN_CACHE_MIN bytes a freed block is kept (at most
+ * FNN_CACHE_CAP bytes, oldest released first) for the next request of its size
+ * (rounded up to 4 KiB), whose pages are then mapped already. Thread-safe, also
+ * without the GIL and in a forked child. fnn_cache_alloc returns NULL when out of
+ * memory; fnn_cache_free(NULL) does nothing. Stats: out[0..3] = hits, misses,
+ * bytes held free, blocks held free. fnn_cache_clear releases every free block. */
+#define FNN_CACHE_MIN 65536
+#define FNN_CACHE_CAP ((int64_t)128 << 20)
+#define FNN_CACHE_BUCKETS 64
+void *fnn_cache_alloc(size_t nbytes);
+void fnn_cache_free(void *p);
+void fnn_cache_stats(int64_t *out);
+void fnn_cache_clear(void);
 
 #define FNN_DECLARE(T, S)                                                           \
 /* x (n, c, h, w) -> cols (c*kh*kw, ld); sample s fills columns [s*oh*ow, (s+1)*oh*ow).  \

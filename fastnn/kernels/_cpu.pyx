@@ -56,8 +56,7 @@ import os
 
 import numpy as np
 cimport numpy as cnp
-from cpython.list cimport PyList_GET_ITEM
-from cpython.ref cimport PyObject, _Py_REFCNT
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint64_t

@@ -155,10 +155,9 @@ cdef int _sample_threads(long n):
 # sample 0.81 against 0.99 ms for y = W_rows @ rows.T on one thread (OpenBLAS
 # 0.3.30 SkylakeX); a blocked transpose then writes NCHW, adding the bias.
 #
-# Workspaces are pooled: allocating and freeing megabytes per call pays the page
-# faults every time (DESIGN.md). list.pop/append are atomic under the GIL, so
-# concurrent callers never share a buffer.
-_workspace_pool = []
+# Workspaces come from the caching allocator (runtime.pxi, csrc/alloc.c): allocating
+# and freeing megabytes per call would pay the page faults every time (DESIGN.md).
+# Each call takes its own block, so concurrent callers never share one.
 
 # Which conv variant runs (one id per code path; fastnn/kernels/variants.py names
 # them): chosen per call by _conv_forward_pick / _conv_backward_pick, or forced
@@ -173,21 +172,16 @@ cdef int _conv_forward_forced = 0
 cdef int _conv_backward_forced = 0
 
 
-def _take_workspace(Py_ssize_t count, dtype):
-    """A uint8 buffer holding at least ``count`` elements of ``dtype``."""
-    nbytes = max(count * np.dtype(dtype).itemsize, 1)
-    try:
-        buffer = _workspace_pool.pop()
-    except IndexError:
-        buffer = None
-    if buffer is None or buffer.nbytes < nbytes:
-        buffer = np.empty(nbytes, dtype=np.uint8)
-    return buffer
+cdef _Block _take_workspace(Py_ssize_t count, dtype):
+    """A block of at least ``count`` elements of ``dtype``, for one call's workspace."""
+    cdef Py_ssize_t itemsize = np.dtype(dtype).itemsize
+    if count < 0 or count > PY_SSIZE_T_MAX // itemsize:
+        raise ValueError(f"conv workspace of {count} elements exceeds the address space")
+    return _take_block(max(count * itemsize, 1))
 
 
-def _give_back(buffer):
-    if len(_workspace_pool) < 4:
-        _workspace_pool.append(buffer)
+cdef inline void _give_back(_Block workspace):
+    workspace.release()
 
 
 cdef inline bint _pointwise(const fnn_geometry *g) noexcept nogil:
@@ -420,12 +414,12 @@ cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometr
     cdef long count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
                        else fnn_winograd_forward_workspace_d(n, g, k, threads))
     cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
-    cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
+    cdef _Block workspace = _take_workspace(count, x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
-    cdef void *pws = _data(workspace)
+    cdef void *pws = workspace.ptr
     with nogil:
         if single:
             fnn_winograd_forward_f(<float*>px, n, g, <float*>pw, k, <float*>pb, <float*>py,
@@ -447,14 +441,14 @@ cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
     cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = _output_array((<object>W).shape, W.dtype)
     cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
-    cdef cnp.ndarray workspace = _take_workspace(count, x.dtype)
+    cdef _Block workspace = _take_workspace(count, x.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
     cdef void *pgx = _data(grad_x) if need_grad_x else NULL
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
-    cdef void *pws = _data(workspace)
+    cdef void *pws = workspace.ptr
     with nogil:
         if single:
             fnn_winograd_backward_f(<float*>pg, <float*>px, n, g, <float*>pw, k, <float*>pgx,
@@ -494,7 +488,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef int threads = _sample_threads(n)
     cdef long per_thread = _forward_workspace(&g, k)
     cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
-    cdef cnp.ndarray workspace = _take_workspace(threads * per_thread, x.dtype)
+    cdef _Block workspace = _take_workspace(threads * per_thread, x.dtype)
     cdef cnp.ndarray weights = W
     cdef long kp
     if variant == V_DIRECT:      # float32: (C*kh*kw, kp) and a bias (kp,), zero-padded
@@ -511,7 +505,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     cdef void *pw = _data(weights)
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
-    cdef void *pws = _data(workspace)
+    cdef void *pws = workspace.ptr
     cdef bint single = _is_float32(x)
     with nogil:
         if single:
@@ -747,7 +741,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef cnp.ndarray grad_w = _output_array((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
                                             x.dtype)
     cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
-    cdef cnp.ndarray workspace = _take_workspace(
+    cdef _Block workspace = _take_workspace(
         threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
     cdef cnp.ndarray weights = W
     if variant == V_ROWS:        # flipped[c, i, j, k] = W[k, c, kh-1-i, kw-1-j]
@@ -758,7 +752,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef void *pgx = _data(grad_x) if need_grad_x else NULL
     cdef void *pgw = _data(grad_w)
     cdef void *pgb = _data(grad_b)
-    cdef void *pws = _data(workspace)
+    cdef void *pws = workspace.ptr
     cdef bint single = _is_float32(x)
     with nogil:
         if single:

@@ -10,6 +10,12 @@ cdef extern from "fastnn_kernels.h" nogil:
         int kh, kw, sh, sw, ph, pw
         long oh, ow
     int fnn_max_threads()
+    void *fnn_cache_alloc(size_t nbytes)
+    void fnn_cache_free(void *p)
+    void fnn_cache_stats(int64_t *out)
+    void fnn_cache_clear()
+    int64_t FNN_CACHE_MIN
+    int64_t FNN_CACHE_CAP
     ctypedef void (*fnn_set_threads_fn)(int)
     ctypedef int (*fnn_get_threads_fn)()
     void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)

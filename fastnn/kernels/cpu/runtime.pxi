@@ -1,7 +1,7 @@
 # fastnn/kernels/cpu/runtime.pxi -- included by _cpu.pyx.
 #
-# What every op family shares: array data pointers, the output pool (large outputs
-# from reused memory), BLAS thread control (holding BLAS to one thread inside
+# What every op family shares: array data pointers, outputs and workspaces from the
+# caching allocator (csrc/alloc.c), BLAS thread control (holding BLAS to one thread inside
 # fastnn's own parallel regions, found with threadpoolctl) and the worker pool's
 # knobs and test hooks (csrc/pool.c). Threading: this file runs nothing in
 # parallel itself; it owns the state the three regimes share (the worker pool,
@@ -22,79 +22,78 @@ def _is_float32(a):
     return a.dtype == np.float32
 
 
-# --- outputs from reused memory ------------------------------------------------------
+# --- outputs and workspaces from the caching allocator (csrc/alloc.c) -----------------
 #
-# A kernel's output from OUTPUT_POOL_MIN bytes is a view of a buffer kept here, reused
-# for a later output of the same size once nothing refers to it any more. Fresh memory
-# faults in page by page, and on this VM (whose host reclaims the pages a process gives
-# back) malloc hands back fresh pages all the time: 32 MiB or more is mapped anew on
-# every call, and smaller blocks are trimmed off the heap's top when freed. W5's max-pool
-# backward (its 32 MiB input gradient) took 3-20 ms instead of ~2; LeNet-5's training
-# step (batch 64, activations of 0.1-1.2 MB) paid ~600 page faults, about 0.6 of its
-# 3.4 ms. At most OUTPUT_POOL_BYTES stay held; free buffers of other sizes make room for
-# a new one. Buffers sit in lists by size: a lookup reads only its own size's few.
-DEF OUTPUT_POOL_MIN = 65536
-DEF OUTPUT_POOL_BYTES = 134217728
-cdef dict _output_pool = {}         # nbytes -> [uint8 buffers of that size]
-cdef Py_ssize_t _output_pool_bytes = 0
+# A large array freed and allocated again pays its page faults every time on this VM
+# (its host reclaims the pages a process gives back): W5's max-pool backward (a 32 MiB
+# input gradient) took 3-20 ms instead of ~2, LeNet-5's training step paid ~600 faults,
+# about 0.6 of its 3.4 ms. So outputs from FNN_CACHE_MIN bytes and conv workspaces take
+# their memory from fnn_cache_alloc, whose freed blocks are kept for the next request
+# of their size. An output is a fresh array to its caller: its base is a _Block, which
+# gives the memory back to the cache only when it is deallocated, that is once the
+# array and every view, slice, memoryview or torch tensor of it are gone.
+
+cdef class _Block:
+    """Owner of one block of the caching allocator (the base object of an output, or a
+    workspace held by a kernel): frees it into the cache when released or deallocated."""
+    cdef void *ptr
+    cdef size_t nbytes
+
+    def __dealloc__(self):
+        fnn_cache_free(self.ptr)
+
+    cdef void release(self) noexcept:
+        """Give the block back now (a workspace whose kernel is done)."""
+        fnn_cache_free(self.ptr)
+        self.ptr = NULL
 
 
-cdef inline object _free_buffer(list buffers):
-    """A buffer of ``buffers`` that only the pool refers to, or None."""
-    cdef Py_ssize_t k
-    cdef PyObject *held
-    for k in range(len(buffers)):
-        held = PyList_GET_ITEM(buffers, k)              # borrowed: the count stays the pool's
-        if _Py_REFCNT(held) == 1:
-            return <object>held
-    return None
-
-
-cdef void _output_pool_make_room(Py_ssize_t nbytes):
-    """Drop free buffers (sizes in first-use order) until ``nbytes`` more fit."""
-    global _output_pool_bytes
-    cdef Py_ssize_t k
-    for size in list(_output_pool):
-        buffers = <list>_output_pool[size]
-        k = 0
-        while _output_pool_bytes + nbytes > OUTPUT_POOL_BYTES and k < len(buffers):
-            if _Py_REFCNT(PyList_GET_ITEM(buffers, k)) == 1:
-                del buffers[k]
-                _output_pool_bytes -= size
-            else:
-                k += 1
-        if not buffers:
-            del _output_pool[size]
-        if _output_pool_bytes + nbytes <= OUTPUT_POOL_BYTES:
-            return
+cdef _Block _take_block(size_t nbytes):
+    """A _Block of ``nbytes`` (64-byte aligned), else MemoryError."""
+    cdef _Block block = _Block.__new__(_Block)
+    block.ptr = fnn_cache_alloc(nbytes)
+    if block.ptr == NULL:
+        raise MemoryError(f"fastnn: cannot allocate {nbytes} bytes")
+    block.nbytes = nbytes
+    return block
 
 
 cpdef cnp.ndarray _output_array(tuple shape, dtype):
-    """An uninitialized C-contiguous array, from the pool when large (see above)."""
-    global _output_pool_bytes
-    dtype = np.dtype(dtype)
-    cdef Py_ssize_t nbytes = dtype.itemsize
-    for d in shape:
-        nbytes *= <Py_ssize_t>d
-    if nbytes < OUTPUT_POOL_MIN:
-        return np.empty(shape, dtype)
-    buffers = _output_pool.get(nbytes)
-    if buffers is not None:
-        buffer = _free_buffer(<list>buffers)
-        if buffer is not None:
-            return buffer.view(dtype).reshape(shape)
-    if _output_pool_bytes + nbytes > OUTPUT_POOL_BYTES:
-        _output_pool_make_room(nbytes)
-        if _output_pool_bytes + nbytes > OUTPUT_POOL_BYTES:
-            return np.empty(shape, dtype)
-        buffers = _output_pool.get(nbytes)
-    buffer = np.empty(nbytes, np.uint8)
-    if buffers is None:
-        _output_pool[nbytes] = [buffer]
-    else:
-        (<list>buffers).append(buffer)
-    _output_pool_bytes += nbytes
-    return buffer.view(dtype).reshape(shape)
+    """An uninitialized C-contiguous array of ``shape``: np.empty below FNN_CACHE_MIN
+    bytes, else memory from the caching allocator, owned by a _Block (its base)."""
+    cdef cnp.dtype descr = np.dtype(dtype)
+    cdef cnp.npy_intp dims[32]
+    cdef int nd = len(shape), k
+    cdef Py_ssize_t nbytes = descr.itemsize
+    if nd > 32:
+        raise ValueError(f"_output_array: at most 32 dimensions, got {nd}")
+    for k in range(nd):
+        dims[k] = shape[k]
+        if dims[k] < 0:
+            raise ValueError(f"_output_array: negative size in {shape}")
+        if dims[k] and nbytes > PY_SSIZE_T_MAX // dims[k]:
+            raise ValueError(f"_output_array: {shape} of {descr} exceeds the address space")
+        nbytes *= dims[k]
+    if nbytes < FNN_CACHE_MIN or not descr.isnative:
+        return np.empty(shape, descr)
+    cdef _Block block = _take_block(nbytes)
+    cdef cnp.ndarray a = cnp.PyArray_SimpleNewFromData(nd, dims, descr.type_num, block.ptr)
+    cnp.set_array_base(a, block)
+    return a
+
+
+def _cache_stats():
+    """The caching allocator's counters: dict(hits, misses, held_bytes, held_blocks,
+    cap_bytes, min_bytes) (for tests and measurements)."""
+    cdef int64_t out[4]
+    fnn_cache_stats(out)
+    return dict(hits=out[0], misses=out[1], held_bytes=out[2], held_blocks=out[3],
+                cap_bytes=FNN_CACHE_CAP, min_bytes=FNN_CACHE_MIN)
+
+
+def _cache_clear():
+    """Release every free block of the caching allocator (for tests)."""
+    fnn_cache_clear()
 
 
 # --- BLAS held to one thread inside the per-sample conv regions --------------------
