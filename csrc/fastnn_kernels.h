@@ -24,10 +24,10 @@
 #define FNN_PARALLEL_MIN (1L << 21)
 
 /* Window geometry of im2col / col2im. */
-typedef struct {
-    long c, h, w;        /* input channels and size */
-    int kh, kw, sh, sw, ph, pw;
-    long oh, ow;         /* output size */
+typedef struct {         /* 64-bit throughout: 2 * ph, kh * kw * c never overflow */
+    int64_t c, h, w;     /* input channels and size */
+    int64_t kh, kw, sh, sw, ph, pw;
+    int64_t oh, ow;      /* output size */
 } fnn_geometry;
 
 int fnn_max_threads(void);   /* omp_get_max_threads(), 1 without OpenMP */

@@ -91,14 +91,31 @@ def _contiguous(*arrays):
                  else backend.get_array_module(a).ascontiguousarray(a) for a in arrays)
 
 
+_WINDOW_MAX = 2 ** 31 - 1        # kernel, stride, padding: C ints in the compiled kernels
+_ELEMENTS_MAX = 2 ** 62          # patches (N*C*kh*kw*OH*OW) an int64 index can count
+
+
 def _window_geometry(who, shape, kh, kw, stride, padding):
+    """Kernel size, stride and padding of windows over an input ``shape`` (N, C, H, W)
+    as pairs, each value at most 2^31 - 1, the window no larger than the padded input
+    and its patches (N*C*kh*kw*OH*OW) fewer than 2^62; else ValueError naming ``who``."""
     kh, kw = pair((kh, kw), "kernel size", who, 1)
     stride = pair(stride, "stride", who, 1)
     padding = pair(padding, "padding", who, 0)
+    for name, value in (("kernel size", (kh, kw)), ("stride", stride), ("padding", padding)):
+        if max(value) > _WINDOW_MAX:
+            raise ValueError(f"{who}: {name} {value} exceeds {_WINDOW_MAX}, more than any "
+                             f"input could use")
     h, w = shape[-2:]
     if kh > h + 2 * padding[0] or kw > w + 2 * padding[1]:
         raise ValueError(f"{who}: kernel {kh}x{kw} is larger than the padded input "
                          f"{h + 2 * padding[0]}x{w + 2 * padding[1]} (input {h}x{w}, padding {padding})")
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    patches = math.prod(shape[:-2]) * kh * kw * oh * ow
+    if patches >= _ELEMENTS_MAX:
+        raise ValueError(f"{who}: {kh}x{kw} windows with padding {padding} over an input "
+                         f"{tuple(shape)} make {patches} patch values, more than 2^62")
     return kh, kw, stride, padding
 
 
@@ -213,13 +230,23 @@ def global_avgpool2d_backward(grad_y, x_shape):
     return _impl(grad_y).global_avgpool2d_backward(grad_y, x_shape)
 
 
-def _out_buffer(who, out, like):
-    """Check a caller's ``out`` buffer: the shape, dtype and device of ``like``, C-contiguous."""
+def _out_buffer(who, out, like, inputs):
+    """Check a caller's ``out`` buffer: the shape, dtype and device of ``like``,
+    C-contiguous, writeable, and sharing no memory with ``inputs`` unless it is one of
+    them (the element-wise kernels taking ``out`` run in place)."""
     _same_kind(who, like, out=out)
     if tuple(out.shape) != tuple(like.shape) or not out.flags.c_contiguous:
         raise ValueError(f"{who}: out must be a C-contiguous array of shape {tuple(like.shape)}, "
                          f"got shape {tuple(out.shape)}"
                          + ("" if out.flags.c_contiguous else " (not C-contiguous)"))
+    if not getattr(out.flags, "writeable", True):          # CuPy arrays have no such flag
+        raise ValueError(f"{who}: out must be writeable, got a read-only array "
+                         f"(a read-only memmap or an immutable buffer?)")
+    xp = backend.get_array_module(out)
+    for name, a in inputs.items():
+        if a is not out and xp.may_share_memory(a, out):
+            raise ValueError(f"{who}: out shares memory with {name} without being {name} "
+                             f"itself (only out={name} exactly, in place, is allowed)")
 
 
 # Implementations that take fastnn's optional keywords (ReLU's ``out=``, the
@@ -236,10 +263,12 @@ def _backward(impl, name, need_grad_x, *args):
     return (None,) + tuple(getattr(impl, name)(*args)[1:])
 
 
-def _with_out(who, impl, name, out, *args):
+def _with_out(who, impl, name, out, inputs):
+    """impl.name(*inputs.values()), written into ``out`` when given (checked first)."""
+    args = tuple(inputs.values())
     if out is None:
         return getattr(impl, name)(*args)
-    _out_buffer(who, out, args[0])
+    _out_buffer(who, out, args[0], inputs)
     if impl.__name__ in _TAKE_OUT:
         return getattr(impl, name)(*args, out=out)
     out[...] = getattr(impl, name)(*args)
@@ -251,7 +280,7 @@ def relu_forward(x, out=None):
     be ``x`` itself: a reused buffer saves a fresh array's page faults every call)."""
     _float_array(x, "relu_forward", "x")
     x, = _contiguous(x)
-    return _with_out("relu_forward", _impl(x), "relu_forward", out, x)
+    return _with_out("relu_forward", _impl(x), "relu_forward", out, {"x": x})
 
 
 def relu_backward(grad_y, y, out=None):
@@ -262,7 +291,8 @@ def relu_backward(grad_y, y, out=None):
         raise ValueError(f"relu_backward: y must have the shape of grad_y {tuple(grad_y.shape)}, "
                          f"got {tuple(y.shape)}")
     grad_y, y = _contiguous(grad_y, y)
-    return _with_out("relu_backward", _impl(grad_y), "relu_backward", out, grad_y, y)
+    return _with_out("relu_backward", _impl(grad_y), "relu_backward", out,
+                     {"grad_y": grad_y, "y": y})
 
 
 def leaky_relu_forward(x, alpha=0.01):

@@ -59,6 +59,7 @@ cimport numpy as cnp
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
 from libc.math cimport sqrt, sqrtf
 from libc.string cimport memcpy, memset

@@ -83,16 +83,27 @@ cdef inline void _broadcast(floating *a, const floating *value, long rows, long 
         fnn_broadcast_d(a, value, rows, cols, per_row)
 
 
-cdef fnn_geometry _geometry(long c, long h, long w, int kh, int kw, tuple stride,
-                            tuple padding):
-    """Window geometry of an input (C, H, W) and a kh x kw window."""
+cdef fnn_geometry _geometry(Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t kh,
+                            Py_ssize_t kw, tuple stride, tuple padding,
+                            str who="conv") except *:
+    """Window geometry of an input (C, H, W) and a kh x kw window; ValueError (naming
+    ``who``) where the window does not fit the padded input, a stride is below 1, or a
+    value exceeds what the C kernels take (kernel, stride and padding are C ints)."""
     cdef fnn_geometry g
+    sh, sw = stride
+    ph, pw = padding
+    if not (c >= 0 and h >= 0 and w >= 0 and 1 <= kh <= INT_MAX and 1 <= kw <= INT_MAX
+            and 1 <= sh <= INT_MAX and 1 <= sw <= INT_MAX and 0 <= ph <= INT_MAX
+            and 0 <= pw <= INT_MAX and kh <= h + 2 * ph and kw <= w + 2 * pw):
+        raise ValueError(f"{who}: a {kh}x{kw} window with stride {stride} and padding "
+                         f"{padding} does not fit a {h}x{w} input (window at most the padded "
+                         f"input, stride >= 1, padding >= 0, each at most {INT_MAX})")
     g.c, g.h, g.w = c, h, w
     g.kh, g.kw = kh, kw
-    g.sh, g.sw = stride
-    g.ph, g.pw = padding
-    g.oh = (g.h + 2 * g.ph - kh) // g.sh + 1
-    g.ow = (g.w + 2 * g.pw - kw) // g.sw + 1
+    g.sh, g.sw = sh, sw
+    g.ph, g.pw = ph, pw
+    g.oh = (h + 2 * <Py_ssize_t>ph - kh) // sh + 1
+    g.ow = (w + 2 * <Py_ssize_t>pw - kw) // sw + 1
     return g
 
 
@@ -100,8 +111,9 @@ cdef fnn_geometry _geometry(long c, long h, long w, int kh, int kw, tuple stride
 
 def im2col(cnp.ndarray x, int kh, int kw, tuple stride, tuple padding):
     """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW); parallel over (row, sample)."""
+    _float_input("im2col", "x", x, (None, None, None, None))
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, stride,
-                                    padding)
+                                    padding, "im2col")
     cdef long n = x.shape[0]
     cdef cnp.ndarray cols = _output_array((g.c * kh * kw, n * g.oh * g.ow), x.dtype)
     cdef void *px = _data(x)
@@ -117,9 +129,13 @@ def im2col(cnp.ndarray x, int kh, int kw, tuple stride, tuple padding):
 
 def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple padding):
     """cols: (C*kh*kw, N*OH*OW) -> dx: (N, C, H, W); parallel over (n, c) planes."""
+    cdef int t = _float_input("col2im", "cols", cols, (None, None))
+    if len(x_shape) != 4 or x_shape[0] < 0:
+        raise ValueError(f"col2im: x_shape must be (N, C, H, W), got {x_shape}")
     cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], kh, kw, stride,
-                                    padding)
+                                    padding, "col2im")
     cdef long n = x_shape[0]
+    _need("col2im", "cols", cols, t, (g.c * kh * kw, n * g.oh * g.ow))
     cdef cnp.ndarray dx = _output_array(x_shape, cols.dtype)
     cdef void *pc = _data(cols)
     cdef void *px = _data(dx)
@@ -461,6 +477,15 @@ cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
     return grad_x, grad_w, grad_b
 
 
+cdef fnn_geometry _conv_arguments(str who, cnp.ndarray x, cnp.ndarray W, tuple stride,
+                                  tuple padding) except *:
+    """The geometry of a conv of x (N, C, H, W) with W (K, C, kh, kw), both checked."""
+    cdef int t = _float_input(who, "x", x, (None, None, None, None))
+    _need(who, "W", W, t, (None, x.shape[1], None, None))
+    return _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3], stride,
+                     padding, who)
+
+
 def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
     """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
 
@@ -479,8 +504,9 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     (C*(H+2ph)*(W+2pw) elements) in the workspace.
     """
     cdef long n = x.shape[0], k = W.shape[0]
-    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
-                                    stride, padding)
+    cdef fnn_geometry g = _conv_arguments("conv2d_forward", x, W, stride, padding)
+    if b is not None:
+        _need("conv2d_forward", "b", b, cnp.PyArray_TYPE(x), (k,))
     _check_gemm_forced(_is_float32(x))
     cdef int variant = _conv_variant(False, &g, n, k, _is_float32(x))
     if variant == V_WINOGRAD:
@@ -724,8 +750,8 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     grad_x as the Winograd conv of grad_y with the flipped weights (padding 2 - p).
     """
     cdef long n = x.shape[0], k = W.shape[0]
-    cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], W.shape[2], W.shape[3],
-                                    stride, padding)
+    cdef fnn_geometry g = _conv_arguments("conv2d_backward", x, W, stride, padding)
+    _need("conv2d_backward", "grad_y", grad_y, cnp.PyArray_TYPE(x), (n, k, g.oh, g.ow))
     _check_gemm_forced(_is_float32(x))
     cdef int variant = _conv_variant(True, &g, n, k, _is_float32(x))
     if variant == V_WINOGRAD:

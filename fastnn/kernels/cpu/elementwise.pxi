@@ -16,8 +16,11 @@ ROW_KERNEL_VARIANTS = {"avx512": 1, "portable": 2}
 def relu_forward(cnp.ndarray x, cnp.ndarray out=None):
     """y = max(x, 0) in one pass (into ``out``, which may be x); parallel above
     FNN_PARALLEL_MIN elements."""
+    cdef int t = _float_input("relu_forward", "x", x)
+    if out is not None:
+        _need("relu_forward", "out", out, t, (<object>x).shape, True)
     cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype) if out is None else out
-    cdef long n = x.size
+    cdef Py_ssize_t n = x.size
     cdef void *px = _data(x)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
@@ -32,9 +35,13 @@ def relu_forward(cnp.ndarray x, cnp.ndarray out=None):
 def relu_backward(cnp.ndarray grad_y, cnp.ndarray y, cnp.ndarray out=None):
     """grad_x = grad_y where y > 0, else 0, in one pass (into ``out``, which may be
     grad_y or y)."""
+    cdef int t = _float_input("relu_backward", "grad_y", grad_y)
+    _need("relu_backward", "y", y, t, (<object>grad_y).shape)
+    if out is not None:
+        _need("relu_backward", "out", out, t, (<object>grad_y).shape, True)
     cdef cnp.ndarray grad_x = (_output_array((<object>grad_y).shape, grad_y.dtype) if out is None
                                else out)
-    cdef long n = grad_y.size
+    cdef Py_ssize_t n = grad_y.size
     cdef void *pg = _data(grad_y)
     cdef void *py = _data(y)
     cdef void *px = _data(grad_x)
@@ -49,8 +56,9 @@ def relu_backward(cnp.ndarray grad_y, cnp.ndarray y, cnp.ndarray out=None):
 
 def leaky_relu_forward(cnp.ndarray x, double alpha):
     """y = x where x > 0, else alpha * x (alpha rounded to x's dtype), in one pass."""
+    _float_input("leaky_relu_forward", "x", x)
     cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype)
-    cdef long n = x.size
+    cdef Py_ssize_t n = x.size
     cdef void *px = _data(x)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
@@ -64,8 +72,10 @@ def leaky_relu_forward(cnp.ndarray x, double alpha):
 
 def leaky_relu_backward(cnp.ndarray grad_y, cnp.ndarray x, double alpha):
     """grad_x = grad_y where x > 0, else alpha * grad_y, in one pass."""
+    cdef int t = _float_input("leaky_relu_backward", "grad_y", grad_y)
+    _need("leaky_relu_backward", "x", x, t, (<object>grad_y).shape)
     cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, grad_y.dtype)
-    cdef long n = grad_y.size
+    cdef Py_ssize_t n = grad_y.size
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(x)
     cdef void *pgx = _data(grad_x)
@@ -106,6 +116,7 @@ def all_finite(cnp.ndarray x):
     thread, bound by one core's memory bandwidth)."""
     cdef _finite_job job
     cdef long blocks = 1, b
+    _float_input("all_finite", "x", x)
     job.n = x.size
     job.x = _data(x)
     job.single = x.itemsize == 4
@@ -123,11 +134,28 @@ def all_finite(cnp.ndarray x):
 
 # --- softmax cross-entropy -----------------------------------------------------------
 
+cdef int _check_labels(const int64_t *labels, Py_ssize_t n, Py_ssize_t c) except -1:
+    """Refuse class indices outside [0, c): the kernel would index out of its row."""
+    cdef Py_ssize_t k, bad = 0
+    with nogil:
+        for k in range(n):
+            bad += labels[k] < 0 or labels[k] >= c
+    if bad:
+        raise ValueError(f"softmax_cross_entropy: {bad} labels lie outside [0, {c})")
+    return 0
+
+
 def softmax_cross_entropy(cnp.ndarray logits, cnp.ndarray labels):
     """logits (N, C), labels int64 (N,) or probabilities (N, C) -> (mean loss, grad (N, C)).
 
     Fused: one pass per row (max, exp, sum, log), the loss summed in float64."""
-    cdef long n = logits.shape[0], c = logits.shape[1]
+    cdef int t = _float_input("softmax_cross_entropy", "logits", logits, (None, None))
+    cdef Py_ssize_t n = logits.shape[0], c = logits.shape[1]
+    if labels is not None and labels.ndim == 1:
+        _need("softmax_cross_entropy", "labels", labels, cnp.NPY_INT64, (n,))
+        _check_labels(<int64_t*>_data(labels), n, c)
+    else:
+        _need("softmax_cross_entropy", "labels", labels, t, (n, c))
     cdef cnp.ndarray grad = _output_array((n, c), logits.dtype)
     cdef cnp.ndarray row_loss = np.empty(n, dtype=np.float64)
     cdef bint by_index = labels.ndim == 1

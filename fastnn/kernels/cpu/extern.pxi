@@ -6,9 +6,9 @@
 
 cdef extern from "fastnn_kernels.h" nogil:
     ctypedef struct fnn_geometry:
-        long c, h, w
-        int kh, kw, sh, sw, ph, pw
-        long oh, ow
+        int64_t c, h, w
+        int64_t kh, kw, sh, sw, ph, pw
+        int64_t oh, ow
     int fnn_max_threads()
     void *fnn_cache_alloc(size_t nbytes)
     void fnn_cache_free(void *p)

@@ -490,6 +490,34 @@ DENSE_FORWARD_VARIANTS = {"gemv": D_GEMV, "gemv_split": D_GEMV_SPLIT, "gemm": D_
 cdef int _dense_forward_forced = 0
 
 
+def _dense_forward_empty(Py_ssize_t n, Py_ssize_t o, dtype, b, bint relu):
+    """dense_forward where N, I or O is 0 (no GEMM, whatever N is): y (N, O) = b."""
+    y = np.zeros((n, o), dtype) if b is None else np.broadcast_to(b, (n, o)).copy()
+    return np.maximum(y, 0, out=y) if relu else y
+
+
+def _dense_backward_empty(cnp.ndarray grad_y, Py_ssize_t i, bint need_grad_x):
+    """dense_backward where N, I or O is 0: zero gradients, grad_b the column sums."""
+    cdef Py_ssize_t n = grad_y.shape[0], o = grad_y.shape[1]
+    cdef cnp.ndarray grad_b = np.empty(o, dtype=grad_y.dtype)
+    cdef void *pg = _data(grad_y)
+    cdef void *pgb = _data(grad_b)
+    if _is_float32(grad_y):
+        fnn_column_sums_f(<float*>pg, n, o, <float*>pgb)
+    else:
+        fnn_column_sums_d(<double*>pg, n, o, <double*>pgb)
+    grad_x = np.zeros((n, i), grad_y.dtype) if need_grad_x else None
+    return grad_x, np.zeros((i, o), grad_y.dtype), grad_b
+
+
+cdef int _gemm_dim(str who, Py_ssize_t size, str what) except -1:
+    """``size`` as a BLAS dimension (a C int), else ValueError: never truncated."""
+    if size > INT_MAX:
+        raise ValueError(f"{who}: {what} {size} exceeds the largest GEMM dimension "
+                         f"BLAS takes ({INT_MAX})")
+    return <int>size
+
+
 cdef void _dense_forward(const floating *x, const floating *weights, const floating *bias,
                          floating *y, int n, int i, int o, int variant,
                          floating *relu=NULL) noexcept nogil:
@@ -554,7 +582,15 @@ def dense_forward(cnp.ndarray x, cnp.ndarray W, b, bint relu=False):
     and the ReLU on the own kernel's tiles (else the bias pre-broadcast, beta = 1, and
     the ReLU in a pass over y); one sample: a GEMV, in slices over the worker pool when
     W is large."""
-    cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
+    cdef int t = _float_input("dense_forward", "x", x, (None, None))
+    _need("dense_forward", "W", W, t, (x.shape[1], None))
+    if b is not None:
+        _need("dense_forward", "b", b, t, (W.shape[1],))
+    if x.shape[0] == 0 or x.shape[1] == 0 or W.shape[1] == 0:   # no product: the bias alone
+        return _dense_forward_empty(x.shape[0], W.shape[1], x.dtype, b, relu)
+    cdef int n = _gemm_dim("dense_forward", x.shape[0], "batch size")
+    cdef int i = _gemm_dim("dense_forward", x.shape[1], "input features")
+    cdef int o = _gemm_dim("dense_forward", W.shape[1], "output features")
     cdef cnp.ndarray y = _output_array((n, o), x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
@@ -659,7 +695,14 @@ def dense_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, bint need_g
     threaded as in dense_forward), and a column sum. ``relu_x``: x is the output of a
     ReLU, whose backward is fused into grad_x's GEMM (0 where x is not > 0, on the own
     kernel's tiles, else in a pass): the bits of relu_backward(grad_x, x)."""
-    cdef int n = x.shape[0], i = x.shape[1], o = W.shape[1]
+    cdef int t = _float_input("dense_backward", "x", x, (None, None))
+    _need("dense_backward", "W", W, t, (x.shape[1], None))
+    _need("dense_backward", "grad_y", grad_y, t, (x.shape[0], W.shape[1]))
+    if x.shape[0] == 0 or x.shape[1] == 0 or W.shape[1] == 0:   # no product: zeros, bias sums
+        return _dense_backward_empty(grad_y, x.shape[1], need_grad_x)
+    cdef int n = _gemm_dim("dense_backward", x.shape[0], "batch size")
+    cdef int i = _gemm_dim("dense_backward", x.shape[1], "input features")
+    cdef int o = _gemm_dim("dense_backward", W.shape[1], "output features")
     cdef cnp.ndarray grad_x = _output_array((n, i), x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = _output_array((i, o), x.dtype)
     cdef cnp.ndarray grad_b = np.empty(o, dtype=x.dtype)

@@ -11,12 +11,13 @@ def dropout_forward(cnp.ndarray x, double p, seed):
     """Inverted dropout of x (C-contiguous), p in [0, 1) -> (y, mask), mask = 1/(1-p)
     where the counter-based uniform of (seed, element index) is >= p, else 0; the
     CUDA module's masks, bit for bit."""
+    _float_input("dropout_forward", "x", x)
     cdef cnp.ndarray y = _output_array((<object>x).shape, x.dtype)
     cdef cnp.ndarray mask = _output_array((<object>x).shape, x.dtype)
     cdef uint64_t keep_from = <uint64_t>math.ceil(p * 9007199254740992.0)
     cdef uint64_t s = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
     cdef double scale = x.dtype.type(1.0 / (1.0 - p))
-    cdef long n = x.size
+    cdef Py_ssize_t n = x.size
     cdef void *px = _data(x)
     cdef void *py = _data(y)
     cdef void *pm = _data(mask)
@@ -32,8 +33,10 @@ def dropout_forward(cnp.ndarray x, double p, seed):
 
 def dropout_backward(cnp.ndarray grad_y, cnp.ndarray mask):
     """grad_x = grad_y * mask (both C-contiguous, one shape and dtype)."""
+    cdef int t = _float_input("dropout_backward", "grad_y", grad_y)
+    _need("dropout_backward", "mask", mask, t, (<object>grad_y).shape)
     cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, grad_y.dtype)
-    cdef long n = grad_y.size
+    cdef Py_ssize_t n = grad_y.size
     cdef void *pg = _data(grad_y)
     cdef void *pm = _data(mask)
     cdef void *px = _data(grad_x)
@@ -46,21 +49,33 @@ def dropout_backward(cnp.ndarray grad_y, cnp.ndarray mask):
     return grad_x
 
 
+cdef cnp.ndarray _channels(str who, str name, a, Py_ssize_t c, dtype):
+    """``a`` as a C-contiguous (C,) array of ``dtype``, else ValueError."""
+    cdef cnp.ndarray out = np.ascontiguousarray(a, dtype)
+    if out.ndim != 1 or out.shape[0] != c:
+        raise ValueError(f"{who}: {name} must have shape ({c},), got {np.shape(a)}")
+    return out
+
+
 # --- batch normalisation (the layers' CPU path; the same calls as the CUDA module's) ---
 
 def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=None):
     """x: (N, C) or (N, C, ...) C-contiguous; gamma, beta: (C,) -> (y, x_hat, mean, var,
     inv_std). With ``mean``/``var`` None (training) the batch's mean and biased variance
     per channel (double sums, two passes), else the given (running) statistics."""
+    who = "batchnorm_forward"
+    _float_input(who, "x", x)
+    if x.ndim < 2:
+        raise ValueError(f"{who}: x must be (N, C) or (N, C, ...), got shape {(<object>x).shape}")
     cdef long n = x.shape[0], c = x.shape[1]
     cdef long s = x.size // (n * c) if n * c else 0
     dtype = x.dtype
-    gamma, beta = np.ascontiguousarray(gamma, dtype), np.ascontiguousarray(beta, dtype)
+    gamma, beta = _channels(who, "gamma", gamma, c, dtype), _channels(who, "beta", beta, c, dtype)
     training = mean is None
     if training:
         mean, var = np.empty(c, dtype), np.empty(c, dtype)
     else:
-        mean, var = np.ascontiguousarray(mean, dtype), np.ascontiguousarray(var, dtype)
+        mean, var = _channels(who, "mean", mean, c, dtype), _channels(who, "var", var, c, dtype)
     cdef cnp.ndarray work = np.empty(2 * c, np.float64)
     cdef cnp.ndarray inv_std = np.empty(c, dtype)
     cdef cnp.ndarray x_hat = _output_array((<object>x).shape, dtype)
@@ -94,11 +109,17 @@ def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=Non
 def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray inv_std):
     """Training-mode backward -> (grad_x, grad_gamma, grad_beta); grad_y and x_hat of one
     shape, C-contiguous."""
+    who = "batchnorm_backward"
+    cdef int t = _float_input(who, "grad_y", grad_y)
+    if grad_y.ndim < 2:
+        raise ValueError(f"{who}: grad_y must be (N, C) or (N, C, ...), got shape "
+                         f"{(<object>grad_y).shape}")
+    _need(who, "x_hat", x_hat, t, (<object>grad_y).shape)
     cdef long n = grad_y.shape[0], c = grad_y.shape[1]
     cdef long s = grad_y.size // (n * c) if n * c else 0
     dtype = grad_y.dtype
-    gamma = np.ascontiguousarray(gamma, dtype)
-    inv_std = np.ascontiguousarray(inv_std, dtype)
+    gamma = _channels(who, "gamma", gamma, c, dtype)
+    inv_std = _channels(who, "inv_std", inv_std, c, dtype)
     cdef cnp.ndarray work = np.empty(2 * c, np.float64)
     cdef cnp.ndarray grad_x = _output_array((<object>grad_y).shape, dtype)
     cdef cnp.ndarray grad_gamma = np.empty(c, dtype)

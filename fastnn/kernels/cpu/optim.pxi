@@ -99,6 +99,17 @@ cdef inline void _sgd_run(_sgd_job *job) noexcept nogil:
     fnn_pool_run(_sgd_task, job, (job.n + job.block - 1) // job.block)
 
 
+cdef int _update_arrays(str who, cnp.ndarray p, cnp.ndarray g, dict state) except -1:
+    """Refuse an update the kernel could not run in bounds: p and ``state`` (name ->
+    array) writeable, g and ``state`` of p's shape and dtype, all C-contiguous (_need)."""
+    cdef int t = _float_input(who, "p", p)
+    _need(who, "p", p, t, None, True)
+    _need(who, "g", g, t, (<object>p).shape)
+    for name, a in state.items():
+        _need(who, name, a, t, (<object>p).shape, True)
+    return 0
+
+
 def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double momentum,
              double weight_decay, double l1, bint nesterov, bint first):
     """PyTorch's SGD rule on one parameter, in place and in one pass (dampening 0):
@@ -107,6 +118,7 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
     p, g, buf: C-contiguous, same shape and dtype (float32 or float64). From
     SGD_SPLIT_MIN elements, blocks of SGD_BLOCK over the worker pool."""
     cdef _sgd_job job
+    _update_arrays("sgd_step", p, g, {} if buf is None else {"buf": buf})
     _sgd_job_init(&job, p, g, buf, lr, momentum, weight_decay, l1, nesterov, first)
     with nogil:
         _sgd_run(&job)
@@ -173,14 +185,7 @@ def adam_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double
     C-contiguous, one shape and dtype (float32 or float64). From SGD_SPLIT_MIN elements,
     blocks of SGD_BLOCK over the worker pool (element-wise: the same bits)."""
     cdef _adam_job job
-    cdef cnp.ndarray a
-    for a in (g, m, v):
-        if a.dtype != p.dtype or a.size != p.size or not a.flags.c_contiguous:
-            raise ValueError(f"adam_step: g, m and v must be C-contiguous arrays of p's size "
-                             f"{p.size} and dtype {p.dtype}, got size {a.size}, {a.dtype}")
-    if p.dtype != np.float32 and p.dtype != np.float64 or not p.flags.c_contiguous:
-        raise ValueError(f"adam_step: p must be a C-contiguous float32 or float64 array, "
-                         f"got {p.dtype}")
+    _update_arrays("adam_step", p, g, {"m": m, "v": v})
     job.n = p.size
     job.p, job.g, job.m, job.v = _data(p), _data(g), _data(m), _data(v)
     job.single = _is_float32(p)

@@ -6,13 +6,35 @@
 # FNN_PARALLEL_MIN elements, one thread below; a plane is never split, so the
 # backward's scatter-add has no races.
 
+cdef tuple _pool_output(str who, Py_ssize_t h, Py_ssize_t w, int kh, int kw, tuple stride):
+    """(OH, OW, sh, sw) of kh x kw windows with ``stride`` on an H x W plane; ValueError
+    for windows the plane cannot hold or a stride below 1 or above INT_MAX."""
+    sh, sw = stride
+    if not (1 <= kh <= h and 1 <= kw <= w and 1 <= sh <= INT_MAX and 1 <= sw <= INT_MAX):
+        raise ValueError(f"{who}: {kh}x{kw} windows with stride {stride} do not fit a "
+                         f"{h}x{w} input (windows of 1 to the input size, strides of 1 "
+                         f"to {INT_MAX})")
+    return (h - kh) // sh + 1, (w - kw) // sw + 1, sh, sw
+
+
+cdef tuple _image_shape_for(str who, x_shape, cnp.ndarray grad_y):
+    """``x_shape`` as 4 ints (N, C, H, W), N and C those of ``grad_y``, else ValueError."""
+    x_shape = tuple(int(d) for d in x_shape)
+    if len(x_shape) != 4 or min(x_shape) < 0 or x_shape[:2] != (<object>grad_y).shape[:2]:
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with the N and C of grad_y "
+                         f"{(<object>grad_y).shape}, got {x_shape}")
+    return x_shape
+
+
 # --- max pooling -------------------------------------------------------------------
 
 def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
     """x: (N, C, H, W) -> (y, argmax int64), (N, C, OH, OW); parallel over (n, c) planes."""
+    _float_input("maxpool2d_forward", "x", x, (None, None, None, None))
     cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
-    cdef int sh = stride[0], sw = stride[1]
-    cdef long oh = (h - kh) // sh + 1, ow = (w - kw) // sw + 1
+    cdef int sh, sw
+    cdef long oh, ow
+    oh, ow, sh, sw = _pool_output("maxpool2d_forward", h, w, kh, kw, stride)
     cdef cnp.ndarray y = _output_array((n, c, oh, ow), x.dtype)
     cdef cnp.ndarray argmax = _output_array((n, c, oh, ow), np.int64)
     cdef void *px = _data(x)
@@ -30,6 +52,9 @@ def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
 def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     """grad_y, argmax: (N, C, OH, OW) -> grad_x: (N, C, H, W); parallel over planes,
     so the scatter-add of overlapping windows has no races."""
+    cdef int t = _float_input("maxpool2d_backward", "grad_y", grad_y, (None, None, None, None))
+    _need("maxpool2d_backward", "argmax", argmax, cnp.NPY_INT64, (<object>grad_y).shape)
+    x_shape = _image_shape_for("maxpool2d_backward", x_shape, grad_y)
     cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
     cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
     # each plane zeroed by the kernel just before its scatter (the memory may be reused)
@@ -51,9 +76,12 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
 
 def avgpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
     """x: (N, C, H, W) -> y: (N, C, OH, OW), each window's mean; parallel over planes."""
+    _float_input("avgpool2d_forward", "x", x, (None, None, None, None))
     cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
-    cdef int sh = stride[0], sw = stride[1]
-    cdef cnp.ndarray y = _output_array((n, c, (h - kh) // sh + 1, (w - kw) // sw + 1), x.dtype)
+    cdef int sh, sw
+    cdef long oh, ow
+    oh, ow, sh, sw = _pool_output("avgpool2d_forward", h, w, kh, kw, stride)
+    cdef cnp.ndarray y = _output_array((n, c, oh, ow), x.dtype)
     cdef void *px = _data(x)
     cdef void *py = _data(y)
     cdef bint single = _is_float32(x)
@@ -67,8 +95,13 @@ def avgpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
 
 def avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape, int kh, int kw, tuple stride):
     """grad_y: (N, C, OH, OW) -> grad_x: x_shape (N, C, H, W); parallel over planes."""
+    cdef int t = _float_input("avgpool2d_backward", "grad_y", grad_y, (None, None, None, None))
+    x_shape = _image_shape_for("avgpool2d_backward", x_shape, grad_y)
     cdef long planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
-    cdef int sh = stride[0], sw = stride[1]
+    cdef int sh, sw
+    cdef long oh, ow
+    oh, ow, sh, sw = _pool_output("avgpool2d_backward", h, w, kh, kw, stride)
+    _need("avgpool2d_backward", "grad_y", grad_y, t, (x_shape[0], x_shape[1], oh, ow))
     cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)    # zeroed by the kernel
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(grad_x)

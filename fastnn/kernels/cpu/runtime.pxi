@@ -11,6 +11,48 @@ cdef inline void* _data(cnp.ndarray a):
     return cnp.PyArray_DATA(a)
 
 
+# --- arguments the kernels refuse ----------------------------------------------------
+#
+# The layers call these wrappers directly, past fastnn.kernels' checks, so each still
+# refuses (cheaply: flags and dimensions, no pass over data) any array that would make
+# its kernel read or write out of bounds or misread memory: wrong dtype, byte order,
+# layout or shape, or a read-only output.
+
+cdef int _float_input(str who, str name, cnp.ndarray a, tuple shape=None) except -1:
+    """The type (NPY_FLOAT or NPY_DOUBLE) of ``a``, checked by _need; else TypeError."""
+    if a is None or (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT
+                     and cnp.PyArray_TYPE(a) != cnp.NPY_DOUBLE):
+        raise TypeError(f"{who}: {name} must be a float32 or float64 array, got "
+                        f"{'None' if a is None else a.dtype}")
+    _need(who, name, a, cnp.PyArray_TYPE(a), shape)
+    return cnp.PyArray_TYPE(a)
+
+
+cdef int _need(str who, str name, cnp.ndarray a, int typenum, tuple shape,
+               bint write=False) except -1:
+    """Refuse ``a`` unless it is an aligned C-contiguous array of ``typenum`` in native
+    byte order, of ``shape`` (None: any; an entry None: any size), writeable when
+    ``write``: TypeError for the dtype, ValueError for the rest."""
+    cdef int k
+    cdef cnp.npy_intp *dims
+    if a is None or cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"{who}: {name} must be a {cnp.PyArray_DescrFromType(typenum)} array "
+                        f"in native byte order, got {'None' if a is None else a.dtype}")
+    ok = cnp.PyArray_ISCARRAY_RO(a) and (cnp.PyArray_ISWRITEABLE(a) or not write)
+    if ok and shape is not None:
+        dims = cnp.PyArray_DIMS(a)
+        ok = cnp.PyArray_NDIM(a) == len(shape)
+        for k in range(len(shape) if ok else 0):
+            if shape[k] is not None and dims[k] != shape[k]:
+                ok = False
+    if not ok:
+        raise ValueError(f"{who}: {name} must be an aligned C-contiguous "
+                         f"{'writeable ' if write else ''}array of shape "
+                         f"{'any' if shape is None else shape}, got shape {(<object>a).shape} "
+                         f"(C-contiguous: {a.flags.c_contiguous}, writeable: {a.flags.writeable})")
+    return 0
+
+
 # float32/float64: a body is written once over Cython's fused type ``floating``;
 # where the dtype is known only at run time (a pool job's ``single``), the one
 # dispatch names the specialization with one of these tags (their value is unused).
