@@ -277,14 +277,17 @@ def _with_out(who, impl, name, out, inputs):
 
 def relu_forward(x, out=None):
     """y = max(x, 0), same shape and dtype; written into ``out`` when given (which may
-    be ``x`` itself: a reused buffer saves a fresh array's page faults every call)."""
+    be ``x`` itself: a reused buffer saves a fresh array's page faults every call).
+    ``out``: writeable, C-contiguous, x's shape, dtype and device, and sharing no memory
+    with x unless it is x."""
     _float_array(x, "relu_forward", "x")
     x, = _contiguous(x)
     return _with_out("relu_forward", _impl(x), "relu_forward", out, {"x": x})
 
 
 def relu_backward(grad_y, y, out=None):
-    """grad_x = grad_y where y > 0, else 0; written into ``out`` when given (may be grad_y)."""
+    """grad_x = grad_y where y > 0, else 0; written into ``out`` when given (checked as
+    relu_forward's; it may be grad_y or y itself)."""
     _float_array(grad_y, "relu_backward", "grad_y")
     _same_kind("relu_backward", grad_y, y=y)
     if tuple(y.shape) != tuple(grad_y.shape):
