@@ -6,7 +6,7 @@
  * goes to a free list of its size, and the next request of that size takes it back
  * with its pages still mapped.
  *
- * Blocks are 64-byte aligned; a 64-byte header before each keeps its size and its
+ * Blocks are 64-byte aligned (2 MiB and huge pages from 4 MiB); a 64-byte header before each keeps its size and its
  * links. Free blocks sit in FNN_CACHE_BUCKETS doubly linked lists by size (a lookup
  * reads only its own bucket) and in one list in order of freeing, oldest first:
  * at most FNN_CACHE_CAP bytes stay held, the oldest free blocks released first.
@@ -21,11 +21,14 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include "fastnn_kernels.h"
 
 #define ALIGN 64
 #define PAGE 4096
+#define HUGE_PAGE ((size_t)2 << 20)
+#define HUGE_MIN ((size_t)4 << 20)
 
 typedef struct block {
     size_t size;                        /* usable bytes after the header */
@@ -85,12 +88,20 @@ static block *find(size_t size)
     return NULL;
 }
 
+/* A new block. From HUGE_MIN bytes it is 2 MiB aligned and advised to use huge pages
+ * (as NumPy advises its arrays from 4 MiB): W5's max-pool forward took 1.7 ms
+ * instead of 1.5 in 4 KiB pages, with its TLB misses. */
 static block *fresh(size_t size)
 {
     void *memory = NULL;
+    size_t align = size >= HUGE_MIN ? HUGE_PAGE : ALIGN;
     block *b;
-    if (size > SIZE_MAX - ALIGN || posix_memalign(&memory, ALIGN, ALIGN + size) != 0)
+    if (size > SIZE_MAX - HUGE_PAGE || posix_memalign(&memory, align, ALIGN + size) != 0)
         return NULL;
+#ifdef MADV_HUGEPAGE
+    if (align == HUGE_PAGE)
+        madvise(memory, (ALIGN + size) / PAGE * PAGE, MADV_HUGEPAGE);   /* advice only */
+#endif
     b = (block *)memory;
     b->size = size;
     return b;
