@@ -96,3 +96,18 @@ def test_layer_trains_in_a_cnn_and_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x), net.predict(x))
     with pytest.raises(ValueError, match="GlobalAvgPool2D: expected input"):
         fn.GlobalAvgPool2D().forward(np.zeros((2, 3), np.float32))
+
+
+def test_compiled_kernels_refuse_what_they_cannot_read():
+    """Called directly, as the layers do, the compiled kernels check their arguments too."""
+    if "cpu" not in backend.available():
+        pytest.skip("no compiled kernels")
+    from fastnn.kernels import _cpu
+    with pytest.raises(TypeError, match="global_avgpool2d_forward"):
+        _cpu.global_avgpool2d_forward(np.zeros((2, 3, 4, 4), np.int32))
+    with pytest.raises(ValueError, match="global_avgpool2d_forward"):
+        _cpu.global_avgpool2d_forward(np.zeros((2, 3, 8, 4), np.float32)[:, :, ::2])
+    with pytest.raises(ValueError, match="global_avgpool2d_backward"):
+        _cpu.global_avgpool2d_backward(np.zeros((2, 3), np.float32), (2, 4, 5, 5))
+    with pytest.raises(ValueError, match="global_avgpool2d_backward"):
+        _cpu.global_avgpool2d_backward(np.zeros((2, 3), np.float32), (2, 3, 0, 5))

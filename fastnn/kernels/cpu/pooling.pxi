@@ -139,6 +139,10 @@ cdef void _global_avgpool_backward(const floating *grad_y, Py_ssize_t planes, Py
 
 def global_avgpool2d_forward(cnp.ndarray x):
     """x: (N, C, H, W) -> y: (N, C): each plane summed in double, divided by H*W."""
+    _float_input("global_avgpool2d_forward", "x", x, (None, None, None, None))
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"global_avgpool2d_forward: x must have H, W >= 1, got {x.shape[2]}x"
+                         f"{x.shape[3]}")
     cdef Py_ssize_t planes = x.shape[0] * x.shape[1], hw = x.shape[2] * x.shape[3]
     cdef cnp.ndarray y = _output_array((x.shape[0], x.shape[1]), x.dtype)
     cdef void *px = _data(x)
@@ -154,11 +158,12 @@ def global_avgpool2d_forward(cnp.ndarray x):
 
 def global_avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape):
     """grad_y: (N, C) -> grad_x: x_shape, each plane filled with grad_y / (H*W)."""
+    who = "global_avgpool2d_backward"
+    if len(x_shape) != 4 or min(x_shape[2:]) < 1:
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with H, W >= 1, got {x_shape}")
+    _float_input(who, "grad_y", grad_y, (x_shape[0], x_shape[1]))
     cdef Py_ssize_t planes = grad_y.shape[0] * grad_y.shape[1]
     cdef Py_ssize_t hw = <Py_ssize_t>x_shape[2] * <Py_ssize_t>x_shape[3]
-    if planes != <Py_ssize_t>x_shape[0] * <Py_ssize_t>x_shape[1]:
-        raise ValueError(f"global_avgpool2d_backward: grad_y {grad_y.shape[0]}x"
-                         f"{grad_y.shape[1]} does not match x_shape {x_shape}")
     cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)
     cdef void *pg = _data(grad_y)
     cdef void *px = _data(grad_x)
