@@ -42,7 +42,7 @@ int fnn_avx512dq_supported(void)
            && __builtin_cpu_supports("avx512vl");
 }
 
-static __mmask16 lanes(long count)          /* mask of the first count (<= 16) lanes */
+static __mmask16 lanes(ptrdiff_t count)          /* mask of the first count (<= 16) lanes */
 {
     return count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1);
 }
@@ -90,7 +90,7 @@ TARGET static inline __m512d add_terms(__m512d s, __m512 t, __m512 d, __m512d lo
 
 /* The gradient of lanes [j, j + 16) from their exp e: (e / total - target) / n, the
  * target one-hot at `label` (t NULL) or t's; stored to g + j under mask m. */
-TARGET static inline void store_grad(float *g, long j, __mmask16 m, __m512 e, __m512 inv_total,
+TARGET static inline void store_grad(float *g, ptrdiff_t j, __mmask16 m, __m512 e, __m512 inv_total,
                                      __m512 inv_n, int64_t label, const float *t)
 {
     __m512 r = _mm512_mul_ps(e, inv_total);
@@ -104,14 +104,14 @@ TARGET static inline void store_grad(float *g, long j, __mmask16 m, __m512 e, __
     _mm512_mask_storeu_ps(g + j, m, r);
 }
 
-TARGET double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t,
+TARGET double fnn_softmax_row_f(const float *z, ptrdiff_t c, int64_t label, const float *t,
                                 float *g, float inv_n, int64_t *predicted)
 {
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     const __mmask16 first = lanes(c);
     const __m512 z0 = _mm512_maskz_loadu_ps(first, z);   /* a row of <= 16 classes stays here */
     __m512 top_lanes = _mm512_mask_mov_ps(minus_inf, first, z0);
-    long j;
+    ptrdiff_t j;
     for (j = 16; j < c; j += 16)
         top_lanes = _mm512_max_ps(_mm512_mask_loadu_ps(top_lanes, lanes(c - j), z + j), top_lanes);
     const float top = _mm512_reduce_max_ps(top_lanes);
@@ -162,15 +162,15 @@ TARGET double fnn_softmax_row_f(const float *z, long c, int64_t label, const flo
 
 /* 1 when none of a[0..n) is NaN or infinite: the largest magnitude (sign bit off)
  * below infinity's bits, in blocks (stops at the block with the first). */
-TARGET int fnn_all_finite_avx512_f(const float *a, long n)
+TARGET int fnn_all_finite_avx512_f(const float *a, ptrdiff_t n)
 {
     enum { BLOCK = 16384 };
     const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
     const __m512i inf_bits = _mm512_set1_epi32(0x7f800000);
-    for (long start = 0; start < n; start += BLOCK) {
-        const long stop = n - start < BLOCK ? n : start + BLOCK;
+    for (ptrdiff_t start = 0; start < n; start += BLOCK) {
+        const ptrdiff_t stop = n - start < BLOCK ? n : start + BLOCK;
         __m512i largest = _mm512_setzero_si512();
-        long i = start;
+        ptrdiff_t i = start;
         for (; i + 16 <= stop; i += 16)
             largest = _mm512_max_epu32(largest, _mm512_and_si512(
                 _mm512_loadu_si512((const void *)(a + i)), magnitude));
@@ -198,7 +198,7 @@ TARGET_DQ static inline __mmask8 dropout_keep(__m512i index, __m512i seed, __m51
     return _mm512_cmpge_epu64_mask(_mm512_srli_epi64(z, 11), keep_from);
 }
 
-TARGET_DQ void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long n, long first,
+TARGET_DQ void fnn_dropout_avx512_f(const float *x, float *y, float *mask, ptrdiff_t n, ptrdiff_t first,
                                     uint64_t keep_from, float scale, uint64_t seed)
 {
     const __m512i vseed = _mm512_set1_epi64((long long)seed);
@@ -206,7 +206,7 @@ TARGET_DQ void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long 
     const __m256 vscale = _mm256_set1_ps(scale);
     __m512i index = _mm512_add_epi64(_mm512_set1_epi64(first),
                                      _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-    for (long i = 0; i < n; i += 8, index = _mm512_add_epi64(index, _mm512_set1_epi64(8))) {
+    for (ptrdiff_t i = 0; i < n; i += 8, index = _mm512_add_epi64(index, _mm512_set1_epi64(8))) {
         const __mmask8 in = n - i >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (n - i)) - 1);
         const __m256 m = _mm256_maskz_mov_ps(dropout_keep(index, vseed, vkeep), vscale);
         _mm256_mask_storeu_ps(mask + i, in, m);
@@ -214,15 +214,15 @@ TARGET_DQ void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long 
     }
 }
 
-TARGET_DQ void fnn_dropout_avx512_d(const double *x, double *y, double *mask, long n,
-                                    long first, uint64_t keep_from, double scale, uint64_t seed)
+TARGET_DQ void fnn_dropout_avx512_d(const double *x, double *y, double *mask, ptrdiff_t n,
+                                    ptrdiff_t first, uint64_t keep_from, double scale, uint64_t seed)
 {
     const __m512i vseed = _mm512_set1_epi64((long long)seed);
     const __m512i vkeep = _mm512_set1_epi64((long long)keep_from);
     const __m512d vscale = _mm512_set1_pd(scale);
     __m512i index = _mm512_add_epi64(_mm512_set1_epi64(first),
                                      _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-    for (long i = 0; i < n; i += 8, index = _mm512_add_epi64(index, _mm512_set1_epi64(8))) {
+    for (ptrdiff_t i = 0; i < n; i += 8, index = _mm512_add_epi64(index, _mm512_set1_epi64(8))) {
         const __mmask8 in = n - i >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (n - i)) - 1);
         const __m512d m = _mm512_maskz_mov_pd(dropout_keep(index, vseed, vkeep), vscale);
         _mm512_mask_storeu_pd(mask + i, in, m);
@@ -235,27 +235,27 @@ TARGET_DQ void fnn_dropout_avx512_d(const double *x, double *y, double *mask, lo
 int fnn_avx512_supported(void) { return 0; }
 int fnn_avx512dq_supported(void) { return 0; }
 
-void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long n, long first,
+void fnn_dropout_avx512_f(const float *x, float *y, float *mask, ptrdiff_t n, ptrdiff_t first,
                           uint64_t keep_from, float scale, uint64_t seed)
 {
     (void)x; (void)y; (void)mask; (void)n; (void)first; (void)keep_from; (void)scale;
     (void)seed;
 }
 
-void fnn_dropout_avx512_d(const double *x, double *y, double *mask, long n, long first,
+void fnn_dropout_avx512_d(const double *x, double *y, double *mask, ptrdiff_t n, ptrdiff_t first,
                           uint64_t keep_from, double scale, uint64_t seed)
 {
     (void)x; (void)y; (void)mask; (void)n; (void)first; (void)keep_from; (void)scale;
     (void)seed;
 }
 
-int fnn_all_finite_avx512_f(const float *a, long n)
+int fnn_all_finite_avx512_f(const float *a, ptrdiff_t n)
 {
     (void)a; (void)n;
     return 0;
 }
 
-double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t, float *g,
+double fnn_softmax_row_f(const float *z, ptrdiff_t c, int64_t label, const float *t, float *g,
                          float inv_n, int64_t *predicted)
 {
     (void)z; (void)c; (void)label; (void)t; (void)g; (void)inv_n; (void)predicted;

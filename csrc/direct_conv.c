@@ -53,18 +53,18 @@ static int fast_vectors(void)          /* reads libgcc's CPU model: cheap */
 static int fast_vectors(void) { return 0; }
 #endif
 
-int fnn_direct_conv_fits(const fnn_geometry *g, long k)
+int fnn_direct_conv_fits(const fnn_geometry *g, ptrdiff_t k)
 {
     return g->sh == 1 && g->sw == 1 && g->ow >= 8 && k >= 1 && k <= FNN_DIRECT_MAX_K
            && g->kw <= FNN_DIRECT_MAX_KW && fast_vectors();
 }
 
-long fnn_direct_conv_block(long k)
+ptrdiff_t fnn_direct_conv_block(ptrdiff_t k)
 {
     return k <= 4 ? 4 : k <= 6 ? 6 : 8;
 }
 
-long fnn_direct_conv_workspace(const fnn_geometry *g)
+ptrdiff_t fnn_direct_conv_workspace(const fnn_geometry *g)
 {
     return g->c * (g->h + 2 * g->ph) * (g->w + 2 * g->pw);
 }
@@ -72,16 +72,16 @@ long fnn_direct_conv_workspace(const fnn_geometry *g)
 /* One block of KB output channels over all output rows of one sample. xp: padded
  * input (C, hp, wp); wt: weights (C*kh*kw, kp) with this block's columns at wt[0..KB). */
 static inline __attribute__((always_inline)) void
-forward_block(const float *xp, long hp, long wp, const fnn_geometry *g, const float *wt,
-              long kp, const float *bias, float *y, long kb, const int KB)
+forward_block(const float *xp, ptrdiff_t hp, ptrdiff_t wp, const fnn_geometry *g, const float *wt,
+              ptrdiff_t kp, const float *bias, float *y, ptrdiff_t kb, const int KB)
 {
-    const long ohw = g->oh * g->ow, ow = g->ow;
-    for (long oh = 0; oh < g->oh; oh++)
-        for (long ow0 = 0;; ow0 += 8) {
+    const ptrdiff_t ohw = g->oh * g->ow, ow = g->ow;
+    for (ptrdiff_t oh = 0; oh < g->oh; oh++)
+        for (ptrdiff_t ow0 = 0;; ow0 += 8) {
             if (ow0 + 8 > ow) ow0 = ow - 8;
             v8f acc[8];
             for (int kk = 0; kk < KB; kk++) acc[kk] = (v8f){0} + bias[kk];
-            for (long c = 0; c < g->c; c++)
+            for (ptrdiff_t c = 0; c < g->c; c++)
                 for (int i = 0; i < g->kh; i++) {
                     const float *src = xp + (c * hp + oh + i) * wp + ow0;
                     const float *w = wt + ((c * g->kh + i) * g->kw) * kp;
@@ -98,11 +98,11 @@ forward_block(const float *xp, long hp, long wp, const fnn_geometry *g, const fl
 /* x (C, h, w) -> work: the input with a zero border of the padding (returned), or x. */
 static const float *padded_input(const float *x, const fnn_geometry *g, float *work)
 {
-    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
+    const ptrdiff_t hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
     if (!g->ph && !g->pw) return x;
     memset(work, 0, (size_t)(g->c * hp * wp) * sizeof(float));
-    for (long c = 0; c < g->c; c++)
-        for (long r = 0; r < g->h; r++)
+    for (ptrdiff_t c = 0; c < g->c; c++)
+        for (ptrdiff_t r = 0; r < g->h; r++)
             memcpy(work + (c * hp + r + g->ph) * wp + g->pw, x + (c * g->h + r) * g->w,
                    (size_t)g->w * sizeof(float));
     return work;
@@ -114,18 +114,18 @@ static const float *padded_input(const float *x, const fnn_geometry *g, float *w
  * than 8-pixel blocks, 595 -> ~350 us per batch of 64 on one thread). One x value
  * broadcast feeds KV multiply-adds, one weight vector 6. */
 static inline __attribute__((always_inline)) void
-forward_channels(const float *xp, long hp, long wp, const fnn_geometry *g, const float *wt,
-                 long k, const float *bias, float *y, const int KV)
+forward_channels(const float *xp, ptrdiff_t hp, ptrdiff_t wp, const fnn_geometry *g, const float *wt,
+                 ptrdiff_t k, const float *bias, float *y, const int KV)
 {
     enum { P = 6 };
-    const long ohw = g->oh * g->ow, ow = g->ow;
-    for (long oh = 0; oh < g->oh; oh++)
-        for (long ow0 = 0;; ow0 += P) {
+    const ptrdiff_t ohw = g->oh * g->ow, ow = g->ow;
+    for (ptrdiff_t oh = 0; oh < g->oh; oh++)
+        for (ptrdiff_t ow0 = 0;; ow0 += P) {
             if (ow0 + P > ow) ow0 = ow - P;
             v8f acc[P][2];
             for (int v = 0; v < KV; v++)
                 for (int p = 0; p < P; p++) acc[p][v] = load8(bias + 8 * v);
-            for (long c = 0; c < g->c; c++)
+            for (ptrdiff_t c = 0; c < g->c; c++)
                 for (int i = 0; i < g->kh; i++) {
                     const float *src = xp + (c * hp + oh + i) * wp + ow0;
                     const float *w = wt + ((c * g->kh + i) * g->kw) * k;
@@ -148,10 +148,10 @@ forward_channels(const float *xp, long hp, long wp, const fnn_geometry *g, const
 
 CLONES
 void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
-                               long k, const float *bias, float *y, float *work)
+                               ptrdiff_t k, const float *bias, float *y, float *work)
 {
-    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
-    const long kb = fnn_direct_conv_block(k), kp = (k + kb - 1) / kb * kb;
+    const ptrdiff_t hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
+    const ptrdiff_t kb = fnn_direct_conv_block(k), kp = (k + kb - 1) / kb * kb;
     const float *xp = padded_input(x, g, work);      /* the taps need no bounds checks */
     if (k == 16) {
         forward_channels(xp, hp, wp, g, wt, k, bias, y, 2);
@@ -161,8 +161,8 @@ void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const floa
         forward_channels(xp, hp, wp, g, wt, k, bias, y, 1);
         return;
     }
-    for (long k0 = 0; k0 < k; k0 += kb) {
-        const long left = k - k0 < kb ? k - k0 : kb;
+    for (ptrdiff_t k0 = 0; k0 < k; k0 += kb) {
+        const ptrdiff_t left = k - k0 < kb ? k - k0 : kb;
         float *yk = y + k0 * g->oh * g->ow;
         if (kb == 4)
             forward_block(xp, hp, wp, g, wt + k0, kp, bias + k0, yk, left, 4);
@@ -181,13 +181,13 @@ void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const floa
 /* One (k, c, i): out[j] += sum over oh, ow of gy[oh, ow] * src[oh, ow + j], j < KW
  * (a compile-time count, so the KW sums stay in registers). */
 static inline __attribute__((always_inline)) void
-grad_w_row(const float *gy, const float *src, long oh_n, long ow, long wp, v8i mask,
+grad_w_row(const float *gy, const float *src, ptrdiff_t oh_n, ptrdiff_t ow, ptrdiff_t wp, v8i mask,
            float *out, const int KW)
 {
     v8f acc[FNN_DIRECT_MAX_KW];
     for (int j = 0; j < KW; j++) acc[j] = (v8f){0};
-    for (long oh = 0; oh < oh_n; oh++, gy += ow, src += wp) {
-        long ow0 = 0;
+    for (ptrdiff_t oh = 0; oh < oh_n; oh++, gy += ow, src += wp) {
+        ptrdiff_t ow0 = 0;
         for (; ow0 + 8 <= ow; ow0 += 8) {
             const v8f gv = load8(gy + ow0);
             for (int j = 0; j < KW; j++) acc[j] += gv * load8(src + ow0 + j);
@@ -206,15 +206,15 @@ grad_w_row(const float *gy, const float *src, long oh_n, long ow, long wp, v8i m
 
 CLONES
 void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
-                              long k, float *grad_w, float *work)
+                              ptrdiff_t k, float *grad_w, float *work)
 {
-    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, ow = g->ow, ohw = g->oh * g->ow;
-    const long tail = ow % 8;
+    const ptrdiff_t hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, ow = g->ow, ohw = g->oh * g->ow;
+    const ptrdiff_t tail = ow % 8;
     const float *xp = padded_input(x, g, work);
     v8i mask;                      /* lanes 8 - tail .. 7: the pixels the last block adds */
     for (int l = 0; l < 8; l++) mask[l] = l >= 8 - tail ? -1 : 0;
-    for (long kk = 0; kk < k; kk++)
-        for (long c = 0; c < g->c; c++)
+    for (ptrdiff_t kk = 0; kk < k; kk++)
+        for (ptrdiff_t c = 0; c < g->c; c++)
             for (int i = 0; i < g->kh; i++) {
                 const float *gy = grad_y + kk * ohw, *src = xp + (c * hp + i) * wp;
                 float *out = grad_w + ((kk * g->c + c) * g->kh + i) * g->kw;

@@ -90,7 +90,7 @@ static inline float fnn_expf(float x)
 #if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 /* out[i*ldo + j] = a[j*lda + i] (+ bias[i]) for a 4x4 block: 4 loads, 4 stores. */
-static inline void transpose_block4_f(const float *a, long lda, float *out, long ldo,
+static inline void transpose_block4_f(const float *a, ptrdiff_t lda, float *out, ptrdiff_t ldo,
                                       const float *bias)
 {
     __m128 r0 = _mm_loadu_ps(a), r1 = _mm_loadu_ps(a + lda);
@@ -123,7 +123,7 @@ static inline __m128 maxpool_beats_f(__m128 v, __m128 best)
                      _mm_and_ps(_mm_cmpunord_ps(v, v), _mm_cmpord_ps(best, best)));
 }
 
-static long maxpool2x2_row_f(const float *top, long w, long ow, long at, float *y,
+static ptrdiff_t maxpool2x2_row_f(const float *top, ptrdiff_t w, ptrdiff_t ow, ptrdiff_t at, float *y,
                              int64_t *argmax)
 {
     const float *bot = top + w;
@@ -132,7 +132,7 @@ static long maxpool2x2_row_f(const float *top, long w, long ow, long at, float *
     __m128i base = _mm_add_epi32(_mm_set1_epi32((int)at), _mm_setr_epi32(0, 2, 4, 6));
     const __m128i step = _mm_set1_epi32(8);
     if (ow < 4) return 0;
-    for (long q = 0;; q += 4, base = _mm_add_epi32(base, step)) {
+    for (ptrdiff_t q = 0;; q += 4, base = _mm_add_epi32(base, step)) {
         if (q + 4 > ow) {          /* a last block overlapping the previous one */
             base = _mm_add_epi32(base, _mm_set1_epi32((int)(2 * (ow - 4 - q))));
             q = ow - 4;

@@ -58,17 +58,17 @@ void fnn_blas_single_end(void);
  * elsewhere); fnn_pool_set_busy(1) starts such a while, fnn_pool_set_busy(0)
  * ends it (tests, measurements). Idle workers spin (yielding the core) for
  * fnn_pool_spin_us() microseconds, then sleep. */
-typedef void (*fnn_task_fn)(void *ctx, long i);
-int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks);
-void fnn_pool_set_spin_us(long us);
-long fnn_pool_spin_us(void);
+typedef void (*fnn_task_fn)(void *ctx, ptrdiff_t i);
+int fnn_pool_run(fnn_task_fn task, void *ctx, ptrdiff_t n_tasks);
+void fnn_pool_set_spin_us(ptrdiff_t us);
+ptrdiff_t fnn_pool_spin_us(void);
 int fnn_pool_workers(void);   /* workers started in this process */
 /* Which thread runs the current task: 0 the calling thread, 1.. a worker. In a
  * job of fnn_pool_run(..., n_tasks) it is below min(fnn_max_threads(), n_tasks)
  * (per-thread workspaces); nested jobs run on their caller and keep its index. */
 int fnn_pool_thread_index(void);
 void fnn_pool_set_busy(int busy);
-void fnn_pool_stats(long *posted, long *helped);   /* jobs posted to workers, helped by one */
+void fnn_pool_stats(ptrdiff_t *posted, ptrdiff_t *helped);   /* jobs posted to workers, helped by one */
 
 /* Caching allocator (csrc/alloc.c) for kernel outputs and workspaces: 64-byte
  * aligned blocks; from FNN_CACHE_MIN bytes a freed block is kept (at most
@@ -88,24 +88,24 @@ void fnn_cache_clear(void);
 #define FNN_DECLARE(T, S)                                                           \
 /* x (n, c, h, w) -> cols (c*kh*kw, ld); sample s fills columns [s*oh*ow, (s+1)*oh*ow).  \
  * O(c*kh*kw*n*oh*ow) copies. */                                                     \
-void fnn_im2col_##S(const T *x, long n, const fnn_geometry *g, T *cols, long ld,     \
+void fnn_im2col_##S(const T *x, ptrdiff_t n, const fnn_geometry *g, T *cols, ptrdiff_t ld,     \
                     int parallel);                                                   \
 /* Patches as rows, channels last: one sample x_hwc (h, w, c) -> rows (oh*ow, kh*kw*c), \
  * row oh*ow_ + ow = [x_padded[oh*sh + i, ow*sw + j, :] for i, j]. Conv GEMMs run       \
  * faster on this layout than on im2col's (see _cpu.pyx).  */                            \
 void fnn_im2row_##S(const T *x_hwc, const fnn_geometry *g, T *rows, int parallel);      \
 /* out (cols, rows) = a (rows, cols) transposed, in cache-sized tiles. */               \
-void fnn_transpose_##S(const T *a, long rows, long cols, T *out, int parallel);         \
+void fnn_transpose_##S(const T *a, ptrdiff_t rows, ptrdiff_t cols, T *out, int parallel);         \
 /* The same, plus bias[c] added to every value of output row c (bias: (cols,)). */      \
-void fnn_transpose_bias_##S(const T *a, long rows, long cols, const T *bias, T *out,  \
+void fnn_transpose_bias_##S(const T *a, ptrdiff_t rows, ptrdiff_t cols, const T *bias, T *out,  \
                             int parallel);                                            \
 /* Adjoint of im2col: cols (c*kh*kw, ld) -> x (n, c, h, w), overwritten; overlapping \
  * windows add up. Parallel over (n, c) planes, so no two threads write one value. */\
-void fnn_col2im_##S(const T *cols, long n, const fnn_geometry *g, T *x, long ld,     \
+void fnn_col2im_##S(const T *cols, ptrdiff_t n, const fnn_geometry *g, T *x, ptrdiff_t ld,     \
                     int parallel);                                                   \
 /* a: planes of (oh, ow) -> out: planes of len = (oh-1)*wp + ow values, rows wp apart \
  * and zero between (wp >= ow), the layout fnn_col2im_rows takes. */                 \
-void fnn_pad_rows_##S(const T *a, long planes, long oh, long ow, long wp, T *out);   \
+void fnn_pad_rows_##S(const T *a, ptrdiff_t planes, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t wp, T *out);   \
 /* col2im of one sample for stride 1: cols (c*kh*kw, len) rows in fnn_pad_rows'       \
  * layout with wp = w + 2*pw -> x (c, h, w), overwritten. In that layout each (i, j)  \
  * is one add of len contiguous values at offset i*wp + j of the padded plane (the   \
@@ -114,59 +114,59 @@ void fnn_pad_rows_##S(const T *a, long planes, long oh, long ow, long wp, T *out
 void fnn_col2im_rows_##S(const T *cols, const fnn_geometry *g, T *x, T *work);      \
 /* x: planes of (h, w) -> y, argmax: planes of (oh, ow); argmax is h_in*w + w_in,    \
  * the first maximum in row-major window order (NaN wins, as in NumPy). */           \
-void fnn_maxpool2d_forward_##S(const T *x, long planes, long h, long w, int kh,      \
+void fnn_maxpool2d_forward_##S(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh,      \
                                int kw, int sh, int sw, T *y, int64_t *argmax);       \
 /* grad_x planes (hw values) = scatter-add of grad_y planes (ohw values) at argmax;  \
  * grad_x is zeroed first unless `zeroed` (fresh calloc'd pages are already zero).   \
  * Returns the number of argmax entries outside [0, hw) (skipped). */                \
-long fnn_maxpool2d_backward_##S(const T *grad_y, const int64_t *argmax, long planes, \
-                                long ohw, long hw, T *grad_x, int zeroed);           \
+ptrdiff_t fnn_maxpool2d_backward_##S(const T *grad_y, const int64_t *argmax, ptrdiff_t planes, \
+                                ptrdiff_t ohw, ptrdiff_t hw, T *grad_x, int zeroed);           \
 /* Average pooling, no padding: x planes (h, w) -> y planes (oh, ow), and the       \
  * backward into grad_x planes (h, w) (zeroed first). */                             \
-void fnn_avgpool2d_forward_##S(const T *x, long planes, long h, long w, int kh,      \
+void fnn_avgpool2d_forward_##S(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh,      \
                                int kw, int sh, int sw, T *y);                        \
-void fnn_avgpool2d_backward_##S(const T *grad_y, long planes, long h, long w,        \
+void fnn_avgpool2d_backward_##S(const T *grad_y, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w,        \
                                 int kh, int kw, int sh, int sw, T *grad_x);          \
 /* y = max(x, 0) and grad_x = grad_y * (y > 0): one pass, NaN propagates. */         \
-void fnn_relu_forward_##S(const T *x, T *y, long n);                                 \
-void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, long n);          \
+void fnn_relu_forward_##S(const T *x, T *y, ptrdiff_t n);                                 \
+void fnn_relu_backward_##S(const T *grad_y, const T *y, T *grad_x, ptrdiff_t n);          \
 /* y = x where x > 0, else alpha * x; grad_x = grad_y where x > 0, else alpha *       \
  * grad_y (NaN: the alpha branch, NaN again). */                                     \
-void fnn_leaky_relu_forward_##S(const T *x, T *y, long n, T alpha);                  \
-void fnn_leaky_relu_backward_##S(const T *grad_y, const T *x, T *grad_x, long n,     \
+void fnn_leaky_relu_forward_##S(const T *x, T *y, ptrdiff_t n, T alpha);                  \
+void fnn_leaky_relu_backward_##S(const T *grad_y, const T *x, T *grad_x, ptrdiff_t n,     \
                                  T alpha);                                            \
 /* Inverted dropout with the CUDA kernel's counter-based mask (see the template);    \
  * out = a * b element-wise (dropout's backward). */                                \
-void fnn_dropout_forward_##S(const T *x, T *y, T *mask, long n, uint64_t keep_from,  \
+void fnn_dropout_forward_##S(const T *x, T *y, T *mask, ptrdiff_t n, uint64_t keep_from,  \
                              T scale, uint64_t seed);                                \
-void fnn_multiply_##S(const T *a, const T *b, T *out, long n);                       \
+void fnn_multiply_##S(const T *a, const T *b, T *out, ptrdiff_t n);                       \
 /* BatchNorm on x viewed as (n, c, s), statistics per channel c: the batch mean and  \
  * biased variance (double sums; work: 2 * c doubles), x_hat and y (also inv_std =   \
  * 1 / sqrt(var + eps)), and the training backward (grad_x, grad_gamma, grad_beta). */\
-void fnn_batchnorm_stats_##S(const T *x, long n, long c, long s, T *mean, T *var,    \
+void fnn_batchnorm_stats_##S(const T *x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s, T *mean, T *var,    \
                              double *work);                                          \
-void fnn_batchnorm_apply_##S(const T *x, long n, long c, long s, const T *mean,      \
+void fnn_batchnorm_apply_##S(const T *x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s, const T *mean,      \
                              const T *var, T eps, const T *gamma, const T *beta,     \
                              T *inv_std, T *x_hat, T *y);                            \
-void fnn_batchnorm_backward_##S(const T *grad_y, const T *x_hat, long n, long c,     \
-                                long s, const T *gamma, const T *inv_std, T *grad_x, \
+void fnn_batchnorm_backward_##S(const T *grad_y, const T *x_hat, ptrdiff_t n, ptrdiff_t c,     \
+                                ptrdiff_t s, const T *gamma, const T *inv_std, T *grad_x, \
                                 T *grad_gamma, T *grad_beta, double *work);          \
 /* Mean softmax cross-entropy of logits (n, c), log-sum-exp stable; writes           \
  * grad = (softmax - target) / n. Targets: labels (n,) when non-NULL, else           \
  * probabilities (n, c). row_loss (n,) is scratch. predicted (n,), unless NULL:      \
  * each row's class, the first index of its largest logit (as numpy.argmax). */      \
-double fnn_softmax_xent_##S(const T *logits, long n, long c, const int64_t *labels,  \
+double fnn_softmax_xent_##S(const T *logits, ptrdiff_t n, ptrdiff_t c, const int64_t *labels,  \
                             const T *target, T *grad, double *row_loss,              \
                             int64_t *predicted);                                     \
 /* out (cols,) = sum over rows of a (rows, cols). */                                 \
-void fnn_column_sums_##S(const T *a, long rows, long cols, T *out);                  \
+void fnn_column_sums_##S(const T *a, ptrdiff_t rows, ptrdiff_t cols, T *out);                  \
 /* 1 when none of a[0..n) is NaN or infinite; stops at the block with the first. */  \
-int fnn_all_finite_##S(const T *a, long n);                                          \
+int fnn_all_finite_##S(const T *a, ptrdiff_t n);                                          \
 /* out (rows,) = sum over columns of a (rows, cols), added to out when accumulate. */ \
-void fnn_row_sums_##S(const T *a, long rows, long cols, T *out, int accumulate);     \
+void fnn_row_sums_##S(const T *a, ptrdiff_t rows, ptrdiff_t cols, T *out, int accumulate);     \
 /* a (rows, cols): each row r set to value[r] (per_row) or each row set to value     \
  * (cols,) (!per_row). Used to pre-broadcast a bias before a beta=1 GEMM. */         \
-void fnn_broadcast_##S(T *a, const T *value, long rows, long cols, int per_row);
+void fnn_broadcast_##S(T *a, const T *value, ptrdiff_t rows, ptrdiff_t cols, int per_row);
 
 FNN_DECLARE(float, f)
 FNN_DECLARE(double, d)
@@ -182,18 +182,18 @@ FNN_DECLARE(double, d)
 typedef void (*fnn_gemm_fn_##S)(int trans_a, int trans_b, int m, int n, int k,       \
                                 T alpha, const T *a, int lda, const T *b, int ldb,   \
                                 T beta, T *c, int ldc);                              \
-long fnn_winograd_forward_workspace_##S(long n, const fnn_geometry *g, long k,       \
+ptrdiff_t fnn_winograd_forward_workspace_##S(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k,       \
                                         int threads);                                \
 /* y (n, k, oh, ow) = conv(x (n, c, h, w), w (k, c, 3, 3)) + bias (k,) or NULL. */   \
-void fnn_winograd_forward_##S(const T *x, long n, const fnn_geometry *g, const T *w, \
-                              long k, const T *bias, T *y, T *work, int threads,     \
+void fnn_winograd_forward_##S(const T *x, ptrdiff_t n, const fnn_geometry *g, const T *w, \
+                              ptrdiff_t k, const T *bias, T *y, T *work, int threads,     \
                               fnn_gemm_fn_##S gemm);                                 \
-long fnn_winograd_backward_workspace_##S(long n, const fnn_geometry *g, long k,      \
+ptrdiff_t fnn_winograd_backward_workspace_##S(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k,      \
                                          int threads, int need_grad_x);              \
 /* grad_y (n, k, oh, ow) -> grad_w (k, c, 3, 3), grad_b (k,), and grad_x (n, c, h, w) \
  * unless NULL. Sums in a fixed order: the same bits for any thread count. */        \
-void fnn_winograd_backward_##S(const T *grad_y, const T *x, long n,                  \
-                               const fnn_geometry *g, const T *w, long k, T *grad_x, \
+void fnn_winograd_backward_##S(const T *grad_y, const T *x, ptrdiff_t n,                  \
+                               const fnn_geometry *g, const T *w, ptrdiff_t k, T *grad_x, \
                                T *grad_w, T *grad_b, T *work, int threads,           \
                                fnn_gemm_fn_##S gemm);
 
@@ -210,18 +210,18 @@ FNN_DECLARE_WINOGRAD(double, d)
  * fnn_direct_conv_workspace elements. */
 #define FNN_DIRECT_MAX_K 16
 #define FNN_DIRECT_MAX_KW 7
-int fnn_direct_conv_fits(const fnn_geometry *g, long k);
-long fnn_direct_conv_block(long k);
-long fnn_direct_conv_workspace(const fnn_geometry *g);
+int fnn_direct_conv_fits(const fnn_geometry *g, ptrdiff_t k);
+ptrdiff_t fnn_direct_conv_block(ptrdiff_t k);
+ptrdiff_t fnn_direct_conv_workspace(const fnn_geometry *g);
 void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const float *wt,
-                               long k, const float *bias, float *y, float *work);
+                               ptrdiff_t k, const float *bias, float *y, float *work);
 /* One sample: grad_w (k, c, kh, kw) += the weight gradient of grad_y (k, oh, ow). */
 void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
-                              long k, float *grad_w, float *work);
+                              ptrdiff_t k, float *grad_w, float *work);
 
 /* Tiles per Winograd block (for tests and measurements; 0: chosen from the
  * channel counts); returns the old setting. */
-long fnn_winograd_set_tiles(long tiles);
+ptrdiff_t fnn_winograd_set_tiles(ptrdiff_t tiles);
 
 /* fastnn's own float32 GEMM (csrc/sgemm.c), one thread: row-major
  * c (m, n) = alpha * op(a) @ op(b) + beta * c, op(a) = a (m, k) or, with trans_a,
@@ -232,7 +232,7 @@ int fnn_sgemm_supported(void);
 extern int fnn_sgemm_direct_a;
 /* buf = momentum * buf + g; p -= lr * buf (float32, n elements), with AVX-512; only
  * where fnn_sgemm_supported(). */
-void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
+void fnn_sgd_momentum_f(float *p, const float *g, float *buf, ptrdiff_t n, float lr,
                         float momentum);
 int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
               int lda, const float *b, int ldb, float beta, float *c, int ldc);
@@ -260,16 +260,16 @@ int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha, con
  * is NULL, else the probabilities t. */
 int fnn_avx512_supported(void);
 extern int fnn_avx512_rows;
-double fnn_softmax_row_f(const float *z, long c, int64_t label, const float *t, float *g,
+double fnn_softmax_row_f(const float *z, ptrdiff_t c, int64_t label, const float *t, float *g,
                          float inv_n, int64_t *predicted);
-int fnn_all_finite_avx512_f(const float *a, long n);
+int fnn_all_finite_avx512_f(const float *a, ptrdiff_t n);
 /* fnn_dropout_forward's AVX-512DQ loops (avx512.c): elements first .. first + n - 1 of
  * the mask, x, y and mask pointing at element first; used where
  * fnn_avx512dq_supported() and fnn_avx512_rows. */
 int fnn_avx512dq_supported(void);
-void fnn_dropout_avx512_f(const float *x, float *y, float *mask, long n, long first,
+void fnn_dropout_avx512_f(const float *x, float *y, float *mask, ptrdiff_t n, ptrdiff_t first,
                           uint64_t keep_from, float scale, uint64_t seed);
-void fnn_dropout_avx512_d(const double *x, double *y, double *mask, long n, long first,
+void fnn_dropout_avx512_d(const double *x, double *y, double *mask, ptrdiff_t n, ptrdiff_t first,
                           uint64_t keep_from, double scale, uint64_t seed);
 
 #endif

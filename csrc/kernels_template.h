@@ -5,10 +5,10 @@
 #define NAME(base) CAT(base, S)
 
 /* Output columns [lo, hi) whose input column ow*sw + j - pw lies in [0, w). */
-static void NAME(col_range)(const fnn_geometry *g, int j, long *lo, long *hi)
+static void NAME(col_range)(const fnn_geometry *g, int j, ptrdiff_t *lo, ptrdiff_t *hi)
 {
-    long first = g->pw - j;                 /* ow*sw >= first */
-    long last = g->w - 1 + g->pw - j;       /* ow*sw <= last  */
+    ptrdiff_t first = g->pw - j;                 /* ow*sw >= first */
+    ptrdiff_t last = g->w - 1 + g->pw - j;       /* ow*sw <= last  */
     *lo = first > 0 ? (first + g->sw - 1) / g->sw : 0;
     *hi = last >= 0 ? last / g->sw + 1 : 0;
     if (*hi > g->ow) *hi = g->ow;
@@ -35,59 +35,59 @@ static inline T NAME(pick)(int take, T yes, T no)
     return out;
 }
 
-static inline long NAME(pick_index)(int take, long yes, long no)
+static inline ptrdiff_t NAME(pick_index)(int take, ptrdiff_t yes, ptrdiff_t no)
 {
-    return no ^ ((no ^ yes) & -(long)take);
+    return no ^ ((no ^ yes) & -(ptrdiff_t)take);
 }
 
 /* One im2col row r = (c, i, j) of one sample: oh*ow values into dst. */
-static void NAME(im2col_row)(const T *x, const fnn_geometry *g, long r, T *dst)
+static void NAME(im2col_row)(const T *x, const fnn_geometry *g, ptrdiff_t r, T *dst)
 {
-    const long ch = r / (g->kh * g->kw);
+    const ptrdiff_t ch = r / (g->kh * g->kw);
     const int i = (int)((r / g->kw) % g->kh), j = (int)(r % g->kw);
-    long lo, hi;
+    ptrdiff_t lo, hi;
     NAME(col_range)(g, j, &lo, &hi);
-    for (long oh = 0; oh < g->oh; oh++, dst += g->ow) {
-        const long hin = oh * g->sh + i - g->ph;
+    for (ptrdiff_t oh = 0; oh < g->oh; oh++, dst += g->ow) {
+        const ptrdiff_t hin = oh * g->sh + i - g->ph;
         if (hin < 0 || hin >= g->h) {
             memset(dst, 0, (size_t)g->ow * sizeof(T));
             continue;
         }
         const T *src = x + (ch * g->h + hin) * g->w + j - g->pw;   /* src[ow*sw] */
-        for (long ow = 0; ow < lo; ow++) dst[ow] = 0;
+        for (ptrdiff_t ow = 0; ow < lo; ow++) dst[ow] = 0;
         if (g->sw == 1)
             memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof(T));
         else
-            for (long ow = lo; ow < hi; ow++) dst[ow] = src[ow * g->sw];
-        for (long ow = hi; ow < g->ow; ow++) dst[ow] = 0;
+            for (ptrdiff_t ow = lo; ow < hi; ow++) dst[ow] = src[ow * g->sw];
+        for (ptrdiff_t ow = hi; ow < g->ow; ow++) dst[ow] = 0;
     }
 }
 
-void NAME(fnn_im2col)(const T *x, long n, const fnn_geometry *g, T *cols, long ld,
+void NAME(fnn_im2col)(const T *x, ptrdiff_t n, const fnn_geometry *g, T *cols, ptrdiff_t ld,
                       int parallel)
 {
-    const long rows = g->c * g->kh * g->kw, ohw = g->oh * g->ow, chw = g->c * g->h * g->w;
+    const ptrdiff_t rows = g->c * g->kh * g->kw, ohw = g->oh * g->ow, chw = g->c * g->h * g->w;
     #pragma omp parallel for collapse(2) schedule(static) if (parallel)
-    for (long r = 0; r < rows; r++)
-        for (long s = 0; s < n; s++)
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t s = 0; s < n; s++)
             NAME(im2col_row)(x + s * chw, g, r, cols + r * ld + s * ohw);
 }
 
 void NAME(fnn_im2row)(const T *x_hwc, const fnn_geometry *g, T *rows, int parallel)
 {
-    const long c = g->c, kkc = g->kh * g->kw * c;
+    const ptrdiff_t c = g->c, kkc = g->kh * g->kw * c;
     #pragma omp parallel for schedule(static) if (parallel)
-    for (long oh = 0; oh < g->oh; oh++)
-        for (long ow = 0; ow < g->ow; ow++) {
+    for (ptrdiff_t oh = 0; oh < g->oh; oh++)
+        for (ptrdiff_t ow = 0; ow < g->ow; ow++) {
             T *dst = rows + (oh * g->ow + ow) * kkc;
-            const long w0 = ow * g->sw - g->pw;          /* input column of j = 0 */
+            const ptrdiff_t w0 = ow * g->sw - g->pw;          /* input column of j = 0 */
             /* the in-bounds j of a kernel row are contiguous in x_hwc: one copy each */
-            const long j_lo = w0 < 0 ? -w0 : 0;
-            long j_hi = g->w - w0;
+            const ptrdiff_t j_lo = w0 < 0 ? -w0 : 0;
+            ptrdiff_t j_hi = g->w - w0;
             if (j_hi > g->kw) j_hi = g->kw;
             if (j_hi < j_lo) j_hi = j_lo;
             for (int i = 0; i < g->kh; i++, dst += g->kw * c) {
-                const long hin = oh * g->sh + i - g->ph;
+                const ptrdiff_t hin = oh * g->sh + i - g->ph;
                 if (hin < 0 || hin >= g->h) {
                     memset(dst, 0, (size_t)(g->kw * c) * sizeof(T));
                     continue;
@@ -102,7 +102,7 @@ void NAME(fnn_im2row)(const T *x_hwc, const fnn_geometry *g, T *rows, int parall
 
 #ifndef TRANSPOSE_BLOCK4
 /* out[i*ldo + j] = a[j*lda + i] (+ bias[i]) for a 4x4 block (SSE for float). */
-static inline void NAME(transpose_block4)(const T *a, long lda, T *out, long ldo,
+static inline void NAME(transpose_block4)(const T *a, ptrdiff_t lda, T *out, ptrdiff_t ldo,
                                           const T *bias)
 {
     for (int i = 0; i < 4; i++)
@@ -121,132 +121,132 @@ static inline void NAME(transpose_block4)(const T *a, long lda, T *out, long ldo
  * tiles of 64 rows x 4 columns, written along out's rows. 1024x64 floats: 10 us
  * against 130 us (16x16 scalar tiles) and 20 us (32x4 scalar); 64x1024: 10 against
  * 28 us. Edges that do not fill a 4x4 block are copied one value at a time. */
-static void NAME(transpose_tiles)(const T *a, long rows, long cols, const T *bias, T *out,
+static void NAME(transpose_tiles)(const T *a, ptrdiff_t rows, ptrdiff_t cols, const T *bias, T *out,
                                   int parallel)
 {
     const int tall = rows > cols;
-    const long tile_r = tall ? 64 : 16, tile_c = tall ? 4 : 16;
+    const ptrdiff_t tile_r = tall ? 64 : 16, tile_c = tall ? 4 : 16;
     #pragma omp parallel for collapse(2) schedule(static) if (parallel)
-    for (long r0 = 0; r0 < rows; r0 += tile_r)
-        for (long c0 = 0; c0 < cols; c0 += tile_c) {
-            const long r1 = r0 + tile_r < rows ? r0 + tile_r : rows;
-            const long c1 = c0 + tile_c < cols ? c0 + tile_c : cols;
-            const long r4 = r0 + (r1 - r0) / 4 * 4, c4 = c0 + (c1 - c0) / 4 * 4;
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += tile_r)
+        for (ptrdiff_t c0 = 0; c0 < cols; c0 += tile_c) {
+            const ptrdiff_t r1 = r0 + tile_r < rows ? r0 + tile_r : rows;
+            const ptrdiff_t c1 = c0 + tile_c < cols ? c0 + tile_c : cols;
+            const ptrdiff_t r4 = r0 + (r1 - r0) / 4 * 4, c4 = c0 + (c1 - c0) / 4 * 4;
             if (tall) {
-                for (long c = c0; c < c4; c += 4)
-                    for (long r = r0; r < r4; r += 4)
+                for (ptrdiff_t c = c0; c < c4; c += 4)
+                    for (ptrdiff_t r = r0; r < r4; r += 4)
                         TRANSPOSE_BLOCK4_T(a + r * cols + c, cols, out + c * rows + r, rows,
                                            bias ? bias + c : NULL);
             } else {
-                for (long r = r0; r < r4; r += 4)
-                    for (long c = c0; c < c4; c += 4)
+                for (ptrdiff_t r = r0; r < r4; r += 4)
+                    for (ptrdiff_t c = c0; c < c4; c += 4)
                         TRANSPOSE_BLOCK4_T(a + r * cols + c, cols, out + c * rows + r, rows,
                                            bias ? bias + c : NULL);
             }
             /* the ragged edges: rows [r4, r1) of every column, columns [c4, c1) above */
-            for (long r = r0; r < r1; r++)
-                for (long c = (r < r4 ? c4 : c0); c < c1; c++)
+            for (ptrdiff_t r = r0; r < r1; r++)
+                for (ptrdiff_t c = (r < r4 ? c4 : c0); c < c1; c++)
                     out[c * rows + r] = bias ? a[r * cols + c] + bias[c] : a[r * cols + c];
         }
 }
 #undef TRANSPOSE_BLOCK4_T
 
-void NAME(fnn_transpose)(const T *a, long rows, long cols, T *out, int parallel)
+void NAME(fnn_transpose)(const T *a, ptrdiff_t rows, ptrdiff_t cols, T *out, int parallel)
 {
     NAME(transpose_tiles)(a, rows, cols, NULL, out, parallel);
 }
 
-void NAME(fnn_transpose_bias)(const T *a, long rows, long cols, const T *bias, T *out,
+void NAME(fnn_transpose_bias)(const T *a, ptrdiff_t rows, ptrdiff_t cols, const T *bias, T *out,
                               int parallel)
 {
     NAME(transpose_tiles)(a, rows, cols, bias, out, parallel);
 }
 
-void NAME(fnn_col2im)(const T *cols, long n, const fnn_geometry *g, T *x, long ld,
+void NAME(fnn_col2im)(const T *cols, ptrdiff_t n, const fnn_geometry *g, T *x, ptrdiff_t ld,
                       int parallel)
 {
-    const long ohw = g->oh * g->ow, hw = g->h * g->w;
+    const ptrdiff_t ohw = g->oh * g->ow, hw = g->h * g->w;
     #pragma omp parallel for collapse(2) schedule(static) if (parallel)
-    for (long s = 0; s < n; s++)
-        for (long ch = 0; ch < g->c; ch++) {
+    for (ptrdiff_t s = 0; s < n; s++)
+        for (ptrdiff_t ch = 0; ch < g->c; ch++) {
             T *plane = x + (s * g->c + ch) * hw;
             memset(plane, 0, (size_t)hw * sizeof(T));
             for (int i = 0; i < g->kh; i++)
                 for (int j = 0; j < g->kw; j++) {
-                    const long r = (ch * g->kh + i) * g->kw + j;
+                    const ptrdiff_t r = (ch * g->kh + i) * g->kw + j;
                     const T *src = cols + r * ld + s * ohw;
-                    long lo, hi;
+                    ptrdiff_t lo, hi;
                     NAME(col_range)(g, j, &lo, &hi);
-                    for (long oh = 0; oh < g->oh; oh++, src += g->ow) {
-                        const long hin = oh * g->sh + i - g->ph;
+                    for (ptrdiff_t oh = 0; oh < g->oh; oh++, src += g->ow) {
+                        const ptrdiff_t hin = oh * g->sh + i - g->ph;
                         if (hin < 0 || hin >= g->h) continue;
                         T *dst = plane + hin * g->w + j - g->pw;   /* dst[ow*sw] */
                         if (g->sw == 1)
-                            for (long ow = lo; ow < hi; ow++) dst[ow] += src[ow];
+                            for (ptrdiff_t ow = lo; ow < hi; ow++) dst[ow] += src[ow];
                         else
-                            for (long ow = lo; ow < hi; ow++) dst[ow * g->sw] += src[ow];
+                            for (ptrdiff_t ow = lo; ow < hi; ow++) dst[ow * g->sw] += src[ow];
                     }
                 }
         }
 }
 
-void NAME(fnn_pad_rows)(const T *a, long planes, long oh, long ow, long wp, T *out)
+void NAME(fnn_pad_rows)(const T *a, ptrdiff_t planes, ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t wp, T *out)
 {
-    const long len = (oh - 1) * wp + ow;
-    for (long p = 0; p < planes; p++)
-        for (long r = 0; r < oh; r++) {
+    const ptrdiff_t len = (oh - 1) * wp + ow;
+    for (ptrdiff_t p = 0; p < planes; p++)
+        for (ptrdiff_t r = 0; r < oh; r++) {
             T *dst = out + p * len + r * wp;
             memcpy(dst, a + (p * oh + r) * ow, (size_t)ow * sizeof(T));
             if (r + 1 < oh)
-                for (long q = ow; q < wp; q++) dst[q] = 0;
+                for (ptrdiff_t q = ow; q < wp; q++) dst[q] = 0;
         }
 }
 
 void NAME(fnn_col2im_rows)(const T *cols, const fnn_geometry *g, T *x, T *work)
 {
-    const long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
-    const long len = (g->oh - 1) * wp + g->ow, hw = g->h * g->w;
+    const ptrdiff_t hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw;
+    const ptrdiff_t len = (g->oh - 1) * wp + g->ow, hw = g->h * g->w;
     const int padded = g->ph || g->pw;
-    for (long ch = 0; ch < g->c; ch++) {
+    for (ptrdiff_t ch = 0; ch < g->c; ch++) {
         T *plane = padded ? work : x + ch * hw;       /* (hp, wp) */
         memset(plane, 0, (size_t)(hp * wp) * sizeof(T));
         for (int i = 0; i < g->kh; i++)
             for (int j = 0; j < g->kw; j++) {
                 const T *src = cols + ((ch * g->kh + i) * g->kw + j) * len;
                 T *dst = plane + i * wp + j;
-                for (long q = 0; q < len; q++) dst[q] += src[q];
+                for (ptrdiff_t q = 0; q < len; q++) dst[q] += src[q];
             }
         if (padded)
-            for (long r = 0; r < g->h; r++)
+            for (ptrdiff_t r = 0; r < g->h; r++)
                 memcpy(x + ch * hw + r * g->w, plane + (r + g->ph) * wp + g->pw,
                        (size_t)g->w * sizeof(T));
     }
 }
 
-void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh, int kw,
+void NAME(fnn_maxpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh, int kw,
                                  int sh, int sw, T *y, int64_t *argmax)
 {
-    const long oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
     #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
-    for (long p = 0; p < planes; p++) {
+    for (ptrdiff_t p = 0; p < planes; p++) {
         const T *xp = x + p * h * w;
         T *yp = y + p * oh * ow;
         int64_t *ap = argmax + p * oh * ow;
         if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {     /* the common case, unrolled */
-            for (long r = 0; r < oh; r++) {
+            for (ptrdiff_t r = 0; r < oh; r++) {
                 const T *top = xp + 2 * r * w, *bot = top + w;
-                long q = 0;
+                ptrdiff_t q = 0;
 #ifdef MAXPOOL2X2_ROW
                 if (h * w <= INT32_MAX)        /* indices in 32-bit lanes */
                     q = MAXPOOL2X2_ROW(top, w, ow, 2 * r * w, yp + r * ow, ap + r * ow);
 #endif
                 for (; q < ow; q++) {
-                    const long at = 2 * r * w + 2 * q;
+                    const ptrdiff_t at = 2 * r * w + 2 * q;
                     const T a = top[2 * q], b = top[2 * q + 1];
                     const T c = bot[2 * q], d = bot[2 * q + 1];
                     int take = NAME(beats)(b, a);
                     T best = NAME(pick)(take, b, a);
-                    long where = at + take;
+                    ptrdiff_t where = at + take;
                     take = NAME(beats)(c, best);
                     best = NAME(pick)(take, c, best);
                     where = NAME(pick_index)(take, at + w, where);
@@ -257,9 +257,9 @@ void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh
             }
             continue;
         }
-        for (long r = 0; r < oh; r++)
-            for (long q = 0; q < ow; q++) {
-                long where = r * sh * w + q * sw;
+        for (ptrdiff_t r = 0; r < oh; r++)
+            for (ptrdiff_t q = 0; q < ow; q++) {
+                ptrdiff_t where = r * sh * w + q * sw;
                 T best = xp[where];
                 for (int i = 0; i < kh; i++) {
                     const T *row = xp + (r * sh + i) * w + q * sw;
@@ -275,17 +275,17 @@ void NAME(fnn_maxpool2d_forward)(const T *x, long planes, long h, long w, int kh
     }
 }
 
-long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long planes,
-                                  long ohw, long hw, T *grad_x, int zeroed)
+ptrdiff_t NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, ptrdiff_t planes,
+                                  ptrdiff_t ohw, ptrdiff_t hw, T *grad_x, int zeroed)
 {
-    long bad = 0;
+    ptrdiff_t bad = 0;
     #pragma omp parallel for schedule(static) reduction(+:bad) if (planes * hw >= FNN_PARALLEL_MIN)
-    for (long p = 0; p < planes; p++) {
+    for (ptrdiff_t p = 0; p < planes; p++) {
         T *gx = grad_x + p * hw;
         const T *gy = grad_y + p * ohw;
         const int64_t *ap = argmax + p * ohw;
         if (!zeroed) memset(gx, 0, (size_t)hw * sizeof(T));
-        for (long k = 0; k < ohw; k++) {
+        for (ptrdiff_t k = 0; k < ohw; k++) {
             const int64_t at = ap[k];
             if (at < 0 || at >= hw) { bad++; continue; }
             gx[at] += gy[k];
@@ -299,20 +299,20 @@ long NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, long p
  * order, then *= scale; the backward zeroes grad_x and adds grad_y * scale at each
  * offset in the same order. The same bits as the reference; each offset's loop over
  * a row of outputs is a strided sweep the compiler vectorizes. */
-void NAME(fnn_avgpool2d_forward)(const T *x, long planes, long h, long w, int kh, int kw,
+void NAME(fnn_avgpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh, int kw,
                                  int sh, int sw, T *y)
 {
-    const long oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
     const T scale = (T)(1.0 / ((double)kh * kw));
     #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
-    for (long p = 0; p < planes; p++) {
+    for (ptrdiff_t p = 0; p < planes; p++) {
         const T *restrict xp = x + p * h * w;
         T *restrict yp = y + p * oh * ow;
         if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {    /* the common case, one pass */
-            for (long r = 0; r < oh; r++) {
+            for (ptrdiff_t r = 0; r < oh; r++) {
                 const T *restrict top = xp + 2 * r * w, *restrict bot = top + w;
                 T *restrict out = yp + r * ow;
-                for (long q = 0; q < ow; q++)
+                for (ptrdiff_t q = 0; q < ow; q++)
                     out[q] = (((top[2 * q] + top[2 * q + 1]) + bot[2 * q]) + bot[2 * q + 1])
                              * scale;
             }
@@ -320,17 +320,17 @@ void NAME(fnn_avgpool2d_forward)(const T *x, long planes, long h, long w, int kh
         }
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++)
-                for (long r = 0; r < oh; r++) {
+                for (ptrdiff_t r = 0; r < oh; r++) {
                     const T *restrict row = xp + (r * sh + i) * w + j;
                     T *restrict out = yp + r * ow;
                     if (i == 0 && j == 0)
-                        for (long q = 0; q < ow; q++) out[q] = row[q * sw];
+                        for (ptrdiff_t q = 0; q < ow; q++) out[q] = row[q * sw];
                     else if (sw == 2)    /* the usual stride: a constant the compiler vectorizes */
-                        for (long q = 0; q < ow; q++) out[q] += row[2 * q];
+                        for (ptrdiff_t q = 0; q < ow; q++) out[q] += row[2 * q];
                     else
-                        for (long q = 0; q < ow; q++) out[q] += row[q * sw];
+                        for (ptrdiff_t q = 0; q < ow; q++) out[q] += row[q * sw];
                 }
-        for (long k = 0; k < oh * ow; k++) yp[k] *= scale;
+        for (ptrdiff_t k = 0; k < oh * ow; k++) yp[k] *= scale;
     }
 }
 
@@ -339,16 +339,16 @@ void NAME(fnn_avgpool2d_forward)(const T *x, long planes, long h, long w, int kh
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
-static void NAME(avgpool2d_backward_plane)(const T *restrict gy, long h, long w, int kh,
-                                           int kw, int sh, int sw, long oh, long ow,
+static void NAME(avgpool2d_backward_plane)(const T *restrict gy, ptrdiff_t h, ptrdiff_t w, int kh,
+                                           int kw, int sh, int sw, ptrdiff_t oh, ptrdiff_t ow,
                                            T scale, T *restrict gx)
 {
     if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {     /* the common case, one pass */
         if (h % 2 || w % 2)             /* a last row or column in no window */
             memset(gx, 0, (size_t)(h * w) * sizeof(T));
-        for (long r = 0; r < oh; r++) {
+        for (ptrdiff_t r = 0; r < oh; r++) {
             T *restrict top = gx + 2 * r * w, *restrict bot = top + w;
-            for (long q = 0; q < ow; q++) {
+            for (ptrdiff_t q = 0; q < ow; q++) {
                 const T share = gy[r * ow + q] * scale + (T)0;   /* + 0: -0.0 -> 0.0 */
                 top[2 * q] = top[2 * q + 1] = bot[2 * q] = bot[2 * q + 1] = share;
             }
@@ -358,56 +358,56 @@ static void NAME(avgpool2d_backward_plane)(const T *restrict gy, long h, long w,
     memset(gx, 0, (size_t)(h * w) * sizeof(T));
     for (int i = 0; i < kh; i++)
         for (int j = 0; j < kw; j++)
-            for (long r = 0; r < oh; r++) {
+            for (ptrdiff_t r = 0; r < oh; r++) {
                 const T *restrict share = gy + r * ow;
                 T *restrict row = gx + (r * sh + i) * w + j;
                 if (sw == 2)
-                    for (long q = 0; q < ow; q++) row[2 * q] += share[q] * scale;
+                    for (ptrdiff_t q = 0; q < ow; q++) row[2 * q] += share[q] * scale;
                 else
-                    for (long q = 0; q < ow; q++) row[q * sw] += share[q] * scale;
+                    for (ptrdiff_t q = 0; q < ow; q++) row[q * sw] += share[q] * scale;
             }
 }
 
-void NAME(fnn_avgpool2d_backward)(const T *grad_y, long planes, long h, long w, int kh,
+void NAME(fnn_avgpool2d_backward)(const T *grad_y, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh,
                                   int kw, int sh, int sw, T *grad_x)
 {
-    const long oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
     const T scale = (T)(1.0 / ((double)kh * kw));
     #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
-    for (long p = 0; p < planes; p++)
+    for (ptrdiff_t p = 0; p < planes; p++)
         NAME(avgpool2d_backward_plane)(grad_y + p * oh * ow, h, w, kh, kw, sh, sw, oh, ow,
                                        scale, grad_x + p * h * w);
 }
 
-void NAME(fnn_relu_forward)(const T *x, T *y, long n)
+void NAME(fnn_relu_forward)(const T *x, T *y, ptrdiff_t n)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++)
+    for (ptrdiff_t i = 0; i < n; i++)
         y[i] = x[i] < 0 ? (T)0 : x[i];
 }
 
-void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, long n)
+void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, ptrdiff_t n)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++) {
+    for (ptrdiff_t i = 0; i < n; i++) {
         const T g = grad_y[i];     /* loaded unconditionally, so the loop vectorizes */
         grad_x[i] = y[i] > 0 ? g : (T)0;
     }
 }
 
-void NAME(fnn_leaky_relu_forward)(const T *x, T *y, long n, T alpha)
+void NAME(fnn_leaky_relu_forward)(const T *x, T *y, ptrdiff_t n, T alpha)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++) {
+    for (ptrdiff_t i = 0; i < n; i++) {
         const T v = x[i];
         y[i] = v > 0 ? v : v * alpha;
     }
 }
 
-void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, long n, T alpha)
+void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, ptrdiff_t n, T alpha)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++) {
+    for (ptrdiff_t i = 0; i < n; i++) {
         const T g = grad_y[i];
         grad_x[i] = x[i] > 0 ? g : g * alpha;
     }
@@ -418,20 +418,20 @@ void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, long 
  * (fastnn/kernels/_cuda.py): splitmix64's finaliser of seed + (i + 1) * golden,
  * u = (z >> 11) / 2^53, so a seed gives the same mask on every backend and thread
  * count. keep_from = ceil(p * 2^53): u >= p exactly when z >> 11 >= keep_from. */
-void NAME(fnn_dropout_forward)(const T *x, T *y, T *mask, long n, uint64_t keep_from,
+void NAME(fnn_dropout_forward)(const T *x, T *y, T *mask, ptrdiff_t n, uint64_t keep_from,
                                T scale, uint64_t seed)
 {
 #ifdef DROPOUT_AVX512
     if (AVX512DQ_OK()) {
         #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-        for (long b = 0; b < n; b += 65536)
+        for (ptrdiff_t b = 0; b < n; b += 65536)
             DROPOUT_AVX512(x + b, y + b, mask + b, n - b < 65536 ? n - b : 65536, b,
                            keep_from, scale, seed);
         return;
     }
 #endif
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++) {
+    for (ptrdiff_t i = 0; i < n; i++) {
         uint64_t z = seed + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -445,10 +445,10 @@ void NAME(fnn_dropout_forward)(const T *x, T *y, T *mask, long n, uint64_t keep_
     }
 }
 
-void NAME(fnn_multiply)(const T *a, const T *b, T *out, long n)
+void NAME(fnn_multiply)(const T *a, const T *b, T *out, ptrdiff_t n)
 {
     #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++) out[i] = a[i] * b[i];
+    for (ptrdiff_t i = 0; i < n; i++) out[i] = a[i] * b[i];
 }
 
 /* BatchNorm on x viewed as (n, c, s): channel ch holds x[(i*c + ch)*s + k]. Sums run in
@@ -456,17 +456,17 @@ void NAME(fnn_multiply)(const T *a, const T *b, T *out, long n)
  * float32 round-off growing with the batch. */
 #define BN_LANES 8
 
-static inline void NAME(bn_sum)(const T *a, long len, double lanes[BN_LANES])
+static inline void NAME(bn_sum)(const T *a, ptrdiff_t len, double lanes[BN_LANES])
 {
-    long k = 0;
+    ptrdiff_t k = 0;
     for (; k + BN_LANES <= len; k += BN_LANES)
         for (int j = 0; j < BN_LANES; j++) lanes[j] += (double)a[k + j];
     for (; k < len; k++) lanes[k % BN_LANES] += (double)a[k];
 }
 
-static inline void NAME(bn_sum_sq)(const T *a, long len, double mu, double lanes[BN_LANES])
+static inline void NAME(bn_sum_sq)(const T *a, ptrdiff_t len, double mu, double lanes[BN_LANES])
 {
-    long k = 0;
+    ptrdiff_t k = 0;
     for (; k + BN_LANES <= len; k += BN_LANES)
         for (int j = 0; j < BN_LANES; j++) {
             const double d = (double)a[k + j] - mu;
@@ -478,10 +478,10 @@ static inline void NAME(bn_sum_sq)(const T *a, long len, double mu, double lanes
     }
 }
 
-static inline void NAME(bn_sum_pair)(const T *g, const T *xh, long len, double sg[BN_LANES],
+static inline void NAME(bn_sum_pair)(const T *g, const T *xh, ptrdiff_t len, double sg[BN_LANES],
                                      double sgx[BN_LANES])
 {
-    long k = 0;
+    ptrdiff_t k = 0;
     for (; k + BN_LANES <= len; k += BN_LANES)
         for (int j = 0; j < BN_LANES; j++) {
             sg[j] += (double)g[k + j];
@@ -500,34 +500,34 @@ static inline double NAME(bn_total)(const double lanes[BN_LANES])
     return t;
 }
 
-void NAME(fnn_batchnorm_stats)(const T *restrict x, long n, long c, long s,
+void NAME(fnn_batchnorm_stats)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s,
                                T *restrict mean, T *restrict var, double *restrict work)
 {
     const double count = (double)n * s;
     if (s == 1) {          /* (N, C): whole rows at a time, one double sum per channel */
         double *mu = work, *sq = work + c;
-        for (long ch = 0; ch < c; ch++) mu[ch] = sq[ch] = 0;
-        for (long i = 0; i < n; i++)
-            for (long ch = 0; ch < c; ch++) mu[ch] += (double)x[i * c + ch];
-        for (long ch = 0; ch < c; ch++) mu[ch] /= count;
-        for (long i = 0; i < n; i++)
-            for (long ch = 0; ch < c; ch++) {
+        for (ptrdiff_t ch = 0; ch < c; ch++) mu[ch] = sq[ch] = 0;
+        for (ptrdiff_t i = 0; i < n; i++)
+            for (ptrdiff_t ch = 0; ch < c; ch++) mu[ch] += (double)x[i * c + ch];
+        for (ptrdiff_t ch = 0; ch < c; ch++) mu[ch] /= count;
+        for (ptrdiff_t i = 0; i < n; i++)
+            for (ptrdiff_t ch = 0; ch < c; ch++) {
                 const double d = (double)x[i * c + ch] - mu[ch];
                 sq[ch] += d * d;
             }
-        for (long ch = 0; ch < c; ch++) {
+        for (ptrdiff_t ch = 0; ch < c; ch++) {
             mean[ch] = (T)mu[ch];
             var[ch] = (T)(sq[ch] / count);
         }
         return;
     }
     #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
-    for (long ch = 0; ch < c; ch++) {
+    for (ptrdiff_t ch = 0; ch < c; ch++) {
         double lanes[BN_LANES] = {0};
-        for (long i = 0; i < n; i++) NAME(bn_sum)(x + (i * c + ch) * s, s, lanes);
+        for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum)(x + (i * c + ch) * s, s, lanes);
         const double mu = NAME(bn_total)(lanes) / count;
         for (int j = 0; j < BN_LANES; j++) lanes[j] = 0;
-        for (long i = 0; i < n; i++) NAME(bn_sum_sq)(x + (i * c + ch) * s, s, mu, lanes);
+        for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum_sq)(x + (i * c + ch) * s, s, mu, lanes);
         mean[ch] = (T)mu;
         var[ch] = (T)(NAME(bn_total)(lanes) / count);
     }
@@ -538,18 +538,18 @@ void NAME(fnn_batchnorm_stats)(const T *restrict x, long n, long c, long s,
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
-void NAME(fnn_batchnorm_apply)(const T *restrict x, long n, long c, long s,
+void NAME(fnn_batchnorm_apply)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s,
                                const T *restrict mean, const T *restrict var, T eps,
                                const T *restrict gamma, const T *restrict beta,
                                T *restrict inv_std, T *restrict x_hat, T *restrict y)
 {
-    for (long ch = 0; ch < c; ch++)
+    for (ptrdiff_t ch = 0; ch < c; ch++)
         inv_std[ch] = (T)1 / (T)sqrt((double)(var[ch] + eps));
     if (s == 1) {          /* (N, C): a row of channels at a time */
-        for (long i = 0; i < n; i++) {
+        for (ptrdiff_t i = 0; i < n; i++) {
             const T *restrict xs = x + i * c;
             T *restrict hs = x_hat + i * c, *restrict ys = y + i * c;
-            for (long ch = 0; ch < c; ch++) {
+            for (ptrdiff_t ch = 0; ch < c; ch++) {
                 const T h = (xs[ch] - mean[ch]) * inv_std[ch];
                 hs[ch] = h;
                 ys[ch] = gamma[ch] * h + beta[ch];
@@ -558,12 +558,12 @@ void NAME(fnn_batchnorm_apply)(const T *restrict x, long n, long c, long s,
         return;
     }
     #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++)
-        for (long ch = 0; ch < c; ch++) {
+    for (ptrdiff_t i = 0; i < n; i++)
+        for (ptrdiff_t ch = 0; ch < c; ch++) {
             const T mu = mean[ch], inv = inv_std[ch], ga = gamma[ch], be = beta[ch];
             const T *restrict xs = x + (i * c + ch) * s;
             T *restrict hs = x_hat + (i * c + ch) * s, *restrict ys = y + (i * c + ch) * s;
-            for (long k = 0; k < s; k++) {
+            for (ptrdiff_t k = 0; k < s; k++) {
                 const T h = (xs[k] - mu) * inv;
                 hs[k] = h;
                 ys[k] = ga * h + be;
@@ -577,8 +577,8 @@ void NAME(fnn_batchnorm_apply)(const T *restrict x, long n, long c, long s,
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
-void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_hat, long n,
-                                  long c, long s, const T *restrict gamma,
+void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_hat, ptrdiff_t n,
+                                  ptrdiff_t c, ptrdiff_t s, const T *restrict gamma,
                                   const T *restrict inv_std, T *restrict grad_x,
                                   T *restrict grad_gamma, T *restrict grad_beta,
                                   double *restrict work)
@@ -586,31 +586,31 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
     const T inv_count = (T)(1.0 / ((double)n * s));
     if (s == 1) {
         double *sg = work, *sgx = work + c;
-        for (long ch = 0; ch < c; ch++) sg[ch] = sgx[ch] = 0;
-        for (long i = 0; i < n; i++)
-            for (long ch = 0; ch < c; ch++) {
+        for (ptrdiff_t ch = 0; ch < c; ch++) sg[ch] = sgx[ch] = 0;
+        for (ptrdiff_t i = 0; i < n; i++)
+            for (ptrdiff_t ch = 0; ch < c; ch++) {
                 sg[ch] += (double)grad_y[i * c + ch];
                 sgx[ch] += (double)grad_y[i * c + ch] * (double)x_hat[i * c + ch];
             }
-        for (long ch = 0; ch < c; ch++) {
+        for (ptrdiff_t ch = 0; ch < c; ch++) {
             grad_beta[ch] = (T)sg[ch];
             grad_gamma[ch] = (T)sgx[ch];
         }
     } else {
         #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
-        for (long ch = 0; ch < c; ch++) {
+        for (ptrdiff_t ch = 0; ch < c; ch++) {
             double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
-            for (long i = 0; i < n; i++)
+            for (ptrdiff_t i = 0; i < n; i++)
                 NAME(bn_sum_pair)(grad_y + (i * c + ch) * s, x_hat + (i * c + ch) * s, s, sg, sgx);
             grad_beta[ch] = (T)NAME(bn_total)(sg);
             grad_gamma[ch] = (T)NAME(bn_total)(sgx);
         }
     }
     if (s == 1) {          /* (N, C): a row of channels at a time, the same operations */
-        for (long i = 0; i < n; i++) {
+        for (ptrdiff_t i = 0; i < n; i++) {
             const T *restrict gs = grad_y + i * c, *restrict hs = x_hat + i * c;
             T *restrict out = grad_x + i * c;
-            for (long ch = 0; ch < c; ch++)
+            for (ptrdiff_t ch = 0; ch < c; ch++)
                 out[ch] = (gamma[ch] * inv_std[ch])
                           * ((gs[ch] - grad_beta[ch] * inv_count)
                              - hs[ch] * (grad_gamma[ch] * inv_count));
@@ -618,19 +618,19 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
         return;
     }
     #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++)
-        for (long ch = 0; ch < c; ch++) {
+    for (ptrdiff_t i = 0; i < n; i++)
+        for (ptrdiff_t ch = 0; ch < c; ch++) {
             const T scale = gamma[ch] * inv_std[ch];
             const T mean_g = grad_beta[ch] * inv_count, mean_gx = grad_gamma[ch] * inv_count;
             const T *restrict gs = grad_y + (i * c + ch) * s;
             const T *restrict hs = x_hat + (i * c + ch) * s;
             T *restrict out = grad_x + (i * c + ch) * s;
-            for (long k = 0; k < s; k++)
+            for (ptrdiff_t k = 0; k < s; k++)
                 out[k] = scale * ((gs[k] - mean_g) - hs[k] * mean_gx);
         }
 }
 
-double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *labels,
+double NAME(fnn_softmax_xent)(const T *logits, ptrdiff_t n, ptrdiff_t c, const int64_t *labels,
                               const T *target, T *grad, double *row_loss, int64_t *predicted)
 {
     const T inv_n = (T)(1.0 / (double)n);
@@ -638,7 +638,7 @@ double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *la
     const int fast = AVX512_OK();
 #endif
     #pragma omp parallel for schedule(static) if (n * c >= FNN_PARALLEL_MIN)
-    for (long i = 0; i < n; i++) {
+    for (ptrdiff_t i = 0; i < n; i++) {
         const T *z = logits + i * c;
         T *g = grad + i * c;
 #ifdef SOFTMAX_ROW
@@ -651,45 +651,45 @@ double NAME(fnn_softmax_xent)(const T *logits, long n, long c, const int64_t *la
         /* "omp simd" allows the reordered (vectorized) max and sum */
         T top = z[0];
         #pragma omp simd reduction(max:top)
-        for (long j = 1; j < c; j++) top = z[j] > top ? z[j] : top;   /* a NaN still makes NaN below */
+        for (ptrdiff_t j = 1; j < c; j++) top = z[j] > top ? z[j] : top;   /* a NaN still makes NaN below */
         #pragma omp simd
-        for (long j = 0; j < c; j++) g[j] = EXP(z[j] - top);
+        for (ptrdiff_t j = 0; j < c; j++) g[j] = EXP(z[j] - top);
         double total = 0;
         #pragma omp simd reduction(+:total)
-        for (long j = 0; j < c; j++) total += g[j];
+        for (ptrdiff_t j = 0; j < c; j++) total += g[j];
         const double log_total = log(total);
         const T inv_total = (T)(1.0 / total);
         double loss = 0;
         if (labels) {
             loss = -((double)(z[labels[i]] - top) - log_total);
-            for (long j = 0; j < c; j++) g[j] = g[j] * inv_total * inv_n;
+            for (ptrdiff_t j = 0; j < c; j++) g[j] = g[j] * inv_total * inv_n;
             g[labels[i]] -= inv_n;
         } else {
             const T *t = target + i * c;
-            for (long j = 0; j < c; j++) {
+            for (ptrdiff_t j = 0; j < c; j++) {
                 loss -= (double)t[j] * ((double)(z[j] - top) - log_total);
                 g[j] = (g[j] * inv_total - t[j]) * inv_n;
             }
         }
         row_loss[i] = loss;
         if (predicted) {
-            long best = 0;
-            for (long j = 1; j < c; j++)
+            ptrdiff_t best = 0;
+            for (ptrdiff_t j = 1; j < c; j++)
                 best = z[j] > z[best] ? j : best;
             predicted[i] = best;
         }
     }
     double loss = 0;   /* summed in a fixed order: the same loss for any thread count */
-    for (long i = 0; i < n; i++) loss += row_loss[i];
+    for (ptrdiff_t i = 0; i < n; i++) loss += row_loss[i];
     return loss / (double)n;
 }
 
-void NAME(fnn_column_sums)(const T *a, long rows, long cols, T *out)
+void NAME(fnn_column_sums)(const T *a, ptrdiff_t rows, ptrdiff_t cols, T *out)
 {
-    for (long j = 0; j < cols; j++) out[j] = 0;
-    for (long i = 0; i < rows; i++) {
+    for (ptrdiff_t j = 0; j < cols; j++) out[j] = 0;
+    for (ptrdiff_t i = 0; i < rows; i++) {
         const T *row = a + i * cols;
-        for (long j = 0; j < cols; j++) out[j] += row[j];
+        for (ptrdiff_t j = 0; j < cols; j++) out[j] += row[j];
     }
 }
 
@@ -698,7 +698,7 @@ void NAME(fnn_column_sums)(const T *a, long rows, long cols, T *out)
  * which vectorizes. No temporary array, unlike np.isfinite(x).all(), whose 47 MB
  * boolean array for MNIST's 60000 x 784 floats took 140 ms on first use (fresh
  * pages) and 15 ms after; here 14 ms, bound by memory bandwidth. */
-int NAME(fnn_all_finite)(const T *a, long n)
+int NAME(fnn_all_finite)(const T *a, ptrdiff_t n)
 {
 #ifdef ALL_FINITE_AVX512
     if (AVX512_OK())
@@ -709,10 +709,10 @@ int NAME(fnn_all_finite)(const T *a, long n)
     T inf = (T)INFINITY;
     UINT inf_bits;
     memcpy(&inf_bits, &inf, sizeof inf_bits);
-    for (long start = 0; start < n; start += BLOCK) {
-        long stop = n - start < BLOCK ? n : start + BLOCK;
+    for (ptrdiff_t start = 0; start < n; start += BLOCK) {
+        ptrdiff_t stop = n - start < BLOCK ? n : start + BLOCK;
         UINT largest = 0;
-        for (long i = start; i < stop; i++) {
+        for (ptrdiff_t i = start; i < stop; i++) {
             UINT bits;
             memcpy(&bits, a + i, sizeof bits);
             bits &= magnitude;
@@ -728,13 +728,13 @@ int NAME(fnn_all_finite)(const T *a, long n)
  * in a fixed tree, then the tail: vectorizes, and the order depends only on cols. One
  * running sum was a chain of dependent adds (4 cycles each): LeNet's conv1 grad_b,
  * 64 x 6 rows of 784, took about 350 us of its 660 us backward on one thread. */
-void NAME(fnn_row_sums)(const T *a, long rows, long cols, T *out, int accumulate)
+void NAME(fnn_row_sums)(const T *a, ptrdiff_t rows, ptrdiff_t cols, T *out, int accumulate)
 {
     enum { LANES = 16 };
-    for (long i = 0; i < rows; i++) {
+    for (ptrdiff_t i = 0; i < rows; i++) {
         const T *row = a + i * cols;
         T part[LANES] = {0};
-        long j = 0;
+        ptrdiff_t j = 0;
         for (; j + LANES <= cols; j += LANES)
             for (int l = 0; l < LANES; l++) part[l] += row[j + l];
         for (int width = LANES / 2; width > 0; width /= 2)
@@ -745,12 +745,12 @@ void NAME(fnn_row_sums)(const T *a, long rows, long cols, T *out, int accumulate
     }
 }
 
-void NAME(fnn_broadcast)(T *a, const T *value, long rows, long cols, int per_row)
+void NAME(fnn_broadcast)(T *a, const T *value, ptrdiff_t rows, ptrdiff_t cols, int per_row)
 {
-    for (long i = 0; i < rows; i++) {
+    for (ptrdiff_t i = 0; i < rows; i++) {
         T *row = a + i * cols;
         if (per_row)
-            for (long j = 0; j < cols; j++) row[j] = value[i];
+            for (ptrdiff_t j = 0; j < cols; j++) row[j] = value[i];
         else
             memcpy(row, value, (size_t)cols * sizeof(T));
     }

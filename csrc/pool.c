@@ -48,7 +48,7 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static _Atomic uint64_t word;               /* generation << 32 | next task index */
-static _Atomic long done;                   /* tasks finished in the current job */
+static _Atomic ptrdiff_t done;                   /* tasks finished in the current job */
 static _Atomic int ran;                     /* workers that ran a task in the current job */
 /* Job fields, in slot gen & 1: a worker that read the word of job g late may
  * read them while job g + 1 is being posted (its CAS then fails); slot g & 1 is
@@ -56,7 +56,7 @@ static _Atomic int ran;                     /* workers that ran a task in the cu
 static struct job {
     _Atomic(fnn_task_fn) task;
     _Atomic(void *) ctx;
-    _Atomic long tasks;
+    _Atomic ptrdiff_t tasks;
     _Atomic int helpers;                    /* workers with id < this may take tasks */
 } jobs[2];
 static _Atomic int sleepers;                /* workers waiting on `wake` */
@@ -64,7 +64,7 @@ static _Atomic int sleepers;                /* workers waiting on `wake` */
  * machine, medians of 5): 76k samples/s with 0 us, 90k with 50, 106k with 100,
  * 90-110k with 200 and 500: its split GEMMs come 100-300 us apart. W7's batch-1
  * predict posts a job every ~12 us. */
-static _Atomic long spin_ns = 100000;
+static _Atomic ptrdiff_t spin_ns = 100000;
 static _Atomic int workers;                 /* started; changed only by a caller holding `callers` */
 static uint32_t start_gen[POOL_MAX_WORKERS];
 /* contention backoff (changed only by a caller holding `callers`): jobs posted
@@ -73,33 +73,33 @@ static uint32_t start_gen[POOL_MAX_WORKERS];
 #define SERIAL_MAX_NS 256000000L          /* 0.256 s */
 #define STALL_NS 20000L                   /* workers later than the caller by this much */
 #define MISSED_MAX 8                      /* jobs in a row that no worker took a task of */
-static long serial_until;
-static long serial_ns = SERIAL_MIN_NS;
+static ptrdiff_t serial_until;
+static ptrdiff_t serial_ns = SERIAL_MIN_NS;
 static int missed;
-static long jobs_posted, jobs_helped;     /* statistics, under `callers` too */
+static ptrdiff_t jobs_posted, jobs_helped;     /* statistics, under `callers` too */
 
 static _Thread_local int inside;            /* a pool worker, or a caller running its job */
 static _Thread_local int thread_index;      /* worker id + 1 in a worker, 0 elsewhere */
 
 static inline uint32_t gen_of(uint64_t w) { return (uint32_t)(w >> 32); }
 
-static long now_ns(void)
+static ptrdiff_t now_ns(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long)t.tv_sec * 1000000000L + t.tv_nsec;
+    return (ptrdiff_t)t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
 /* Claim and run tasks of the job posted as w until none is left; returns how many
  * ran. A worker counts itself in `ran` before its first task's `done` (release). */
-static long run_tasks(uint64_t w, int worker)
+static ptrdiff_t run_tasks(uint64_t w, int worker)
 {
     const uint32_t gen = gen_of(w);
     struct job *job = &jobs[gen & 1];
-    long count = 0;
+    ptrdiff_t count = 0;
     for (;;) {
         const uint64_t idx = w & IDX_MASK;
-        if ((long)idx >= atomic_load_explicit(&job->tasks, memory_order_relaxed))
+        if ((ptrdiff_t)idx >= atomic_load_explicit(&job->tasks, memory_order_relaxed))
             return count;      /* all claimed (or a newer job: its word differs, see below) */
         if (atomic_compare_exchange_weak_explicit(&word, &w, w + 1, memory_order_acquire,
                                                   memory_order_acquire)) {
@@ -107,7 +107,7 @@ static long run_tasks(uint64_t w, int worker)
             void *ctx = atomic_load_explicit(&job->ctx, memory_order_relaxed);
             if (worker && count == 0)
                 atomic_fetch_add_explicit(&ran, 1, memory_order_relaxed);
-            task(ctx, (long)idx);
+            task(ctx, (ptrdiff_t)idx);
             count++;
             atomic_fetch_add_explicit(&done, 1, memory_order_release);
             w = atomic_load_explicit(&word, memory_order_acquire);
@@ -122,7 +122,7 @@ static long run_tasks(uint64_t w, int worker)
 static uint64_t wait_for_job(uint32_t seen)
 {
     uint64_t w;
-    const long deadline = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
+    const ptrdiff_t deadline = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
     for (unsigned spins = 1;; spins++) {
         /* polls between yields: a sched_yield() takes ~0.5 us here, a job seen only
          * after one would start late on a worker */
@@ -206,22 +206,22 @@ static int start_workers(int wanted)
     return workers;
 }
 
-static int run_serial(fnn_task_fn task, void *ctx, long n_tasks)
+static int run_serial(fnn_task_fn task, void *ctx, ptrdiff_t n_tasks)
 {
     const int was_inside = inside;
     inside = 1;
-    for (long i = 0; i < n_tasks; i++)
+    for (ptrdiff_t i = 0; i < n_tasks; i++)
         task(ctx, i);
     inside = was_inside;
     return n_tasks > 0;
 }
 
-int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
+int fnn_pool_run(fnn_task_fn task, void *ctx, ptrdiff_t n_tasks)
 {
     int helpers = fnn_max_threads() - 1;
     if (helpers > n_tasks - 1) helpers = (int)(n_tasks - 1);
     if (helpers > POOL_MAX_WORKERS) helpers = POOL_MAX_WORKERS;
-    if (helpers < 1 || inside || n_tasks > (long)IDX_MASK)
+    if (helpers < 1 || inside || n_tasks > (ptrdiff_t)IDX_MASK)
         return run_serial(task, ctx, n_tasks);
 #ifdef _OPENMP
     if (omp_in_parallel())
@@ -229,7 +229,7 @@ int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
 #endif
     if (pthread_mutex_trylock(&callers) != 0)     /* another thread's job is running */
         return run_serial(task, ctx, n_tasks);
-    const long start = now_ns();
+    const ptrdiff_t start = now_ns();
     if (start < serial_until)                     /* contention seen lately */
         helpers = 0;
     else
@@ -259,7 +259,7 @@ int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
     inside = 1;
     const int caller_ran = run_tasks(w, 0) > 0;
     inside = 0;
-    const long own_end = now_ns();
+    const ptrdiff_t own_end = now_ns();
     for (unsigned spins = 1; atomic_load_explicit(&done, memory_order_acquire) < n_tasks; spins++) {
         CPU_RELAX();
         if (spins % 64 == 0)
@@ -275,7 +275,7 @@ int fnn_pool_run(fnn_task_fn task, void *ctx, long n_tasks)
          * longer each time in a row. Hiccups of microseconds (an interrupt, a
          * worker inside sched_yield) say nothing; nor does a job that woke a
          * sleeper, which starts late anyway. */
-        const long end = now_ns();
+        const ptrdiff_t end = now_ns();
         const int stalled = caller_ran && end - own_end > own_end - start + STALL_NS;
         missed = helped ? 0 : missed + 1;
         if (stalled || missed >= MISSED_MAX) {
@@ -299,17 +299,17 @@ void fnn_pool_set_busy(int busy)
     pthread_mutex_unlock(&callers);
 }
 
-void fnn_pool_set_spin_us(long us)
+void fnn_pool_set_spin_us(ptrdiff_t us)
 {
     atomic_store(&spin_ns, us < 0 ? 0 : us * 1000L);
 }
 
-long fnn_pool_spin_us(void)
+ptrdiff_t fnn_pool_spin_us(void)
 {
     return atomic_load(&spin_ns) / 1000L;
 }
 
-void fnn_pool_stats(long *posted, long *helped)
+void fnn_pool_stats(ptrdiff_t *posted, ptrdiff_t *helped)
 {
     pthread_mutex_lock(&callers);
     *posted = jobs_posted;

@@ -61,7 +61,7 @@ static __mmask16 lanes(int count)           /* mask of the first count (<= 16) l
  * ap is A itself, row-major with rows lda apart (rows from mv on read row 0 again,
  * their results unused). */
 TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *restrict ap,
-                        long lda, const float *restrict bp, float *c, long ldc, int mv, int nv,
+                        ptrdiff_t lda, const float *restrict bp, float *c, ptrdiff_t ldc, int mv, int nv,
                         float alpha, float beta, int first, int last, const fnn_epilogue *ep)
 {
     __m512 acc[MR][2];
@@ -141,8 +141,8 @@ TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *res
 }
 
 #define TILE(R, V)                                                                     \
-    TARGET static void tile_##R##_##V(int kc, const float *ap, long lda, const float *bp, \
-                                      float *c, long ldc, int mv, int nv, float alpha,    \
+    TARGET static void tile_##R##_##V(int kc, const float *ap, ptrdiff_t lda, const float *bp, \
+                                      float *c, ptrdiff_t ldc, int mv, int nv, float alpha,    \
                                       float beta, int first, int last,                    \
                                       const fnn_epilogue *ep)                             \
     {                                                                                     \
@@ -150,7 +150,7 @@ TARGET INLINE void tile(const int rows, const int vecs, int kc, const float *res
     }
 TILE(12, 2) TILE(8, 2) TILE(4, 2) TILE(12, 1) TILE(8, 1) TILE(4, 1)
 
-typedef void (*tile_fn)(int, const float *, long, const float *, float *, long, int, int,
+typedef void (*tile_fn)(int, const float *, ptrdiff_t, const float *, float *, ptrdiff_t, int, int,
                         float, float, int, int, const fnn_epilogue *);
 /* the smallest kernel that covers an mv x nv tile: [nv > 16][rows 4, 8, 12] */
 static const tile_fn tiles[2][3] = {{tile_4_1, tile_8_1, tile_12_1},
@@ -158,7 +158,7 @@ static const tile_fn tiles[2][3] = {{tile_4_1, tile_8_1, tile_12_1},
 
 /* dst[p * width + r] = src[r * lds + p] for r < rows (<= width), p < kc; zero for
  * rows..width-1. In 8 x 8 blocks transposed in registers. */
-TARGET static void pack_transposed(const float *src, long lds, int rows, int kc, int width,
+TARGET static void pack_transposed(const float *src, ptrdiff_t lds, int rows, int kc, int width,
                                    float *dst)
 {
     for (int r = 0; r < width; r += 8) {
@@ -167,7 +167,7 @@ TARGET static void pack_transposed(const float *src, long lds, int rows, int kc,
         __mmask8 store = (__mmask8)((1u << wv) - 1);
         const float *s[8];
         for (int q = 0; q < 8; q++)
-            s[q] = src + (long)(r + (q < rv ? q : 0)) * lds;
+            s[q] = src + (ptrdiff_t)(r + (q < rv ? q : 0)) * lds;
         int p = 0;
         for (; p + 8 <= kc; p += 8) {
 #define ROW(q) (q < rv ? _mm256_loadu_ps(s[q] + p) : _mm256_setzero_ps())
@@ -182,7 +182,7 @@ TARGET static void pack_transposed(const float *src, long lds, int rows, int kc,
             __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
             __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
             __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            float *d = dst + (long)p * width + r;
+            float *d = dst + (ptrdiff_t)p * width + r;
             _mm256_mask_storeu_ps(d, store, _mm256_permute2f128_ps(u0, u4, 0x20));
             _mm256_mask_storeu_ps(d + width, store, _mm256_permute2f128_ps(u1, u5, 0x20));
             _mm256_mask_storeu_ps(d + 2 * width, store, _mm256_permute2f128_ps(u2, u6, 0x20));
@@ -194,13 +194,13 @@ TARGET static void pack_transposed(const float *src, long lds, int rows, int kc,
         }
         for (; p < kc; p++)
             for (int q = 0; q < wv; q++)
-                dst[(long)p * width + r + q] = q < rv ? s[q][p] : 0.0f;
+                dst[(ptrdiff_t)p * width + r + q] = q < rv ? s[q][p] : 0.0f;
     }
 }
 
 /* dst[p * width + j] = src[p * lds + j] for j < cols (<= width), zero beyond;
  * width is MR or NR. */
-TARGET static void pack_rows(const float *src, long lds, int cols, int kc, int width,
+TARGET static void pack_rows(const float *src, ptrdiff_t lds, int cols, int kc, int width,
                              float *dst)
 {
     __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16);
@@ -217,34 +217,34 @@ TARGET static void pack_rows(const float *src, long lds, int cols, int kc, int w
 }
 
 /* panels of MR rows of op(A)[i0:i0+mc, p0:p0+kc], each kc x MR */
-TARGET static void pack_a(int trans, const float *a, long lda, int i0, int mc, int p0, int kc,
+TARGET static void pack_a(int trans, const float *a, ptrdiff_t lda, int i0, int mc, int p0, int kc,
                           float *ap)
 {
-    for (int ir = 0; ir < mc; ir += MR, ap += (long)kc * MR) {
+    for (int ir = 0; ir < mc; ir += MR, ap += (ptrdiff_t)kc * MR) {
         int mv = mc - ir < MR ? mc - ir : MR;
         if (trans)              /* op(A)[i, p] = a[p, i]: rows of a are k-major already */
-            pack_rows(a + (long)p0 * lda + i0 + ir, lda, mv, kc, MR, ap);
+            pack_rows(a + (ptrdiff_t)p0 * lda + i0 + ir, lda, mv, kc, MR, ap);
         else
-            pack_transposed(a + (long)(i0 + ir) * lda + p0, lda, mv, kc, MR, ap);
+            pack_transposed(a + (ptrdiff_t)(i0 + ir) * lda + p0, lda, mv, kc, MR, ap);
     }
 }
 
 /* panels of NR columns of op(B)[p0:p0+kc, j0:j0+nc], each kc x NR */
-TARGET static void pack_b(int trans, const float *b, long ldb, int j0, int nc, int p0, int kc,
+TARGET static void pack_b(int trans, const float *b, ptrdiff_t ldb, int j0, int nc, int p0, int kc,
                           float *bp)
 {
-    for (int jr = 0; jr < nc; jr += NR, bp += (long)kc * NR) {
+    for (int jr = 0; jr < nc; jr += NR, bp += (ptrdiff_t)kc * NR) {
         int nv = nc - jr < NR ? nc - jr : NR;
         if (trans)              /* op(B)[p, j] = b[j, p] */
-            pack_transposed(b + (long)(j0 + jr) * ldb + p0, ldb, nv, kc, NR, bp);
+            pack_transposed(b + (ptrdiff_t)(j0 + jr) * ldb + p0, ldb, nv, kc, NR, bp);
         else
-            pack_rows(b + (long)p0 * ldb + j0 + jr, ldb, nv, kc, NR, bp);
+            pack_rows(b + (ptrdiff_t)p0 * ldb + j0 + jr, ldb, nv, kc, NR, bp);
     }
 }
 
 /* Packing buffers, one pair per thread (freed when the thread exits). */
-#define A_FLOATS ((long)(MC + MR - 1) / MR * MR * KC)
-#define B_FLOATS ((long)(NC + NR - 1) / NR * NR * KC)
+#define A_FLOATS ((ptrdiff_t)(MC + MR - 1) / MR * MR * KC)
+#define B_FLOATS ((ptrdiff_t)(NC + NR - 1) / NR * NR * KC)
 static pthread_key_t buffer_key;
 static pthread_once_t buffer_once = PTHREAD_ONCE_INIT;
 static int buffer_key_made;
@@ -287,7 +287,7 @@ TARGET int fnn_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
 }
 
 /* the epilogue of the tile at row i, column j */
-static fnn_epilogue moved(const fnn_epilogue *ep, long i, long j, long ldc)
+static fnn_epilogue moved(const fnn_epilogue *ep, ptrdiff_t i, ptrdiff_t j, ptrdiff_t ldc)
 {
     fnn_epilogue at = {NULL, NULL, NULL};
     if (ep) {
@@ -309,7 +309,7 @@ TARGET int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alp
             return -1;                     /* the caller's passes do the epilogue's work */
         for (int i = 0; i < m; i++)
             for (int j = 0; j < n; j++)
-                c[(long)i * ldc + j] = beta == 0 ? 0.0f : beta * c[(long)i * ldc + j];
+                c[(ptrdiff_t)i * ldc + j] = beta == 0 ? 0.0f : beta * c[(ptrdiff_t)i * ldc + j];
         return 0;
     }
     float *ap = thread_buffer();
@@ -336,9 +336,9 @@ TARGET int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alp
                         int mv = mc - ir < MR ? mc - ir : MR, nv = nc - jr < NR ? nc - jr : NR;
                         fnn_epilogue at = moved(ep, i0 + ir, j0 + jr, ldc);
                         tiles[nv > 16][(mv > 4) + (mv > 8)](
-                            kc, direct ? a + (long)(i0 + ir) * lda + p0 : ap + (long)ir * kc,
-                            direct ? lda : 0, bp + (long)jr * kc,
-                            c + (long)(i0 + ir) * ldc + j0 + jr, ldc, mv, nv, alpha, beta,
+                            kc, direct ? a + (ptrdiff_t)(i0 + ir) * lda + p0 : ap + (ptrdiff_t)ir * kc,
+                            direct ? lda : 0, bp + (ptrdiff_t)jr * kc,
+                            c + (ptrdiff_t)(i0 + ir) * ldc + j0 + jr, ldc, mv, nv, alpha, beta,
                             p0 == 0, p0 + kc == k, ep ? &at : NULL);
                     }
             }
@@ -354,11 +354,11 @@ TARGET int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alp
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
-TARGET void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr,
+TARGET void fnn_sgd_momentum_f(float *p, const float *g, float *buf, ptrdiff_t n, float lr,
                                float momentum)
 {
     const __m512 vm = _mm512_set1_ps(momentum), vl = _mm512_set1_ps(lr);
-    long k = 0;
+    ptrdiff_t k = 0;
     for (; k + 16 <= n; k += 16) {
         __m512 v = _mm512_add_ps(_mm512_mul_ps(vm, _mm512_loadu_ps(buf + k)),
                                  _mm512_loadu_ps(g + k));
@@ -395,7 +395,7 @@ int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha, con
     return fnn_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-void fnn_sgd_momentum_f(float *p, const float *g, float *buf, long n, float lr, float momentum)
+void fnn_sgd_momentum_f(float *p, const float *g, float *buf, ptrdiff_t n, float lr, float momentum)
 {
     (void)p; (void)g; (void)buf; (void)n; (void)lr; (void)momentum;
 }

@@ -42,40 +42,40 @@
 #define WINO_BLOCK_BYTES (512L * 1024)
 #define WINO_MIN_TILES 128L
 #define WINO_MAX_TILES 256L
-static long wino_tiles_override = 0;       /* tiles per unit when > 0 (tests) */
+static ptrdiff_t wino_tiles_override = 0;       /* tiles per unit when > 0 (tests) */
 /* Units of the weight gradient are summed in this many fixed chunks (each with
  * its own 16*K*C partial, added in chunk order): independent of the thread count,
  * so 1 and 2 threads give the same bits. */
 #define WINO_CHUNKS 8L
 
-long fnn_winograd_set_tiles(long tiles)
+ptrdiff_t fnn_winograd_set_tiles(ptrdiff_t tiles)
 {
-    const long old = wino_tiles_override;
+    const ptrdiff_t old = wino_tiles_override;
     wino_tiles_override = tiles > 0 ? tiles : 0;
     return old;
 }
 
 /* A conv (ch_in, h, w) -> (ch_out, oh, ow), cut into units of tiles. */
 typedef struct {
-    long n, ch_in, h, w, ch_out, oh, ow;
-    long ph, pw;
-    long th, tw;            /* tiles per sample: ceil(oh/2) x ceil(ow/2) */
-    long ns, nty, ntx;      /* a unit's samples, tile rows, tile columns (at most) */
-    long bands_y, bands_x;  /* units per sample (1 x 1 when a unit holds whole samples) */
-    long units, tiles;      /* number of units; tiles of a unit (at most) */
-    long in_rows, in_cols, out_rows, out_cols;   /* a unit's regions (at most) */
+    ptrdiff_t n, ch_in, h, w, ch_out, oh, ow;
+    ptrdiff_t ph, pw;
+    ptrdiff_t th, tw;            /* tiles per sample: ceil(oh/2) x ceil(ow/2) */
+    ptrdiff_t ns, nty, ntx;      /* a unit's samples, tile rows, tile columns (at most) */
+    ptrdiff_t bands_y, bands_x;  /* units per sample (1 x 1 when a unit holds whole samples) */
+    ptrdiff_t units, tiles;      /* number of units; tiles of a unit (at most) */
+    ptrdiff_t in_rows, in_cols, out_rows, out_cols;   /* a unit's regions (at most) */
 } wino_plan;
 
 /* One unit: samples [s0, s0+ns), tile rows [ty0, ty0+nty), tile columns [tx0, tx0+ntx). */
 typedef struct {
-    long s0, ns, ty0, nty, tx0, ntx;
+    ptrdiff_t s0, ns, ty0, nty, tx0, ntx;
 } wino_unit;
 
-static long wino_min(long a, long b) { return a < b ? a : b; }
-static long wino_max(long a, long b) { return a > b ? a : b; }
+static ptrdiff_t wino_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static ptrdiff_t wino_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
 
-static wino_plan wino_make_plan(long n, long ch_in, long h, long w, long ph, long pw,
-                                long ch_out, long elem)
+static wino_plan wino_make_plan(ptrdiff_t n, ptrdiff_t ch_in, ptrdiff_t h, ptrdiff_t w, ptrdiff_t ph, ptrdiff_t pw,
+                                ptrdiff_t ch_out, ptrdiff_t elem)
 {
     wino_plan p;
     p.n = n; p.ch_in = ch_in; p.h = h; p.w = w; p.ch_out = ch_out; p.ph = ph; p.pw = pw;
@@ -83,10 +83,10 @@ static wino_plan wino_make_plan(long n, long ch_in, long h, long w, long ph, lon
     p.ow = w + 2 * pw - 2;
     p.th = (p.oh + 1) / 2;
     p.tw = (p.ow + 1) / 2;
-    long budget = WINO_BLOCK_BYTES / (16 * (ch_in + ch_out) * elem);
+    ptrdiff_t budget = WINO_BLOCK_BYTES / (16 * (ch_in + ch_out) * elem);
     budget = wino_max(WINO_MIN_TILES, wino_min(WINO_MAX_TILES, budget));
     if (wino_tiles_override) budget = wino_tiles_override;
-    const long per_sample = p.th * p.tw;
+    const ptrdiff_t per_sample = p.th * p.tw;
     if (per_sample <= budget) {             /* whole samples */
         p.ns = wino_max(1, wino_min(n, budget / per_sample));
         p.nty = p.th; p.ntx = p.tw;
@@ -115,10 +115,10 @@ static wino_plan wino_make_plan(long n, long ch_in, long h, long w, long ph, lon
     return p;
 }
 
-static wino_unit wino_unit_at(const wino_plan *p, long u)
+static wino_unit wino_unit_at(const wino_plan *p, ptrdiff_t u)
 {
     wino_unit q;
-    const long per_sample = p->bands_y * p->bands_x, band = u % per_sample;
+    const ptrdiff_t per_sample = p->bands_y * p->bands_x, band = u % per_sample;
     q.s0 = u / per_sample * p->ns;
     q.ns = wino_min(p->ns, p->n - q.s0);
     q.ty0 = band / p->bands_x * p->nty;
@@ -129,8 +129,8 @@ static wino_unit wino_unit_at(const wino_plan *p, long u)
 }
 
 /* Output rows [*o_lo, +*onr) and columns [*oc_lo, +*onc) of the unit. */
-static void wino_unit_outputs(const wino_plan *p, const wino_unit *q, long *o_lo, long *onr,
-                              long *oc_lo, long *onc)
+static void wino_unit_outputs(const wino_plan *p, const wino_unit *q, ptrdiff_t *o_lo, ptrdiff_t *onr,
+                              ptrdiff_t *oc_lo, ptrdiff_t *onc)
 {
     *o_lo = 2 * q->ty0;
     *onr = wino_min(p->oh, 2 * (q->ty0 + q->nty)) - *o_lo;
@@ -140,7 +140,7 @@ static void wino_unit_outputs(const wino_plan *p, const wino_unit *q, long *o_lo
 
 /* Elements of one thread's buffers: input region, V, M, output region, a
  * scratch row for outputs past the edge, a scratch tile. */
-static long wino_thread_elems(const wino_plan *p)
+static ptrdiff_t wino_thread_elems(const wino_plan *p)
 {
     return p->ns * p->in_rows * p->in_cols * p->ch_in + 16 * p->tiles * p->ch_in
          + 16 * p->tiles * p->ch_out + p->ns * p->out_rows * p->out_cols * p->ch_out
@@ -155,7 +155,7 @@ static long wino_thread_elems(const wino_plan *p)
 #define WINO_BLOCK4 TRANSPOSE_BLOCK4
 #else
 /* out[i*ldo + j] = a[j*lda + i] (+ bias[i]) for a 4x4 block. */
-static inline void NAME(wino_block4)(const T *a, long lda, T *out, long ldo, const T *bias)
+static inline void NAME(wino_block4)(const T *a, ptrdiff_t lda, T *out, ptrdiff_t ldo, const T *bias)
 {
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
@@ -168,62 +168,62 @@ static inline void NAME(wino_block4)(const T *a, long lda, T *out, long ldo, con
  * plus bias[c] on output row c when bias is non-NULL. In 4x4 blocks, 4 lines
  * at a time on the side with the long stride (a channel plane: lines 4 KiB apart
  * share L1 sets) and 64 on the other. */
-static void NAME(wino_transpose)(const T *a, long rows, long cols, long lda, T *out, long ldo,
+static void NAME(wino_transpose)(const T *a, ptrdiff_t rows, ptrdiff_t cols, ptrdiff_t lda, T *out, ptrdiff_t ldo,
                                  const T *bias)
 {
-    const long r4 = rows / 4 * 4, c4 = cols / 4 * 4;
+    const ptrdiff_t r4 = rows / 4 * 4, c4 = cols / 4 * 4;
     if (lda >= ldo) {        /* a's rows are the long stride: 4 of them at a time */
-        for (long c0 = 0; c0 < c4; c0 += 64) {
-            const long c1 = c0 + 64 < c4 ? c0 + 64 : c4;
-            for (long r = 0; r < r4; r += 4)
-                for (long c = c0; c < c1; c += 4)
+        for (ptrdiff_t c0 = 0; c0 < c4; c0 += 64) {
+            const ptrdiff_t c1 = c0 + 64 < c4 ? c0 + 64 : c4;
+            for (ptrdiff_t r = 0; r < r4; r += 4)
+                for (ptrdiff_t c = c0; c < c1; c += 4)
                     WINO_BLOCK4(a + r * lda + c, lda, out + c * ldo + r, ldo,
                                 bias ? bias + c : NULL);
         }
     } else {                 /* out's rows are: 4 of them at a time */
-        for (long r0 = 0; r0 < r4; r0 += 64) {
-            const long r1 = r0 + 64 < r4 ? r0 + 64 : r4;
-            for (long c = 0; c < c4; c += 4)
-                for (long r = r0; r < r1; r += 4)
+        for (ptrdiff_t r0 = 0; r0 < r4; r0 += 64) {
+            const ptrdiff_t r1 = r0 + 64 < r4 ? r0 + 64 : r4;
+            for (ptrdiff_t c = 0; c < c4; c += 4)
+                for (ptrdiff_t r = r0; r < r1; r += 4)
                     WINO_BLOCK4(a + r * lda + c, lda, out + c * ldo + r, ldo,
                                 bias ? bias + c : NULL);
         }
     }
     /* ragged edges: rows [r4, rows) of every column, columns [c4, cols) above */
-    for (long r = 0; r < rows; r++)
-        for (long c = (r < r4 ? c4 : 0); c < cols; c++)
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t c = (r < r4 ? c4 : 0); c < cols; c++)
             out[c * ldo + r] = bias ? a[r * lda + c] + bias[c] : a[r * lda + c];
 }
 #undef WINO_BLOCK4
 
 /* Rows [r_lo, r_lo+nr) x columns [c_lo, c_lo+nc) of ns samples of x (ch, h, w)
  * -> region (ns, nr, nc, ch), channels last. */
-static void NAME(wino_gather)(const T *x, long ch, long h, long w, long ns, long r_lo, long nr,
-                              long c_lo, long nc, T *region)
+static void NAME(wino_gather)(const T *x, ptrdiff_t ch, ptrdiff_t h, ptrdiff_t w, ptrdiff_t ns, ptrdiff_t r_lo, ptrdiff_t nr,
+                              ptrdiff_t c_lo, ptrdiff_t nc, T *region)
 {
-    for (long s = 0; s < ns; s++) {
+    for (ptrdiff_t s = 0; s < ns; s++) {
         const T *xs = x + s * ch * h * w;
         T *dst = region + s * nr * nc * ch;
         if (nc == w)         /* whole rows: one block of nr*w pixels per channel */
             NAME(wino_transpose)(xs + r_lo * w, ch, nr * w, h * w, dst, ch, NULL);
         else
-            for (long r = 0; r < nr; r++)
+            for (ptrdiff_t r = 0; r < nr; r++)
                 NAME(wino_transpose)(xs + (r_lo + r) * w + c_lo, ch, nc, h * w,
                                      dst + r * nc * ch, ch, NULL);
     }
 }
 
 /* Inverse of wino_gather into y (ch, h, w), adding bias[c] (when non-NULL). */
-static void NAME(wino_scatter)(const T *region, long ch, long h, long w, long ns, long r_lo,
-                               long nr, long c_lo, long nc, const T *bias, T *y)
+static void NAME(wino_scatter)(const T *region, ptrdiff_t ch, ptrdiff_t h, ptrdiff_t w, ptrdiff_t ns, ptrdiff_t r_lo,
+                               ptrdiff_t nr, ptrdiff_t c_lo, ptrdiff_t nc, const T *bias, T *y)
 {
-    for (long s = 0; s < ns; s++) {
+    for (ptrdiff_t s = 0; s < ns; s++) {
         T *ys = y + s * ch * h * w;
         const T *src = region + s * nr * nc * ch;
         if (nc == w)
             NAME(wino_transpose)(src, nr * w, ch, ch, ys + r_lo * w, h * w, bias);
         else
-            for (long r = 0; r < nr; r++)
+            for (ptrdiff_t r = 0; r < nr; r++)
                 NAME(wino_transpose)(src + r * nc * ch, nc, ch, ch,
                                      ys + (r_lo + r) * w + c_lo, h * w, bias);
     }
@@ -237,13 +237,13 @@ static void NAME(wino_scatter)(const T *region, long ch, long h, long w, long ns
  * the W4 time against 7% now (perf, one thread). */
 
 /* out[xi*ch + c] = (B^T d B)[xi] for c < ch, d[i][j] = p[4i+j][c]. */
-static void NAME(wino_input_tile)(const T *const *p, T *restrict out, T *restrict tmp, long ch)
+static void NAME(wino_input_tile)(const T *const *p, T *restrict out, T *restrict tmp, ptrdiff_t ch)
 {
     for (int j = 0; j < 4; j++) {           /* columns: tmp = B^T d */
         const T *d0 = p[j], *d1 = p[4 + j], *d2 = p[8 + j], *d3 = p[12 + j];
         T *t0 = tmp + j * ch, *t1 = t0 + 4 * ch, *t2 = t0 + 8 * ch, *t3 = t0 + 12 * ch;
         #pragma omp simd
-        for (long c = 0; c < ch; c++) {
+        for (ptrdiff_t c = 0; c < ch; c++) {
             t0[c] = d0[c] - d2[c];
             t1[c] = d1[c] + d2[c];
             t2[c] = d2[c] - d1[c];
@@ -254,7 +254,7 @@ static void NAME(wino_input_tile)(const T *const *p, T *restrict out, T *restric
         const T *t0 = tmp + 4 * i * ch, *t1 = t0 + ch, *t2 = t0 + 2 * ch, *t3 = t0 + 3 * ch;
         T *o0 = out + 4 * i * ch, *o1 = o0 + ch, *o2 = o0 + 2 * ch, *o3 = o0 + 3 * ch;
         #pragma omp simd
-        for (long c = 0; c < ch; c++) {
+        for (ptrdiff_t c = 0; c < ch; c++) {
             o0[c] = t0[c] - t2[c];
             o1[c] = t1[c] + t2[c];
             o2[c] = t2[c] - t1[c];
@@ -264,13 +264,13 @@ static void NAME(wino_input_tile)(const T *const *p, T *restrict out, T *restric
 }
 
 /* q[2i+j][c] = (A^T m A)[i][j] for c < ch, m[xi] = in[xi*ch + c]. */
-static void NAME(wino_output_tile)(const T *restrict in, T *const *q, T *restrict tmp, long ch)
+static void NAME(wino_output_tile)(const T *restrict in, T *const *q, T *restrict tmp, ptrdiff_t ch)
 {
     for (int j = 0; j < 4; j++) {           /* columns: tmp (2x4) = A^T m */
         const T *m0 = in + j * ch, *m1 = m0 + 4 * ch, *m2 = m0 + 8 * ch, *m3 = m0 + 12 * ch;
         T *t0 = tmp + j * ch, *t1 = t0 + 4 * ch;
         #pragma omp simd
-        for (long c = 0; c < ch; c++) {
+        for (ptrdiff_t c = 0; c < ch; c++) {
             t0[c] = m0[c] + m1[c] + m2[c];
             t1[c] = m1[c] - m2[c] - m3[c];
         }
@@ -279,7 +279,7 @@ static void NAME(wino_output_tile)(const T *restrict in, T *const *q, T *restric
         const T *t0 = tmp + 4 * i * ch, *t1 = t0 + ch, *t2 = t0 + 2 * ch, *t3 = t0 + 3 * ch;
         T *q0 = q[2 * i], *q1 = q[2 * i + 1];
         #pragma omp simd
-        for (long c = 0; c < ch; c++) {
+        for (ptrdiff_t c = 0; c < ch; c++) {
             q0[c] = t0[c] + t1[c] + t2[c];
             q1[c] = t1[c] - t2[c] - t3[c];
         }
@@ -288,13 +288,13 @@ static void NAME(wino_output_tile)(const T *restrict in, T *const *q, T *restric
 
 /* out[xi*ch + c] = (A a A^T)[xi] for c < ch, a[i][j] = q[2i+j][c] (a 2x2 block of
  * grad_y), A = [1 0; 1 1; 1 -1; 0 -1]. */
-static void NAME(wino_grad_tile)(const T *const *q, T *restrict out, T *restrict tmp, long ch)
+static void NAME(wino_grad_tile)(const T *const *q, T *restrict out, T *restrict tmp, ptrdiff_t ch)
 {
     for (int j = 0; j < 2; j++) {           /* columns: tmp (4x2) = A a */
         const T *a0 = q[j], *a1 = q[2 + j];
         T *t0 = tmp + j * ch, *t1 = t0 + 2 * ch, *t2 = t0 + 4 * ch, *t3 = t0 + 6 * ch;
         #pragma omp simd
-        for (long c = 0; c < ch; c++) {
+        for (ptrdiff_t c = 0; c < ch; c++) {
             t0[c] = a0[c];
             t1[c] = a0[c] + a1[c];
             t2[c] = a0[c] - a1[c];
@@ -305,7 +305,7 @@ static void NAME(wino_grad_tile)(const T *const *q, T *restrict out, T *restrict
         const T *t0 = tmp + 2 * i * ch, *t1 = t0 + ch;
         T *o0 = out + 4 * i * ch, *o1 = o0 + ch, *o2 = o0 + 2 * ch, *o3 = o0 + 3 * ch;
         #pragma omp simd
-        for (long c = 0; c < ch; c++) {
+        for (ptrdiff_t c = 0; c < ch; c++) {
             o0[c] = t0[c];
             o1[c] = t0[c] + t1[c];
             o2[c] = t0[c] - t1[c];
@@ -317,11 +317,11 @@ static void NAME(wino_grad_tile)(const T *const *q, T *restrict out, T *restrict
 /* U[xi][ci][co] = (G g G^T)[xi] for the 3x3 kernels g of w (K, C, 3, 3):
  * g = w[co][ci] (ch_in = C, ch_out = K), or, when `flip`, the transposed conv's
  * g = w[ci][co] turned by 180 degrees (ch_in = K, ch_out = C). */
-static void NAME(wino_weights)(const T *w, long k, long c, int flip, T *U)
+static void NAME(wino_weights)(const T *w, ptrdiff_t k, ptrdiff_t c, int flip, T *U)
 {
-    const long ch_in = flip ? k : c, ch_out = flip ? c : k;
-    for (long kk = 0; kk < k; kk++)
-        for (long cc = 0; cc < c; cc++) {
+    const ptrdiff_t ch_in = flip ? k : c, ch_out = flip ? c : k;
+    for (ptrdiff_t kk = 0; kk < k; kk++)
+        for (ptrdiff_t cc = 0; cc < c; cc++) {
             const T *src = w + (kk * c + cc) * 9;
             T g[9], t[4][3];
             for (int e = 0; e < 9; e++) g[e] = flip ? src[8 - e] : src[e];
@@ -331,9 +331,9 @@ static void NAME(wino_weights)(const T *w, long k, long c, int flip, T *U)
                 t[2][j] = (T)0.5 * (g[j] - g[3 + j] + g[6 + j]);
                 t[3][j] = g[6 + j];
             }
-            const long ci = flip ? kk : cc, co = flip ? cc : kk;
+            const ptrdiff_t ci = flip ? kk : cc, co = flip ? cc : kk;
             T *dst = U + ci * ch_out + co;
-            const long ld = ch_in * ch_out;
+            const ptrdiff_t ld = ch_in * ch_out;
             for (int i = 0; i < 4; i++) {       /* (G g) G^T */
                 dst[(4 * i + 0) * ld] = t[i][0];
                 dst[(4 * i + 1) * ld] = (T)0.5 * (t[i][0] + t[i][1] + t[i][2]);
@@ -345,10 +345,10 @@ static void NAME(wino_weights)(const T *w, long k, long c, int flip, T *U)
 
 /* grad_w[kk][cc] = G^T X G, X[xi] = P[xi][kk][cc], G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0;
  * 0 1/2 1/2 1]. */
-static void NAME(wino_weight_grads)(const T *P, long k, long c, T *grad_w)
+static void NAME(wino_weight_grads)(const T *P, ptrdiff_t k, ptrdiff_t c, T *grad_w)
 {
-    const long ld = k * c;
-    for (long e = 0; e < k * c; e++) {
+    const ptrdiff_t ld = k * c;
+    for (ptrdiff_t e = 0; e < k * c; e++) {
         T x[16], t[3][4];
         for (int xi = 0; xi < 16; xi++) x[xi] = P[xi * ld + e];
         for (int j = 0; j < 4; j++) {           /* t = G^T X */
@@ -374,23 +374,23 @@ static void NAME(wino_weight_grads)(const T *P, long k, long c, T *grad_w)
 static void NAME(wino_unit_input)(const wino_plan *p, const wino_unit *q, const T *x,
                                   const T *zeros, T *region, T *V, T *tmp)
 {
-    const long ch = p->ch_in;
-    const long r_lo = wino_max(0, 2 * q->ty0 - p->ph);
-    const long r_hi = wino_min(p->h, 2 * (q->ty0 + q->nty) + 2 - p->ph);
-    const long c_lo = wino_max(0, 2 * q->tx0 - p->pw);
-    const long c_hi = wino_min(p->w, 2 * (q->tx0 + q->ntx) + 2 - p->pw);
-    const long nr = wino_max(0, r_hi - r_lo), nc = wino_max(0, c_hi - c_lo);
+    const ptrdiff_t ch = p->ch_in;
+    const ptrdiff_t r_lo = wino_max(0, 2 * q->ty0 - p->ph);
+    const ptrdiff_t r_hi = wino_min(p->h, 2 * (q->ty0 + q->nty) + 2 - p->ph);
+    const ptrdiff_t c_lo = wino_max(0, 2 * q->tx0 - p->pw);
+    const ptrdiff_t c_hi = wino_min(p->w, 2 * (q->tx0 + q->ntx) + 2 - p->pw);
+    const ptrdiff_t nr = wino_max(0, r_hi - r_lo), nc = wino_max(0, c_hi - c_lo);
     NAME(wino_gather)(x + q->s0 * ch * p->h * p->w, ch, p->h, p->w, q->ns, r_lo, nr, c_lo, nc,
                       region);
     const T *ptr[16];
-    for (long s = 0; s < q->ns; s++)
-        for (long ty = 0; ty < q->nty; ty++)
-            for (long tx = 0; tx < q->ntx; tx++) {
-                const long t = (s * q->nty + ty) * q->ntx + tx;
+    for (ptrdiff_t s = 0; s < q->ns; s++)
+        for (ptrdiff_t ty = 0; ty < q->nty; ty++)
+            for (ptrdiff_t tx = 0; tx < q->ntx; tx++) {
+                const ptrdiff_t t = (s * q->nty + ty) * q->ntx + tx;
                 for (int i = 0; i < 4; i++) {
-                    const long r = 2 * (q->ty0 + ty) - p->ph + i - r_lo;
+                    const ptrdiff_t r = 2 * (q->ty0 + ty) - p->ph + i - r_lo;
                     for (int j = 0; j < 4; j++) {
-                        const long col = 2 * (q->tx0 + tx) - p->pw + j - c_lo;
+                        const ptrdiff_t col = 2 * (q->tx0 + tx) - p->pw + j - c_lo;
                         ptr[4 * i + j] = (r >= 0 && r < nr && col >= 0 && col < nc)
                             ? region + ((s * nr + r) * nc + col) * ch : zeros;
                     }
@@ -401,25 +401,25 @@ static void NAME(wino_unit_input)(const wino_plan *p, const wino_unit *q, const 
 
 /* Pointers to the 2x2 output pixels of tile (s, ty, tx) of the unit in a region
  * (ns, onr, onc, ch); pixels past the output's edge get `outside`. */
-static void NAME(wino_tile_outputs)(const wino_plan *p, long s, long ty, long tx, T *region,
-                                    long onr, long onc, T *outside, T **ptr)
+static void NAME(wino_tile_outputs)(const wino_plan *p, ptrdiff_t s, ptrdiff_t ty, ptrdiff_t tx, T *region,
+                                    ptrdiff_t onr, ptrdiff_t onc, T *outside, T **ptr)
 {
-    const long ch = p->ch_out;
+    const ptrdiff_t ch = p->ch_out;
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++) {
-            const long r = 2 * ty + i, col = 2 * tx + j;
+            const ptrdiff_t r = 2 * ty + i, col = 2 * tx + j;
             ptr[2 * i + j] = (r < onr && col < onc) ? region + ((s * onr + r) * onc + col) * ch
                                                     : outside;
         }
 }
 
-static void NAME(wino_conv_unit)(const wino_plan *p, long u, const T *x, const T *U,
+static void NAME(wino_conv_unit)(const wino_plan *p, ptrdiff_t u, const T *x, const T *U,
                                  const T *bias, T *y, const T *zeros, T *work,
                                  CAT(fnn_gemm_fn, S) gemm)
 {
     const wino_unit q = wino_unit_at(p, u);
-    const long cin = p->ch_in, cout = p->ch_out;
-    const long tiles = q.ns * q.nty * q.ntx;
+    const ptrdiff_t cin = p->ch_in, cout = p->ch_out;
+    const ptrdiff_t tiles = q.ns * q.nty * q.ntx;
     T *region = work;
     T *V = region + p->ns * p->in_rows * p->in_cols * cin;
     T *M = V + 16 * p->tiles * cin;
@@ -430,13 +430,13 @@ static void NAME(wino_conv_unit)(const wino_plan *p, long u, const T *x, const T
     for (int xi = 0; xi < 16; xi++)   /* M[xi] (tiles, K) = V[xi] (tiles, C) @ U[xi] (C, K) */
         gemm(0, 0, (int)tiles, (int)cout, (int)cin, 1, V + xi * cin, (int)(16 * cin),
              U + xi * cin * cout, (int)cout, 0, M + xi * cout, (int)(16 * cout));
-    long o_lo, onr, oc_lo, onc;
+    ptrdiff_t o_lo, onr, oc_lo, onc;
     wino_unit_outputs(p, &q, &o_lo, &onr, &oc_lo, &onc);
     T *ptr[4];
-    for (long s = 0; s < q.ns; s++)
-        for (long ty = 0; ty < q.nty; ty++)
-            for (long tx = 0; tx < q.ntx; tx++) {
-                const long t = (s * q.nty + ty) * q.ntx + tx;
+    for (ptrdiff_t s = 0; s < q.ns; s++)
+        for (ptrdiff_t ty = 0; ty < q.nty; ty++)
+            for (ptrdiff_t tx = 0; tx < q.ntx; tx++) {
+                const ptrdiff_t t = (s * q.nty + ty) * q.ntx + tx;
                 NAME(wino_tile_outputs)(p, s, ty, tx, out, onr, onc, outside, ptr);
                 NAME(wino_output_tile)(M + 16 * t * cout, ptr, tmp, cout);
             }
@@ -445,33 +445,33 @@ static void NAME(wino_conv_unit)(const wino_plan *p, long u, const T *x, const T
 }
 
 /* Adds the unit's products to P[xi] (K, C) and its grad_y sums to grad_b (K,). */
-static void NAME(wino_grad_w_unit)(const wino_plan *p, long u, const T *grad_y, const T *x,
+static void NAME(wino_grad_w_unit)(const wino_plan *p, ptrdiff_t u, const T *grad_y, const T *x,
                                    const T *zeros, T *work, T *P, T *grad_b,
                                    CAT(fnn_gemm_fn, S) gemm)
 {
     const wino_unit q = wino_unit_at(p, u);
-    const long cin = p->ch_in, k = p->ch_out;
-    const long tiles = q.ns * q.nty * q.ntx;
+    const ptrdiff_t cin = p->ch_in, k = p->ch_out;
+    const ptrdiff_t tiles = q.ns * q.nty * q.ntx;
     T *region = work;
     T *V = region + p->ns * p->in_rows * p->in_cols * cin;
     T *D = V + 16 * p->tiles * cin;
     T *gy = D + 16 * p->tiles * k;
     T *tmp = gy + p->ns * p->out_rows * p->out_cols * k + k;
     NAME(wino_unit_input)(p, &q, x, zeros, region, V, tmp);
-    long o_lo, onr, oc_lo, onc;
+    ptrdiff_t o_lo, onr, oc_lo, onc;
     wino_unit_outputs(p, &q, &o_lo, &onr, &oc_lo, &onc);
     NAME(wino_gather)(grad_y + q.s0 * k * p->oh * p->ow, k, p->oh, p->ow, q.ns, o_lo, onr,
                       oc_lo, onc, gy);
-    for (long e = 0; e < q.ns * onr * onc; e++) {       /* the unit's pixels, in order */
+    for (ptrdiff_t e = 0; e < q.ns * onr * onc; e++) {       /* the unit's pixels, in order */
         const T *row = gy + e * k;
         #pragma omp simd
-        for (long kk = 0; kk < k; kk++) grad_b[kk] += row[kk];
+        for (ptrdiff_t kk = 0; kk < k; kk++) grad_b[kk] += row[kk];
     }
     const T *ptr[4];
-    for (long s = 0; s < q.ns; s++)
-        for (long ty = 0; ty < q.nty; ty++)
-            for (long tx = 0; tx < q.ntx; tx++) {
-                const long t = (s * q.nty + ty) * q.ntx + tx;
+    for (ptrdiff_t s = 0; s < q.ns; s++)
+        for (ptrdiff_t ty = 0; ty < q.nty; ty++)
+            for (ptrdiff_t tx = 0; tx < q.ntx; tx++) {
+                const ptrdiff_t t = (s * q.nty + ty) * q.ntx + tx;
                 /* the same pixel pointers, read here (zeros past the edge) */
                 NAME(wino_tile_outputs)(p, s, ty, tx, gy, onr, onc, (T *)zeros, (T **)ptr);
                 NAME(wino_grad_tile)(ptr, D + 16 * t * k, tmp, k);
@@ -488,22 +488,22 @@ static void NAME(wino_grad_w_unit)(const wino_plan *p, long u, const T *grad_y, 
 static void NAME(wino_conv)(const wino_plan *p, const T *x, const T *U, const T *bias, T *y,
                             const T *zeros, T *work, int threads, CAT(fnn_gemm_fn, S) gemm)
 {
-    const long per_thread = wino_thread_elems(p);
+    const ptrdiff_t per_thread = wino_thread_elems(p);
     fnn_blas_single_begin();
     #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && p->units > 1)
-    for (long u = 0; u < p->units; u++)
+    for (ptrdiff_t u = 0; u < p->units; u++)
         NAME(wino_conv_unit)(p, u, x, U, bias, y, zeros, work + fnn_thread_id() * per_thread,
                              gemm);
     fnn_blas_single_end();
 }
 
-long NAME(fnn_winograd_forward_workspace)(long n, const fnn_geometry *g, long k, int threads)
+ptrdiff_t NAME(fnn_winograd_forward_workspace)(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k, int threads)
 {
     const wino_plan p = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, k, sizeof(T));
     return 16 * g->c * k + wino_max(g->c, k) + threads * wino_thread_elems(&p);
 }
 
-void NAME(fnn_winograd_forward)(const T *x, long n, const fnn_geometry *g, const T *w, long k,
+void NAME(fnn_winograd_forward)(const T *x, ptrdiff_t n, const fnn_geometry *g, const T *w, ptrdiff_t k,
                                 const T *bias, T *y, T *work, int threads,
                                 CAT(fnn_gemm_fn, S) gemm)
 {
@@ -516,49 +516,49 @@ void NAME(fnn_winograd_forward)(const T *x, long n, const fnn_geometry *g, const
 
 /* The backward's plans: weight gradient over the forward's tiles, input gradient
  * as the conv of grad_y (K, oh, ow) with the flipped weights, padding 2 - p. */
-static void NAME(wino_backward_plans)(long n, const fnn_geometry *g, long k, wino_plan *pw,
+static void NAME(wino_backward_plans)(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k, wino_plan *pw,
                                       wino_plan *px)
 {
     *pw = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, k, sizeof(T));
     *px = wino_make_plan(n, k, g->oh, g->ow, 2 - g->ph, 2 - g->pw, g->c, sizeof(T));
 }
 
-long NAME(fnn_winograd_backward_workspace)(long n, const fnn_geometry *g, long k, int threads,
+ptrdiff_t NAME(fnn_winograd_backward_workspace)(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k, int threads,
                                            int need_grad_x)
 {
     wino_plan pw, px;
     NAME(wino_backward_plans)(n, g, k, &pw, &px);
-    const long chunks = wino_min(pw.units, WINO_CHUNKS), zeros = wino_max(g->c, k);
-    const long weights = chunks * (16 * k * g->c + k) + zeros + threads * wino_thread_elems(&pw);
-    const long inputs = 16 * k * g->c + zeros + threads * wino_thread_elems(&px);
+    const ptrdiff_t chunks = wino_min(pw.units, WINO_CHUNKS), zeros = wino_max(g->c, k);
+    const ptrdiff_t weights = chunks * (16 * k * g->c + k) + zeros + threads * wino_thread_elems(&pw);
+    const ptrdiff_t inputs = 16 * k * g->c + zeros + threads * wino_thread_elems(&px);
     return need_grad_x ? wino_max(weights, inputs) : weights;
 }
 
-void NAME(fnn_winograd_backward)(const T *grad_y, const T *x, long n, const fnn_geometry *g,
-                                 const T *w, long k, T *grad_x, T *grad_w, T *grad_b, T *work,
+void NAME(fnn_winograd_backward)(const T *grad_y, const T *x, ptrdiff_t n, const fnn_geometry *g,
+                                 const T *w, ptrdiff_t k, T *grad_x, T *grad_w, T *grad_b, T *work,
                                  int threads, CAT(fnn_gemm_fn, S) gemm)
 {
     wino_plan pw, px;
     NAME(wino_backward_plans)(n, g, k, &pw, &px);
-    const long c = g->c, zero_count = wino_max(c, k), part = 16 * k * c + k;
-    const long chunks = wino_min(pw.units, WINO_CHUNKS);
+    const ptrdiff_t c = g->c, zero_count = wino_max(c, k), part = 16 * k * c + k;
+    const ptrdiff_t chunks = wino_min(pw.units, WINO_CHUNKS);
     /* grad_w and grad_b: each chunk of units sums into its own partial (P, then
      * grad_b), whichever thread runs it; the partials are added in chunk order */
     T *parts = work, *zeros = parts + chunks * part, *mine = zeros + zero_count;
-    const long per_thread = wino_thread_elems(&pw);
+    const ptrdiff_t per_thread = wino_thread_elems(&pw);
     memset(zeros, 0, (size_t)zero_count * sizeof(T));
     fnn_blas_single_begin();
     #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && chunks > 1)
-    for (long ch = 0; ch < chunks; ch++) {
+    for (ptrdiff_t ch = 0; ch < chunks; ch++) {
         T *P = parts + ch * part;
         memset(P, 0, (size_t)part * sizeof(T));
-        for (long u = ch * pw.units / chunks; u < (ch + 1) * pw.units / chunks; u++)
+        for (ptrdiff_t u = ch * pw.units / chunks; u < (ch + 1) * pw.units / chunks; u++)
             NAME(wino_grad_w_unit)(&pw, u, grad_y, x, zeros, mine + fnn_thread_id() * per_thread,
                                    P, P + 16 * k * c, gemm);
     }
     fnn_blas_single_end();
-    for (long ch = 1; ch < chunks; ch++)
-        for (long e = 0; e < part; e++) parts[e] += parts[ch * part + e];
+    for (ptrdiff_t ch = 1; ch < chunks; ch++)
+        for (ptrdiff_t e = 0; e < part; e++) parts[e] += parts[ch * part + e];
     NAME(wino_weight_grads)(parts, k, c, grad_w);
     memcpy(grad_b, parts + 16 * k * c, (size_t)k * sizeof(T));
     if (grad_x == NULL)

@@ -8,23 +8,23 @@
 # is impossible or the batch is 1); Winograd: OpenMP over blocks of tiles, the
 # same hold; public im2col/col2im: OpenMP inside the C kernels.
 
-cdef inline void _im2col(const floating *x, long n, const fnn_geometry *g, floating *cols,
-                         long ld, int parallel) noexcept nogil:
+cdef inline void _im2col(const floating *x, Py_ssize_t n, const fnn_geometry *g, floating *cols,
+                         Py_ssize_t ld, int parallel) noexcept nogil:
     if floating is float:
         fnn_im2col_f(x, n, g, cols, ld, parallel)
     else:
         fnn_im2col_d(x, n, g, cols, ld, parallel)
 
 
-cdef inline void _col2im(const floating *cols, long n, const fnn_geometry *g, floating *x,
-                         long ld, int parallel) noexcept nogil:
+cdef inline void _col2im(const floating *cols, Py_ssize_t n, const fnn_geometry *g, floating *x,
+                         Py_ssize_t ld, int parallel) noexcept nogil:
     if floating is float:
         fnn_col2im_f(cols, n, g, x, ld, parallel)
     else:
         fnn_col2im_d(cols, n, g, x, ld, parallel)
 
 
-cdef inline void _pad_rows(const floating *a, long planes, long oh, long ow, long wp,
+cdef inline void _pad_rows(const floating *a, Py_ssize_t planes, Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t wp,
                            floating *out) noexcept nogil:
     if floating is float:
         fnn_pad_rows_f(a, planes, oh, ow, wp, out)
@@ -48,7 +48,7 @@ cdef inline void _im2row(const floating *x_hwc, const fnn_geometry *g, floating 
         fnn_im2row_d(x_hwc, g, rows, parallel)
 
 
-cdef inline void _transpose(const floating *a, long rows, long cols, floating *out,
+cdef inline void _transpose(const floating *a, Py_ssize_t rows, Py_ssize_t cols, floating *out,
                             int parallel) noexcept nogil:
     if floating is float:
         fnn_transpose_f(a, rows, cols, out, parallel)
@@ -56,7 +56,7 @@ cdef inline void _transpose(const floating *a, long rows, long cols, floating *o
         fnn_transpose_d(a, rows, cols, out, parallel)
 
 
-cdef inline void _transpose_bias(const floating *a, long rows, long cols,
+cdef inline void _transpose_bias(const floating *a, Py_ssize_t rows, Py_ssize_t cols,
                                  const floating *bias, floating *out, int parallel) noexcept nogil:
     """out (cols, rows) = a.T, plus bias (cols,) on each output row unless bias is NULL."""
     if bias == NULL:
@@ -67,7 +67,7 @@ cdef inline void _transpose_bias(const floating *a, long rows, long cols,
         fnn_transpose_bias_d(a, rows, cols, bias, out, parallel)
 
 
-cdef inline void _row_sums(const floating *a, long rows, long cols, floating *out,
+cdef inline void _row_sums(const floating *a, Py_ssize_t rows, Py_ssize_t cols, floating *out,
                            int accumulate) noexcept nogil:
     if floating is float:
         fnn_row_sums_f(a, rows, cols, out, accumulate)
@@ -75,7 +75,7 @@ cdef inline void _row_sums(const floating *a, long rows, long cols, floating *ou
         fnn_row_sums_d(a, rows, cols, out, accumulate)
 
 
-cdef inline void _broadcast(floating *a, const floating *value, long rows, long cols,
+cdef inline void _broadcast(floating *a, const floating *value, Py_ssize_t rows, Py_ssize_t cols,
                             int per_row) noexcept nogil:
     if floating is float:
         fnn_broadcast_f(a, value, rows, cols, per_row)
@@ -114,7 +114,7 @@ def im2col(cnp.ndarray x, int kh, int kw, tuple stride, tuple padding):
     _float_input("im2col", "x", x, (None, None, None, None))
     cdef fnn_geometry g = _geometry(x.shape[1], x.shape[2], x.shape[3], kh, kw, stride,
                                     padding, "im2col")
-    cdef long n = x.shape[0]
+    cdef Py_ssize_t n = x.shape[0]
     cdef cnp.ndarray cols = _output_array((g.c * kh * kw, n * g.oh * g.ow), x.dtype)
     cdef void *px = _data(x)
     cdef void *pc = _data(cols)
@@ -134,7 +134,7 @@ def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple 
         raise ValueError(f"col2im: x_shape must be (N, C, H, W), got {x_shape}")
     cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], kh, kw, stride,
                                     padding, "col2im")
-    cdef long n = x_shape[0]
+    cdef Py_ssize_t n = x_shape[0]
     _need("col2im", "cols", cols, t, (g.c * kh * kw, n * g.oh * g.ow))
     cdef cnp.ndarray dx = _output_array(x_shape, cols.dtype)
     cdef void *pc = _data(cols)
@@ -148,7 +148,7 @@ def col2im(cnp.ndarray cols, tuple x_shape, int kh, int kw, tuple stride, tuple 
     return dx
 
 
-cdef int _sample_threads(long n):
+cdef int _sample_threads(Py_ssize_t n):
     """OpenMP threads for per-sample conv work: all of them when BLAS can be held
     to one thread and there is a sample for each, else 1."""
     if not blas_thread_control() or n < 2:
@@ -243,7 +243,7 @@ DEF TRANSPOSED_MIN_CHANNELS = 32
 # LeNet's conv2 (10-pixel rows, 6 channels) it took 1650 us against 1220 on rows.
 
 
-cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept nogil:
+cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, Py_ssize_t k) noexcept nogil:
     """Geometry of that conv: input grad_y (K, OH, OW), output (C, H, W)."""
     cdef fnn_geometry t
     t.c, t.h, t.w = k, g.oh, g.ow
@@ -253,12 +253,12 @@ cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, long k) noexcept n
     return t
 
 
-cdef inline long _forward_first(const fnn_geometry *g, long k) noexcept nogil:
+cdef inline Py_ssize_t _forward_first(const fnn_geometry *g, Py_ssize_t k) noexcept nogil:
     """Elements of the first per-sample forward buffer: x, then y, channels last."""
     return max(g.c * g.h * g.w, k * g.oh * g.ow)
 
 
-cdef inline long _forward_workspace(const fnn_geometry *g, long k) noexcept nogil:
+cdef inline Py_ssize_t _forward_workspace(const fnn_geometry *g, Py_ssize_t k) noexcept nogil:
     """Elements of one thread's forward workspace: that buffer + the patch matrix
     (or the direct conv's padded input)."""
     return max(_forward_first(g, k) + g.oh * g.ow * g.c * g.kh * g.kw,
@@ -267,14 +267,14 @@ cdef inline long _forward_workspace(const fnn_geometry *g, long k) noexcept nogi
 
 cdef void _conv_forward_sample(const floating *x, const floating *weights,
                                const floating *bias, floating *y, floating *work,
-                               const fnn_geometry *g, long k, int parallel,
+                               const fnn_geometry *g, Py_ssize_t k, int parallel,
                                int variant) noexcept nogil:
     """One sample: y (K, OH*OW) = (im2row(x) @ weights (K, kh*kw*C).T).T + b on
     patch rows (V_ROWS), or weights (K, C*kh*kw) @ im2col(x) + b on columns, or the
     direct conv (V_DIRECT, float32), or W @ x (V_POINTWISE). work:
     ``_forward_workspace`` elements. ``parallel``: split the copies over OpenMP
     (when samples run one after the other)."""
-    cdef long kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
+    cdef Py_ssize_t kkc = g.c * g.kh * g.kw, ohw = g.oh * g.ow
     cdef floating beta = 0
     cdef floating *rows = work + _forward_first(g, k)
     if floating is float:
@@ -315,22 +315,22 @@ ctypedef struct _conv_job:
     void *grad_x
     void *workspace
     const fnn_geometry *g
-    long n, k, per_thread, chunks, first, stride_c
+    Py_ssize_t n, k, per_thread, chunks, first, stride_c
     int threads, variant
 
 
-cdef inline void _conv_forward_job_sample(const _conv_job *job, long s,
+cdef inline void _conv_forward_job_sample(const _conv_job *job, Py_ssize_t s,
                                           floating kind) noexcept nogil:
     """Sample s of a _conv_job, in the workspace of the thread that runs it."""
     cdef const fnn_geometry *g = job.g
-    cdef long chw = g.c * g.h * g.w, kohw = job.k * g.oh * g.ow
-    cdef long mine = fnn_pool_thread_index() * job.per_thread
+    cdef Py_ssize_t chw = g.c * g.h * g.w, kohw = job.k * g.oh * g.ow
+    cdef Py_ssize_t mine = fnn_pool_thread_index() * job.per_thread
     _conv_forward_sample(<const floating*>job.x + s * chw, <const floating*>job.weights,
                          <const floating*>job.bias, <floating*>job.y + s * kohw,
                          <floating*>job.workspace + mine, g, job.k, 0, job.variant)
 
 
-cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
+cdef void _conv_forward_task(void *ctx, Py_ssize_t s) noexcept nogil:
     cdef const _conv_job *job = <const _conv_job*>ctx
     if job.single:
         _conv_forward_job_sample(job, s, _F32)
@@ -339,11 +339,11 @@ cdef void _conv_forward_task(void *ctx, long s) noexcept nogil:
 
 
 cdef void _conv_forward(const floating *x, const floating *weights, const floating *bias,
-                        floating *y, floating *workspace, long n, const fnn_geometry *g,
-                        long k, int threads, int variant) noexcept nogil:
-    cdef long s
-    cdef long ohw = g.oh * g.ow, chw = g.c * g.h * g.w
-    cdef long per_thread = _forward_workspace(g, k)
+                        floating *y, floating *workspace, Py_ssize_t n, const fnn_geometry *g,
+                        Py_ssize_t k, int threads, int variant) noexcept nogil:
+    cdef Py_ssize_t s
+    cdef Py_ssize_t ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef Py_ssize_t per_thread = _forward_workspace(g, k)
     cdef bint small = _small_gemm(k, ohw, g.c * g.kh * g.kw)
     if threads <= 1:         # one sample after the other, BLAS threading each large GEMM
         if small:
@@ -388,19 +388,19 @@ DEF WINOGRAD_MIN_PIXELS = 16
 DEF WINOGRAD_MIN_BATCH_PIXELS = 512
 
 
-def _set_winograd_tiles(long tiles):
+def _set_winograd_tiles(Py_ssize_t tiles):
     """Tiles per Winograd block (for tests and measurements; 0: chosen from the channel
     counts, see csrc/winograd_template.h); returns the old setting."""
     return fnn_winograd_set_tiles(tiles)
 
 
-cdef inline bint _winograd_fits(const fnn_geometry *g, long n, long k) noexcept nogil:
+cdef inline bint _winograd_fits(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
     """Whether Winograd F(2x2, 3x3) can run this conv (either dtype)."""
     return (g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1 and g.ph <= 2 and g.pw <= 2
             and n > 0 and k > 0 and g.c > 0)
 
 
-cdef bint _use_winograd(const fnn_geometry *g, long n, long k, bint single) noexcept nogil:
+cdef bint _use_winograd(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, bint single) noexcept nogil:
     """Whether the chooser takes Winograd F(2x2, 3x3) for this conv (see above)."""
     return (_winograd_fits(g, n, k) and single
             and g.c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS
@@ -423,11 +423,11 @@ cdef void _gemm_d(int trans_a, int trans_b, int m, int n, int k, double alpha, c
     _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
-cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometry *g, long k):
-    cdef long n = x.shape[0]
+cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometry *g, Py_ssize_t k):
+    cdef Py_ssize_t n = x.shape[0]
     cdef int threads = _winograd_threads()
     cdef bint single = _is_float32(x)
-    cdef long count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
+    cdef Py_ssize_t count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
                        else fnn_winograd_forward_workspace_d(n, g, k, threads))
     cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
     cdef _Block workspace = _take_workspace(count, x.dtype)
@@ -448,11 +448,11 @@ cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometr
 
 
 cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
-                              const fnn_geometry *g, long k, bint need_grad_x):
-    cdef long n = x.shape[0]
+                              const fnn_geometry *g, Py_ssize_t k, bint need_grad_x):
+    cdef Py_ssize_t n = x.shape[0]
     cdef int threads = _winograd_threads()
     cdef bint single = _is_float32(x)
-    cdef long count = (fnn_winograd_backward_workspace_f(n, g, k, threads, need_grad_x) if single
+    cdef Py_ssize_t count = (fnn_winograd_backward_workspace_f(n, g, k, threads, need_grad_x) if single
                        else fnn_winograd_backward_workspace_d(n, g, k, threads, need_grad_x))
     cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
     cdef cnp.ndarray grad_w = _output_array((<object>W).shape, W.dtype)
@@ -503,7 +503,7 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     csrc/direct_conv.c per sample instead: no patch matrix, the padded input
     (C*(H+2ph)*(W+2pw) elements) in the workspace.
     """
-    cdef long n = x.shape[0], k = W.shape[0]
+    cdef Py_ssize_t n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _conv_arguments("conv2d_forward", x, W, stride, padding)
     if b is not None:
         _need("conv2d_forward", "b", b, cnp.PyArray_TYPE(x), (k,))
@@ -512,11 +512,11 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     if variant == V_WINOGRAD:
         return _winograd_forward(x, W, b, &g, k)
     cdef int threads = _sample_threads(n)
-    cdef long per_thread = _forward_workspace(&g, k)
+    cdef Py_ssize_t per_thread = _forward_workspace(&g, k)
     cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
     cdef _Block workspace = _take_workspace(threads * per_thread, x.dtype)
     cdef cnp.ndarray weights = W
-    cdef long kp
+    cdef Py_ssize_t kp
     if variant == V_DIRECT:      # float32: (C*kh*kw, kp) and a bias (kp,), zero-padded
         kp = (k + fnn_direct_conv_block(k) - 1) // fnn_direct_conv_block(k) * fnn_direct_conv_block(k)
         weights = np.zeros((W.size // k, kp), dtype=np.float32)
@@ -544,19 +544,19 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     return y
 
 
-cdef inline long _padded_len(const fnn_geometry *g) noexcept nogil:
+cdef inline Py_ssize_t _padded_len(const fnn_geometry *g) noexcept nogil:
     """Values per plane in fnn_pad_rows' layout (rows w + 2*pw apart)."""
     return (g.oh - 1) * (g.w + 2 * g.pw) + g.ow
 
 
-cdef inline long _padded_plane(const fnn_geometry *g) noexcept nogil:
+cdef inline Py_ssize_t _padded_plane(const fnn_geometry *g) noexcept nogil:
     return (g.h + 2 * g.ph) * (g.w + 2 * g.pw)
 
 
-cdef void _backward_buffers(const fnn_geometry *g, long k, int variant, long *first,
-                            long *second) noexcept nogil:
+cdef void _backward_buffers(const fnn_geometry *g, Py_ssize_t k, int variant, Py_ssize_t *first,
+                            Py_ssize_t *second) noexcept nogil:
     """Elements of the two per-sample buffers of the backward pass (see below)."""
-    cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
+    cdef Py_ssize_t kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
     if variant == V_POINTWISE:
         first[0] = second[0] = 0
     elif variant == V_ROWS:
@@ -576,7 +576,7 @@ cdef void _backward_buffers(const fnn_geometry *g, long k, int variant, long *fi
 cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
                                 const floating *weights, floating *grad_x,
                                 floating *grad_w, floating *grad_b, floating *first,
-                                floating *second, const fnn_geometry *g, long k,
+                                floating *second, const fnn_geometry *g, Py_ssize_t k,
                                 int parallel, int variant) noexcept nogil:
     """One sample; grad_y: (K, OH*OW). Adds this sample's grad_w and grad_b, writes
     its grad_x unless grad_x is NULL. ``parallel``: split the copies over OpenMP
@@ -591,8 +591,8 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
     - V_COLUMNS: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
       grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw)).
     """
-    cdef long kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
-    cdef long ckk = g.c * kk, len_
+    cdef Py_ssize_t kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
+    cdef Py_ssize_t ckk = g.c * kk, len_
     cdef fnn_geometry t
     _row_sums(grad_y, k, ohw, grad_b, 1)
     if floating is float:
@@ -652,12 +652,12 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
         _col2im(second, 1, g, grad_x, ohw, parallel)
 
 
-cdef inline long _conv_backward_chunks(long n, int threads) noexcept nogil:
+cdef inline Py_ssize_t _conv_backward_chunks(Py_ssize_t n, int threads) noexcept nogil:
     """Sample chunks of the parallel conv backward: four per thread, at most n."""
     return n if n < 4 * threads else 4 * threads
 
 
-cdef inline void _conv_backward_chunk(const _conv_job *job, long c,
+cdef inline void _conv_backward_chunk(const _conv_job *job, Py_ssize_t c,
                                       floating kind) noexcept nogil:
     """Chunk c of a _conv_job: its samples in order, summed into the chunk's partial."""
     cdef const floating *grad_y = <const floating*>job.grad_y
@@ -666,8 +666,8 @@ cdef inline void _conv_backward_chunk(const _conv_job *job, long c,
     cdef floating *grad_x = <floating*>job.grad_x
     cdef floating *workspace = <floating*>job.workspace
     cdef const fnn_geometry *g = job.g
-    cdef long k = job.k, n = job.n, s
-    cdef long ckk = g.c * g.kh * g.kw, kohw = k * g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef Py_ssize_t k = job.k, n = job.n, s
+    cdef Py_ssize_t ckk = g.c * g.kh * g.kw, kohw = k * g.oh * g.ow, chw = g.c * g.h * g.w
     cdef floating *mine = workspace + fnn_pool_thread_index() * job.per_thread
     cdef floating *part = workspace + job.threads * job.per_thread + c * job.stride_c
     memset(part, 0, job.stride_c * sizeof(floating))
@@ -678,7 +678,7 @@ cdef inline void _conv_backward_chunk(const _conv_job *job, long c,
                               job.variant)
 
 
-cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
+cdef void _conv_backward_task(void *ctx, Py_ssize_t c) noexcept nogil:
     cdef const _conv_job *job = <const _conv_job*>ctx
     if job.single:
         _conv_backward_chunk(job, c, _F32)
@@ -688,14 +688,14 @@ cdef void _conv_backward_task(void *ctx, long c) noexcept nogil:
 
 cdef void _conv_backward(const floating *grad_y, const floating *x, const floating *weights,
                          floating *grad_x, floating *grad_w, floating *grad_b,
-                         floating *workspace, long n, const fnn_geometry *g, long k,
+                         floating *workspace, Py_ssize_t n, const fnn_geometry *g, Py_ssize_t k,
                          int threads, int variant) noexcept nogil:
-    cdef long s, c, idx, first, second
-    cdef long ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
+    cdef Py_ssize_t s, c, idx, first, second
+    cdef Py_ssize_t ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
     _backward_buffers(g, k, variant, &first, &second)
     # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
-    cdef long stride_t = first + second, stride_c = k * ckk + k
-    cdef long chunks = _conv_backward_chunks(n, threads)
+    cdef Py_ssize_t stride_t = first + second, stride_c = k * ckk + k
+    cdef Py_ssize_t chunks = _conv_backward_chunks(n, threads)
     cdef floating *part
     memset(grad_w, 0, k * ckk * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
@@ -749,7 +749,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     elements each, added in chunk order: the same bits for any thread count), then
     grad_x as the Winograd conv of grad_y with the flipped weights (padding 2 - p).
     """
-    cdef long n = x.shape[0], k = W.shape[0]
+    cdef Py_ssize_t n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _conv_arguments("conv2d_backward", x, W, stride, padding)
     _need("conv2d_backward", "grad_y", grad_y, cnp.PyArray_TYPE(x), (n, k, g.oh, g.ow))
     _check_gemm_forced(_is_float32(x))
@@ -757,10 +757,10 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     if variant == V_WINOGRAD:
         return _winograd_backward(grad_y, x, W, &g, k, need_grad_x)
     cdef int threads = _sample_threads(n)
-    cdef long first, second
+    cdef Py_ssize_t first, second
     _backward_buffers(&g, k, variant, &first, &second)
-    cdef long per_thread = first + second
-    cdef long per_chunk = W.size + k
+    cdef Py_ssize_t per_thread = first + second
+    cdef Py_ssize_t per_chunk = W.size + k
     cdef bint by_rows = variant == V_ROWS or variant == V_ROWS_COL2IM
     cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
     # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
@@ -803,7 +803,7 @@ CONV_BACKWARD_VARIANTS = {"winograd": V_WINOGRAD, "direct": V_DIRECT, "pointwise
                           "columns": V_COLUMNS}
 
 
-cdef int _conv_forward_pick(const fnn_geometry *g, long n, long k, bint single) noexcept nogil:
+cdef int _conv_forward_pick(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, bint single) noexcept nogil:
     """The chooser: conv2d_forward's variant for this conv (see the sections above)."""
     if _use_winograd(g, n, k, single):
         return V_WINOGRAD
@@ -814,7 +814,7 @@ cdef int _conv_forward_pick(const fnn_geometry *g, long n, long k, bint single) 
     return V_ROWS if _by_rows(g) else V_COLUMNS
 
 
-cdef int _conv_backward_pick(const fnn_geometry *g, long n, long k, bint single) noexcept nogil:
+cdef int _conv_backward_pick(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, bint single) noexcept nogil:
     """The chooser: conv2d_backward's variant for this conv (see the sections above)."""
     if _use_winograd(g, n, k, single):
         return V_WINOGRAD
@@ -833,7 +833,7 @@ cdef bint _direct_conv_supported():
     return fnn_direct_conv_fits(&g, 1)
 
 
-cdef str _conv_why_not(int variant, bint backward, const fnn_geometry *g, long n, long k,
+cdef str _conv_why_not(int variant, bint backward, const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k,
                        bint single):
     """None where ``variant`` can run this conv, else why not."""
     got = (f"got a {g.kh}x{g.kw} kernel, stride ({g.sh}, {g.sw}), padding ({g.ph}, {g.pw}), "
@@ -855,7 +855,7 @@ cdef str _conv_why_not(int variant, bint backward, const fnn_geometry *g, long n
     return None
 
 
-cdef int _conv_variant(bint backward, const fnn_geometry *g, long n, long k,
+cdef int _conv_variant(bint backward, const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k,
                        bint single) except -1:
     """The variant this call runs: the forced one (ValueError where it cannot run this
     conv), else the chooser's."""
@@ -876,7 +876,7 @@ def _conv_variants(bint backward, tuple x_shape, tuple w_shape, tuple stride, tu
     conv2d_backward (``backward``) or conv2d_forward for these arguments."""
     cdef fnn_geometry g = _geometry(x_shape[1], x_shape[2], x_shape[3], w_shape[2], w_shape[3],
                                     stride, padding)
-    cdef long n = x_shape[0], k = w_shape[0]
+    cdef Py_ssize_t n = x_shape[0], k = w_shape[0]
     cdef bint single = np.dtype(dtype) == np.float32
     variants = CONV_BACKWARD_VARIANTS if backward else CONV_FORWARD_VARIANTS
     pick = _conv_backward_pick(&g, n, k, single) if backward else _conv_forward_pick(&g, n, k, single)

@@ -94,15 +94,15 @@ DEF FINITE_SPLIT_MIN = 2097152       # elements from which it is split
 
 ctypedef struct _finite_job:
     const void *x
-    long n, block
+    Py_ssize_t n, block
     bint single
     int ok[FINITE_BLOCKS]            # per block: 1 when all its elements are finite
 
 
-cdef void _finite_task(void *ctx, long block) noexcept nogil:
+cdef void _finite_task(void *ctx, Py_ssize_t block) noexcept nogil:
     cdef _finite_job *job = <_finite_job*>ctx
-    cdef long lo = block * job.block
-    cdef long count = min(job.block, job.n - lo)
+    cdef Py_ssize_t lo = block * job.block
+    cdef Py_ssize_t count = min(job.block, job.n - lo)
     if job.single:
         job.ok[block] = fnn_all_finite_f(<const float*>job.x + lo, count)
     else:
@@ -115,7 +115,7 @@ def all_finite(cnp.ndarray x):
     elements (MNIST's 60000 x 784 floats, which fit checks on entry: 14 ms on one
     thread, bound by one core's memory bandwidth)."""
     cdef _finite_job job
-    cdef long blocks = 1, b
+    cdef Py_ssize_t blocks = 1, b
     _float_input("all_finite", "x", x)
     job.n = x.size
     job.x = _data(x)

@@ -86,11 +86,11 @@ cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating
     """
     cdef char op_first = b'T' if trans_b else b'N'
     cdef char op_second = b'T' if trans_a else b'N'
-    cdef long i
+    cdef Py_ssize_t i
     if m == 0 or n == 0:
         return
     if k == 0:                       # BLAS rejects a leading dimension of 0
-        for i in range(<long>m * n):
+        for i in range(<Py_ssize_t>m * n):
             c[i] = beta * c[i] if beta != 0 else 0
         return
     if floating is float:
@@ -119,7 +119,7 @@ cdef void _gemm_epi(bint trans_a, bint trans_b, int m, int n, int k, floating al
     mostly reading the other core's half of y); elsewhere in passes over c's rows
     (the bias before the GEMM, with beta 1). The same bits either way."""
     cdef fnn_epilogue own
-    cdef long r, rows = 1 if ldc == n else m, cols = <long>m * n if ldc == n else n
+    cdef Py_ssize_t r, rows = 1 if ldc == n else m, cols = <Py_ssize_t>m * n if ldc == n else n
     if ep == NULL or (ep.bias == NULL and ep.mask == NULL and ep.relu == NULL):
         _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         return
@@ -220,7 +220,7 @@ ctypedef struct _gemm_job:           # one GEMM cut into blocks of c (see _gemm_
     _epilogue ep                     # for the whole of c (see _gemm_epi)
 
 
-cdef inline void _gemm_block(const _gemm_job *job, long block, floating kind) noexcept nogil:
+cdef inline void _gemm_block(const _gemm_job *job, Py_ssize_t block, floating kind) noexcept nogil:
     """Rows (by_rows) or columns [j0, j0 + width) of the job's c, j0 = block * width."""
     cdef int j0 = <int>block * job.width
     cdef floating alpha = <floating>job.alpha, beta = <floating>job.beta
@@ -228,7 +228,7 @@ cdef inline void _gemm_block(const _gemm_job *job, long block, floating kind) no
     cdef const floating *b = <const floating*>job.b
     cdef floating *c = <floating*>job.c
     cdef _epilogue ep = job.ep
-    cdef long at = <long>j0 * job.ldc if job.by_rows else j0     # the block's corner in c
+    cdef Py_ssize_t at = <Py_ssize_t>j0 * job.ldc if job.by_rows else j0     # the block's corner in c
     if ep.bias != NULL and not job.by_rows:
         ep.bias = <const floating*>ep.bias + j0
     if ep.mask != NULL:
@@ -237,15 +237,15 @@ cdef inline void _gemm_block(const _gemm_job *job, long block, floating kind) no
         ep.relu = <floating*>ep.relu + at
     if job.by_rows:
         _gemm_epi(job.trans_a, job.trans_b, min(job.width, job.m - j0), job.n, job.k, alpha,
-                  a + (j0 if job.trans_a else <long>j0 * job.lda), job.lda, b, job.ldb, beta,
+                  a + (j0 if job.trans_a else <Py_ssize_t>j0 * job.lda), job.lda, b, job.ldb, beta,
                   c + at, job.ldc, &ep)
     else:
         _gemm_epi(job.trans_a, job.trans_b, job.m, min(job.width, job.n - j0), job.k, alpha,
-                  a, job.lda, b + (<long>j0 * job.ldb if job.trans_b else j0), job.ldb, beta,
+                  a, job.lda, b + (<Py_ssize_t>j0 * job.ldb if job.trans_b else j0), job.ldb, beta,
                   c + at, job.ldc, &ep)
 
 
-cdef void _gemm_task(void *ctx, long block) noexcept nogil:
+cdef void _gemm_task(void *ctx, Py_ssize_t block) noexcept nogil:
     cdef const _gemm_job *job = <const _gemm_job*>ctx
     if job.single:
         _gemm_block(job, block, _F32)
@@ -307,7 +307,7 @@ ctypedef struct _gemm_pair:          # two independent GEMMs as one pool job
     int first_blocks
 
 
-cdef void _gemm_pair_task(void *ctx, long block) noexcept nogil:
+cdef void _gemm_pair_task(void *ctx, Py_ssize_t block) noexcept nogil:
     cdef _gemm_pair *pair = <_gemm_pair*>ctx
     if block < pair.first_blocks:
         _gemm_task(&pair.first, block)
@@ -428,10 +428,10 @@ cdef inline void _gemv(const floating *x, const floating *weights, const floatin
         dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y, &inc)
 
 
-cdef inline void _gemv_block(const _gemv_job *job, long block, floating kind) noexcept nogil:
+cdef inline void _gemv_block(const _gemv_job *job, Py_ssize_t block, floating kind) noexcept nogil:
     """Block ``block`` of a _gemv_job: its rows of W, onto the bias (block 0) or into
     its own partial sums."""
-    cdef long r0 = block * job.rows, offset = r0 * job.o
+    cdef Py_ssize_t r0 = block * job.rows, offset = r0 * job.o
     cdef int rows = min(job.rows, job.i - <int>r0)
     _gemv(<const floating*>job.x + r0, <const floating*>job.weights + offset,
           <const floating*>job.bias if block == 0 else NULL,
@@ -439,7 +439,7 @@ cdef inline void _gemv_block(const _gemv_job *job, long block, floating kind) no
           rows, job.o)
 
 
-cdef void _gemv_task(void *ctx, long block) noexcept nogil:
+cdef void _gemv_task(void *ctx, Py_ssize_t block) noexcept nogil:
     cdef const _gemv_job *job = <const _gemv_job*>ctx
     if job.single:
         _gemv_block(job, block, _F32)
@@ -447,13 +447,13 @@ cdef void _gemv_task(void *ctx, long block) noexcept nogil:
         _gemv_block(job, block, _F64)
 
 
-cdef inline int _gemv_blocks(long i, long o) noexcept nogil:
+cdef inline int _gemv_blocks(Py_ssize_t i, Py_ssize_t o) noexcept nogil:
     """Blocks of inputs of a split one-sample dense forward: one per thread, of at least
     64 inputs, their partial sums within GEMV_SCRATCH."""
     return <int>max(1, min(fnn_max_threads(), i // 64, 1 + GEMV_SCRATCH // o))
 
 
-cdef inline bint _split_gemv(long i, long o, long itemsize) noexcept nogil:
+cdef inline bint _split_gemv(Py_ssize_t i, Py_ssize_t o, Py_ssize_t itemsize) noexcept nogil:
     """Split a one-sample dense forward of W (i, o) over the worker pool?"""
     return i * o * itemsize >= SPLIT_GEMV_MIN_BYTES and _gemv_blocks(i, o) > 1
 
@@ -541,7 +541,7 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
               &ep)
 
 
-cdef int _dense_forward_pick(int n, int i, int o, long itemsize, bint *small) except -1:
+cdef int _dense_forward_pick(int n, int i, int o, Py_ssize_t itemsize, bint *small) except -1:
     """The chooser: dense_forward's variant for x (n, i) @ W (i, o); sets ``small``
     (BLAS must be held to one thread around it)."""
     cdef bint split
@@ -561,7 +561,7 @@ cdef str _dense_forward_why_not(int variant, int n, int i, int o):
     return None
 
 
-cdef int _dense_forward_variant(int n, int i, int o, long itemsize, bint *small) except -1:
+cdef int _dense_forward_variant(int n, int i, int o, Py_ssize_t itemsize, bint *small) except -1:
     """The variant dense_forward runs: the forced one, else the chooser's; sets ``small``
     (a forced split also holds BLAS to one thread, where it can)."""
     cdef int variant = _dense_forward_pick(n, i, o, itemsize, small)

@@ -67,8 +67,8 @@ def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=Non
     _float_input(who, "x", x)
     if x.ndim < 2:
         raise ValueError(f"{who}: x must be (N, C) or (N, C, ...), got shape {(<object>x).shape}")
-    cdef long n = x.shape[0], c = x.shape[1]
-    cdef long s = x.size // (n * c) if n * c else 0
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1]
+    cdef Py_ssize_t s = x.size // (n * c) if n * c else 0
     dtype = x.dtype
     gamma, beta = _channels(who, "gamma", gamma, c, dtype), _channels(who, "beta", beta, c, dtype)
     training = mean is None
@@ -115,8 +115,8 @@ def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray
         raise ValueError(f"{who}: grad_y must be (N, C) or (N, C, ...), got shape "
                          f"{(<object>grad_y).shape}")
     _need(who, "x_hat", x_hat, t, (<object>grad_y).shape)
-    cdef long n = grad_y.shape[0], c = grad_y.shape[1]
-    cdef long s = grad_y.size // (n * c) if n * c else 0
+    cdef Py_ssize_t n = grad_y.shape[0], c = grad_y.shape[1]
+    cdef Py_ssize_t s = grad_y.size // (n * c) if n * c else 0
     dtype = grad_y.dtype
     gamma = _channels(who, "gamma", gamma, c, dtype)
     inv_std = _channels(who, "inv_std", inv_std, c, dtype)

@@ -7,10 +7,10 @@
 
 # --- SGD --------------------------------------------------------------------------
 
-cdef void _sgd_step(floating *p, const floating *g, floating *buf, long n, floating lr,
+cdef void _sgd_step(floating *p, const floating *g, floating *buf, Py_ssize_t n, floating lr,
                     floating momentum, floating weight_decay, floating l1, bint nesterov,
                     bint first) noexcept nogil:
-    cdef long k
+    cdef Py_ssize_t k
     cdef floating d, v
     if weight_decay == 0 and l1 == 0 and not nesterov:
         if buf == NULL:                  # plain SGD
@@ -59,21 +59,21 @@ ctypedef struct _sgd_job:
     void *p
     const void *g
     void *buf
-    long n, block
+    Py_ssize_t n, block
     double lr, momentum, weight_decay, l1
 
 
-cdef inline void _sgd_block(const _sgd_job *job, long block, floating kind) noexcept nogil:
+cdef inline void _sgd_block(const _sgd_job *job, Py_ssize_t block, floating kind) noexcept nogil:
     """Elements [block * job.block, ...) of an _sgd_job, the scalars rounded to the dtype."""
-    cdef long lo = block * job.block
-    cdef long count = min(job.block, job.n - lo)
+    cdef Py_ssize_t lo = block * job.block
+    cdef Py_ssize_t count = min(job.block, job.n - lo)
     _sgd_step(<floating*>job.p + lo, <const floating*>job.g + lo,
               <floating*>job.buf + lo if job.has_buf else NULL, count, <floating>job.lr,
               <floating>job.momentum, <floating>job.weight_decay, <floating>job.l1,
               job.nesterov, job.first)
 
 
-cdef void _sgd_task(void *ctx, long block) noexcept nogil:
+cdef void _sgd_task(void *ctx, Py_ssize_t block) noexcept nogil:
     cdef const _sgd_job *job = <const _sgd_job*>ctx
     if job.single:
         _sgd_block(job, block, _F32)
@@ -126,12 +126,12 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
 
 # --- Adam ---------------------------------------------------------------------------
 
-cdef void _adam_step(floating *p, const floating *g, floating *m, floating *v, long n,
+cdef void _adam_step(floating *p, const floating *g, floating *m, floating *v, Py_ssize_t n,
                      floating step_size, floating beta1, floating one_minus_beta1,
                      floating beta2, floating one_minus_beta2, floating inv_sqrt_bc2,
                      floating eps, floating weight_decay) noexcept nogil:
     """Adam on n elements, one pass, in adam_step's order of operations."""
-    cdef long k
+    cdef Py_ssize_t k
     cdef floating d, mk, vk, root
     for k in range(n):
         d = g[k]
@@ -151,22 +151,22 @@ ctypedef struct _adam_job:
     const void *g
     void *m
     void *v
-    long n, block
+    Py_ssize_t n, block
     double step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay
 
 
-cdef inline void _adam_block(const _adam_job *job, long block, floating kind) noexcept nogil:
+cdef inline void _adam_block(const _adam_job *job, Py_ssize_t block, floating kind) noexcept nogil:
     """Elements [block * job.block, ...) of an _adam_job; the scalars rounded to the
     dtype (1 - beta in double first, as NumPy does with a Python float)."""
-    cdef long lo = block * job.block
-    cdef long count = min(job.block, job.n - lo)
+    cdef Py_ssize_t lo = block * job.block
+    cdef Py_ssize_t count = min(job.block, job.n - lo)
     _adam_step(<floating*>job.p + lo, <const floating*>job.g + lo, <floating*>job.m + lo,
                <floating*>job.v + lo, count, <floating>job.step_size, <floating>job.beta1,
                <floating>(1.0 - job.beta1), <floating>job.beta2, <floating>(1.0 - job.beta2),
                <floating>job.inv_sqrt_bc2, <floating>job.eps, <floating>job.weight_decay)
 
 
-cdef void _adam_task(void *ctx, long block) noexcept nogil:
+cdef void _adam_task(void *ctx, Py_ssize_t block) noexcept nogil:
     cdef const _adam_job *job = <const _adam_job*>ctx
     if job.single:
         _adam_block(job, block, _F32)

@@ -31,9 +31,9 @@ cdef tuple _image_shape_for(str who, x_shape, cnp.ndarray grad_y):
 def maxpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
     """x: (N, C, H, W) -> (y, argmax int64), (N, C, OH, OW); parallel over (n, c) planes."""
     _float_input("maxpool2d_forward", "x", x, (None, None, None, None))
-    cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef int sh, sw
-    cdef long oh, ow
+    cdef Py_ssize_t oh, ow
     oh, ow, sh, sw = _pool_output("maxpool2d_forward", h, w, kh, kw, stride)
     cdef cnp.ndarray y = _output_array((n, c, oh, ow), x.dtype)
     cdef cnp.ndarray argmax = _output_array((n, c, oh, ow), np.int64)
@@ -55,8 +55,8 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     cdef int t = _float_input("maxpool2d_backward", "grad_y", grad_y, (None, None, None, None))
     _need("maxpool2d_backward", "argmax", argmax, cnp.NPY_INT64, (<object>grad_y).shape)
     x_shape = _image_shape_for("maxpool2d_backward", x_shape, grad_y)
-    cdef long planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
-    cdef long ohw = grad_y.shape[2] * grad_y.shape[3], bad
+    cdef Py_ssize_t planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
+    cdef Py_ssize_t ohw = grad_y.shape[2] * grad_y.shape[3], bad
     # each plane zeroed by the kernel just before its scatter (the memory may be reused)
     cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)
     cdef void *pg = _data(grad_y)
@@ -77,9 +77,9 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
 def avgpool2d_forward(cnp.ndarray x, int kh, int kw, tuple stride):
     """x: (N, C, H, W) -> y: (N, C, OH, OW), each window's mean; parallel over planes."""
     _float_input("avgpool2d_forward", "x", x, (None, None, None, None))
-    cdef long n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3]
     cdef int sh, sw
-    cdef long oh, ow
+    cdef Py_ssize_t oh, ow
     oh, ow, sh, sw = _pool_output("avgpool2d_forward", h, w, kh, kw, stride)
     cdef cnp.ndarray y = _output_array((n, c, oh, ow), x.dtype)
     cdef void *px = _data(x)
@@ -97,9 +97,9 @@ def avgpool2d_backward(cnp.ndarray grad_y, tuple x_shape, int kh, int kw, tuple 
     """grad_y: (N, C, OH, OW) -> grad_x: x_shape (N, C, H, W); parallel over planes."""
     cdef int t = _float_input("avgpool2d_backward", "grad_y", grad_y, (None, None, None, None))
     x_shape = _image_shape_for("avgpool2d_backward", x_shape, grad_y)
-    cdef long planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
+    cdef Py_ssize_t planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
     cdef int sh, sw
-    cdef long oh, ow
+    cdef Py_ssize_t oh, ow
     oh, ow, sh, sw = _pool_output("avgpool2d_backward", h, w, kh, kw, stride)
     _need("avgpool2d_backward", "grad_y", grad_y, t, (x_shape[0], x_shape[1], oh, ow))
     cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)    # zeroed by the kernel

@@ -196,7 +196,7 @@ def threads():
     return fnn_max_threads()
 
 
-def _pool_spin_us(long us=-1):
+def _pool_spin_us(Py_ssize_t us=-1):
     """How long (us) an idle pool worker spins before it sleeps; set it when us >= 0
     (for measurements). Returns the old value."""
     old = fnn_pool_spin_us()
@@ -212,14 +212,14 @@ def _pool_workers():
 
 ctypedef struct _nest_job:            # _pool_nested: results of the nested jobs
     int64_t *out
-    long inner
+    Py_ssize_t inner
 
 
-cdef void _sum_task(void *ctx, long i) noexcept nogil:
+cdef void _sum_task(void *ctx, Py_ssize_t i) noexcept nogil:
     (<int64_t*>ctx)[0] += i + 1       # unsynchronized: right only when run serially
 
 
-cdef void _nest_task(void *ctx, long i) noexcept nogil:
+cdef void _nest_task(void *ctx, Py_ssize_t i) noexcept nogil:
     cdef _nest_job *job = <_nest_job*>ctx
     cdef int64_t total = 0
     cdef int threads = fnn_pool_run(_sum_task, &total, job.inner)
@@ -227,14 +227,14 @@ cdef void _nest_task(void *ctx, long i) noexcept nogil:
     job.out[2 * i + 1] = threads
 
 
-def _pool_nested(long outer, long inner, bint in_openmp=False):
+def _pool_nested(Py_ssize_t outer, Py_ssize_t inner, bint in_openmp=False):
     """Tests of nested calls: ``outer`` tasks (a pool job, or an OpenMP loop when
     ``in_openmp``), each running a pool job of ``inner`` tasks that add i + 1 to one
     unsynchronized total. -> int64 (outer, 2): each nested job's total (inner *
     (inner + 1) / 2 when it ran serially) and the threads it reported."""
     cdef cnp.ndarray out = np.zeros((outer, 2), dtype=np.int64)
     cdef _nest_job job
-    cdef long t
+    cdef Py_ssize_t t
     job.out, job.inner = <int64_t*>_data(out), inner
     with nogil:
         if in_openmp:
@@ -248,7 +248,7 @@ def _pool_nested(long outer, long inner, bint in_openmp=False):
 def _pool_stats():
     """(jobs posted to the pool's workers, jobs in which a worker ran a task) so far in
     this process (for measurements)."""
-    cdef long posted, helped
+    cdef Py_ssize_t posted, helped
     fnn_pool_stats(&posted, &helped)
     return posted, helped
 

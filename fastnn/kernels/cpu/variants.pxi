@@ -89,7 +89,7 @@ def _cpu_variants(str op):
     return ("avx512" if why["avx512"] is None else "portable"), why
 
 
-def _gemm_variants(long m, long n, long k, dtype):
+def _gemm_variants(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, dtype):
     """(the chooser's variant, {variant: None where it can run, else why not}) for a
     GEMM (m, k) @ (k, n) of ``dtype``."""
     cdef bint single = np.dtype(dtype) == np.float32
