@@ -10,6 +10,8 @@ cdef extern from "fastnn_kernels.h" nogil:
         int kh, kw, sh, sw, ph, pw
         long oh, ow
     int fnn_max_threads()
+    int fnn_forked_child
+    void fnn_fork_guard_install()
     ctypedef void (*fnn_set_threads_fn)(int)
     ctypedef int (*fnn_get_threads_fn)()
     void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)
