@@ -59,7 +59,7 @@ CONV_WORKSPACE_BYTES = 32 * 2**20
 def _conv_chunk(x_shape, kh, kw, oh, ow, itemsize):
     """Samples per chunk so that a chunk's columns stay within CONV_WORKSPACE_BYTES."""
     per_sample = x_shape[1] * kh * kw * oh * ow * itemsize
-    return max(1, CONV_WORKSPACE_BYTES // per_sample)
+    return max(1, CONV_WORKSPACE_BYTES // max(1, per_sample))       # C = 0: no columns
 
 
 def conv2d_forward(x, W, b, stride, padding):
