@@ -422,11 +422,12 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
 def _plain_update(param, grad, state):
     """The common case of an update, checked in a few hundred nanoseconds (an optimizer
     calls this for every parameter at every step): NumPy arrays of one float dtype and
-    shape, param and ``state`` (a tuple, None entries skipped) writeable and
-    C-contiguous, no state sharing memory with param."""
+    shape, grad C-contiguous, param and ``state`` (a tuple, None entries skipped) writeable
+    and C-contiguous, no state sharing memory with param."""
     dtype, shape = param.dtype, param.shape
     if (type(param) is not np.ndarray or (dtype is not _FLOATS[0] and dtype is not _FLOATS[1])
-            or type(grad) is not np.ndarray or grad.dtype is not dtype or grad.shape != shape):
+            or type(grad) is not np.ndarray or grad.dtype is not dtype or grad.shape != shape
+            or not grad.flags.c_contiguous):       # else copied: the kernels read raw memory
         return False
     flags = param.flags
     if not (flags.c_contiguous and flags.writeable):

@@ -1,0 +1,294 @@
+"""Property-based fuzzing (hypothesis) of every public kernel of ``fastnn.kernels`` and
+every layer: the compiled kernels ("cpu") against the NumPy reference ("numpy") on random
+shapes (0 and 1 included), strides, paddings, float32/float64, and inputs that are
+Fortran-ordered, strided, reversed (negative strides), read-only or hold NaN/inf.
+Both backends must agree: equal to round-off with NaN and inf at the same places, or
+raise the same exception type.
+
+Example counts come from a settings profile: "ci" (the default, a few seconds per test)
+or "long" for runs by hand: ``HYPOTHESIS_PROFILE=long pytest tests/test_fuzz.py``.
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastnn as fn
+from fastnn import backend, kernels
+from fastnn.kernels import _cpu
+
+settings.register_profile("ci", max_examples=30, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+LAYOUTS = ["c", "fortran", "strided", "reversed", "readonly"]
+
+
+class Inputs:
+    """Draws array recipes; ``build`` makes fresh arrays from them, the same for each
+    backend (in-place kernels must not see the other backend's writes)."""
+
+    def __init__(self, data, dtype, specials=True):
+        self.data, self.dtype, self.specials = data, dtype, specials
+        self.seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+
+    def recipe(self, shape, layout=None, specials=None):
+        """A drawn layout and NaN/inf positions for an array of ``shape``."""
+        layout = layout or self.data.draw(st.sampled_from(LAYOUTS), label="layout")
+        size = int(np.prod(shape))
+        special = [] if not (self.specials if specials is None else specials) or not size else \
+            self.data.draw(st.lists(st.tuples(st.integers(0, size - 1),
+                                              st.sampled_from([np.nan, np.inf, -np.inf])),
+                                    max_size=3), label="specials")
+        return tuple(shape), layout, special
+
+    def build(self, recipe, index):
+        shape, layout, special = recipe
+        rng = np.random.default_rng([self.seed, index])
+        a = rng.standard_normal(shape).astype(self.dtype)
+        for position, value in special:
+            a.reshape(-1)[position] = value
+        return lay_out(a, layout)
+
+
+def lay_out(a, layout):
+    """The values of ``a`` in the memory layout ``layout``."""
+    if layout == "fortran":
+        return np.asfortranarray(a)
+    if layout == "strided":
+        big = np.zeros(tuple(2 * s for s in a.shape), a.dtype)
+        view = big[tuple(slice(None, None, 2) for _ in a.shape)]
+        view[...] = a
+        return view
+    if layout == "reversed":
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1] if a.ndim else a.copy()
+    if layout == "readonly":
+        a.flags.writeable = False
+    return a
+
+
+def run(name, f, make_args):
+    """``f(*make_args())`` under backend ``name`` -> ("ok", result) or ("error", type)."""
+    previous = backend.current()
+    backend.use(name)
+    try:
+        with np.errstate(all="ignore"):         # NaN/inf inputs: NumPy's warnings
+            return "ok", f(*make_args())
+    except Exception as e:          # the same exception type must come from both
+        return "error", type(e)
+    finally:
+        backend.use(previous)
+
+
+def assert_same(got, want, dtype):
+    """Arrays (or tuples of them, None, scalars) equal to round-off, NaN/inf in place."""
+    if isinstance(want, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_same(g, w, dtype)
+        return
+    if want is None:
+        assert got is None
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg="NaN positions")
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want), err_msg="+inf positions")
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg="-inf positions")
+    finite = np.isfinite(want)
+    if got.dtype.kind == "f":
+        eps = 1e-4 if got.dtype == np.float32 else 1e-10
+        scale = max(1.0, float(np.abs(want[finite]).max(initial=0)))
+        np.testing.assert_allclose(got[finite], want[finite], rtol=eps, atol=eps * scale)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def check(f, make_args, dtype):
+    """cpu against numpy: the same values, or the same exception type."""
+    (kind_c, got), (kind_n, want) = run("cpu", f, make_args), run("numpy", f, make_args)
+    assert kind_c == kind_n, f"cpu gave {kind_c} {got}, numpy {kind_n} {want}"
+    if kind_c == "error":
+        assert got is want, f"cpu raised {got.__name__}, numpy {want.__name__}"
+    else:
+        assert_same(got, want, dtype)
+
+
+def geometry(data, min_size=0):
+    """(N, C, H, W), a kernel (kh, kw), stride and padding (pairs or ints); kernels larger
+    than the padded input are drawn too (both backends must raise)."""
+    sizes = st.integers(min_size, 4)
+    n, c = data.draw(sizes, label="n"), data.draw(sizes, label="c")
+    h, w = data.draw(st.integers(1, 9), label="h"), data.draw(st.integers(1, 9), label="w")
+    kh, kw = data.draw(st.integers(1, 5), label="kh"), data.draw(st.integers(1, 5), label="kw")
+    pair = st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    stride = data.draw(pair, label="stride")
+    padding = data.draw(st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2),
+                                                               st.integers(0, 2))), label="padding")
+    return (n, c, h, w), (kh, kw), stride, padding
+
+
+# --- kernels -------------------------------------------------------------------------
+
+@given(data=st.data(), dtype=DTYPES)
+def test_im2col_col2im(data, dtype):
+    inputs = Inputs(data, dtype)
+    shape, (kh, kw), stride, padding = geometry(data)
+    x = inputs.recipe(shape)
+    check(lambda x: kernels.im2col(x, kh, kw, stride, padding), lambda: (inputs.build(x, 0),),
+          dtype)
+    try:
+        oh = kernels.conv_output_size(shape[2], kh, kernels.pair(stride, "", "", 1)[0],
+                                      kernels.pair(padding, "", "", 0)[0])
+        ow = kernels.conv_output_size(shape[3], kw, kernels.pair(stride, "", "", 1)[1],
+                                      kernels.pair(padding, "", "", 0)[1])
+    except (TypeError, ValueError):
+        return
+    cols = inputs.recipe((shape[1] * kh * kw, shape[0] * max(oh, 0) * max(ow, 0)))
+    check(lambda c: kernels.col2im(c, shape, kh, kw, stride, padding),
+          lambda: (inputs.build(cols, 1),), dtype)
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_pools(data, dtype):
+    inputs = Inputs(data, dtype)
+    shape, (kh, kw), stride, _ = geometry(data)
+    x = inputs.recipe(shape)
+    check(lambda x: kernels.maxpool2d_forward(x, kh, kw, stride), lambda: (inputs.build(x, 0),),
+          dtype)
+    check(lambda x: kernels.avgpool2d_forward(x, kh, kw, stride), lambda: (inputs.build(x, 0),),
+          dtype)
+    kind, result = run("numpy", lambda x: kernels.maxpool2d_forward(x, kh, kw, stride),
+                       lambda: (inputs.build(x, 0),))
+    if kind == "error":
+        return
+    y, argmax = result
+    grad = inputs.recipe(y.shape)
+    check(lambda g: kernels.maxpool2d_backward(g, argmax, shape),
+          lambda: (inputs.build(grad, 1),), dtype)
+    check(lambda g: kernels.avgpool2d_backward(g, shape, kh, kw, stride),
+          lambda: (inputs.build(grad, 1),), dtype)
+
+
+def _conv_case(data, dtype, specials=True):
+    inputs = Inputs(data, dtype, specials)
+    shape, (kh, kw), stride, padding = geometry(data)
+    k = data.draw(st.integers(0, 4), label="k")
+    x, W = inputs.recipe(shape), inputs.recipe((k, shape[1], kh, kw))
+    b = inputs.recipe((k,)) if data.draw(st.booleans(), label="bias") else None
+    return inputs, shape, (kh, kw), stride, padding, k, x, W, b
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_conv(data, dtype):
+    inputs, shape, (kh, kw), stride, padding, k, x, W, b = _conv_case(data, dtype)
+    if _cpu._conv_choice(shape, (k, shape[1], kh, kw), kernels.pair(stride, "", "", 1),
+                         kernels.pair(padding, "", "", 0), dtype) == "winograd":
+        # Winograd mixes a tile's pixels: NaN/inf reach other outputs than a direct conv's
+        inputs.specials = False
+        x, W = inputs.recipe(shape, specials=False), inputs.recipe(W[0], specials=False)
+    args = lambda: (inputs.build(x, 0), inputs.build(W, 1), b and inputs.build(b, 2))
+    check(lambda x, W, b: kernels.conv2d_forward(x, W, b, stride, padding), args, dtype)
+    oh = max(0, (shape[2] + 2 * kernels.pair(padding, "", "", 0)[0] - kh)
+             // kernels.pair(stride, "", "", 1)[0] + 1)
+    ow = max(0, (shape[3] + 2 * kernels.pair(padding, "", "", 0)[1] - kw)
+             // kernels.pair(stride, "", "", 1)[1] + 1)
+    grad = inputs.recipe((shape[0], k, oh, ow))
+    need_grad_x = data.draw(st.booleans(), label="need_grad_x")
+    check(lambda g, x, W: kernels.conv2d_backward(g, x, W, stride, padding,
+                                                  need_grad_x=need_grad_x),
+          lambda: (inputs.build(grad, 3), inputs.build(x, 0), inputs.build(W, 1)), dtype)
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_dense(data, dtype):
+    inputs = Inputs(data, dtype)
+    n, i, o = (data.draw(st.integers(0, 40), label=name) for name in ("n", "i", "o"))
+    x, W, grad = inputs.recipe((n, i)), inputs.recipe((i, o)), inputs.recipe((n, o))
+    b = inputs.recipe((o,)) if data.draw(st.booleans(), label="bias") else None
+    relu = data.draw(st.booleans(), label="relu")
+    check(lambda x, W, b: kernels.dense_forward(x, W, b, relu=relu),
+          lambda: (inputs.build(x, 0), inputs.build(W, 1), b and inputs.build(b, 2)), dtype)
+    need_grad_x = data.draw(st.booleans(), label="need_grad_x")
+    check(lambda g, x, W: kernels.dense_backward(g, x, W, need_grad_x=need_grad_x, relu_x=relu),
+          lambda: (inputs.build(grad, 3), inputs.build(x, 0), inputs.build(W, 1)), dtype)
+
+
+def _any_shape(data):
+    return tuple(data.draw(st.lists(st.integers(0, 6), min_size=0, max_size=4), label="shape"))
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_elementwise(data, dtype):
+    inputs = Inputs(data, dtype)
+    shape = _any_shape(data)
+    x, g = inputs.recipe(shape), inputs.recipe(shape)
+    alpha = data.draw(st.floats(-2, 2), label="alpha")
+    xs = lambda: (inputs.build(x, 0),)
+    pair_ = lambda: (inputs.build(g, 1), inputs.build(x, 0))
+    check(kernels.relu_forward, xs, dtype)
+    check(kernels.relu_backward, pair_, dtype)
+    check(lambda x: kernels.leaky_relu_forward(x, alpha), xs, dtype)
+    check(lambda g, x: kernels.leaky_relu_backward(g, x, alpha), pair_, dtype)
+    # out= a fresh buffer or the input itself (in place)
+    check(lambda x: kernels.relu_forward(x, out=np.empty_like(x, order="C")), xs, dtype)
+    check(lambda x: kernels.relu_forward(x, out=x) if x.flags.c_contiguous
+          and x.flags.writeable else None, xs, dtype)
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_softmax_cross_entropy(data, dtype):
+    inputs = Inputs(data, dtype)
+    n, c = data.draw(st.integers(0, 40), label="n"), data.draw(st.integers(0, 40), label="c")
+    logits = inputs.recipe((n, c))
+    onehot = data.draw(st.booleans(), label="onehot")
+    if onehot:
+        target = inputs.recipe((n, c), specials=False)
+        labels = lambda: np.abs(inputs.build(target, 1))
+    else:
+        drawn = data.draw(st.lists(st.integers(-1 if c == 0 else 0, max(c - 1, 0)),
+                                   min_size=n, max_size=n), label="labels")
+        labels = lambda: np.array(drawn, dtype=np.int64)
+    check(kernels.softmax_cross_entropy, lambda: (inputs.build(logits, 0), labels()), dtype)
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_sgd_and_adam_steps(data, dtype):
+    inputs = Inputs(data, dtype)
+    shape = _any_shape(data)
+    p, g = inputs.recipe(shape), inputs.recipe(shape)
+    m, v = inputs.recipe(shape, "c", False), inputs.recipe(shape, "c", False)
+    lr, momentum = data.draw(st.floats(0, 1), label="lr"), data.draw(st.floats(0, 0.99))
+    wd, l1 = data.draw(st.floats(0, 0.1), label="wd"), data.draw(st.floats(0, 0.1), label="l1")
+    nesterov, first = data.draw(st.booleans(), label="nesterov"), data.draw(st.booleans())
+
+    def sgd(p, g, buf):
+        buf = kernels.sgd_step(p, g, None if first else buf, lr=lr, momentum=momentum,
+                               weight_decay=wd, l1=l1, nesterov=nesterov)
+        return p, buf
+
+    check(sgd, lambda: (inputs.build(p, 0), inputs.build(g, 1), np.abs(inputs.build(m, 2))),
+          dtype)
+    step = data.draw(st.integers(1, 1000), label="step")
+
+    def adam(p, g, m, v):
+        kernels.adam_step(p, g, m, v, lr=lr, step=step, weight_decay=wd)
+        return p, m, v
+
+    check(adam, lambda: (inputs.build(p, 0), inputs.build(g, 1), inputs.build(m, 2),
+                         np.abs(inputs.build(v, 3))), dtype)
+
+
+@given(value=st.one_of(st.integers(-2, 5), st.booleans(), st.floats(-2, 5), st.none(),
+                       st.tuples(st.integers(-1, 4), st.integers(-1, 4)),
+                       st.lists(st.integers(0, 3), max_size=3)),
+       minimum=st.integers(0, 1))
+def test_pair_and_conv_output_size(value, minimum):
+    check(lambda: kernels.pair(value, "stride", "fuzz", minimum), lambda: (), np.float64)
+    size, k, s, p = (value, 3, 1, 0) if isinstance(value, int) else (7, 3, 2, 1)
+    check(lambda: kernels.conv_output_size(size, k, s, p), lambda: (), np.float64)
