@@ -5,13 +5,13 @@ Fortran-ordered, strided, reversed (negative strides), read-only or hold NaN/inf
 Both backends must agree: equal to round-off with NaN and inf at the same places, or
 raise the same exception type.
 
-Example counts come from a settings profile: "ci" (the default, a few seconds per test)
-or "long" for runs by hand: ``HYPOTHESIS_PROFILE=long pytest tests/test_fuzz.py``.
+Example counts come from a settings profile: "ci" (the default: 100 per test, seconds for
+the file) or "long" (2000) for runs by hand: ``HYPOTHESIS_PROFILE=long pytest
+tests/test_fuzz.py``. Not fuzzed here: ``out=`` buffers that partly overlap an input.
 """
 import os
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ import fastnn as fn
 from fastnn import backend, kernels
 from fastnn.kernels import _cpu
 
-settings.register_profile("ci", max_examples=30, deadline=None, print_blob=True,
+settings.register_profile("ci", max_examples=100, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -168,6 +168,9 @@ def test_pools(data, dtype):
     if kind == "error":
         return
     y, argmax = result
+    if argmax.size and data.draw(st.booleans(), label="argmax out of its plane"):
+        argmax.reshape(-1)[data.draw(st.integers(0, argmax.size - 1))] = \
+            data.draw(st.sampled_from([-1, shape[2] * shape[3], 2**40]))
     grad = inputs.recipe(y.shape)
     check(lambda g: kernels.maxpool2d_backward(g, argmax, shape),
           lambda: (inputs.build(grad, 1),), dtype)
@@ -176,10 +179,13 @@ def test_pools(data, dtype):
 
 
 def _conv_case(data, dtype, specials=True):
+    """A drawn conv. The weights stay finite: the compiled grad_x (a transposed conv over
+    grad_y padded with zeros) multiplies every weight by those zeros, so an inf/NaN weight
+    makes NaN (0 * inf) at pixels the reference's col2im never pairs it with."""
     inputs = Inputs(data, dtype, specials)
     shape, (kh, kw), stride, padding = geometry(data)
     k = data.draw(st.integers(0, 4), label="k")
-    x, W = inputs.recipe(shape), inputs.recipe((k, shape[1], kh, kw))
+    x, W = inputs.recipe(shape), inputs.recipe((k, shape[1], kh, kw), specials=False)
     b = inputs.recipe((k,)) if data.draw(st.booleans(), label="bias") else None
     return inputs, shape, (kh, kw), stride, padding, k, x, W, b
 
@@ -191,7 +197,7 @@ def test_conv(data, dtype):
                          kernels.pair(padding, "", "", 0), dtype) == "winograd":
         # Winograd mixes a tile's pixels: NaN/inf reach other outputs than a direct conv's
         inputs.specials = False
-        x, W = inputs.recipe(shape, specials=False), inputs.recipe(W[0], specials=False)
+        x = inputs.recipe(shape, specials=False)
     args = lambda: (inputs.build(x, 0), inputs.build(W, 1), b and inputs.build(b, 2))
     check(lambda x, W, b: kernels.conv2d_forward(x, W, b, stride, padding), args, dtype)
     oh = max(0, (shape[2] + 2 * kernels.pair(padding, "", "", 0)[0] - kh)
@@ -292,3 +298,88 @@ def test_pair_and_conv_output_size(value, minimum):
     check(lambda: kernels.pair(value, "stride", "fuzz", minimum), lambda: (), np.float64)
     size, k, s, p = (value, 3, 1, 0) if isinstance(value, int) else (7, 3, 2, 1)
     check(lambda: kernels.conv_output_size(size, k, s, p), lambda: (), np.float64)
+
+
+# --- layers --------------------------------------------------------------------------
+
+def _layer_case(data, dtype):
+    """(make_layer, input shape): every layer class, drawn sizes (0 and 1 included)."""
+    n, c = data.draw(st.integers(0, 4), label="n"), data.draw(st.integers(1, 5), label="c")
+    h, w = data.draw(st.integers(1, 7), label="h"), data.draw(st.integers(1, 7), label="w")
+    k, size = data.draw(st.integers(1, 4), label="k"), data.draw(st.integers(1, 3), label="size")
+    seed, stride = data.draw(st.integers(0, 99), label="layer seed"), data.draw(st.integers(1, 2))
+    kind = data.draw(st.sampled_from(sorted(LAYERS)), label="layer")
+    return LAYERS[kind](n, c, h, w, k, size, stride, seed, np.dtype(dtype).name)
+
+
+LAYERS = {
+    "Dense": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.Dense(c, k, seed=seed, dtype=dt), (n, c)),
+    "FCLayer": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.FCLayer(c, k, seed=seed, dtype=dt), (n, c)),
+    "Conv2D": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.Conv2D(c, k, s, stride=st_, padding=s // 2, seed=seed, dtype=dt),
+        (n, c, h, w)),
+    "MaxPool2D": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.MaxPool2D(s, st_), (n, c, h, w)),
+    "AvgPool2D": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.AvgPool2D(s, st_), (n, c, h, w)),
+    "Flatten": lambda n, c, h, w, *_: (fn.Flatten, (n, c, h, w)),
+    "ReLU": lambda n, c, h, w, *_: (fn.ReLU, (n, c, h)),
+    "LeakyReLU": lambda n, c, h, w, k, *_: (lambda: fn.LeakyReLU(0.1 * k), (n, c, h)),
+    "Sigmoid": lambda n, c, *_: (fn.Sigmoid, (n, c)),
+    "Tanh": lambda n, c, *_: (fn.Tanh, (n, c)),
+    "Softmax": lambda n, c, h, *_: (fn.Softmax, (n, c, h)),
+    "Dropout": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.Dropout(0.25 * (k - 1), seed=seed), (n, c, h)),
+    "BatchNorm1d": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.BatchNorm1d(c, dtype=dt), (n, c)),
+    "BatchNorm2d": lambda n, c, h, w, k, s, st_, seed, dt: (
+        lambda: fn.BatchNorm2d(c, dtype=dt), (n, c, h, w)),
+    "ActivationLayer": lambda n, c, *_: (
+        lambda: fn.ActivationLayer(np.tanh, lambda x: 1 - np.tanh(x) ** 2), (n, c)),
+}
+
+
+@given(data=st.data(), dtype=DTYPES)
+def test_layers(data, dtype):
+    """One layer's forward (training or not) and, in training, its backward: the output,
+    grad_x and the parameters' gradients."""
+    inputs = Inputs(data, dtype)
+    make, shape = _layer_case(data, dtype)
+    x, training = inputs.recipe(shape), data.draw(st.booleans(), label="training")
+
+    def forward_backward(x):
+        layer = make()
+        y = layer.forward(x, training=training)
+        if not training:
+            return y
+        grad = np.random.default_rng(inputs.seed).standard_normal(y.shape).astype(y.dtype)
+        grad_x = layer.backward(grad)
+        return y, grad_x, [layer.grads.get(name) for name in sorted(layer.params)]
+
+    check(forward_backward, lambda: (inputs.build(x, 0),), dtype)
+
+
+@given(data=st.data(), dtype=DTYPES,
+       algorithm=st.sampled_from(["winograd", "im2col"]))
+def test_conv_algorithms(data, dtype, algorithm):
+    """3x3 stride-1 convs (Winograd's domain) with each compiled algorithm forced; finite
+    inputs (Winograd spreads a NaN over its tile, see test_conv)."""
+    inputs = Inputs(data, dtype, specials=algorithm != "winograd")
+    n, c, k = (data.draw(st.integers(lo, hi), label=name)
+               for name, lo, hi in (("n", 0, 3), ("c", 1, 9), ("k", 1, 9)))
+    h, w = data.draw(st.integers(1, 17), label="h"), data.draw(st.integers(1, 17), label="w")
+    padding = data.draw(st.tuples(st.integers(0, 2), st.integers(0, 2)), label="padding")
+    x, W = inputs.recipe((n, c, h, w)), inputs.recipe((k, c, 3, 3), specials=False)
+    b = inputs.recipe((k,))
+    oh, ow = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
+    grad = inputs.recipe((n, k, max(oh, 0), max(ow, 0)))
+    previous = _cpu._set_conv_algorithm(algorithm)
+    try:
+        check(lambda x, W, b: kernels.conv2d_forward(x, W, b, 1, padding),
+              lambda: (inputs.build(x, 0), inputs.build(W, 1), inputs.build(b, 2)), dtype)
+        check(lambda g, x, W: kernels.conv2d_backward(g, x, W, 1, padding),
+              lambda: (inputs.build(grad, 3), inputs.build(x, 0), inputs.build(W, 1)), dtype)
+    finally:
+        _cpu._set_conv_algorithm(previous)

@@ -222,7 +222,8 @@ def _gemm(a, b, out, m, n, k, trans_a=False, trans_b=False, batch=1,
 def _sum_rows(src, rows, width, out, accumulate=False):
     """out (width,) (+)= src viewed as (rows, width) summed over rows, in row order."""
     _kernel("sum_rows_kernel", src.dtype)(
-        (max(1, (width + 31) // 32),), (32, 8), (src, out, _i(rows), np.int64(width), _i(accumulate)))
+        (max(1, (width + 31) // 32),), (32, 8),
+        (src, out, _i(rows), np.int64(width), _i(accumulate)))
     return out
 
 
@@ -295,7 +296,7 @@ def conv2d_forward(x, W, b, stride, padding):
     ow = conv_output_size(w, kw, stride[1], padding[1])
     p, ckk = oh * ow, c * kh * kw
     y = cp.empty((n, k, oh, ow), dtype=x.dtype)
-    chunk = max(1, min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize)))      # n = 0: 1
+    chunk = max(1, min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize)))    # n = 0: 1
     cols = cp.empty((chunk, ckk, p), dtype=x.dtype)
     if b is not None:
         _kernel("bias_nkp_kernel", x.dtype)(_plane_grid(p, k, n), (_THREADS,),
@@ -330,7 +331,7 @@ def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
                   and padding[1] < kw and k * h * w <= c * p)
     col_elems = max(ckk * p, k * kk * h * w) if transposed else ckk * p
     per_sample = (col_elems + k * ckk) * x.itemsize
-    chunk = max(1, min(n, CONV_WORKSPACE_BYTES // max(1, per_sample)))       # n = 0: 1
+    chunk = max(1, min(n, CONV_WORKSPACE_BYTES // max(1, per_sample)))     # n = 0: 1
     grad_x = cp.empty(x.shape, dtype=dtype) if need_grad_x else None
     grad_W = cp.empty(W.shape, dtype=dtype)
     grad_b = cp.empty(k, dtype=dtype)
