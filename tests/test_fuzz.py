@@ -12,6 +12,7 @@ tests/test_fuzz.py``. Not fuzzed here: ``out=`` buffers that partly overlap an i
 import os
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -339,6 +340,8 @@ LAYERS = {
     "ActivationLayer": lambda n, c, *_: (
         lambda: fn.ActivationLayer(np.tanh, lambda x: 1 - np.tanh(x) ** 2), (n, c)),
 }
+if hasattr(fn, "GlobalAvgPool2D"):       # main's global average pool (after the merge)
+    LAYERS["GlobalAvgPool2D"] = lambda n, c, h, w, *_: (fn.GlobalAvgPool2D, (n, c, h, w))
 
 
 @given(data=st.data(), dtype=DTYPES)
@@ -383,3 +386,30 @@ def test_conv_algorithms(data, dtype, algorithm):
               lambda: (inputs.build(grad, 3), inputs.build(x, 0), inputs.build(W, 1)), dtype)
     finally:
         _cpu._set_conv_algorithm(previous)
+
+
+@pytest.mark.skipif(not hasattr(kernels, "global_avgpool2d_forward"),
+                    reason="no global average pool kernels on this branch")
+@given(data=st.data(), dtype=DTYPES)
+def test_global_avgpool(data, dtype):
+    inputs = Inputs(data, dtype)
+    shape, _, _, _ = geometry(data)
+    x, grad = inputs.recipe(shape), inputs.recipe(shape[:2])
+    check(kernels.global_avgpool2d_forward, lambda: (inputs.build(x, 0),), dtype)
+    check(lambda g: kernels.global_avgpool2d_backward(g, shape), lambda: (inputs.build(grad, 1),),
+          dtype)
+
+
+# the public kernels each test above covers (conv_output_size and pair: one test)
+FUZZED = {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward",
+          "avgpool2d_backward", "global_avgpool2d_forward", "global_avgpool2d_backward",
+          "leaky_relu_forward", "leaky_relu_backward", "relu_forward", "relu_backward",
+          "dense_forward", "dense_backward", "softmax_cross_entropy", "conv2d_forward",
+          "conv2d_backward", "sgd_step", "adam_step", "conv_output_size", "pair"}
+
+
+def test_every_public_kernel_and_layer_is_fuzzed():
+    """A kernel or layer added to the public API must get a fuzz test here too."""
+    from fastnn.layers import LAYER_CLASSES
+    assert set(kernels.__all__) - FUZZED == set()
+    assert set(LAYER_CLASSES) - set(LAYERS) == set()
