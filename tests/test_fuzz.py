@@ -9,6 +9,7 @@ Example counts come from a settings profile: "ci" (the default: 100 per test, se
 the file) or "long" (2000) for runs by hand: ``HYPOTHESIS_PROFILE=long pytest
 tests/test_fuzz.py``. Not fuzzed here: ``out=`` buffers that partly overlap an input.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -26,7 +27,47 @@ settings.register_profile("long", max_examples=2000, deadline=None, print_blob=T
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+try:                                    # main's variant registry, after the merge
+    from fastnn.kernels import variants
+except ImportError:                     # this branch: _cpu._set_conv_algorithm
+    variants = None
+
 DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+def conv_paths(op, x_shape, w_shape, stride, padding, dtype):
+    """The compiled paths of conv op ``op`` ("conv2d_forward"/"conv2d_backward") that can
+    run these arguments (with the variant registry), else the algorithm names (each
+    falls back to im2col where it cannot run)."""
+    if variants is None:
+        return ["winograd", "im2col"]
+    return list(variants.applicable(op, x_shape=x_shape, w_shape=w_shape, stride=stride,
+                                    padding=padding, dtype=dtype))
+
+
+def chosen_path(op, x_shape, w_shape, stride, padding, dtype):
+    """The path the chooser picks for conv op ``op`` (None: the window does not fit)."""
+    if variants is None:
+        return _cpu._conv_choice(x_shape, w_shape, stride, padding, dtype)
+    try:
+        return variants.chosen(op, x_shape=x_shape, w_shape=w_shape, stride=stride,
+                               padding=padding, dtype=dtype)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def forced_path(op, name):
+    """Calls of conv op ``op`` inside the block run path ``name``."""
+    if variants is not None:
+        with variants.force(op, name):
+            yield
+        return
+    old = _cpu._set_conv_algorithm(name)
+    try:
+        yield
+    finally:
+        _cpu._set_conv_algorithm(old)
 LAYOUTS = ["c", "fortran", "strided", "reversed", "readonly"]
 
 
@@ -194,8 +235,9 @@ def _conv_case(data, dtype, specials=True):
 @given(data=st.data(), dtype=DTYPES)
 def test_conv(data, dtype):
     inputs, shape, (kh, kw), stride, padding, k, x, W, b = _conv_case(data, dtype)
-    if _cpu._conv_choice(shape, (k, shape[1], kh, kw), kernels.pair(stride, "", "", 1),
-                         kernels.pair(padding, "", "", 0), dtype) == "winograd":
+    pairs = kernels.pair(stride, "", "", 1), kernels.pair(padding, "", "", 0)
+    if "winograd" in [chosen_path(op, shape, (k, shape[1], kh, kw), *pairs, dtype)
+                      for op in ("conv2d_forward", "conv2d_backward")]:
         # Winograd mixes a tile's pixels: NaN/inf reach other outputs than a direct conv's
         inputs.specials = False
         x = inputs.recipe(shape, specials=False)
@@ -364,28 +406,29 @@ def test_layers(data, dtype):
     check(forward_backward, lambda: (inputs.build(x, 0),), dtype)
 
 
-@given(data=st.data(), dtype=DTYPES,
-       algorithm=st.sampled_from(["winograd", "im2col"]))
-def test_conv_algorithms(data, dtype, algorithm):
-    """3x3 stride-1 convs (Winograd's domain) with each compiled algorithm forced; finite
-    inputs (Winograd spreads a NaN over its tile, see test_conv)."""
-    inputs = Inputs(data, dtype, specials=algorithm != "winograd")
+@given(data=st.data(), dtype=DTYPES)
+def test_conv_paths(data, dtype):
+    """3x3 stride-1 convs (Winograd's domain) on each compiled path that can run them,
+    forced; finite inputs on Winograd (it spreads a NaN over its tile, see test_conv)."""
     n, c, k = (data.draw(st.integers(lo, hi), label=name)
                for name, lo, hi in (("n", 0, 3), ("c", 1, 9), ("k", 1, 9)))
     h, w = data.draw(st.integers(1, 17), label="h"), data.draw(st.integers(1, 17), label="w")
     padding = data.draw(st.tuples(st.integers(0, 2), st.integers(0, 2)), label="padding")
-    x, W = inputs.recipe((n, c, h, w)), inputs.recipe((k, c, 3, 3), specials=False)
-    b = inputs.recipe((k,))
     oh, ow = h + 2 * padding[0] - 2, w + 2 * padding[1] - 2
-    grad = inputs.recipe((n, k, max(oh, 0), max(ow, 0)))
-    previous = _cpu._set_conv_algorithm(algorithm)
-    try:
+    if oh < 1 or ow < 1:
+        return                          # no window fits: test_conv covers the errors
+    geometry_ = ((n, c, h, w), (k, c, 3, 3), (1, 1), padding, dtype)
+    paths = {op: data.draw(st.sampled_from(conv_paths(op, *geometry_)), label=op)
+             for op in ("conv2d_forward", "conv2d_backward")}
+    inputs = Inputs(data, dtype, specials="winograd" not in paths.values())
+    x, W = inputs.recipe((n, c, h, w)), inputs.recipe((k, c, 3, 3), specials=False)
+    b, grad = inputs.recipe((k,)), inputs.recipe((n, k, oh, ow))
+    with forced_path("conv2d_forward", paths["conv2d_forward"]):
         check(lambda x, W, b: kernels.conv2d_forward(x, W, b, 1, padding),
               lambda: (inputs.build(x, 0), inputs.build(W, 1), inputs.build(b, 2)), dtype)
+    with forced_path("conv2d_backward", paths["conv2d_backward"]):
         check(lambda g, x, W: kernels.conv2d_backward(g, x, W, 1, padding),
               lambda: (inputs.build(grad, 3), inputs.build(x, 0), inputs.build(W, 1)), dtype)
-    finally:
-        _cpu._set_conv_algorithm(previous)
 
 
 @pytest.mark.skipif(not hasattr(kernels, "global_avgpool2d_forward"),
