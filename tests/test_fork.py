@@ -58,7 +58,9 @@ def check():
 
 
 if __name__ == "__main__":
-    assert _cpu.threads() == 2, _cpu.threads()
+    if _cpu.threads() == 1:              # built without OpenMP: nothing to hang
+        print("no-openmp")
+        sys.exit(0)
     assert not check()                   # the parent: libgomp's team of 2 now exists
     context = multiprocessing.get_context(sys.argv[1])
     with context.Pool(1) as pool:
@@ -80,6 +82,8 @@ def test_child_after_openmp_completes_and_matches_reference(method, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail(f"a {method} child hung in its OpenMP kernels")
     assert result.returncode == 0, result.stderr
+    if result.stdout.split() == ["no-openmp"]:
+        pytest.skip("the compiled kernels were built without OpenMP")
     if method == "fork":
         assert result.stdout.split() == ["forked"]
     elif method == "spawn":
