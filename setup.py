@@ -3,7 +3,10 @@
 -O3 (+ -fno-trapping-math), OpenMP when the compiler has it (probed by compiling and linking a tiny
 OpenMP program; without it the kernels build and run on one thread), and no
 -march=native unless FASTNN_NATIVE=1 (a wheel must run on other CPUs).
-Dev build: python3 setup.py build_ext --inplace
+FASTNN_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer (GCC/Clang; how to
+run the tests under them: README, "Security and reliability").
+Dev build: python3 setup.py build_ext --inplace (add --force after changing these variables:
+setuptools rebuilds objects by their timestamps, not their flags)
 """
 import os
 import shutil
@@ -64,6 +67,10 @@ class BuildExt(build_ext):
         link_args = []
         if os.environ.get("FASTNN_NATIVE") == "1" and not msvc:
             compile_args.append("-march=native")
+        if os.environ.get("FASTNN_SANITIZE") == "1" and not msvc:
+            sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+            compile_args += sanitize
+            link_args += sanitize
         flags = openmp_flags(self.compiler)
         if flags is None:
             print("fastnn: the compiler has no OpenMP; the kernels will run on one thread",

@@ -31,6 +31,14 @@ typedef struct {         /* 64-bit throughout: 2 * ph, kh * kw * c never overflo
 } fnn_geometry;
 
 int fnn_max_threads(void);   /* omp_get_max_threads(), 1 without OpenMP */
+
+/* Fork safety (forksafe.c): fnn_fork_guard_install() (once, at import) makes a child
+ * made by fork() set fnn_forked_child; then FNN_OMP(cond), the `if` clause of every
+ * OpenMP region, is 0 and the region runs on one thread (libgomp's thread pool
+ * does not survive a fork: a parallel region there would wait forever). */
+extern int fnn_forked_child;
+void fnn_fork_guard_install(void);
+#define FNN_OMP(cond) ((cond) && !fnn_forked_child)
 int fnn_thread_id(void);     /* omp_get_thread_num(), 0 without OpenMP */
 
 /* BLAS thread control. The per-sample conv GEMMs run single-threaded inside

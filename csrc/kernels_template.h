@@ -67,7 +67,7 @@ void NAME(fnn_im2col)(const T *x, ptrdiff_t n, const fnn_geometry *g, T *cols, p
                       int parallel)
 {
     const ptrdiff_t rows = g->c * g->kh * g->kw, ohw = g->oh * g->ow, chw = g->c * g->h * g->w;
-    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    #pragma omp parallel for collapse(2) schedule(static) if (FNN_OMP(parallel))
     for (ptrdiff_t r = 0; r < rows; r++)
         for (ptrdiff_t s = 0; s < n; s++)
             NAME(im2col_row)(x + s * chw, g, r, cols + r * ld + s * ohw);
@@ -76,7 +76,7 @@ void NAME(fnn_im2col)(const T *x, ptrdiff_t n, const fnn_geometry *g, T *cols, p
 void NAME(fnn_im2row)(const T *x_hwc, const fnn_geometry *g, T *rows, int parallel)
 {
     const ptrdiff_t c = g->c, kkc = g->kh * g->kw * c;
-    #pragma omp parallel for schedule(static) if (parallel)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(parallel))
     for (ptrdiff_t oh = 0; oh < g->oh; oh++)
         for (ptrdiff_t ow = 0; ow < g->ow; ow++) {
             T *dst = rows + (oh * g->ow + ow) * kkc;
@@ -126,7 +126,7 @@ static void NAME(transpose_tiles)(const T *a, ptrdiff_t rows, ptrdiff_t cols, co
 {
     const int tall = rows > cols;
     const ptrdiff_t tile_r = tall ? 64 : 16, tile_c = tall ? 4 : 16;
-    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    #pragma omp parallel for collapse(2) schedule(static) if (FNN_OMP(parallel))
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += tile_r)
         for (ptrdiff_t c0 = 0; c0 < cols; c0 += tile_c) {
             const ptrdiff_t r1 = r0 + tile_r < rows ? r0 + tile_r : rows;
@@ -166,7 +166,7 @@ void NAME(fnn_col2im)(const T *cols, ptrdiff_t n, const fnn_geometry *g, T *x, p
                       int parallel)
 {
     const ptrdiff_t ohw = g->oh * g->ow, hw = g->h * g->w;
-    #pragma omp parallel for collapse(2) schedule(static) if (parallel)
+    #pragma omp parallel for collapse(2) schedule(static) if (FNN_OMP(parallel))
     for (ptrdiff_t s = 0; s < n; s++)
         for (ptrdiff_t ch = 0; ch < g->c; ch++) {
             T *plane = x + (s * g->c + ch) * hw;
@@ -227,7 +227,7 @@ void NAME(fnn_maxpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrd
                                  int sh, int sw, T *y, int64_t *argmax)
 {
     const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
-    #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(planes * h * w >= FNN_PARALLEL_MIN))
     for (ptrdiff_t p = 0; p < planes; p++) {
         const T *xp = x + p * h * w;
         T *yp = y + p * oh * ow;
@@ -279,7 +279,7 @@ ptrdiff_t NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, p
                                   ptrdiff_t ohw, ptrdiff_t hw, T *grad_x, int zeroed)
 {
     ptrdiff_t bad = 0;
-    #pragma omp parallel for schedule(static) reduction(+:bad) if (planes * hw >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) reduction(+:bad) if (FNN_OMP(planes * hw >= FNN_PARALLEL_MIN))
     for (ptrdiff_t p = 0; p < planes; p++) {
         T *gx = grad_x + p * hw;
         const T *gy = grad_y + p * ohw;
@@ -304,7 +304,7 @@ void NAME(fnn_avgpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrd
 {
     const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
     const T scale = (T)(1.0 / ((double)kh * kw));
-    #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(planes * h * w >= FNN_PARALLEL_MIN))
     for (ptrdiff_t p = 0; p < planes; p++) {
         const T *restrict xp = x + p * h * w;
         T *restrict yp = y + p * oh * ow;
@@ -373,7 +373,7 @@ void NAME(fnn_avgpool2d_backward)(const T *grad_y, ptrdiff_t planes, ptrdiff_t h
 {
     const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
     const T scale = (T)(1.0 / ((double)kh * kw));
-    #pragma omp parallel for schedule(static) if (planes * h * w >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(planes * h * w >= FNN_PARALLEL_MIN))
     for (ptrdiff_t p = 0; p < planes; p++)
         NAME(avgpool2d_backward_plane)(grad_y + p * oh * ow, h, w, kh, kw, sh, sw, oh, ow,
                                        scale, grad_x + p * h * w);
@@ -381,14 +381,14 @@ void NAME(fnn_avgpool2d_backward)(const T *grad_y, ptrdiff_t planes, ptrdiff_t h
 
 void NAME(fnn_relu_forward)(const T *x, T *y, ptrdiff_t n)
 {
-    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++)
         y[i] = x[i] < 0 ? (T)0 : x[i];
 }
 
 void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, ptrdiff_t n)
 {
-    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++) {
         const T g = grad_y[i];     /* loaded unconditionally, so the loop vectorizes */
         grad_x[i] = y[i] > 0 ? g : (T)0;
@@ -397,7 +397,7 @@ void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, ptrdiff_t n
 
 void NAME(fnn_leaky_relu_forward)(const T *x, T *y, ptrdiff_t n, T alpha)
 {
-    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++) {
         const T v = x[i];
         y[i] = v > 0 ? v : v * alpha;
@@ -406,7 +406,7 @@ void NAME(fnn_leaky_relu_forward)(const T *x, T *y, ptrdiff_t n, T alpha)
 
 void NAME(fnn_leaky_relu_backward)(const T *grad_y, const T *x, T *grad_x, ptrdiff_t n, T alpha)
 {
-    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++) {
         const T g = grad_y[i];
         grad_x[i] = x[i] > 0 ? g : g * alpha;
@@ -423,14 +423,14 @@ void NAME(fnn_dropout_forward)(const T *x, T *y, T *mask, ptrdiff_t n, uint64_t 
 {
 #ifdef DROPOUT_AVX512
     if (AVX512DQ_OK()) {
-        #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+        #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
         for (ptrdiff_t b = 0; b < n; b += 65536)
             DROPOUT_AVX512(x + b, y + b, mask + b, n - b < 65536 ? n - b : 65536, b,
                            keep_from, scale, seed);
         return;
     }
 #endif
-    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++) {
         uint64_t z = seed + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -447,7 +447,7 @@ void NAME(fnn_dropout_forward)(const T *x, T *y, T *mask, ptrdiff_t n, uint64_t 
 
 void NAME(fnn_multiply)(const T *a, const T *b, T *out, ptrdiff_t n)
 {
-    #pragma omp parallel for schedule(static) if (n >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++) out[i] = a[i] * b[i];
 }
 
@@ -521,7 +521,7 @@ void NAME(fnn_batchnorm_stats)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
         }
         return;
     }
-    #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
     for (ptrdiff_t ch = 0; ch < c; ch++) {
         double lanes[BN_LANES] = {0};
         for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum)(x + (i * c + ch) * s, s, lanes);
@@ -557,7 +557,7 @@ void NAME(fnn_batchnorm_apply)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
         }
         return;
     }
-    #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++)
         for (ptrdiff_t ch = 0; ch < c; ch++) {
             const T mu = mean[ch], inv = inv_std[ch], ga = gamma[ch], be = beta[ch];
@@ -597,7 +597,7 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
             grad_gamma[ch] = (T)sgx[ch];
         }
     } else {
-        #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+        #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
         for (ptrdiff_t ch = 0; ch < c; ch++) {
             double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
             for (ptrdiff_t i = 0; i < n; i++)
@@ -617,7 +617,7 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
         }
         return;
     }
-    #pragma omp parallel for schedule(static) if (n * c * s >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++)
         for (ptrdiff_t ch = 0; ch < c; ch++) {
             const T scale = gamma[ch] * inv_std[ch];
@@ -637,7 +637,7 @@ double NAME(fnn_softmax_xent)(const T *logits, ptrdiff_t n, ptrdiff_t c, const i
 #ifdef SOFTMAX_ROW
     const int fast = AVX512_OK();
 #endif
-    #pragma omp parallel for schedule(static) if (n * c >= FNN_PARALLEL_MIN)
+    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c >= FNN_PARALLEL_MIN))
     for (ptrdiff_t i = 0; i < n; i++) {
         const T *z = logits + i * c;
         T *g = grad + i * c;

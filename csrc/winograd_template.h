@@ -490,7 +490,7 @@ static void NAME(wino_conv)(const wino_plan *p, const T *x, const T *U, const T 
 {
     const ptrdiff_t per_thread = wino_thread_elems(p);
     fnn_blas_single_begin();
-    #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && p->units > 1)
+    #pragma omp parallel for schedule(dynamic) num_threads(threads) if (FNN_OMP(threads > 1 && p->units > 1))
     for (ptrdiff_t u = 0; u < p->units; u++)
         NAME(wino_conv_unit)(p, u, x, U, bias, y, zeros, work + fnn_thread_id() * per_thread,
                              gemm);
@@ -548,7 +548,7 @@ void NAME(fnn_winograd_backward)(const T *grad_y, const T *x, ptrdiff_t n, const
     const ptrdiff_t per_thread = wino_thread_elems(&pw);
     memset(zeros, 0, (size_t)zero_count * sizeof(T));
     fnn_blas_single_begin();
-    #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && chunks > 1)
+    #pragma omp parallel for schedule(dynamic) num_threads(threads) if (FNN_OMP(threads > 1 && chunks > 1))
     for (ptrdiff_t ch = 0; ch < chunks; ch++) {
         T *P = parts + ch * part;
         memset(P, 0, (size_t)part * sizeof(T));

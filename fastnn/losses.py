@@ -64,6 +64,9 @@ class Loss:
             else:
                 raise ValueError(f"{who}: y_true must have the shape of y_pred "
                                  f"{tuple(y_pred.shape)}, got {tuple(y_true.shape)}")
+        if y_pred.size == 0:
+            raise ValueError(f"{who}: the mean loss of an empty y_pred (shape "
+                             f"{tuple(y_pred.shape)}) is undefined")
         if y_true.dtype != y_pred.dtype:
             y_true = y_true.astype(y_pred.dtype)
         return y_pred, y_true
@@ -142,6 +145,7 @@ class CrossEntropy(Loss):
             raise ValueError(f"{who}: expected logits of shape (N, C), got {tuple(y_pred.shape)}")
         if not hasattr(y_true, "ndim"):
             raise TypeError(f"{who}: y_true must be a NumPy or CuPy array, got {type(y_true).__name__}")
+        kernels.check_logits_not_empty(who, y_pred.shape)
         xp = backend.get_array_module(y_pred)
         n, c = y_pred.shape
         if y_true.ndim == 1:

@@ -143,3 +143,25 @@ def test_update_kernels_refuse_bad_arrays(name):
     with pytest.raises(ValueError, match="share memory"):
         run(name, kernels.adam_step, p, g, p, v, lr=0.1, step=1)
     np.testing.assert_array_equal(p, 0)           # nothing was written by a refused call
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_contiguous_grad_is_read_by_value(name, dtype):
+    """A strided grad (found by tests/test_fuzz.py): the fast path once handed its raw
+    memory to the compiled kernels, which read every other element of the wrong array."""
+    grad = np.zeros(8, dtype)[::2]
+    grad[...] = [0.5, -1.0, 2.0, 3.0]
+    results = []
+    for b in ("numpy", name):
+        # strided on the device too (on() would copy a NumPy array contiguously)
+        g = backend.to_device(np.repeat(grad, 2), "cuda")[::2] if b == "cuda" else grad
+        param, buf = on(b, np.ones(4, dtype)), on(b, np.full(4, 0.5, dtype))
+        run(b, kernels.sgd_step, param, g, buf, lr=0.1, momentum=0.5)
+        m, v = on(b, np.zeros(4, dtype)), on(b, np.zeros(4, dtype))
+        p2 = on(b, np.ones(4, dtype))
+        run(b, kernels.adam_step, p2, g, m, v, lr=0.1, step=1)
+        results.append([host(a) for a in (param, buf, p2, m, v)])
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(results[0][1], 0.25 + grad)

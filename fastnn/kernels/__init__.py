@@ -120,10 +120,12 @@ def _window_geometry(who, shape, kh, kw, stride, padding):
 
 
 def _image_shape(who, x_shape):
-    """``x_shape`` as a tuple of 4 positive ints (N, C, H, W), else ValueError."""
+    """``x_shape`` as a tuple of 4 ints (N, C, H, W), N and C >= 0 (an empty batch or no
+    channels give an empty result, as in the forward pass), H and W >= 1, else ValueError."""
     x_shape = tuple(int(s) for s in x_shape)
-    if len(x_shape) != 4 or min(x_shape) < 1:
-        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with positive sizes, got {x_shape}")
+    if len(x_shape) != 4 or min(x_shape[:2]) < 0 or min(x_shape[2:]) < 1:
+        raise ValueError(f"{who}: x_shape must be (N, C, H, W) with N, C >= 0 and H, W >= 1, "
+                         f"got {x_shape}")
     return x_shape
 
 
@@ -376,6 +378,7 @@ def softmax_cross_entropy(logits, labels):
     """
     who = "softmax_cross_entropy"
     _float_array(logits, who, "logits", 2)
+    check_logits_not_empty(who, logits.shape)
     xp = backend.get_array_module(logits)
     if backend.is_cuda_array(labels) != backend.is_cuda_array(logits):
         raise TypeError(f"{who}: labels are on {backend.device_of(labels)} but logits on "
@@ -398,6 +401,18 @@ def softmax_cross_entropy(logits, labels):
         raise ValueError(f"{who}: labels must be (N,) or (N, C), got shape {tuple(labels.shape)}")
     logits, = _contiguous(logits)
     return _impl(logits).softmax_cross_entropy(logits, labels)
+
+
+def check_logits_not_empty(who, shape):
+    """The mean cross-entropy needs at least one sample and one class: for logits of
+    shape (N, C) with N = 0 (the mean of nothing) or C = 0 (no class to be right about)
+    a ValueError, never a silent NaN."""
+    n, c = shape
+    if n == 0:
+        raise ValueError(f"{who}: the mean loss of an empty batch is undefined "
+                         f"(logits of shape {tuple(shape)}, N = 0)")
+    if c == 0:
+        raise ValueError(f"{who}: logits need at least one class, got shape {tuple(shape)}")
 
 
 def _conv_geometry(who, x, W, stride, padding):
@@ -465,11 +480,12 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
 def _plain_update(param, grad, state):
     """The common case of an update, checked in a few hundred nanoseconds (an optimizer
     calls this for every parameter at every step): NumPy arrays of one float dtype and
-    shape, param and ``state`` (a tuple, None entries skipped) writeable and
-    C-contiguous, no state sharing memory with param."""
+    shape, grad C-contiguous, param and ``state`` (a tuple, None entries skipped) writeable
+    and C-contiguous, no state sharing memory with param."""
     dtype, shape = param.dtype, param.shape
     if (type(param) is not np.ndarray or (dtype is not _FLOATS[0] and dtype is not _FLOATS[1])
-            or type(grad) is not np.ndarray or grad.dtype is not dtype or grad.shape != shape):
+            or type(grad) is not np.ndarray or grad.dtype is not dtype or grad.shape != shape
+            or not grad.flags.c_contiguous):       # else copied: the kernels read raw memory
         return False
     flags = param.flags
     if not (flags.c_contiguous and flags.writeable):

@@ -128,8 +128,10 @@ def _blocks(total, threads=_THREADS):
 
 
 def _plane_grid(positions, channels=1, samples=1):
-    """(x, y, z) grid for the image kernels: x covers positions, y channels, z samples."""
-    return (_blocks(positions), min(channels, _GRID_YZ), min(samples, _GRID_YZ))
+    """(x, y, z) grid for the image kernels: x covers positions, y channels, z samples
+    (at least one block each: the kernels loop over y and z, so an empty batch or no
+    channels launch a kernel that does nothing, where a zero-sized grid is a CUDA error)."""
+    return (_blocks(positions), max(1, min(channels, _GRID_YZ)), max(1, min(samples, _GRID_YZ)))
 
 
 _i = np.int32
@@ -192,6 +194,12 @@ def _gemm(a, b, out, m, n, k, trans_a=False, trans_b=False, batch=1,
     batch). ``trans_a``: ``a`` is stored (k, m); ``trans_b``: ``b`` is stored
     (n, k). cuBLAS is column-major, so this computes ``out.T = op(b).T op(a).T``.
     """
+    if m == 0 or n == 0 or batch == 0:
+        return out
+    if k == 0:      # cuBLAS rejects a leading dimension of 0; a sum of no products is 0
+        if not accumulate:
+            out.fill(0)
+        return out
     blas = _cublas()
     lib = blas["lib"]
     dtype = out.dtype
@@ -215,14 +223,15 @@ def _gemm(a, b, out, m, n, k, trans_a=False, trans_b=False, batch=1,
 def _sum_rows(src, rows, width, out, accumulate=False):
     """out (width,) (+)= src viewed as (rows, width) summed over rows, in row order."""
     _kernel("sum_rows_kernel", src.dtype)(
-        ((width + 31) // 32,), (32, 8), (src, out, _i(rows), np.int64(width), _i(accumulate)))
+        (max(1, (width + 31) // 32),), (32, 8),
+        (src, out, _i(rows), np.int64(width), _i(accumulate)))
     return out
 
 
 def _channel_sums(x, n, c, s, out):
     """out (c,) = x viewed as (n, c, s) summed over n and s: row sums, then column sums."""
     row_sums = _cp().empty(n * c, dtype=x.dtype)
-    _kernel("row_sum_kernel", x.dtype)((min(n * c, 1 << 20),), (128,),
+    _kernel("row_sum_kernel", x.dtype)((max(1, min(n * c, 1 << 20)),), (128,),
                                        (x, row_sums, _i(n * c), _i(s)))
     return _sum_rows(row_sums, n, c, out)
 
@@ -270,7 +279,7 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
 def _conv_chunk(c, k, kh, kw, oh, ow, itemsize):
     """Samples per chunk: columns and weight-gradient partials within the workspace."""
     per_sample = (c * kh * kw * oh * ow + k * c * kh * kw) * itemsize
-    return max(1, CONV_WORKSPACE_BYTES // per_sample)
+    return max(1, CONV_WORKSPACE_BYTES // max(1, per_sample))        # C = 0: no columns
 
 
 def conv2d_forward(x, W, b, stride, padding):
@@ -288,7 +297,7 @@ def conv2d_forward(x, W, b, stride, padding):
     ow = conv_output_size(w, kw, stride[1], padding[1])
     p, ckk = oh * ow, c * kh * kw
     y = cp.empty((n, k, oh, ow), dtype=x.dtype)
-    chunk = min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize))
+    chunk = max(1, min(n, _conv_chunk(c, k, kh, kw, oh, ow, x.itemsize)))    # n = 0: 1
     cols = cp.empty((chunk, ckk, p), dtype=x.dtype)
     if b is not None:
         _kernel("bias_nkp_kernel", x.dtype)(_plane_grid(p, k, n), (_THREADS,),
@@ -323,12 +332,14 @@ def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
                   and padding[1] < kw and k * h * w <= c * p)
     col_elems = max(ckk * p, k * kk * h * w) if transposed else ckk * p
     per_sample = (col_elems + k * ckk) * x.itemsize
-    chunk = min(n, max(1, CONV_WORKSPACE_BYTES // per_sample))
+    chunk = max(1, min(n, CONV_WORKSPACE_BYTES // max(1, per_sample)))     # n = 0: 1
     grad_x = cp.empty(x.shape, dtype=dtype) if need_grad_x else None
     grad_W = cp.empty(W.shape, dtype=dtype)
     grad_b = cp.empty(k, dtype=dtype)
     workspace = cp.empty(chunk * col_elems, dtype=dtype)
     partials = cp.empty((chunk, k, ckk), dtype=dtype) if n > 1 else grad_W
+    if n == 0:
+        grad_W.fill(0)                         # no samples: the loop below adds nothing
     if transposed:
         w_flipped = cp.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, K, kh, kw)
         pad_t = (kh - 1 - padding[0], kw - 1 - padding[1])

@@ -316,16 +316,17 @@ def softmax_cross_entropy(logits, labels):
 def sgd_step(p, g, buf, lr, momentum, weight_decay, l1, nesterov):
     """PyTorch's SGD rule (dampening 0) on one parameter ``p``, in place.
 
-    d = g + weight_decay * p + l1 * sign(p);  buf = d on the first step (``buf`` None),
-    else momentum * buf + d;  d = d + momentum * buf (nesterov) or buf;  p -= lr * d.
+    d = g + weight_decay * p + l1 * sign(p), sign(NaN) = 0;  buf = d on the first step
+    (``buf`` None), else momentum * buf + d;  d = d + momentum * buf (nesterov) or buf;
+    p -= lr * d.
     Returns the momentum buffer (None without momentum). Scalars are rounded to p's dtype
     and each operation rounds, in this order (the compiled and CUDA kernels' order).
     """
     d = g
-    if weight_decay:
-        d = d + p * weight_decay
-    if l1:
-        d = d + l1 * np.sign(p)
+    if p.dtype.type(weight_decay):      # a term that rounds to 0 in p's dtype is skipped,
+        d = d + p * weight_decay        # as in the kernels (NaN * 0 would be NaN)
+    if p.dtype.type(l1):                # sign(p) by comparisons, as the kernels: 0 for NaN
+        d = d + l1 * ((p > 0).astype(p.dtype) - (p < 0).astype(p.dtype))
     if momentum:
         if buf is None:
             buf = d.copy()
@@ -344,7 +345,7 @@ def adam_step(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_dec
     p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps), with ``step_size = lr / (1 - beta1^t)``
     and ``inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t)`` at step t.
     """
-    if weight_decay:
+    if p.dtype.type(weight_decay):      # skipped when it rounds to 0 (see sgd_step)
         g = g + weight_decay * p
     m *= beta1
     m += (1 - beta1) * g

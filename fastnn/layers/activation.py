@@ -114,6 +114,9 @@ class Softmax(_Elementwise):
 
     def forward(self, x, training=True):
         self._check(x)
+        if x.size == 0:                  # N = 0 or no classes: an empty output
+            self.output = x.copy()
+            return self.output
         xp = backend.get_array_module(x)
         e = xp.exp(x - x.max(axis=-1, keepdims=True))
         e /= e.sum(axis=-1, keepdims=True)

@@ -24,7 +24,8 @@ class Flatten(Layer):
             raise ValueError(f"Flatten: expected an array with a batch dimension, got shape "
                              f"{tuple(x.shape)}")
         self._x_shape = x.shape
-        self.output = x.reshape(x.shape[0], -1)
+        # the size, not -1: NumPy cannot infer it when N = 0
+        self.output = x.reshape(x.shape[0], math.prod(x.shape[1:]))
         return self.output
 
     def backward(self, grad_y):

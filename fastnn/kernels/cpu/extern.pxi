@@ -16,6 +16,8 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_cache_clear()
     int64_t FNN_CACHE_MIN
     int64_t FNN_CACHE_CAP
+    int fnn_forked_child
+    void fnn_fork_guard_install()
     ctypedef void (*fnn_set_threads_fn)(int)
     ctypedef int (*fnn_get_threads_fn)()
     void fnn_blas_register(fnn_set_threads_fn set_threads, fnn_get_threads_fn get_threads)

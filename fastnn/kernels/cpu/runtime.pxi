@@ -191,6 +191,24 @@ def blas_thread_control():
     return _blas_controlled
 
 
+# OpenMP in a forked child: see csrc/forksafe.c. Installed before any kernel runs,
+# so that a child forked after one (multiprocessing's default on Linux) runs its
+# OpenMP regions on one thread instead of hanging in libgomp; Cython prange regions
+# take num_threads=_omp_threads(...) for the same reason.
+fnn_fork_guard_install()
+
+
+cdef inline int _omp_threads(int wanted) noexcept nogil:
+    """``wanted`` threads for an OpenMP region, 1 in a forked child."""
+    return 1 if fnn_forked_child else wanted
+
+
+def _in_forked_child():
+    """True in a process forked from one that imported this module (for tests):
+    its OpenMP regions run on one thread."""
+    return bool(fnn_forked_child)
+
+
 def threads():
     """OpenMP threads the kernels use (OMP_NUM_THREADS, else one per core)."""
     return fnn_max_threads()
@@ -238,7 +256,8 @@ def _pool_nested(Py_ssize_t outer, Py_ssize_t inner, bint in_openmp=False):
     job.out, job.inner = <int64_t*>_data(out), inner
     with nogil:
         if in_openmp:
-            for t in prange(outer, num_threads=max(2, fnn_max_threads()), schedule="static"):
+            for t in prange(outer, num_threads=_omp_threads(max(2, fnn_max_threads())),
+                           schedule="static"):
                 _nest_task(&job, t)
         else:
             fnn_pool_run(_nest_task, &job, outer)
