@@ -100,10 +100,13 @@ cdef _Block _take_block(size_t nbytes):
     return block
 
 
+_FLOAT32_DESCR = np.dtype(np.float32)
+
+
 cpdef cnp.ndarray _output_array(tuple shape, dtype):
     """An uninitialized C-contiguous array of ``shape``: np.empty below FNN_CACHE_MIN
     bytes, else memory from the caching allocator, owned by a _Block (its base)."""
-    cdef cnp.dtype descr = np.dtype(dtype)
+    cdef cnp.dtype descr = dtype if type(dtype) is type(_FLOAT32_DESCR) else np.dtype(dtype)
     cdef cnp.npy_intp dims[32]
     cdef int nd = len(shape), k
     cdef Py_ssize_t nbytes = descr.itemsize
@@ -116,8 +119,9 @@ cpdef cnp.ndarray _output_array(tuple shape, dtype):
         if dims[k] and nbytes > PY_SSIZE_T_MAX // dims[k]:
             raise ValueError(f"_output_array: {shape} of {descr} exceeds the address space")
         nbytes *= dims[k]
-    if nbytes < FNN_CACHE_MIN or not descr.isnative:
-        return np.empty(shape, descr)
+    if nbytes < FNN_CACHE_MIN or not descr.isnative:     # no Python call: batch-1 latency
+        return cnp.PyArray_EMPTY(nd, dims, descr.type_num, 0) if descr.isnative \
+            else np.empty(shape, descr)
     cdef _Block block = _take_block(nbytes)
     cdef cnp.ndarray a = cnp.PyArray_SimpleNewFromData(nd, dims, descr.type_num, block.ptr)
     cnp.set_array_base(a, block)
