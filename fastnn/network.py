@@ -606,28 +606,21 @@ class Network:
         from . import saving
         saving.save(self, path, include_optimizer=include_optimizer)
 
-    # -- interoperability (fastnn.interop, fastnn.onnx_export) ----------------------------------
+    # -- interoperability: fastnn/interop.py, fastnn/onnx_export.py ----------------------------
     def state_dict(self):
-        """``{key: NumPy array}`` with the keys and layouts of a ``torch.nn.Sequential`` of the
-        same layers (``"0.weight"`` = Dense's ``W.T``, ...). See ``fastnn.interop``."""
+        """``{key: NumPy array}`` in the keys and layouts of a ``torch.nn.Sequential``."""
         from . import interop
         return interop.state_dict(self)
 
     def load_state_dict(self, state, strict=True):
-        """Copy a PyTorch-layout state dict into the existing parameters (checked whole
-        first); returns ``(missing_keys, unexpected_keys)``. See ``fastnn.interop``."""
+        """Copy a PyTorch-layout state dict in; returns ``(missing_keys, unexpected_keys)``."""
         from . import interop
         return interop.load_state_dict(self, state, strict=strict)
 
     def export(self, path, format="onnx", *, input_shape=None):
-        """Write the network for inference to ``path`` atomically (Keras 3's name); only
-        ``format="onnx"`` (opset 17, dynamic batch axis; needs the ``onnx`` extra).
-        ``input_shape`` (without the batch axis): default the shape ``fit`` saw, else what
-        the first layer implies. See ``fastnn.onnx_export``."""
-        if format != "onnx":
-            raise ValueError(f"Network.export: format must be 'onnx', got {format!r}")
+        """Write an ONNX model for inference (``input_shape``: without the batch axis)."""
         from . import onnx_export
-        onnx_export.export_onnx(self, path, input_shape)
+        onnx_export.export(self, path, format, input_shape)
 
     @classmethod
     def load(cls, path):

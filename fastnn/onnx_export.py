@@ -29,7 +29,7 @@ from .layers import (ActivationLayer, AvgPool2D, BatchNorm1d, BatchNorm2d, Conv2
                      Dropout, FCLayer, Flatten, GlobalAvgPool2D, LeakyReLU, MaxPool2D, ReLU,
                      Sigmoid, Softmax, Tanh)
 
-__all__ = ["export_onnx", "OPSET"]
+__all__ = ["export", "build_model", "OPSET"]
 
 OPSET = 17
 _IR_VERSION = 8                  # the IR of opset 17: readable by older runtimes too
@@ -213,8 +213,17 @@ def build_model(network, input_shape=None):
     return model
 
 
-def export_onnx(network, path, input_shape=None):
-    """Write ``network`` as an ONNX model to ``path`` atomically (``fastnn.saving``)."""
+def export(network, path, format="onnx", input_shape=None):
+    """``Network.export``: write ``network`` as an ONNX model to ``path`` atomically
+    (``fastnn.saving.atomic_write``: a failed export leaves the old file).
+
+    ``input_shape`` (without the batch axis, which is always dynamic): default the shape
+    ``fit`` last saw, else what the first layer implies (Dense: ``(in_features,)``;
+    Conv2D / BatchNorm2d: ``(C, "H", "W")``, free image sizes); a tutorial row network
+    ``Dense`` on ``(N, 1, n)`` needs ``input_shape=(1, n)``.
+    """
+    if format != "onnx":
+        raise ValueError(f"Network.export: format must be 'onnx', got {format!r}")
     from .saving import atomic_write
     data = build_model(network, input_shape).SerializeToString()
     atomic_write(path, lambda f: f.write(data))

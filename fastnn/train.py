@@ -5,7 +5,7 @@
     fastnn-train {xor,circles,mnist-mlp,mnist-lenet} [--epochs N] [--batch-size N]
                  [--lr LR] [--weight-decay WD] [--device cpu|cuda] [--data DIR]
                  [--kind mnist|fashion] [--val FRACTION] [--limit N]
-                 [--save FILE] [--plot FILE] [--seed N]
+                 [--save FILE] [--export FILE.onnx] [--plot FILE] [--seed N]
 
 Each task has defaults that reach the accuracy targets of ``benchmarks/RESULTS.md``:
 
@@ -22,10 +22,13 @@ from 99.02% to 99.29% with everything else equal).
 Classification tasks train with SGD (momentum 0.9) and a cosine learning-rate
 schedule (from lr down to 0 over the epochs), hold out a stratified validation
 set (the course's "dev" set) and print, per epoch, the training loss/accuracy and the validation ones; then the
-test accuracy and a per-class report. ``--kind fashion`` trains the MNIST
+test accuracy and a per-class report. ``--save`` / ``--export`` (ONNX, needs the
+``onnx`` extra) write the trained network; their folders are checked for writing
+before training starts. ``--kind fashion`` trains the MNIST
 models on Fashion-MNIST. Also runs as ``python -m fastnn.train``.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -226,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, metavar="N",
                    help="use only the first N training, validation and test samples (quick runs)")
     p.add_argument("--save", metavar="FILE", help="save the trained network (.npz)")
+    p.add_argument("--export", metavar="FILE", help="export the trained network for inference "
+                                                    "as ONNX (opset 17); needs the onnx package")
     p.add_argument("--plot", metavar="FILE", help="write loss/accuracy curves (and the decision "
                                                   "boundary for 2-D data) as a PNG; needs matplotlib")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, split and "
@@ -247,10 +252,31 @@ def parse_args(argv=None):
         p.error(f"--val must lie in [0, 1), got {args.val}")
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be >= 1, got {args.limit}")
+    for option, path in (("--save", args.save), ("--export", args.export)):
+        problem = path and _unwritable(path)
+        if problem:
+            p.error(f"{option} {path}: {problem}")
+    if args.export:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            p.error("--export needs the onnx package: pip install 'fastnn[onnx]'")
     if args.device == "cuda" and "cuda" not in backend.available():
         p.error("--device cuda: no usable CUDA device (CuPy with a GPU is needed: "
                 "pip install 'fastnn[gpu]')")
     return args
+
+
+def _unwritable(path):
+    """Why ``path`` cannot be written (checked before training, not after), or None."""
+    if os.path.isdir(path):
+        return "is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def run(args):
@@ -308,6 +334,9 @@ def run(args):
     if args.save:
         net.save(args.save)
         print(f"saved the network to {args.save}")
+    if args.export:
+        net.export(args.export)
+        print(f"exported the network to {args.export} (ONNX)")
     if args.plot:
         points = test if args.task in ("xor", "circles") else None
         plot(args.plot, history, f"fastnn {name}: test accuracy {100 * test_accuracy:.2f}%",

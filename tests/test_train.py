@@ -103,6 +103,36 @@ def test_save_loads_back_to_the_same_predictions(tmp_path, capsys):
     np.testing.assert_array_equal(loaded.predict(x), net.predict(x))
 
 
+def test_export_writes_an_onnx_model_that_predicts_the_same(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "circles.onnx"
+    net, _, _ = train.run(train.parse_args(["circles", "--epochs", "2", "--export", str(path)]))
+    assert f"exported the network to {path} (ONNX)" in capsys.readouterr().out
+    x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], net.predict(x),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["--save", "--export"])
+def test_unwritable_output_is_refused_before_training(tmp_path, option, capsys):
+    """A typo in the folder is reported at once, not after the training."""
+    for path, problem in ((tmp_path / "missing" / "m.out", "does not exist"),
+                          (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_args(["circles", option, str(path)])
+        assert exc.value.code == 2
+        assert f"{option} {path}: " in (err := capsys.readouterr().err) and problem in err
+
+
+def test_export_without_onnx_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)          # import onnx now fails
+    with pytest.raises(SystemExit):
+        train.parse_args(["circles", "--export", str(tmp_path / "m.onnx")])
+    assert "--export needs the onnx package" in capsys.readouterr().err
+
+
 def test_same_seed_same_trained_weights(tmp_path):
     """Train twice with the same seed on the CPU: bit-identical weights; another seed differs."""
     runs = {}
