@@ -125,6 +125,16 @@ def test_circles_example(tmp_path):
         assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_to_and_from_pytorch_example(tmp_path):
+    for module in ("torch", "onnx", "onnxruntime"):
+        pytest.importorskip(module)
+    out = run_example("to_and_from_pytorch.py", "--out", str(tmp_path))
+    for step in ("MLP, fastnn -> PyTorch", "CNN, fastnn -> PyTorch", "PyTorch -> fastnn",
+                 "CNN in ONNX Runtime"):
+        assert step in out
+    assert out.rstrip().endswith("done") and (tmp_path / "cnn.onnx").stat().st_size > 0
+
+
 @needs_mnist
 def test_mnist_mlp_example(tmp_path):
     out = run_example("mnist_mlp.py", "--data", shared_data_root(), "--epochs", "1",
