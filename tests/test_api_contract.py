@@ -40,6 +40,8 @@ NETWORK_METHODS = [
     ("predict", "x, batch_size=None"), ("evaluate", "x, y, batch_size=None"),
     ("forward", "x, training=False"), ("backward", "grad"), ("parameters", ""), ("summary", ""),
     ("save", "path"), ("load", "path"), ("to", "device"),
+    ("state_dict", ""), ("load_state_dict", "state, strict=True"),
+    ("export", "path, format='onnx'"),
 ]
 MODULE_FUNCTIONS = [
     ("fastnn.losses", "mse", "y_true, y_pred"), ("fastnn.losses", "mse_prime", "y_true, y_pred"),
