@@ -142,3 +142,14 @@ def test_export_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="no layers"):
         fn.Network().export(tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.skipif("cuda" not in fn.backend.available(), reason="no CUDA device")
+def test_cuda_network_exports_the_same_model(tmp_path):
+    build, shape = NETWORKS["conv"]
+    net = fn.Network(build("float32"))
+    net.export(tmp_path / "cpu.onnx")
+    net.to("cuda").export(tmp_path / "gpu.onnx")
+    x = np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32)
+    np.testing.assert_array_equal(run_onnx(tmp_path / "gpu.onnx", x),
+                                  run_onnx(tmp_path / "cpu.onnx", x))
