@@ -26,7 +26,8 @@ except ImportError as exc:
     sys.exit(f"this example needs torch, onnx and onnxruntime ({exc})")
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--out", metavar="DIR", help="where to write cnn.onnx (default: a temporary folder)")
+parser.add_argument("--out", metavar="DIR",
+                    help="where to write cnn.onnx (default: a temporary folder)")
 args = parser.parse_args()
 
 rng = np.random.default_rng(0)
