@@ -386,10 +386,12 @@ DEF SPLIT_GEMM_MIN_FLOPS = 8388608.0           # 2^23
 # Tuned on: AMD EPYC Zen 4, 2 vCPUs, KVM.
 DEF SPLIT_GEMV_MIN_BYTES = 262144
 # The same for fastnn's own float32 GEMV (see _gemv_own). NOT measured to win here: the
-# other core was busy with other jobs, so the split's second block mostly ran on the
-# caller (own split / whole, us: 784x256 5.5-6.6 / 5.6-5.7, 784x128 3.3 / 3.2-3.3,
-# 512x128 2.4-2.5 / 2.3). From 512 KB on the estimate that halving 784x256's 4.5 us
-# stream beats the pool's ~1 us; recheck on a quiet machine.
+# other core was busy with other jobs (load 3-4), so the split's second block mostly
+# waited for it or ran on the caller (own split / whole, medians, us: 784x256 5.5-6.6 /
+# 5.6-5.8, with the pool's busy flag cleared 6.38 / 6.25; 784x128 3.3-3.4 / 3.2-3.3;
+# 512x128 2.3-2.5 / 2.2-2.3). From 512 KB (784x256 splits, 784x128 does not) on the
+# estimate that halving 784x256's 4.5 us stream beats the pool's ~1 us, as BLAS's
+# split did on a quiet Zen 4 (above); recheck on a quiet machine.
 # Tuned on: 2-core Intel Xeon (Sapphire Rapids class, AVX-512), 2026-12-07.
 DEF SPLIT_OWN_GEMV_MIN_BYTES = 524288
 
