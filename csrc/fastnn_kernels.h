@@ -260,6 +260,12 @@ int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alpha, con
                  int lda, const float *b, int ldb, float beta, float *c, int ldc,
                  const fnn_epilogue *ep);
 
+/* fastnn's own float32 GEMV (csrc/gemv_avx512.c), one thread: y (o,) = (add ? y : 0)
+ * + x (i,) @ w (i, o), w row-major with rows ldw apart (in elements). Only call it
+ * where fnn_avx512_supported() (x86-64 with AVX-512F). */
+void fnn_sgemv_f(const float *x, const float *w, ptrdiff_t ldw, ptrdiff_t i, ptrdiff_t o,
+                 float *y, int add);
+
 /* AVX-512 versions of portable kernels (csrc/avx512.c), only where
  * fnn_avx512_supported() (x86-64 with AVX-512F); fnn_softmax_xent_f and
  * fnn_all_finite_f call them by themselves unless fnn_avx512_rows is 0 (tests).

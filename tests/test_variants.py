@@ -149,6 +149,72 @@ def test_dense_backward_variant_matches_reference(shape, dname, engine, variant)
             assert_close(g, w, DTYPES[dname])
 
 
+OWN_GEMV = [v for v in ("gemv_own", "gemv_own_split") if v in variants.applicable(
+    "dense_forward", x_shape=(1, 1), w_shape=(1, 1), dtype=np.float32)]
+needs_own_gemv = pytest.mark.skipif(not OWN_GEMV, reason="no AVX-512F: no own GEMV")
+
+
+@needs_own_gemv
+@pytest.mark.parametrize("variant", OWN_GEMV)
+@pytest.mark.parametrize("i", [1, 3, 784])
+@pytest.mark.parametrize("o", [1, 15, 16, 17, 63, 64, 65, 127, 511, 513, 1000])
+def test_own_gemv_tails_match_reference(variant, i, o):
+    """Blocks of 1..16 vectors, masked last vectors, rows left over by 2 or 4 chains."""
+    x, W, b, _ = _dense_data((1, i, o), "float32")
+    with variants.force("dense_forward", variant):
+        for bias in (b, None):
+            for relu in (False, True):
+                want = _reference.dense_forward(x.astype(np.float64), W.astype(np.float64),
+                                                None if bias is None else
+                                                bias.astype(np.float64), relu=relu)
+                assert_close(_cpu.dense_forward(x, W, bias, relu), want.astype(np.float32),
+                             np.float32)
+
+
+@needs_own_gemv
+@pytest.mark.parametrize("variant", OWN_GEMV)
+@pytest.mark.parametrize("i, o", [(37, 256), (300, 128), (9, 240), (300, 112), (300, 32),
+                                  (5, 17), (300, 1)])
+def test_own_gemv_any_alignment_of_w(variant, i, o):
+    """W at every 4-byte offset from a 64-byte line (the kernel aligns its loads where
+    the rows allow it, masking lanes before W; blocks of 7, 8, 15, 16, 17 vectors): the
+    bits of an aligned copy."""
+    x, W, b, _ = _dense_data((1, i, o), "float32")
+    with variants.force("dense_forward", variant):
+        want = _cpu.dense_forward(x, np.require(W, requirements="A"), b, True)
+        buffer = np.zeros(W.size + 64, np.float32)
+        base = (-buffer.ctypes.data % 64) // 4
+        for shift in range(16):
+            moved = buffer[base + shift:base + shift + W.size].reshape(W.shape)
+            moved[...] = W
+            assert moved.ctypes.data % 64 == 4 * shift
+            np.testing.assert_array_equal(_cpu.dense_forward(x, moved, b, True), want)
+        assert_close(want, _reference.dense_forward(x, W, b, relu=True), np.float32)
+
+
+def test_own_gemv_needs_float32_and_avx512():
+    geometry = dict(x_shape=(1, 3), w_shape=(3, 4))
+    for variant in ("gemv_own", "gemv_own_split"):
+        if not OWN_GEMV:
+            assert "AVX-512F" in variants.why_not("dense_forward", variant, dtype=np.float32,
+                                                  **geometry)
+            with pytest.raises(ValueError, match=f"variant '{variant}' cannot run here"):
+                with variants.force("dense_forward", variant):
+                    pass
+            continue
+        assert variants.why_not("dense_forward", variant, dtype=np.float64, **geometry) == \
+            "fastnn's own GEMV runs float32 only"
+        with variants.force("dense_forward", variant):
+            with pytest.raises(ValueError, match=f"variant '{variant}' is forced .*float32 only"):
+                _cpu.dense_forward(np.ones((1, 3)), np.ones((3, 4)), None)
+            with pytest.raises(ValueError, match="one sample"):
+                _cpu.dense_forward(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32),
+                                   None)
+    want = "gemv_own" if OWN_GEMV else "gemv"
+    assert variants.chosen("dense_forward", dtype=np.float32, **geometry) == want
+    assert variants.chosen("dense_forward", dtype=np.float64, **geometry) == "gemv"
+
+
 # --- the registry -----------------------------------------------------------------
 
 @pytest.mark.parametrize("op, params", [
@@ -189,7 +255,8 @@ def test_chosen_names_the_variant_that_runs(index, dname):
 
 def test_chosen_dense_and_gemm_variants():
     f32 = dict(dtype=np.float32)
-    assert variants.chosen("dense_forward", x_shape=(1, 5), w_shape=(5, 3), **f32) == "gemv"
+    assert variants.chosen("dense_forward", x_shape=(1, 5), w_shape=(5, 3), **f32) == \
+        ("gemv_own" if OWN_GEMV else "gemv")
     assert variants.chosen("dense_forward", x_shape=(7, 13), w_shape=(13, 4), **f32) == "gemm"
     assert variants.chosen("dense_backward", x_shape=(3, 4), w_shape=(4, 2), **f32) == "serial"
     assert variants.chosen("dense_backward", x_shape=(3, 4), w_shape=(4, 2), need_grad_x=False,

@@ -13,9 +13,10 @@ dtype and the CPU, with thresholds timed on one machine (each says which, in
   conv), ``rows_col2im`` (grad_W on patch rows, grad_x by col2im), ``columns``;
 - ``gemm`` (every float32 GEMM of the kernels above and below): ``own`` (fastnn's
   AVX-512 kernel), ``own_packed`` (the same, every A packed), ``blas``;
-- ``dense_forward``: ``gemv``, ``gemv_split`` (one sample; the split runs blocks of
-  inputs over the worker pool), ``gemm``, ``gemm_split`` (blocks of the GEMM over the
-  pool);
+- ``dense_forward``: ``gemv``, ``gemv_split`` (one sample on BLAS's GEMV; the split
+  runs blocks of inputs over the worker pool), ``gemv_own``, ``gemv_own_split`` (the
+  same on fastnn's own AVX-512 GEMV, float32), ``gemm``, ``gemm_split`` (blocks of the
+  GEMM over the pool);
 - ``dense_backward``: ``serial`` (the two GEMMs in turn), ``split`` (each in blocks over
   the pool), ``pair`` (both as one pool job; with grad_x only);
 - ``row_kernels`` (the float32 loops of softmax_cross_entropy's rows, all_finite and the

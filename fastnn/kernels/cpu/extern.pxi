@@ -153,6 +153,8 @@ cdef extern from "fastnn_kernels.h" nogil:
                      const float *a, int lda, const float *b, int ldb, float beta,
                      float *c, int ldc, const fnn_epilogue *ep)
     int fnn_avx512_supported()
+    void fnn_sgemv_f(const float *x, const float *w, Py_ssize_t ldw, Py_ssize_t i,
+                     Py_ssize_t o, float *y, int add)
     int fnn_avx512_rows
     void fnn_sgd_momentum_f(float *p, const float *g, float *buf, Py_ssize_t n, float lr,
                             float momentum)

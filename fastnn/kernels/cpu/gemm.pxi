@@ -385,6 +385,15 @@ DEF SPLIT_GEMM_MIN_FLOPS = 8388608.0           # 2^23
 # other core busy the pool runs the blocks on the caller: 784x256 10.2 / 9.8 us.
 # Tuned on: AMD EPYC Zen 4, 2 vCPUs, KVM.
 DEF SPLIT_GEMV_MIN_BYTES = 262144
+# The same for fastnn's own float32 GEMV (see _gemv_own). NOT measured to win here: the
+# other core was busy with other jobs (load 3-4), so the split's second block mostly
+# waited for it or ran on the caller (own split / whole, medians, us: 784x256 5.5-6.6 /
+# 5.6-5.8, with the pool's busy flag cleared 6.38 / 6.25; 784x128 3.3-3.4 / 3.2-3.3;
+# 512x128 2.3-2.5 / 2.2-2.3). From 512 KB (784x256 splits, 784x128 does not) on the
+# estimate that halving 784x256's 4.5 us stream beats the pool's ~1 us, as BLAS's
+# split did on a quiet Zen 4 (above); recheck on a quiet machine.
+# Tuned on: 2-core Intel Xeon (Sapphire Rapids class, AVX-512), 2026-12-07.
+DEF SPLIT_OWN_GEMV_MIN_BYTES = 524288
 
 
 cdef inline bint _split(double m, double n, double k) noexcept nogil:
@@ -401,7 +410,7 @@ DEF GEMV_SCRATCH = 4096             # outputs of the partial sums of a split GEM
 
 
 ctypedef struct _gemv_job:           # one sample's dense forward, cut into blocks of inputs
-    bint single
+    bint single, own                 # own: fastnn's own AVX-512 GEMV (float32), else BLAS
     int i, o, rows                   # rows: inputs (rows of W) per block
     const void *x
     const void *weights
@@ -428,15 +437,41 @@ cdef inline void _gemv(const floating *x, const floating *weights, const floatin
         dgemv(&no_trans, &o, &i, &one, <double*>weights, &o, <double*>x, &inc, &beta, y, &inc)
 
 
+cdef bint _own_gemv_supported = fnn_avx512_supported()
+# A one-sample float32 dense forward runs on fastnn's own GEMV (csrc/gemv_avx512.c)
+# wherever the CPU has AVX-512F: it beat BLAS's sgemv on every shape timed. Shared
+# machine (load 2-4 on 2 cores: rough), medians of 7 rounds of timeit of
+# dense_forward(x, W, b, True), own / BLAS, whole: 784x256 5.6-5.8 / 7.3-11.4 us (BLAS
+# split 8.2-9.8), 784x128 3.2-3.3 / 3.8-5.1, 512x128 2.3 / 2.7-3.4, 384x128 1.8-1.9 /
+# 2.6-2.7, 256x128 1.3 / 1.6-1.9, 128x10 0.44 / 0.55. The kernel alone (C loop, W in
+# L2): 784x256 4.5 us (178 GB/s) with W 64-byte aligned, 5.3 at numpy's usual 16.
+# Tuned on: 2-core Intel Xeon (Sapphire Rapids class, AVX-512), 2026-12-07.
+
+
+cdef inline void _gemv_own(const float *x, const float *weights, const float *bias,
+                           float *y, int i, int o) noexcept nogil:
+    """_gemv by fastnn's own AVX-512 kernel (csrc/gemv_avx512.c; only where
+    _own_gemv_supported): y (o,) = x (i,) @ W (i, o) + bias (NULL: none), the bias
+    copied into y first and the products added onto it."""
+    if bias != NULL:
+        memcpy(y, bias, o * sizeof(float))
+    fnn_sgemv_f(x, weights, o, i, o, y, bias != NULL)
+
+
 cdef inline void _gemv_block(const _gemv_job *job, Py_ssize_t block, floating kind) noexcept nogil:
     """Block ``block`` of a _gemv_job: its rows of W, onto the bias (block 0) or into
     its own partial sums."""
     cdef Py_ssize_t r0 = block * job.rows, offset = r0 * job.o
     cdef int rows = min(job.rows, job.i - <int>r0)
-    _gemv(<const floating*>job.x + r0, <const floating*>job.weights + offset,
-          <const floating*>job.bias if block == 0 else NULL,
-          <floating*>job.y if block == 0 else <floating*>job.partial + (block - 1) * job.o,
-          rows, job.o)
+    cdef const floating *x = <const floating*>job.x + r0
+    cdef const floating *weights = <const floating*>job.weights + offset
+    cdef const floating *bias = <const floating*>job.bias if block == 0 else NULL
+    cdef floating *y = <floating*>job.y if block == 0 else <floating*>job.partial + (block - 1) * job.o
+    if floating is float:
+        if job.own:
+            _gemv_own(x, weights, bias, y, rows, job.o)
+            return
+    _gemv(x, weights, bias, y, rows, job.o)
 
 
 cdef void _gemv_task(void *ctx, Py_ssize_t block) noexcept nogil:
@@ -458,9 +493,14 @@ cdef inline bint _split_gemv(Py_ssize_t i, Py_ssize_t o, Py_ssize_t itemsize) no
     return i * o * itemsize >= SPLIT_GEMV_MIN_BYTES and _gemv_blocks(i, o) > 1
 
 
+cdef inline bint _split_own_gemv(Py_ssize_t i, Py_ssize_t o) noexcept nogil:
+    """Split a one-sample float32 dense forward on the own GEMV over the worker pool?"""
+    return i * o * 4 >= SPLIT_OWN_GEMV_MIN_BYTES and _gemv_blocks(i, o) > 1
+
+
 cdef void _split_gemv_run(const floating *x, const floating *weights, const floating *bias,
-                          floating *y, int i, int o) noexcept nogil:
-    """_gemv in blocks of rows of W (contiguous, so each core streams its own part of
+                          floating *y, int i, int o, bint own=False) noexcept nogil:
+    """_gemv (or, ``own`` and float32, _gemv_own) in blocks of rows of W (contiguous, so each core streams its own part of
     W from its own cache; blocks of output columns would read W in strided pieces, 20%
     slower on one core) over the worker pool, each on one BLAS thread (the caller holds
     BLAS to one thread); y = block 0 + block 1 + ..., in that order. The blocks depend
@@ -469,6 +509,7 @@ cdef void _split_gemv_run(const floating *x, const floating *weights, const floa
     cdef _gemv_job job
     cdef int count = _gemv_blocks(i, o), block, k
     job.single = floating is float
+    job.own = own and floating is float
     job.i, job.o = i, o
     job.rows = ((i + count - 1) // count + 15) // 16 * 16
     count = (i + job.rows - 1) // job.rows
@@ -479,14 +520,18 @@ cdef void _split_gemv_run(const floating *x, const floating *weights, const floa
             y[k] += partial[block * o + k]
 
 
-# dense_forward's variants: one sample's GEMV, whole or in blocks of inputs over the
-# pool (_split_gemv_run); a GEMM, whole or in blocks over the pool (_gemm_split).
+# dense_forward's variants: one sample's GEMV on BLAS or fastnn's own AVX-512 kernel
+# (float32), whole or in blocks of inputs over the pool (_split_gemv_run); a GEMM,
+# whole or in blocks over the pool (_gemm_split).
 DEF D_GEMV = 1
 DEF D_GEMV_SPLIT = 2
 DEF D_GEMM = 3
 DEF D_GEMM_SPLIT = 4
-DENSE_FORWARD_VARIANTS = {"gemv": D_GEMV, "gemv_split": D_GEMV_SPLIT, "gemm": D_GEMM,
-                          "gemm_split": D_GEMM_SPLIT}
+DEF D_GEMV_OWN = 5
+DEF D_GEMV_OWN_SPLIT = 6
+DENSE_FORWARD_VARIANTS = {"gemv": D_GEMV, "gemv_split": D_GEMV_SPLIT,
+                          "gemv_own": D_GEMV_OWN, "gemv_own_split": D_GEMV_OWN_SPLIT,
+                          "gemm": D_GEMM, "gemm_split": D_GEMM_SPLIT}
 cdef int _dense_forward_forced = 0
 
 
@@ -522,12 +567,15 @@ cdef void _dense_forward(const floating *x, const floating *weights, const float
                          floating *y, int n, int i, int o, int variant,
                          floating *relu=NULL) noexcept nogil:
     """y (n, o) = x (n, i) @ W (i, o) + bias, and ``relu`` (n, o) = max(y, 0) unless
-    NULL, by dense_forward's ``variant`` (D_GEMV* only for n == 1, i > 0, o > 0)."""
+    NULL, by dense_forward's ``variant`` (D_GEMV* only for n == 1, i > 0, o > 0; the
+    own ones only for float32 where _own_gemv_supported)."""
     cdef _epilogue ep
     cdef Py_ssize_t k
-    if variant == D_GEMV or variant == D_GEMV_SPLIT:
-        if variant == D_GEMV_SPLIT:
-            _split_gemv_run(x, weights, bias, y, i, o)
+    if variant != D_GEMM and variant != D_GEMM_SPLIT:
+        if variant == D_GEMV_SPLIT or variant == D_GEMV_OWN_SPLIT:
+            _split_gemv_run(x, weights, bias, y, i, o, variant == D_GEMV_OWN_SPLIT)
+        elif floating is float and variant == D_GEMV_OWN:
+            _gemv_own(x, weights, bias, y, i, o)
         else:
             _gemv(x, weights, bias, y, i, o)
         if relu != NULL:             # relu_forward's rule, here: o is small, and an OpenMP
@@ -546,16 +594,35 @@ cdef int _dense_forward_pick(int n, int i, int o, Py_ssize_t itemsize, bint *sma
     cdef bint split
     if n == 1:                       # BLAS would thread a GEMV of this size by itself
         small[0] = <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN and blas_thread_control()
+        if i == 0 or o == 0:
+            return D_GEMM
+        if itemsize == 4 and _own_gemv_supported:      # no BLAS call to hold
+            split, small[0] = _split_own_gemv(i, o), False
+            return D_GEMV_OWN_SPLIT if split else D_GEMV_OWN
         split = small[0] and _split_gemv(i, o, itemsize)
-        return (D_GEMV_SPLIT if split else D_GEMV) if i > 0 and o > 0 else D_GEMM
+        return D_GEMV_SPLIT if split else D_GEMV
     small[0] = _small_gemm(n, i, o) and blas_thread_control()
     split = (small[0] or _own_gemm(itemsize == 4, n, i, o)) and _split(n, i, o)
     return D_GEMM_SPLIT if split else D_GEMM
 
 
-cdef str _dense_forward_why_not(int variant, int n, int i, int o):
-    """None where dense_forward's ``variant`` can run x (n, i) @ W (i, o), else why not."""
-    if (variant == D_GEMV or variant == D_GEMV_SPLIT) and not (n == 1 and i > 0 and o > 0):
+cdef str _dense_forward_cpu_why_not(int variant):
+    """None where this CPU and build can run dense_forward's ``variant`` at all."""
+    if (variant == D_GEMV_OWN or variant == D_GEMV_OWN_SPLIT) and not _own_gemv_supported:
+        return "fastnn's own GEMV needs a CPU with AVX-512F (and this build)"
+    return None
+
+
+cdef str _dense_forward_why_not(int variant, int n, int i, int o, bint single):
+    """None where dense_forward's ``variant`` can run x (n, i) @ W (i, o) of float32
+    (``single``) or float64, else why not."""
+    if variant == D_GEMM or variant == D_GEMM_SPLIT:
+        return None
+    if _dense_forward_cpu_why_not(variant) is not None:
+        return _dense_forward_cpu_why_not(variant)
+    if (variant == D_GEMV_OWN or variant == D_GEMV_OWN_SPLIT) and not single:
+        return "fastnn's own GEMV runs float32 only"
+    if not (n == 1 and i > 0 and o > 0):
         return f"a GEMV needs one sample, inputs and outputs, got x ({n}, {i}), W ({i}, {o})"
     return None
 
@@ -566,9 +633,13 @@ cdef int _dense_forward_variant(int n, int i, int o, Py_ssize_t itemsize, bint *
     cdef int variant = _dense_forward_pick(n, i, o, itemsize, small)
     if _dense_forward_forced == 0:
         return variant
-    why = _dense_forward_why_not(_dense_forward_forced, n, i, o)
+    why = _dense_forward_why_not(_dense_forward_forced, n, i, o, itemsize == 4)
     if why is not None:
         _forced_error("dense_forward", DENSE_FORWARD_VARIANTS, _dense_forward_forced, why)
+    if n == 1:                       # BLAS's rule for a forced BLAS path; the own GEMV has none
+        small[0] = (_dense_forward_forced != D_GEMV_OWN and _dense_forward_forced !=
+                    D_GEMV_OWN_SPLIT and <double>i * o >= BLAS_OWN_SINGLE_THREAD_MN
+                    and blas_thread_control())
     if _dense_forward_forced == D_GEMV_SPLIT or _dense_forward_forced == D_GEMM_SPLIT:
         small[0] = small[0] or blas_thread_control()
     return _dense_forward_forced

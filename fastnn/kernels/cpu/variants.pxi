@@ -66,6 +66,8 @@ cdef str _cpu_why_not(str op, int variant):
     """None where this CPU and build can run ``variant`` of ``op`` at all, else why not."""
     if op == "gemm" and variant != 0:
         return _gemm_why_not(variant, True)
+    if op == "dense_forward":
+        return _dense_forward_cpu_why_not(variant)
     if op == "row_kernels" and variant == 1 and not fnn_avx512_supported():
         return "needs a CPU with AVX-512F (and this build)"
     if op == "sgd_step" and variant == 1 and not _sgemm_supported:
@@ -111,5 +113,5 @@ def _dense_variants(bint backward, int n, int i, int o, dtype, bint need_grad_x=
     pick = _dense_forward_pick(n, i, o, np.dtype(dtype).itemsize, &small)
     why = {}
     for name, variant in DENSE_FORWARD_VARIANTS.items():
-        why[name] = _dense_forward_why_not(variant, n, i, o)
+        why[name] = _dense_forward_why_not(variant, n, i, o, single)
     return [k for k, v in DENSE_FORWARD_VARIANTS.items() if v == pick][0], why
