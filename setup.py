@@ -1,7 +1,9 @@
 """Build of the compiled CPU kernels: fastnn.kernels._cpu (Cython + csrc/*.c).
 
 -O3 (+ -fno-trapping-math), OpenMP when the compiler has it (probed by compiling and linking a tiny
-OpenMP program; without it the kernels build and run on one thread), and no
+OpenMP program with $CFLAGS and $LDFLAGS, as the extension is; without it the kernels build
+and run on one thread, or with FASTNN_REQUIRE_OPENMP=1 the build fails: wheel builds set it),
+and no
 -march=native unless FASTNN_NATIVE=1 (a wheel must run on other CPUs).
 FASTNN_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer (GCC/Clang; how to
 run the tests under them: README, "Security and reliability").
@@ -9,6 +11,7 @@ Dev build: python3 setup.py build_ext --inplace (add --force after changing thes
 setuptools rebuilds objects by their timestamps, not their flags)
 """
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -39,6 +42,7 @@ def openmp_flags(compiler):
                       (["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
     else:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
+    ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
     tmp = tempfile.mkdtemp(prefix="fastnn-omp-")
     try:
         source = os.path.join(tmp, "probe.c")
@@ -47,8 +51,10 @@ def openmp_flags(compiler):
         for compile_args, link_args in candidates:
             try:
                 objects = compiler.compile([source], output_dir=tmp, extra_postargs=compile_args)
+                # LDFLAGS (e.g. -L of Homebrew's libomp): setuptools gives them to the
+                # extension's link but not to link_executable
                 compiler.link_executable(objects, "probe", output_dir=tmp,
-                                         extra_postargs=link_args)
+                                         extra_postargs=link_args + ldflags)
                 return compile_args, link_args
             except Exception:   # CompileError / LinkError: try the next flags
                 continue
@@ -72,6 +78,10 @@ class BuildExt(build_ext):
             compile_args += sanitize
             link_args += sanitize
         flags = openmp_flags(self.compiler)
+        if flags is None and os.environ.get("FASTNN_REQUIRE_OPENMP") == "1":
+            sys.exit("fastnn: FASTNN_REQUIRE_OPENMP=1 but the compiler has no OpenMP (the "
+                     "probe failed to compile or link; on macOS: libomp, CFLAGS=-I..., "
+                     "LDFLAGS=-L...)")
         if flags is None:
             print("fastnn: the compiler has no OpenMP; the kernels will run on one thread",
                   file=sys.stderr)

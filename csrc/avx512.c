@@ -30,7 +30,7 @@
 int fnn_avx512_supported(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    return fnn_cpu_cap >= FNN_CPU_AVX512 && __builtin_cpu_supports("avx512f");
 }
 
 #define TARGET_DQ __attribute__((target("avx512f,avx512dq,avx512vl")))
@@ -38,7 +38,8 @@ int fnn_avx512_supported(void)
 int fnn_avx512dq_supported(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+    return fnn_cpu_cap >= FNN_CPU_AVX512 && __builtin_cpu_supports("avx512f")
+           && __builtin_cpu_supports("avx512dq")
            && __builtin_cpu_supports("avx512vl");
 }
 

@@ -46,7 +46,8 @@ static inline __attribute__((always_inline)) void store8(float *p, v8f v)
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 static int fast_vectors(void)          /* reads libgcc's CPU model: cheap */
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return fnn_cpu_cap >= FNN_CPU_AVX2 && __builtin_cpu_supports("avx2")
+           && __builtin_cpu_supports("fma");
 }
 #else
 #define CLONES

@@ -166,6 +166,8 @@ static ptrdiff_t maxpool2x2_row_f(const float *top, ptrdiff_t w, ptrdiff_t ow, p
 #define MAXPOOL2X2_ROW maxpool2x2_row_f
 #endif
 
+int fnn_cpu_cap = FNN_CPU_AVX512;    /* no cap (see fastnn_kernels.h) */
+
 /* float32 softmax rows, finiteness checks and dropout masks in AVX-512 lanes where the
  * CPU has them (avx512.c); fnn_avx512_rows = 0 runs the portable loops (tests) */
 int fnn_avx512_rows = 1;

@@ -32,6 +32,15 @@ typedef struct {         /* 64-bit throughout: 2 * ph, kh * kw * c never overflo
 
 int fnn_max_threads(void);   /* omp_get_max_threads(), 1 without OpenMP */
 
+/* The CPU feature cap: the highest instruction-set level that the run-time CPU checks
+ * may answer yes for (fnn_sgemm_supported, fnn_avx512_supported, fnn_avx512dq_supported:
+ * FNN_CPU_AVX512; the direct conv's AVX2 + FMA: FNN_CPU_AVX2); above it they answer no,
+ * as on a CPU without those instructions. FNN_CPU_AVX512 (no cap) unless
+ * FASTNN_CPU_FEATURES says otherwise: set once, at import (cpu/runtime.pxi), before any
+ * kernel runs (the checks' answers are cached). Defined in fastnn_kernels.c. */
+enum { FNN_CPU_PORTABLE = 0, FNN_CPU_AVX2 = 1, FNN_CPU_AVX512 = 2 };
+extern int fnn_cpu_cap;
+
 /* Fork safety (forksafe.c): fnn_fork_guard_install() (once, at import) makes a child
  * made by fork() set fnn_forked_child; then FNN_OMP(cond), the `if` clause of every
  * OpenMP region, is 0 and the region runs on one thread (libgomp's thread pool

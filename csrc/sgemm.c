@@ -46,7 +46,8 @@ int fnn_sgemm_direct_a = 1;           /* 0: pack every A (tests) */
 int fnn_sgemm_supported(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    return fnn_cpu_cap >= FNN_CPU_AVX512 && __builtin_cpu_supports("avx512f")
+           && __builtin_cpu_supports("avx512vl");
 }
 
 static __mmask16 lanes(int count)           /* mask of the first count (<= 16) lanes */

@@ -23,6 +23,10 @@ dtype and the CPU, with thresholds timed on one machine (each says which, in
   dropout masks) and ``sgd_step`` (float32 momentum steps): ``avx512``, ``portable``;
   the CPU alone decides (no geometry), and float64 has one loop.
 
+What "this CPU" has is what the run-time checks answer, capped by
+``FASTNN_CPU_FEATURES`` (read once at import): ``avx2`` leaves out every AVX-512 variant
+(``own``, ``own_packed``, ``avx512``), ``portable`` the direct conv too, as on an older CPU.
+
 Geometry keywords: conv ops ``x_shape, w_shape, stride=1, padding=0, dtype``; ``gemm``
 ``m, n, k, dtype``; dense ops ``x_shape, w_shape, dtype`` (and ``need_grad_x=True`` for
 dense_backward). ``force(op, name)`` is a context manager; ``FASTNN_VARIANT_<OP>=name``

@@ -10,6 +10,8 @@ cdef extern from "fastnn_kernels.h" nogil:
         int64_t kh, kw, sh, sw, ph, pw
         int64_t oh, ow
     int fnn_max_threads()
+    int fnn_cpu_cap
+    enum: FNN_CPU_PORTABLE, FNN_CPU_AVX2, FNN_CPU_AVX512
     void *fnn_cache_alloc(size_t nbytes)
     void fnn_cache_free(void *p)
     void fnn_cache_stats(int64_t *out)

@@ -7,6 +7,35 @@
 # parallel itself; it owns the state the three regimes share (the worker pool,
 # the BLAS hold, OpenMP's thread count, threads()) so that state exists once.
 
+# --- the CPU feature cap (FASTNN_CPU_FEATURES) --------------------------------------
+#
+# Read once, here, before gemm.pxi asks fnn_sgemm_supported(): "native" (the default)
+# lets every run-time check answer what the CPU has; "avx2" answers no for AVX-512
+# (the own GEMM, the AVX-512 row kernels, SGD and dropout loops); "portable" also for
+# AVX2 + FMA (the direct conv). Emulates an older CPU on this one (tests of a wheel).
+CPU_FEATURE_CAPS = {"native": FNN_CPU_AVX512, "avx2": FNN_CPU_AVX2,
+                    "portable": FNN_CPU_PORTABLE}
+
+
+cdef int _cap_cpu_features() except -1:
+    """Set fnn_cpu_cap from FASTNN_CPU_FEATURES; ValueError for an unknown value."""
+    global fnn_cpu_cap
+    value = os.environ.get("FASTNN_CPU_FEATURES", "").strip().lower() or "native"
+    if value not in CPU_FEATURE_CAPS:
+        raise ValueError(f"fastnn.kernels._cpu: FASTNN_CPU_FEATURES must be one of "
+                         f"{list(CPU_FEATURE_CAPS)}, got {value!r}")
+    fnn_cpu_cap = CPU_FEATURE_CAPS[value]
+    return 0
+
+
+_cap_cpu_features()
+
+
+def cpu_features():
+    """The FASTNN_CPU_FEATURES cap in effect: "native", "avx2" or "portable"."""
+    return [name for name, cap in CPU_FEATURE_CAPS.items() if cap == fnn_cpu_cap][0]
+
+
 cdef inline void* _data(cnp.ndarray a):
     return cnp.PyArray_DATA(a)
 
