@@ -25,13 +25,11 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _impl(x):
-    """The implementation module for array ``x``."""
-    if backend.is_cuda_array(x):
+    """The implementation module for array ``x`` (a NumPy array is checked first: the
+    layers and optimizers call this at every step)."""
+    if type(x) is not np.ndarray and backend.is_cuda_array(x):
         return _cuda
-    if backend.current() == "cpu":
-        from . import _cpu
-        return _cpu
-    return _reference
+    return backend._compiled if backend._current == "cpu" else _reference
 
 
 def all_finite(x):
@@ -540,7 +538,7 @@ def sgd_step(param, grad, buf=None, *, lr, momentum=0.0, weight_decay=0.0, l1=0.
     if buf is not None and not momentum:
         raise ValueError(f"{who}: a momentum buffer was given but momentum is 0")
     impl = _impl(param)
-    if impl.__name__ == "fastnn.kernels._cpu":      # its buffer is made here, filled there
+    if impl is backend._compiled:                    # its buffer is made here, filled there
         first = momentum and buf is None
         if first:
             buf = np.empty_like(param)

@@ -80,23 +80,10 @@ def make_rng(seed):
     return np.random.default_rng(seed)
 
 
-_IMPL_BY_BACKEND = {}
-
-
-def kernel_impl(x):
-    """The kernel implementation module for ``x`` (compiled, reference or CUDA).
-
-    Layers validate their inputs themselves (once per new shape), so their hot
-    paths call the implementation directly and skip the public kernels'
-    per-call argument checks.
-    """
-    if type(x) is np.ndarray:       # the CPU implementation in use, cached per backend name
-        name = backend.current()
-        impl = _IMPL_BY_BACKEND.get(name)
-        if impl is None:
-            impl = _IMPL_BY_BACKEND[name] = kernels._impl(x)
-        return impl
-    return kernels._impl(x)
+# The kernel implementation module for an array (compiled, reference or CUDA). Layers
+# validate their inputs themselves (once per new shape), so their hot paths call the
+# implementation directly and skip the public kernels' per-call argument checks.
+kernel_impl = kernels._impl
 
 
 def config_int(config, name):
