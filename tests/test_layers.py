@@ -9,15 +9,6 @@ from _helpers import numerical_grad
 CPU_BACKENDS = [b for b in ("cpu", "numpy") if b in backend.available()]
 
 
-@pytest.fixture(params=CPU_BACKENDS)
-def cpu_backend(request):
-    """Run the test on each CPU implementation (compiled and NumPy reference)."""
-    before = backend.current()
-    backend.use(request.param)
-    yield request.param
-    backend.use(before)
-
-
 def check_gradients(layer, x, training=True, before_forward=lambda: None, atol=1e-6):
     """Compare backward() with finite differences of sum(forward(x) * g) for x and every param."""
     rng = np.random.default_rng(1)

@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from fastnn import backend, optim
+from fastnn import optim
 from _helpers import run_python
 
-BACKENDS = ["numpy", "cpu"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_name(request):
-    previous = backend.current()
-    backend.use(request.param)
-    yield request.param
-    backend.use(previous)
 
 
 def blobs(n=48, features=6, classes=3, seed=0):
@@ -50,7 +41,7 @@ def weights(net):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_train_step_is_one_batch_of_fit(backend_name, dtype):
+def test_train_step_is_one_batch_of_fit(cpu_backend, dtype):
     x, y = blobs()
     a, b = mlp(dtype), mlp(dtype)
     for net in (a, b):
@@ -67,7 +58,7 @@ def test_train_step_is_one_batch_of_fit(backend_name, dtype):
 @pytest.mark.parametrize("opt", [lambda: optim.SGD(lr=0.05, momentum=0.9, nesterov=True),
                                  lambda: optim.Adam(lr=0.01, weight_decay=0.01)],
                          ids=["sgd", "adam"])
-def test_fused_dense_relu_steps_give_the_bits_of_the_layers_one_by_one(backend_name, dtype, opt):
+def test_fused_dense_relu_steps_give_the_bits_of_the_layers_one_by_one(cpu_backend, dtype, opt):
     """The plan fuses a ReLU into the Dense before it (forward) and the Dense after it
     (backward); identity layers between them stop that fusion. Same bits either way."""
     x, y = blobs()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from fastnn import backend, kernels, losses
+from fastnn import kernels, losses
 from test_kernels import BACKENDS, CUDA, run_on
 
 DTYPES = [np.float32, np.float64]
@@ -102,14 +102,6 @@ def test_updates_of_empty_parameters(on, dtype):
 
 
 # --- layers and losses ---------------------------------------------------------------
-
-@pytest.fixture(params=BACKENDS)
-def cpu_backend(request):
-    previous = backend.current()
-    backend.use(request.param)
-    yield request.param
-    backend.use(previous)
-
 
 def _forward_backward(layer, x, training=True):
     y = layer.forward(x, training=training)
