@@ -13,6 +13,8 @@ ReLU, LeakyReLU     Relu, LeakyRelu(alpha)
 Sigmoid, Tanh       Sigmoid, Tanh
 Softmax             Softmax (last axis)
 Dropout             Identity (inference)
+RandomTranslation,  Identity (augmentation: identity in inference)
+RandomFlip
 BatchNorm1d/2d      BatchNormalization with the running statistics
 ActivationLayer     Tanh / Sigmoid / Relu when built from fastnn.activations' functions
 ==================  ==================================================================
@@ -26,8 +28,8 @@ import numpy as np
 
 from . import activations, backend
 from .layers import (ActivationLayer, AvgPool2D, BatchNorm1d, BatchNorm2d, Conv2D, Dense,
-                     Dropout, FCLayer, Flatten, GlobalAvgPool2D, LeakyReLU, MaxPool2D, ReLU,
-                     Sigmoid, Softmax, Tanh)
+                     Dropout, FCLayer, Flatten, GlobalAvgPool2D, LeakyReLU, MaxPool2D,
+                     RandomFlip, RandomTranslation, ReLU, Sigmoid, Softmax, Tanh)
 
 __all__ = ["export", "build_model", "OPSET"]
 
@@ -135,6 +137,7 @@ _EXPORTERS = {
     Tanh: _simple("Tanh"), Softmax: _simple("Softmax", axis=-1), Dropout: _simple("Identity"),
     LeakyReLU: lambda g, layer, x: g.node("LeakyRelu", [x], alpha=float(layer.alpha)),
     BatchNorm1d: _batchnorm, BatchNorm2d: _batchnorm, ActivationLayer: _activation_layer,
+    RandomTranslation: _simple("Identity"), RandomFlip: _simple("Identity"),
 }
 
 
