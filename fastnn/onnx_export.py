@@ -13,7 +13,7 @@ ReLU, LeakyReLU     Relu, LeakyRelu(alpha)
 Sigmoid, Tanh       Sigmoid, Tanh
 Softmax             Softmax (last axis)
 Dropout             Identity (inference)
-RandomTranslation,  Identity (augmentation: identity in inference)
+RandomTranslation,  nothing (augmentation layers: identity in inference, skipped)
 RandomFlip
 BatchNorm1d/2d      BatchNormalization with the running statistics
 ActivationLayer     Tanh / Sigmoid / Relu when built from fastnn.activations' functions
@@ -137,7 +137,8 @@ _EXPORTERS = {
     Tanh: _simple("Tanh"), Softmax: _simple("Softmax", axis=-1), Dropout: _simple("Identity"),
     LeakyReLU: lambda g, layer, x: g.node("LeakyRelu", [x], alpha=float(layer.alpha)),
     BatchNorm1d: _batchnorm, BatchNorm2d: _batchnorm, ActivationLayer: _activation_layer,
-    RandomTranslation: _simple("Identity"), RandomFlip: _simple("Identity"),
+    # augmentation: identity in inference, so no node at all
+    RandomTranslation: lambda g, layer, x: x, RandomFlip: lambda g, layer, x: x,
 }
 
 
@@ -152,7 +153,9 @@ def _input_dims(network, input_shape):
     if input_shape is None:
         input_shape = network._input_shape
     if input_shape is None:
-        first = network.layers[0] if network.layers else None
+        # augmentation layers (identity in inference) first: the next layer tells
+        first = next((layer for layer in network.layers
+                      if not isinstance(layer, (RandomTranslation, RandomFlip))), None)
         if isinstance(first, Dense):
             input_shape = (first.in_features,)
         elif isinstance(first, BatchNorm1d):
