@@ -13,6 +13,8 @@ ReLU, LeakyReLU     Relu, LeakyRelu(alpha)
 Sigmoid, Tanh       Sigmoid, Tanh
 Softmax             Softmax (last axis)
 Dropout             Identity (inference)
+RandomTranslation,  nothing (augmentation layers: identity in inference, skipped)
+RandomFlip
 BatchNorm1d/2d      BatchNormalization with the running statistics
 ActivationLayer     Tanh / Sigmoid / Relu when built from fastnn.activations' functions
 ==================  ==================================================================
@@ -26,8 +28,8 @@ import numpy as np
 
 from . import activations, backend
 from .layers import (ActivationLayer, AvgPool2D, BatchNorm1d, BatchNorm2d, Conv2D, Dense,
-                     Dropout, FCLayer, Flatten, GlobalAvgPool2D, LeakyReLU, MaxPool2D, ReLU,
-                     Sigmoid, Softmax, Tanh)
+                     Dropout, FCLayer, Flatten, GlobalAvgPool2D, LeakyReLU, MaxPool2D,
+                     RandomFlip, RandomTranslation, ReLU, Sigmoid, Softmax, Tanh)
 
 __all__ = ["export", "build_model", "OPSET"]
 
@@ -135,6 +137,8 @@ _EXPORTERS = {
     Tanh: _simple("Tanh"), Softmax: _simple("Softmax", axis=-1), Dropout: _simple("Identity"),
     LeakyReLU: lambda g, layer, x: g.node("LeakyRelu", [x], alpha=float(layer.alpha)),
     BatchNorm1d: _batchnorm, BatchNorm2d: _batchnorm, ActivationLayer: _activation_layer,
+    # augmentation: identity in inference, so no node at all
+    RandomTranslation: lambda g, layer, x: x, RandomFlip: lambda g, layer, x: x,
 }
 
 
@@ -149,7 +153,9 @@ def _input_dims(network, input_shape):
     if input_shape is None:
         input_shape = network._input_shape
     if input_shape is None:
-        first = network.layers[0] if network.layers else None
+        # augmentation layers (identity in inference) first: the next layer tells
+        first = next((layer for layer in network.layers
+                      if not isinstance(layer, (RandomTranslation, RandomFlip))), None)
         if isinstance(first, Dense):
             input_shape = (first.in_features,)
         elif isinstance(first, BatchNorm1d):

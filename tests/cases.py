@@ -89,6 +89,10 @@ AVGPOOL_CASES = POOL_CASES + [
 
 
 # (N, C, H, W): global average pooling; a 1x1 plane, batch 1, an empty batch, a large plane
+# (N, C, H, W) images for the augmentation copies: odd sizes, batch 1, 1x1 and 1-wide
+# images, an empty batch, a MNIST-sized batch
+AUGMENT_CASES = [(3, 2, 5, 7), (1, 1, 4, 4), (4, 3, 1, 1), (2, 1, 1, 9), (0, 3, 4, 4),
+                 (5, 1, 28, 28), (2, 3, 8, 3)]
 GLOBAL_POOL_CASES = [(2, 3, 5, 7), (1, 4, 1, 1), (3, 2, 28, 28), (0, 3, 4, 4), (2, 1, 64, 65)]
 
 

@@ -330,9 +330,12 @@ ALL_LAYERS = [
     (lambda: fn.Dropout(0.5, seed=0), (2, 4)),
     (lambda: fn.BatchNorm1d(4), (2, 4)),
     (lambda: fn.BatchNorm2d(2), (2, 2, 4, 4)),
+    (lambda: fn.RandomTranslation(1, 1, seed=0), (2, 2, 4, 4)),
+    (lambda: fn.RandomFlip(seed=0), (2, 2, 4, 4)),
 ]
 IDS = ["Dense", "FCLayer", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "LeakyReLU", "Sigmoid",
-       "Tanh", "Softmax", "Dropout", "BatchNorm1d", "BatchNorm2d"]
+       "Tanh", "Softmax", "Dropout", "BatchNorm1d", "BatchNorm2d", "RandomTranslation",
+       "RandomFlip"]
 
 
 @pytest.mark.parametrize("make,shape", ALL_LAYERS, ids=IDS)

@@ -58,6 +58,9 @@ LAYERS = [
     ("softmax", lambda dt: fn.Softmax(), (4, 9)),
     ("bn1d", lambda dt: fn.BatchNorm1d(5, dtype=dt), (6, 5)),
     ("bn2d", lambda dt: fn.BatchNorm2d(3, dtype=dt), (4, 3, 5, 5)),
+    # the twin's generator is a copy: the same draw, so the same shifts and flips
+    ("translate", lambda dt: fn.RandomTranslation(0.3, 2, fill=0.5, seed=6), (5, 2, 7, 6)),
+    ("flip", lambda dt: fn.RandomFlip(seed=7), (6, 3, 5, 4)),
 ]
 
 

@@ -382,6 +382,11 @@ LAYERS = {
     "ActivationLayer": lambda n, c, *_: (
         lambda: fn.ActivationLayer(np.tanh, lambda x: 1 - np.tanh(x) ** 2), (n, c)),
 }
+LAYERS["RandomTranslation"] = lambda n, c, h, w, k, s, st_, seed, dt: (
+    lambda: fn.RandomTranslation(0.3 * (k - 1) / 4, s, fill=k - 2.0, seed=seed), (n, c, h, w))
+LAYERS["RandomFlip"] = lambda n, c, h, w, k, s, st_, seed, dt: (
+    lambda: fn.RandomFlip(["horizontal", "vertical", "horizontal_and_vertical"][k % 3],
+                          seed=seed), (n, c, h, w))
 if hasattr(fn, "GlobalAvgPool2D"):       # main's global average pool (after the merge)
     LAYERS["GlobalAvgPool2D"] = lambda n, c, h, w, *_: (fn.GlobalAvgPool2D, (n, c, h, w))
 
@@ -443,12 +448,30 @@ def test_global_avgpool(data, dtype):
           dtype)
 
 
-# the public kernels each test above covers (conv_output_size and pair: one test)
+@given(data=st.data(), dtype=DTYPES)
+def test_augmentation_copies(data, dtype):
+    """random_translate (shifts past the edge included), its backward and random_flip."""
+    inputs = Inputs(data, dtype)
+    shape, _, _, _ = geometry(data)
+    n, _, h, w = shape
+    x = inputs.recipe(shape)
+    pairs = np.random.default_rng(inputs.seed).integers(-12, 13, (n, 2))
+    fill = data.draw(st.floats(-3, 3), label="fill")
+    check(lambda x: kernels.random_translate(x, pairs, fill), lambda: (inputs.build(x, 0),),
+          dtype)
+    check(lambda g: kernels.random_translate_backward(g, pairs), lambda: (inputs.build(x, 0),),
+          dtype)
+    check(lambda x: kernels.random_flip(x, pairs % 2), lambda: (inputs.build(x, 0),), dtype)
+
+
+# the public kernels each test above covers (conv_output_size and pair: one test;
+# counter_bits: one NumPy function for every backend, tested in test_augment.py)
 FUZZED = {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward",
           "avgpool2d_backward", "global_avgpool2d_forward", "global_avgpool2d_backward",
           "leaky_relu_forward", "leaky_relu_backward", "relu_forward", "relu_backward",
           "dense_forward", "dense_backward", "softmax_cross_entropy", "conv2d_forward",
-          "conv2d_backward", "sgd_step", "adam_step", "conv_output_size", "pair"}
+          "conv2d_backward", "sgd_step", "adam_step", "conv_output_size", "pair",
+          "random_translate", "random_translate_backward", "random_flip", "counter_bits"}
 
 
 def test_every_public_kernel_and_layer_is_fuzzed():

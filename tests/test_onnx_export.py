@@ -51,10 +51,20 @@ NETWORKS = {
     "global-pool": (lambda dt: [fn.Conv2D(2, 4, 3, padding=1, seed=0, dtype=dt),
                                 fn.MaxPool2D(3, stride=2), fn.GlobalAvgPool2D(), fn.Dropout(0.1),
                                 fn.Dense(4, 2, seed=1, dtype=dt)], (2, 11, 8)),
+    "augmentation": (lambda dt: [fn.RandomTranslation(0.2, 3, fill=1.0, seed=0),
+                                 fn.RandomFlip(seed=1), fn.Conv2D(2, 3, 3, seed=0, dtype=dt),
+                                 fn.GlobalAvgPool2D()], (2, 7, 9)),
 }
 
 
 NEED_INPUT_SHAPE = ("elementwise", "fclayer-tutorial-rows", "batchnorm1d-3d")
+
+
+def test_augmentation_layers_are_skipped(tmp_path):
+    build, shape = NETWORKS["augmentation"]
+    fn.Network(build("float32")).export(tmp_path / "model.onnx")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert ops == ["Conv", "GlobalAveragePool", "Flatten", "Identity"]     # output's Identity
 
 
 def run_onnx(path, x):
@@ -68,7 +78,8 @@ def test_onnx_runtime_equals_predict(tmp_path, name, dtype):
     build, shape = NETWORKS[name]
     net = fn.Network(build(dtype))
     path = tmp_path / "model.onnx"
-    # the others' input shape follows from their first layer (images: H, W left free)
+    # the others' input shape follows from their first layer (images: H, W left free),
+    # past augmentation layers
     net.export(path, input_shape=shape if name in NEED_INPUT_SHAPE else None)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)

@@ -130,7 +130,8 @@ LAYER_CASES = [
     fn.BatchNorm1d(4), fn.BatchNorm2d(3, dtype="float64"), fn.MaxPool2D(2), fn.AvgPool2D(2, 1),
     fn.GlobalAvgPool2D(),
     fn.Flatten(), fn.ReLU(), fn.LeakyReLU(0.3), fn.Sigmoid(), fn.Tanh(), fn.Softmax(),
-    fn.Dropout(0.3), fn.ActivationLayer(fn.activations.tanh, fn.activations.tanh_prime)]
+    fn.Dropout(0.3), fn.ActivationLayer(fn.activations.tanh, fn.activations.tanh_prime),
+    fn.RandomTranslation(0.1, 2, fill=-1.0), fn.RandomFlip("vertical")]
 
 
 def test_every_built_in_layer_is_a_case():

@@ -18,9 +18,11 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "global_avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
-           "sgd_step", "adam_step", "conv_output_size", "pair"]
+           "sgd_step", "adam_step", "conv_output_size", "pair", "counter_bits",
+           "random_translate", "random_translate_backward", "random_flip"]
 
 conv_output_size = _reference.conv_output_size
+counter_bits = _reference.counter_bits
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -228,6 +230,70 @@ def global_avgpool2d_backward(grad_y, x_shape):
                          f"grad_y's shape {tuple(grad_y.shape)}, got {x_shape}")
     grad_y, = _contiguous(grad_y)
     return _impl(grad_y).global_avgpool2d_backward(grad_y, x_shape)
+
+
+def _per_sample_pairs(who, name, x, pairs):
+    """``pairs`` as a C-contiguous (N, 2) int64 array on x's device (N = x.shape[0]),
+    from any integer array or nested list; else TypeError / ValueError naming ``who``."""
+    xp = backend.get_array_module(x)
+    dtype = getattr(pairs, "dtype", None)
+    if dtype is None:
+        pairs = np.asarray(pairs)
+        dtype = pairs.dtype
+    if dtype.kind not in "iub":
+        raise TypeError(f"{who}: {name} must be an integer array of shape (N, 2), got "
+                        f"dtype {dtype}")
+    if tuple(pairs.shape) != (x.shape[0], 2):
+        raise ValueError(f"{who}: {name} must have shape ({x.shape[0]}, 2) (one pair per "
+                         f"sample), got {tuple(pairs.shape)}")
+    return xp.ascontiguousarray(xp.asarray(pairs), dtype=np.int64)
+
+
+def _translation(who, x, shifts):
+    """Checked image x and its shifts, each clipped to [-H, H] x [-W, W] (a larger shift
+    moves the whole image out: the same result) so that -shifts cannot overflow."""
+    _float_array(x, who, "x", 4)
+    shifts = _per_sample_pairs(who, "shifts", x, shifts)
+    xp = backend.get_array_module(shifts)
+    bounds = xp.asarray(np.array([x.shape[2], x.shape[3]], dtype=np.int64))
+    return _contiguous(x)[0], xp.clip(shifts, -bounds, bounds)
+
+
+def random_translate(x, shifts, fill=0.0):
+    """x: (N, C, H, W), shifts: (N, 2) ints (dy, dx) -> y: (N, C, H, W) with
+    y[n, :, i, j] = x[n, :, i - dy, j - dx] where that pixel exists, else ``fill``.
+    (The random draw of the shifts is RandomTranslation's; this op is a plain copy.)"""
+    who = "random_translate"
+    x, shifts = _translation(who, x, shifts)
+    fill = _fill_value(who, fill)
+    return _impl(x).random_translate(x, shifts, fill)
+
+
+def random_translate_backward(grad_y, shifts):
+    """grad_y: (N, C, H, W) -> grad_x: the gradient shifted back by ``shifts``, zero
+    where the forward wrote its fill (random_translate with -shifts and fill 0)."""
+    grad_y, shifts = _translation("random_translate_backward", grad_y, shifts)
+    return _impl(grad_y).random_translate(grad_y, -shifts, 0.0)
+
+
+def random_flip(x, flips):
+    """x: (N, C, H, W), flips: (N, 2) ints -> y: sample n reversed along H where
+    flips[n, 0] != 0 and along W where flips[n, 1] != 0. Its own backward: call it on
+    grad_y with the same flips."""
+    who = "random_flip"
+    _float_array(x, who, "x", 4)
+    flips = _per_sample_pairs(who, "flips", x, flips)
+    x, = _contiguous(x)
+    return _impl(x).random_flip(x, flips)
+
+
+def _fill_value(who, value):
+    """``value`` as a float (not NaN), else TypeError / ValueError naming ``who``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{who}: fill must be a number, got {value!r}")
+    if value != value:
+        raise ValueError(f"{who}: fill must not be NaN")
+    return float(value)
 
 
 def _out_buffer(who, out, like, inputs):

@@ -56,7 +56,8 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "dropout_forward", "dropout_backward", "batchnorm_forward",
-           "batchnorm_backward", "sgd_step", "adam_step", "set_tf32", "tf32_enabled"]
+           "batchnorm_backward", "sgd_step", "adam_step", "set_tf32", "tf32_enabled",
+           "random_translate", "random_flip"]
 
 # Workspace of one conv chunk (columns + per-sample weight-gradient partials)
 # stays under this many bytes. GPU memory is large: a LeNet or CIFAR batch is
@@ -74,7 +75,7 @@ _GRID_YZ = 65535            # CUDA's limit on gridDim.y / gridDim.z: kernels loo
 # module). One compile per process, one cache entry, the helpers defined once.
 _SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 _SOURCE_FILES = ("common.cuh", "conv.cu", "gemm_sums.cu", "relu.cu", "pool.cu", "softmax.cu",
-                 "norm_dropout.cu", "optim.cu")
+                 "norm_dropout.cu", "optim.cu", "augment.cu")
 # NVRTC options of the module. CuPy adds -arch=..., -ftz=true and
 # --device-as-default-execution-space itself (tests/test_cuda_compile.py adds the same).
 _NVRTC_OPTIONS = ()
@@ -422,6 +423,34 @@ def global_avgpool2d_backward(grad_y, x_shape):
             (_blocks(grad_x.size),), (_THREADS,),
             (grad_y, grad_x, np.int64(grad_y.size), np.int64(x_shape[2] * x_shape[3])))
     return grad_x
+
+
+# --- augmentation copies (the layers draw; these copy) -----------------------------------
+
+def _per_sample_copy(name, x, pairs, *extra):
+    """y like x from the kernel ``name``: one thread per element, ``pairs`` (N, 2) int64."""
+    cp = _cp()
+    x = _c(x)
+    y = cp.empty(x.shape, dtype=x.dtype)
+    if y.size:
+        n, c, h, w = x.shape
+        _kernel(name, x.dtype)(
+            (_blocks(y.size),), (_THREADS,),
+            (x, y, cp.ascontiguousarray(cp.asarray(pairs), dtype=cp.int64), np.int64(y.size),
+             np.int64(c * h * w), np.int64(h), np.int64(w), *extra))
+    return y
+
+
+def random_translate(x, shifts, fill):
+    """x: (N, C, H, W), shifts: (N, 2) int64 within [-H, H] x [-W, W] -> y shifted,
+    the rest ``fill`` (the reference's copy, one thread per element)."""
+    return _per_sample_copy("random_translate_kernel", x, shifts, x.dtype.type(fill))
+
+
+def random_flip(x, flips):
+    """x: (N, C, H, W), flips: (N, 2) int64 -> y, sample n reversed along H / W where
+    flips[n, 0] / flips[n, 1] != 0."""
+    return _per_sample_copy("random_flip_kernel", x, flips)
 
 
 # --- elementwise ----------------------------------------------------------------------

@@ -157,16 +157,24 @@ def leaky_relu_backward(grad_y, x, alpha):
     return np.where(x > 0, grad_y, grad_y * grad_y.dtype.type(alpha))
 
 
+def counter_bits(seed, count):
+    """(count,) uint64: element i is the splitmix64 finaliser of seed + (i + 1) *
+    0x9E3779B97F4A7C15 (uint64 arithmetic, wrapping): the counter-based random bits of
+    dropout's masks and the augmentation layers' draws (a NumPy array, on the host)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF) \
+            + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 def dropout_forward(x, p, seed):
     """Inverted dropout -> (y, mask): element i (in C order) is kept, mask = 1/(1-p) in
     x's dtype, when its counter-based uniform u(seed, i) >= p, else mask = 0; y = x *
     mask. u = (z >> 11) / 2^53 with z the splitmix64 finaliser of seed + (i + 1) *
     0x9E3779B97F4A7C15 (uint64 arithmetic, wrapping), as in the CUDA kernel."""
-    z = np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF) \
-        + np.arange(1, x.size + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
+    z = counter_bits(seed, x.size)
     u = (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
     mask = np.where(u >= p, x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0)).reshape(x.shape)
     return x * mask, mask
@@ -175,6 +183,32 @@ def dropout_forward(x, p, seed):
 def dropout_backward(grad_y, mask):
     """grad_x = grad_y * mask (the scaled mask of dropout_forward)."""
     return grad_y * mask
+
+
+def random_translate(x, shifts, fill):
+    """x: (N, C, H, W), shifts: (N, 2) int64 (dy, dx) with |dy| <= H, |dx| <= W ->
+    y: (N, C, H, W), y[n, :, i, j] = x[n, :, i - dy, j - dx] where that pixel exists,
+    else ``fill`` (in x's dtype). Its backward is this op on grad_y with -shifts and
+    fill 0: the gradient shifted back, zero where the fill was."""
+    y = np.full_like(x, x.dtype.type(fill))
+    h, w = x.shape[2:]
+    for n, (dy, dx) in enumerate(shifts.tolist()):
+        y[n, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            x[n, :, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return y
+
+
+def random_flip(x, flips):
+    """x: (N, C, H, W), flips: (N, 2) int64 -> y: sample n reversed along H where
+    flips[n, 0] != 0 (vertical) and along W where flips[n, 1] != 0 (horizontal). Its
+    own backward: the same op on grad_y."""
+    y = x.copy()
+    for n, (fv, fh) in enumerate(flips.tolist()):
+        if fv:
+            y[n] = y[n, :, ::-1, :].copy()
+        if fh:
+            y[n] = y[n, :, :, ::-1].copy()
+    return y
 
 
 def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
