@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from . import backend, kernels, losses, metrics as metrics_module, optim
+from .container import LayerSequence, summary_table
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import ReLU, Softmax
 from .layers.conv import Conv2D
@@ -59,7 +60,7 @@ def _weight_flags(layer):
     return [k in names for k in params]
 
 
-class Network:
+class Network(LayerSequence):
     """A sequence of layers trained end to end.
 
     ``Network([Dense(2, 3), Tanh(), ...])`` or ``Network()`` then ``add``.
@@ -586,15 +587,8 @@ class Network:
                     shape = None
             rows.append((str(i), repr(layer) if isinstance(layer, Layer) else type(layer).__name__,
                          "?" if shape is None else str((None,) + shape), f"{count:,}"))
-        widths = [max(len(r[k]) for r in rows) for k in range(4)]
-        line = "-" * (sum(widths) + 6)
-        text = [line, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)), line]
-        text += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
-        text += [line, f"total parameters: {total:,}  (dtype {self.dtype}, device {self.device})"]
-        return "\n".join(text)
-
-    def __repr__(self):
-        return f"Network({len(self.layers)} layers, device={self.device!r})"
+        return summary_table(rows, f"total parameters: {total:,}  (dtype {self.dtype}, "
+                                   f"device {self.device})")
 
     # -- save / load ---------------------------------------------------------------------------
     def save(self, path, include_optimizer=True):
