@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend, clipping, kernels
 
-__all__ = ["Optimizer", "SGD", "Adam", "Schedule", "StepLR", "ExponentialLR", "CosineAnnealingLR",
-           "get"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Schedule", "StepLR", "ExponentialLR",
+           "CosineAnnealingLR", "OneCycleLR", "LinearWarmup", "get"]
 
 
 def nonnegative(value, name, who):
@@ -56,8 +56,10 @@ class Optimizer:
     here, aligned with ``params``, on the parameters' device.
     """
 
-    def __init__(self, lr, schedule=None):
-        self.lr = nonnegative(lr, "lr", type(self).__name__)
+    def __init__(self, lr, schedule=None, clipnorm=None, global_clipnorm=None, clipvalue=None):
+        who = type(self).__name__
+        self.lr = nonnegative(lr, "lr", who)
+        self.clip = clipping.GradientClip(who, clipnorm, global_clipnorm, clipvalue)
         self.state = None          # per-parameter state, aligned with the params list
         self._shapes = None        # [(shape, dtype)] of the params the state was made for
         self.schedule = schedule
@@ -73,8 +75,19 @@ class Optimizer:
         self._shapes = None
 
     def step(self, params, grads, decay=None):
-        """Update each array of ``params`` in place from ``grads`` (same order and shapes)."""
+        """Update each array of ``params`` in place from ``grads`` (same order and shapes):
+        the gradients clipped first (``clipnorm`` / ``global_clipnorm`` / ``clipvalue``,
+        before weight decay), then the subclass's update rule (``_update``)."""
+        grads = self.clip(grads)
+        self._prepare(params)
+        self._update(params, grads, decay)
+
+    def _update(self, params, grads, decay):
         raise NotImplementedError
+
+    def _config(self, **config):
+        """``config`` plus the clipping options that are set (what ``get_config`` returns)."""
+        return {**config, **self.clip.get_config()}
 
     def to(self, device):
         """Move the state to ``device`` ("cpu" or "cuda")."""
@@ -193,7 +206,7 @@ class SGD(Optimizer):
     """
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0, *,
-                 schedule=None):
+                 schedule=None, **clip):
         who = "SGD"
         self.momentum = nonnegative(momentum, "momentum", who)
         self.nesterov = bool(nesterov)
@@ -201,10 +214,9 @@ class SGD(Optimizer):
         self.l1 = nonnegative(l1, "l1", who)
         if self.nesterov and self.momentum == 0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
-        super().__init__(lr, schedule)
+        super().__init__(lr, schedule, **clip)
 
-    def step(self, params, grads, decay=None):
-        self._prepare(params)
+    def _update(self, params, grads, decay):
         state = self.state
         for i, (p, g) in enumerate(zip(params, grads)):
             weight = decay is None or decay[i]
@@ -214,8 +226,8 @@ class SGD(Optimizer):
                 l1=self.l1 if weight else 0.0, nesterov=self.nesterov)
 
     def get_config(self):
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay, "l1": self.l1}
+        return self._config(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                            weight_decay=self.weight_decay, l1=self.l1)
 
 
 class Adam(Optimizer):
@@ -226,16 +238,18 @@ class Adam(Optimizer):
     W -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
+    decoupled = False       # AdamW: decay the weights, not the gradient
+
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 schedule=None):
-        who = "Adam"
+                 schedule=None, **clip):
+        who = type(self).__name__
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"{who}: betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = nonnegative(eps, "eps", who)
         self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
         self.t = 0
-        super().__init__(lr, schedule)
+        super().__init__(lr, schedule, **clip)
 
     def _state_arrays(self):
         return 2
@@ -255,26 +269,77 @@ class Adam(Optimizer):
         super().reset()
         self.t = 0
 
-    def step(self, params, grads, decay=None):
-        self._prepare(params)
+    def _update(self, params, grads, decay):
         self.t += 1
         b1, b2 = self.betas
         for i, (p, g) in enumerate(zip(params, grads)):
             m, v = self.state[i]
             weight = decay is None or decay[i]
             kernels.adam_step(p, g, m, v, lr=self.lr, step=self.t, beta1=b1, beta2=b2,
-                              eps=self.eps, weight_decay=self.weight_decay if weight else 0.0)
+                              eps=self.eps, weight_decay=self.weight_decay if weight else 0.0,
+                              decoupled=self.decoupled)
 
     def get_config(self):
-        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        return self._config(lr=self.lr, betas=list(self.betas), eps=self.eps,
+                            weight_decay=self.weight_decay)
 
 
-_BY_NAME = {"sgd": SGD, "adam": Adam}
+class AdamW(Adam):
+    """AdamW, torch.optim.AdamW's rule: Adam whose ``weight_decay`` is decoupled from
+    the gradient (weights only), one ``fastnn.kernels.adam_step(..., decoupled=True)``
+    per parameter: W *= 1 - lr * weight_decay, then Adam's update without L2.
+    """
+    decoupled = True
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 schedule=None, **clip):
+        super().__init__(lr, betas, eps, weight_decay, schedule=schedule, **clip)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, torch.optim.RMSprop's rule (centered=False), one
+    ``fastnn.kernels.rmsprop_step`` per parameter:
+
+    g = grad + weight_decay * W  (weights only);  s = alpha s + (1 - alpha) g^2;
+    d = g / (sqrt(s) + eps);  buf = momentum buf + d, d = buf (momentum > 0);  W -= lr d
+    """
+
+    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0, *,
+                 schedule=None, **clip):
+        who = "RMSprop"
+        self.alpha = nonnegative(alpha, "alpha", who)
+        if self.alpha > 1:
+            raise ValueError(f"{who}: alpha must be in [0, 1], got {alpha!r}")
+        self.eps = nonnegative(eps, "eps", who)
+        self.momentum = nonnegative(momentum, "momentum", who)
+        self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
+        super().__init__(lr, schedule, **clip)
+
+    def _state_arrays(self):
+        return 2 if self.momentum else 1
+
+    def _init_state(self, params):
+        zeros = [backend.get_array_module(p).zeros_like for p in params]
+        self.state = [(z(p), z(p)) if self.momentum else z(p) for z, p in zip(zeros, params)]
+
+    def _update(self, params, grads, decay):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            square_avg, buf = self.state[i] if self.momentum else (self.state[i], None)
+            weight = decay is None or decay[i]
+            kernels.rmsprop_step(p, g, square_avg, buf, lr=self.lr, alpha=self.alpha,
+                                 eps=self.eps, momentum=self.momentum,
+                                 weight_decay=self.weight_decay if weight else 0.0)
+
+    def get_config(self):
+        return self._config(lr=self.lr, alpha=self.alpha, eps=self.eps,
+                            momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+_BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
 def get(optimizer):
-    """An Optimizer from an instance, a class or a name ("sgd", "adam")."""
+    """An Optimizer from an instance, a class or a name ("sgd", "adam", "adamw", "rmsprop")."""
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
