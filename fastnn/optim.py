@@ -450,3 +450,159 @@ class CosineAnnealingLR(Schedule):
     def lr_at(self, epoch):
         return self.eta_min + (self.base_lr - self.eta_min) * (
             1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+class BatchSchedule(Schedule):
+    """A schedule that steps once per batch, as PyTorch's OneCycleLR and warm-ups do
+    (``fit`` calls ``on_batch_end`` after each batch's update); ``epoch`` counts those
+    batches. It sets the optimizer's lr for step 0 when it binds."""
+
+    def bind(self, optimizer):
+        fresh = self.optimizer is not optimizer
+        super().bind(optimizer)
+        if fresh and optimizer is not None:
+            self._apply(0)
+
+    def _apply(self, step):
+        self.optimizer.lr = self.lr_at(step)
+
+    def step(self):
+        """One batch done: set the optimizer's lr (and momentum) for the next one."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}: not bound to an optimizer")
+        self.epoch += 1
+        self._apply(self.epoch)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.optimizer is not None:     # the lr came with the optimizer; momentum too
+            self._apply(self.epoch)
+
+    def on_batch_end(self, network, batch, logs):
+        self.step()
+
+    def on_epoch_end(self, network, epoch, logs):
+        pass
+
+
+def _cos_anneal(start, end, pct):
+    """torch.optim.lr_scheduler.OneCycleLR's cosine from ``start`` (pct 0) to ``end`` (1)."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+class OneCycleLR(BatchSchedule):
+    """torch.optim.lr_scheduler.OneCycleLR with its defaults (cosine annealing,
+    div_factor 25, final_div_factor 1e4, two phases), stepping once per batch over
+    ``epochs * steps_per_epoch`` batches: lr from max_lr / 25 up to ``max_lr`` over the
+    first ``pct_start`` of them, then down to max_lr / 25 / 1e4. The momentum (SGD's
+    ``momentum``, Adam's beta1, RMSprop's ``momentum`` when > 0) goes 0.95 -> 0.85 -> 0.95
+    the other way round, as torch's cycle_momentum does."""
+
+    def __init__(self, max_lr, epochs, steps_per_epoch, pct_start=0.3):
+        super().__init__()
+        who = "OneCycleLR"
+        self.max_lr = _finite_float(max_lr, "max_lr", who)
+        for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+        self.epochs, self.steps_per_epoch = int(epochs), int(steps_per_epoch)
+        if not 0 < pct_start < 1:
+            raise ValueError(f"{who}: pct_start must be in (0, 1), got {pct_start!r}")
+        self.pct_start = float(pct_start)
+        self.total_steps = self.epochs * self.steps_per_epoch
+
+    def get_config(self):
+        return {"max_lr": self.max_lr, "epochs": self.epochs,
+                "steps_per_epoch": self.steps_per_epoch, "pct_start": self.pct_start}
+
+    def _phase(self, step):
+        """(start, end, pct) of the phase ``step`` is in, as fractions of the cycle's
+        ends: 0 = the initial lr / max momentum, 1 = max_lr / base momentum, 2 = min lr."""
+        up_end = self.pct_start * self.total_steps - 1
+        if step <= up_end:
+            return 0, 1, step / up_end
+        return 1, 2, (step - up_end) / (self.total_steps - 1 - up_end)
+
+    def lr_at(self, step):
+        initial = self.max_lr / 25.0
+        lrs = (initial, self.max_lr, initial / 1e4)
+        start, end, pct = self._phase(step)
+        return _cos_anneal(lrs[start], lrs[end], pct)
+
+    def momentum_at(self, step):
+        moms = (0.95, 0.85, 0.95)
+        start, end, pct = self._phase(step)
+        return _cos_anneal(moms[start], moms[end], pct)
+
+    def _apply(self, step):
+        if step > self.total_steps:
+            raise ValueError(f"OneCycleLR: stepped {step} times, more than its "
+                             f"epochs * steps_per_epoch = {self.total_steps}")
+        opt = self.optimizer
+        opt.lr = self.lr_at(step)
+        momentum = self.momentum_at(step)
+        if isinstance(opt, Adam):
+            opt.betas = (momentum, opt.betas[1])
+        elif isinstance(opt, SGD) or (isinstance(opt, RMSprop) and opt.momentum):
+            opt.momentum = momentum
+
+
+class LinearWarmup(BatchSchedule):
+    """lr from base_lr / steps up to base_lr over ``steps`` batches (torch's
+    ``LinearLR(start_factor=1 / steps, total_iters=steps)``), base_lr being the
+    optimizer's lr when it binds; then ``then`` (another schedule, or None: lr stays)
+    takes over from base_lr, stepping as it does (per epoch, or per batch)."""
+
+    def __init__(self, steps, then=None):
+        super().__init__()
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"LinearWarmup: steps must be a positive int, got {steps!r}")
+        if isinstance(then, dict):         # as get_config stores it
+            then = globals()[then["class"]](**then["config"])
+        if then is not None and not isinstance(then, Schedule):
+            raise TypeError(f"LinearWarmup: then must be a Schedule or None, got {then!r:.80}")
+        self.steps, self.then = int(steps), then
+
+    def get_config(self):
+        then = None if self.then is None else {"class": type(self.then).__name__,
+                                               "config": self.then.get_config()}
+        return {"steps": self.steps, "then": then}
+
+    def lr_at(self, step):
+        start = 1.0 / self.steps
+        return self.base_lr * (start + (1.0 - start) * min(step, self.steps) / self.steps)
+
+    def _apply(self, step):
+        if step < self.steps or self.then is None:
+            self.optimizer.lr = self.lr_at(step)
+        elif self.then.optimizer is not self.optimizer:     # hand over at base_lr
+            self.optimizer.lr = self.base_lr
+            self.then.bind(self.optimizer)
+        elif isinstance(self.then, BatchSchedule):
+            self.then.step()
+
+    def on_epoch_end(self, network, epoch, logs):
+        if self.then is not None and self.then.optimizer is self.optimizer \
+                and not isinstance(self.then, BatchSchedule):
+            self.then.step()
+
+    def state_dict(self):
+        return {**super().state_dict(),
+                "then": None if self.then is None else self.then.state_dict()}
+
+    def bind(self, optimizer):
+        if self.then is not None and self.optimizer is not optimizer:
+            self.then.bind(None)           # it takes over again after a new warm-up
+        super().bind(optimizer)
+
+    def load_state_dict(self, state_dict):
+        """Put back a ``state_dict()`` (``then``'s position included; the lr comes with
+        the optimizer's state)."""
+        who = "LinearWarmup.load_state_dict"
+        sd = _checked_keys(state_dict, ("epoch", "base_lr", "then"), who)
+        Schedule.load_state_dict(self, {"epoch": sd["epoch"], "base_lr": sd["base_lr"]})
+        if self.then is None or sd["then"] is None:
+            return
+        if self.optimizer is not None and self.epoch >= self.steps:
+            self.then.bind(self.optimizer)
+        self.then.load_state_dict(sd["then"])

@@ -223,3 +223,84 @@ def test_new_optimizers_save_and_resume(tmp_path):
         net.fit(x, y, epochs=1, batch_size=5, verbose=0, shuffle=False)
         other.fit(x, y, epochs=1, batch_size=5, verbose=0, shuffle=False)
         np.testing.assert_array_equal(other.forward(x), net.forward(x))
+
+
+# --- per-batch schedules against torch's lr (and momentum) sequences --------------------
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+def test_one_cycle_matches_torch(make):
+    torch = pytest.importorskip("torch")
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    topt = torch.optim.SGD([p], lr=0.1, momentum=0.9) if make == "sgd" else \
+        torch.optim.Adam([p], lr=0.1)
+    tsched = torch.optim.lr_scheduler.OneCycleLR(topt, max_lr=0.5, epochs=3, steps_per_epoch=7,
+                                                 pct_start=0.25)
+    n = 21
+    want_lr, want_m = [], []
+    for _ in range(n):
+        g = topt.param_groups[0]
+        want_lr.append(g["lr"])
+        want_m.append(g["momentum"] if make == "sgd" else g["betas"][0])
+        topt.step()
+        tsched.step()
+    sched = optim.OneCycleLR(0.5, epochs=3, steps_per_epoch=7, pct_start=0.25)
+    opt = optim.SGD(lr=0.1, momentum=0.9, schedule=sched) if make == "sgd" else \
+        optim.Adam(lr=0.1, schedule=sched)
+    got_lr, got_m = [], []
+    for _ in range(n):
+        got_lr.append(opt.lr)
+        got_m.append(opt.momentum if make == "sgd" else opt.betas[0])
+        sched.on_batch_end(None, 0, {})
+    np.testing.assert_allclose(got_lr, want_lr, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got_m, want_m, rtol=1e-12)
+    with pytest.raises(ValueError, match="OneCycleLR: stepped 22 times"):
+        sched.step()
+
+
+def test_linear_warmup_matches_torch_linear_lr_then_hands_over():
+    torch = pytest.importorskip("torch")
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    tsched = torch.optim.lr_scheduler.LinearLR(topt, start_factor=1 / 5, total_iters=5)
+    want = []
+    for _ in range(8):
+        want.append(topt.param_groups[0]["lr"])
+        topt.step()
+        tsched.step()
+    then = optim.StepLR(1, gamma=0.5)
+    warm = optim.LinearWarmup(5, then=then)
+    opt = optim.SGD(lr=0.2, schedule=warm)
+    got = []
+    for _ in range(8):
+        got.append(opt.lr)
+        warm.on_batch_end(None, 0, {})
+        warm.on_epoch_end(None, 1, {}) if len(got) == 3 else None   # before the hand-over: no-op
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert then.optimizer is opt and opt.lr == 0.2
+    warm.on_epoch_end(None, 1, {})        # then steps per epoch after the hand-over
+    assert opt.lr == pytest.approx(0.1)
+
+
+def test_batch_schedules_step_per_batch_in_fit_and_resume(tmp_path):
+    import fastnn as fn
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 3)).astype(np.float32), rng.integers(0, 2, 12)
+    sched = optim.OneCycleLR(0.1, epochs=2, steps_per_epoch=3)
+    net = fn.Network([fn.Dense(3, 2, seed=0)])
+    net.compile("cross_entropy", optimizer=optim.SGD(schedule=sched))
+    net.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert sched.epoch == 3 and net.optimizer.lr == pytest.approx(sched.lr_at(3))
+    net.save(tmp_path / "m.npz")
+    other = fn.Network.load(tmp_path / "m.npz")
+    assert other.optimizer.schedule.epoch == 3
+    assert other.optimizer.momentum == pytest.approx(sched.momentum_at(3))
+    warm = optim.LinearWarmup(2, then=optim.CosineAnnealingLR(4))
+    net.compile("cross_entropy", optimizer=optim.Adam(lr=0.01, schedule=warm))
+    net.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    net.save(tmp_path / "w.npz")
+    other = fn.Network.load(tmp_path / "w.npz")
+    assert other.optimizer.schedule.then.optimizer is other.optimizer
+    assert other.optimizer.schedule.get_config() == warm.get_config()
+    with pytest.raises(ValueError, match="OneCycleLR: pct_start"):
+        optim.OneCycleLR(0.1, 1, 1, pct_start=1.5)
+    with pytest.raises(TypeError, match="LinearWarmup: then must be a Schedule"):
+        optim.LinearWarmup(3, then=5)
