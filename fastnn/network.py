@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import backend, kernels, losses, metrics as metrics_module, optim
+from . import backend, fit_callbacks, kernels, losses, metrics as metrics_module, optim
 from .container import LayerSequence, summary_table
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import ReLU, Softmax
@@ -482,6 +482,7 @@ class Network(LayerSequence):
                     cb.bind(None)
         # those that back the training state up (on_fit_resume) see every other one's epoch end
         callbacks.sort(key=lambda cb: hasattr(cb, "on_fit_resume"))
+        fit_callbacks.check_hooks(callbacks)
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(self)
