@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import backend, fit_callbacks, kernels, losses, metrics as metrics_module, optim
+from . import backend, fit_callbacks, fit_data, kernels, losses, metrics as metrics_module, optim
 from .container import LayerSequence, summary_table
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import ReLU, Softmax
@@ -328,17 +328,20 @@ class Network(LayerSequence):
             logs.update(self._metric_values(y, out))
         return logs
 
-    def _step(self, x, y, max_loss=math.inf):
+    def _step(self, x, y, max_loss=math.inf, w=None):
         """``train_step`` on a checked batch already on the device; returns ``(loss, out)``
         with ``out`` the output of the trained layers. The only place parameters change
         (tutorial-protocol layers update their own inside their backward). A loss that is
-        NaN, infinite or above ``max_loss`` in magnitude raises FloatingPointError first."""
+        NaN, infinite or above ``max_loss`` in magnitude raises FloatingPointError first.
+        ``w``: the samples' weights (B,) or None (``Loss.weighted_loss_and_grad``)."""
         plan = self._get_plan()
         out = self._run_forward(x, True, plan.n_train)
         if self._style == "use":
             loss, grad = self.loss(y, out), self.loss_prime(y, out)
-        else:
+        elif w is None:
             loss, grad = self.loss_fn._loss_and_grad(out, y)
+        else:
+            loss, grad = self.loss_fn.weighted_loss_and_grad(out, y, w)
         loss = float(loss)
         if not abs(loss) <= max_loss:
             over = (f", over {max_loss:.3g} (fit's bound: the loss diverged)"
@@ -357,8 +360,9 @@ class Network(LayerSequence):
         if not self.layers:
             raise ValueError(f"{who}: the network has no layers")
 
-    def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
-            shuffle=True, callbacks=(), verbose=1, seed=None):
+    def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None,
+            validation_data=None, shuffle=True, callbacks=(), verbose=1, seed=None,
+            validation_split=0.0, class_weight=None, sample_weight=None, steps_per_epoch=None):
         """Train on ``(x, y)`` and return a ``History``: ``epochs`` passes of
         ``train_step`` over batches of ``(x, y)``, with callbacks and progress around it.
 
@@ -370,6 +374,8 @@ class Network(LayerSequence):
         ``max(1, |the fit's first batch loss|)`` in magnitude. With a
         ``callbacks.BackupAndRestore`` whose directory holds a backup, ``fit`` first
         puts that training state back and goes on from it (see ``_resume``).
+        ``validation_split``, ``class_weight``, ``sample_weight`` and an iterable ``x``
+        of ``(xb, yb)`` batches with ``steps_per_epoch``: see ``fastnn.fit_data``.
         """
         who = "Network.fit"
         self._check_trainable(who)
@@ -379,12 +385,10 @@ class Network(LayerSequence):
             learning_rate = optim.nonnegative(learning_rate, "learning_rate", who)
         elif self._style == "use":
             raise ValueError(f"{who}: after use(), pass learning_rate (or call compile())")
-        # checked once here; batches move to the device one at a time in the loop
-        x = self._as_input(x, who, move=False)
-        probe = self._probe(x, who)
-        y = self._as_target(y, len(x), probe, who, move=False)
-        val = self._validation_data(validation_data, who)
-        batch_size = self._batch_size(batch_size, len(x), who)
+        source = fit_data.fit_source(self, x, y, batch_size, shuffle, validation_split,
+                                     validation_data, class_weight, sample_weight, steps_per_epoch)
+        val = self._validation_data(source.validation_data, who)
+        probe = source.probe
         if self._style == "use":         # the tutorial: plain SGD at that rate
             self.optimizer = optim.SGD(lr=learning_rate)
         elif learning_rate is not None:
@@ -394,7 +398,7 @@ class Network(LayerSequence):
         # accuracy needs only each sample's class, not the epoch's scores
         classes = (self.metrics and probe.ndim == 2 and probe.shape[1] >= 2
                    and all(f is metrics_module.accuracy for _, f in self.metrics))
-        epoch_run = _Epoch(self, x, y, batch_size, shuffle, rng, classes, callbacks)
+        epoch_run = _Epoch(self, source, rng, classes, callbacks)
         self.history = History()
         self.stop_training = False
         first = self._resume(callbacks, epoch_run)       # a restored run may have stopped
@@ -750,10 +754,9 @@ class _Epoch:
     makes the next ``run`` skip that many batches, keeping ``total`` / ``outputs`` /
     ``targets`` as they are (set with the Generator's state, it resumes an epoch)."""
 
-    def __init__(self, network, x, y, batch_size, shuffle, rng, classes, callbacks):
-        self.network, self.x, self.y = network, x, y
-        self.batch_size, self.shuffle, self.rng, self.classes = batch_size, shuffle, rng, classes
-        self.n_batches = -(-len(x) // batch_size)
+    def __init__(self, network, source, rng, classes, callbacks):
+        self.network, self.source, self.rng, self.classes = network, source, rng, classes
+        self.n_batches = source.n_batches
         self.callbacks = callbacks
         self.batch_end = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         self.bar = None
@@ -764,7 +767,6 @@ class _Epoch:
 
     def run(self, epoch, epochs, verbose):
         """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
-        from . import data
         net = self.network
         tutorial = net._style == "use"
         if verbose == 1 and not tutorial:
@@ -774,18 +776,18 @@ class _Epoch:
         if not start:
             self.total, self.outputs, self.targets = 0.0, [], []
         self.rng_state = self.rng.bit_generator.state
-        batches = data.batches(self.x, self.y, self.batch_size, shuffle=self.shuffle,
-                               seed=self.rng)
+        batches = self.source.batches(self.rng)
         try:
             for b, (xb, yb) in itertools.islice(enumerate(batches), start, None):
                 self.boundary.raise_if_interrupted(
                     f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
                     f"{self.n_batches}; the parameters are those after the last whole step")
+                yb, wb = fit_data.split(yb)
                 if to_device:
-                    xb = backend.to_device(xb, net._device)
-                    yb = backend.to_device(yb, net._device)
+                    xb, yb = backend.to_device(xb, net._device), backend.to_device(yb, net._device)
+                    wb = None if wb is None else backend.to_device(wb, net._device)
                 try:
-                    loss, out = net._step(xb, yb, self.max_loss)
+                    loss, out = net._step(xb, yb, self.max_loss, wb)
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"Network.fit: at epoch {epoch}, batch {b + 1} of "
                                              f"{self.n_batches}, {exc}") from None
