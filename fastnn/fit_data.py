@@ -176,9 +176,10 @@ def fit_source(network, x, y, batch_size, shuffle, split, val, class_weight, wei
     checked once here (moved to the device batch by batch in the loop), or an
     iterable's batches checked as they come."""
     if y is None and not hasattr(x, "shape") and hasattr(x, "__iter__"):
-        if split or class_weight is not None or weights is not None:
-            raise ValueError(f"{WHO}: validation_split, class_weight and sample_weight need "
-                             "arrays x, y, not an iterable of batches")
+        if split or class_weight is not None or weights is not None or batch_size is not None:
+            raise ValueError(f"{WHO}: validation_split, class_weight, sample_weight and "
+                             "batch_size need arrays x, y, not an iterable of batches (whose "
+                             "batches are as it yields them)")
         batches = StreamSource(network, x, steps)
     else:
         if y is None:

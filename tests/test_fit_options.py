@@ -157,5 +157,7 @@ def test_iterable_errors_are_clear():
         net.fit(x, y, steps_per_epoch=3, verbose=0)
     with pytest.raises(ValueError, match="need arrays x, y"):
         net.fit(batches_of(x, y, 4), None, validation_split=0.5, verbose=0)
+    with pytest.raises(ValueError, match="batch_size need arrays x, y"):
+        net.fit(batches_of(x, y, 4), None, batch_size=4, verbose=0)
     with pytest.raises(ValueError, match="y is None"):
         net.fit(x, None, verbose=0)
