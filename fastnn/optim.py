@@ -510,6 +510,10 @@ class OneCycleLR(BatchSchedule):
             raise ValueError(f"{who}: pct_start must be in (0, 1), got {pct_start!r}")
         self.pct_start = float(pct_start)
         self.total_steps = self.epochs * self.steps_per_epoch
+        if self.pct_start * self.total_steps <= 1:      # torch divides by zero there
+            raise ValueError(f"{who}: the warm-up phase has no step: pct_start * epochs * "
+                             f"steps_per_epoch = {self.pct_start * self.total_steps:g} must "
+                             "be > 1")
 
     def get_config(self):
         return {"max_lr": self.max_lr, "epochs": self.epochs,

@@ -300,6 +300,8 @@ def test_batch_schedules_step_per_batch_in_fit_and_resume(tmp_path):
     other = fn.Network.load(tmp_path / "w.npz")
     assert other.optimizer.schedule.then.optimizer is other.optimizer
     assert other.optimizer.schedule.get_config() == warm.get_config()
+    with pytest.raises(ValueError, match="OneCycleLR: the warm-up phase has no step"):
+        optim.OneCycleLR(0.1, 1, 3, pct_start=0.3)
     with pytest.raises(ValueError, match="OneCycleLR: pct_start"):
         optim.OneCycleLR(0.1, 1, 1, pct_start=1.5)
     with pytest.raises(TypeError, match="LinearWarmup: then must be a Schedule"):
