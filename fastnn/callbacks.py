@@ -18,16 +18,24 @@ import os
 import numpy as np
 
 from . import backend, saving
-from .optim import CosineAnnealingLR, ExponentialLR, StepLR
+from .optim import (CosineAnnealingLR, ExponentialLR, LinearWarmup, OneCycleLR,  # noqa: F401
+                    StepLR)
 
-__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore", "StepLR",
-           "ExponentialLR", "CosineAnnealingLR"]
+__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
+           "ReduceLROnPlateau", "CSVLogger", "StepLR", "ExponentialLR", "CosineAnnealingLR",
+           "OneCycleLR", "LinearWarmup"]
 
 
 class Callback:
     """Base class; every hook does nothing by default."""
 
     def on_train_begin(self, network):
+        pass
+
+    def on_epoch_begin(self, network, epoch):
+        pass
+
+    def on_batch_end(self, network, batch, logs):
         pass
 
     def on_epoch_end(self, network, epoch, logs):
@@ -371,3 +379,6 @@ def _int(value, name, lo):
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 2**53:
         raise ValueError(f"{name} must be an int in [{lo}, 2**53], got {value!r:.100}")
     return value
+
+
+from .fit_callbacks import CSVLogger, ReduceLROnPlateau  # noqa: E402  (they use _Monitor)

@@ -74,6 +74,29 @@ class Loss:
     def _loss_and_grad(self, y_pred, y_true):
         raise NotImplementedError
 
+    def weighted_loss_and_grad(self, y_pred, y_true, sample_weight):
+        """``(loss, grad)`` with a weight per sample, Keras' rule: loss =
+        sum(w_i * loss_i) / N, loss_i the loss of sample i alone; grad row i is the
+        unweighted gradient's row times w_i. ``sample_weight``: (N,) numbers >= 0."""
+        y_pred, y_true = self.check(y_pred, y_true)
+        w = sample_weight
+        if not hasattr(w, "shape") or tuple(w.shape) != (len(y_pred),):
+            raise ValueError(f"{type(self).__name__}: sample_weight must have shape "
+                             f"({len(y_pred)},), got {getattr(w, 'shape', type(w).__name__)}")
+        return self._weighted_loss_and_grad(y_pred, y_true, w)
+
+    def _weighted_loss_and_grad(self, y_pred, y_true, w):
+        xp = backend.get_array_module(y_pred)
+        w = xp.asarray(w, dtype=y_pred.dtype)
+        _, grad = self._loss_and_grad(y_pred, y_true)
+        loss = (w * self._per_sample(y_pred, y_true)).sum() / len(w)
+        return loss, grad * w.reshape((-1,) + (1,) * (grad.ndim - 1))
+
+    def _per_sample(self, y_pred, y_true):
+        """The loss of each sample alone, (N,) (its mean over the batch is the loss)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-sample loss, so no "
+                                  "sample or class weights")
+
     def get_config(self):
         return {}
 
@@ -91,6 +114,10 @@ class MSE(Loss):
         loss = (diff * diff).mean()
         diff *= diff.dtype.type(2.0 / diff.size)
         return loss, diff
+
+    def _per_sample(self, y_pred, y_true):
+        diff = (y_pred - y_true).reshape(len(y_pred), -1)
+        return (diff * diff).mean(axis=1)
 
 
 class BinaryCrossEntropy(Loss):
@@ -121,6 +148,12 @@ class BinaryCrossEntropy(Loss):
         loss = -(y_true * xp.log(p) + (1 - y_true) * xp.log(1 - p)).mean()
         grad = (p - y_true) / (p * (1 - p) * p.size)
         return loss, grad.astype(y_pred.dtype, copy=False)
+
+    def _per_sample(self, y_pred, y_true):
+        xp = backend.get_array_module(y_pred)
+        p = xp.clip(y_pred, self.eps, 1 - self.eps)
+        each = -(y_true * xp.log(p) + (1 - y_true) * xp.log(1 - p))
+        return each.reshape(len(y_pred), -1).mean(axis=1)
 
     def get_config(self):
         return {"eps": self.eps}
@@ -169,6 +202,14 @@ class CrossEntropy(Loss):
         if not y_pred.flags.c_contiguous:
             y_pred = backend.get_array_module(y_pred).ascontiguousarray(y_pred)
         return kernels._impl(y_pred).softmax_cross_entropy(y_pred, y_true)
+
+    def _per_sample(self, y_pred, y_true):
+        xp = backend.get_array_module(y_pred)
+        shifted = y_pred - y_pred.max(axis=1, keepdims=True)
+        log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        if y_true.ndim == 1:
+            return -log_p[xp.arange(len(y_pred)), y_true]
+        return -(y_true * log_p).sum(axis=1)
 
 
 _BY_NAME = {cls.name: cls for cls in (MSE, BinaryCrossEntropy, CrossEntropy)}

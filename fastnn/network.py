@@ -13,7 +13,8 @@ import threading
 
 import numpy as np
 
-from . import backend, kernels, losses, metrics as metrics_module, optim
+from . import backend, fit_callbacks, fit_data, kernels, losses, metrics as metrics_module, optim
+from .container import LayerSequence, summary_table
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
 from .layers.activation import ReLU, Softmax
 from .layers.conv import Conv2D
@@ -59,7 +60,7 @@ def _weight_flags(layer):
     return [k in names for k in params]
 
 
-class Network:
+class Network(LayerSequence):
     """A sequence of layers trained end to end.
 
     ``Network([Dense(2, 3), Tanh(), ...])`` or ``Network()`` then ``add``.
@@ -327,17 +328,20 @@ class Network:
             logs.update(self._metric_values(y, out))
         return logs
 
-    def _step(self, x, y, max_loss=math.inf):
+    def _step(self, x, y, max_loss=math.inf, w=None):
         """``train_step`` on a checked batch already on the device; returns ``(loss, out)``
         with ``out`` the output of the trained layers. The only place parameters change
         (tutorial-protocol layers update their own inside their backward). A loss that is
-        NaN, infinite or above ``max_loss`` in magnitude raises FloatingPointError first."""
+        NaN, infinite or above ``max_loss`` in magnitude raises FloatingPointError first.
+        ``w``: the samples' weights (B,) or None (``Loss.weighted_loss_and_grad``)."""
         plan = self._get_plan()
         out = self._run_forward(x, True, plan.n_train)
         if self._style == "use":
             loss, grad = self.loss(y, out), self.loss_prime(y, out)
-        else:
+        elif w is None:
             loss, grad = self.loss_fn._loss_and_grad(out, y)
+        else:
+            loss, grad = self.loss_fn.weighted_loss_and_grad(out, y, w)
         loss = float(loss)
         if not abs(loss) <= max_loss:
             over = (f", over {max_loss:.3g} (fit's bound: the loss diverged)"
@@ -356,8 +360,9 @@ class Network:
         if not self.layers:
             raise ValueError(f"{who}: the network has no layers")
 
-    def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None, validation_data=None,
-            shuffle=True, callbacks=(), verbose=1, seed=None):
+    def fit(self, x, y, epochs=10, learning_rate=None, batch_size=None,
+            validation_data=None, shuffle=True, callbacks=(), verbose=1, seed=None,
+            validation_split=0.0, class_weight=None, sample_weight=None, steps_per_epoch=None):
         """Train on ``(x, y)`` and return a ``History``: ``epochs`` passes of
         ``train_step`` over batches of ``(x, y)``, with callbacks and progress around it.
 
@@ -369,6 +374,8 @@ class Network:
         ``max(1, |the fit's first batch loss|)`` in magnitude. With a
         ``callbacks.BackupAndRestore`` whose directory holds a backup, ``fit`` first
         puts that training state back and goes on from it (see ``_resume``).
+        ``validation_split``, ``class_weight``, ``sample_weight`` and an iterable ``x``
+        of ``(xb, yb)`` batches with ``steps_per_epoch``: see ``fastnn.fit_data``.
         """
         who = "Network.fit"
         self._check_trainable(who)
@@ -378,12 +385,10 @@ class Network:
             learning_rate = optim.nonnegative(learning_rate, "learning_rate", who)
         elif self._style == "use":
             raise ValueError(f"{who}: after use(), pass learning_rate (or call compile())")
-        # checked once here; batches move to the device one at a time in the loop
-        x = self._as_input(x, who, move=False)
-        probe = self._probe(x, who)
-        y = self._as_target(y, len(x), probe, who, move=False)
-        val = self._validation_data(validation_data, who)
-        batch_size = self._batch_size(batch_size, len(x), who)
+        source = fit_data.fit_source(self, x, y, batch_size, shuffle, validation_split,
+                                     validation_data, class_weight, sample_weight, steps_per_epoch)
+        val = self._validation_data(source.validation_data, who)
+        probe = source.probe
         if self._style == "use":         # the tutorial: plain SGD at that rate
             self.optimizer = optim.SGD(lr=learning_rate)
         elif learning_rate is not None:
@@ -393,7 +398,7 @@ class Network:
         # accuracy needs only each sample's class, not the epoch's scores
         classes = (self.metrics and probe.ndim == 2 and probe.shape[1] >= 2
                    and all(f is metrics_module.accuracy for _, f in self.metrics))
-        epoch_run = _Epoch(self, x, y, batch_size, shuffle, rng, classes, callbacks)
+        epoch_run = _Epoch(self, source, rng, classes, callbacks)
         self.history = History()
         self.stop_training = False
         first = self._resume(callbacks, epoch_run)       # a restored run may have stopped
@@ -481,6 +486,7 @@ class Network:
                     cb.bind(None)
         # those that back the training state up (on_fit_resume) see every other one's epoch end
         callbacks.sort(key=lambda cb: hasattr(cb, "on_fit_resume"))
+        fit_callbacks.check_hooks(callbacks)
         for cb in callbacks:
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin(self)
@@ -586,15 +592,8 @@ class Network:
                     shape = None
             rows.append((str(i), repr(layer) if isinstance(layer, Layer) else type(layer).__name__,
                          "?" if shape is None else str((None,) + shape), f"{count:,}"))
-        widths = [max(len(r[k]) for r in rows) for k in range(4)]
-        line = "-" * (sum(widths) + 6)
-        text = [line, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)), line]
-        text += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
-        text += [line, f"total parameters: {total:,}  (dtype {self.dtype}, device {self.device})"]
-        return "\n".join(text)
-
-    def __repr__(self):
-        return f"Network({len(self.layers)} layers, device={self.device!r})"
+        return summary_table(rows, f"total parameters: {total:,}  (dtype {self.dtype}, "
+                                   f"device {self.device})")
 
     # -- save / load ---------------------------------------------------------------------------
     def save(self, path, include_optimizer=True):
@@ -755,10 +754,9 @@ class _Epoch:
     makes the next ``run`` skip that many batches, keeping ``total`` / ``outputs`` /
     ``targets`` as they are (set with the Generator's state, it resumes an epoch)."""
 
-    def __init__(self, network, x, y, batch_size, shuffle, rng, classes, callbacks):
-        self.network, self.x, self.y = network, x, y
-        self.batch_size, self.shuffle, self.rng, self.classes = batch_size, shuffle, rng, classes
-        self.n_batches = -(-len(x) // batch_size)
+    def __init__(self, network, source, rng, classes, callbacks):
+        self.network, self.source, self.rng, self.classes = network, source, rng, classes
+        self.n_batches = source.n_batches
         self.callbacks = callbacks
         self.batch_end = [cb for cb in callbacks if hasattr(cb, "on_batch_end")]
         self.bar = None
@@ -769,7 +767,6 @@ class _Epoch:
 
     def run(self, epoch, epochs, verbose):
         """Train one epoch; returns its logs ``{"loss": ..., <metric>: ...}``."""
-        from . import data
         net = self.network
         tutorial = net._style == "use"
         if verbose == 1 and not tutorial:
@@ -779,18 +776,18 @@ class _Epoch:
         if not start:
             self.total, self.outputs, self.targets = 0.0, [], []
         self.rng_state = self.rng.bit_generator.state
-        batches = data.batches(self.x, self.y, self.batch_size, shuffle=self.shuffle,
-                               seed=self.rng)
+        batches = self.source.batches(self.rng)
         try:
             for b, (xb, yb) in itertools.islice(enumerate(batches), start, None):
                 self.boundary.raise_if_interrupted(
                     f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
                     f"{self.n_batches}; the parameters are those after the last whole step")
+                yb, wb = fit_data.split(yb)
                 if to_device:
-                    xb = backend.to_device(xb, net._device)
-                    yb = backend.to_device(yb, net._device)
+                    xb, yb = backend.to_device(xb, net._device), backend.to_device(yb, net._device)
+                    wb = None if wb is None else backend.to_device(wb, net._device)
                 try:
-                    loss, out = net._step(xb, yb, self.max_loss)
+                    loss, out = net._step(xb, yb, self.max_loss, wb)
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"Network.fit: at epoch {epoch}, batch {b + 1} of "
                                              f"{self.n_batches}, {exc}") from None

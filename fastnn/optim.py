@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend, clipping, kernels
 
-__all__ = ["Optimizer", "SGD", "Adam", "Schedule", "StepLR", "ExponentialLR", "CosineAnnealingLR",
-           "get"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Schedule", "StepLR", "ExponentialLR",
+           "CosineAnnealingLR", "OneCycleLR", "LinearWarmup", "get"]
 
 
 def nonnegative(value, name, who):
@@ -56,8 +56,10 @@ class Optimizer:
     here, aligned with ``params``, on the parameters' device.
     """
 
-    def __init__(self, lr, schedule=None):
-        self.lr = nonnegative(lr, "lr", type(self).__name__)
+    def __init__(self, lr, schedule=None, clipnorm=None, global_clipnorm=None, clipvalue=None):
+        who = type(self).__name__
+        self.lr = nonnegative(lr, "lr", who)
+        self.clip = clipping.GradientClip(who, clipnorm, global_clipnorm, clipvalue)
         self.state = None          # per-parameter state, aligned with the params list
         self._shapes = None        # [(shape, dtype)] of the params the state was made for
         self.schedule = schedule
@@ -73,8 +75,19 @@ class Optimizer:
         self._shapes = None
 
     def step(self, params, grads, decay=None):
-        """Update each array of ``params`` in place from ``grads`` (same order and shapes)."""
+        """Update each array of ``params`` in place from ``grads`` (same order and shapes):
+        the gradients clipped first (``clipnorm`` / ``global_clipnorm`` / ``clipvalue``,
+        before weight decay), then the subclass's update rule (``_update``)."""
+        grads = self.clip(grads)
+        self._prepare(params)
+        self._update(params, grads, decay)
+
+    def _update(self, params, grads, decay):
         raise NotImplementedError
+
+    def _config(self, **config):
+        """``config`` plus the clipping options that are set (what ``get_config`` returns)."""
+        return {**config, **self.clip.get_config()}
 
     def to(self, device):
         """Move the state to ``device`` ("cpu" or "cuda")."""
@@ -193,7 +206,7 @@ class SGD(Optimizer):
     """
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0, *,
-                 schedule=None):
+                 schedule=None, **clip):
         who = "SGD"
         self.momentum = nonnegative(momentum, "momentum", who)
         self.nesterov = bool(nesterov)
@@ -201,10 +214,9 @@ class SGD(Optimizer):
         self.l1 = nonnegative(l1, "l1", who)
         if self.nesterov and self.momentum == 0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
-        super().__init__(lr, schedule)
+        super().__init__(lr, schedule, **clip)
 
-    def step(self, params, grads, decay=None):
-        self._prepare(params)
+    def _update(self, params, grads, decay):
         state = self.state
         for i, (p, g) in enumerate(zip(params, grads)):
             weight = decay is None or decay[i]
@@ -214,8 +226,8 @@ class SGD(Optimizer):
                 l1=self.l1 if weight else 0.0, nesterov=self.nesterov)
 
     def get_config(self):
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay, "l1": self.l1}
+        return self._config(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                            weight_decay=self.weight_decay, l1=self.l1)
 
 
 class Adam(Optimizer):
@@ -226,16 +238,18 @@ class Adam(Optimizer):
     W -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
+    decoupled = False       # AdamW: decay the weights, not the gradient
+
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 schedule=None):
-        who = "Adam"
+                 schedule=None, **clip):
+        who = type(self).__name__
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"{who}: betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = nonnegative(eps, "eps", who)
         self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
         self.t = 0
-        super().__init__(lr, schedule)
+        super().__init__(lr, schedule, **clip)
 
     def _state_arrays(self):
         return 2
@@ -255,26 +269,77 @@ class Adam(Optimizer):
         super().reset()
         self.t = 0
 
-    def step(self, params, grads, decay=None):
-        self._prepare(params)
+    def _update(self, params, grads, decay):
         self.t += 1
         b1, b2 = self.betas
         for i, (p, g) in enumerate(zip(params, grads)):
             m, v = self.state[i]
             weight = decay is None or decay[i]
             kernels.adam_step(p, g, m, v, lr=self.lr, step=self.t, beta1=b1, beta2=b2,
-                              eps=self.eps, weight_decay=self.weight_decay if weight else 0.0)
+                              eps=self.eps, weight_decay=self.weight_decay if weight else 0.0,
+                              decoupled=self.decoupled)
 
     def get_config(self):
-        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        return self._config(lr=self.lr, betas=list(self.betas), eps=self.eps,
+                            weight_decay=self.weight_decay)
 
 
-_BY_NAME = {"sgd": SGD, "adam": Adam}
+class AdamW(Adam):
+    """AdamW, torch.optim.AdamW's rule: Adam whose ``weight_decay`` is decoupled from
+    the gradient (weights only), one ``fastnn.kernels.adam_step(..., decoupled=True)``
+    per parameter: W *= 1 - lr * weight_decay, then Adam's update without L2.
+    """
+    decoupled = True
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 schedule=None, **clip):
+        super().__init__(lr, betas, eps, weight_decay, schedule=schedule, **clip)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, torch.optim.RMSprop's rule (centered=False), one
+    ``fastnn.kernels.rmsprop_step`` per parameter:
+
+    g = grad + weight_decay * W  (weights only);  s = alpha s + (1 - alpha) g^2;
+    d = g / (sqrt(s) + eps);  buf = momentum buf + d, d = buf (momentum > 0);  W -= lr d
+    """
+
+    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0, *,
+                 schedule=None, **clip):
+        who = "RMSprop"
+        self.alpha = nonnegative(alpha, "alpha", who)
+        if self.alpha > 1:
+            raise ValueError(f"{who}: alpha must be in [0, 1], got {alpha!r}")
+        self.eps = nonnegative(eps, "eps", who)
+        self.momentum = nonnegative(momentum, "momentum", who)
+        self.weight_decay = nonnegative(weight_decay, "weight_decay", who)
+        super().__init__(lr, schedule, **clip)
+
+    def _state_arrays(self):
+        return 2 if self.momentum else 1
+
+    def _init_state(self, params):
+        zeros = [backend.get_array_module(p).zeros_like for p in params]
+        self.state = [(z(p), z(p)) if self.momentum else z(p) for z, p in zip(zeros, params)]
+
+    def _update(self, params, grads, decay):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            square_avg, buf = self.state[i] if self.momentum else (self.state[i], None)
+            weight = decay is None or decay[i]
+            kernels.rmsprop_step(p, g, square_avg, buf, lr=self.lr, alpha=self.alpha,
+                                 eps=self.eps, momentum=self.momentum,
+                                 weight_decay=self.weight_decay if weight else 0.0)
+
+    def get_config(self):
+        return self._config(lr=self.lr, alpha=self.alpha, eps=self.eps,
+                            momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+_BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
 def get(optimizer):
-    """An Optimizer from an instance, a class or a name ("sgd", "adam")."""
+    """An Optimizer from an instance, a class or a name ("sgd", "adam", "adamw", "rmsprop")."""
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
@@ -385,3 +450,163 @@ class CosineAnnealingLR(Schedule):
     def lr_at(self, epoch):
         return self.eta_min + (self.base_lr - self.eta_min) * (
             1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+class BatchSchedule(Schedule):
+    """A schedule that steps once per batch, as PyTorch's OneCycleLR and warm-ups do
+    (``fit`` calls ``on_batch_end`` after each batch's update); ``epoch`` counts those
+    batches. It sets the optimizer's lr for step 0 when it binds."""
+
+    def bind(self, optimizer):
+        fresh = self.optimizer is not optimizer
+        super().bind(optimizer)
+        if fresh and optimizer is not None:
+            self._apply(0)
+
+    def _apply(self, step):
+        self.optimizer.lr = self.lr_at(step)
+
+    def step(self):
+        """One batch done: set the optimizer's lr (and momentum) for the next one."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}: not bound to an optimizer")
+        self.epoch += 1
+        self._apply(self.epoch)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.optimizer is not None:     # the lr came with the optimizer; momentum too
+            self._apply(self.epoch)
+
+    def on_batch_end(self, network, batch, logs):
+        self.step()
+
+    def on_epoch_end(self, network, epoch, logs):
+        pass
+
+
+def _cos_anneal(start, end, pct):
+    """torch.optim.lr_scheduler.OneCycleLR's cosine from ``start`` (pct 0) to ``end`` (1)."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+class OneCycleLR(BatchSchedule):
+    """torch.optim.lr_scheduler.OneCycleLR with its defaults (cosine annealing,
+    div_factor 25, final_div_factor 1e4, two phases), stepping once per batch over
+    ``epochs * steps_per_epoch`` batches: lr from max_lr / 25 up to ``max_lr`` over the
+    first ``pct_start`` of them, then down to max_lr / 25 / 1e4. The momentum (SGD's
+    ``momentum``, Adam's beta1, RMSprop's ``momentum`` when > 0) goes 0.95 -> 0.85 -> 0.95
+    the other way round, as torch's cycle_momentum does."""
+
+    def __init__(self, max_lr, epochs, steps_per_epoch, pct_start=0.3):
+        super().__init__()
+        who = "OneCycleLR"
+        self.max_lr = _finite_float(max_lr, "max_lr", who)
+        for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+        self.epochs, self.steps_per_epoch = int(epochs), int(steps_per_epoch)
+        if not 0 < pct_start < 1:
+            raise ValueError(f"{who}: pct_start must be in (0, 1), got {pct_start!r}")
+        self.pct_start = float(pct_start)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if self.pct_start * self.total_steps <= 1:      # torch divides by zero there
+            raise ValueError(f"{who}: the warm-up phase has no step: pct_start * epochs * "
+                             f"steps_per_epoch = {self.pct_start * self.total_steps:g} must "
+                             "be > 1")
+
+    def get_config(self):
+        return {"max_lr": self.max_lr, "epochs": self.epochs,
+                "steps_per_epoch": self.steps_per_epoch, "pct_start": self.pct_start}
+
+    def _phase(self, step):
+        """(start, end, pct) of the phase ``step`` is in, as fractions of the cycle's
+        ends: 0 = the initial lr / max momentum, 1 = max_lr / base momentum, 2 = min lr."""
+        up_end = self.pct_start * self.total_steps - 1
+        if step <= up_end:
+            return 0, 1, step / up_end
+        return 1, 2, (step - up_end) / (self.total_steps - 1 - up_end)
+
+    def lr_at(self, step):
+        initial = self.max_lr / 25.0
+        lrs = (initial, self.max_lr, initial / 1e4)
+        start, end, pct = self._phase(step)
+        return _cos_anneal(lrs[start], lrs[end], pct)
+
+    def momentum_at(self, step):
+        moms = (0.95, 0.85, 0.95)
+        start, end, pct = self._phase(step)
+        return _cos_anneal(moms[start], moms[end], pct)
+
+    def _apply(self, step):
+        if step > self.total_steps:
+            raise ValueError(f"OneCycleLR: stepped {step} times, more than its "
+                             f"epochs * steps_per_epoch = {self.total_steps}")
+        opt = self.optimizer
+        opt.lr = self.lr_at(step)
+        momentum = self.momentum_at(step)
+        if isinstance(opt, Adam):
+            opt.betas = (momentum, opt.betas[1])
+        elif isinstance(opt, SGD) or (isinstance(opt, RMSprop) and opt.momentum):
+            opt.momentum = momentum
+
+
+class LinearWarmup(BatchSchedule):
+    """lr from base_lr / steps up to base_lr over ``steps`` batches (torch's
+    ``LinearLR(start_factor=1 / steps, total_iters=steps)``), base_lr being the
+    optimizer's lr when it binds; then ``then`` (another schedule, or None: lr stays)
+    takes over from base_lr, stepping as it does (per epoch, or per batch)."""
+
+    def __init__(self, steps, then=None):
+        super().__init__()
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"LinearWarmup: steps must be a positive int, got {steps!r}")
+        if isinstance(then, dict):         # as get_config stores it
+            then = globals()[then["class"]](**then["config"])
+        if then is not None and not isinstance(then, Schedule):
+            raise TypeError(f"LinearWarmup: then must be a Schedule or None, got {then!r:.80}")
+        self.steps, self.then = int(steps), then
+
+    def get_config(self):
+        then = None if self.then is None else {"class": type(self.then).__name__,
+                                               "config": self.then.get_config()}
+        return {"steps": self.steps, "then": then}
+
+    def lr_at(self, step):
+        start = 1.0 / self.steps
+        return self.base_lr * (start + (1.0 - start) * min(step, self.steps) / self.steps)
+
+    def _apply(self, step):
+        if step < self.steps or self.then is None:
+            self.optimizer.lr = self.lr_at(step)
+        elif self.then.optimizer is not self.optimizer:     # hand over at base_lr
+            self.optimizer.lr = self.base_lr
+            self.then.bind(self.optimizer)
+        elif isinstance(self.then, BatchSchedule):
+            self.then.step()
+
+    def on_epoch_end(self, network, epoch, logs):
+        if self.then is not None and self.then.optimizer is self.optimizer \
+                and not isinstance(self.then, BatchSchedule):
+            self.then.step()
+
+    def state_dict(self):
+        return {**super().state_dict(),
+                "then": None if self.then is None else self.then.state_dict()}
+
+    def bind(self, optimizer):
+        if self.then is not None and self.optimizer is not optimizer:
+            self.then.bind(None)           # it takes over again after a new warm-up
+        super().bind(optimizer)
+
+    def load_state_dict(self, state_dict):
+        """Put back a ``state_dict()`` (``then``'s position included; the lr comes with
+        the optimizer's state)."""
+        who = "LinearWarmup.load_state_dict"
+        sd = _checked_keys(state_dict, ("epoch", "base_lr", "then"), who)
+        Schedule.load_state_dict(self, {"epoch": sd["epoch"], "base_lr": sd["base_lr"]})
+        if self.then is None or sd["then"] is None:
+            return
+        if self.optimizer is not None and self.epoch >= self.steps:
+            self.then.bind(self.optimizer)
+        self.then.load_state_dict(sd["then"])

@@ -325,12 +325,23 @@ def test_sgd_and_adam_steps(data, dtype):
           dtype)
     step = data.draw(st.integers(1, 1000), label="step")
 
+    decoupled = data.draw(st.booleans(), label="decoupled")
+
     def adam(p, g, m, v):
-        kernels.adam_step(p, g, m, v, lr=lr, step=step, weight_decay=wd)
+        kernels.adam_step(p, g, m, v, lr=lr, step=step, weight_decay=wd, decoupled=decoupled)
         return p, m, v
 
     check(adam, lambda: (inputs.build(p, 0), inputs.build(g, 1), inputs.build(m, 2),
                          np.abs(inputs.build(v, 3))), dtype)
+    alpha = data.draw(st.floats(0, 1), label="alpha")
+
+    def rmsprop(p, g, sq, buf):
+        kernels.rmsprop_step(p, g, sq, buf if momentum else None, lr=lr, alpha=alpha,
+                             momentum=momentum, weight_decay=wd)
+        return p, sq, buf
+
+    check(rmsprop, lambda: (inputs.build(p, 0), inputs.build(g, 1), np.abs(inputs.build(v, 3)),
+                            inputs.build(m, 2)), dtype)
 
 
 @given(value=st.one_of(st.integers(-2, 5), st.booleans(), st.floats(-2, 5), st.none(),
@@ -470,7 +481,7 @@ FUZZED = {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward", "avgpoo
           "avgpool2d_backward", "global_avgpool2d_forward", "global_avgpool2d_backward",
           "leaky_relu_forward", "leaky_relu_backward", "relu_forward", "relu_backward",
           "dense_forward", "dense_backward", "softmax_cross_entropy", "conv2d_forward",
-          "conv2d_backward", "sgd_step", "adam_step", "conv_output_size", "pair",
+          "conv2d_backward", "sgd_step", "adam_step", "rmsprop_step", "conv_output_size", "pair",
           "random_translate", "random_translate_backward", "random_flip", "counter_bits"}
 
 

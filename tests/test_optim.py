@@ -91,7 +91,7 @@ def test_updates_in_place_and_keep_float32():
     with pytest.raises(ValueError, match="lr"):
         optim.SGD(lr=-1)
     with pytest.raises(ValueError, match="unknown optimizer"):
-        optim.get("rmsprop")
+        optim.get("adagrad")
 
 
 @pytest.mark.parametrize("ours,theirs", [
@@ -131,3 +131,178 @@ def test_sgd_compiled_step_matches_the_numpy_one(kwargs, dtype, rtol):
     for ours, reference in zip(*results):
         assert ours.dtype == dtype
         np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol)
+
+
+# --- AdamW, RMSprop and gradient clipping against torch ---------------------------------
+@pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6,
+                                                 weight_decay=0.3)])
+def test_adamw_matches_torch(kwargs):
+    wd = kwargs.get("weight_decay", 1e-2)
+    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    theirs = run_torch(lambda torch, W, b: torch.optim.AdamW(
+        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
+    ours = run_ours(optim.AdamW(**kwargs))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.01, alpha=0.9, eps=1e-6),
+                                    dict(lr=0.01, momentum=0.9, weight_decay=0.1)])
+def test_rmsprop_matches_torch(kwargs):
+    wd = kwargs.get("weight_decay", 0.0)
+    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    theirs = run_torch(lambda torch, W, b: torch.optim.RMSprop(
+        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
+    ours = run_ours(optim.RMSprop(**kwargs))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_global_clipnorm_matches_torchs_clip_grad_norm():
+    torch = pytest.importorskip("torch")
+    W, b = (torch.tensor(a, requires_grad=True) for a in start())
+    opt = torch.optim.SGD([{"params": [W], "weight_decay": 0.1},
+                           {"params": [b], "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    for k in range(6):
+        for t in (W, b):
+            t.grad = torch.tensor(grad_of(t.detach().numpy(), k))
+        torch.nn.utils.clip_grad_norm_([W, b], 1.5)
+        opt.step()
+    ours = run_ours(optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, global_clipnorm=1.5))
+    for a, t in zip(ours, (W, b)):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_clipnorm_and_clipvalue_before_decay_keras_rule():
+    """clipnorm scales each gradient to norm <= c (Keras' clip_by_norm), clipvalue clips
+    each element; both before weight decay (plain SGD: W -= lr * (clip(g) + wd W))."""
+    for clip, expect in (
+            (dict(clipnorm=0.5), lambda g: g * 0.5 / max(np.linalg.norm(g), 0.5)),
+            (dict(clipvalue=0.3), lambda g: np.clip(g, -0.3, 0.3))):
+        params = start()
+        grads = [grad_of(p, 0) * 3 for p in params]
+        want = [p - 0.1 * (expect(g) + 0.2 * p) for p, g in zip(params, grads)]
+        opt = optim.SGD(lr=0.1, weight_decay=0.2, **clip)
+        opt.step(params, grads)
+        for a, b in zip(params, want):
+            np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+    small = [np.full(3, 0.01)]
+    p = [np.zeros(3)]
+    optim.SGD(lr=1.0, clipnorm=1.0).step(p, small)    # under the norm: unchanged
+    np.testing.assert_array_equal(p[0], -0.01)
+
+
+def test_clip_options_are_checked_and_saved():
+    with pytest.raises(ValueError, match="Adam: give at most one of clipnorm"):
+        optim.Adam(clipnorm=1.0, clipvalue=0.5)
+    with pytest.raises(ValueError, match="RMSprop: clipvalue must be a finite number > 0"):
+        optim.RMSprop(clipvalue=0)
+    with pytest.raises(TypeError, match="SGD: clipnorm must be a number"):
+        optim.SGD(clipnorm="1")
+    opt = optim.AdamW(global_clipnorm=2.0)
+    assert opt.get_config()["global_clipnorm"] == 2.0
+    assert "clipnorm" not in optim.SGD().get_config()
+    again = optim.AdamW(**opt.get_config())
+    assert again.get_config() == opt.get_config()
+    assert isinstance(optim.get("adamw"), optim.AdamW)
+    assert isinstance(optim.get("rmsprop"), optim.RMSprop)
+
+
+def test_new_optimizers_save_and_resume(tmp_path):
+    import fastnn as fn
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 4)).astype(np.float32), rng.integers(0, 2, 20)
+    for opt in (optim.AdamW(lr=0.01, clipnorm=1.0), optim.RMSprop(lr=0.01, momentum=0.9)):
+        net = fn.Network([fn.Dense(4, 2, seed=0)])
+        net.compile("cross_entropy", optimizer=opt)
+        net.fit(x, y, epochs=1, batch_size=5, verbose=0)
+        net.save(tmp_path / "m.npz")
+        other = fn.Network.load(tmp_path / "m.npz")
+        assert type(other.optimizer) is type(opt)
+        assert other.optimizer.get_config() == opt.get_config()
+        net.fit(x, y, epochs=1, batch_size=5, verbose=0, shuffle=False)
+        other.fit(x, y, epochs=1, batch_size=5, verbose=0, shuffle=False)
+        np.testing.assert_array_equal(other.forward(x), net.forward(x))
+
+
+# --- per-batch schedules against torch's lr (and momentum) sequences --------------------
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+def test_one_cycle_matches_torch(make):
+    torch = pytest.importorskip("torch")
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    topt = torch.optim.SGD([p], lr=0.1, momentum=0.9) if make == "sgd" else \
+        torch.optim.Adam([p], lr=0.1)
+    tsched = torch.optim.lr_scheduler.OneCycleLR(topt, max_lr=0.5, epochs=3, steps_per_epoch=7,
+                                                 pct_start=0.25)
+    n = 21
+    want_lr, want_m = [], []
+    for _ in range(n):
+        g = topt.param_groups[0]
+        want_lr.append(g["lr"])
+        want_m.append(g["momentum"] if make == "sgd" else g["betas"][0])
+        topt.step()
+        tsched.step()
+    sched = optim.OneCycleLR(0.5, epochs=3, steps_per_epoch=7, pct_start=0.25)
+    opt = optim.SGD(lr=0.1, momentum=0.9, schedule=sched) if make == "sgd" else \
+        optim.Adam(lr=0.1, schedule=sched)
+    got_lr, got_m = [], []
+    for _ in range(n):
+        got_lr.append(opt.lr)
+        got_m.append(opt.momentum if make == "sgd" else opt.betas[0])
+        sched.on_batch_end(None, 0, {})
+    np.testing.assert_allclose(got_lr, want_lr, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got_m, want_m, rtol=1e-12)
+    with pytest.raises(ValueError, match="OneCycleLR: stepped 22 times"):
+        sched.step()
+
+
+def test_linear_warmup_matches_torch_linear_lr_then_hands_over():
+    torch = pytest.importorskip("torch")
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    tsched = torch.optim.lr_scheduler.LinearLR(topt, start_factor=1 / 5, total_iters=5)
+    want = []
+    for _ in range(8):
+        want.append(topt.param_groups[0]["lr"])
+        topt.step()
+        tsched.step()
+    then = optim.StepLR(1, gamma=0.5)
+    warm = optim.LinearWarmup(5, then=then)
+    opt = optim.SGD(lr=0.2, schedule=warm)
+    got = []
+    for _ in range(8):
+        got.append(opt.lr)
+        warm.on_batch_end(None, 0, {})
+        warm.on_epoch_end(None, 1, {}) if len(got) == 3 else None   # before the hand-over: no-op
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert then.optimizer is opt and opt.lr == 0.2
+    warm.on_epoch_end(None, 1, {})        # then steps per epoch after the hand-over
+    assert opt.lr == pytest.approx(0.1)
+
+
+def test_batch_schedules_step_per_batch_in_fit_and_resume(tmp_path):
+    import fastnn as fn
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 3)).astype(np.float32), rng.integers(0, 2, 12)
+    sched = optim.OneCycleLR(0.1, epochs=2, steps_per_epoch=3)
+    net = fn.Network([fn.Dense(3, 2, seed=0)])
+    net.compile("cross_entropy", optimizer=optim.SGD(schedule=sched))
+    net.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert sched.epoch == 3 and net.optimizer.lr == pytest.approx(sched.lr_at(3))
+    net.save(tmp_path / "m.npz")
+    other = fn.Network.load(tmp_path / "m.npz")
+    assert other.optimizer.schedule.epoch == 3
+    assert other.optimizer.momentum == pytest.approx(sched.momentum_at(3))
+    warm = optim.LinearWarmup(2, then=optim.CosineAnnealingLR(4))
+    net.compile("cross_entropy", optimizer=optim.Adam(lr=0.01, schedule=warm))
+    net.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    net.save(tmp_path / "w.npz")
+    other = fn.Network.load(tmp_path / "w.npz")
+    assert other.optimizer.schedule.then.optimizer is other.optimizer
+    assert other.optimizer.schedule.get_config() == warm.get_config()
+    with pytest.raises(ValueError, match="OneCycleLR: the warm-up phase has no step"):
+        optim.OneCycleLR(0.1, 1, 3, pct_start=0.3)
+    with pytest.raises(ValueError, match="OneCycleLR: pct_start"):
+        optim.OneCycleLR(0.1, 1, 1, pct_start=1.5)
+    with pytest.raises(TypeError, match="LinearWarmup: then must be a Schedule"):
+        optim.LinearWarmup(3, then=5)

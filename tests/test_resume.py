@@ -44,6 +44,12 @@ OPTIMIZERS = {
     "adam-cosine": lambda: optim.Adam(0.01, weight_decay=1e-4,
                                       schedule=optim.CosineAnnealingLR(4)),
     "sgd-plain": lambda: optim.SGD(0.1),
+    # 45 samples in batches of 8: 6 batches an epoch, 4 epochs
+    "adamw-onecycle-clipnorm": lambda: optim.AdamW(0.01, clipnorm=0.5,
+                                                   schedule=optim.OneCycleLR(0.05, 4, 6)),
+    "rmsprop-warmup-steplr-globalclip": lambda: optim.RMSprop(
+        0.01, momentum=0.5, weight_decay=1e-3, global_clipnorm=1.0,
+        schedule=optim.LinearWarmup(8, then=optim.StepLR(1, 0.5))),
 }
 
 
@@ -394,3 +400,33 @@ def test_callbacks_state_dicts(tmp_path):
             other.load_state_dict(bad)
     with pytest.raises(ValueError, match="_best_state must be a list of arrays"):
         again.load_state_dict({**stopper.state_dict(), "_best_state": [1.0]})
+
+
+def habits_run(backup_dir, crash=0):
+    """fit with the Keras conveniences: AdamW + OneCycleLR (per batch), global_clipnorm,
+    class_weight, validation_split and ReduceLROnPlateau, under BackupAndRestore(1)."""
+    x, y = data()
+    net = make_net(optim.AdamW(0.01, global_clipnorm=1.0,
+                               schedule=optim.OneCycleLR(0.05, 5, 5)))
+    callbacks = [Crash(crash), fn.callbacks.ReduceLROnPlateau(patience=1, factor=0.5),
+                 fn.callbacks.BackupAndRestore(backup_dir, save_freq=1)]
+    try:
+        history = net.fit(x, y, epochs=5, batch_size=8, seed=5, verbose=0,
+                          validation_split=0.2, class_weight={0: 1.0, 1: 2.0, 2: 0.5},
+                          callbacks=callbacks)
+    except KeyboardInterrupt:
+        return net, None
+    return net, history.history
+
+
+def test_keras_conveniences_resume_bit_exact(tmp_path):
+    """36 training samples in batches of 8: 5 an epoch; crashed after batch k, rerun with
+    the backup: the uninterrupted run's weights and history."""
+    ref, ref_history = habits_run(tmp_path / "ref")
+    for crash in (3, 5, 11, 24):
+        backup = tmp_path / f"b{crash}"
+        assert habits_run(backup, crash=crash)[1] is None
+        net, history = habits_run(backup)
+        assert history == ref_history
+        assert_same_bits(weights(net), weights(ref))
+        assert net.optimizer.lr == ref.optimizer.lr

@@ -165,3 +165,91 @@ def test_non_contiguous_grad_is_read_by_value(name, dtype):
     for got, want in zip(results[1], results[0]):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(results[0][1], 0.25 + grad)
+
+
+# --- AdamW (adam_step with decoupled decay) and RMSprop ---------------------------------
+ADAMW_CASES = [dict(lr=0.01, weight_decay=0.01, decoupled=True),
+               dict(lr=0.05, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.5, decoupled=True)]
+RMSPROP_CASES = [dict(lr=0.01), dict(lr=0.01, alpha=0.9, eps=1e-6),
+                 dict(lr=0.01, momentum=0.9), dict(lr=0.02, momentum=0.5, weight_decay=0.1)]
+
+
+def rmsprop_trajectory(name, n, dtype, steps=3, **kwargs):
+    rng = np.random.default_rng(n)
+    p = on(name, rng.standard_normal(n).astype(dtype))
+    sq = on(name, np.zeros(n, dtype))
+    buf = on(name, np.zeros(n, dtype)) if kwargs.get("momentum") else None
+    for _ in range(steps):
+        g = on(name, rng.standard_normal(n).astype(dtype))
+        run(name, kernels.rmsprop_step, p, g, sq, buf, **kwargs)
+    return host(p), host(sq), host(buf)
+
+
+def test_adamw_reference_is_torchs_rule():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal(50)
+    grads = [rng.standard_normal(50) for _ in range(5)]
+    t = torch.tensor(p0.copy(), requires_grad=True)
+    opt = torch.optim.AdamW([t], lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5)
+    p, m, v = p0.copy(), np.zeros(50), np.zeros(50)
+    for step, g in enumerate(grads, 1):
+        t.grad = torch.tensor(g)
+        opt.step()
+        run("numpy", kernels.adam_step, p, g, m, v, lr=0.05, step=step, beta1=0.8, beta2=0.99,
+            eps=1e-6, weight_decay=0.5, decoupled=True)
+    np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("kwargs", RMSPROP_CASES, ids=lambda k: ",".join(sorted(k)))
+def test_rmsprop_reference_is_torchs_rule(kwargs):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(50)
+    grads = [rng.standard_normal(50) for _ in range(5)]
+    t = torch.tensor(p0.copy(), requires_grad=True)
+    opt = torch.optim.RMSprop([t], **kwargs)
+    p, sq = p0.copy(), np.zeros(50)
+    buf = np.zeros(50) if kwargs.get("momentum") else None
+    for g in grads:
+        t.grad = torch.tensor(g)
+        opt.step()
+        run("numpy", kernels.rmsprop_step, p, g, sq, buf, **kwargs)
+    np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kwargs", ADAMW_CASES, ids=lambda k: ",".join(sorted(k)))
+def test_adamw_step_matches_reference(name, dtype, n, kwargs):
+    assert_same(adam_trajectory(name, n, dtype, **kwargs),
+                adam_trajectory("numpy", n, dtype, **kwargs), dtype, name)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kwargs", RMSPROP_CASES, ids=lambda k: ",".join(sorted(k)))
+def test_rmsprop_step_matches_reference(name, dtype, n, kwargs):
+    assert_same(rmsprop_trajectory(name, n, dtype, **kwargs),
+                rmsprop_trajectory("numpy", n, dtype, **kwargs), dtype, name)
+
+
+@pytest.mark.parametrize("name", ["numpy", "cpu"])
+def test_rmsprop_step_refuses_bad_arrays(name):
+    p, g = np.zeros(6, np.float32), np.ones(6, np.float32)
+    sq = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="rmsprop_step.*exactly when momentum"):
+        run(name, kernels.rmsprop_step, p, g, sq, np.zeros(6, np.float32), lr=0.1)
+    with pytest.raises(ValueError, match="rmsprop_step.*exactly when momentum"):
+        run(name, kernels.rmsprop_step, p, g, sq, None, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="square_avg and buf"):
+        run(name, kernels.rmsprop_step, p, g, sq, sq, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="share memory"):
+        run(name, kernels.rmsprop_step, p, g, p, None, lr=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        run(name, kernels.rmsprop_step, p, g, np.zeros(5, np.float32), None, lr=0.1)
+    with pytest.raises(TypeError, match="dtype"):
+        run(name, kernels.rmsprop_step, p, g, np.zeros(6), None, lr=0.1)
+    np.testing.assert_array_equal(p, 0)

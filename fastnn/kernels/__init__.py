@@ -18,7 +18,7 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "global_avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
-           "sgd_step", "adam_step", "conv_output_size", "pair", "counter_bits",
+           "sgd_step", "adam_step", "rmsprop_step", "conv_output_size", "pair", "counter_bits",
            "random_translate", "random_translate_backward", "random_flip"]
 
 conv_output_size = _reference.conv_output_size
@@ -615,13 +615,15 @@ def sgd_step(param, grad, buf=None, *, lr, momentum=0.0, weight_decay=0.0, l1=0.
 
 
 def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
-              weight_decay=0.0):
+              weight_decay=0.0, decoupled=False):
     """One Adam update (PyTorch's rule) of ``param`` and its moments ``m``, ``v`` in place,
     at ``step`` t >= 1 (the bias corrections' exponent):
 
     g = grad + weight_decay * param;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
     param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 
+    ``decoupled=True`` is AdamW's rule (torch.optim.AdamW): instead of adding
+    ``weight_decay * param`` to the gradient, param *= 1 - lr * weight_decay first.
     param, grad, m, v: same shape and dtype.
     """
     who = "adam_step"
@@ -634,8 +636,34 @@ def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
         raise ValueError(f"{who}: m and v must not share memory")
     step_size = lr / (1 - beta1 ** step)
     inv_sqrt_bc2 = 1 / math.sqrt(1 - beta2 ** step)
+    decay_factor = 1.0 - lr * weight_decay if decoupled else 1.0
     _impl(param).adam_step(param, grad, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps,
-                           weight_decay)
+                           0.0 if decoupled else weight_decay, decay_factor)
+
+
+def rmsprop_step(param, grad, square_avg, buf=None, *, lr, alpha=0.99, eps=1e-8,
+                 momentum=0.0, weight_decay=0.0):
+    """One RMSprop update (torch.optim.RMSprop's rule, centered=False) of ``param`` and
+    its state in place; ``square_avg`` and ``buf`` (the momentum buffer, None when
+    momentum is 0) start as zeros:
+
+    g = grad + weight_decay * param;  square_avg = alpha square_avg + (1 - alpha) g^2;
+    d = g / (sqrt(square_avg) + eps);  buf = momentum buf + d, d = buf (momentum > 0);
+    param -= lr * d.
+
+    param, grad, square_avg, buf: same shape and dtype.
+    """
+    who = "rmsprop_step"
+    if not _plain_update(param, grad, (square_avg, buf)):
+        _parameter_update(who, param, grad=grad, square_avg=square_avg, buf=buf)
+        grad, = _contiguous(grad)
+    if (buf is None) != (not momentum):
+        raise ValueError(f"{who}: a momentum buffer is needed exactly when momentum > 0 "
+                         f"(momentum {momentum!r}, buf {'None' if buf is None else 'given'})")
+    if buf is not None and backend.get_array_module(buf).may_share_memory(buf, square_avg):
+        raise ValueError(f"{who}: square_avg and buf must not share memory")
+    _impl(param).rmsprop_step(param, grad, square_avg, buf, lr, alpha, eps, momentum,
+                              weight_decay)
 
 
 from . import variants  # noqa: E402  (reads FASTNN_VARIANT_* once the kernels are importable)

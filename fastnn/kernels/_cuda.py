@@ -56,8 +56,8 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
            "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
            "dropout_forward", "dropout_backward", "batchnorm_forward",
-           "batchnorm_backward", "sgd_step", "adam_step", "set_tf32", "tf32_enabled",
-           "random_translate", "random_flip"]
+           "batchnorm_backward", "sgd_step", "adam_step", "rmsprop_step", "set_tf32",
+           "tf32_enabled", "random_translate", "random_flip"]
 
 # Workspace of one conv chunk (columns + per-sample weight-gradient partials)
 # stays under this many bytes. GPU memory is large: a LeNet or CIFAR batch is
@@ -639,14 +639,29 @@ def sgd_step(param, grad, buf, lr, momentum=0.0, weight_decay=0.0, l1=0.0, neste
     return buf if momentum else None
 
 
-def adam_step(param, grad, m, v, step_size, b1, b2, inv_sqrt_bc2, eps, weight_decay=0.0):
+def adam_step(param, grad, m, v, step_size, b1, b2, inv_sqrt_bc2, eps, weight_decay=0.0,
+              decay_factor=1.0):
     """One Adam update of ``param``, ``m``, ``v`` in place (PyTorch's rule), one launch.
 
-    ``step_size = lr / (1 - b1**t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2**t)``.
+    ``step_size = lr / (1 - b1**t)``, ``inv_sqrt_bc2 = 1 / sqrt(1 - b2**t)``;
+    ``decay_factor`` (AdamW: 1 - lr * weight_decay) scales param first.
     """
     dt = param.dtype.type
     grad = _c(grad)
     _kernel("adam_kernel", param.dtype)(
         (_blocks(param.size),), (_THREADS,),
         (param, grad, m, v, np.int64(param.size), dt(b1), dt(1 - b1), dt(b2), dt(1 - b2),
-         dt(inv_sqrt_bc2), dt(eps), dt(step_size), dt(weight_decay)))
+         dt(inv_sqrt_bc2), dt(eps), dt(step_size), dt(weight_decay), dt(decay_factor)))
+
+
+def rmsprop_step(param, grad, square_avg, buf, lr, alpha, eps, momentum=0.0,
+                 weight_decay=0.0):
+    """One RMSprop update of ``param``, ``square_avg`` (and ``buf`` when not None) in
+    place (torch.optim.RMSprop's rule, centered=False), one launch."""
+    dt = param.dtype.type
+    grad = _c(grad)
+    _kernel("rmsprop_kernel", param.dtype)(
+        (_blocks(param.size),), (_THREADS,),
+        (param, grad, square_avg, param if buf is None else buf, np.int64(param.size),
+         dt(lr), dt(alpha), dt(1 - alpha), dt(eps), dt(momentum), dt(weight_decay),
+         _i(buf is not None)))

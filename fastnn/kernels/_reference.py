@@ -372,13 +372,17 @@ def sgd_step(p, g, buf, lr, momentum, weight_decay, l1, nesterov):
     return buf if momentum else None
 
 
-def adam_step(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay):
+def adam_step(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay,
+              decay_factor=1.0):
     """PyTorch's Adam rule on one parameter ``p`` and its moments ``m``, ``v``, in place.
 
+    p = decay_factor * p (AdamW's decoupled decay, 1 - lr * weight_decay; skipped at 1);
     g = g + weight_decay * p;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;
     p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps), with ``step_size = lr / (1 - beta1^t)``
     and ``inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t)`` at step t.
     """
+    if p.dtype.type(decay_factor) != 1:
+        p *= p.dtype.type(decay_factor)
     if p.dtype.type(weight_decay):      # skipped when it rounds to 0 (see sgd_step)
         g = g + weight_decay * p
     m *= beta1
@@ -386,3 +390,24 @@ def adam_step(p, g, m, v, step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_dec
     v *= beta2
     v += (1 - beta2) * (g * g)
     p -= step_size * (m / (np.sqrt(v) * inv_sqrt_bc2 + eps))
+
+
+def rmsprop_step(p, g, square_avg, buf, lr, alpha, eps, momentum, weight_decay):
+    """PyTorch's RMSprop rule (centered=False) on one parameter ``p``, in place, with its
+    running mean of squares ``square_avg`` and momentum buffer ``buf`` (None without
+    momentum), both starting at zeros:
+
+    g = g + weight_decay * p;  square_avg = alpha square_avg + (1 - alpha) g^2;
+    d = g / (sqrt(square_avg) + eps);  buf = momentum buf + d, d = buf (momentum > 0);
+    p -= lr * d.
+    """
+    if p.dtype.type(weight_decay):      # skipped when it rounds to 0 (see sgd_step)
+        g = g + weight_decay * p
+    square_avg *= alpha
+    square_avg += (1 - alpha) * (g * g)
+    d = g / (np.sqrt(square_avg) + eps)
+    if buf is not None:
+        buf *= momentum
+        buf += d
+        d = buf
+    p -= lr * d

@@ -129,11 +129,14 @@ def sgd_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray buf, double lr, double mo
 cdef void _adam_step(floating *p, const floating *g, floating *m, floating *v, Py_ssize_t n,
                      floating step_size, floating beta1, floating one_minus_beta1,
                      floating beta2, floating one_minus_beta2, floating inv_sqrt_bc2,
-                     floating eps, floating weight_decay) noexcept nogil:
-    """Adam on n elements, one pass, in adam_step's order of operations."""
+                     floating eps, floating weight_decay, floating decay_factor) noexcept nogil:
+    """Adam on n elements, one pass, in adam_step's order of operations (AdamW's
+    decoupled decay: p *= decay_factor first, skipped at 1)."""
     cdef Py_ssize_t k
     cdef floating d, mk, vk, root
     for k in range(n):
+        if decay_factor != 1:
+            p[k] = p[k] * decay_factor
         d = g[k]
         if weight_decay != 0:
             d = d + weight_decay * p[k]
@@ -152,7 +155,7 @@ ctypedef struct _adam_job:
     void *m
     void *v
     Py_ssize_t n, block
-    double step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay
+    double step_size, beta1, beta2, inv_sqrt_bc2, eps, weight_decay, decay_factor
 
 
 cdef inline void _adam_block(const _adam_job *job, Py_ssize_t block, floating kind) noexcept nogil:
@@ -163,7 +166,8 @@ cdef inline void _adam_block(const _adam_job *job, Py_ssize_t block, floating ki
     _adam_step(<floating*>job.p + lo, <const floating*>job.g + lo, <floating*>job.m + lo,
                <floating*>job.v + lo, count, <floating>job.step_size, <floating>job.beta1,
                <floating>(1.0 - job.beta1), <floating>job.beta2, <floating>(1.0 - job.beta2),
-               <floating>job.inv_sqrt_bc2, <floating>job.eps, <floating>job.weight_decay)
+               <floating>job.inv_sqrt_bc2, <floating>job.eps, <floating>job.weight_decay,
+               <floating>job.decay_factor)
 
 
 cdef void _adam_task(void *ctx, Py_ssize_t block) noexcept nogil:
@@ -176,9 +180,9 @@ cdef void _adam_task(void *ctx, Py_ssize_t block) noexcept nogil:
 
 def adam_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double step_size,
               double beta1, double beta2, double inv_sqrt_bc2, double eps,
-              double weight_decay):
+              double weight_decay, double decay_factor=1.0):
     """PyTorch's Adam rule on one parameter, in place (p, m, v) and in one pass:
-    g = g + weight_decay * p (when weight_decay != 0); m = beta1 * m + (1 - beta1) * g;
+    p = decay_factor * p (AdamW's decoupled decay; skipped at 1); g = g + weight_decay * p (when weight_decay != 0); m = beta1 * m + (1 - beta1) * g;
     v = beta2 * v + (1 - beta2) * (g * g); p -= step_size * (m / (sqrt(v) *
     inv_sqrt_bc2 + eps)), in the parameter's dtype with the scalars rounded to it
     (step_size = lr / (1 - beta1^t), inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t)). p, g, m, v:
@@ -191,6 +195,83 @@ def adam_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double
     job.single = _is_float32(p)
     job.step_size, job.beta1, job.beta2 = step_size, beta1, beta2
     job.inv_sqrt_bc2, job.eps, job.weight_decay = inv_sqrt_bc2, eps, weight_decay
+    job.decay_factor = decay_factor
     job.block = SGD_BLOCK if job.n >= SGD_SPLIT_MIN else max(job.n, 1)   # else one task
     with nogil:
         fnn_pool_run(_adam_task, &job, (job.n + job.block - 1) // job.block)
+
+
+# --- RMSprop ------------------------------------------------------------------------
+
+cdef void _rmsprop_step(floating *p, const floating *g, floating *sq, floating *buf,
+                        Py_ssize_t n, floating lr, floating alpha, floating one_minus_alpha,
+                        floating eps, floating momentum, floating weight_decay) noexcept nogil:
+    """RMSprop on n elements, one pass, in rmsprop_step's order of operations."""
+    cdef Py_ssize_t k
+    cdef floating d, s, root
+    for k in range(n):
+        d = g[k]
+        if weight_decay != 0:
+            d = d + weight_decay * p[k]
+        s = alpha * sq[k] + one_minus_alpha * (d * d)
+        sq[k] = s
+        root = sqrtf(s) if floating is float else sqrt(s)
+        d = d / (root + eps)
+        if buf != NULL:
+            d = momentum * buf[k] + d
+            buf[k] = d
+        p[k] = p[k] - lr * d
+
+
+ctypedef struct _rmsprop_job:
+    bint single, has_buf
+    void *p
+    const void *g
+    void *sq
+    void *buf
+    Py_ssize_t n, block
+    double lr, alpha, eps, momentum, weight_decay
+
+
+cdef inline void _rmsprop_block(const _rmsprop_job *job, Py_ssize_t block,
+                                floating kind) noexcept nogil:
+    """Elements [block * job.block, ...) of an _rmsprop_job, the scalars rounded to the
+    dtype (1 - alpha in double first, as NumPy does with a Python float)."""
+    cdef Py_ssize_t lo = block * job.block
+    cdef Py_ssize_t count = min(job.block, job.n - lo)
+    _rmsprop_step(<floating*>job.p + lo, <const floating*>job.g + lo, <floating*>job.sq + lo,
+                  <floating*>job.buf + lo if job.has_buf else NULL, count, <floating>job.lr,
+                  <floating>job.alpha, <floating>(1.0 - job.alpha), <floating>job.eps,
+                  <floating>job.momentum, <floating>job.weight_decay)
+
+
+cdef void _rmsprop_task(void *ctx, Py_ssize_t block) noexcept nogil:
+    cdef const _rmsprop_job *job = <const _rmsprop_job*>ctx
+    if job.single:
+        _rmsprop_block(job, block, _F32)
+    else:
+        _rmsprop_block(job, block, _F64)
+
+
+def rmsprop_step(cnp.ndarray p, cnp.ndarray g, cnp.ndarray square_avg, buf, double lr,
+                 double alpha, double eps, double momentum, double weight_decay):
+    """torch.optim.RMSprop's rule (centered=False) on one parameter, in place and in one
+    pass: g = g + weight_decay * p; square_avg = alpha * square_avg + (1 - alpha) * g^2;
+    d = g / (sqrt(square_avg) + eps); buf = momentum * buf + d, d = buf (``buf`` not
+    None); p -= lr * d. p, g, square_avg, buf: C-contiguous, one shape and dtype (float32
+    or float64). From SGD_SPLIT_MIN elements, blocks of SGD_BLOCK over the worker pool."""
+    cdef _rmsprop_job job
+    state = {"square_avg": square_avg}
+    if buf is not None:
+        state["buf"] = buf
+    _update_arrays("rmsprop_step", p, g, state)
+    job.n = p.size
+    job.p, job.g, job.sq = _data(p), _data(g), _data(square_avg)
+    job.has_buf = buf is not None
+    job.buf = _data(<cnp.ndarray>buf) if job.has_buf else NULL
+    job.single = _is_float32(p)
+    job.lr, job.alpha, job.eps = lr, alpha, eps
+    job.momentum, job.weight_decay = momentum, weight_decay
+    job.block = SGD_BLOCK if job.n >= SGD_SPLIT_MIN else max(job.n, 1)   # else one task
+    with nogil:
+        fnn_pool_run(_rmsprop_task, &job, (job.n + job.block - 1) // job.block)

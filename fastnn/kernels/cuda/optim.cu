@@ -24,16 +24,17 @@ __global__ void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* __rest
     }
 }
 
-// Adam (PyTorch's rule, L2 weight decay added to the gradient), fused:
+// Adam (PyTorch's rule, L2 weight decay added to the gradient), fused; AdamW's
+// decoupled decay first when decay != 1 (p *= decay):
 //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
 //   p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
 template <typename T>
 __global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
         T* __restrict__ v, i64 total, T b1, T one_minus_b1, T b2, T one_minus_b2,
-        T inv_sqrt_bc2, T eps, T step_size, T wd) {
+        T inv_sqrt_bc2, T eps, T step_size, T wd, T decay) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
          i += (i64)blockDim.x * gridDim.x) {
-        const T pv = p[i];
+        const T pv = decay != (T)1 ? p[i] * decay : p[i];
         T gv = g[i];
         if (wd != (T)0) gv = gv + wd * pv;
         const T mv = m[i] * b1 + gv * one_minus_b1;
@@ -41,5 +42,28 @@ __global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __res
         m[i] = mv;
         v[i] = vv;
         p[i] = pv - (mv / (sqrt(vv) * inv_sqrt_bc2 + eps)) * step_size;
+    }
+}
+
+// RMSprop (torch.optim.RMSprop, centered=False), fused:
+//   g += wd * p;  sq = alpha sq + (1-alpha) g^2;  d = g / (sqrt(sq) + eps);
+//   buf = mom * buf + d, d = buf (use_mom);  p -= lr * d
+template <typename T>
+__global__ void rmsprop_kernel(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ sq,
+        T* __restrict__ buf, i64 total, T lr, T alpha, T one_minus_alpha, T eps, T mom, T wd,
+        int use_mom) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const T pv = p[i];
+        T gv = g[i];
+        if (wd != (T)0) gv = gv + wd * pv;
+        const T s = sq[i] * alpha + (gv * gv) * one_minus_alpha;
+        sq[i] = s;
+        T d = gv / (sqrt(s) + eps);
+        if (use_mom) {
+            d = buf[i] * mom + d;
+            buf[i] = d;
+        }
+        p[i] = pv - lr * d;
     }
 }
