@@ -31,10 +31,12 @@ def run_example(name, *args, timeout=300):
 
 
 def test_xor_tutorial_differs_from_the_course_only_in_imports():
-    """The example is the tutorial's script: same lines once the imports are dropped."""
+    """The example is the tutorial's script: same lines once the imports and the one
+    seeding line (so that it converges every time) are dropped."""
     script = (EXAMPLES / "xor_tutorial.py").read_text().splitlines()
     body = [line for line in script
-            if line.strip() and not line.startswith(("#", "import ", "from "))]
+            if line.strip() and not line.startswith(("#", "import ", "from "))
+            and line != "np.random.seed(1)"]
     seed = next((REPO.parent / "shared" / "seeds").glob("004_*.txt"), None) \
         if (REPO.parent / "shared" / "seeds").is_dir() else None
     if seed is None:
