@@ -1,5 +1,5 @@
 """Helpers shared by the test files: finite differences, a batch-recording layer, the MNIST
-files, a fresh interpreter on the same fastnn."""
+files, a fresh interpreter on the same fastnn, a call on a given backend."""
 import os
 import pathlib
 import subprocess
@@ -73,3 +73,29 @@ def shared_data_root():
 
 needs_mnist = pytest.mark.skipif(shared_data_root() is None,
                                  reason="MNIST files not found ($FASTNN_DATA or ../shared/data)")
+
+
+def run_on(name, kernel, *args, **kwargs):
+    """kernel(*args) under backend ``name``: "numpy" or "cpu" for NumPy arrays; "cuda": the
+    NumPy arguments copied to the GPU, the results (which must be CuPy arrays: nothing
+    may fall back to the host) copied back."""
+    if name == "cuda":
+        cp = fn.backend.cupy()
+        args = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        return _to_host(kernel(*args, **kwargs))
+    previous = fn.backend.current()
+    fn.backend.use(name)
+    try:
+        return kernel(*args, **kwargs)
+    finally:
+        fn.backend.use(previous)
+
+
+def _to_host(result):
+    """A CUDA kernel's result (an array, None or a tuple of them) as NumPy arrays."""
+    if isinstance(result, tuple):
+        return tuple(_to_host(r) for r in result)
+    if result is None:
+        return None
+    assert fn.backend.is_cuda_array(result), f"a CUDA kernel returned a {type(result).__name__}"
+    return fn.backend.cupy().asnumpy(result)

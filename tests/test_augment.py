@@ -9,27 +9,11 @@ import pytest
 import fastnn as fn
 from fastnn import backend, kernels
 from fastnn.kernels import _cpu, _reference
-from _helpers import numerical_grad
+from _helpers import numerical_grad, run_on
 from cases import AUGMENT_CASES
 
 BACKENDS = [b for b in ("numpy", "cpu", "cuda") if b in backend.available()]
 DTYPES = [np.float32, np.float64]
-
-
-def run(name, fn_, *args):
-    """fn_(*args) on backend ``name`` (NumPy arrays moved to the GPU for "cuda"), results
-    on the host."""
-    if name == "cuda":
-        out = fn_(*[backend.to_device(a, "cuda") if isinstance(a, np.ndarray) else a
-                    for a in args])
-        assert not isinstance(out, np.ndarray), "a CUDA result came back on the host"
-        return backend.to_device(out, "cpu")
-    previous = backend.current()
-    backend.use(name)
-    try:
-        return fn_(*args)
-    finally:
-        backend.use(previous)
 
 
 def translate_by_pixels(x, shifts, fill):
@@ -79,8 +63,8 @@ def test_translate_backward_is_the_finite_difference():
     shifts = np.array([[1, -2], [-3, 0], [0, 5]])
 
     def loss():
-        return float((run("numpy", kernels.random_translate, x, shifts, 0.7) * weights).sum())
-    grad = run("numpy", kernels.random_translate_backward, weights, shifts)
+        return float((run_on("numpy", kernels.random_translate, x, shifts, 0.7) * weights).sum())
+    grad = run_on("numpy", kernels.random_translate_backward, weights, shifts)
     np.testing.assert_allclose(grad, numerical_grad(loss, x), rtol=1e-7, atol=1e-9)
     assert not grad[2].any()                 # shifted out whole: no gradient
 
@@ -92,8 +76,8 @@ def test_flip_backward_is_the_finite_difference():
     flips = np.array([[1, 0], [0, 1], [1, 1]])
 
     def loss():
-        return float((run("numpy", kernels.random_flip, x, flips) * weights).sum())
-    np.testing.assert_allclose(run("numpy", kernels.random_flip, weights, flips),
+        return float((run_on("numpy", kernels.random_flip, x, flips) * weights).sum())
+    np.testing.assert_allclose(run_on("numpy", kernels.random_flip, weights, flips),
                                numerical_grad(loss, x), rtol=1e-7, atol=1e-9)
 
 
@@ -112,12 +96,12 @@ def test_backends_match_reference(name, dtype, shape):
     flips = rng.integers(0, 2, (shape[0], 2))
     want = _reference.random_translate(x, clipped, -1.25)
     for a in (x, strided):
-        got = run(name, kernels.random_translate, a, shifts, -1.25)
+        got = run_on(name, kernels.random_translate, a, shifts, -1.25)
         assert got.dtype == dtype and got.shape == shape
         np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(run(name, kernels.random_flip, a, flips),
+        np.testing.assert_array_equal(run_on(name, kernels.random_flip, a, flips),
                                       _reference.random_flip(x, flips))
-    np.testing.assert_array_equal(run(name, kernels.random_translate_backward, x, shifts),
+    np.testing.assert_array_equal(run_on(name, kernels.random_translate_backward, x, shifts),
                                   _reference.random_translate(x, -clipped, 0.0))
 
 
@@ -134,9 +118,9 @@ def test_bad_arguments_name_the_kernel(name):
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
-            run(name, kernels.random_translate, *args)
+            run_on(name, kernels.random_translate, *args)
     with pytest.raises(ValueError, match=r"random_flip: flips must have shape \(2, 2\)"):
-        run(name, kernels.random_flip, x, np.zeros((2, 3), np.int64))
+        run_on(name, kernels.random_flip, x, np.zeros((2, 3), np.int64))
 
 
 def test_compiled_kernel_refuses_unclipped_shifts():
@@ -183,8 +167,8 @@ def test_draw_is_the_same_on_every_backend(make):
     outputs, grads = [], []
     for name in BACKENDS:
         layer = make()
-        outputs.append(run(name, layer.forward, x))
-        grads.append(run(name, layer.backward, x))
+        outputs.append(run_on(name, layer.forward, x))
+        grads.append(run_on(name, layer.backward, x))
     for y, g in zip(outputs[1:], grads[1:]):
         np.testing.assert_array_equal(y, outputs[0])
         np.testing.assert_array_equal(g, grads[0])

@@ -6,27 +6,11 @@ import pytest
 
 import fastnn as fn
 from fastnn import backend, kernels
-from _helpers import numerical_grad
+from _helpers import numerical_grad, run_on
 from cases import GLOBAL_POOL_CASES
 
 BACKENDS = [b for b in ("numpy", "cpu", "cuda") if b in backend.available()]
 DTYPES = [np.float32, np.float64]
-
-
-def run(name, fn_, *args):
-    """fn_(*args) on backend ``name`` (NumPy arrays moved to the GPU for "cuda"), results
-    on the host."""
-    if name == "cuda":
-        out = fn_(*[backend.to_device(a, "cuda") if isinstance(a, np.ndarray) else a
-                    for a in args])
-        assert not isinstance(out, np.ndarray), "a CUDA result came back on the host"
-        return backend.to_device(out, "cpu")
-    previous = backend.current()
-    backend.use(name)
-    try:
-        return fn_(*args)
-    finally:
-        backend.use(previous)
 
 
 def test_reference_gradient_is_the_finite_difference():
@@ -35,8 +19,8 @@ def test_reference_gradient_is_the_finite_difference():
     weights = rng.standard_normal((2, 3))
 
     def loss():
-        return float((run("numpy", kernels.global_avgpool2d_forward, x) * weights).sum())
-    np.testing.assert_allclose(run("numpy", kernels.global_avgpool2d_backward, weights, x.shape),
+        return float((run_on("numpy", kernels.global_avgpool2d_forward, x) * weights).sum())
+    np.testing.assert_allclose(run_on("numpy", kernels.global_avgpool2d_backward, weights, x.shape),
                                numerical_grad(loss, x), rtol=1e-7, atol=1e-9)
 
 
@@ -44,7 +28,7 @@ def test_reference_is_torchs_adaptive_average_pool():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(1).standard_normal((3, 4, 6, 7))
     want = torch.nn.functional.adaptive_avg_pool2d(torch.tensor(x), 1).flatten(1).numpy()
-    np.testing.assert_allclose(run("numpy", kernels.global_avgpool2d_forward, x), want,
+    np.testing.assert_allclose(run_on("numpy", kernels.global_avgpool2d_forward, x), want,
                                rtol=1e-14)
 
 
@@ -57,16 +41,16 @@ def test_backends_match_reference(name, dtype, shape):
     rng = np.random.default_rng(2)
     x = rng.standard_normal(shape).astype(dtype)
     grad_y = rng.standard_normal(shape[:2]).astype(dtype)
-    y = run(name, kernels.global_avgpool2d_forward, x)
-    want = run("numpy", kernels.global_avgpool2d_forward, x)
+    y = run_on(name, kernels.global_avgpool2d_forward, x)
+    want = run_on("numpy", kernels.global_avgpool2d_forward, x)
     assert y.shape == shape[:2] and y.dtype == dtype
     np.testing.assert_allclose(y, want, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-15)
-    grad_x = run(name, kernels.global_avgpool2d_backward, grad_y, shape)
+    grad_x = run_on(name, kernels.global_avgpool2d_backward, grad_y, shape)
     np.testing.assert_array_equal(
-        grad_x, run("numpy", kernels.global_avgpool2d_backward, grad_y, shape))
+        grad_x, run_on("numpy", kernels.global_avgpool2d_backward, grad_y, shape))
     # a non-contiguous input gives the result of its contiguous copy
     strided = np.ascontiguousarray(np.repeat(x, 2, axis=3))[..., ::2]
-    np.testing.assert_array_equal(run(name, kernels.global_avgpool2d_forward, strided), y)
+    np.testing.assert_array_equal(run_on(name, kernels.global_avgpool2d_forward, strided), y)
 
 
 def test_bad_arguments_are_refused():

@@ -7,7 +7,7 @@ import pytest
 
 from fastnn import backend, kernels
 from fastnn.kernels import _reference
-from _helpers import numerical_grad
+from _helpers import numerical_grad, run_on
 from cases import (AVGPOOL_CASES, BATCHNORM_SHAPES, CONV_CASES, CONV_IDS, DENSE_CASES,
                    GEOMETRIES, LENET_CONV2, POOL_CASES, SOFTMAX_CASES)
 
@@ -57,32 +57,6 @@ def assert_close(got, want, dtype, on=None):
 
 def random(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
-
-
-def run_on(name, fn, *args, **kwargs):
-    """fn(*args) under backend ``name``: "numpy" or "cpu" for NumPy arrays; "cuda": the
-    NumPy arguments copied to the GPU, the results (which must be CuPy arrays: nothing
-    may fall back to the host) copied back."""
-    if name == "cuda":
-        cp = backend.cupy()
-        args = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
-        return _to_host(fn(*args, **kwargs))
-    previous = backend.current()
-    backend.use(name)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        backend.use(previous)
-
-
-def _to_host(result):
-    """A CUDA kernel's result (an array, None or a tuple of them) as NumPy arrays."""
-    if isinstance(result, tuple):
-        return tuple(_to_host(r) for r in result)
-    if result is None:
-        return None
-    assert backend.is_cuda_array(result), f"a CUDA kernel returned a {type(result).__name__}"
-    return backend.cupy().asnumpy(result)
 
 
 def _impl_module(name):

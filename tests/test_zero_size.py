@@ -7,7 +7,8 @@ import pytest
 
 import fastnn as fn
 from fastnn import kernels, losses
-from test_kernels import BACKENDS, CUDA, run_on
+from _helpers import run_on
+from test_kernels import BACKENDS, CUDA
 
 DTYPES = [np.float32, np.float64]
 EMPTY_CONVS = [(0, 3, 4), (2, 0, 4), (2, 3, 0), (0, 0, 0)]      # (N, C, K)
