@@ -586,6 +586,21 @@ def _parameter_update(who, param, **arrays):
             raise ValueError(f"{who}: {name} must not share memory with param")
 
 
+def _update_arrays(who, param, grad, **state):
+    """``grad`` ready for an update kernel (C-contiguous), once ``param``, ``grad`` and the
+    ``state`` arrays (None skipped) pass ``_parameter_update``'s checks (the common case
+    by ``_plain_update``'s short path) and no two state arrays share memory."""
+    if not _plain_update(param, grad, tuple(state.values())):
+        _parameter_update(who, param, grad=grad, **state)
+        grad, = _contiguous(grad)
+    given = [(name, a) for name, a in state.items() if a is not None]
+    for k, (name, a) in enumerate(given):
+        for other, b in given[k + 1:]:
+            if backend.get_array_module(a).may_share_memory(a, b):
+                raise ValueError(f"{who}: {name} and {other} must not share memory")
+    return grad
+
+
 def sgd_step(param, grad, buf=None, *, lr, momentum=0.0, weight_decay=0.0, l1=0.0,
              nesterov=False):
     """One SGD update of ``param`` in place, PyTorch's rule (dampening 0):
@@ -598,9 +613,7 @@ def sgd_step(param, grad, buf=None, *, lr, momentum=0.0, weight_decay=0.0, l1=0.
     array on the first step; None without momentum). One pass over memory.
     """
     who = "sgd_step"
-    if not _plain_update(param, grad, (buf,)):
-        _parameter_update(who, param, grad=grad, buf=buf)
-        grad, = _contiguous(grad)
+    grad = _update_arrays(who, param, grad, buf=buf)
     if buf is not None and not momentum:
         raise ValueError(f"{who}: a momentum buffer was given but momentum is 0")
     impl = _impl(param)
@@ -627,13 +640,9 @@ def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
     param, grad, m, v: same shape and dtype.
     """
     who = "adam_step"
-    if not _plain_update(param, grad, (m, v)):
-        _parameter_update(who, param, grad=grad, m=m, v=v)
-        grad, = _contiguous(grad)
+    grad = _update_arrays(who, param, grad, m=m, v=v)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise ValueError(f"{who}: step must be an int >= 1, got {step!r}")
-    if backend.get_array_module(m).may_share_memory(m, v):
-        raise ValueError(f"{who}: m and v must not share memory")
     step_size = lr / (1 - beta1 ** step)
     inv_sqrt_bc2 = 1 / math.sqrt(1 - beta2 ** step)
     decay_factor = 1.0 - lr * weight_decay if decoupled else 1.0
@@ -654,14 +663,10 @@ def rmsprop_step(param, grad, square_avg, buf=None, *, lr, alpha=0.99, eps=1e-8,
     param, grad, square_avg, buf: same shape and dtype.
     """
     who = "rmsprop_step"
-    if not _plain_update(param, grad, (square_avg, buf)):
-        _parameter_update(who, param, grad=grad, square_avg=square_avg, buf=buf)
-        grad, = _contiguous(grad)
+    grad = _update_arrays(who, param, grad, square_avg=square_avg, buf=buf)
     if (buf is None) != (not momentum):
         raise ValueError(f"{who}: a momentum buffer is needed exactly when momentum > 0 "
                          f"(momentum {momentum!r}, buf {'None' if buf is None else 'given'})")
-    if buf is not None and backend.get_array_module(buf).may_share_memory(buf, square_avg):
-        raise ValueError(f"{who}: square_avg and buf must not share memory")
     _impl(param).rmsprop_step(param, grad, square_avg, buf, lr, alpha, eps, momentum,
                               weight_decay)
 
