@@ -779,9 +779,11 @@ class _Epoch:
         batches = self.source.batches(self.rng)
         try:
             for b, (xb, yb) in itertools.islice(enumerate(batches), start, None):
-                self.boundary.raise_if_interrupted(
-                    f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
-                    f"{self.n_batches}; the parameters are those after the last whole step")
+                if self.boundary.pending:      # the message is built only when raised
+                    self.boundary.raise_if_interrupted(
+                        f"Network.fit: interrupted before epoch {epoch}, batch {b + 1} of "
+                        f"{self.n_batches}; the parameters are those after the last whole "
+                        "step")
                 yb, wb = fit_data.split(yb)
                 if to_device:
                     xb, yb = backend.to_device(xb, net._device), backend.to_device(yb, net._device)
