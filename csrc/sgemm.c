@@ -23,6 +23,7 @@
  * beta times C: the same bits whichever thread runs the call, and no dependence on
  * the buffers' alignment. Compiled with target attributes (no -mavx512f for the
  * file); callers check fnn_sgemm_supported() once. */
+#include <float.h>
 #include <stdlib.h>
 
 #include "fastnn_kernels.h"
@@ -348,10 +349,18 @@ TARGET int fnn_sgemm_ex(int trans_a, int trans_b, int m, int n, int k, float alp
     return 0;
 }
 
+/* v with the lanes below FLT_MIN in magnitude set to 0 (NaN lanes kept). */
+TARGET static inline __m512 flushed(__m512 v)
+{
+    __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ);
+    return _mm512_mask_mov_ps(v, tiny, _mm512_setzero_ps());
+}
+
 /* SGD with momentum on float32 (the common case of _sgd_step in _cpu.pyx), 16 lanes at
- * a time: buf = momentum * buf + g; p = p - lr * buf, each operation rounded as the
- * scalar loop rounds it: the same bits, so no multiply-add may be fused (GCC would fuse
- * these intrinsics; clang does not fuse across them). */
+ * a time: buf = momentum * buf + g, flushed to 0 below FLT_MIN in magnitude (as
+ * _flushed in optim.pxi: no subnormal momentum); p = p - lr * buf, each operation
+ * rounded as the scalar loop rounds it: the same bits, so no multiply-add may be fused
+ * (GCC would fuse these intrinsics; clang does not fuse across them). */
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
@@ -361,15 +370,15 @@ TARGET void fnn_sgd_momentum_f(float *p, const float *g, float *buf, ptrdiff_t n
     const __m512 vm = _mm512_set1_ps(momentum), vl = _mm512_set1_ps(lr);
     ptrdiff_t k = 0;
     for (; k + 16 <= n; k += 16) {
-        __m512 v = _mm512_add_ps(_mm512_mul_ps(vm, _mm512_loadu_ps(buf + k)),
-                                 _mm512_loadu_ps(g + k));
+        __m512 v = flushed(_mm512_add_ps(_mm512_mul_ps(vm, _mm512_loadu_ps(buf + k)),
+                                         _mm512_loadu_ps(g + k)));
         _mm512_storeu_ps(buf + k, v);
         _mm512_storeu_ps(p + k, _mm512_sub_ps(_mm512_loadu_ps(p + k), _mm512_mul_ps(vl, v)));
     }
     if (k < n) {
         __mmask16 m = lanes((int)(n - k));
-        __m512 v = _mm512_add_ps(_mm512_mul_ps(vm, _mm512_maskz_loadu_ps(m, buf + k)),
-                                 _mm512_maskz_loadu_ps(m, g + k));
+        __m512 v = flushed(_mm512_add_ps(_mm512_mul_ps(vm, _mm512_maskz_loadu_ps(m, buf + k)),
+                                         _mm512_maskz_loadu_ps(m, g + k)));
         _mm512_mask_storeu_ps(buf + k, m, v);
         _mm512_mask_storeu_ps(p + k, m, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + k),
                                                       _mm512_mul_ps(vl, v)));

@@ -1,6 +1,8 @@
 """fastnn.kernels.sgd_step / adam_step, the update rules every optimizer runs: the NumPy
 reference against PyTorch's rules written out, and every backend (compiled CPU, CUDA where
 present) against the reference on the same cases, float32 and float64."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -253,3 +255,68 @@ def test_rmsprop_step_refuses_bad_arrays(name):
     with pytest.raises(TypeError, match="dtype"):
         run(name, kernels.rmsprop_step, p, g, np.zeros(6), None, lr=0.1)
     np.testing.assert_array_equal(p, 0)
+
+
+def _state_near_underflow(dtype, n=70001):
+    """A state array of n entries: most just above the smallest normal number (one
+    decay step takes them below it), a few large, a NaN, and zero gradients."""
+    tiny = np.finfo(dtype).tiny
+    state = np.full(n, 1.05 * tiny, dtype)
+    state[::2] *= -1
+    state[:5] = [1.0, -2.0, np.nan, 3 * tiny, 0.0]
+    return state, np.zeros(n, dtype)
+
+
+def _variants_of(name, op):
+    """The variants of ``op`` a backend may run: each the CPU can run (None elsewhere)."""
+    from fastnn.kernels import variants
+    return variants.applicable(op) if name == "cpu" else [None]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_update_rules_store_no_subnormal_state(name, dtype):
+    """Momentum buffers, Adam's m and v and RMSprop's square_avg and buffer are stored
+    flushed: an entry that decays below the smallest normal number becomes 0 (a zero
+    gradient would otherwise leave it subnormal, ~20x slower on a CPU), NaN and normal
+    entries are kept, and every backend and variant gives the reference's state."""
+    from fastnn.kernels import variants
+    tiny = np.finfo(dtype).tiny
+
+    def check(state):
+        state = host(state)
+        assert np.isnan(state[2]) and state[0] != 0 and state[1] != 0
+        finite = state[np.isfinite(state)]
+        assert not np.any((finite != 0) & (np.abs(finite) < tiny))
+        return state
+
+    for variant in _variants_of(name, "sgd_step"):
+        for nesterov in (False, True):
+            buf, g = _state_near_underflow(dtype)
+            p = np.ones_like(buf)
+            with (variants.force("sgd_step", variant) if variant else contextlib.nullcontext()):
+                run(name, kernels.sgd_step, on(name, p), on(name, g), dev := on(name, buf),
+                    lr=0.1, momentum=0.9, nesterov=nesterov)
+            want = buf.copy()
+            run("numpy", kernels.sgd_step, p.copy(), g, want, lr=0.1, momentum=0.9,
+                nesterov=nesterov)
+            np.testing.assert_array_equal(check(dev), want)
+    m, g = _state_near_underflow(dtype)
+    adam = dict(lr=0.01, step=5, beta1=0.9, beta2=0.5)
+    for got, want in zip(*both(name, kernels.adam_step, [np.ones_like(m), g, m, np.abs(m)], adam)):
+        np.testing.assert_array_equal(check(got), want)
+    sq, g = _state_near_underflow(dtype)
+    rms = dict(lr=0.01, alpha=0.5, momentum=0.9)
+    for got, want in zip(*both(name, kernels.rmsprop_step, [np.ones_like(sq), g, np.abs(sq), sq],
+                               rms)):
+        np.testing.assert_array_equal(check(got), want)
+
+
+def both(name, kernel, arrays, kwargs):
+    """The state arrays (all but the first two) after ``kernel`` on backend ``name``, and
+    after the NumPy reference, from copies of the same ``arrays``."""
+    dev = [on(name, a) for a in arrays]
+    ref = [a.copy() for a in arrays]
+    run(name, kernel, *dev, **kwargs)
+    run("numpy", kernel, *ref, **kwargs)
+    return dev[2:], ref[2:]

@@ -611,6 +611,12 @@ def sgd_step(param, grad, buf=None, *, lr, momentum=0.0, weight_decay=0.0, l1=0.
 
     param, grad, buf: same shape and dtype. Returns the momentum buffer (a new
     array on the first step; None without momentum). One pass over memory.
+
+    The state (momentum buffer; Adam's m, v; RMSprop's square_avg, buf) is stored
+    flushed: an entry below the dtype's smallest normal number (``np.finfo(dtype).tiny``)
+    in magnitude becomes 0 (NaN stays). PyTorch keeps such subnormals; they change no
+    parameter visibly, but zero gradients decay a buffer into them within ~800 steps
+    and a CPU then runs the update ~20x slower.
     """
     who = "sgd_step"
     grad = _update_arrays(who, param, grad, buf=buf)
@@ -637,7 +643,7 @@ def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
 
     ``decoupled=True`` is AdamW's rule (torch.optim.AdamW): instead of adding
     ``weight_decay * param`` to the gradient, param *= 1 - lr * weight_decay first.
-    param, grad, m, v: same shape and dtype.
+    param, grad, m, v: same shape and dtype; m and v stored flushed (see sgd_step).
     """
     who = "adam_step"
     grad = _update_arrays(who, param, grad, m=m, v=v)
@@ -660,7 +666,8 @@ def rmsprop_step(param, grad, square_avg, buf=None, *, lr, alpha=0.99, eps=1e-8,
     d = g / (sqrt(square_avg) + eps);  buf = momentum buf + d, d = buf (momentum > 0);
     param -= lr * d.
 
-    param, grad, square_avg, buf: same shape and dtype.
+    param, grad, square_avg, buf: same shape and dtype; the state stored flushed (see
+    sgd_step).
     """
     who = "rmsprop_step"
     grad = _update_arrays(who, param, grad, square_avg=square_avg, buf=buf)

@@ -61,7 +61,8 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint64_t
-from libc.math cimport sqrt, sqrtf
+from libc.float cimport DBL_MIN, FLT_MIN
+from libc.math cimport fabs, fabsf, sqrt, sqrtf
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 

@@ -3,6 +3,11 @@
 // .cu files in the order of its _SOURCE_FILES; the helpers come from common.cuh.
 // Every __global__ template here is instantiated for float and double.
 
+// Optimizer state is stored flushed, as on the CPU (_flushed in cpu/optim.pxi): an
+// entry below the type's smallest normal number becomes 0 (NaN stays).
+__device__ __forceinline__ float  flushed(float v)  { return fabsf(v) < 1.17549435e-38f ? 0.0f : v; }
+__device__ __forceinline__ double flushed(double v) { return fabs(v) < 2.2250738585072014e-308 ? 0.0 : v; }
+
 // SGD (PyTorch's rule, dampening 0), fused: one pass per parameter.
 //   g += wd * p + l1 * sign(p);  buf = first ? g : mom * buf + g;
 //   g = nesterov ? g + mom * buf : buf;  p -= lr * g
@@ -16,7 +21,7 @@ __global__ void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* __rest
         if (wd != (T)0) gv = pv * wd + gv;
         if (l1 != (T)0) gv += l1 * (pv > (T)0 ? (T)1 : (pv < (T)0 ? (T)-1 : (T)0));
         if (use_mom) {
-            const T b = first ? gv : buf[i] * mom + gv;
+            const T b = flushed(first ? gv : buf[i] * mom + gv);
             buf[i] = b;
             gv = nesterov ? gv + mom * b : b;
         }
@@ -37,8 +42,8 @@ __global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, T* __res
         const T pv = decay != (T)1 ? p[i] * decay : p[i];
         T gv = g[i];
         if (wd != (T)0) gv = gv + wd * pv;
-        const T mv = m[i] * b1 + gv * one_minus_b1;
-        const T vv = v[i] * b2 + (gv * gv) * one_minus_b2;
+        const T mv = flushed(m[i] * b1 + gv * one_minus_b1);
+        const T vv = flushed(v[i] * b2 + (gv * gv) * one_minus_b2);
         m[i] = mv;
         v[i] = vv;
         p[i] = pv - (mv / (sqrt(vv) * inv_sqrt_bc2 + eps)) * step_size;
@@ -57,11 +62,11 @@ __global__ void rmsprop_kernel(T* __restrict__ p, const T* __restrict__ g, T* __
         const T pv = p[i];
         T gv = g[i];
         if (wd != (T)0) gv = gv + wd * pv;
-        const T s = sq[i] * alpha + (gv * gv) * one_minus_alpha;
+        const T s = flushed(sq[i] * alpha + (gv * gv) * one_minus_alpha);
         sq[i] = s;
         T d = gv / (sqrt(s) + eps);
         if (use_mom) {
-            d = buf[i] * mom + d;
+            d = flushed(buf[i] * mom + d);
             buf[i] = d;
         }
         p[i] = pv - lr * d;
