@@ -383,6 +383,32 @@ def _check_cuda():
                          "with an NVIDIA GPU, or run the CPU workloads with --device cpu.")
 
 
+def _report_start(args, original_env, torch, timing):
+    """The report's first entries: the command, machine, versions of the run's setup."""
+    from fastnn import backend
+    report = {
+        "command": "fastnn-bench " + " ".join(args.argv),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "machine": _machine(),
+        "fastnn_backend": backend.current(),
+        "fastnn_source": _source_revision(),
+        "compiled_kernels_error": backend.compiled_error(),
+        "environment_at_start": original_env,
+        "environment_of_run": _env_record(),
+        "blas_pin_unset": not args.keep_blas_env and args.reexec,
+        "threads_requested": args.threads,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "timing": dict(zip(("repeats", "warmup", "min_repeat_s", "settle_s"), timing)),
+        "device": args.device, "quick": args.quick,
+    }
+    if args.device == "cuda":
+        cp = backend.cupy()
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        report["machine"]["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) \
+            else str(props["name"])
+    return report
+
+
 def run(args, original_env, log=print):
     """Run the selected workloads; return the JSON-ready report dict."""
     from .workloads import WORKLOADS, Config
@@ -409,26 +435,7 @@ def run(args, original_env, log=print):
     import scipy.linalg.blas  # noqa: F401  (fastnn's BLAS: loaded now so it is reported)
 
     timing = _QUICK if args.quick else _FULL
-    report = {
-        "command": "fastnn-bench " + " ".join(args.argv),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": _machine(),
-        "fastnn_backend": backend.current(),
-        "fastnn_source": _source_revision(),
-        "compiled_kernels_error": backend.compiled_error(),
-        "environment_at_start": original_env,
-        "environment_of_run": _env_record(),
-        "blas_pin_unset": not args.keep_blas_env and args.reexec,
-        "threads_requested": args.threads,
-        "torch_threads": torch.get_num_threads() if torch is not None else None,
-        "timing": dict(zip(("repeats", "warmup", "min_repeat_s", "settle_s"), timing)),
-        "device": args.device, "quick": args.quick,
-    }
-    if args.device == "cuda":
-        cp = backend.cupy()
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        report["machine"]["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) \
-            else str(props["name"])
+    report = _report_start(args, original_env, torch, timing)
     log(f"fastnn-bench {fastnn.__version__}: backend {backend.current()}, device {args.device}, "
         f"{'quick' if args.quick else 'full'} run, {report['machine']['cpu_model']}, "
         f"{report['machine']['usable_cpus']} cpus, "
