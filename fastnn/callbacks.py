@@ -107,6 +107,11 @@ class EarlyStopping(_Monitor):
 
     With ``restore_best=True`` the parameters and buffers of the best epoch are
     put back when training ends (whether it stopped early or not).
+
+    After ``fit``: ``stopped_epoch`` (None: it did not stop the run), ``best_epoch``
+    and ``best`` (the best value of ``monitor``), ``last_epoch`` / ``last_value`` (the
+    last epoch it saw and its value), ``restored_epoch`` (whose weights were put back,
+    or None); ``summary()`` says it in one line.
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, restore_best=True):
@@ -116,15 +121,15 @@ class EarlyStopping(_Monitor):
         self.patience = int(patience)
         self.restore_best = bool(restore_best)
         self.wait = 0
-        self.best_epoch = None
-        self.stopped_epoch = None
-        self._best_state = None
+        self.on_train_begin(None)
 
     _STATE = ("best", "wait", "best_epoch", "stopped_epoch", "_best_state")
 
     def on_train_begin(self, network):
         self.best, self.wait, self.best_epoch, self.stopped_epoch = None, 0, None, None
         self._best_state = None
+        # what the last fit did, for summary(); not part of the state a backup restores
+        self.last_epoch = self.last_value = self.restored_epoch = None
 
     def state_dict(self):
         sd = super().state_dict()
@@ -134,6 +139,7 @@ class EarlyStopping(_Monitor):
 
     def on_epoch_end(self, network, epoch, logs):
         value = self._value(logs)
+        self.last_epoch, self.last_value = epoch, value
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
@@ -147,6 +153,29 @@ class EarlyStopping(_Monitor):
     def on_train_end(self, network):
         if self.restore_best and self._best_state is not None:
             _restore(network, self._best_state)
+            self.restored_epoch = self.best_epoch
+
+    def summary(self):
+        """What the last ``fit`` did, in one line starting "early stopping: ", or None
+        where it neither stopped the run nor put back weights other than the last's."""
+        m = self.monitor
+        if self.best_epoch is None:
+            best = f"{m} never had a value to compare (NaN)"
+        else:
+            best = f"best {m} {self.best:.4g} at epoch {self.best_epoch}"
+        if self.restored_epoch is not None:
+            weights = f"restored the weights of epoch {self.restored_epoch}"
+        else:
+            weights = "kept the last epoch's weights"
+        if self.stopped_epoch is not None:
+            value = "" if self.last_value is None else f" ({m} {self.last_value:.4g})"
+            by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+            n = self.wait          # epochs without progress: patience, or 1 for patience 0
+            return (f"early stopping: stopped after epoch {self.stopped_epoch}{value}, "
+                    f"{m} not improved{by} for {n} epoch{'s' * (n != 1)}; {best}; {weights}")
+        if self.restored_epoch is not None and self.restored_epoch != self.last_epoch:
+            return f"early stopping: did not stop the run; {best}; {weights}"
+        return None
 
 
 class ModelCheckpoint(_Monitor):

@@ -218,14 +218,18 @@ def load_mnist(path=None, kind="mnist", download=False):
 
     Files are searched in ``path`` (or its ``mnist`` / ``fashion-mnist``
     sub-folder), else in ``$FASTNN_DATA/mnist`` or ``$FASTNN_DATA/fashion-mnist``,
-    else under ``~/.cache/fastnn``. ``download=True`` fetches the missing
-    canonical .gz files into the first of those folders and checks their
-    SHA-256 before use.
+    else under ``~/.cache/fastnn``. ``download=True`` checks the SHA-256 of
+    the files found, or fetches the missing canonical .gz files (checking
+    their SHA-256 before use) into the data set's own folder: ``path/mnist``
+    or ``path/fashion-mnist`` (``$FASTNN_DATA/...`` or ``~/.cache/fastnn/...``
+    without ``path``), so the two sets, whose files have the same names, never
+    land in one folder.
     """
     kind = _kind(kind)
     dirs = _candidate_dirs(path, kind)
     if download:
-        target = next((d for d in dirs if all(_find(d, s) for s in _FILES.values())), dirs[0])
+        own = dirs[1] if path is not None else dirs[0]      # <root>/<kind's folder>
+        target = next((d for d in dirs if all(_find(d, s) for s in _FILES.values())), own)
         _download(kind, target)
     directory = next((d for d in dirs if all(_find(d, s) for s in _FILES.values())), None)
     if directory is None:
@@ -237,7 +241,8 @@ def load_mnist(path=None, kind="mnist", download=False):
             missing = [s + "[.gz]" for s in _FILES.values() if _find(d, s) is None]
             lines.append(f"  {d}: missing {', '.join(missing)}")
         hint = ("pass path=... (fastnn-train --data DIR), set FASTNN_DATA to the folder "
-                "holding mnist/ and fashion-mnist/, or use download=True")
+                "holding mnist/ and fashion-mnist/, or use download=True "
+                "(fastnn-train --download)")
         raise FileNotFoundError(f"load_mnist: the {kind} IDX files were not found. "
                                 f"Looked in:\n" + "\n".join(lines) + f"\nTo fix: {hint}")
 

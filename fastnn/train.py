@@ -5,7 +5,8 @@
     fastnn-train {xor,circles,mnist-mlp,mnist-lenet} [--epochs N] [--batch-size N]
                  [--lr LR] [--weight-decay WD] [--device cpu|cuda] [--data DIR]
                  [--kind mnist|fashion] [--val FRACTION] [--limit N]
-                 [--save FILE] [--export FILE.onnx] [--plot FILE] [--seed N]
+                 [--download] [--save FILE] [--export FILE.onnx] [--plot FILE.png]
+                 [--seed N]
 
 Each task has defaults that reach the accuracy targets of ``benchmarks/RESULTS.md``:
 
@@ -23,9 +24,12 @@ Classification tasks train with SGD (momentum 0.9) and a cosine learning-rate
 schedule (from lr down to 0 over the epochs), hold out a stratified validation
 set (the course's "dev" set) and print, per epoch, the training loss/accuracy and the validation ones; then the
 test accuracy and a per-class report. ``--save`` / ``--export`` (ONNX, needs the
-``onnx`` extra) write the trained network; their folders are checked for writing
-before training starts. ``--kind fashion`` trains the MNIST
-models on Fashion-MNIST. Also runs as ``python -m fastnn.train``.
+``onnx`` extra) write the trained network, ``--plot`` the curves; these paths are
+checked before training starts (a writable folder, not a folder itself, ``.onnx``
+for ``--export``, an extension matplotlib writes for ``--plot``), else the command
+exits with status 2. ``--kind fashion`` trains the MNIST models on Fashion-MNIST;
+``--download`` fetches missing MNIST / Fashion-MNIST files (SHA-256 checked).
+Also runs as ``python -m fastnn.train``.
 """
 import argparse
 import os
@@ -82,6 +86,14 @@ def build_model(task, seed=0):
     raise ValueError(f"fastnn-train: unknown task {task!r}; expected one of {sorted(TASKS)}")
 
 
+def _run_name(task, kind="mnist"):
+    """The run as messages and plot titles name it: the task, and for the mnist-* tasks the
+    data set ``kind`` says, e.g. "mnist-lenet on Fashion-MNIST"."""
+    if task.startswith("mnist"):
+        return f"{task} on {'Fashion-MNIST' if kind == 'fashion' else 'MNIST'}"
+    return task
+
+
 def load_task_data(task, args):
     """``(x_train, y_train), (x_val, y_val) or None, (x_test, y_test)`` on the host."""
     if task == "xor":
@@ -91,7 +103,10 @@ def load_task_data(task, args):
         x, y = datasets.circles(n=1000, noise=0.1, factor=0.5, seed=args.seed)
         train, val, test = data.train_val_test_split(x, y, val=args.val, test=0.2, seed=args.seed)
     else:
-        (x, y), test = datasets.load_mnist(args.data, kind=args.kind)
+        if args.download:
+            print(f"fastnn-train {_run_name(task, args.kind)}: --download: checking the "
+                  "files, fetching those missing (SHA-256 checked) ...", flush=True)
+        (x, y), test = datasets.load_mnist(args.data, kind=args.kind, download=args.download)
         if args.val > 0:
             train, val, _ = data.train_val_test_split(x, y, val=args.val, test=0.0, seed=args.seed)
         else:
@@ -138,18 +153,24 @@ class EpochPrinter(Callback):
         print("  ".join(parts), flush=True)
 
 
+_NO_MATPLOTLIB = ("--plot needs matplotlib; install it with pip install 'fastnn[plot]' "
+                  "(or pip install matplotlib)")
+
+
 def _require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("fastnn-train: --plot needs matplotlib; install it with "
-                         "pip install 'fastnn[plot]' (or pip install matplotlib)")
+        raise SystemExit(f"fastnn-train: {_NO_MATPLOTLIB}")
     matplotlib.use("Agg")  # files only, no display needed
 
 
 def plot(path, history, title, net=None, points=None):
-    """Write a PNG: loss curves, accuracy curves and, with ``points=(x, y)`` of 2-D
-    data, the network's decision boundary (as in the course's Circle figures)."""
+    """Write a figure to ``path`` (its extension picks the format: .png, .pdf, .svg, ...):
+    loss curves, accuracy curves (train and validation, against the epoch) and, with
+    ``points=(x (N, 2), y (N,) or (N, 1))`` of 2-D data, the decision boundary of
+    ``net`` (as in the course's Circle figures). Returns the matplotlib ``Figure``
+    (closed: written, not shown)."""
     _require_matplotlib()
     import matplotlib.pyplot as plt
 
@@ -158,48 +179,64 @@ def plot(path, history, title, net=None, points=None):
     panels = len(curves) + (points is not None)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     axes = list(axes[0])
-    epochs = np.arange(1, len(hist["loss"]) + 1)
     for ax, key in zip(axes, curves):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            values = hist.get(prefix + key)
-            if values:
-                ax.plot(epochs[:len(values)], values, style,
-                        label=("validation " if prefix else "train ") + key)
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _plot_curves(ax, hist, key)
     if points is not None:
-        x, y = points
-        x2 = np.asarray(x, dtype=np.float64).reshape(len(x), 2)
-        y1 = np.asarray(y).reshape(len(y), -1)
-        labels = y1[:, 0] >= 0.5 if y1.shape[1] == 1 else y1.argmax(axis=1)
-        pad = 0.25 * (x2.max(axis=0) - x2.min(axis=0)) + 0.1
-        lo, hi = x2.min(axis=0) - pad, x2.max(axis=0) + pad
-        gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
-        grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
-        grid = grid.reshape((len(grid),) + tuple(x.shape[1:]))
-        out = backend.to_device(net.predict(grid), "cpu").reshape(len(grid), -1)
-        if out.shape[1] == 1:
-            score, label = out[:, 0], "network output"   # tanh / sigmoid: class 1 above 0.5
-        else:                                            # logits: probability of class 1
-            z = out - out.max(axis=1, keepdims=True)
-            score, label = (np.exp(z) / np.exp(z).sum(axis=1, keepdims=True))[:, 1], "P(class 1)"
-        ax = axes[-1]
-        cs = ax.contourf(gx, gy, score.reshape(gx.shape), levels=20, cmap="RdBu_r", alpha=0.45)
-        ax.contour(gx, gy, score.reshape(gx.shape), levels=[0.5], colors="k", linewidths=1.5)
-        fig.colorbar(cs, ax=ax, label=label)
-        for cls, color in ((0, "tab:blue"), (1, "tab:red")):
-            chosen = labels == cls
-            ax.scatter(x2[chosen, 0], x2[chosen, 1], color=color, edgecolors="white",
-                       linewidths=0.6, s=28, label=f"class {cls}")
-        ax.legend(loc="upper right", fontsize="small")
-        ax.set_title("decision boundary (test points)")
-        ax.set_aspect("equal")
+        _plot_boundary(fig, axes[-1], net, points)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
+
+
+def _plot_curves(ax, hist, key):
+    """The train and validation curves of ``key`` ("loss" or "accuracy") per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = np.arange(1, len(hist["loss"]) + 1)
+    for prefix, style in (("", "-"), ("val_", "--")):
+        values = hist.get(prefix + key)
+        if values:
+            ax.plot(epochs[:len(values)], values, style,
+                    label=("validation " if prefix else "train ") + key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # no epoch 2.5
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _plot_boundary(fig, ax, net, points):
+    """``net``'s score over the plane around ``points=(x, y)``, its 0.5 contour, the points."""
+    x, y = points
+    x2 = np.asarray(x, dtype=np.float64).reshape(len(x), 2)
+    y1 = np.asarray(y).reshape(len(y), -1)
+    labels = y1[:, 0] >= 0.5 if y1.shape[1] == 1 else y1.argmax(axis=1)
+    pad = 0.25 * (x2.max(axis=0) - x2.min(axis=0)) + 0.1
+    lo, hi = x2.min(axis=0) - pad, x2.max(axis=0) + pad
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
+    grid = grid.reshape((len(grid),) + tuple(x.shape[1:]))
+    out = backend.to_device(net.predict(grid), "cpu").reshape(len(grid), -1)
+    if out.shape[1] == 1:
+        score, label = out[:, 0], "network output"   # tanh / sigmoid: class 1 above 0.5
+    else:                                            # logits: probability of class 1
+        z = out - out.max(axis=1, keepdims=True)
+        score, label = (np.exp(z) / np.exp(z).sum(axis=1, keepdims=True))[:, 1], "P(class 1)"
+    cs = ax.contourf(gx, gy, score.reshape(gx.shape), levels=20, cmap="RdBu_r", alpha=0.45)
+    ax.contour(gx, gy, score.reshape(gx.shape), levels=[0.5], colors="k", linewidths=1.5)
+    fig.colorbar(cs, ax=ax, label=label)
+    for cls, color in ((0, "tab:blue"), (1, "tab:red")):
+        chosen = labels == cls
+        ax.scatter(x2[chosen, 0], x2[chosen, 1], color=color, edgecolors="white",
+                   linewidths=0.6, s=28, label=f"class {cls}")
+    ax.legend(loc="upper right", fontsize="small")
+    ax.set_title("decision boundary (test points)")
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+    ax.set_aspect("equal")
 
 
 def parse_args(argv=None):
@@ -222,6 +259,10 @@ def parse_args(argv=None):
                         "(default: $FASTNN_DATA)")
     p.add_argument("--kind", "--dataset", dest="kind", choices=("mnist", "fashion"), default="mnist",
                    help="mnist-* tasks: train on MNIST or Fashion-MNIST")
+    p.add_argument("--download", action="store_true",
+                   help="mnist-* tasks: fetch the missing MNIST / Fashion-MNIST files (their "
+                        "SHA-256 checked) into DIR/mnist or DIR/fashion-mnist (DIR: --data, "
+                        "else $FASTNN_DATA, else ~/.cache/fastnn)")
     p.add_argument("--weight-decay", type=float,
                    help="L2 weight decay of SGD, on weights only (default: the task's)")
     p.add_argument("--val", type=float,
@@ -252,15 +293,11 @@ def parse_args(argv=None):
         p.error(f"--val must lie in [0, 1), got {args.val}")
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be >= 1, got {args.limit}")
-    for option, path in (("--save", args.save), ("--export", args.export)):
-        problem = path and _unwritable(path)
-        if problem:
-            p.error(f"{option} {path}: {problem}")
-    if args.export:
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            p.error("--export needs the onnx package: pip install 'fastnn[onnx]'")
+    if args.download and not args.task.startswith("mnist"):
+        p.error(f"--download applies to the mnist-* tasks; {args.task} needs no files")
+    problem = _output_problem(args)
+    if problem:
+        p.error(problem)
     if args.device == "cuda" and "cuda" not in backend.available():
         p.error("--device cuda: no usable CUDA device (CuPy with a GPU is needed: "
                 "pip install 'fastnn[gpu]')")
@@ -276,18 +313,61 @@ def _unwritable(path):
         return f"the folder {folder} does not exist"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"the folder {folder} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "exists and is not writable"
+    return None
+
+
+def _plot_formats():
+    """File extensions (with the dot) matplotlib can write, or None without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None
+    return sorted("." + ext for ext in FigureCanvasBase.get_supported_filetypes())
+
+
+def _output_problem(args):
+    """Why ``--save`` / ``--export`` / ``--plot`` cannot be written as given, or None:
+    each path must be a file name in a writable folder, with ``.onnx`` for ``--export``
+    and an extension matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...) for ``--plot``,
+    and no two options may name the same file."""
+    outputs = [(o, p) for o, p in (("--save", args.save), ("--export", args.export),
+                                   ("--plot", args.plot)) if p]
+    for option, path in outputs:
+        problem = _unwritable(path)
+        if problem:
+            return f"{option} {path}: {problem}"
+    seen = {}
+    for option, path in outputs:
+        other = seen.setdefault(os.path.abspath(path), option)
+        if other != option:
+            return f"{other} and {option} name the same file {path}; give each its own"
+    suffix = lambda path: os.path.splitext(path)[1].lower()  # noqa: E731
+    if args.export and suffix(args.export) != ".onnx":
+        return f"--export {args.export}: expected a file name ending in .onnx (ONNX model)"
+    if args.export:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            return "--export needs the onnx package: pip install 'fastnn[onnx]'"
+    formats = _plot_formats() if args.plot else []
+    if formats is None:
+        return _NO_MATPLOTLIB
+    if args.plot and suffix(args.plot) not in formats:
+        return (f"--plot {args.plot}: expected a file name ending in one of "
+                f"{', '.join(formats)} (.png is the usual)")
     return None
 
 
 def run(args):
     """Train and evaluate as ``args`` say; return ``(net, history, test_accuracy)``."""
-    if args.plot:
-        _require_matplotlib()
     fashion = args.task.startswith("mnist") and args.kind == "fashion"
-    name = args.task + (" (Fashion-MNIST)" if fashion else "")
+    name = _run_name(args.task, args.kind)
     try:
         train, val, test = load_task_data(args.task, args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:   # missing files, a failed download
         raise SystemExit(f"fastnn-train: {exc}")
     net = build_model(args.task, seed=args.seed)
     print(f"fastnn-train {name}: {len(train[0])} training, "
@@ -321,6 +401,9 @@ def run(args):
         history = net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                           validation_data=validation, callbacks=[printer] + callbacks,
                           verbose=1 if sys.stderr.isatty() else 0, seed=args.seed)
+        for cb in callbacks:        # say why the run ended before --epochs, if it did
+            if isinstance(cb, fn.callbacks.EarlyStopping) and cb.summary():
+                print(cb.summary(), flush=True)
     seconds = time.perf_counter() - t0
 
     scores = net.predict(x_test)

@@ -45,6 +45,35 @@ def test_early_stopping_stops_and_restores_best_weights():
     for p, saved in zip([layer.params[n] for layer, n in model.parameters()], snaps.states[best]):
         np.testing.assert_array_equal(p, saved)
     assert np.isclose(model.evaluate(x[40:], y[40:])["loss"], min(val))
+    # what happened, for a command line to print: from the callback, in one line
+    assert (stop.restored_epoch, stop.last_epoch) == (best, len(val))
+    assert stop.summary() == (
+        f"early stopping: stopped after epoch {len(val)} (val_loss {val[-1]:.4g}), val_loss not "
+        f"improved for 2 epochs; best val_loss {min(val):.4g} at epoch {best}; "
+        f"restored the weights of epoch {best}")
+
+
+def test_early_stopping_summary_without_a_stop():
+    x, y = data()
+    said = []
+    for restore, epochs in ((True, 12), (False, 12), (True, 1)):
+        model = net()
+        model.compile("cross_entropy", optim.SGD(lr=0.3, momentum=0.9))
+        stop = callbacks.EarlyStopping(monitor="val_loss", patience=100, restore_best=restore)
+        history = model.fit(x[:40], y[:40], epochs=epochs, batch_size=8, verbose=0, seed=0,
+                            validation_data=(x[40:], y[40:]), callbacks=[stop])
+        val = history.history["val_loss"]
+        best = int(np.argmin(val)) + 1
+        assert stop.stopped_epoch is None
+        if restore and best != len(val):        # weights other than the last ones came back
+            assert stop.summary() == (f"early stopping: did not stop the run; best val_loss "
+                                      f"{min(val):.4g} at epoch {best}; restored the weights "
+                                      f"of epoch {best}")
+        else:                                   # nothing to say
+            assert stop.summary() is None
+        said.append(stop.summary() is not None)
+    assert said == [True, False, False]         # the best of 12 epochs is not the last
+    assert stop.restored_epoch == 1             # one epoch: restored, and nothing to say
 
 
 def test_early_stopping_without_restore_keeps_last_weights():
@@ -52,9 +81,12 @@ def test_early_stopping_without_restore_keeps_last_weights():
     model = net()
     model.compile("cross_entropy", optim.SGD(lr=3.0, momentum=0.9))
     snaps = Snapshots()
-    model.fit(x, y, epochs=6, batch_size=8, callbacks=[snaps, callbacks.EarlyStopping(
-        monitor="loss", patience=0, restore_best=False)], verbose=0, seed=0)
+    stop = callbacks.EarlyStopping(monitor="loss", patience=0, restore_best=False)
+    model.fit(x, y, epochs=6, batch_size=8, callbacks=[snaps, stop], verbose=0, seed=0)
     last = max(snaps.states)
+    assert stop.summary().startswith(f"early stopping: stopped after epoch {last} (loss ")
+    assert "loss not improved for 1 epoch; best loss" in stop.summary()
+    assert stop.summary().endswith("; kept the last epoch's weights")
     for p, saved in zip([layer.params[n] for layer, n in model.parameters()], snaps.states[last]):
         np.testing.assert_array_equal(p, saved)
 

@@ -171,6 +171,8 @@ def test_download_checks_sha256_then_loads(tmp_path, fake_remote):
     served, calls = fake_remote
     (xtr, ytr), _ = datasets.load_mnist(tmp_path, download=True)
     assert len(calls) == 4 and all(url.startswith("https://") for url in calls)
+    # into the set's own folder: Fashion-MNIST's files have the same names
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(served)
     np.testing.assert_array_equal(ytr, decoded(gzip.decompress(served[STEMS[1] + ".gz"]), 1))
     datasets.load_mnist(tmp_path, download=True)       # present and verified: no new fetch
     assert len(calls) == 4
@@ -182,8 +184,8 @@ def test_download_rejects_a_wrong_checksum(tmp_path, fake_remote, monkeypatch):
     with pytest.raises(ValueError, match="SHA-256"):
         datasets.load_mnist(tmp_path, download=True)
     # nothing unverified is left behind for a later load to read
-    assert not (tmp_path / (STEMS[0] + ".gz")).exists()
-    assert not any(p.name.endswith(".part") for p in tmp_path.iterdir())
+    assert not (tmp_path / "mnist" / (STEMS[0] + ".gz")).exists()
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "mnist").iterdir())
 
 
 def test_download_refuses_a_corrupt_existing_file(tmp_path, fake_remote):

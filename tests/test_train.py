@@ -1,15 +1,20 @@
 """The fastnn-train command (fastnn.train): options, quick trainings, save/plot, determinism."""
+import gzip
+import hashlib
+import http.server
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 
 import fastnn as fn
 from _helpers import needs_mnist, shared_data_root
-from fastnn import train
+from fastnn import datasets, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,6 +95,11 @@ def test_circles_reaches_the_target(capsys):
     assert "val_accuracy" in out and "test accuracy" in out
     assert "200 test samples" in out or "200 test" in out
     assert len(history.history["val_loss"]) == len(history.history["loss"])
+    # it stopped early (at epoch 92 of 100 with seed 0), and says so
+    stopped = len(history.history["loss"])
+    assert stopped < 100
+    assert f"early stopping: stopped after epoch {stopped} (val_loss " in out
+    assert "; restored the weights of epoch " in out
 
 
 def test_save_loads_back_to_the_same_predictions(tmp_path, capsys):
@@ -115,15 +125,55 @@ def test_export_writes_an_onnx_model_that_predicts_the_same(tmp_path, capsys):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", ["--save", "--export"])
-def test_unwritable_output_is_refused_before_training(tmp_path, option, capsys):
+@pytest.mark.parametrize("option,name", [("--save", "m.npz"), ("--export", "m.onnx"),
+                                         ("--plot", "m.png")])
+def test_unwritable_output_is_refused_before_training(tmp_path, monkeypatch, option, name,
+                                                      capsys):
     """A typo in the folder is reported at once, not after the training."""
-    for path, problem in ((tmp_path / "missing" / "m.out", "does not exist"),
+    for path, problem in ((tmp_path / "missing" / name, "does not exist"),
                           (tmp_path, "is a folder")):
         with pytest.raises(SystemExit) as exc:
-            train.parse_args(["circles", option, str(path)])
+            train.main(["circles", option, str(path)])
         assert exc.value.code == 2
-        assert f"{option} {path}: " in (err := capsys.readouterr().err) and problem in err
+        out, err = capsys.readouterr()
+        assert f"{option} {path}: " in err and problem in err
+        assert "epoch" not in out                     # nothing trained
+    locked, read_only = tmp_path / "locked", tmp_path / ("read-only-" + name)
+    locked.mkdir(mode=0o500)
+    read_only.write_bytes(b"")
+    read_only.chmod(0o400)
+    if os.geteuid() == 0:                             # root writes anywhere: say it cannot
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and not (
+            mode & os.W_OK and (str(p) == str(locked) or str(p) == str(read_only))))
+    try:
+        for path, problem in ((locked / name, "the folder"), (read_only, "exists and")):
+            with pytest.raises(SystemExit) as exc:
+                train.parse_args(["circles", option, str(path)])
+            err = capsys.readouterr().err
+            assert exc.value.code == 2 and f"{problem} is not writable" in err.replace(
+                str(locked) + " ", "")
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--export", "m.npz"], "--export m.npz: expected a file name ending in .onnx"),
+    (["--plot", "curves"], "--plot curves: expected a file name ending in one of "),
+    (["--plot", "curves.txt"], ".png, "),
+    (["--save", "same.npz", "--plot", "same.npz"], "--save and --plot name the same file"),
+    (["--download"], "--download applies to the mnist-* tasks"),
+])
+def test_wrong_output_names_are_refused_before_training(tmp_path, monkeypatch, argv, message,
+                                                        capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        train.main(["circles", *argv])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert message in err and "epoch" not in out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_without_onnx_is_refused_before_training(tmp_path, monkeypatch, capsys):
@@ -180,16 +230,132 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert xor_path.stat().st_size > 1000
 
 
-def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+def test_plot_labels_both_axes_with_integer_epochs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.ticker import MaxNLocator
+    history = fn.network.History()
+    for epoch, logs in enumerate(({"loss": 0.9, "accuracy": 0.5, "val_loss": 1.0},
+                                  {"loss": 0.5, "accuracy": 0.8, "val_loss": 0.7},
+                                  {"loss": 0.3, "accuracy": 0.9, "val_loss": 0.6}), 1):
+        history._append(epoch, logs)
+    fig = train.plot(str(tmp_path / "c.svg"), history, "a title")
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    assert fig._suptitle.get_text() == "a title"
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes] == [
+        ("epoch", "loss"), ("epoch", "accuracy")]
+    for ax in fig.axes:
+        assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)   # 3 epochs: no 1.5
+    assert [line.get_label() for line in fig.axes[0].lines] == ["train loss", "validation loss"]
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
-    with pytest.raises(SystemExit, match=r"pip install 'fastnn\[plot\]'"):
-        train.run(train.parse_args(["circles", "--plot", str(tmp_path / "x.png")]))
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["circles", "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and "pip install 'fastnn[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
-def test_missing_mnist_says_where_it_looked(tmp_path):
-    with pytest.raises(SystemExit, match=str(tmp_path)):
+def test_missing_mnist_says_where_it_looked_and_names_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)) as exc:
         train.run(train.parse_args(["mnist-mlp", "--data", str(tmp_path)]))
+    assert "fastnn-train --download" in str(exc.value)
+
+
+# --- MNIST-like data made here: --download, the data set's name ---------------------
+
+STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def fake_mnist_gz(n_train=120, n_test=30, seed=0):
+    """{file name: gzip bytes} of a small MNIST-format set, every class in both parts."""
+    rng = np.random.default_rng(seed)
+
+    def idx(array, magic):
+        header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        return gzip.compress(header + array.astype(np.uint8).tobytes())
+    return {STEMS[0] + ".gz": idx(rng.integers(0, 256, (n_train, 28, 28)), 2051),
+            STEMS[1] + ".gz": idx(np.arange(n_train) % 10, 2049),
+            STEMS[2] + ".gz": idx(rng.integers(0, 256, (n_test, 28, 28)), 2051),
+            STEMS[3] + ".gz": idx(np.arange(n_test) % 10, 2049)}
+
+
+@pytest.fixture
+def fashion_server(tmp_path, monkeypatch):
+    """A local HTTP server holding a small fake Fashion-MNIST, made the download mirror
+    (with its SHA-256 table): --download is tested end to end without the internet.
+    Yields the list of requested paths."""
+    served = tmp_path / "served"
+    served.mkdir()
+    files = fake_mnist_gz()
+    for name, blob in files.items():
+        (served / name).write_bytes(blob)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(served), **k)
+
+        def log_message(self, *a):
+            requests.append(self.path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    table = {name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()}
+    folders = datasets._KINDS["fashion"][0]
+    monkeypatch.setitem(datasets._KINDS, "fashion",
+                        (folders, (f"http://127.0.0.1:{server.server_port}/",), table))
+    yield requests
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_download_fetches_checks_and_names_fashion(tmp_path, fashion_server, capsys):
+    data = tmp_path / "data"
+    argv = ["mnist-mlp", "--data", str(data), "--kind", "fashion", "--epochs", "1"]
+    train.run(train.parse_args(argv + ["--download"]))
+    out = capsys.readouterr().out
+    assert sorted(fashion_server) == sorted(f"/{s}.gz" for s in STEMS)
+    assert sorted(p.name for p in (data / "fashion-mnist").iterdir()) == sorted(
+        s + ".gz" for s in STEMS)                    # its own folder, beside a future mnist/
+    assert "mnist-mlp on Fashion-MNIST: --download" in out
+    assert "fastnn-train mnist-mlp on Fashion-MNIST: 110 training, 10 validation, 30 test" in out
+    train.run(train.parse_args(argv))                # found now: no download asked, none made
+    train.run(train.parse_args(argv + ["--download"]))   # checked, not fetched again
+    assert len(fashion_server) == 4
+
+
+def test_download_failure_is_a_clear_error(tmp_path, fashion_server):
+    (tmp_path / "served" / (STEMS[0] + ".gz")).write_bytes(b"tampered")
+    with pytest.raises(SystemExit, match="fastnn-train: load_mnist: could not download a "
+                                         "verified train-images-idx3-ubyte.gz"):
+        train.run(train.parse_args(["mnist-mlp", "--data", str(tmp_path / "data"),
+                                    "--kind", "fashion", "--download"]))
+
+
+@pytest.mark.parametrize("kind,name", [("fashion", "Fashion-MNIST"), ("mnist", "MNIST")])
+def test_runs_name_their_data_set(tmp_path, monkeypatch, kind, name, capsys):
+    """A --kind fashion run says Fashion-MNIST in its lines and its plot, never plain MNIST."""
+    pytest.importorskip("matplotlib")
+    for folder in ("mnist", "fashion-mnist"):
+        (tmp_path / folder).mkdir()
+        for file, blob in fake_mnist_gz(seed=len(folder)).items():
+            (tmp_path / folder / file).write_bytes(blob)
+    figures = []
+    real_plot = train.plot
+    monkeypatch.setattr(train, "plot", lambda *a, **k: figures.append(real_plot(*a, **k)))
+    train.run(train.parse_args(["mnist-lenet", "--data", str(tmp_path), "--kind", kind,
+                                "--epochs", "2", "--plot", str(tmp_path / "c.png")]))
+    out = capsys.readouterr().out
+    title = figures[0]._suptitle.get_text()
+    assert title.startswith(f"fastnn mnist-lenet on {name}: test accuracy ")
+    assert out.startswith(f"fastnn-train mnist-lenet on {name}: 110 training")
+    assert ("on MNIST" in out + title) == (kind == "mnist")
+    assert ("Ankle boot" in out) == (kind == "fashion")    # Fashion-MNIST's class names
 
 
 @needs_mnist
