@@ -377,6 +377,39 @@ def test_fashion_lenet_quick(capsys):
     assert acc > 0.4            # 10% is chance
 
 
+def test_recipe_cnn_architecture_and_fashion_defaults():
+    """mnist-cnn: augmentation first (a flip too for Fashion-MNIST, where mirrored
+    clothes are still the same class), biases only where no BatchNorm follows, and
+    --kind fashion's own epoch default, which --epochs still overrides."""
+    net = train.build_model("mnist-cnn", seed=3)
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    assert net.predict(x).shape == (2, 10)
+    kinds = [type(layer).__name__ for layer in net.layers]
+    assert kinds[0] == "RandomTranslation" and "RandomFlip" not in kinds
+    assert kinds.count("BatchNorm2d") == 2 and kinds.count("BatchNorm1d") == 1
+    biased = [type(layer).__name__ for layer in net.layers if "b" in layer.params]
+    assert biased == ["Dense"]                     # the output layer only
+    fashion = train.build_model("mnist-cnn", seed=3, kind="fashion")
+    assert [type(layer).__name__ for layer in fashion.layers][:2] == [
+        "RandomTranslation", "RandomFlip"]
+    assert train.parse_args(["mnist-cnn"]).epochs == train.TASKS["mnist-cnn"]["epochs"]
+    assert train.parse_args(["mnist-cnn", "--kind", "fashion"]).epochs == \
+        train.FASHION_DEFAULTS["mnist-cnn"]["epochs"]
+    assert train.parse_args(["mnist-cnn", "--kind", "fashion", "--epochs", "3"]).epochs == 3
+    assert train.parse_args(["mnist-lenet", "--kind", "fashion"]).epochs == \
+        train.TASKS["mnist-lenet"]["epochs"]
+
+
+@needs_mnist
+def test_recipe_cnn_quick(capsys):
+    """Two epochs of the recipe on 2000 images learn."""
+    _, history, acc = train.run(train.parse_args(
+        ["mnist-cnn", "--data", shared_data_root(), "--epochs", "2", "--limit", "2000"]))
+    assert "mnist-cnn on MNIST: 2000 training" in capsys.readouterr().out
+    assert acc > 0.85           # 10% is chance; two epochs on 2000 images give ~92%
+    assert len(history.history["val_accuracy"]) == 2
+
+
 def test_python_dash_m_and_console_script_help():
     result = subprocess.run([sys.executable, "-m", "fastnn.train", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
