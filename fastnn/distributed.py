@@ -48,7 +48,7 @@ def init():
         return _World.size
     try:
         from mpi4py import MPI
-    except ImportError:
+    except (ImportError, RuntimeError):      # no mpi4py, or no MPI library for it
         return 1
     comm = MPI.COMM_WORLD
     _World.comm, _World.rank, _World.size = comm, comm.Get_rank(), comm.Get_size()
