@@ -5,7 +5,7 @@
     fastnn-train {xor,circles,mnist-mlp,mnist-lenet} [--epochs N] [--batch-size N]
                  [--lr LR] [--weight-decay WD] [--device cpu|cuda] [--data DIR]
                  [--kind mnist|fashion] [--val FRACTION] [--limit N]
-                 [--save FILE] [--export FILE.onnx] [--plot FILE] [--seed N]
+                 [--save FILE] [--export FILE.onnx] [--plot FILE] [--seed N] [--distributed]
 
 Each task has defaults that reach the accuracy targets of ``benchmarks/RESULTS.md``:
 
@@ -235,7 +235,12 @@ def parse_args(argv=None):
                                                   "boundary for 2-D data) as a PNG; needs matplotlib")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, split and "
                                                         "shuffling (default 0)")
+    p.add_argument("--distributed", action="store_true", help="data-parallel training over "
+                   "the processes of mpiexec (pip install 'fastnn[mpi]'; run as mpiexec -n 4 "
+                   "fastnn-train mnist-lenet --distributed); --batch-size is the global batch")
     args = p.parse_args(argv)
+    if args.distributed and args.task == "xor":
+        p.error("--distributed trains the compiled tasks (circles, mnist-mlp, mnist-lenet)")
     defaults = TASKS[args.task]
     for key in ("epochs", "batch_size", "lr", "val", "weight_decay"):
         if getattr(args, key) is None:
@@ -283,6 +288,9 @@ def run(args):
     """Train and evaluate as ``args`` say; return ``(net, history, test_accuracy)``."""
     if args.plot:
         _require_matplotlib()
+    if args.distributed and fn.distributed.init() > 1 and fn.distributed.rank():
+        sys.stdout = open(os.devnull, "w")          # rank 0 prints and writes the files
+        args.save = args.export = args.plot = None
     fashion = args.task.startswith("mnist") and args.kind == "fashion"
     name = args.task + (" (Fashion-MNIST)" if fashion else "")
     try:
@@ -310,9 +318,10 @@ def run(args):
                           batch_size=args.batch_size, callbacks=[printer], verbose=0,
                           seed=args.seed)
     else:
-        net.compile(loss="cross_entropy", optimizer=fn.optim.SGD(lr=args.lr, momentum=0.9,
-                                                                   weight_decay=args.weight_decay),
-                    metrics=("accuracy",))
+        opt = fn.optim.SGD(lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        if args.distributed:
+            opt = fn.distributed.DistributedOptimizer(opt)
+        net.compile(loss="cross_entropy", optimizer=opt, metrics=("accuracy",))
         net.to(args.device)
         callbacks = [fn.optim.CosineAnnealingLR(T_max=args.epochs)]
         if args.task == "circles" and validation is not None:

@@ -215,3 +215,17 @@ def test_gpu_packed_step_in_one_process():
         nets.append(net.to("cpu"))
     np.testing.assert_allclose(nets[0].layers[0].params["W"], nets[1].layers[0].params["W"],
                                rtol=0, atol=1e-12)
+
+
+@needs_mpi
+def test_fastnn_train_distributed_prints_once_and_matches_one_process():
+    args = ["-m", "fastnn.train", "circles", "--epochs", "2", "--distributed"]
+    done = _launch(2, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = subprocess.run([sys.executable] + args[:-1], capture_output=True, text=True,
+                         timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT))
+    epochs = [line.rsplit("lr", 1)[0] for line in done.stdout.splitlines()
+              if line.startswith("epoch")]
+    assert len(epochs) == 2          # rank 0 alone prints
+    assert epochs == [line.rsplit("lr", 1)[0] for line in one.stdout.splitlines()
+                      if line.startswith("epoch")]
