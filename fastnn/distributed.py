@@ -54,10 +54,19 @@ def init():
     _World.comm, _World.rank, _World.size = comm, comm.Get_rank(), comm.Get_size()
     if _World.size > 1:
         sys.excepthook = _abort_on_exception
-        cp = backend.cupy()
-        if cp is not None:
-            cp.cuda.Device(_World.rank % cp.cuda.runtime.getDeviceCount()).use()
+        _use_gpu_of_rank()
     return _World.size
+
+
+def _use_gpu_of_rank():
+    """Make GPU ``rank % device count`` current (before any CUDA context is made)."""
+    try:
+        import cupy as cp
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception:            # no CuPy, no driver, no device: the CPU path
+        return
+    if count:
+        cp.cuda.Device(_World.rank % count).use()
 
 
 def _abort_on_exception(exc_type, exc, tb):
@@ -211,7 +220,8 @@ class DistributedOptimizer:
         global loss, then the wrapped optimizer's step on the summed gradients."""
         buf = self._packed.pack(grads, extra=2)
         hi = buf.dtype.type(self._loss)       # the loss as two numbers of the buffer's dtype
-        buf[-2:] = (hi, buf.dtype.type(self._loss - float(hi)))
+        tail = np.array([hi, self._loss - float(hi)], dtype=buf.dtype)
+        buf[-2:] = tail if isinstance(buf, np.ndarray) else backend.to_device(tail, "cuda")
         allreduce(buf)
         tail = backend.to_device(buf[-2:], "cpu") if not isinstance(buf, np.ndarray) else buf[-2:]
         self.global_loss = float(tail[0]) + float(tail[1])
