@@ -50,6 +50,12 @@ CASES = {
                 (50, (6,)), 16, 3),
     "bn_dropout_adam": (lambda: _mlp(True, synchronized=True),
                         lambda: fn.optim.Adam(lr=0.01), (50, (6,)), 16, 3),
+    # per-sample weights: each share's loss sum(w_i loss_i) / n_r scaled to / n_global
+    "sgd_weighted": (lambda: _mlp(False), lambda: fn.optim.SGD(lr=0.1, momentum=0.9),
+                     (47, (6,)), 10, 2),
+    # an iterable of (xb, yb) global batches: each rank slices its share of each
+    "sgd_stream": (lambda: _mlp(False), lambda: fn.optim.SGD(lr=0.1, momentum=0.9),
+                   (47, (6,)), 10, 2),
     "conv_bn2d": (_conv, lambda: fn.optim.SGD(lr=0.05, momentum=0.5), (30, (1, 8, 8)), 8, 2),
     # negative control: per-rank BatchNorm statistics differ from the global batch's
     "bn_per_rank": (lambda: _mlp(True, synchronized=False),
@@ -68,8 +74,14 @@ def run(name, wrap=None):
         for layer in net.layers:
             for a in layer.params.values():
                 a += 1.0
-    hist = net.fit(x[:n], y[:n], epochs=epochs, batch_size=batch, seed=7, verbose=0,
-                   validation_data=(x[n:], y[n:]))
+    weights = np.linspace(0.2, 2.0, n) if name.endswith("weighted") else None
+    val = (x[n:], y[n:])
+    if name.endswith("stream"):
+        stream = [(x[i:min(i + batch, n)], y[i:min(i + batch, n)]) for i in range(0, n, batch)]
+        hist = net.fit(stream, None, epochs=epochs, seed=7, verbose=0, validation_data=val)
+    else:
+        hist = net.fit(x[:n], y[:n], epochs=epochs, batch_size=batch, seed=7, verbose=0,
+                       validation_data=val, sample_weight=weights)
     record = {f"{name}.arr{i}": a for i, a in enumerate(
         a for layer in net.layers for store in ("params", "buffers")
         for a in (getattr(layer, store, None) or {}).values())}

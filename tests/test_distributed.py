@@ -67,7 +67,8 @@ def _worst(got, ref, case):
     return max(float(np.max(np.abs(got[k] - ref[k]), initial=0.0)) for k in keys)
 
 
-@pytest.mark.parametrize("case", ["sgd_mlp", "bn_dropout_adam", "conv_bn2d"])
+@pytest.mark.parametrize("case", ["sgd_mlp", "bn_dropout_adam", "conv_bn2d", "sgd_weighted",
+                                  "sgd_stream"])
 def test_p_ranks_train_as_one_process(ranks, reference, case):
     """Weights, buffers (BatchNorm running statistics), history and evaluate: to 1e-10,
     with an uneven last batch (and an empty share on one of 3 ranks)."""
