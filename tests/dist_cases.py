@@ -92,6 +92,25 @@ def run(name, wrap=None):
     return record
 
 
+def run_diverging(wrap=None):
+    """MSE regression whose 3rd batch holds one target of 1e9 (in one rank's share): the
+    global loss passes fit's divergence bound there, so every rank raises the same
+    FloatingPointError with the parameters of the 2nd step. -> record."""
+    x, y = _data(40, (6,), 3, seed=1)
+    target = np.eye(3)[y]
+    target[2 * 8 + 5] = 1e9
+    net = fn.Network([fn.Dense(6, 3, dtype=F64, seed=5)])
+    opt = fn.optim.SGD(lr=0.01)
+    net.compile(loss="mse", optimizer=wrap(opt) if wrap else opt)
+    try:
+        net.fit(x, target, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        message = "no error"
+    except FloatingPointError as exc:
+        message = str(exc)
+    return {"diverge.message": np.array(message), "diverge.W": net.layers[0].params["W"],
+            "diverge.b": net.layers[0].params["b"]}
+
+
 def main(argv):
     from fastnn import distributed as dist
     dist.init()
@@ -111,6 +130,7 @@ def main(argv):
     record = {}
     for name in CASES:
         record.update(run(name, dist.DistributedOptimizer))
+    record.update(run_diverging(dist.DistributedOptimizer))
     np.savez(f"{out}/rank{dist.rank()}.npz", **record)
 
 

@@ -3,6 +3,7 @@ a timeout) train exactly as one process with the same global batch (float64, 1e-
 ranks end identical, per-rank BatchNorm does not match (negative control), one rank's
 exception ends the job; in one process DistributedOptimizer is the optimizer it wraps."""
 import os
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,21 @@ def test_p_ranks_train_as_one_process(ranks, reference, case):
     history = [k for k in reference if k.startswith(case + ".history.")]
     assert {k.rsplit(".", 1)[1] for k in history} == {"loss", "accuracy", "val_loss",
                                                       "val_accuracy"}
+
+
+def test_divergence_stops_every_rank_as_one_process(ranks):
+    """The global loss decides: the rank without the bad sample stops too, at the same
+    batch, with the parameters of the step before (as in one process)."""
+    ref = dist_cases.run_diverging()
+    assert "batch 3 of 5" in str(ref["diverge.message"])
+    number = re.compile(r"loss became ([^,;]+)")
+    ref_loss = float(number.search(str(ref["diverge.message"])).group(1))
+    for record in ranks:
+        message = str(record["diverge.message"])    # the same, the loss to round-off
+        assert number.sub("", message) == number.sub("", str(ref["diverge.message"]))
+        assert float(number.search(message).group(1)) == pytest.approx(ref_loss, rel=1e-12)
+        for key in ("diverge.W", "diverge.b"):
+            np.testing.assert_allclose(record[key], ref[key], rtol=0, atol=1e-10)
 
 
 def test_ranks_hold_identical_weights(ranks):
@@ -192,13 +208,15 @@ def test_dropout_offset_takes_the_larger_batch_masks():
     np.testing.assert_array_equal(part.forward(x[6:]), full[6:])
 
 
-def test_mpiexec_command_names_a_launcher():
-    cmd = dist.mpiexec_command(2, ["python", "x.py"])
-    assert cmd[-4:] == ["-n", "2", "python", "x.py"]
-    env = dict(os.environ, FASTNN_MPIEXEC="/opt/my/mpiexec")
-    done = run_python("from fastnn import distributed as d; print(d.mpiexec_command(3, [])[0])",
-                      env=env)
-    assert done.stdout.strip() == "/opt/my/mpiexec"
+def test_mpiexec_command_names_a_launcher(monkeypatch):
+    monkeypatch.setenv("FASTNN_MPIEXEC", "/opt/my/mpiexec")
+    assert dist.mpiexec_command(2, ["python", "x.py"]) == [
+        "/opt/my/mpiexec", "-launcher", "fork", "-n", "2", "python", "x.py"]
+    monkeypatch.delenv("FASTNN_MPIEXEC")
+    monkeypatch.setenv("PATH", "")
+    if not os.access(os.path.join(os.path.dirname(sys.executable), "mpiexec"), os.X_OK):
+        with pytest.raises(FileNotFoundError, match="no mpiexec"):
+            dist.mpiexec_command(2, [])
 
 
 @pytest.mark.skipif(fn.backend.cupy() is None, reason="needs a CUDA device")
