@@ -134,6 +134,10 @@ def _nccl():
     """The job's NCCL communicator, made once from a unique id that rank 0 broadcasts."""
     if _World.nccl is None:
         from cupy.cuda import nccl
+        if not nccl.available:
+            raise RuntimeError("fastnn.distributed: the gradients are CuPy arrays but CuPy "
+                               "finds no NCCL library (pip install nvidia-nccl-cu13, or "
+                               "'fastnn[mpi,gpu]')")
         uid = nccl.get_unique_id() if _World.rank == 0 else None
         uid = _World.comm.bcast(uid, root=0)
         _World.nccl = nccl.NcclCommunicator(_World.size, uid, _World.rank)
