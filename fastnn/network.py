@@ -336,7 +336,9 @@ class Network(LayerSequence):
         ``w``: the samples' weights (B,) or None (``Loss.weighted_loss_and_grad``)."""
         plan = self._get_plan()
         out = self._run_forward(x, True, plan.n_train)
-        if self._style == "use":
+        if not len(out):      # a rank's empty share of a distributed batch adds nothing
+            loss, grad = 0.0, out.copy()
+        elif self._style == "use":
             loss, grad = self.loss(y, out), self.loss_prime(y, out)
         elif w is None:
             loss, grad = self.loss_fn._loss_and_grad(out, y)
