@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from . import backend, kernels  # noqa: E402,F401
-from . import activations, callbacks, data, datasets, layers, losses, metrics, optim  # noqa: E402,F401
+from . import activations, callbacks, data, datasets, distributed, layers, losses, metrics, optim  # noqa: E402,F401
 from .layers import (ActivationLayer, AvgPool2D, BatchNorm1d, BatchNorm2d, Conv2D,  # noqa: E402,F401
                      Dense, Dropout, FCLayer, Flatten, GlobalAvgPool2D, Layer, LeakyReLU,
                      MaxPool2D, RandomFlip, RandomTranslation, ReLU, Sigmoid, Softmax, Tanh)

@@ -369,7 +369,8 @@ class _Restore:
         net = self.network
         if saved.optimizer is None or net.optimizer is None:
             return
-        if type(saved.optimizer) is not type(net.optimizer):
+        # by name: a distributed.DistributedOptimizer is a subclass named as the one it wraps
+        if type(saved.optimizer).__name__ != type(net.optimizer).__name__:
             raise ValueError(f"its optimizer is a {type(saved.optimizer).__name__}, the "
                              f"network's a {type(net.optimizer).__name__}")
         net.optimizer.load_state_dict(saved.optimizer.state_dict())

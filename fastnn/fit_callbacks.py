@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from . import distributed
+
 # hook -> the arguments fit passes (after self)
 HOOKS = {"on_train_begin": ("network",), "on_epoch_begin": ("network", "epoch"),
          "on_batch_end": ("network", "batch", "logs"),
@@ -127,6 +129,8 @@ class CSVLogger:
 
     def on_train_begin(self, network):
         self.keys = None
+        if distributed.rank() != 0:      # one writer in a distributed job
+            return
         if self.append and os.path.exists(self.filename) and os.path.getsize(self.filename):
             with open(self.filename, newline="") as f:
                 header = next(csv.reader(f, delimiter=self.separator), None)
@@ -135,6 +139,8 @@ class CSVLogger:
             open(self.filename, "w").close()
 
     def on_epoch_end(self, network, epoch, logs):
+        if distributed.rank() != 0:
+            return
         rows = []
         if self.keys is None:
             self.keys = list(logs)

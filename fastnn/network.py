@@ -336,23 +336,24 @@ class Network(LayerSequence):
         ``w``: the samples' weights (B,) or None (``Loss.weighted_loss_and_grad``)."""
         plan = self._get_plan()
         out = self._run_forward(x, True, plan.n_train)
-        if self._style == "use":
+        if not len(out):      # a rank's empty share of a distributed batch adds nothing
+            loss, grad = 0.0, out.copy()
+        elif self._style == "use":
             loss, grad = self.loss(y, out), self.loss_prime(y, out)
         elif w is None:
             loss, grad = self.loss_fn._loss_and_grad(out, y)
         else:
             loss, grad = self.loss_fn.weighted_loss_and_grad(out, y, w)
         loss = float(loss)
-        if not abs(loss) <= max_loss:
-            over = (f", over {max_loss:.3g} (fit's bound: the loss diverged)"
-                    if math.isfinite(loss) else "")
-            raise FloatingPointError(f"the loss became {loss}{over}; parameters are left as they "
-                                     "were before this step (lower the learning rate, or "
-                                     "check the data)")
+        share = getattr(self.optimizer, "share", None)   # distributed: checks the global loss
+        if share is not None:
+            loss, grad = share(loss, grad, max_loss)
+        elif not abs(loss) <= max_loss:
+            raise FloatingPointError(loss_error(loss, max_loss))
         self._train_backward(grad, self.optimizer.lr)
         self.optimizer.step([layer.params[name] for layer, name in plan.slots],
                             [layer.grads[name] for layer, name in plan.slots], plan.decay)
-        return loss, out
+        return (loss if share is None else self.optimizer.global_loss), out
 
     def _check_trainable(self, who):
         if self._style is None:
@@ -393,6 +394,8 @@ class Network(LayerSequence):
             self.optimizer = optim.SGD(lr=learning_rate)
         elif learning_rate is not None:
             self.optimizer.lr = learning_rate
+        if hasattr(self.optimizer, "begin_fit"):     # fastnn.distributed: shards, broadcast
+            source, seed, verbose = self.optimizer.begin_fit(self, source, seed, verbose, callbacks)
         rng = self._seed_layers(seed)
         callbacks = self._fit_callbacks(callbacks, learning_rate is not None)
         # accuracy needs only each sample's class, not the epoch's scores
@@ -630,6 +633,13 @@ class Network(LayerSequence):
         return saving.load(path, network_cls=cls)
 
 
+def loss_error(loss, max_loss):
+    """The message of the FloatingPointError of a NaN, infinite or diverged loss."""
+    over = f", over {max_loss:.3g} (fit's bound: the loss diverged)" if math.isfinite(loss) else ""
+    return (f"the loss became {loss}{over}; parameters are left as they were before this "
+            "step (lower the learning rate, or check the data)")
+
+
 class _Plan:
     """What the loops need, computed once per layer list: each layer's forward and
     backward as plain callables, the trained parameters (``slots``, ``decay``), the
@@ -811,9 +821,10 @@ class _Epoch:
             raise
         logs = {"loss": self.total / self.n_batches}
         if net.metrics:
-            xp = backend.get_array_module(self.outputs[0])
-            logs.update(net._metric_values(xp.concatenate(self.targets),
-                                           xp.concatenate(self.outputs)))
+            targets, outputs = getattr(self.source, "gathered", lambda *p: p)(self.targets,
+                                                                              self.outputs)
+            xp = backend.get_array_module(outputs[0])
+            logs.update(net._metric_values(xp.concatenate(targets), xp.concatenate(outputs)))
         return logs
 
     def report(self, epoch, epochs, logs, verbose):

@@ -171,7 +171,11 @@ def save(network, path, include_optimizer=True, training=None):
     arrays stored beside (``load(..., training=True)`` gives them back).
     ValueError for a layer that is not a fastnn built-in, or a parameter or buffer holding
     NaN or infinity (``load`` would refuse the file); then nothing is written.
+    In a distributed job (``fastnn.distributed``) only rank 0 writes.
     """
+    from . import distributed
+    if distributed.rank() != 0:
+        return
     arch, arrays = _architecture(network)
     if include_optimizer and network.loss_fn is not None and network.optimizer is not None:
         arch["optimizer_state"] = _optimizer_state(network, arrays)

@@ -6,7 +6,7 @@
                  [--lr LR] [--weight-decay WD] [--device cpu|cuda] [--data DIR]
                  [--kind mnist|fashion] [--val FRACTION] [--limit N]
                  [--download] [--save FILE] [--export FILE.onnx] [--plot FILE.png]
-                 [--seed N]
+                 [--seed N] [--distributed]
 
 Each task has defaults that reach the accuracy targets of ``benchmarks/RESULTS.md``:
 
@@ -330,7 +330,12 @@ def parse_args(argv=None):
                                                   "boundary for 2-D data) as a PNG; needs matplotlib")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, split and "
                                                         "shuffling (default 0)")
+    p.add_argument("--distributed", action="store_true", help="data-parallel training over "
+                   "the processes of mpiexec (pip install 'fastnn[mpi]'; run as mpiexec -n 4 "
+                   "fastnn-train mnist-lenet --distributed); --batch-size is the global batch")
     args = p.parse_args(argv)
+    if args.distributed and args.task == "xor":
+        p.error("--distributed trains every task but xor (the tutorial's own loop)")
     defaults = {**TASKS[args.task],
                 **(FASHION_DEFAULTS.get(args.task, {}) if args.kind == "fashion" else {})}
     for key in ("epochs", "batch_size", "lr", "val", "weight_decay"):
@@ -418,6 +423,9 @@ def _output_problem(args):
 
 def run(args):
     """Train and evaluate as ``args`` say; return ``(net, history, test_accuracy)``."""
+    if args.distributed and fn.distributed.init() > 1 and fn.distributed.rank():
+        sys.stdout = open(os.devnull, "w")          # rank 0 prints and writes the files
+        args.save = args.export = args.plot = None
     fashion = args.task.startswith("mnist") and args.kind == "fashion"
     name = _run_name(args.task, args.kind)
     try:
@@ -447,6 +455,8 @@ def run(args):
     else:
         optimizer, schedule = _optimizer_and_schedule(
             args, steps_per_epoch=-(-len(train[0]) // args.batch_size))
+        if args.distributed:
+            optimizer = fn.distributed.DistributedOptimizer(optimizer)
         net.compile(loss="cross_entropy", optimizer=optimizer, metrics=("accuracy",))
         net.to(args.device)
         callbacks = [schedule]

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .. import kernels
-from .base import Layer, check_float_array, check_number, make_rng
+from .base import Layer, check_float_array, check_number, counter_seed, make_rng
 
 __all__ = ["RandomTranslation", "RandomFlip"]
 
@@ -42,7 +42,11 @@ def _max_shift(factor, size):
 
 class _Augmentation(Layer):
     """The shared protocol: (N, C, H, W) input, a per-sample (N, 2) draw in training
-    (``_draw``), the copy ``_apply`` and its backward ``_unapply``; identity otherwise."""
+    (``_draw``), the copy ``_apply`` and its backward ``_unapply``; identity otherwise.
+    ``sample_offset``: the batch's first sample's position in a larger batch whose draws
+    it takes (as Dropout's; set by distributed training)."""
+
+    sample_offset = 0
 
     def __init__(self, seed):
         super().__init__()
@@ -59,7 +63,8 @@ class _Augmentation(Layer):
         if self._identity:
             self._pairs = None
             return x
-        bits = kernels.counter_bits(int(self.rng.integers(2**63)), 2 * x.shape[0])
+        seed = counter_seed(int(self.rng.integers(2**63)), 2 * self.sample_offset)
+        bits = kernels.counter_bits(seed, 2 * x.shape[0])
         self._pairs = self._draw(bits.reshape(-1, 2), x.shape)
         self.output = self._apply(x, self._pairs)
         return self.output

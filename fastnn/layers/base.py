@@ -11,7 +11,7 @@ import numpy as np
 from .. import backend, kernels
 
 __all__ = ["Layer", "ActivationLayer", "initialize", "as_dtype", "make_rng", "check_float_array",
-           "check_number", "checked_param", "config_int", "uses_tutorial_protocol"]
+           "check_number", "checked_param", "counter_seed", "config_int", "uses_tutorial_protocol"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -69,6 +69,16 @@ def initialize(init, shape, fan_in, fan_out, rng, dtype, who):
     else:
         raise ValueError(f"{who}: init must be 'he', 'xavier', 'uniform' or a callable, got {init!r}")
     return np.ascontiguousarray(w, dtype=dtype)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15      # the counter step of kernels.counter_bits
+
+
+def counter_seed(seed, skip):
+    """The seed whose counter-based draws (``kernels.counter_bits``, dropout's masks) start
+    ``skip`` counters later than ``seed``'s: draw i of it is draw ``skip + i`` of ``seed``.
+    Distributed training gives each rank the draws of its samples' global positions."""
+    return (int(seed) + int(skip) * _GOLDEN) & 0xFFFFFFFFFFFFFFFF
 
 
 def make_rng(seed):

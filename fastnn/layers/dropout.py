@@ -1,7 +1,7 @@
 """Inverted dropout."""
 import numpy as np
 
-from .base import Layer, check_float_array, contiguous, kernel_impl, make_rng
+from .base import Layer, check_float_array, contiguous, counter_seed, kernel_impl, make_rng
 
 __all__ = ["Dropout"]
 
@@ -10,8 +10,12 @@ class Dropout(Layer):
     """Training: zero each element with probability p and scale the rest by 1/(1-p);
     eval: identity. Kept for backward: the scaled mask.
 
-    ``seed`` fixes the masks; ``Network.fit(seed=...)`` reseeds it too.
+    ``seed`` fixes the masks; ``Network.fit(seed=...)`` reseeds it too. ``sample_offset``:
+    the position of the batch's first sample in a larger batch whose masks it takes (0;
+    distributed training sets it to the rank's share's start in the global batch).
     """
+
+    sample_offset = 0
 
     def __init__(self, p=0.5, *, seed=None):
         super().__init__()
@@ -30,8 +34,10 @@ class Dropout(Layer):
             return x
         # one pass; the counter-based mask follows a seed drawn from this layer's rng, and
         # a seed gives the same mask on every backend (CPU, NumPy reference, CUDA)
-        self.output, self._mask = kernel_impl(x).dropout_forward(
-            contiguous(x), self.p, int(self.rng.integers(2**63)))
+        seed = int(self.rng.integers(2**63))
+        if self.sample_offset:     # element i is element offset * row + i of the larger batch
+            seed = counter_seed(seed, self.sample_offset * (x.size // max(len(x), 1)))
+        self.output, self._mask = kernel_impl(x).dropout_forward(contiguous(x), self.p, seed)
         return self.output
 
     def backward(self, grad_y):

@@ -1,6 +1,7 @@
 """Batch normalisation with PyTorch's running statistics."""
 import numpy as np
 
+from .. import backend
 from .base import (Layer, as_dtype, check_float_array, check_number, config_int, contiguous,
                    kernel_impl)
 
@@ -14,12 +15,19 @@ class _BatchNorm(Layer):
     mean and biased variance; the running statistics move by ``momentum``
     (running_var uses the unbiased variance, as PyTorch does). Eval: the
     running statistics. Kept for backward: x_hat and 1/sqrt(var + eps).
+
+    ``synchronized=True``: under distributed training (``fastnn.distributed``) the batch
+    statistics are those of the global batch, every rank's share together: one allreduce
+    of [sum x, sum x^2, count] per channel in forward, one of [sum dy, sum dy * x_hat] in
+    backward (``grads`` then hold this rank's part of the sums, which the
+    DistributedOptimizer's allreduce adds up). In one process it is plain BatchNorm.
     """
 
     weight_names = ()            # no weight decay on gamma / beta
     _ranks = ()
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, *, dtype="float32"):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, *, dtype="float32",
+                 synchronized=False):
         super().__init__()
         who = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
@@ -28,6 +36,8 @@ class _BatchNorm(Layer):
         self.num_features = int(num_features)
         self.eps = check_number(eps, "eps", who, low=0)
         self.momentum = check_number(momentum, "momentum", who, 0, 1)
+        self.synchronized = bool(synchronized)
+        self._count = None           # the synchronized forward's global count per channel
         dt = self.dtype = as_dtype(dtype, who)
         self.params["gamma"] = np.ones(self.num_features, dtype=dt)
         self.params["beta"] = np.zeros(self.num_features, dtype=dt)
@@ -73,7 +83,11 @@ class _BatchNorm(Layer):
         x = contiguous(x)
         impl = kernel_impl(x)
         gamma, beta = self.params["gamma"], self.params["beta"]
-        if training:
+        if training and self.synchronized:
+            mean, var, m = self._global_stats(x)
+            y, x_hat, _, _, inv_std = impl.batchnorm_forward(x, gamma, beta, self.eps, mean, var)
+            self._update_running(mean, var, m)
+        elif training:
             m = x.size // self.num_features
             if m < 2:
                 raise ValueError(f"{self._name()}: training needs more than 1 value per channel, "
@@ -86,6 +100,44 @@ class _BatchNorm(Layer):
         self._cache = (x_hat, inv_std, training)
         self.output = y
         return y
+
+    def _axes(self, x):
+        return (0,) + tuple(range(2, x.ndim))
+
+    def _global_stats(self, x):
+        """(mean, biased var) per channel over the global batch (x's dtype), and its count."""
+        from .. import distributed
+        xp, c = backend.get_array_module(x), self.num_features
+        sums = xp.empty(2 * c + 1, dtype=np.float64)
+        x64 = x.astype(np.float64, copy=False)
+        sums[:c] = x64.sum(axis=self._axes(x))
+        sums[c:2 * c] = (x64 * x64).sum(axis=self._axes(x))
+        sums[2 * c] = x.size // c
+        distributed.allreduce(sums)
+        m = int(sums[2 * c])
+        if m < 2:
+            raise ValueError(f"{self._name()}: training needs more than 1 value per channel "
+                             f"in the global batch, got {m}")
+        mean = sums[:c] / m
+        var = xp.maximum(sums[c:2 * c] / m - mean * mean, 0.0)
+        self._count = m
+        return mean.astype(x.dtype), var.astype(x.dtype), m
+
+    def _global_backward(self, grad_y, x_hat, inv_std):
+        """grad_x from the global sums of dy and dy * x_hat; grads: this rank's sums."""
+        from .. import distributed
+        xp, c, axes = backend.get_array_module(grad_y), self.num_features, self._axes(grad_y)
+        sums = xp.empty(2 * c, dtype=np.float64)
+        sums[:c] = grad_y.sum(axis=axes, dtype=np.float64)
+        sums[c:] = (grad_y * x_hat).sum(axis=axes, dtype=np.float64)
+        self.grads["beta"], self.grads["gamma"] = (sums[:c].astype(grad_y.dtype),
+                                                   sums[c:].astype(grad_y.dtype))
+        distributed.allreduce(sums)
+        shape = (1, c) + (1,) * (grad_y.ndim - 2)
+        mean_dy = (sums[:c] / self._count).astype(grad_y.dtype).reshape(shape)
+        mean_dyx = (sums[c:] / self._count).astype(grad_y.dtype).reshape(shape)
+        scale = (self.params["gamma"] * inv_std).reshape(shape)
+        return (grad_y - mean_dy - x_hat * mean_dyx) * scale
 
     def _update_running(self, mean, var, m):
         """PyTorch's momentum update; the running variance takes the unbiased batch variance."""
@@ -106,6 +158,8 @@ class _BatchNorm(Layer):
             raise ValueError(f"{self._name()}: expected grad_y of shape {tuple(x_hat.shape)}, "
                              f"got {tuple(grad_y.shape)}")
         grad_y = contiguous(grad_y)
+        if training and self.synchronized:
+            return self._global_backward(grad_y, x_hat, inv_std)
         if training:
             grad_x, self.grads["gamma"], self.grads["beta"] = kernel_impl(grad_y).batchnorm_backward(
                 grad_y, x_hat, self.params["gamma"], inv_std)
@@ -125,8 +179,11 @@ class _BatchNorm(Layer):
         return input_shape
 
     def get_config(self):
-        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
-                "dtype": str(self.dtype)}
+        config = {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                  "dtype": str(self.dtype)}
+        if self.synchronized:
+            config["synchronized"] = True
+        return config
 
 
 class BatchNorm1d(_BatchNorm):
