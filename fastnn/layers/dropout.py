@@ -7,10 +7,18 @@ __all__ = ["Dropout"]
 
 
 class Dropout(Layer):
-    """Training: zero each element with probability p and scale the rest by 1/(1-p);
-    eval: identity. Kept for backward: the scaled mask.
+    """Inverted dropout. Training: zero each element with probability ``p`` and scale
+    the rest by ``1 / (1 - p)``; inference (``training=False``): identity.
 
-    ``seed`` fixes the masks; ``Network.fit(seed=...)`` reseeds it too.
+    Parameters
+    ----------
+    p : float in [0, 1), default 0.5
+        Probability of dropping an element.
+    seed : int or None
+        Seed of the masks (the same masks on every backend);
+        ``Network.fit(seed=...)`` reseeds it too.
+
+    Input: any float array ``(N, ...)``; output: the same shape.
     """
 
     def __init__(self, p=0.5, *, seed=None):
