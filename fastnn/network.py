@@ -150,8 +150,8 @@ class Network(LayerSequence):
         return self._get_plan().dtype
 
     def to(self, device):
-        """Move parameters, gradients, buffers and optimizer state to ``device`` ``"cpu"`` or
-        ``"cuda"`` (or convert them all to the dtype ``"float32"`` / ``"float64"``); -> self."""
+        """Move parameters, gradients, buffers and optimizer state to ``device``, ``"cpu"`` or
+        ``"cuda"``; returns the network."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"Network.to: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and backend.cupy() is None:
