@@ -140,6 +140,8 @@ class BinaryCrossEntropy(Loss):
     eps : float, default 1e-7
         The clipping margin.
 
+    Shapes
+    ------
     ``y_pred`` and ``y_true``: ``(N,)``, ``(N, 1)`` or ``(N, K)``, values in [0, 1].
     """
 

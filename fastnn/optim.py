@@ -343,7 +343,7 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """AdamW, torch.optim.AdamW's rule: Adam whose ``weight_decay`` is decoupled from
     the gradient (weights only), one ``fastnn.kernels.adam_step(..., decoupled=True)``
-    per parameter: W *= 1 - lr * weight_decay, then Adam's update without L2.
+    per parameter: ``W *= 1 - lr * weight_decay``, then Adam's update without L2.
 
     Parameters
     ----------

@@ -651,7 +651,7 @@ def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
     param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 
     ``decoupled=True`` is AdamW's rule (torch.optim.AdamW): instead of adding
-    ``weight_decay * param`` to the gradient, param *= 1 - lr * weight_decay first.
+    ``weight_decay * param`` to the gradient, ``param *= 1 - lr * weight_decay`` first.
     param, grad, m, v: same shape and dtype; ``beta1``, ``beta2``, ``eps``: Adam's
     constants.
     """

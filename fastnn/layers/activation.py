@@ -60,6 +60,8 @@ class LeakyReLU(_Elementwise):
     alpha : float, default 0.01
         Slope for negative inputs.
 
+    Shapes
+    ------
     Input: any float array ``(N, ...)``; output: the same shape.
     """
 

@@ -97,6 +97,8 @@ class RandomTranslation(_Augmentation):
     seed : int or None
         Seed of the draws (the same shifts on every backend, like Dropout).
 
+    Shapes
+    ------
     Input ``(N, C, H, W)``; output ``(N, C, H, W)``. Backward: the gradient shifted
     back, zero where the fill was. The draw: see this module's docstring.
 
@@ -145,6 +147,8 @@ class RandomFlip(_Augmentation):
     seed : int or None
         Seed of the draws (the same flips on every backend, like Dropout).
 
+    Shapes
+    ------
     Input ``(N, C, H, W)``; output ``(N, C, H, W)``. Backward: the same flips of the
     gradient. The draw: see this module's docstring.
     """

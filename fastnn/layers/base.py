@@ -275,6 +275,8 @@ class ActivationLayer(Layer):
     activation_prime : callable
         Its derivative ``f'(x)`` (e.g. ``fastnn.activations.tanh_prime``).
 
+    Shapes
+    ------
     Input: any array ``(N, ...)``; output: the same shape. It saves and loads when both
     functions are from ``fastnn.activations``.
 

@@ -183,6 +183,8 @@ class FCLayer(Dense):
         As for ``Dense``; ``init`` defaults to ``"uniform"`` (the tutorial's
         ``np.random.rand(...) - 0.5`` for weights and bias).
 
+    Shapes
+    ------
     Input ``(N, 1, input_size)`` (the tutorial's samples) or ``(N, input_size)``;
     output the same with ``output_size`` last. ``weights`` and ``bias`` are the
     tutorial's attribute names for ``params["W"]`` and ``params["b"]``.

@@ -18,6 +18,8 @@ class Dropout(Layer):
         Seed of the masks (the same masks on every backend);
         ``Network.fit(seed=...)`` reseeds it too.
 
+    Shapes
+    ------
     Input: any float array ``(N, ...)``; output: the same shape.
     """
 

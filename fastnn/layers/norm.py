@@ -149,6 +149,8 @@ class BatchNorm1d(_BatchNorm):
     dtype : {"float32", "float64"}, default "float32"
         Dtype of the parameters, buffers and inputs.
 
+    Shapes
+    ------
     Input ``(N, C)`` or ``(N, C, L)``; output the same shape. ``params``:
     ``"gamma"``, ``"beta"``, ``(C,)``; ``buffers``: ``"running_mean"``,
     ``"running_var"``, ``(C,)``. Training needs more than one value per channel.
@@ -180,6 +182,8 @@ class BatchNorm2d(_BatchNorm):
     dtype : {"float32", "float64"}, default "float32"
         Dtype of the parameters, buffers and inputs.
 
+    Shapes
+    ------
     Input ``(N, C, H, W)``; output ``(N, C, H, W)``. ``params``: ``"gamma"``,
     ``"beta"``, ``(C,)`` (no weight decay on them); ``buffers``:
     ``"running_mean"``, ``"running_var"``, ``(C,)``.

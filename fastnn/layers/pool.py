@@ -65,6 +65,8 @@ class MaxPool2D(_Pool2D):
         Step between windows; None means ``kernel_size`` (windows may overlap when
         the stride is smaller).
 
+    Shapes
+    ------
     Input ``(N, C, H, W)``; output ``(N, C, OH, OW)``, ``OH = floor((H - kh) / sh) + 1``.
     The gradient goes to the maximum of each window.
 
@@ -101,6 +103,8 @@ class AvgPool2D(_Pool2D):
     stride : int or (int, int) or None, default None
         Step between windows; None means ``kernel_size``.
 
+    Shapes
+    ------
     Input ``(N, C, H, W)``; output ``(N, C, OH, OW)``, ``OH = floor((H - kh) / sh) + 1``.
     """
 
