@@ -85,9 +85,9 @@ def test_no_unchecked_literal_blocks(page):
     assert not bare, f"{page.name}: literal blocks ('::') are not run; use a code-block: {bare}"
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if any(
-    lang == "python" for lang, _, _ in code_blocks(p))], ids=lambda p: p.stem)
-def test_page_code_runs(page, tmp_path):
+def _run_page(page, folder, data):
+    """Run the page's python blocks (those whose requirements are met) as one script in
+    ``folder``, with ``FASTNN_DATA=data``; fail with its output if it fails."""
     parts, skipped = [], []
     for i, (language, needs, code) in enumerate(code_blocks(page)):
         if language != "python":
@@ -97,16 +97,27 @@ def test_page_code_runs(page, tmp_path):
             skipped.append((i, missing))
             continue
         parts.append(f"# ---- {page.name}, code block {i} ----\n{code}")
-    env = dict(os.environ, FASTNN_DOCS_LIMIT="2000", MPLBACKEND="Agg")
-    if DATA.is_dir():
-        env["FASTNN_DATA"] = str(DATA)
-    script = tmp_path / f"{page.stem}.py"
+    env = dict(os.environ, FASTNN_DOCS_LIMIT="2000", MPLBACKEND="Agg", FASTNN_DATA=str(data),
+               HOME=str(folder))             # no ~/.cache/fastnn copy of MNIST either
+    script = folder / f"{page.stem}.py"
     script.write_text("\n".join(parts))
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, str(script)], cwd=folder, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (
         f"{page.name}'s code failed (blocks skipped: {skipped}):\n{result.stdout[-3000:]}\n"
         f"{result.stderr[-5000:]}")
+    return result.stdout
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if any(
+    lang == "python" for lang, _, _ in code_blocks(p))], ids=lambda p: p.stem)
+def test_page_code_runs(page, tmp_path):
+    _run_page(page, tmp_path, DATA if DATA.is_dir() else tmp_path / "no-data")
+
+
+def test_tutorial_runs_without_the_data(tmp_path):
+    out = _run_page(DOCS / "tutorial.rst", tmp_path, tmp_path / "no-data")
+    assert "MNIST not found, synthetic data instead" in out
 
 
 @pytest.mark.parametrize("name", DOCTEST_MODULES)
