@@ -503,7 +503,19 @@ class Schedule:
 
 
 class StepLR(Schedule):
-    """lr = base_lr * gamma ** (epoch // step_size)."""
+    """Step decay, ``lr = base_lr * gamma ** (epoch // step_size)`` (torch's StepLR); steps
+    once per epoch.
+
+    Parameters
+    ----------
+    step_size : int
+        Epochs between two decays.
+    gamma : float, default 0.1
+        Factor of each decay.
+
+    >>> import fastnn as fn
+    >>> opt = fn.optim.SGD(lr=0.1, schedule=fn.optim.StepLR(10, gamma=0.5))
+    """
 
     def __init__(self, step_size, gamma=0.1):
         super().__init__()
@@ -519,7 +531,14 @@ class StepLR(Schedule):
 
 
 class ExponentialLR(Schedule):
-    """lr = base_lr * gamma ** epoch."""
+    """Exponential decay, ``lr = base_lr * gamma ** epoch`` (torch's ExponentialLR); steps
+    once per epoch.
+
+    Parameters
+    ----------
+    gamma : float
+        Factor applied at each epoch.
+    """
 
     def __init__(self, gamma):
         super().__init__()
@@ -533,7 +552,16 @@ class ExponentialLR(Schedule):
 
 
 class CosineAnnealingLR(Schedule):
-    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2."""
+    """Cosine annealing, ``lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2``
+    (torch's CosineAnnealingLR); steps once per epoch.
+
+    Parameters
+    ----------
+    T_max : int
+        Epochs of the half cosine (usually the number of epochs).
+    eta_min : float, default 0.0
+        The lowest learning rate.
+    """
 
     def __init__(self, T_max, eta_min=0.0):
         super().__init__()
@@ -593,7 +621,19 @@ class OneCycleLR(BatchSchedule):
     ``epochs * steps_per_epoch`` batches: lr from max_lr / 25 up to ``max_lr`` over the
     first ``pct_start`` of them, then down to max_lr / 25 / 1e4. The momentum (SGD's
     ``momentum``, Adam's beta1, RMSprop's ``momentum`` when > 0) goes 0.95 -> 0.85 -> 0.95
-    the other way round, as torch's cycle_momentum does."""
+    the other way round, as torch's cycle_momentum does.
+
+    Parameters
+    ----------
+    max_lr : float
+        The peak learning rate.
+    epochs : int
+        Epochs of the cycle (``fit``'s ``epochs``).
+    steps_per_epoch : int
+        Batches per epoch (``ceil(N / batch_size)``: fit keeps the last, smaller batch).
+    pct_start : float, default 0.3
+        Fraction of the steps spent increasing the lr.
+    """
 
     def __init__(self, max_lr, epochs, steps_per_epoch, pct_start=0.3):
         super().__init__()
@@ -653,7 +693,15 @@ class LinearWarmup(BatchSchedule):
     """lr from base_lr / steps up to base_lr over ``steps`` batches (torch's
     ``LinearLR(start_factor=1 / steps, total_iters=steps)``), base_lr being the
     optimizer's lr when it binds; then ``then`` (another schedule, or None: lr stays)
-    takes over from base_lr, stepping as it does (per epoch, or per batch)."""
+    takes over from base_lr, stepping as it does (per epoch, or per batch).
+
+    Parameters
+    ----------
+    steps : int
+        Batches of warm-up.
+    then : Schedule or None
+        The schedule that follows, e.g. ``CosineAnnealingLR(T_max=epochs)``.
+    """
 
     def __init__(self, steps, then=None):
         super().__init__()
