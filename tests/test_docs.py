@@ -79,6 +79,8 @@ def test_pages_are_found_and_have_code():
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
 def test_no_unchecked_literal_blocks(page):
     text = page.read_text()
+    assert len(code_blocks(page)) == text.count(".. code-block::"), \
+        f"{page.name}: a code-block this test cannot parse (3-space indent, options, blank line)"
     for language, _, _ in code_blocks(page):
         assert language in ("python", "console"), \
             f"{page.name}: a code-block in {language!r} (only python, which is run, or console)"
