@@ -122,9 +122,6 @@ class EarlyStopping(_Monitor):
     """Stop after ``patience`` epochs in a row in which ``monitor`` did not improve by
     ``min_delta`` (Keras' rule: with patience 2, two epochs after the best one).
 
-    With ``restore_best=True`` the parameters and buffers of the best epoch are
-    put back when training ends (whether it stopped early or not).
-
     Parameters
     ----------
     monitor : str, default "val_loss"
@@ -135,6 +132,11 @@ class EarlyStopping(_Monitor):
         The smallest change that counts as an improvement.
     restore_best : bool, default True
         Put the best epoch's parameters back at the end.
+
+    Notes
+    -----
+    With ``restore_best=True`` the parameters and buffers of the best epoch are
+    put back when training ends (whether it stopped early or not).
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, restore_best=True):
