@@ -513,6 +513,8 @@ class StepLR(Schedule):
     gamma : float, default 0.1
         Factor of each decay.
 
+    Examples
+    --------
     >>> import fastnn as fn
     >>> opt = fn.optim.SGD(lr=0.1, schedule=fn.optim.StepLR(10, gamma=0.5))
     """

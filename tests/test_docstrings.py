@@ -100,3 +100,22 @@ def test_layer_docstring_gives_shapes(name):
     assert re.search(r"[Ii]nput", doc) and re.search(r"[Oo]utput", doc), \
         f"{name}: the docstring does not say what its input and output are"
     assert "(N" in doc, f"{name}: the docstring gives no batch-first shape such as (N, ...)"
+
+
+@pytest.mark.parametrize("name,obj", PUBLIC, ids=[name for name, _ in PUBLIC])
+def test_napoleon_reads_the_parameters_section(name, obj):
+    """What the API reference shows: every entry napoleon takes from a "Parameters" section
+    is a parameter (a paragraph left below that section without a header of its own, e.g.
+    "Shapes", would be read as more parameters and rendered as such)."""
+    napoleon = pytest.importorskip("sphinx.ext.napoleon")
+    config = napoleon.Config(napoleon_custom_sections=[("Shapes", "notes_style")])
+    text = str(napoleon.NumpyDocstring(inspect.getdoc(obj) or "", config))
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for entry in re.findall(r"^:param ([^:]*):", text, re.M):
+        for word in (w.strip() for w in entry.split(",")):
+            assert word.isidentifier() and (word in params or any_keyword), \
+                f"{name}: napoleon reads {word!r} as a parameter"
