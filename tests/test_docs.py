@@ -1,7 +1,8 @@
 """The documentation site: it builds with warnings as errors, and its code runs.
 
-- ``sphinx-build -W --keep-going -b html docs <tmp>`` succeeds (skipped without Sphinx,
-  which the ``test`` extra installs).
+- ``sphinx-build -n -W --keep-going -b html docs <tmp>`` succeeds: warnings are errors,
+  nitpicky (every cross-reference resolves); skipped without Sphinx, which the ``test``
+  extra installs.
 - Every ``.. code-block:: python`` of each page runs, the page's blocks in order as one
   script, in a subprocess in a temporary folder. A block with ``:class: requires-<what>``
   runs only where that is present (``cuda``: a GPU for CuPy; ``mpi``: mpi4py and
@@ -134,7 +135,7 @@ def test_docstring_examples(name):
 
 def test_sphinx_build_has_no_warning(tmp_path):
     pytest.importorskip("sphinx")
-    result = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
+    result = subprocess.run([sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-q", "-b",
                              "html", "-d", str(tmp_path / "doctrees"), str(DOCS),
                              str(tmp_path / "html")],
                             capture_output=True, text=True, timeout=300,
