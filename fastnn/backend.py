@@ -87,6 +87,7 @@ def allow_tf32(enabled=None):
     round-off. On, convolutions and dense layers run on the tensor cores with
     about 1e-3 relative error, as PyTorch's cuDNN convolutions do by default
     (``torch.backends.cudnn.allow_tf32``). ``FASTNN_TF32=1`` turns it on at import.
+    ``enabled``: True / False sets it, None only asks; returns the setting in effect.
     """
     from .kernels import _cuda
     if enabled is not None:
@@ -111,7 +112,14 @@ def available():
 
 
 def use(name):
-    """Choose the kernels NumPy arrays run: ``"cpu"`` (compiled) or ``"numpy"`` (reference)."""
+    """Choose the kernels NumPy arrays run: ``name`` is ``"cpu"`` (compiled, the default)
+    or ``"numpy"`` (the pure-NumPy reference). CuPy arrays always run the CUDA kernels.
+
+    >>> from fastnn import backend
+    >>> backend.use("numpy"); backend.current()
+    'numpy'
+    >>> backend.use("cpu")
+    """
     global _current
     if name not in ("cpu", "numpy"):
         raise ValueError(f"backend.use: expected 'cpu' or 'numpy', got {name!r} "
@@ -127,12 +135,12 @@ def current():
 
 
 def is_cuda_array(x):
-    """True for a CuPy array (checked without importing CuPy)."""
+    """True when ``x`` is a CuPy array (checked without importing CuPy)."""
     return type(x).__module__.startswith("cupy")
 
 
 def get_array_module(x):
-    """``cupy`` for CuPy arrays, ``numpy`` otherwise (Chainer's idiom)."""
+    """``cupy`` when ``x`` is a CuPy array, ``numpy`` otherwise (Chainer's idiom)."""
     if is_cuda_array(x):
         import cupy as cp
         return cp

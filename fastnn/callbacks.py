@@ -27,22 +27,39 @@ __all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "BackupAndRestore",
 
 
 class Callback:
-    """Base class; every hook does nothing by default."""
+    """Base class of callbacks; every hook does nothing by default.
+
+    A callback is any object with some of these methods: ``fit`` calls them in the
+    order of its ``callbacks`` list, with the network first (not Keras' ``self.model``
+    and ``(epoch, logs)``: a hook with Keras' signature gets an error saying which one
+    fastnn calls). Setting ``network.stop_training = True`` ends training after the
+    current epoch.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> class PrintLoss(fn.callbacks.Callback):
+    ...     def on_epoch_end(self, network, epoch, logs):
+    ...         print(epoch, round(logs["loss"], 3))
+    """
 
     def on_train_begin(self, network):
-        pass
+        """Called once when ``fit`` starts, with the ``network`` being trained."""
 
     def on_epoch_begin(self, network, epoch):
-        pass
+        """Called before each epoch of ``network``; ``epoch`` counts from 1."""
 
     def on_batch_end(self, network, batch, logs):
-        pass
+        """Called after each optimizer step on ``network``; ``batch`` counts from 0 within the epoch,
+        ``logs`` is a dict with the batch's ``"loss"``."""
 
     def on_epoch_end(self, network, epoch, logs):
-        pass
+        """Called after each epoch of ``network`` (and its validation); ``epoch`` counts from 1, ``logs``
+        is a dict of this epoch's values (``"loss"``, ``"val_loss"``, ``"accuracy"``,
+        ... the keys of ``History.history``)."""
 
     def on_train_end(self, network):
-        pass
+        """Called once when training of ``network`` ends (after the last epoch or an early stop)."""
 
 
 # history keys where higher is better (Keras' "auto" mode); every other key is a loss or error
@@ -105,6 +122,19 @@ class EarlyStopping(_Monitor):
     """Stop after ``patience`` epochs in a row in which ``monitor`` did not improve by
     ``min_delta`` (Keras' rule: with patience 2, two epochs after the best one).
 
+    Parameters
+    ----------
+    monitor : str, default "val_loss"
+        The history key watched (accuracy-like keys are maximised, others minimised).
+    patience : int, default 5
+        Epochs without improvement before stopping.
+    min_delta : float, default 0.0
+        The smallest change that counts as an improvement.
+    restore_best : bool, default True
+        Put the best epoch's parameters back at the end.
+
+    Notes
+    -----
     With ``restore_best=True`` the parameters and buffers of the best epoch are
     put back when training ends (whether it stopped early or not).
 
@@ -179,7 +209,18 @@ class EarlyStopping(_Monitor):
 
 
 class ModelCheckpoint(_Monitor):
-    """Save the network to ``path`` after each epoch, or only when ``monitor`` improves."""
+    """Save the network to ``path`` after each epoch, or only when ``monitor`` improves.
+
+    Parameters
+    ----------
+    path : str or path
+        The ``.npz`` file, written atomically (temporary file, fsync, rename) by
+        ``Network.save``; read it back with ``fastnn.Network.load``.
+    monitor : str, default "val_loss"
+        The history key watched (accuracy-like keys are maximised, others minimised).
+    save_best_only : bool, default True
+        Save only when ``monitor`` improves; False saves after every epoch.
+    """
 
     def __init__(self, path, monitor="val_loss", save_best_only=True):
         super().__init__(monitor)
@@ -236,6 +277,15 @@ class BackupAndRestore(Callback):
     moment and run again ends with the same weights and history, bit for bit on the
     CPU. After a complete ``fit`` the backup is removed (``delete_checkpoint=True``).
     Runs after every other callback of the fit, so that the backup sees their epoch end.
+
+    Parameters
+    ----------
+    backup_dir : str or path
+        The folder of the backup (created if needed).
+    save_freq : "epoch" or int, default "epoch"
+        Back up at each epoch's end, or every that many batches.
+    delete_checkpoint : bool, default True
+        Remove the backup after a complete ``fit``.
     """
 
     FILE = "backup.npz"
@@ -257,7 +307,8 @@ class BackupAndRestore(Callback):
         os.makedirs(self.backup_dir, exist_ok=True)
 
     def on_fit_resume(self, network, run):
-        """Called by ``fit`` once all ``on_train_begin`` ran, with its ``_Epoch`` ``run``:
+        """Called by ``fit`` for ``network`` once all ``on_train_begin`` ran, with its
+        ``_Epoch`` ``run``:
         restore the backup if there is one; -> the epoch to start at (or None: from 1)."""
         self._run = run
         if not os.path.exists(self.path):

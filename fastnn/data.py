@@ -87,6 +87,19 @@ def train_val_test_split(x, y, val=0.1, test=0.1, seed=None, stratify=True):
     With ``stratify=True`` every set keeps the class proportions of ``y``
     (labels ``(N,)``, one-hot ``(N, C)`` or ``(N, 1, C)``), as
     scikit-learn's stratified split does. Each set comes out shuffled.
+
+    Parameters
+    ----------
+    x : array (N, ...)
+        The samples.
+    y : array (N,) or (N, C)
+        Their targets.
+    val, test : float in [0, 1)
+        Fractions of the samples in the validation and test sets.
+    seed : int, numpy.random.Generator or None
+        The shuffling's seed.
+    stratify : bool, default True
+        Keep the class proportions in every set.
     """
     who = "train_val_test_split"
     if y is None:

@@ -38,7 +38,13 @@ def circles(n=1000, noise=0.1, factor=0.5, seed=None):
     Returns ``x (n, 2)`` float32 and ``y (n,)`` int64: class 0 on the outer
     circle of radius 1 (``n // 2`` points), class 1 on the inner circle of
     radius ``factor`` (the rest), both with Gaussian noise of standard
-    deviation ``noise`` added to each coordinate; samples come shuffled.
+    deviation ``noise`` added to each coordinate; samples come shuffled by ``seed``
+    (an int, or None for a fresh draw).
+
+    >>> from fastnn import datasets
+    >>> x, y = datasets.circles(n=100, seed=0)
+    >>> x.shape, y.shape
+    ((100, 2), (100,))
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"circles: n must be an int >= 2, got {n!r}")

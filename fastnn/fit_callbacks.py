@@ -49,7 +49,23 @@ class ReduceLROnPlateau:
     """Multiply the optimizer's lr by ``factor`` (down to ``min_lr``) once ``monitor`` has
     not improved by more than ``min_delta`` for ``patience`` epochs, then wait ``cooldown``
     epochs before counting again (Keras' rule; accuracy-like keys are maximised). An lr
-    schedule on the same optimizer sets the lr again at its next step."""
+    schedule on the same optimizer sets the lr again at its next step.
+
+    Parameters
+    ----------
+    monitor : str, default "val_loss"
+        The history key watched.
+    factor : float in [0, 1), default 0.1
+        The lr is multiplied by it on a plateau.
+    patience : int, default 10
+        Epochs without improvement before reducing.
+    min_delta : float, default 1e-4
+        The smallest change that counts as an improvement.
+    cooldown : int, default 0
+        Epochs to wait after a reduction before counting again.
+    min_lr : float, default 0.0
+        The lr is never reduced below it.
+    """
 
     _STATE = ("best", "wait", "cooldown_counter")
 
@@ -96,6 +112,7 @@ class ReduceLROnPlateau:
         return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state_dict):
+        """Restore the dict ``state_dict`` made by ``state_dict()``."""
         who = "ReduceLROnPlateau.load_state_dict"
         if not isinstance(state_dict, dict) or set(state_dict) != set(self._STATE):
             raise ValueError(f"{who}: expected the keys {sorted(self._STATE)}, got "
@@ -118,6 +135,15 @@ class CSVLogger:
     opened, appended to and closed at every epoch): a killed run leaves every finished
     epoch's row, at worst a last partial line. ``append=False`` starts the file over at
     ``fit``'s start; ``append=True`` goes on after what is there (its header kept).
+
+    Parameters
+    ----------
+    filename : str or path
+        The CSV file (written by rank 0 only in distributed training).
+    separator : str, default ","
+        The column separator.
+    append : bool, default False
+        Go on after an existing file instead of starting it over.
     """
 
     def __init__(self, filename, separator=",", append=False):

@@ -13,12 +13,14 @@ __all__ = ["mse", "mse_prime", "Loss", "MSE", "BinaryCrossEntropy", "CrossEntrop
 
 # --- the tutorial's functions -------------------------------------------------
 def mse(y_true, y_pred):
-    """Mean squared error over all elements."""
+    """The tutorial's loss: the mean squared error over all elements,
+    ``mean((y_true - y_pred) ** 2)``. ``y_true`` and ``y_pred``: arrays of one shape."""
     return backend.get_array_module(y_pred).mean((y_true - y_pred) ** 2)
 
 
 def mse_prime(y_true, y_pred):
-    """d mse / d y_pred = 2 (y_pred - y_true) / size."""
+    """The tutorial's loss derivative: d mse / d y_pred = ``2 (y_pred - y_true) / size``,
+    the shape of ``y_pred`` (``y_true`` of the same shape)."""
     return 2 * (y_pred - y_true) / y_true.size
 
 
@@ -31,7 +33,13 @@ def same_sample_shape(a, b):
 
 # --- classes -------------------------------------------------------------------
 class Loss:
-    """Base class: subclasses implement ``_loss_and_grad`` on already-checked arrays."""
+    """Base class of the losses: ``loss(y_pred, y_true) -> float`` (mean over the batch),
+    ``loss.grad(y_pred, y_true) -> array`` (the shape of ``y_pred``); subclasses implement
+    ``_loss_and_grad`` on already-checked arrays.
+
+    ``y_pred`` is the network's output ``(N, ...)``; ``y_true`` has the same samples
+    (for ``CrossEntropy`` also integer labels ``(N,)``).
+    """
 
     name = None
 
@@ -41,11 +49,12 @@ class Loss:
         return float(loss)
 
     def grad(self, y_pred, y_true):
-        """d loss / d y_pred, the shape of ``y_pred``."""
+        """d loss / d y_pred, the shape of ``y_pred``; ``y_true`` the targets."""
         return self.loss_and_grad(y_pred, y_true)[1]
 
     def loss_and_grad(self, y_pred, y_true):
-        """``(loss, grad)`` in one pass: loss a scalar (0-d array on CUDA)."""
+        """``(loss, grad)`` of ``y_pred`` against ``y_true`` in one pass: loss a scalar
+        (0-d array on CUDA), grad the shape of ``y_pred``."""
         y_pred, y_true = self.check(y_pred, y_true)
         return self._loss_and_grad(y_pred, y_true)
 
@@ -77,7 +86,8 @@ class Loss:
     def weighted_loss_and_grad(self, y_pred, y_true, sample_weight):
         """``(loss, grad)`` with a weight per sample, Keras' rule: loss =
         sum(w_i * loss_i) / N, loss_i the loss of sample i alone; grad row i is the
-        unweighted gradient's row times w_i. ``sample_weight``: (N,) numbers >= 0."""
+        unweighted gradient's row times w_i. ``y_pred``, ``y_true``: as for
+        ``loss_and_grad``; ``sample_weight``: (N,) numbers >= 0."""
         y_pred, y_true = self.check(y_pred, y_true)
         w = sample_weight
         if not hasattr(w, "shape") or tuple(w.shape) != (len(y_pred),):
@@ -98,6 +108,7 @@ class Loss:
                                   "sample or class weights")
 
     def get_config(self):
+        """The constructor's arguments as a JSON-able dict (what ``Network.save`` stores)."""
         return {}
 
     def __repr__(self):
@@ -121,7 +132,18 @@ class MSE(Loss):
 
 
 class BinaryCrossEntropy(Loss):
-    """-mean(y log p + (1 - y) log(1 - p)) on probabilities p, clipped to [eps, 1 - eps]."""
+    """Binary cross-entropy, ``-mean(y log p + (1 - y) log(1 - p))`` on probabilities p
+    (after a ``Sigmoid``), clipped to [eps, 1 - eps]: no NaN at 0 or 1.
+
+    Parameters
+    ----------
+    eps : float, default 1e-7
+        The clipping margin.
+
+    Shapes
+    ------
+    ``y_pred`` and ``y_true``: ``(N,)``, ``(N, 1)`` or ``(N, K)``, values in [0, 1].
+    """
 
     name = "binary_cross_entropy"
 
@@ -216,7 +238,7 @@ _BY_NAME = {cls.name: cls for cls in (MSE, BinaryCrossEntropy, CrossEntropy)}
 
 
 def get(loss):
-    """A Loss instance from a name (``"mse"``, ``"binary_cross_entropy"``,
+    """A Loss instance from ``loss``: a name (``"mse"``, ``"binary_cross_entropy"``,
     ``"cross_entropy"``), a Loss class or a Loss instance."""
     if isinstance(loss, Loss):
         return loss

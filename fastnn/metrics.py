@@ -66,13 +66,25 @@ def _pair(y_true, y_pred, who):
 
 
 def accuracy(y_true, y_pred):
-    """Fraction of samples whose predicted class equals the true class (a float)."""
+    """Fraction of samples whose predicted class equals the true class (a float).
+
+    ``y_true``, ``y_pred``: labels ``(N,)`` or scores ``(N, C)`` (see the module's
+    docstring for every accepted form).
+
+    >>> import numpy as np
+    >>> from fastnn import metrics
+    >>> metrics.accuracy(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]))
+    0.6666666666666666
+    """
     t, p = _pair(y_true, y_pred, "accuracy")
     return float(np.mean(t == p))
 
 
 def confusion_matrix(y_true, y_pred, num_classes=None):
     """Counts ``(C, C)`` int64: row = true class, column = predicted class.
+
+    ``y_true``, ``y_pred``: labels ``(N,)`` or scores ``(N, C)`` (see the module's
+    docstring).
 
     ``num_classes`` defaults to one more than the largest label seen (or the
     number of score columns, whichever is larger); a label outside
@@ -117,6 +129,17 @@ def classification_report(y_true, y_pred, num_classes=None, target_names=None, d
     Followed by the overall accuracy and the macro and support-weighted averages.
     A ratio whose denominator is 0 (a class never predicted or never present)
     is reported as 0.
+
+    Parameters
+    ----------
+    y_true, y_pred : array
+        Labels ``(N,)`` or scores ``(N, C)`` (see the module's docstring).
+    num_classes : int or None
+        Number of classes C, as for ``confusion_matrix``.
+    target_names : list of str or None
+        A name per class (default: the class numbers).
+    digits : int, default 4
+        Digits after the decimal point.
     """
     who = "classification_report"
     cm = confusion_matrix(y_true, y_pred, num_classes=num_classes)

@@ -150,7 +150,8 @@ class Network(LayerSequence):
         return self._get_plan().dtype
 
     def to(self, device):
-        """Move parameters, gradients, buffers and optimizer state to ``"cpu"`` or ``"cuda"``."""
+        """Move parameters, gradients, buffers and optimizer state to ``device``, ``"cpu"`` or
+        ``"cuda"``; returns the network."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"Network.to: expected 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and backend.cupy() is None:
@@ -200,7 +201,8 @@ class Network(LayerSequence):
             plan.first_backward(grad, lr)
 
     def forward(self, x, training=False):
-        """Run every layer on ``x`` (on the network's device) and return the output."""
+        """Run every layer on ``x`` ``(N, ...)`` (on the network's device) and return the
+        output ``(N, ...)``; ``training=True`` as in ``fit`` (Dropout drops, BatchNorm updates)."""
         plan = self._get_plan()
         # hot path (batch-1 inference): a ready NumPy array skips the entry conversion
         if not (type(x) is np.ndarray and x.dtype is plan.dtype and x.flags.c_contiguous
@@ -366,6 +368,12 @@ class Network(LayerSequence):
             validation_split=0.0, class_weight=None, sample_weight=None, steps_per_epoch=None):
         """Train on ``(x, y)`` and return a ``History``: ``epochs`` passes of
         ``train_step`` over batches of ``(x, y)``, with callbacks and progress around it.
+
+        ``x`` ``(N, ...)``, ``y`` labels ``(N,)``, one-hot ``(N, C)`` or targets ``(N, ...)``.
+        ``validation_data``: ``(x_val, y_val)`` evaluated after each epoch. ``shuffle``:
+        reshuffle every epoch (seeded by ``seed``, which also reseeds Dropout and augmentation).
+        ``callbacks``: objects with ``on_epoch_end(network, epoch, logs)`` and the other
+        hooks of ``fastnn.callbacks.Callback``. ``verbose``: 1 a progress bar per epoch, 0 none.
 
         ``batch_size``: None (1 after ``use()``, 32 after ``compile()``), an int,
         or ``"full"``. ``learning_rate`` without ``compile()`` trains with plain
@@ -547,7 +555,7 @@ class Network(LayerSequence):
         return out if self._device == "cpu" else backend.to_device(out, "cpu")
 
     def evaluate(self, x, y, batch_size=None):
-        """``{"loss": float, <metric>: float, ...}`` on ``(x, y)`` in eval mode."""
+        """``{"loss": float, <metric>: float, ...}`` on ``(x, y)``, eval mode, ``batch_size``."""
         who = "Network.evaluate"
         if self._style is None:
             raise ValueError(f"{who}: call use(loss, loss_prime) or compile(...) first")
@@ -579,7 +587,8 @@ class Network(LayerSequence):
 
     # -- description ---------------------------------------------------------------------------
     def summary(self, input_shape=None):
-        """A table of layers, output shapes (when the input shape is known) and parameter counts."""
+        """A table of layers, output shapes (when ``input_shape``, without the batch axis, is
+        given or known) and parameter counts."""
         shape = tuple(input_shape) if input_shape is not None else self._input_shape
         if shape is None and self.layers and hasattr(self.layers[0], "in_features"):
             shape = (self.layers[0].in_features,)
@@ -615,12 +624,14 @@ class Network(LayerSequence):
         return interop.state_dict(self)
 
     def load_state_dict(self, state, strict=True):
-        """Copy a PyTorch-layout state dict in; returns ``(missing_keys, unexpected_keys)``."""
+        """Copy ``state`` (PyTorch's keys and layouts) in; ``strict``: a missing or unexpected
+        key raises; returns ``(missing_keys, unexpected_keys)``."""
         from . import interop
         return interop.load_state_dict(self, state, strict=strict)
 
     def export(self, path, format="onnx", *, input_shape=None):
-        """Write an ONNX model for inference (``input_shape``: without the batch axis)."""
+        """Write an ONNX model to ``path`` (``format`` "onnx") for inference (``input_shape``:
+        without the batch axis)."""
         from . import onnx_export
         onnx_export.export(self, path, format, input_shape)
 

@@ -54,6 +54,18 @@ class Optimizer:
     themselves are kernels (``fastnn.kernels.sgd_step`` / ``adam_step``), so they
     run on every backend and device. State (momentum buffers, Adam moments) lives
     here, aligned with ``params``, on the parameters' device.
+
+    Parameters
+    ----------
+    lr : float
+        The learning rate (a schedule changes ``self.lr`` as training goes).
+    schedule : Schedule or None
+        A learning-rate schedule bound to this optimizer (or pass it to ``fit`` as a
+        callback).
+    clipnorm, global_clipnorm, clipvalue : float or None
+        Keras' gradient clipping, before weight decay and the update: each parameter's
+        gradient to that L2 norm, all of them together to that norm (as
+        ``torch.nn.utils.clip_grad_norm_``), or each element to ``[-clipvalue, clipvalue]``.
     """
 
     def __init__(self, lr, schedule=None, clipnorm=None, global_clipnorm=None, clipvalue=None):
@@ -104,6 +116,7 @@ class Optimizer:
         return backend.to_device(s, device)
 
     def get_config(self):
+        """The constructor's arguments as a JSON-able dict (what ``Network.save`` stores)."""
         raise NotImplementedError
 
     def state_dict(self):
@@ -203,6 +216,31 @@ class SGD(Optimizer):
     buf = g (first step), else momentum * buf + g
     g = g + momentum * buf if nesterov else buf       (when momentum > 0)
     W -= lr * g
+
+    Parameters
+    ----------
+    lr : float, default 0.01
+        Learning rate.
+    momentum : float, default 0.0
+        Momentum factor (0: plain SGD).
+    nesterov : bool, default False
+        Nesterov momentum.
+    weight_decay : float, default 0.0
+        L2 penalty added to the gradient of weights (not biases nor BatchNorm).
+    l1 : float, default 0.0
+        L1 penalty: adds ``l1 * sign(W)`` to the gradient of weights.
+    schedule : Schedule or None
+        A learning-rate schedule bound to this optimizer (or pass it to ``fit`` as a
+        callback).
+    clipnorm, global_clipnorm, clipvalue : float or None
+        Keras' gradient clipping, before weight decay and the update: each parameter's
+        gradient to that L2 norm, all of them together to that norm (as
+        ``torch.nn.utils.clip_grad_norm_``), or each element to ``[-clipvalue, clipvalue]``.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> opt = fn.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4, global_clipnorm=5.0)
     """
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, l1=0.0, *,
@@ -236,6 +274,24 @@ class Adam(Optimizer):
 
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     W -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+        Learning rate.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates (b1, b2) of the first and second moment estimates.
+    eps : float, default 1e-8
+        Added to the denominator.
+    weight_decay : float, default 0.0
+        L2 penalty added to the gradient of weights (for decoupled decay: ``AdamW``).
+    schedule : Schedule or None
+        A learning-rate schedule bound to this optimizer (or pass it to ``fit`` as a
+        callback).
+    clipnorm, global_clipnorm, clipvalue : float or None
+        Keras' gradient clipping, before weight decay and the update: each parameter's
+        gradient to that L2 norm, all of them together to that norm (as
+        ``torch.nn.utils.clip_grad_norm_``), or each element to ``[-clipvalue, clipvalue]``.
     """
 
     decoupled = False       # AdamW: decay the weights, not the gradient
@@ -287,7 +343,25 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """AdamW, torch.optim.AdamW's rule: Adam whose ``weight_decay`` is decoupled from
     the gradient (weights only), one ``fastnn.kernels.adam_step(..., decoupled=True)``
-    per parameter: W *= 1 - lr * weight_decay, then Adam's update without L2.
+    per parameter: ``W *= 1 - lr * weight_decay``, then Adam's update without L2.
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+        Learning rate.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moment estimates.
+    eps : float, default 1e-8
+        Added to the denominator.
+    weight_decay : float, default 1e-2
+        Decoupled weight decay of the weights (not biases nor BatchNorm).
+    schedule : Schedule or None
+        A learning-rate schedule bound to this optimizer (or pass it to ``fit`` as a
+        callback).
+    clipnorm, global_clipnorm, clipvalue : float or None
+        Keras' gradient clipping, before weight decay and the update: each parameter's
+        gradient to that L2 norm, all of them together to that norm (as
+        ``torch.nn.utils.clip_grad_norm_``), or each element to ``[-clipvalue, clipvalue]``.
     """
     decoupled = True
 
@@ -302,6 +376,26 @@ class RMSprop(Optimizer):
 
     g = grad + weight_decay * W  (weights only);  s = alpha s + (1 - alpha) g^2;
     d = g / (sqrt(s) + eps);  buf = momentum buf + d, d = buf (momentum > 0);  W -= lr d
+
+    Parameters
+    ----------
+    lr : float, default 1e-2
+        Learning rate.
+    alpha : float, default 0.99
+        Smoothing constant of the squared-gradient average.
+    eps : float, default 1e-8
+        Added to the denominator.
+    momentum : float, default 0.0
+        Momentum factor.
+    weight_decay : float, default 0.0
+        L2 penalty added to the gradient of weights.
+    schedule : Schedule or None
+        A learning-rate schedule bound to this optimizer (or pass it to ``fit`` as a
+        callback).
+    clipnorm, global_clipnorm, clipvalue : float or None
+        Keras' gradient clipping, before weight decay and the update: each parameter's
+        gradient to that L2 norm, all of them together to that norm (as
+        ``torch.nn.utils.clip_grad_norm_``), or each element to ``[-clipvalue, clipvalue]``.
     """
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0, *,
@@ -339,7 +433,8 @@ _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
 def get(optimizer):
-    """An Optimizer from an instance, a class or a name ("sgd", "adam", "adamw", "rmsprop")."""
+    """An Optimizer from ``optimizer``: an instance (returned as is), a class (built with
+    its defaults) or a name ("sgd", "adam", "adamw", "rmsprop")."""
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
@@ -372,6 +467,8 @@ class Schedule:
             self.base_lr = None if optimizer is None else optimizer.lr
 
     def lr_at(self, epoch):
+        """The learning rate at ``epoch`` (0 for the first epoch; a batch count for the
+        schedules that step per batch), from ``self.base_lr``."""
         raise NotImplementedError
 
     def get_config(self):
@@ -406,7 +503,21 @@ class Schedule:
 
 
 class StepLR(Schedule):
-    """lr = base_lr * gamma ** (epoch // step_size)."""
+    """Step decay, ``lr = base_lr * gamma ** (epoch // step_size)`` (torch's StepLR); steps
+    once per epoch.
+
+    Parameters
+    ----------
+    step_size : int
+        Epochs between two decays.
+    gamma : float, default 0.1
+        Factor of each decay.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> opt = fn.optim.SGD(lr=0.1, schedule=fn.optim.StepLR(10, gamma=0.5))
+    """
 
     def __init__(self, step_size, gamma=0.1):
         super().__init__()
@@ -422,7 +533,14 @@ class StepLR(Schedule):
 
 
 class ExponentialLR(Schedule):
-    """lr = base_lr * gamma ** epoch."""
+    """Exponential decay, ``lr = base_lr * gamma ** epoch`` (torch's ExponentialLR); steps
+    once per epoch.
+
+    Parameters
+    ----------
+    gamma : float
+        Factor applied at each epoch.
+    """
 
     def __init__(self, gamma):
         super().__init__()
@@ -436,7 +554,16 @@ class ExponentialLR(Schedule):
 
 
 class CosineAnnealingLR(Schedule):
-    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2."""
+    """Cosine annealing, ``lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2``
+    (torch's CosineAnnealingLR); steps once per epoch.
+
+    Parameters
+    ----------
+    T_max : int
+        Epochs of the half cosine (usually the number of epochs).
+    eta_min : float, default 0.0
+        The lowest learning rate.
+    """
 
     def __init__(self, T_max, eta_min=0.0):
         super().__init__()
@@ -496,7 +623,19 @@ class OneCycleLR(BatchSchedule):
     ``epochs * steps_per_epoch`` batches: lr from max_lr / 25 up to ``max_lr`` over the
     first ``pct_start`` of them, then down to max_lr / 25 / 1e4. The momentum (SGD's
     ``momentum``, Adam's beta1, RMSprop's ``momentum`` when > 0) goes 0.95 -> 0.85 -> 0.95
-    the other way round, as torch's cycle_momentum does."""
+    the other way round, as torch's cycle_momentum does.
+
+    Parameters
+    ----------
+    max_lr : float
+        The peak learning rate.
+    epochs : int
+        Epochs of the cycle (``fit``'s ``epochs``).
+    steps_per_epoch : int
+        Batches per epoch (``ceil(N / batch_size)``: fit keeps the last, smaller batch).
+    pct_start : float, default 0.3
+        Fraction of the steps spent increasing the lr.
+    """
 
     def __init__(self, max_lr, epochs, steps_per_epoch, pct_start=0.3):
         super().__init__()
@@ -534,6 +673,7 @@ class OneCycleLR(BatchSchedule):
         return _cos_anneal(lrs[start], lrs[end], pct)
 
     def momentum_at(self, step):
+        """The momentum (or Adam's beta1) after ``step`` batches: 0.95 -> 0.85 -> 0.95."""
         moms = (0.95, 0.85, 0.95)
         start, end, pct = self._phase(step)
         return _cos_anneal(moms[start], moms[end], pct)
@@ -555,7 +695,15 @@ class LinearWarmup(BatchSchedule):
     """lr from base_lr / steps up to base_lr over ``steps`` batches (torch's
     ``LinearLR(start_factor=1 / steps, total_iters=steps)``), base_lr being the
     optimizer's lr when it binds; then ``then`` (another schedule, or None: lr stays)
-    takes over from base_lr, stepping as it does (per epoch, or per batch)."""
+    takes over from base_lr, stepping as it does (per epoch, or per batch).
+
+    Parameters
+    ----------
+    steps : int
+        Batches of warm-up.
+    then : Schedule or None
+        The schedule that follows, e.g. ``CosineAnnealingLR(T_max=epochs)``.
+    """
 
     def __init__(self, steps, then=None):
         super().__init__()

@@ -12,7 +12,7 @@
 #    it (`which gcc cc` must fail, and Python's shutil.which agrees).
 # 2. There, `pip install --only-binary=:all:` the wheel and the packages of
 #    pyproject.toml's `test` extra, by name (fastnn itself is never built).
-# 3. A copy of tests/, examples/ and benchmarks/ in a temporary folder (beside a
+# 3. A copy of tests/, examples/, benchmarks/ and docs/ in a temporary folder (beside a
 #    link to ../shared when the checkout has one: MNIST, API.md, the course notes),
 #    and pytest there: `import fastnn` finds only the installed wheel, which the
 #    script checks before the run.
@@ -40,7 +40,7 @@ print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-depen
     "$repo/pyproject.toml")
 
 mkdir -p "$work/run/fastnn"
-cp -r "$repo/tests" "$repo/examples" "$repo/benchmarks" "$work/run/fastnn/"
+cp -r "$repo/tests" "$repo/examples" "$repo/benchmarks" "$repo/docs" "$work/run/fastnn/"
 [ -d "$repo/../shared" ] && ln -s "$(cd "$repo/../shared" && pwd)" "$work/run/shared"
 
 # from here on: no compiler on PATH

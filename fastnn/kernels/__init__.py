@@ -47,7 +47,8 @@ def all_finite(x):
 
 
 def pair(value, name, who, minimum):
-    """``int | (int, int)`` -> ``(int, int)``, each at least ``minimum``."""
+    """``value``: ``int | (int, int)`` -> ``(int, int)``, each at least ``minimum``; a
+    TypeError / ValueError naming ``who`` and the argument ``name`` otherwise."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{who}: {name} must be an int or a pair (h, w), got {value!r}")
@@ -133,7 +134,14 @@ def im2col(x, kh, kw, stride=1, padding=0):
     """x: (N, C, H, W) -> cols: (C*kh*kw, N*OH*OW).
 
     Row ``c*kh*kw + i*kw + j``, column ``n*OH*OW + oh*OW + ow`` holds
-    ``x_padded[n, c, oh*sh + i, ow*sw + j]``.
+    ``x_padded[n, c, oh*sh + i, ow*sw + j]``. ``kh``, ``kw``: the window; ``stride``
+    ``(sh, sw)`` and ``padding`` ``(ph, pw)``: ints or pairs;
+    ``OH = (H + 2*ph - kh) // sh + 1``.
+
+    >>> import numpy as np
+    >>> from fastnn import kernels
+    >>> kernels.im2col(np.zeros((2, 3, 5, 5), np.float32), 3, 3, padding=1).shape
+    (27, 50)
     """
     _float_array(x, "im2col", "x", 4)
     kh, kw, stride, padding = _window_geometry("im2col", x.shape, kh, kw, stride, padding)
@@ -142,7 +150,9 @@ def im2col(x, kh, kw, stride=1, padding=0):
 
 
 def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
-    """Adjoint of ``im2col``: cols (C*kh*kw, N*OH*OW) -> dx (N, C, H, W), overlaps summed."""
+    """Adjoint of ``im2col``: cols (C*kh*kw, N*OH*OW) -> dx of shape ``x_shape``
+    (N, C, H, W), overlaps summed. ``kh``, ``kw``, ``stride``, ``padding``: as given to
+    ``im2col``."""
     _float_array(cols, "col2im", "cols", 2)
     x_shape = _image_shape("col2im", x_shape)
     kh, kw, stride, padding = _window_geometry("col2im", x_shape, kh, kw, stride, padding)
@@ -158,7 +168,8 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 
 
 def maxpool2d_forward(x, kh, kw, stride):
-    """x: (N, C, H, W) -> (y, argmax), both (N, C, OH, OW).
+    """x: (N, C, H, W) -> (y, argmax), both (N, C, OH, OW), the max over windows
+    ``kh`` x ``kw`` moved by ``stride`` (an int or a pair; no padding).
 
     ``argmax`` (int64) is the flat index ``h*W + w`` of each window's maximum in
     its (n, c) plane, kept for ``maxpool2d_backward``.
@@ -170,7 +181,8 @@ def maxpool2d_forward(x, kh, kw, stride):
 
 
 def maxpool2d_backward(grad_y, argmax, x_shape):
-    """grad_y, argmax: (N, C, OH, OW) -> grad_x: (N, C, H, W) (overlaps summed)."""
+    """grad_y, argmax (from ``maxpool2d_forward``): (N, C, OH, OW) -> grad_x of shape
+    ``x_shape`` (N, C, H, W), each gradient sent to its window's maximum (overlaps summed)."""
     _float_array(grad_y, "maxpool2d_backward", "grad_y", 4)
     x_shape = tuple(int(s) for s in x_shape)
     if len(x_shape) != 4 or x_shape[:2] != tuple(grad_y.shape[:2]):
@@ -185,7 +197,8 @@ def maxpool2d_backward(grad_y, argmax, x_shape):
 
 
 def avgpool2d_forward(x, kh, kw, stride):
-    """x: (N, C, H, W) -> y: (N, C, OH, OW), the mean of each kh x kw window (no padding)."""
+    """x: (N, C, H, W) -> y: (N, C, OH, OW), the mean of each ``kh`` x ``kw`` window moved
+    by ``stride`` (an int or a pair; no padding)."""
     _float_array(x, "avgpool2d_forward", "x", 4)
     kh, kw, stride, _ = _window_geometry("avgpool2d_forward", x.shape, kh, kw, stride, 0)
     x, = _contiguous(x)
@@ -194,7 +207,8 @@ def avgpool2d_forward(x, kh, kw, stride):
 
 def avgpool2d_backward(grad_y, x_shape, kh, kw, stride):
     """grad_y: (N, C, OH, OW) -> grad_x: x_shape (N, C, H, W), each window's gradient
-    spread evenly over it (overlaps summed)."""
+    spread evenly over it (overlaps summed). ``kh``, ``kw``, ``stride``: as given to
+    ``avgpool2d_forward``."""
     who = "avgpool2d_backward"
     _float_array(grad_y, who, "grad_y", 4)
     x_shape = _image_shape(who, x_shape)
@@ -519,7 +533,8 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0):
 
 def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
     """grad_y: (N, K, OH, OW), x: (N, C, H, W), W: (K, C, kh, kw)
-    -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)).
+    -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)); ``stride`` and
+    ``padding`` as given to ``conv2d_forward``.
 
     The workspace does not grow with N either: compiled, per thread two buffers
     of at most max(C, K)*kh*kw*max(H*W, OH*OW) elements, plus one
@@ -642,8 +657,9 @@ def adam_step(param, grad, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
     param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 
     ``decoupled=True`` is AdamW's rule (torch.optim.AdamW): instead of adding
-    ``weight_decay * param`` to the gradient, param *= 1 - lr * weight_decay first.
-    param, grad, m, v: same shape and dtype; m and v stored flushed (see sgd_step).
+    ``weight_decay * param`` to the gradient, ``param *= 1 - lr * weight_decay`` first.
+    param, grad, m, v: same shape and dtype; m and v stored flushed (see sgd_step);
+    ``beta1``, ``beta2``, ``eps``: Adam's constants.
     """
     who = "adam_step"
     grad = _update_arrays(who, param, grad, m=m, v=v)

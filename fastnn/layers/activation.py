@@ -33,7 +33,11 @@ class _Elementwise(Layer):
 
 
 class ReLU(_Elementwise):
-    """y = max(x, 0); grad_x = grad_y * (y > 0). Keeps y."""
+    """Rectified linear unit, ``y = max(x, 0)``; ``grad_x = grad_y * (y > 0)``.
+
+    Input: any float array ``(N, ...)``; output: the same shape. After a ``Dense``
+    the network fuses it into the Dense kernel (same result).
+    """
 
     def forward(self, x, training=True):
         if not (type(x) is np.ndarray and (x.dtype is _F32 or x.dtype is _F64) and x.flags.c_contiguous):
@@ -49,7 +53,17 @@ class ReLU(_Elementwise):
 
 
 class LeakyReLU(_Elementwise):
-    """y = x if x > 0 else alpha * x. Keeps x."""
+    """Leaky ReLU, ``y = x if x > 0 else alpha * x``.
+
+    Parameters
+    ----------
+    alpha : float, default 0.01
+        Slope for negative inputs.
+
+    Shapes
+    ------
+    Input: any float array ``(N, ...)``; output: the same shape.
+    """
 
     def __init__(self, alpha=0.01):
         super().__init__()
@@ -72,7 +86,11 @@ class LeakyReLU(_Elementwise):
 
 
 class Sigmoid(_Elementwise):
-    """y = 1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2 (no overflow). Keeps y."""
+    """Logistic sigmoid, ``y = 1 / (1 + exp(-x))`` (computed as ``(1 + tanh(x/2)) / 2``,
+    which never overflows).
+
+    Input: any float array ``(N, ...)``; output: the same shape, values in (0, 1).
+    """
 
     def forward(self, x, training=True):
         self._check(x)
@@ -91,7 +109,10 @@ class Sigmoid(_Elementwise):
 
 
 class Tanh(_Elementwise):
-    """y = tanh(x); grad_x = grad_y * (1 - y^2). Keeps y."""
+    """Hyperbolic tangent, ``y = tanh(x)``; ``grad_x = grad_y * (1 - y**2)``.
+
+    Input: any float array ``(N, ...)``; output: the same shape, values in (-1, 1).
+    """
 
     def forward(self, x, training=True):
         self._check(x)
@@ -105,7 +126,9 @@ class Tanh(_Elementwise):
 
 
 class Softmax(_Elementwise):
-    """Softmax over the last axis. Keeps p = softmax(x).
+    """Softmax over the last axis: ``p = exp(x) / sum(exp(x))``.
+
+    Input ``(N, C)`` (or ``(N, ..., C)``); output the same shape, each row summing to 1.
 
     Before a ``CrossEntropy`` loss the Network skips this layer's forward and
     backward in training and feeds the logits to the fused loss, whose

@@ -83,13 +83,34 @@ class _Augmentation(Layer):
 
 
 class RandomTranslation(_Augmentation):
-    """Training: shift each sample by a random integer (dy, dx) in [-m_h, m_h] x
-    [-m_w, m_w] pixels, y[n, :, i, j] = x[n, :, i - dy, j - dx], pixels shifted in take
-    ``fill``; inference: identity. x: (N, C, H, W) -> y: (N, C, H, W).
+    """Random shifts of each image (Keras' preprocessing layer), in training only.
 
-    A factor in [0, 1) is a fraction of the image's height / width (rounded half up:
-    0.1 of 28 pixels -> up to 3), an int >= 0 a pixel count. Backward: the gradient
-    shifted back, zero where the fill was. The draw: see this module's docstring.
+    Training: shift each sample by a random integer ``(dy, dx)`` in ``[-m_h, m_h] x
+    [-m_w, m_w]`` pixels, ``y[n, :, i, j] = x[n, :, i - dy, j - dx]``, pixels shifted
+    in take ``fill``; inference (``predict``, ``evaluate``): identity; ``export``
+    leaves it out.
+
+    Parameters
+    ----------
+    height_factor : float in [0, 1) or int >= 0
+        Largest vertical shift m_h: a fraction of the image's height (rounded half
+        up: 0.1 of 28 pixels -> up to 3) or, as an int, a number of pixels.
+    width_factor : float in [0, 1) or int >= 0
+        Largest horizontal shift m_w, the same way.
+    fill : float, default 0.0
+        Value of the uncovered pixels.
+    seed : int or None
+        Seed of the draws (the same shifts on every backend, like Dropout).
+
+    Shapes
+    ------
+    Input ``(N, C, H, W)``; output ``(N, C, H, W)``. Backward: the gradient shifted
+    back, zero where the fill was. The draw: see this module's docstring.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> augment = fn.RandomTranslation(0.1, 0.1, seed=0)    # up to 3 pixels on 28x28
     """
 
     def __init__(self, height_factor, width_factor, fill=0.0, seed=None):
@@ -119,10 +140,22 @@ _FLIP_MODES = {"horizontal": (0, 1), "vertical": (1, 0), "horizontal_and_vertica
 
 
 class RandomFlip(_Augmentation):
-    """Training: reverse each sample along W ("horizontal"), H ("vertical") or each of
-    both ("horizontal_and_vertical"), with probability 1/2 per axis, independently;
-    inference: identity. x: (N, C, H, W) -> y: (N, C, H, W). Backward: the same flips
-    of the gradient. The draw: see this module's docstring.
+    """Random mirror images (Keras' preprocessing layer), in training only.
+
+    Training: reverse each sample along W, H or each of both, with probability 1/2 per
+    axis, independently; inference: identity; ``export`` leaves it out.
+
+    Parameters
+    ----------
+    mode : {"horizontal", "vertical", "horizontal_and_vertical"}
+        Which axes may be flipped: W, H, or each of both.
+    seed : int or None
+        Seed of the draws (the same flips on every backend, like Dropout).
+
+    Shapes
+    ------
+    Input ``(N, C, H, W)``; output ``(N, C, H, W)``. Backward: the same flips of the
+    gradient. The draw: see this module's docstring.
     """
 
     def __init__(self, mode="horizontal_and_vertical", seed=None):

@@ -206,14 +206,34 @@ class Layer:
 
     # -- the protocol ---------------------------------------------------------
     def forward(self, x, training=True):
-        """x -> y. The default runs a tutorial-style ``forward_propagation``."""
+        """Compute the layer's output.
+
+        Parameters
+        ----------
+        x : array
+            The input batch, batch axis first (NumPy on the CPU, CuPy on the GPU).
+        training : bool, default True
+            Training mode (Dropout drops, BatchNorm uses and updates batch statistics,
+            augmentation layers draw); ``False`` is inference. ``Network.fit`` passes
+            True, ``predict`` / ``evaluate`` False: fastnn has no ``model.train()`` /
+            ``model.eval()`` switch.
+
+        Returns
+        -------
+        y : array
+            The output, shape ``(N,) + self.output_shape(x.shape[1:])``.
+
+        The default runs a tutorial-style ``forward_propagation``.
+        """
         if type(self).forward_propagation is Layer.forward_propagation:
             raise NotImplementedError(f"{type(self).__name__} implements neither forward "
                                       "nor forward_propagation")
         return self.forward_propagation(x)
 
     def backward(self, grad_y):
-        """grad_y -> grad_x; fills ``self.grads``."""
+        """Gradient of the loss with respect to the input, from ``grad_y`` (same shape as
+        the last forward's output); overwrites ``self.grads`` (same keys and shapes as
+        ``self.params``). Returns ``grad_x``, the shape of the last forward's input."""
         raise NotImplementedError(f"{type(self).__name__} implements neither backward "
                                   "nor backward_propagation")
 
@@ -223,10 +243,13 @@ class Layer:
 
     # -- the tutorial's protocol ---------------------------------------------
     def forward_propagation(self, input):
+        """The tutorial's forward: ``forward(input, training=True)``."""
         return self.forward(input, training=True)
 
     def backward_propagation(self, output_error, learning_rate):
-        """``backward`` then a plain SGD step on this layer's params."""
+        """The tutorial's backward: ``grad_x = backward(output_error)``, then a plain
+        SGD step ``p -= learning_rate * grad`` on each of this layer's params; returns
+        ``grad_x``."""
         grad_x = self.backward(output_error)
         for name, p in self.params.items():
             p -= learning_rate * self.grads[name]
@@ -252,7 +275,27 @@ class Layer:
 
 
 class ActivationLayer(Layer):
-    """The tutorial's layer from two functions: y = f(x), grad_x = f'(x) * grad_y."""
+    """The tutorial's layer from two functions: ``y = activation(x)``,
+    ``grad_x = activation_prime(x) * grad_y``.
+
+    Parameters
+    ----------
+    activation : callable
+        ``f(x) -> y``, element-wise (e.g. ``fastnn.activations.tanh``).
+    activation_prime : callable
+        Its derivative ``f'(x)`` (e.g. ``fastnn.activations.tanh_prime``).
+
+    Shapes
+    ------
+    Input: any array ``(N, ...)``; output: the same shape. It saves and loads when both
+    functions are from ``fastnn.activations``.
+
+    Examples
+    --------
+    >>> import fastnn as fn
+    >>> from fastnn.activations import tanh, tanh_prime
+    >>> layer = fn.ActivationLayer(tanh, tanh_prime)
+    """
 
     def __init__(self, activation, activation_prime):
         super().__init__()

@@ -9,10 +9,41 @@ __all__ = ["Conv2D"]
 
 
 class Conv2D(Layer):
-    """Conv2D(in_channels, out_channels, kernel_size, stride=1, padding=0).
+    """2-D convolution (cross-correlation, as ``torch.nn.functional.conv2d``), NCHW.
 
-    x: (N, C, H, W) -> y: (N, K, OH, OW), OH = floor((H + 2*pad - kh) / stride) + 1.
-    W: (K, C, kh, kw) (PyTorch's layout), b: (K,). Kept for backward: x.
+    Parameters
+    ----------
+    in_channels : int
+        Channels C of the input.
+    out_channels : int
+        Channels K of the output (number of filters).
+    kernel_size : int or (int, int)
+        Window ``(kh, kw)``; an int k means ``(k, k)``.
+    stride : int or (int, int), default 1
+        Step between windows, ``(sh, sw)``.
+    padding : int or (int, int), default 0
+        Zeros added on each side, ``(ph, pw)``.
+    bias : bool, default True
+        Whether to add the per-filter bias ``b``.
+    init : {"he", "xavier", "uniform"} or callable, default "he"
+        Initial weights (fan_in = ``in_channels * kh * kw``); see ``Dense``.
+    seed : int or None
+        Seed of the initial weights (None: from NumPy's global state).
+    dtype : {"float32", "float64"}, default "float32"
+        Dtype of the parameters and of the inputs the layer takes.
+
+    Shapes
+    ------
+    Input ``(N, C, H, W)``; output ``(N, K, OH, OW)`` with
+    ``OH = floor((H + 2*ph - kh) / sh) + 1`` (and the same for OW).
+    ``params["W"]``: ``(K, C, kh, kw)`` (PyTorch's layout); ``params["b"]``: ``(K,)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnn as fn
+    >>> conv = fn.Conv2D(1, 6, 5, padding=2, seed=0)
+    >>> conv.forward(np.zeros((8, 1, 28, 28), np.float32)).shape
+    (8, 6, 28, 28)
     """
 
     weight_names = ("W",)

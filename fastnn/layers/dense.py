@@ -9,12 +9,39 @@ __all__ = ["Dense", "FCLayer"]
 
 
 class Dense(Layer):
-    """Y = X @ W + b over the last axis of X.
+    """Fully connected layer: ``Y = X @ W + b`` over the last axis of X.
 
-    W: (in_features, out_features), b: (out_features,). X: (..., in_features)
-    -> Y: (..., out_features); the leading axes are flattened into one batch
-    axis for the kernel, so the tutorial's (1, n) samples work unchanged.
-    Kept for backward: the 2-D input.
+    Parameters
+    ----------
+    in_features : int
+        Size of the last axis of the input.
+    out_features : int
+        Size of the last axis of the output.
+    bias : bool, default True
+        Whether to add the bias ``b``; without it ``params`` has no ``"b"`` key.
+    init : {"he", "xavier", "uniform"} or callable, default "he"
+        Initial weights: ``"he"`` normal with std ``sqrt(2 / in_features)``,
+        ``"xavier"`` Glorot uniform, ``"uniform"`` the tutorial's U(-0.5, 0.5)
+        (bias included), or ``init(shape, rng) -> array``.
+    seed : int or None
+        Seed of the initial weights; None draws it from NumPy's global state, so
+        ``np.random.seed(k)`` makes unseeded layers reproducible.
+    dtype : {"float32", "float64"}, default "float32"
+        Dtype of the parameters and of the inputs the layer takes.
+
+    Shapes
+    ------
+    Input ``(N, in_features)`` or ``(N, ..., in_features)``; output
+    ``(N, out_features)`` or ``(N, ..., out_features)``: the leading axes are one
+    batch axis for the kernel, so the tutorial's ``(1, n)`` samples work unchanged.
+    ``params["W"]``: ``(in_features, out_features)`` (the transpose of
+    ``torch.nn.Linear.weight``); ``params["b"]``: ``(out_features,)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnn as fn
+    >>> fn.Dense(784, 10, seed=0).forward(np.zeros((32, 784), np.float32)).shape
+    (32, 10)
     """
 
     weight_names = ("W",)
@@ -144,7 +171,24 @@ class Dense(Layer):
 
 
 class FCLayer(Dense):
-    """The tutorial's fully connected layer: Dense with its U(-0.5, 0.5) initialisation."""
+    """The tutorial's fully connected layer: ``Dense`` with its U(-0.5, 0.5) initialisation.
+
+    Parameters
+    ----------
+    input_size : int
+        Size of the input's last axis (Dense's ``in_features``).
+    output_size : int
+        Size of the output's last axis (Dense's ``out_features``).
+    bias, init, seed, dtype
+        As for ``Dense``; ``init`` defaults to ``"uniform"`` (the tutorial's
+        ``np.random.rand(...) - 0.5`` for weights and bias).
+
+    Shapes
+    ------
+    Input ``(N, 1, input_size)`` (the tutorial's samples) or ``(N, input_size)``;
+    output the same with ``output_size`` last. ``weights`` and ``bias`` are the
+    tutorial's attribute names for ``params["W"]`` and ``params["b"]``.
+    """
 
     def __init__(self, input_size, output_size, *, bias=True, init="uniform", seed=None,
                  dtype="float32"):

@@ -7,12 +7,27 @@ __all__ = ["Dropout"]
 
 
 class Dropout(Layer):
-    """Training: zero each element with probability p and scale the rest by 1/(1-p);
-    eval: identity. Kept for backward: the scaled mask.
+    """Inverted dropout. Training: zero each element with probability ``p`` and scale
+    the rest by ``1 / (1 - p)``; inference (``training=False``): identity.
 
-    ``seed`` fixes the masks; ``Network.fit(seed=...)`` reseeds it too. ``sample_offset``:
-    the position of the batch's first sample in a larger batch whose masks it takes (0;
-    distributed training sets it to the rank's share's start in the global batch).
+    Parameters
+    ----------
+    p : float in [0, 1), default 0.5
+        Probability of dropping an element.
+    seed : int or None
+        Seed of the masks (the same masks on every backend);
+        ``Network.fit(seed=...)`` reseeds it too.
+
+    Attributes
+    ----------
+    sample_offset : int
+        The position of the batch's first sample in a larger batch whose masks it
+        takes (0; distributed training sets it to the rank's share's start in the
+        global batch).
+
+    Shapes
+    ------
+    Input: any float array ``(N, ...)``; output: the same shape.
     """
 
     sample_offset = 0

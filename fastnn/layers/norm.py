@@ -187,7 +187,31 @@ class _BatchNorm(Layer):
 
 
 class BatchNorm1d(_BatchNorm):
-    """x: (N, C) or (N, C, L); statistics per feature C."""
+    """Batch normalisation of ``(N, C)`` or ``(N, C, L)`` inputs, statistics per feature C
+    (``torch.nn.BatchNorm1d``).
+
+    Training: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch's
+    mean and biased variance over N (and L); the running statistics move by
+    ``momentum`` (the running variance takes the unbiased one, as PyTorch's does).
+    Inference (``training=False``): the running statistics instead.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the size of axis 1.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float in [0, 1], default 0.1
+        ``running = (1 - momentum) * running + momentum * batch_statistic``.
+    dtype : {"float32", "float64"}, default "float32"
+        Dtype of the parameters, buffers and inputs.
+
+    Shapes
+    ------
+    Input ``(N, C)`` or ``(N, C, L)``; output the same shape. ``params``:
+    ``"gamma"``, ``"beta"``, ``(C,)``; ``buffers``: ``"running_mean"``,
+    ``"running_var"``, ``(C,)``. Training needs more than one value per channel.
+    """
 
     _ranks = (2, 3)
 
@@ -196,7 +220,38 @@ class BatchNorm1d(_BatchNorm):
 
 
 class BatchNorm2d(_BatchNorm):
-    """x: (N, C, H, W); statistics per channel C."""
+    """Batch normalisation of images, statistics per channel C over N, H and W
+    (``torch.nn.BatchNorm2d``).
+
+    Training: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch's
+    mean and biased variance; the running statistics move by ``momentum`` (the running
+    variance takes the unbiased one, as PyTorch's does). Inference
+    (``training=False``, as in ``predict`` / ``evaluate``): the running statistics.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (axis 1).
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float in [0, 1], default 0.1
+        ``running = (1 - momentum) * running + momentum * batch_statistic``.
+    dtype : {"float32", "float64"}, default "float32"
+        Dtype of the parameters, buffers and inputs.
+
+    Shapes
+    ------
+    Input ``(N, C, H, W)``; output ``(N, C, H, W)``. ``params``: ``"gamma"``,
+    ``"beta"``, ``(C,)`` (no weight decay on them); ``buffers``:
+    ``"running_mean"``, ``"running_var"``, ``(C,)``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnn as fn
+    >>> bn = fn.BatchNorm2d(6)
+    >>> bn.forward(np.random.rand(4, 6, 5, 5).astype(np.float32)).shape
+    (4, 6, 5, 5)
+    """
 
     _ranks = (4,)
 

@@ -55,7 +55,27 @@ class _Pool2D(Layer):
 
 
 class MaxPool2D(_Pool2D):
-    """x: (N, C, H, W) -> max over each window: (N, C, OH, OW). Kept: argmax of each window."""
+    """Max pooling: the maximum of each window, per channel.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+        Window ``(kh, kw)``.
+    stride : int or (int, int) or None, default None
+        Step between windows; None means ``kernel_size`` (windows may overlap when
+        the stride is smaller).
+
+    Shapes
+    ------
+    Input ``(N, C, H, W)``; output ``(N, C, OH, OW)``, ``OH = floor((H - kh) / sh) + 1``.
+    The gradient goes to the maximum of each window.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnn as fn
+    >>> fn.MaxPool2D(2).forward(np.zeros((8, 6, 28, 28), np.float32)).shape
+    (8, 6, 14, 14)
+    """
 
     def forward(self, x, training=True):
         if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
@@ -74,7 +94,19 @@ class MaxPool2D(_Pool2D):
 
 
 class AvgPool2D(_Pool2D):
-    """x: (N, C, H, W) -> mean over each window: (N, C, OH, OW). Kept: the input shape."""
+    """Average pooling: the mean of each window, per channel.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+        Window ``(kh, kw)``.
+    stride : int or (int, int) or None, default None
+        Step between windows; None means ``kernel_size``.
+
+    Shapes
+    ------
+    Input ``(N, C, H, W)``; output ``(N, C, OH, OW)``, ``OH = floor((H - kh) / sh) + 1``.
+    """
 
     def forward(self, x, training=True):
         if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
@@ -94,9 +126,11 @@ class AvgPool2D(_Pool2D):
 
 
 class GlobalAvgPool2D(Layer):
-    """x: (N, C, H, W) -> y: (N, C), the mean of each channel's plane (Keras'
-    GlobalAveragePooling2D; PyTorch's AdaptiveAvgPool2d(1) followed by a Flatten).
-    Kept for backward: the input shape."""
+    """The mean of each channel's plane (Keras' GlobalAveragePooling2D; PyTorch's
+    ``AdaptiveAvgPool2d(1)`` followed by a ``Flatten``). No arguments.
+
+    Input ``(N, C, H, W)``; output ``(N, C)``.
+    """
 
     def forward(self, x, training=True):
         if not (type(x) is np.ndarray and x.dtype in _FLOATS and x.ndim == 4):

@@ -12,7 +12,12 @@ def _check_array(a, what):
 
 
 class Flatten(Layer):
-    """Every axis but the first flattened into one; backward restores the shape. Any dtype."""
+    """Every axis but the first flattened into one; backward restores the shape. No
+    arguments; any dtype.
+
+    Input ``(N, d1, d2, ...)``; output ``(N, d1 * d2 * ...)``, e.g. ``(N, 16, 5, 5)``
+    -> ``(N, 400)``.
+    """
 
     def __init__(self):
         super().__init__()
