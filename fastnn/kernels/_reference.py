@@ -372,7 +372,7 @@ def sgd_step(p, g, buf, lr, momentum, weight_decay, l1, nesterov):
         d = d + l1 * ((p > 0).astype(p.dtype) - (p < 0).astype(p.dtype))
     if momentum:
         if buf is None:
-            buf = d.copy()
+            buf = np.array(d)           # a copy; 0-d stays an array (d may be a scalar)
         else:
             buf *= momentum
             buf += d

@@ -205,6 +205,11 @@ class BatchNorm1d(_BatchNorm):
         ``running = (1 - momentum) * running + momentum * batch_statistic``.
     dtype : {"float32", "float64"}, default "float32"
         Dtype of the parameters, buffers and inputs.
+    synchronized : bool, default False
+        In distributed training (``fastnn.distributed``), batch statistics over the
+        global batch: one allreduce of [sum x, sum x^2, n] forward and one of
+        [sum dy, sum dy * x_hat] backward. False: each process's own share, as in
+        PyTorch and Keras. No effect in one process.
 
     Shapes
     ------
@@ -238,6 +243,11 @@ class BatchNorm2d(_BatchNorm):
         ``running = (1 - momentum) * running + momentum * batch_statistic``.
     dtype : {"float32", "float64"}, default "float32"
         Dtype of the parameters, buffers and inputs.
+    synchronized : bool, default False
+        In distributed training (``fastnn.distributed``), batch statistics over the
+        global batch: one allreduce of [sum x, sum x^2, n] forward and one of
+        [sum dy, sum dy * x_hat] backward. False: each process's own share, as in
+        PyTorch and Keras. No effect in one process.
 
     Shapes
     ------
