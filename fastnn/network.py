@@ -4,7 +4,6 @@ The Network owns the loop: input conversion (once, at its entry), batching and
 shuffling, the loss, the optimizer step, metrics, callbacks, the progress bar,
 the NaN stop, save/load and device moves. Layers own their state and checks.
 """
-import inspect
 import itertools
 import math
 import signal
@@ -16,9 +15,7 @@ import numpy as np
 from . import backend, fit_callbacks, fit_data, kernels, losses, metrics as metrics_module, optim
 from .container import LayerSequence, summary_table
 from .layers.base import Layer, make_rng, uses_tutorial_protocol
-from .layers.activation import ReLU, Softmax
-from .layers.conv import Conv2D
-from .layers.dense import Dense, FCLayer
+from .plan import Plan, layer_params
 
 __all__ = ["Network", "Sequential", "History"]
 
@@ -46,18 +43,6 @@ class History:
 
     def __repr__(self):
         return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"
-
-
-def _layer_params(layer):
-    return getattr(layer, "params", None) or {}
-
-
-def _weight_flags(layer):
-    names = getattr(layer, "weight_names", None)
-    params = _layer_params(layer)
-    if names is None:        # user layers: every matrix / kernel is a weight
-        return [params[k].ndim >= 2 for k in params]
-    return [k in names for k in params]
 
 
 class Network(LayerSequence):
@@ -177,7 +162,7 @@ class Network(LayerSequence):
     def _get_plan(self):
         plan = self._plan
         if plan is None or not plan.matches(self.layers):
-            plan = self._plan = _Plan(self)
+            plan = self._plan = Plan(self)
         return plan
 
     def _run_forward(self, x, training, stop=None):
@@ -221,7 +206,7 @@ class Network(LayerSequence):
 
     def parameters(self):
         """``[(layer, name), ...]`` for every parameter, in a stable order."""
-        return [(layer, name) for layer in self.layers for name in _layer_params(layer)]
+        return [(layer, name) for layer in self.layers for name in layer_params(layer)]
 
     # -- input checks (once, at the network's entry) ---------------------------------------------
     def _as_input(self, x, who, check_finite=True, move=True):
@@ -595,7 +580,7 @@ class Network(LayerSequence):
         rows = [("#", "layer", "output shape", "params")]
         total = 0
         for i, layer in enumerate(self.layers):
-            count = sum(int(p.size) for p in _layer_params(layer).values())
+            count = sum(int(p.size) for p in layer_params(layer).values())
             total += count
             if shape is not None:
                 try:
@@ -649,89 +634,6 @@ def loss_error(loss, max_loss):
     over = f", over {max_loss:.3g} (fit's bound: the loss diverged)" if math.isfinite(loss) else ""
     return (f"the loss became {loss}{over}; parameters are left as they were before this "
             "step (lower the learning rate, or check the data)")
-
-
-class _Plan:
-    """What the loops need, computed once per layer list: each layer's forward and
-    backward as plain callables, the trained parameters (``slots``, ``decay``), the
-    parameters' dtype, and ``n_train``, the number of layers training runs (all but a
-    final Softmax fused with CrossEntropy).
-
-    Fusion happens here, as kernels the layers call, never as a second engine: a Dense
-    followed by a ReLU applies the ReLU on its GEMM's output (``relu=True``), the ReLU
-    then only keeps that output; a Dense whose input is a ReLU's output applies that
-    ReLU's backward to its grad_x (``relu_x=True``), the ReLU's backward then passes
-    the gradient through. The bits are those of the layers run one by one.
-    """
-
-    def __init__(self, network):
-        layers = network.layers
-        self.layers = list(layers)
-        self.steps = [(layer, uses_tutorial_protocol(layer)) for layer in layers]
-        self.forwards, self.backwards = [], []
-        for layer, tutorial in self.steps:
-            if tutorial:
-                step = _TutorialStep(layer)
-                self.forwards.append(step.forward)
-                self.backwards.append(step.backward)
-            else:
-                self.forwards.append(_forward_of(layer))
-                self.backwards.append(lambda g, lr, b=layer.backward: b(g))
-        self._fuse_dense_relu(layers)
-        fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
-                 and isinstance(layers[-1], Softmax))
-        self.n_train = len(layers) - fused
-        self._first_trained(layers)
-        # the parameters the optimizer updates (tutorial-protocol layers update their own)
-        self.slots = [(layer, name) for layer, tutorial in self.steps if not tutorial
-                      for name in _layer_params(layer)]
-        self.decay = [flag for layer, tutorial in self.steps if not tutorial
-                      for flag in _weight_flags(layer)]
-        self.dtype = np.dtype(np.float32)
-        for layer in layers:
-            params = _layer_params(layer)
-            if params:
-                self.dtype = next(iter(params.values())).dtype
-                break
-
-    def _fuse_dense_relu(self, layers):
-        for i, layer in enumerate(layers):
-            if type(layer) not in (Dense, FCLayer):
-                continue
-            if i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
-                relu = layers[i + 1]
-                self.forwards[i] = lambda x, training, d=layer: d.forward(x, training, relu=True)
-                self.forwards[i + 1] = lambda x, training, r=relu: _keep_output(r, x)
-            if i > 0 and type(layers[i - 1]) is ReLU:
-                self.backwards[i] = lambda g, lr, d=layer: d.backward(g, relu_x=True)
-                self.backwards[i - 1] = lambda g, lr: g
-
-    def _first_trained(self, layers):
-        """Training stops its backward at the first layer with parameters: the
-        built-in parameter-free layers before it have no gradients to fill, and
-        Dense / Conv2D skip their input gradient there (a first Dense layer's
-        grad_x GEMM is as large as its grad_W one)."""
-        self.first_trained, self.first_backward = len(layers), None
-        for i, (layer, tutorial) in enumerate(self.steps):
-            if tutorial or _layer_params(layer) or not _builtin(layer):
-                self.first_trained = i
-                break
-        if self.first_trained < len(layers):
-            first = layers[self.first_trained]
-            if isinstance(first, (Dense, Conv2D)) and _builtin(first):
-                self.first_backward = lambda g, lr, b=first.backward: b(g, need_grad_x=False)
-            else:
-                self.first_backward = self.backwards[self.first_trained]
-
-    def matches(self, layers):
-        """Still the plan of ``layers`` (the same layer objects, in the same order)?"""
-        return self.layers == layers       # element-wise `is` first, in C
-
-
-def _keep_output(relu, y):
-    """A ReLU fused into the Dense before it: y is already its output; keep it for backward."""
-    relu.output = y
-    return y
 
 
 class _StepBoundary:
@@ -855,51 +757,6 @@ class _Epoch:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class _TutorialStep:
-    """Runs a tutorial-protocol layer. The tutorial's samples are (1, n) rows and its
-    layers are written for them (``input.T @ output_error``), so a batch of such rows,
-    (B, 1, n), reaches the layer as (B, n): one sample is then exactly the tutorial's
-    (1, n); the axis is put back on what the layer returns."""
-
-    def __init__(self, layer):
-        self.layer = layer
-        self.rows = False          # whether the last forward's input was (B, 1, n)
-
-    def forward(self, x, training):
-        self.rows = x.ndim == 3 and x.shape[1] == 1
-        y = self.layer.forward_propagation(x[:, 0] if self.rows else x)
-        return y[:, None] if self.rows and y.ndim == 2 else y
-
-    def backward(self, grad, learning_rate):
-        if self.rows and grad.ndim == 3 and grad.shape[1] == 1:
-            grad = grad[:, 0]
-        grad_x = self.layer.backward_propagation(grad, learning_rate)
-        return grad_x[:, None] if self.rows and grad_x.ndim == 2 else grad_x
-
-
-def _builtin(layer):
-    """A fastnn layer class, whose backward has no effect beyond its gradients."""
-    return type(layer).__module__.startswith("fastnn.layers.")
-
-
-def _forward_of(layer):
-    """``layer.forward`` as ``f(x, training)``, also for a user's ``forward(x)`` or
-    ``forward(x, *, training)``."""
-    forward = layer.forward
-    try:
-        params = list(inspect.signature(forward).parameters.values())
-    except (TypeError, ValueError):       # no signature to read (a builtin): as documented
-        return forward
-    kinds = [p.kind for p in params]
-    positional = [k for k in kinds if k in (inspect.Parameter.POSITIONAL_ONLY,
-                                            inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 2 or inspect.Parameter.VAR_POSITIONAL in kinds:
-        return forward
-    if inspect.Parameter.VAR_KEYWORD in kinds or any(p.name == "training" for p in params):
-        return lambda x, training: forward(x, training=training)
-    return lambda x, training: forward(x)
 
 
 Sequential = Network
