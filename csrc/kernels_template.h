@@ -610,6 +610,7 @@ typedef struct {
     ptrdiff_t n, c, s;
 } NAME(bn_args);
 
+WIDE_CLONES
 static void NAME(bn_stats_channels)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
     const NAME(bn_args) *a = (const NAME(bn_args) *)args;
@@ -653,9 +654,7 @@ void NAME(fnn_batchnorm_stats)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
 
 /* inv_std = 1 / sqrt(var + eps) per channel; x_hat = (x - mean) * inv_std and
  * y = gamma * x_hat + beta, each operation rounded to T (no fused multiply-add). */
-#ifndef __clang__
-__attribute__((optimize("fp-contract=off")))
-#endif
+WIDE_CLONES     /* fp-contract=off in both clones */
 static void NAME(bn_apply_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
     const NAME(bn_args) *a = (const NAME(bn_args) *)args;
@@ -700,6 +699,7 @@ void NAME(fnn_batchnorm_apply)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
     fnn_split(NAME(bn_apply_samples), &a, n, fnn_split_block(c * s));
 }
 
+WIDE_CLONES
 static void NAME(bn_backward_sums)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
     const NAME(bn_args) *a = (const NAME(bn_args) *)args;
@@ -714,9 +714,7 @@ static void NAME(bn_backward_sums)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 }
 
 /* grad_x of samples [lo, hi), once grad_gamma and grad_beta are summed. */
-#ifndef __clang__
-__attribute__((optimize("fp-contract=off")))
-#endif
+WIDE_CLONES     /* fp-contract=off in both clones */
 static void NAME(bn_backward_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
     const NAME(bn_args) *a = (const NAME(bn_args) *)args;
