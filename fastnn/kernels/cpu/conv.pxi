@@ -238,33 +238,13 @@ DEF TRANSPOSED_MIN_CHANNELS = 32
 
 # A float32 backward pass takes grad_W by the direct conv (V_DIRECT: grad_W in
 # (K, C, kh, kw) order; grad_x, if wanted, by W.T @ grad_y and col2im) where the
-# forward would be direct and the patches im2col columns (few channels). One
+# direct conv fits and the patches would be im2col columns (few channels). One
 # thread, batch 64: LeNet's conv1 backward (grad_W, grad_b) 424 -> 310 us; on
 # LeNet's conv2 (10-pixel rows, 6 channels) it took 1650 us against 1220 on rows.
-
-
-# On CPUs with AVX-512F the forward takes im2col columns (BLAS's or the own AVX-512
-# GEMM, W (K, C*kh*kw) @ columns) instead of the direct conv (8-float AVX2 lanes) for
-# fewer than ROWS_MIN_CHANNELS input channels (where columns are the GEMM path) from
-# DIRECT_AVX512_MAX_K + 1 filters up. Forward, interleaved medians, this 2-vCPU Intel
-# Xeon (AVX-512) KVM guest, load 1.4-1.8, direct against columns: (128, 1, 28, 28)
-# 12 5x5 pad 2 (MNIST) 1340 against 918 us, (64, 3, 32, 32) 8 5x5 pad 2 1956 against
-# 1424, (128, 3, 32, 32) 16 3x3 pad 1 2413 against 1555, (128, 1, 28, 28) 16 3x3
-# pad 1 836 against 509; but LeNet's conv1 (64, 1, 28, 28) 6 5x5 176 against 236
-# (the direct conv's 6-filter blocks), and from 4 channels (LeNet's conv2, 6 -> 16:
-# 469 against 601 on rows) the direct conv still wins. The backward keeps grad_W by
-# the direct conv: with two filters per pass of the input it is as fast as columns
-# there ((128, 1, 28, 28) 12 5x5 pad 2, no grad_x: 1283 against 1342 us, load 2.8;
-# but (128, 3, 32, 32) 16 3x3 pad 1: 2754 against 2278, left for a later look).
-DEF DIRECT_AVX512_MAX_K = 7
+# With AVX-512, below ROWS_MIN_CHANNELS channels and from 8 filters up, the forward takes
+# im2col columns (MNIST's 1 -> 12 5x5 pad 2, batch 128: 918 against 1340 us; LeNet's 6
+# filters 236 against 176). Tuned on: Intel Xeon (AVX-512), 2 vCPUs, KVM.
 cdef bint _avx512_cpu = fnn_avx512_supported()
-
-
-cdef inline bint _direct_forward(const fnn_geometry *g, Py_ssize_t k, bint single) noexcept nogil:
-    """Whether the forward chooser takes the direct conv for this float32 conv."""
-    if not single or _pointwise(g) or not fnn_direct_conv_fits(g, k):
-        return False
-    return not (_avx512_cpu and g.c < ROWS_MIN_CHANNELS and k > DIRECT_AVX512_MAX_K)
 
 
 cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, Py_ssize_t k) noexcept nogil:
@@ -831,7 +811,8 @@ cdef int _conv_forward_pick(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, b
     """The chooser: conv2d_forward's variant for this conv (see the sections above)."""
     if _use_winograd(g, n, k, single):
         return V_WINOGRAD
-    if _direct_forward(g, k, single):
+    if single and fnn_direct_conv_fits(g, k) and not _pointwise(g) and not (
+            _avx512_cpu and g.c < ROWS_MIN_CHANNELS and k >= 8):
         return V_DIRECT
     if _pointwise(g):
         return V_POINTWISE
