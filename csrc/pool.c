@@ -348,8 +348,11 @@ void fnn_split(fnn_range_fn body, void *args, ptrdiff_t n, ptrdiff_t block)
         if (n > 0) body(args, 0, n);
         return;
     }
-    struct split_job job = {body, args, n, block};
-    fnn_pool_run(split_task, &job, (n + block - 1) / block);
+    /* as many tasks as blocks of `block`, their items shared out evenly (128 samples
+     * in blocks of 109: two tasks of 64, not 109 and 19) */
+    const ptrdiff_t tasks = (n + block - 1) / block;
+    struct split_job job = {body, args, n, (n + tasks - 1) / tasks};
+    fnn_pool_run(split_task, &job, (n + job.block - 1) / job.block);
 }
 
 ptrdiff_t fnn_split_block(ptrdiff_t item)
