@@ -223,15 +223,25 @@ void NAME(fnn_col2im_rows)(const T *cols, const fnn_geometry *g, T *x, T *work)
     }
 }
 
-void NAME(fnn_maxpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh, int kw,
-                                 int sh, int sw, T *y, int64_t *argmax)
+/* A pooling call's arguments, for the ranges of planes fnn_split hands out. */
+typedef struct {
+    const T *x, *grad_y;
+    const int64_t *argmax_in;
+    T *y;
+    int64_t *argmax;
+    ptrdiff_t h, w, oh, ow, bad;
+    int kh, kw, sh, sw, zeroed;
+} NAME(pool_args);
+
+static void NAME(maxpool2d_forward_planes)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
-    const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
-    #pragma omp parallel for schedule(static) if (FNN_OMP(planes * h * w >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t p = 0; p < planes; p++) {
-        const T *xp = x + p * h * w;
-        T *yp = y + p * oh * ow;
-        int64_t *ap = argmax + p * oh * ow;
+    const NAME(pool_args) *a = (const NAME(pool_args) *)args;
+    const ptrdiff_t h = a->h, w = a->w, oh = a->oh, ow = a->ow;
+    const int kh = a->kh, kw = a->kw, sh = a->sh, sw = a->sw;
+    for (ptrdiff_t p = lo; p < hi; p++) {
+        const T *xp = a->x + p * h * w;
+        T *yp = a->y + p * oh * ow;
+        int64_t *ap = a->argmax + p * oh * ow;
         if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {     /* the common case, unrolled */
             for (ptrdiff_t r = 0; r < oh; r++) {
                 const T *top = xp + 2 * r * w, *bot = top + w;
@@ -275,23 +285,82 @@ void NAME(fnn_maxpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrd
     }
 }
 
-ptrdiff_t NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, ptrdiff_t planes,
-                                  ptrdiff_t ohw, ptrdiff_t hw, T *grad_x, int zeroed)
+void NAME(fnn_maxpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh, int kw,
+                                 int sh, int sw, T *y, int64_t *argmax)
 {
+    NAME(pool_args) a = {.x = x, .y = y, .argmax = argmax, .h = h, .w = w,
+                         .oh = (h - kh) / sh + 1, .ow = (w - kw) / sw + 1,
+                         .kh = kh, .kw = kw, .sh = sh, .sw = sw};
+    fnn_split(NAME(maxpool2d_forward_planes), &a, planes, fnn_split_block(h * w));
+}
+
+/* One plane whose 2x2 cells tile it (h = 2 * oh, w = 2 * ow) and whose argmax entries
+ * each lie in their own output's cell: then no two outputs reach one input, and each
+ * cell is written whole, grad_y where argmax points (0 + g, as the scatter-add into
+ * zeros: -0.0 becomes 0.0) and 0 elsewhere: one pass, no memset. Returns 0, without
+ * having finished, where an entry lies outside its cell (the caller scatters then). */
+static int NAME(maxpool2d_backward_cells)(const T *restrict gy, const int64_t *restrict ap,
+                                          ptrdiff_t oh, ptrdiff_t ow, T *restrict gx)
+{
+    const ptrdiff_t w = 2 * ow;
+    for (ptrdiff_t r = 0; r < oh; r++) {
+        T *restrict top = gx + 2 * r * w, *restrict bot = top + w;
+        int outside = 0;
+        ptrdiff_t q = 0;
+#ifdef MAXPOOL2X2_CELLS_ROW
+        if (oh * w <= INT32_MAX / 2)        /* indices in 32-bit lanes */
+            q = MAXPOOL2X2_CELLS_ROW(gy + r * ow, ap + r * ow, ow, w, 2 * r * w, top);
+        if (q < 0) return 0;
+#endif
+        for (; q < ow; q++) {
+            /* branch-free (the maximum's corner is data: a branch on it missed a
+             * quarter of the time, 4x slower): g's bits masked into each corner */
+            const int64_t d = ap[r * ow + q] - (2 * r * w + 2 * q);
+            const T g = gy[r * ow + q] + (T)0;
+            UINT bits, v[4];
+            memcpy(&bits, &g, sizeof bits);
+            outside |= !(d == 0) & !(d == 1) & !(d == w) & !(d == w + 1);
+            v[0] = bits & -(UINT)(d == 0);
+            v[1] = bits & -(UINT)(d == 1);
+            v[2] = bits & -(UINT)(d == w);
+            v[3] = bits & -(UINT)(d == w + 1);
+            memcpy(top + 2 * q, v, 2 * sizeof(T));
+            memcpy(bot + 2 * q, v + 2, 2 * sizeof(T));
+        }
+        if (outside) return 0;
+    }
+    return 1;
+}
+
+static void NAME(maxpool2d_backward_planes)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    NAME(pool_args) *a = (NAME(pool_args) *)args;
+    const ptrdiff_t ohw = a->oh * a->ow, hw = a->h * a->w;
+    const int cells = a->h == 2 * a->oh && a->w == 2 * a->ow;
     ptrdiff_t bad = 0;
-    #pragma omp parallel for schedule(static) reduction(+:bad) if (FNN_OMP(planes * hw >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t p = 0; p < planes; p++) {
-        T *gx = grad_x + p * hw;
-        const T *gy = grad_y + p * ohw;
-        const int64_t *ap = argmax + p * ohw;
-        if (!zeroed) memset(gx, 0, (size_t)hw * sizeof(T));
+    for (ptrdiff_t p = lo; p < hi; p++) {
+        T *gx = a->y + p * hw;
+        const T *gy = a->grad_y + p * ohw;
+        const int64_t *ap = a->argmax_in + p * ohw;
+        if (cells && NAME(maxpool2d_backward_cells)(gy, ap, a->oh, a->ow, gx)) continue;
+        if (!a->zeroed || cells) memset(gx, 0, (size_t)hw * sizeof(T));
         for (ptrdiff_t k = 0; k < ohw; k++) {
             const int64_t at = ap[k];
             if (at < 0 || at >= hw) { bad++; continue; }
             gx[at] += gy[k];
         }
     }
-    return bad;
+    if (bad) __atomic_fetch_add(&a->bad, bad, __ATOMIC_RELAXED);
+}
+
+ptrdiff_t NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, ptrdiff_t planes,
+                                       ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t h, ptrdiff_t w,
+                                       T *grad_x, int zeroed)
+{
+    NAME(pool_args) a = {.grad_y = grad_y, .argmax_in = argmax, .y = grad_x, .h = h, .w = w,
+                         .oh = oh, .ow = ow, .bad = 0, .zeroed = zeroed};
+    fnn_split(NAME(maxpool2d_backward_planes), &a, planes, fnn_split_block(h * w));
+    return a.bad;
 }
 
 /* Average pooling, in the reference's order (fastnn/kernels/_reference.py): per plane,
@@ -299,15 +368,15 @@ ptrdiff_t NAME(fnn_maxpool2d_backward)(const T *grad_y, const int64_t *argmax, p
  * order, then *= scale; the backward zeroes grad_x and adds grad_y * scale at each
  * offset in the same order. The same bits as the reference; each offset's loop over
  * a row of outputs is a strided sweep the compiler vectorizes. */
-void NAME(fnn_avgpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh, int kw,
-                                 int sh, int sw, T *y)
+static void NAME(avgpool2d_forward_planes)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
-    const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
+    const NAME(pool_args) *a = (const NAME(pool_args) *)args;
+    const ptrdiff_t h = a->h, w = a->w, oh = a->oh, ow = a->ow;
+    const int kh = a->kh, kw = a->kw, sh = a->sh, sw = a->sw;
     const T scale = (T)(1.0 / ((double)kh * kw));
-    #pragma omp parallel for schedule(static) if (FNN_OMP(planes * h * w >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t p = 0; p < planes; p++) {
-        const T *restrict xp = x + p * h * w;
-        T *restrict yp = y + p * oh * ow;
+    for (ptrdiff_t p = lo; p < hi; p++) {
+        const T *restrict xp = a->x + p * h * w;
+        T *restrict yp = a->y + p * oh * ow;
         if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {    /* the common case, one pass */
             for (ptrdiff_t r = 0; r < oh; r++) {
                 const T *restrict top = xp + 2 * r * w, *restrict bot = top + w;
@@ -332,6 +401,14 @@ void NAME(fnn_avgpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrd
                 }
         for (ptrdiff_t k = 0; k < oh * ow; k++) yp[k] *= scale;
     }
+}
+
+void NAME(fnn_avgpool2d_forward)(const T *x, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh, int kw,
+                                 int sh, int sw, T *y)
+{
+    NAME(pool_args) a = {.x = x, .y = y, .h = h, .w = w, .oh = (h - kh) / sh + 1,
+                         .ow = (w - kw) / sw + 1, .kh = kh, .kw = kw, .sh = sh, .sw = sw};
+    fnn_split(NAME(avgpool2d_forward_planes), &a, planes, fnn_split_block(h * w));
 }
 
 /* One plane of the backward. grad_y * scale is rounded before it is added, as in the
@@ -368,31 +445,56 @@ static void NAME(avgpool2d_backward_plane)(const T *restrict gy, ptrdiff_t h, pt
             }
 }
 
+static void NAME(avgpool2d_backward_planes)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(pool_args) *a = (const NAME(pool_args) *)args;
+    const T scale = (T)(1.0 / ((double)a->kh * a->kw));
+    for (ptrdiff_t p = lo; p < hi; p++)
+        NAME(avgpool2d_backward_plane)(a->grad_y + p * a->oh * a->ow, a->h, a->w, a->kh, a->kw,
+                                       a->sh, a->sw, a->oh, a->ow, scale, a->y + p * a->h * a->w);
+}
+
 void NAME(fnn_avgpool2d_backward)(const T *grad_y, ptrdiff_t planes, ptrdiff_t h, ptrdiff_t w, int kh,
                                   int kw, int sh, int sw, T *grad_x)
 {
-    const ptrdiff_t oh = (h - kh) / sh + 1, ow = (w - kw) / sw + 1;
-    const T scale = (T)(1.0 / ((double)kh * kw));
-    #pragma omp parallel for schedule(static) if (FNN_OMP(planes * h * w >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t p = 0; p < planes; p++)
-        NAME(avgpool2d_backward_plane)(grad_y + p * oh * ow, h, w, kh, kw, sh, sw, oh, ow,
-                                       scale, grad_x + p * h * w);
+    NAME(pool_args) a = {.grad_y = grad_y, .y = grad_x, .h = h, .w = w, .oh = (h - kh) / sh + 1,
+                         .ow = (w - kw) / sw + 1, .kh = kh, .kw = kw, .sh = sh, .sw = sw};
+    fnn_split(NAME(avgpool2d_backward_planes), &a, planes, fnn_split_block(h * w));
+}
+
+/* An element-wise pass's arrays, for the ranges fnn_split hands out. */
+typedef struct { const T *a, *b; T *out; } NAME(elementwise_args);
+
+static void NAME(relu_forward_range)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(elementwise_args) *e = (const NAME(elementwise_args) *)args;
+    const T *x = e->a;
+    T *y = e->out;
+    for (ptrdiff_t i = lo; i < hi; i++)
+        y[i] = x[i] < 0 ? (T)0 : x[i];
 }
 
 void NAME(fnn_relu_forward)(const T *x, T *y, ptrdiff_t n)
 {
-    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t i = 0; i < n; i++)
-        y[i] = x[i] < 0 ? (T)0 : x[i];
+    NAME(elementwise_args) e = {x, NULL, y};
+    fnn_split(NAME(relu_forward_range), &e, n, FNN_SPLIT_ELEMENTS);
+}
+
+static void NAME(relu_backward_range)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(elementwise_args) *e = (const NAME(elementwise_args) *)args;
+    const T *grad_y = e->a, *y = e->b;
+    T *grad_x = e->out;
+    for (ptrdiff_t i = lo; i < hi; i++) {
+        const T g = grad_y[i];     /* loaded unconditionally, so the loop vectorizes */
+        grad_x[i] = y[i] > 0 ? g : (T)0;
+    }
 }
 
 void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, ptrdiff_t n)
 {
-    #pragma omp parallel for schedule(static) if (FNN_OMP(n >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t i = 0; i < n; i++) {
-        const T g = grad_y[i];     /* loaded unconditionally, so the loop vectorizes */
-        grad_x[i] = y[i] > 0 ? g : (T)0;
-    }
+    NAME(elementwise_args) e = {grad_y, y, grad_x};
+    fnn_split(NAME(relu_backward_range), &e, n, FNN_SPLIT_ELEMENTS);
 }
 
 void NAME(fnn_leaky_relu_forward)(const T *x, T *y, ptrdiff_t n, T alpha)
@@ -500,6 +602,31 @@ static inline double NAME(bn_total)(const double lanes[BN_LANES])
     return t;
 }
 
+/* A BatchNorm call's arrays, for the ranges of channels (statistics, sums) or samples
+ * (the element-wise passes) that fnn_split hands out. */
+typedef struct {
+    const T *x, *grad_y, *x_hat, *gamma, *beta, *inv_std, *mean_in, *var_in;
+    T *mean, *var, *y, *out, *grad_gamma, *grad_beta;
+    ptrdiff_t n, c, s;
+} NAME(bn_args);
+
+WIDE_CLONES
+static void NAME(bn_stats_channels)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(bn_args) *a = (const NAME(bn_args) *)args;
+    const ptrdiff_t n = a->n, c = a->c, s = a->s;
+    const double count = (double)n * s;
+    for (ptrdiff_t ch = lo; ch < hi; ch++) {
+        double lanes[BN_LANES] = {0};
+        for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum)(a->x + (i * c + ch) * s, s, lanes);
+        const double mu = NAME(bn_total)(lanes) / count;
+        for (int j = 0; j < BN_LANES; j++) lanes[j] = 0;
+        for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum_sq)(a->x + (i * c + ch) * s, s, mu, lanes);
+        a->mean[ch] = (T)mu;
+        a->var[ch] = (T)(NAME(bn_total)(lanes) / count);
+    }
+}
+
 void NAME(fnn_batchnorm_stats)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s,
                                T *restrict mean, T *restrict var, double *restrict work)
 {
@@ -521,20 +648,30 @@ void NAME(fnn_batchnorm_stats)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
         }
         return;
     }
-    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t ch = 0; ch < c; ch++) {
-        double lanes[BN_LANES] = {0};
-        for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum)(x + (i * c + ch) * s, s, lanes);
-        const double mu = NAME(bn_total)(lanes) / count;
-        for (int j = 0; j < BN_LANES; j++) lanes[j] = 0;
-        for (ptrdiff_t i = 0; i < n; i++) NAME(bn_sum_sq)(x + (i * c + ch) * s, s, mu, lanes);
-        mean[ch] = (T)mu;
-        var[ch] = (T)(NAME(bn_total)(lanes) / count);
-    }
+    NAME(bn_args) a = {.x = x, .mean = mean, .var = var, .n = n, .c = c, .s = s};
+    fnn_split(NAME(bn_stats_channels), &a, c, fnn_split_block(n * s));
 }
 
 /* inv_std = 1 / sqrt(var + eps) per channel; x_hat = (x - mean) * inv_std and
  * y = gamma * x_hat + beta, each operation rounded to T (no fused multiply-add). */
+WIDE_CLONES     /* fp-contract=off in both clones */
+static void NAME(bn_apply_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(bn_args) *a = (const NAME(bn_args) *)args;
+    const ptrdiff_t c = a->c, s = a->s;
+    for (ptrdiff_t i = lo; i < hi; i++)
+        for (ptrdiff_t ch = 0; ch < c; ch++) {
+            const T mu = a->mean_in[ch], inv = a->inv_std[ch], ga = a->gamma[ch], be = a->beta[ch];
+            const T *restrict xs = a->x + (i * c + ch) * s;
+            T *restrict hs = a->out + (i * c + ch) * s, *restrict ys = a->y + (i * c + ch) * s;
+            for (ptrdiff_t k = 0; k < s; k++) {
+                const T h = (xs[k] - mu) * inv;
+                hs[k] = h;
+                ys[k] = ga * h + be;
+            }
+        }
+}
+
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
@@ -557,17 +694,41 @@ void NAME(fnn_batchnorm_apply)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
         }
         return;
     }
-    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t i = 0; i < n; i++)
+    NAME(bn_args) a = {.x = x, .mean_in = mean, .inv_std = inv_std, .gamma = gamma,
+                       .beta = beta, .out = x_hat, .y = y, .n = n, .c = c, .s = s};
+    fnn_split(NAME(bn_apply_samples), &a, n, fnn_split_block(c * s));
+}
+
+WIDE_CLONES
+static void NAME(bn_backward_sums)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(bn_args) *a = (const NAME(bn_args) *)args;
+    const ptrdiff_t n = a->n, c = a->c, s = a->s;
+    for (ptrdiff_t ch = lo; ch < hi; ch++) {
+        double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
+        for (ptrdiff_t i = 0; i < n; i++)
+            NAME(bn_sum_pair)(a->grad_y + (i * c + ch) * s, a->x_hat + (i * c + ch) * s, s, sg, sgx);
+        a->grad_beta[ch] = (T)NAME(bn_total)(sg);
+        a->grad_gamma[ch] = (T)NAME(bn_total)(sgx);
+    }
+}
+
+/* grad_x of samples [lo, hi), once grad_gamma and grad_beta are summed. */
+WIDE_CLONES     /* fp-contract=off in both clones */
+static void NAME(bn_backward_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(bn_args) *a = (const NAME(bn_args) *)args;
+    const ptrdiff_t c = a->c, s = a->s;
+    const T inv_count = (T)(1.0 / ((double)a->n * s));
+    for (ptrdiff_t i = lo; i < hi; i++)
         for (ptrdiff_t ch = 0; ch < c; ch++) {
-            const T mu = mean[ch], inv = inv_std[ch], ga = gamma[ch], be = beta[ch];
-            const T *restrict xs = x + (i * c + ch) * s;
-            T *restrict hs = x_hat + (i * c + ch) * s, *restrict ys = y + (i * c + ch) * s;
-            for (ptrdiff_t k = 0; k < s; k++) {
-                const T h = (xs[k] - mu) * inv;
-                hs[k] = h;
-                ys[k] = ga * h + be;
-            }
+            const T scale = a->gamma[ch] * a->inv_std[ch];
+            const T mean_g = a->grad_beta[ch] * inv_count, mean_gx = a->grad_gamma[ch] * inv_count;
+            const T *restrict gs = a->grad_y + (i * c + ch) * s;
+            const T *restrict hs = a->x_hat + (i * c + ch) * s;
+            T *restrict out = a->out + (i * c + ch) * s;
+            for (ptrdiff_t k = 0; k < s; k++)
+                out[k] = scale * ((gs[k] - mean_g) - hs[k] * mean_gx);
         }
 }
 
@@ -584,6 +745,9 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
                                   double *restrict work)
 {
     const T inv_count = (T)(1.0 / ((double)n * s));
+    NAME(bn_args) a = {.grad_y = grad_y, .x_hat = x_hat, .gamma = gamma, .inv_std = inv_std,
+                       .out = grad_x, .grad_gamma = grad_gamma, .grad_beta = grad_beta,
+                       .n = n, .c = c, .s = s};
     if (s == 1) {
         double *sg = work, *sgx = work + c;
         for (ptrdiff_t ch = 0; ch < c; ch++) sg[ch] = sgx[ch] = 0;
@@ -597,14 +761,7 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
             grad_gamma[ch] = (T)sgx[ch];
         }
     } else {
-        #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
-        for (ptrdiff_t ch = 0; ch < c; ch++) {
-            double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
-            for (ptrdiff_t i = 0; i < n; i++)
-                NAME(bn_sum_pair)(grad_y + (i * c + ch) * s, x_hat + (i * c + ch) * s, s, sg, sgx);
-            grad_beta[ch] = (T)NAME(bn_total)(sg);
-            grad_gamma[ch] = (T)NAME(bn_total)(sgx);
-        }
+        fnn_split(NAME(bn_backward_sums), &a, c, fnn_split_block(n * s));
     }
     if (s == 1) {          /* (N, C): a row of channels at a time, the same operations */
         for (ptrdiff_t i = 0; i < n; i++) {
@@ -617,17 +774,7 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
         }
         return;
     }
-    #pragma omp parallel for schedule(static) if (FNN_OMP(n * c * s >= FNN_PARALLEL_MIN))
-    for (ptrdiff_t i = 0; i < n; i++)
-        for (ptrdiff_t ch = 0; ch < c; ch++) {
-            const T scale = gamma[ch] * inv_std[ch];
-            const T mean_g = grad_beta[ch] * inv_count, mean_gx = grad_gamma[ch] * inv_count;
-            const T *restrict gs = grad_y + (i * c + ch) * s;
-            const T *restrict hs = x_hat + (i * c + ch) * s;
-            T *restrict out = grad_x + (i * c + ch) * s;
-            for (ptrdiff_t k = 0; k < s; k++)
-                out[k] = scale * ((gs[k] - mean_g) - hs[k] * mean_gx);
-        }
+    fnn_split(NAME(bn_backward_samples), &a, n, fnn_split_block(c * s));
 }
 
 double NAME(fnn_softmax_xent)(const T *logits, ptrdiff_t n, ptrdiff_t c, const int64_t *labels,

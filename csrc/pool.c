@@ -326,3 +326,36 @@ int fnn_pool_workers(void)
 {
     return workers;
 }
+
+/* fnn_split: ranges of a memory-bound pass as pool tasks (see fastnn_kernels.h). */
+struct split_job {
+    fnn_range_fn body;
+    void *args;
+    ptrdiff_t n, block;
+};
+
+static void split_task(void *ctx, ptrdiff_t i)
+{
+    const struct split_job *job = (const struct split_job *)ctx;
+    const ptrdiff_t lo = i * job->block;
+    job->body(job->args, lo, job->n - lo < job->block ? job->n : lo + job->block);
+}
+
+void fnn_split(fnn_range_fn body, void *args, ptrdiff_t n, ptrdiff_t block)
+{
+    if (block < 1) block = 1;
+    if (n <= block) {
+        if (n > 0) body(args, 0, n);
+        return;
+    }
+    /* as many tasks as blocks of `block`, their items shared out evenly (128 samples
+     * in blocks of 109: two tasks of 64, not 109 and 19) */
+    const ptrdiff_t tasks = (n + block - 1) / block;
+    struct split_job job = {body, args, n, (n + tasks - 1) / tasks};
+    fnn_pool_run(split_task, &job, (n + job.block - 1) / job.block);
+}
+
+ptrdiff_t fnn_split_block(ptrdiff_t item)
+{
+    return item >= FNN_SPLIT_ELEMENTS ? 1 : item < 1 ? FNN_SPLIT_ELEMENTS : FNN_SPLIT_ELEMENTS / item;
+}

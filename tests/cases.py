@@ -79,6 +79,10 @@ POOL_CASES = [  # (N, C, H, W, kh, kw, stride): odd sizes, overlapping windows, 
     (1, 1, 3, 17, 2, 2, 2),
     (3, 1, 5, 5, 2, 3, (1, 2)),  # from the CUDA tests: rectangular windows, strides
     (1, 1, 4, 6, 4, 6, 1),       # one window covering the plane
+    # outputs half the input's size: the backward's 2x2 cells tile the plane, but a
+    # 3x3/1 window's maximum may lie outside its output's cell (the scatter then)
+    (2, 3, 4, 4, 3, 3, 1),
+    (1, 2, 8, 6, 1, 1, 2),       # 1x1/2: each maximum in its cell's top-left corner
 ]
 
 
@@ -107,4 +111,5 @@ SOFTMAX_CASES = [(65, 33), (1, 10), (37, 10), (5, 45), (300, 3)]
 
 BATCHNORM_SHAPES = [(2, 3), (64, 257), (5, 4, 3), (1, 3, 7, 5), (16, 6, 28, 28),
                     (8, 32, 96, 96),      # channels split over the CPU threads
+                    (130, 12, 7, 9),      # ranges of channels and samples with a ragged end
                     (7, 5), (1, 3), (4, 3, 5, 6), (2, 6, 1, 9)]    # from the CUDA tests

@@ -274,6 +274,22 @@ def test_maxpool2d_backends_match_reference(fast_backend, dtype, case):
                  fast_backend)
 
 
+@pytest.mark.parametrize("shape, window, stride", [((3, 2, 8, 10), 2, 2), ((2, 2, 4, 4), 3, 1)])
+def test_maxpool2d_backward_bits_in_cells(fast_backend, dtype, shape, window, stride):
+    """Where 2x2 cells tile the plane the compiled backward writes each cell whole (no
+    scatter): the reference's bits still, -0.0 added to 0 (0.0) and NaN included, also
+    where a plane's later maximum lies outside its cell (3x3/1 on 4x4: the scatter)."""
+    rng = np.random.default_rng(13)
+    x = random(rng, shape, dtype)
+    _, arg = run_on("numpy", kernels.maxpool2d_forward, x, window, window, stride)
+    grad_y = random(rng, arg.shape, dtype)
+    grad_y.flat[:3] = [-0.0, np.nan, 1e-30]
+    want = run_on("numpy", kernels.maxpool2d_backward, grad_y, arg, shape)
+    got = run_on(fast_backend, kernels.maxpool2d_backward, grad_y, arg, shape)
+    np.testing.assert_array_equal(got, want)
+    assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
 # --- average pooling ---------------------------------------------------------------
 
 @pytest.mark.parametrize("case", AVGPOOL_CASES)
@@ -314,7 +330,7 @@ def test_avgpool2d_backends_match_reference_bits(fast_backend, dtype, case):
 
 
 def test_avgpool2d_parallel_matches_reference():
-    """Above 2^21 elements the compiled kernels split their planes over the threads."""
+    """A large array: the compiled kernels split their planes over the worker pool."""
     rng = np.random.default_rng(17)
     x = random(rng, (2, 8, 383, 385), np.float32)
     y = run_on("cpu", kernels.avgpool2d_forward, x, 3, 3, 2)
@@ -339,7 +355,7 @@ def test_avgpool2d_gradient_by_finite_differences(backend_name):
 
 @pytest.mark.parametrize("kh, kw, stride", [(2, 2, 2), (3, 3, 2)])
 def test_maxpool2d_parallel_matches_reference(kh, kw, stride):
-    """Above 2^21 elements the compiled pool splits its planes over the threads."""
+    """A large array: the compiled pool splits its planes over the worker pool."""
     rng = np.random.default_rng(11)
     x = np.round(random(rng, (2, 8, 383, 385), np.float32))     # 2.36M elements
     y_ref, arg_ref = run_on("numpy", kernels.maxpool2d_forward, x, kh, kw, stride)

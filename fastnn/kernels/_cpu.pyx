@@ -44,7 +44,9 @@ workers would starve the other's: DESIGN.md measured 38 against 377 GFLOP/s):
   Winograd F(2x2, 3x3) instead (csrc/winograd_template.h): OpenMP over blocks
   of tiles, 16 single-threaded GEMMs per block, the same BLAS hold.
 - SGD: a parameter of 65536 elements or more in blocks over the worker pool;
-- element-wise kernels (ReLU, pools, softmax): OpenMP from 2^21 elements
+- ReLU, max/average pooling and BatchNorm: ranges of about 2^16 elements
+  (FNN_SPLIT_ELEMENTS) over the worker pool, one thread below; the other
+  element-wise kernels (leaky ReLU, dropout, softmax): OpenMP from 2^21 elements
   (FNN_PARALLEL_MIN), one thread below.
 
 ``fastnn.backend`` makes libgomp's idle workers sleep instead of spin

@@ -238,9 +238,13 @@ DEF TRANSPOSED_MIN_CHANNELS = 32
 
 # A float32 backward pass takes grad_W by the direct conv (V_DIRECT: grad_W in
 # (K, C, kh, kw) order; grad_x, if wanted, by W.T @ grad_y and col2im) where the
-# forward would be direct and the patches im2col columns (few channels). One
+# direct conv fits and the patches would be im2col columns (few channels). One
 # thread, batch 64: LeNet's conv1 backward (grad_W, grad_b) 424 -> 310 us; on
 # LeNet's conv2 (10-pixel rows, 6 channels) it took 1650 us against 1220 on rows.
+# With AVX-512, below ROWS_MIN_CHANNELS channels and from 8 filters up, the forward takes
+# im2col columns (MNIST's 1 -> 12 5x5 pad 2, batch 128: 918 against 1340 us; LeNet's 6
+# filters 236 against 176). Tuned on: Intel Xeon (AVX-512), 2 vCPUs, KVM.
+cdef bint _avx512_cpu = fnn_avx512_supported()
 
 
 cdef fnn_geometry _transposed_geometry(const fnn_geometry *g, Py_ssize_t k) noexcept nogil:
@@ -807,7 +811,8 @@ cdef int _conv_forward_pick(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, b
     """The chooser: conv2d_forward's variant for this conv (see the sections above)."""
     if _use_winograd(g, n, k, single):
         return V_WINOGRAD
-    if single and fnn_direct_conv_fits(g, k) and not _pointwise(g):
+    if single and fnn_direct_conv_fits(g, k) and not _pointwise(g) and not (
+            _avx512_cpu and g.c < ROWS_MIN_CHANNELS and k >= 8):
         return V_DIRECT
     if _pointwise(g):
         return V_POINTWISE

@@ -1,8 +1,9 @@
 # fastnn/kernels/cpu/elementwise.pxi -- included by _cpu.pyx.
 #
 # Element-wise and row-wise kernels: ReLU, leaky ReLU, softmax cross-entropy and
-# all_finite (csrc/fastnn_kernels.c, csrc/avx512.c). Threading: OpenMP from
-# FNN_PARALLEL_MIN (2^21) elements inside the C kernels, one thread below;
+# all_finite (csrc/fastnn_kernels.c, csrc/avx512.c). Threading: ReLU in ranges of
+# FNN_SPLIT_ELEMENTS (2^16) over the worker pool inside the C kernels (fnn_split),
+# leaky ReLU OpenMP from FNN_PARALLEL_MIN (2^21) elements, one thread below;
 # all_finite in blocks over the worker pool from FINITE_SPLIT_MIN elements.
 
 # Variants (op "row_kernels", fastnn/kernels/variants.py): float32 softmax
@@ -14,8 +15,8 @@ ROW_KERNEL_VARIANTS = {"avx512": 1, "portable": 2}
 # --- ReLU -------------------------------------------------------------------------
 
 def relu_forward(cnp.ndarray x, cnp.ndarray out=None):
-    """y = max(x, 0) in one pass (into ``out``, which may be x); parallel above
-    FNN_PARALLEL_MIN elements."""
+    """y = max(x, 0) in one pass (into ``out``, which may be x); over the worker pool
+    above FNN_SPLIT_ELEMENTS elements."""
     cdef int t = _float_input("relu_forward", "x", x)
     if out is not None:
         _need("relu_forward", "out", out, t, (<object>x).shape, True)

@@ -54,9 +54,11 @@ cdef extern from "fastnn_kernels.h" nogil:
     void fnn_maxpool2d_forward_d(const double *x, Py_ssize_t planes, Py_ssize_t h, Py_ssize_t w, int kh, int kw,
                                  int sh, int sw, double *y, int64_t *argmax)
     Py_ssize_t fnn_maxpool2d_backward_f(const float *grad_y, const int64_t *argmax, Py_ssize_t planes,
-                                  Py_ssize_t ohw, Py_ssize_t hw, float *grad_x, int zeroed)
+                                  Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t h, Py_ssize_t w,
+                                  float *grad_x, int zeroed)
     Py_ssize_t fnn_maxpool2d_backward_d(const double *grad_y, const int64_t *argmax, Py_ssize_t planes,
-                                  Py_ssize_t ohw, Py_ssize_t hw, double *grad_x, int zeroed)
+                                  Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t h, Py_ssize_t w,
+                                  double *grad_x, int zeroed)
     void fnn_avgpool2d_forward_f(const float *x, Py_ssize_t planes, Py_ssize_t h, Py_ssize_t w, int kh, int kw,
                                  int sh, int sw, float *y)
     void fnn_avgpool2d_forward_d(const double *x, Py_ssize_t planes, Py_ssize_t h, Py_ssize_t w, int kh, int kw,

@@ -2,8 +2,10 @@
 #
 # Normalisation and dropout: batchnorm_forward/backward (statistics in double,
 # fixed lanes, two passes) and dropout_forward/backward (the CUDA module's
-# counter-based masks). Threading: OpenMP inside the C kernels from
-# FNN_PARALLEL_MIN elements, one thread below.
+# counter-based masks). Threading: BatchNorm's (N, C, ...) passes split their
+# channels (sums) or samples (element-wise) over the worker pool inside the C kernels
+# from FNN_SPLIT_ELEMENTS elements (fnn_split), (N, C) runs on one thread; dropout
+# OpenMP from FNN_PARALLEL_MIN elements, one thread below.
 
 # --- dropout (the layer's CPU path; the same calls and masks as the CUDA module's) -----
 

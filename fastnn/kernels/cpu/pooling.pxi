@@ -2,8 +2,9 @@
 #
 # Max and average pooling, forward and backward (csrc/kernels_template.h); global
 # average pooling (here, one thread: it reads each input once).
-# Threading: OpenMP over (sample, channel) planes inside the C kernels from
-# FNN_PARALLEL_MIN elements, one thread below; a plane is never split, so the
+# Threading: max and average pooling split their (sample, channel) planes into
+# ranges of about FNN_SPLIT_ELEMENTS elements over the worker pool (fnn_split, inside
+# the C kernels), one thread for smaller arrays; a plane is never split, so the
 # backward's scatter-add has no races.
 
 cdef tuple _pool_output(str who, Py_ssize_t h, Py_ssize_t w, int kh, int kw, tuple stride):
@@ -55,8 +56,8 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     cdef int t = _float_input("maxpool2d_backward", "grad_y", grad_y, (None, None, None, None))
     _need("maxpool2d_backward", "argmax", argmax, cnp.NPY_INT64, (<object>grad_y).shape)
     x_shape = _image_shape_for("maxpool2d_backward", x_shape, grad_y)
-    cdef Py_ssize_t planes = x_shape[0] * x_shape[1], hw = x_shape[2] * x_shape[3]
-    cdef Py_ssize_t ohw = grad_y.shape[2] * grad_y.shape[3], bad
+    cdef Py_ssize_t planes = x_shape[0] * x_shape[1], h = x_shape[2], w = x_shape[3]
+    cdef Py_ssize_t oh = grad_y.shape[2], ow = grad_y.shape[3], bad
     # each plane zeroed by the kernel just before its scatter (the memory may be reused)
     cdef cnp.ndarray grad_x = _output_array(x_shape, grad_y.dtype)
     cdef void *pg = _data(grad_y)
@@ -65,11 +66,11 @@ def maxpool2d_backward(cnp.ndarray grad_y, cnp.ndarray argmax, tuple x_shape):
     cdef bint single = _is_float32(grad_y)
     with nogil:
         if single:
-            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, ohw, hw, <float*>px, 0)
+            bad = fnn_maxpool2d_backward_f(<float*>pg, pa, planes, oh, ow, h, w, <float*>px, 0)
         else:
-            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, ohw, hw, <double*>px, 0)
+            bad = fnn_maxpool2d_backward_d(<double*>pg, pa, planes, oh, ow, h, w, <double*>px, 0)
     if bad:
-        raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {hw}) "
+        raise ValueError(f"maxpool2d_backward: {bad} argmax entries lie outside [0, {h * w}) "
                          f"(a {x_shape[2]}x{x_shape[3]} plane); was argmax made for x_shape {x_shape}?")
     return grad_x
 
