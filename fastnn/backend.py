@@ -166,6 +166,15 @@ def to_device(x, device):
     raise ValueError(f"expected device 'cpu' or 'cuda', got {device!r}")
 
 
+def convert(x, target):
+    """``x`` moved to device ``target`` (``"cpu"`` or ``"cuda"``) or, for ``"float32"`` /
+    ``"float64"``, cast to that dtype on its device; a no-op where it already is. None
+    stays None."""
+    if target in ("float32", "float64"):
+        return None if x is None else x.astype(target, copy=False)
+    return to_device(x, target)
+
+
 # --- host -> GPU copies: asynchronous on the current stream ---------------------------------
 # A plain cupy.asarray of pageable host memory is a synchronous copy: it waits for
 # every kernel already queued, so the CPU cannot launch the next training step

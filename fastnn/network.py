@@ -135,26 +135,33 @@ class Network(LayerSequence):
         return self._get_plan().dtype
 
     def to(self, device):
-        """Move parameters, gradients, buffers and optimizer state to ``device``, ``"cpu"`` or
-        ``"cuda"``; returns the network."""
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"Network.to: expected 'cpu' or 'cuda', got {device!r}")
+        """Move parameters, gradients, buffers and optimizer state to ``device`` (``"cpu"``
+        or ``"cuda"``), or convert them to a dtype (``device`` ``"float32"`` or
+        ``"float64"``, API.md's name for both: the layers then take inputs of that dtype);
+        returns the network."""
+        if device not in ("cpu", "cuda", "float32", "float64"):
+            raise ValueError("Network.to: expected a device 'cpu' or 'cuda' or a dtype "
+                             f"'float32' or 'float64', got {device!r}")
         if device == "cuda" and backend.cupy() is None:
             raise RuntimeError("Network.to: no usable CUDA device here (fastnn.backend.available() "
                                f"is {backend.available()}; the GPU path needs CuPy and a GPU)")
-        for layer in self.layers:           # check everything before moving anything
+        for layer in self.layers:           # check everything before changing anything
             if uses_tutorial_protocol(layer) and device != "cpu":
-                raise ValueError(f"Network.to: {type(layer).__name__} is a tutorial-protocol layer "
-                                 "whose state the Network cannot move; it runs on the CPU only")
+                raise ValueError(f"Network.to({device!r}): {type(layer).__name__} is a "
+                                 "tutorial-protocol layer whose state the Network cannot move "
+                                 "or convert; it runs on the CPU, in its own dtype")
         for layer in self.layers:
             for store in ("params", "grads", "buffers"):
                 d = getattr(layer, store, None)
                 if d:
                     for k in d:
-                        d[k] = backend.to_device(d[k], device)
+                        d[k] = backend.convert(d[k], device)
+            if device.startswith("float") and getattr(layer, "dtype", None) is not None:
+                layer.dtype = np.dtype(device)
         if self.optimizer is not None:
             self.optimizer.to(device)
-        self._device = device
+        if not device.startswith("float"):
+            self._device = device
         self._plan = None
         return self
 

@@ -101,19 +101,18 @@ class Optimizer:
         """``config`` plus the clipping options that are set (what ``get_config`` returns)."""
         return {**config, **self.clip.get_config()}
 
-    def to(self, device):
-        """Move the state to ``device`` ("cpu" or "cuda")."""
+    def to(self, target):
+        """Move the state to device ``target`` ("cpu" or "cuda"), or convert it to dtype
+        ``target`` ("float32" or "float64")."""
         if self.state is not None:
-            self.state = [self._move(s, device) for s in self.state]
+            self.state = [self._move(s, target) for s in self.state]
         return self
 
     @staticmethod
-    def _move(s, device):
-        if s is None:
-            return None
+    def _move(s, target):
         if isinstance(s, tuple):
-            return tuple(backend.to_device(a, device) for a in s)
-        return backend.to_device(s, device)
+            return tuple(backend.convert(a, target) for a in s)
+        return backend.convert(s, target)
 
     def get_config(self):
         """The constructor's arguments as a JSON-able dict (what ``Network.save`` stores)."""

@@ -246,3 +246,14 @@ def test_a_lenet_with_random_translation_trains():
     history = net.fit(x, y, epochs=15, batch_size=32, verbose=0, seed=0)
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
     assert net.evaluate(x, y)["accuracy"] > 0.9
+
+
+def test_random_flip_default_mode_is_api_mds():
+    """API.md: RandomFlip(mode="horizontal", seed=None): left-right mirror images only."""
+    flip = fn.RandomFlip(seed=0)
+    assert flip.mode == "horizontal"
+    x = np.arange(2 * 1 * 3 * 4, dtype=np.float32).reshape(2, 1, 3, 4)
+    for _ in range(8):
+        y = flip.forward(x, training=True)
+        for got, sample in zip(y, x):
+            assert np.array_equal(got, sample) or np.array_equal(got, sample[..., ::-1])

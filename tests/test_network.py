@@ -614,3 +614,44 @@ def test_forward_of_a_dense_relu_network_keeps_what_the_layers_keep(dtype, batch
             np.testing.assert_array_equal(a.grads[k], b.grads[k])
     # a Fortran-ordered input: the same result
     np.testing.assert_array_equal(net.forward(np.asfortranarray(x)), expected)
+
+
+@pytest.mark.parametrize("first,second", [("float32", "float64"), ("float64", "float32")])
+def test_to_dtype_converts_parameters_buffers_and_optimizer_state(first, second):
+    """net.to("float64") / net.to("float32") (API.md): every parameter, gradient, buffer
+    and optimizer state array changes dtype (values kept, up to rounding), the layers
+    then take inputs of that dtype, and training goes on, as a network built in that
+    dtype from the same values would train."""
+    def build(dtype):
+        return fn.Network([fn.Conv2D(1, 3, 3, seed=1, dtype=dtype), fn.BatchNorm2d(3, dtype=dtype),
+                           fn.ReLU(), fn.Flatten(), fn.Dense(3 * 4 * 4, 5, seed=2, dtype=dtype)])
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 1, 6, 6)), rng.integers(0, 5, 8)
+    net = build(first)
+    net.compile(loss="cross_entropy", optimizer=fn.optim.SGD(lr=0.1, momentum=0.9))
+    net.train_step(x.astype(first), y)
+    before = [a.copy() for layer in net.layers for a in layer.params.values()]
+    assert net.to(second) is net
+    arrays = [a for layer in net.layers for store in ("params", "grads", "buffers")
+              for a in getattr(layer, store, {}).values()]
+    assert arrays and all(a.dtype == second for a in arrays)
+    assert all(s.dtype == second for s in net.optimizer.state)
+    after = [a for layer in net.layers for a in layer.params.values()]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b.astype(second))
+    twin = build(second)
+    twin.compile(loss="cross_entropy", optimizer=fn.optim.SGD(lr=0.1, momentum=0.9))
+    for layer, copy in zip(net.layers, twin.layers):
+        for store in ("params", "buffers"):
+            for k, v in getattr(layer, store, {}).items():
+                getattr(copy, store)[k][...] = v
+    twin.optimizer.state = [s.copy() for s in net.optimizer.state]
+    for network in (net, twin):
+        network.train_step(x.astype(second), y)
+    for a, b in zip(net.layers, twin.layers):
+        for k in a.params:
+            np.testing.assert_array_equal(a.params[k], b.params[k])
+    with pytest.raises(TypeError, match=f"dtype {second}"):
+        net.layers[0].forward(x.astype(first))
+    with pytest.raises(ValueError, match="'float32' or 'float64'"):
+        net.to("float16")

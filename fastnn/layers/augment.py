@@ -147,8 +147,9 @@ class RandomFlip(_Augmentation):
 
     Parameters
     ----------
-    mode : {"horizontal", "vertical", "horizontal_and_vertical"}
-        Which axes may be flipped: W, H, or each of both.
+    mode : {"horizontal", "vertical", "horizontal_and_vertical"}, default "horizontal"
+        Which axes may be flipped: W, H, or each of both. The default is API.md's
+        (mirror images left-right, the common case); Keras' is "horizontal_and_vertical".
     seed : int or None
         Seed of the draws (the same flips on every backend, like Dropout).
 
@@ -158,7 +159,7 @@ class RandomFlip(_Augmentation):
     gradient. The draw: see this module's docstring.
     """
 
-    def __init__(self, mode="horizontal_and_vertical", seed=None):
+    def __init__(self, mode="horizontal", seed=None):
         if mode not in _FLIP_MODES:
             raise ValueError(f"RandomFlip: mode must be one of {sorted(_FLIP_MODES)}, "
                              f"got {mode!r}")
