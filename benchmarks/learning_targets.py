@@ -6,7 +6,7 @@ on MNIST (>= 99.5% test accuracy in <= 60 s of training) and Fashion-MNIST (>= 9
         [--framework fastnn torch] [--data DIR] [--epochs N] [--limit N] [--json FILE]
 
 The same recipe on both sides: the same 55000/5000 training/validation split
-(``fastnn.train.load_task_data``), the same layers and widths (``train.CNN_WIDTHS``), He
+(``fastnn.train.load_task_data``), the same layers and widths (``train.CNN_STAGES``), He
 initialisation, random shifts of up to 2 pixels (and horizontal flips for Fashion-MNIST)
 drawn per sample, Nesterov SGD (momentum 0.9, weight decay on the conv/dense weights
 only), a one-cycle schedule stepping per batch (pct_start 0.25), batch 128, the
@@ -42,16 +42,19 @@ def fastnn_run(kind, seed, args):
     return seconds, history.history["val_accuracy"][-1], test_accuracy, run_args.epochs
 
 
-def torch_model(torch, widths):
-    """The recipe's network in PyTorch, initialised as fastnn's "he" (normal, sqrt(2/fan_in))."""
+def torch_model(torch, kind):
+    """The recipe's network (``train.CNN_STAGES[kind]``) in PyTorch, initialised as
+    fastnn's "he" (normal, std sqrt(2 / fan_in)), biases zero."""
     nn = torch.nn
-    c1, c2, hidden = widths
-    model = nn.Sequential(
-        nn.Conv2d(1, c1, 5, padding=2, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c1),
-        nn.ReLU(),
-        nn.Conv2d(c1, c2, 5, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(c2 * 25, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
-        nn.Linear(hidden, 10))
+    stages, hidden = train.CNN_STAGES[kind]
+    layers, channels, side = [], 1, 28
+    for out, kernel, padding in stages:
+        layers += [nn.Conv2d(channels, out, kernel, padding=padding, bias=False),
+                   nn.MaxPool2d(2), nn.BatchNorm2d(out), nn.ReLU()]
+        channels, side = out, (side + 2 * padding - kernel + 1) // 2
+    model = nn.Sequential(*layers, nn.Flatten(),
+                          nn.Linear(channels * side * side, hidden, bias=False),
+                          nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -86,7 +89,7 @@ def torch_run(kind, seed, args):
                                 + (["--limit", str(args.limit)] if args.limit else []))
     (x, y), (xv, yv), (xt, yt) = [(torch.from_numpy(a), torch.from_numpy(b))
                                   for a, b in train.load_task_data("mnist-cnn", run_args)]
-    model = torch_model(torch, train.CNN_WIDTHS)
+    model = torch_model(torch, kind)
     weights = [p for p in model.parameters() if p.dim() > 1]
     others = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD([{"params": weights, "weight_decay": run_args.weight_decay},

@@ -18,9 +18,10 @@ Each task has defaults that reach the accuracy targets of ``benchmarks/RESULTS.m
   max-pool 2, dense 120, 84, 10 with ReLU (lr 0.05, batch 64, 15 epochs);
 - ``mnist-cnn``: the learning-target recipe (``benchmarks/RESULTS.md``: MNIST >= 99.5%
   in <= 60 s, Fashion-MNIST >= 93% in <= 150 s on 2 cores) -- random shifts (and flips
-  for Fashion-MNIST), two 5x5 conv -> max-pool -> BatchNorm -> ReLU rounds, a BatchNorm
-  hidden layer; Nesterov SGD with a one-cycle schedule (lr 0.2, batch 128, 12 epochs;
-  24 with ``--kind fashion``).
+  for Fashion-MNIST), conv -> max-pool -> BatchNorm -> ReLU stages (two of 12 and 24
+  5x5 filters; for Fashion-MNIST three of 24, 48 and 96), a BatchNorm hidden layer;
+  Nesterov SGD with a one-cycle schedule (batch 128; lr 0.2, 14 epochs; with
+  ``--kind fashion`` lr 0.1, 12 epochs).
 
 The MNIST models use L2 weight decay 5e-4 (on LeNet-5 it lifted the test accuracy
 from 99.02% to 99.29% with everything else equal).
@@ -59,12 +60,15 @@ TASKS = {
     "circles": dict(epochs=100, batch_size=32, lr=0.1, val=0.1, weight_decay=0.0),
     "mnist-mlp": dict(epochs=20, batch_size=64, lr=0.05, val=1 / 12, weight_decay=5e-4),
     "mnist-lenet": dict(epochs=15, batch_size=64, lr=0.05, val=1 / 12, weight_decay=5e-4),
-    "mnist-cnn": dict(epochs=12, batch_size=128, lr=0.2, val=1 / 12, weight_decay=5e-4),
+    "mnist-cnn": dict(epochs=14, batch_size=128, lr=0.2, val=1 / 12, weight_decay=5e-4),
 }
-# the defaults that --kind fashion changes (Fashion-MNIST takes the recipe longer)
-FASHION_DEFAULTS = {"mnist-cnn": dict(epochs=24)}
-# mnist-cnn's channels (two 5x5 convs) and hidden units, chosen on the validation split
-CNN_WIDTHS = (12, 24, 128)
+# the defaults that --kind fashion changes
+FASHION_DEFAULTS = {"mnist-cnn": dict(epochs=12, lr=0.1)}
+# mnist-cnn's conv stages, (channels, kernel size, padding) each, and hidden units per data
+# set, chosen on the validation split: Fashion-MNIST gains from a third stage and twice
+# the channels (92.8% against 92.5% for two 16/32 stages in about the same time)
+CNN_STAGES = {"mnist": ([(12, 5, 2), (24, 5, 0)], 128),
+              "fashion": ([(24, 5, 2), (48, 3, 1), (96, 3, 1)], 128)}
 
 
 def build_model(task, seed=0, kind="mnist"):
@@ -95,29 +99,30 @@ def build_model(task, seed=0, kind="mnist"):
             fn.Dense(84, 10, seed=next(seeds)),
         ])
     if task == "mnist-cnn":
-        return _recipe_cnn(seeds, flip=kind == "fashion")
+        return _recipe_cnn(seeds, kind)
     raise ValueError(f"fastnn-train: unknown task {task!r}; expected one of {sorted(TASKS)}")
 
 
-def _recipe_cnn(seeds, flip):
+def _recipe_cnn(seeds, kind):
     """mnist-cnn, the learning-target recipe: random shifts of up to 2 pixels (and, for
-    Fashion-MNIST, mirror images) while training, then two rounds of 5x5 conv -> max-pool
-    -> BatchNorm -> ReLU and a BatchNorm hidden layer; (N, 1, 28, 28) -> (N, 10) logits.
-    Pooling before BatchNorm normalises a quarter of the values (ReLU commutes with the
-    max; the normalisation is per channel), and the layers BatchNorm follows have no bias
-    (its shift replaces it)."""
-    c1, c2, hidden = CNN_WIDTHS
-    augment = [fn.RandomTranslation(2, 2, seed=next(seeds))]
-    if flip:
-        augment.append(fn.RandomFlip("horizontal", seed=next(seeds)))
-    return fn.Network(augment + [
-        fn.Conv2D(1, c1, 5, padding=2, bias=False, seed=next(seeds)), fn.MaxPool2D(2),
-        fn.BatchNorm2d(c1), fn.ReLU(),
-        fn.Conv2D(c1, c2, 5, bias=False, seed=next(seeds)), fn.MaxPool2D(2),
-        fn.BatchNorm2d(c2), fn.ReLU(),
+    Fashion-MNIST, mirror images) while training, then conv -> max-pool 2 -> BatchNorm ->
+    ReLU stages (``CNN_STAGES[kind]``) and a BatchNorm hidden layer; (N, 1, 28, 28) ->
+    (N, 10) logits. Pooling before BatchNorm normalises a quarter of the values (ReLU
+    commutes with the max; the normalisation is per channel), and the layers BatchNorm
+    follows have no bias (its shift replaces it)."""
+    stages, hidden = CNN_STAGES[kind]
+    layers = [fn.RandomTranslation(2, 2, seed=next(seeds))]
+    if kind == "fashion":       # a mirrored shirt is a shirt; a mirrored 2 is not a digit
+        layers.append(fn.RandomFlip("horizontal", seed=next(seeds)))
+    channels, side = 1, 28
+    for out, kernel, padding in stages:
+        layers += [fn.Conv2D(channels, out, kernel, padding=padding, bias=False,
+                             seed=next(seeds)), fn.MaxPool2D(2), fn.BatchNorm2d(out), fn.ReLU()]
+        channels, side = out, (side + 2 * padding - kernel + 1) // 2
+    return fn.Network(layers + [
         fn.Flatten(),
-        fn.Dense(c2 * 5 * 5, hidden, bias=False, seed=next(seeds)), fn.BatchNorm1d(hidden),
-        fn.ReLU(),
+        fn.Dense(channels * side * side, hidden, bias=False, seed=next(seeds)),
+        fn.BatchNorm1d(hidden), fn.ReLU(),
         fn.Dense(hidden, 10, seed=next(seeds)),
     ])
 
@@ -453,8 +458,12 @@ def run(args):
                           batch_size=args.batch_size, callbacks=[printer], verbose=0,
                           seed=args.seed)
     else:
-        optimizer, schedule = _optimizer_and_schedule(
-            args, steps_per_epoch=-(-len(train[0]) // args.batch_size))
+        try:
+            optimizer, schedule = _optimizer_and_schedule(
+                args, steps_per_epoch=-(-len(train[0]) // args.batch_size))
+        except ValueError as exc:          # a one-cycle too short for its warm-up
+            raise SystemExit(f"fastnn-train {args.task}: {exc} (more --epochs or a smaller "
+                             "--batch-size)")
         if args.distributed:
             optimizer = fn.distributed.DistributedOptimizer(optimizer)
         net.compile(loss="cross_entropy", optimizer=optimizer, metrics=("accuracy",))

@@ -390,14 +390,22 @@ def test_recipe_cnn_architecture_and_fashion_defaults():
     biased = [type(layer).__name__ for layer in net.layers if "b" in layer.params]
     assert biased == ["Dense"]                     # the output layer only
     fashion = train.build_model("mnist-cnn", seed=3, kind="fashion")
-    assert [type(layer).__name__ for layer in fashion.layers][:2] == [
-        "RandomTranslation", "RandomFlip"]
+    kinds = [type(layer).__name__ for layer in fashion.layers]
+    assert kinds[:2] == ["RandomTranslation", "RandomFlip"] and kinds.count("Conv2D") == 3
+    assert fashion.predict(x).shape == (2, 10)
     assert train.parse_args(["mnist-cnn"]).epochs == train.TASKS["mnist-cnn"]["epochs"]
     assert train.parse_args(["mnist-cnn", "--kind", "fashion"]).epochs == \
         train.FASHION_DEFAULTS["mnist-cnn"]["epochs"]
     assert train.parse_args(["mnist-cnn", "--kind", "fashion", "--epochs", "3"]).epochs == 3
     assert train.parse_args(["mnist-lenet", "--kind", "fashion"]).epochs == \
         train.TASKS["mnist-lenet"]["epochs"]
+
+
+@needs_mnist
+def test_recipe_cnn_too_short_for_its_warm_up_is_a_clear_exit():
+    with pytest.raises(SystemExit, match="warm-up phase has no step.*more --epochs"):
+        train.run(train.parse_args(["mnist-cnn", "--data", shared_data_root(), "--epochs", "1",
+                                    "--limit", "200"]))
 
 
 @needs_mnist
