@@ -3,7 +3,8 @@
 (OMP/OpenBLAS/MKL_NUM_THREADS=1), and the measured allreduce and compute time per step.
 
     python benchmarks/bench_distributed.py [--quick] [--procs 1,2] [--workloads W2,W3]
-                                           [--json FILE] [--estimate FILE.md]
+                                           [--samples N] [--repeat R] [--json FILE]
+                                           [--estimate FILE.md]
 
 For each (workload, processes): one fit epoch over the same data with the same global
 batch, ``DistributedOptimizer(SGD(lr=0.01, momentum=0.9))``, after one warm-up epoch.
@@ -104,7 +105,7 @@ def measure(args):
     results = []
     for name in args.workloads:
         batch, full, quick = WORKLOADS[name]
-        n = quick if args.quick else full
+        n = args.samples or (quick if args.quick else full)
         for p in args.procs:
             cmd = dist.mpiexec_command(p, [sys.executable, os.path.abspath(__file__), "--worker",
                                            name, "--samples", str(n), "--repeat",
@@ -130,7 +131,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--estimate", metavar="FILE", help="write the scaling estimate (Markdown)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, help="samples per epoch (default: the workload's, "
+                                                "6400 for W3, 60000 for W2)")
     args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args.samples, args.repeat)
