@@ -23,19 +23,24 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
 from fastnn import train
 
 TARGETS = {"mnist": (0.995, 60.0), "fashion": (0.93, 150.0)}   # (test accuracy, seconds)
 
 
-def fastnn_run(kind, seed, args):
-    """(seconds, final validation accuracy, test accuracy, epochs) of fastnn-train mnist-cnn."""
+def recipe_args(kind, seed, args):
+    """fastnn-train's arguments of one mnist-cnn run: the recipe's defaults for ``kind``,
+    with this script's --data, --epochs and --limit."""
     argv = ["mnist-cnn", "--kind", kind, "--seed", str(seed), "--data", args.data]
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
     argv += ["--limit", str(args.limit)] if args.limit else []
-    run_args = train.parse_args(argv)
+    return train.parse_args(argv)
+
+
+def fastnn_run(kind, seed, args):
+    """(seconds, final validation accuracy, test accuracy, epochs) of fastnn-train mnist-cnn."""
+    run_args = recipe_args(kind, seed, args)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         _, history, test_accuracy = train.run(run_args)
     seconds = float(re.search(r"training took ([0-9.]+)s", out.getvalue()).group(1))
@@ -83,10 +88,7 @@ def torch_run(kind, seed, args):
     import torch
     torch.set_num_threads(2)
     torch.manual_seed(seed)
-    run_args = train.parse_args(["mnist-cnn", "--kind", kind, "--seed", str(seed),
-                                 "--data", args.data]
-                                + (["--epochs", str(args.epochs)] if args.epochs else [])
-                                + (["--limit", str(args.limit)] if args.limit else []))
+    run_args = recipe_args(kind, seed, args)
     (x, y), (xv, yv), (xt, yt) = [(torch.from_numpy(a), torch.from_numpy(b))
                                   for a, b in train.load_task_data("mnist-cnn", run_args)]
     model = torch_model(torch, kind)

@@ -35,30 +35,29 @@ def run_torch(make_opt, steps=6):
     return [W.detach().numpy(), b.detach().numpy()]
 
 
+def assert_matches_torch(name, kwargs, rtol, default_decay=0.0):
+    """optim.<name>(**kwargs) and torch.optim.<name> with the same arguments (weight decay
+    on the weight only, as fastnn's rule: not on the bias) reach the same parameters."""
+    decay = kwargs.get("weight_decay", default_decay)
+    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    theirs = run_torch(lambda torch, W, b: getattr(torch.optim, name)(
+        [{"params": [W], "weight_decay": decay}, {"params": [b], "weight_decay": 0.0}], **rest))
+    for a, b in zip(run_ours(getattr(optim, name)(**kwargs)), theirs):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
     dict(lr=0.1, weight_decay=0.01), dict(lr=0.1, momentum=0.8, weight_decay=0.1),
     dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05)])
 def test_sgd_matches_torch(kwargs):
-    wd = kwargs.get("weight_decay", 0.0)
-    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
-    theirs = run_torch(lambda torch, W, b: torch.optim.SGD(
-        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
-    ours = run_ours(optim.SGD(**kwargs))
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert_matches_torch("SGD", kwargs, rtol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=0.01), dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6),
                                     dict(lr=0.01, weight_decay=0.1)])
 def test_adam_matches_torch(kwargs):
-    wd = kwargs.get("weight_decay", 0.0)
-    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
-    theirs = run_torch(lambda torch, W, b: torch.optim.Adam(
-        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
-    ours = run_ours(optim.Adam(**kwargs))
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert_matches_torch("Adam", kwargs, rtol=1e-10)
 
 
 def test_sgd_l1_adds_sign_of_weights_only():
@@ -137,25 +136,13 @@ def test_sgd_compiled_step_matches_the_numpy_one(kwargs, dtype, rtol):
 @pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6,
                                                  weight_decay=0.3)])
 def test_adamw_matches_torch(kwargs):
-    wd = kwargs.get("weight_decay", 1e-2)
-    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
-    theirs = run_torch(lambda torch, W, b: torch.optim.AdamW(
-        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
-    ours = run_ours(optim.AdamW(**kwargs))
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert_matches_torch("AdamW", kwargs, rtol=1e-12, default_decay=1e-2)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(lr=0.01, alpha=0.9, eps=1e-6),
                                     dict(lr=0.01, momentum=0.9, weight_decay=0.1)])
 def test_rmsprop_matches_torch(kwargs):
-    wd = kwargs.get("weight_decay", 0.0)
-    rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
-    theirs = run_torch(lambda torch, W, b: torch.optim.RMSprop(
-        [{"params": [W], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], **rest))
-    ours = run_ours(optim.RMSprop(**kwargs))
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert_matches_torch("RMSprop", kwargs, rtol=1e-12)
 
 
 def test_global_clipnorm_matches_torchs_clip_grad_norm():

@@ -100,24 +100,6 @@ def test_adam_reference_is_torchs_rule():
     np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kwargs", SGD_CASES, ids=lambda k: ",".join(sorted(k)))
-def test_sgd_step_matches_reference(name, dtype, n, kwargs):
-    assert_same(sgd_trajectory(name, n, dtype, **kwargs),
-                sgd_trajectory("numpy", n, dtype, **kwargs), dtype, name)
-
-
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kwargs", ADAM_CASES, ids=lambda k: ",".join(sorted(k)))
-def test_adam_step_matches_reference(name, dtype, n, kwargs):
-    assert_same(adam_trajectory(name, n, dtype, **kwargs),
-                adam_trajectory("numpy", n, dtype, **kwargs), dtype, name)
-
-
 @pytest.mark.parametrize("name", ["numpy", "cpu"])
 def test_update_kernels_refuse_bad_arrays(name):
     p = np.zeros(6, np.float32)
@@ -220,22 +202,21 @@ def test_rmsprop_reference_is_torchs_rule(kwargs):
     np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kwargs", ADAMW_CASES, ids=lambda k: ",".join(sorted(k)))
-def test_adamw_step_matches_reference(name, dtype, n, kwargs):
-    assert_same(adam_trajectory(name, n, dtype, **kwargs),
-                adam_trajectory("numpy", n, dtype, **kwargs), dtype, name)
+# every update rule on every backend against the reference, on the same cases
+RULE_CASES = [(trajectory, kwargs) for trajectory, cases in (
+    (sgd_trajectory, SGD_CASES), (adam_trajectory, ADAM_CASES + ADAMW_CASES),
+    (rmsprop_trajectory, RMSPROP_CASES)) for kwargs in cases]
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("kwargs", RMSPROP_CASES, ids=lambda k: ",".join(sorted(k)))
-def test_rmsprop_step_matches_reference(name, dtype, n, kwargs):
-    assert_same(rmsprop_trajectory(name, n, dtype, **kwargs),
-                rmsprop_trajectory("numpy", n, dtype, **kwargs), dtype, name)
+@pytest.mark.parametrize("trajectory,kwargs", RULE_CASES,
+                         ids=[f"{t.__name__.split('_')[0]}:{','.join(sorted(k))}"
+                              for t, k in RULE_CASES])
+def test_update_step_matches_reference(name, dtype, n, trajectory, kwargs):
+    assert_same(trajectory(name, n, dtype, **kwargs),
+                trajectory("numpy", n, dtype, **kwargs), dtype, name)
 
 
 @pytest.mark.parametrize("name", ["numpy", "cpu"])
