@@ -253,6 +253,22 @@ void fnn_direct_conv_forward_f(const float *x, const fnn_geometry *g, const floa
 void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
                               ptrdiff_t k, float *grad_w, float *work);
 
+/* Implicit-GEMM float32 convolution, stride 1 (conv_implicit.c; only where
+ * fnn_sgemm_supported()). xp: one sample padded and channels last, (oh + kh - 1) x wp x c
+ * with wp >= ow + kw - 1 (fnn_pad_hwc_f); w: (kh*kw*c, kp), rows in (i, j, c) order,
+ * columns zero-padded to kp = k rounded up to 16.
+ * fnn_conv_implicit_f: y_t (oh*ow, k) = the conv, channels last.
+ * fnn_conv_implicit_grad_w_f: gw (kh*kw*c, kp) += patches.T @ gy_t, gy_t (oh*ow, kp)
+ * with zero columns from k on. fnn_pad_hwc_f: xp = x (c, h, w) padded by (ph, pw),
+ * channels last ((h + 2ph) x (w + 2pw) x c). */
+void fnn_conv_implicit_f(const float *xp, ptrdiff_t wp, ptrdiff_t c, int kh, int kw,
+                         ptrdiff_t oh, ptrdiff_t ow, const float *w, ptrdiff_t k, float *y_t);
+void fnn_conv_implicit_grad_w_f(const float *xp, ptrdiff_t wp, ptrdiff_t c, int kh, int kw,
+                                ptrdiff_t oh, ptrdiff_t ow, const float *gy_t, ptrdiff_t k,
+                                float *gw);
+void fnn_pad_hwc_f(const float *x, ptrdiff_t c, ptrdiff_t h, ptrdiff_t w, ptrdiff_t ph,
+                   ptrdiff_t pw, float *xp);
+
 /* Tiles per Winograd block (for tests and measurements; 0: chosen from the
  * channel counts); returns the old setting. */
 ptrdiff_t fnn_winograd_set_tiles(ptrdiff_t tiles);

@@ -36,6 +36,8 @@ CONV_CASES = [
     (1, 2, 6, 8, 3, 1, 1, 1, 0),         # but 1x1 keeps its GEMM on x
     (2, 5, 7, 9, 3, 3, 5, 1, (2, 1)),    # patch rows, grad_x by col2im on padded rows
     (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
+    (2, 12, 14, 14, 24, 5, 5, 1, 0),     # MNIST's 12 -> 24: the implicit conv's 32-lane tiles
+    (2, 5, 9, 8, 40, 5, 3, 1, (2, 1)),   # implicit: 32 + 16 lanes, a ragged last pixel tile
     # from the CUDA tests: 3 filters, batch 1, rectangular windows, odd sizes
     (1, 1, 5, 5, 3, 3, 3, 1, 0),
     (2, 3, 7, 6, 3, 3, 3, 1, 1),

@@ -229,6 +229,8 @@ def test_every_variant_runs_on_some_case(op, params):
     lenet1 = _conv_geometry((64, 1, 28, 28, 6, 5, 5, 1, 2), np.float32)
     if "direct" not in variants.applicable("conv2d_forward", **lenet1):
         runnable.discard("direct")        # no AVX2 + FMA: no direct conv
+    if "implicit" not in variants.applicable("conv2d_forward", **lenet1):
+        runnable.discard("implicit")      # no AVX-512: no implicit conv
     assert runnable <= tested, f"{op}: no case runs {sorted(runnable - tested)}"
 
 
@@ -236,6 +238,25 @@ def _chosen_cases():
     for index, case in enumerate(CASES):
         for dname, dtype in DTYPES.items():
             yield pytest.param(index, dname, id=f"case{index}-{dname}")
+
+
+@pytest.mark.skipif("implicit" not in variants.applicable(
+    "conv2d_forward", **_conv_geometry(CASES[0], np.float32)), reason="needs AVX-512")
+@pytest.mark.parametrize("index", [i for i, case in enumerate(CASES)
+                                   if case[1] >= 4 and _pairs(case[7]) == (1, 1)])
+def test_implicit_conv_gives_the_patch_rows_bits(index):
+    """The implicit conv sums the patch rows' products in their order: on fastnn's GEMM
+    it gives the bits of the patch-row forward and of rows_col2im's backward, so the
+    chooser taking it changes no training trajectory."""
+    x, W, b, stride, padding, _, grad_y, _ = _conv_data(index, "float32")
+    results = {}
+    for forward, backward in (("rows", "rows_col2im"), ("implicit", "implicit")):
+        with variants.force("gemm", "own"), variants.force("conv2d_forward", forward), \
+                variants.force("conv2d_backward", backward):
+            results[forward] = (_cpu.conv2d_forward(x, W, b, stride, padding),
+                                *_cpu.conv2d_backward(grad_y, x, W, stride, padding))
+    for rows, implicit in zip(results["rows"], results["implicit"]):
+        np.testing.assert_array_equal(rows, implicit)
 
 
 @pytest.mark.parametrize("index, dname", list(_chosen_cases()))
@@ -286,7 +307,7 @@ def test_cpu_only_variants(op):
 def test_names_and_unknown_ops_or_variants():
     assert set(variants.OPS) == set(_cpu.VARIANTS)
     assert variants.names("conv2d_forward") == ("winograd", "direct", "pointwise", "rows",
-                                                "columns")
+                                                "columns", "implicit")
     assert "pair" in variants.names("dense_backward")
     with pytest.raises(ValueError, match="op must be one of .*got 'conv3d'"):
         variants.names("conv3d")

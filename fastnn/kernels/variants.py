@@ -7,10 +7,12 @@ dtype and the CPU, with thresholds timed on one machine (each says which, in
 
 - ``conv2d_forward``: ``winograd`` (F(2x2, 3x3)), ``direct`` (float32, AVX2 + FMA),
   ``pointwise`` (1x1 stride 1, no padding), ``rows`` (patch rows + GEMM), ``columns``
-  (im2col columns + GEMM);
+  (im2col columns + GEMM), ``implicit`` (float32, AVX-512, stride 1: the patch rows'
+  GEMM reading the patches in place, no patch matrix);
 - ``conv2d_backward``: ``winograd``, ``direct`` (grad_W by the direct conv),
   ``pointwise``, ``rows_transposed`` (grad_W on patch rows, grad_x as the transposed
-  conv), ``rows_col2im`` (grad_W on patch rows, grad_x by col2im), ``columns``;
+  conv), ``rows_col2im`` (grad_W on patch rows, grad_x by col2im), ``columns``,
+  ``implicit`` (grad_W by the implicit GEMM, grad_x by col2im);
 - ``gemm`` (every float32 GEMM of the kernels above and below): ``own`` (fastnn's
   AVX-512 kernel), ``own_packed`` (the same, every A packed), ``blas``;
 - ``dense_forward``: ``gemv``, ``gemv_split`` (one sample on BLAS's GEMV; the split
@@ -25,7 +27,8 @@ dtype and the CPU, with thresholds timed on one machine (each says which, in
 
 What "this CPU" has is what the run-time checks answer, capped by
 ``FASTNN_CPU_FEATURES`` (read once at import): ``avx2`` leaves out every AVX-512 variant
-(``own``, ``own_packed``, ``avx512``), ``portable`` the direct conv too, as on an older CPU.
+(``own``, ``own_packed``, ``avx512``, ``implicit``), ``portable`` the direct conv too, as on
+an older CPU.
 
 Geometry keywords: conv ops ``x_shape, w_shape, stride=1, padding=0, dtype``; ``gemm``
 ``m, n, k, dtype``; dense ops ``x_shape, w_shape, dtype`` (and ``need_grad_x=True`` for

@@ -184,6 +184,7 @@ DEF V_POINTWISE = 3      # 1x1 stride 1 unpadded: x is its own patch matrix
 DEF V_ROWS = 4           # patch rows; backward: grad_x by the transposed conv
 DEF V_ROWS_COL2IM = 5    # backward: grad_W on patch rows, grad_x by col2im
 DEF V_COLUMNS = 6        # im2col columns, grad_x by col2im
+DEF V_IMPLICIT = 7       # float32, AVX-512: patches read in place (csrc/conv_implicit.c)
 cdef int _conv_forward_forced = 0
 cdef int _conv_backward_forced = 0
 
@@ -264,9 +265,19 @@ cdef inline Py_ssize_t _forward_first(const fnn_geometry *g, Py_ssize_t k) noexc
 
 cdef inline Py_ssize_t _forward_workspace(const fnn_geometry *g, Py_ssize_t k) noexcept nogil:
     """Elements of one thread's forward workspace: that buffer + the patch matrix
-    (or the direct conv's padded input)."""
+    (or the direct conv's padded input, or the implicit conv's and its y.T)."""
     return max(_forward_first(g, k) + g.oh * g.ow * g.c * g.kh * g.kw,
-               fnn_direct_conv_workspace(g))
+               fnn_direct_conv_workspace(g), _hwc_padded(g) + g.oh * g.ow * k)
+
+
+cdef inline Py_ssize_t _hwc_padded(const fnn_geometry *g) noexcept nogil:
+    """Elements of one sample padded and channels last (fnn_pad_hwc_f)."""
+    return (g.h + 2 * g.ph) * (g.w + 2 * g.pw) * g.c
+
+
+cdef inline Py_ssize_t _lanes16(Py_ssize_t k) noexcept nogil:
+    """k rounded up to 16: the implicit conv's packed weight columns."""
+    return (k + 15) // 16 * 16
 
 
 cdef void _conv_forward_sample(const floating *x, const floating *weights,
@@ -284,6 +295,12 @@ cdef void _conv_forward_sample(const floating *x, const floating *weights,
     if floating is float:
         if variant == V_DIRECT:  # weights (C*kh*kw, kp), bias (kp,): see conv2d_forward
             fnn_direct_conv_forward_f(x, g, weights, k, bias, y, work)
+            return
+        if variant == V_IMPLICIT:    # weights (kh*kw*C, kp): see conv2d_forward
+            fnn_pad_hwc_f(x, g.c, g.h, g.w, g.ph, g.pw, work)
+            fnn_conv_implicit_f(work, g.w + 2 * g.pw, g.c, g.kh, g.kw, g.oh, g.ow, weights,
+                                k, work + _hwc_padded(g))
+            _transpose_bias(work + _hwc_padded(g), ohw, k, bias, y, parallel)
             return
     if bias != NULL and variant != V_ROWS:
         _broadcast(y, bias, k, ohw, 1)
@@ -531,6 +548,8 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
         b = padded
     elif variant == V_ROWS:      # (K, kh, kw, C): the patch rows' order
         weights = np.ascontiguousarray(W.transpose(0, 2, 3, 1))
+    elif variant == V_IMPLICIT:
+        weights = _implicit_weights(W)
     cdef void *px = _data(x)
     cdef void *pw = _data(weights)
     cdef void *pb = NULL if b is None else _data(b)
@@ -546,6 +565,15 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
                           n, &g, k, threads, variant)
     _give_back(workspace)
     return y
+
+
+cdef cnp.ndarray _implicit_weights(cnp.ndarray W):
+    """W (K, C, kh, kw) float32 as the implicit conv's (kh*kw*C, kp): rows in patch
+    order (i, j, c), columns zero-padded to kp = K rounded up to 16."""
+    cdef Py_ssize_t k = W.shape[0]
+    cdef cnp.ndarray packed = np.zeros((W.size // k if k else 0, _lanes16(k)), np.float32)
+    packed[:, :k] = W.transpose(2, 3, 1, 0).reshape(-1, k)
+    return packed
 
 
 cdef inline Py_ssize_t _padded_len(const fnn_geometry *g) noexcept nogil:
@@ -570,6 +598,11 @@ cdef void _backward_buffers(const fnn_geometry *g, Py_ssize_t k, int variant, Py
         # x, channels last, then grad_y in padded rows and the padded grad_x plane
         first[0] = max(g.c * hw, k * _padded_len(g), _padded_plane(g))
         second[0] = g.c * kk * _padded_len(g)   # x's patch rows, then grad_x's columns
+    elif variant == V_IMPLICIT:
+        # x padded, channels last, then as V_ROWS_COL2IM; grad_y.T (OH*OW, kp), then
+        # grad_x's columns
+        first[0] = max(_hwc_padded(g), k * _padded_len(g), _padded_plane(g))
+        second[0] = max(ohw * _lanes16(k), g.c * kk * _padded_len(g))
     else:
         first[0] = second[0] = g.c * kk * ohw           # im2col columns, their gradient
     if variant == V_DIRECT:      # float32: the padded input, W.T @ grad_y for col2im
@@ -593,7 +626,9 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
       grad_x = the conv of grad_y with ``weights`` = flipped W as (C, kh, kw, K)
       (V_ROWS), else grad_x = col2im(W.T @ grad_y) (V_ROWS_COL2IM, ``weights`` W);
     - V_COLUMNS: grad_w (K, C, kh, kw) += grad_y @ im2col(x).T and
-      grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw)).
+      grad_x = col2im(W.T @ grad_y) (weights (K, C*kh*kw));
+    - V_IMPLICIT (float32): grad_w (kh*kw*C, kp) += patches(x).T @ grad_y.T read in
+      place (csrc/conv_implicit.c), grad_x as V_ROWS_COL2IM's (``weights`` W).
     """
     cdef Py_ssize_t kk = g.kh * g.kw, ohw = g.oh * g.ow, hw = g.h * g.w
     cdef Py_ssize_t ckk = g.c * kk, len_
@@ -606,6 +641,14 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
                 _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
                       <int>ohw, 0, second, <int>ohw)
                 _col2im(second, 1, g, grad_x, ohw, parallel)
+            return
+        if variant == V_IMPLICIT:
+            fnn_pad_hwc_f(x, g.c, g.h, g.w, g.ph, g.pw, first)
+            _transpose_padded(grad_y, k, ohw, _lanes16(k), second)
+            fnn_conv_implicit_grad_w_f(first, g.w + 2 * g.pw, g.c, g.kh, g.kw, g.oh, g.ow,
+                                       second, k, grad_w)
+            if grad_x != NULL:
+                _grad_x_col2im(grad_y, weights, grad_x, first, second, g, k, parallel)
             return
     if variant == V_POINTWISE:
         _gemm(False, True, <int>k, <int>g.c, <int>ohw, 1, grad_y, <int>ohw, x,
@@ -620,22 +663,8 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
               <int>ckk, 1, grad_w, <int>ckk)
         if grad_x == NULL:
             return
-        if variant == V_ROWS_COL2IM and parallel:     # col2im split over the planes
-            _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
-                  <int>ohw, 0, second, <int>ohw)
-            _col2im(second, 1, g, grad_x, ohw, parallel)
-            return
         if variant == V_ROWS_COL2IM:
-            # grad_y's rows spaced as the padded input's: col2im is then one long add
-            # per (c, i, j) (fnn_col2im_rows, one thread) instead of oh short ones.
-            # LeNet's conv2 (14x14 -> 10x10), one thread, batch 64, whole backward,
-            # best of 9 in three alternated rounds: 1257 -> 1125 us (col2im 23% -> 8%
-            # of the profile; the W.T @ grad_y GEMM is 36% wider)
-            len_ = _padded_len(g)
-            _pad_rows(grad_y, k, g.oh, g.ow, g.w + 2 * g.pw, first)
-            _gemm(True, False, <int>ckk, <int>len_, <int>k, 1, weights, <int>ckk, first,
-                  <int>len_, 0, second, <int>len_)
-            _col2im_rows(second, g, grad_x, first)
+            _grad_x_col2im(grad_y, weights, grad_x, first, second, g, k, parallel)
             return
         t = _transposed_geometry(g, k)
         _transpose(grad_y, k, ohw, first, parallel)
@@ -654,6 +683,46 @@ cdef void _conv_backward_sample(const floating *grad_y, const floating *x,
         _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
               <int>ohw, 0, second, <int>ohw)
         _col2im(second, 1, g, grad_x, ohw, parallel)
+
+
+cdef void _grad_x_col2im(const floating *grad_y, const floating *weights, floating *grad_x,
+                         floating *first, floating *second, const fnn_geometry *g,
+                         Py_ssize_t k, int parallel) noexcept nogil:
+    """One sample's grad_x = col2im(W.T @ grad_y), weights W (K, C*kh*kw); the buffers
+    as _backward_buffers' V_ROWS_COL2IM."""
+    cdef Py_ssize_t ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, len_
+    if parallel:                 # col2im split over the planes
+        _gemm(True, False, <int>ckk, <int>ohw, <int>k, 1, weights, <int>ckk, grad_y,
+              <int>ohw, 0, second, <int>ohw)
+        _col2im(second, 1, g, grad_x, ohw, parallel)
+        return
+    # grad_y's rows spaced as the padded input's: col2im is then one long add per
+    # (c, i, j) (fnn_col2im_rows, one thread) instead of oh short ones. LeNet's conv2
+    # (14x14 -> 10x10), one thread, batch 64, whole backward, best of 9 in three
+    # alternated rounds: 1257 -> 1125 us (col2im 23% -> 8% of the profile; the W.T @
+    # grad_y GEMM is 36% wider)
+    len_ = _padded_len(g)
+    _pad_rows(grad_y, k, g.oh, g.ow, g.w + 2 * g.pw, first)
+    _gemm(True, False, <int>ckk, <int>len_, <int>k, 1, weights, <int>ckk, first,
+          <int>len_, 0, second, <int>len_)
+    _col2im_rows(second, g, grad_x, first)
+
+
+cdef inline void _transpose_padded(const float *a, Py_ssize_t rows, Py_ssize_t cols,
+                                   Py_ssize_t width, float *out) noexcept nogil:
+    """out (cols, width) = a (rows, cols).T, zero in columns rows..width-1."""
+    cdef Py_ssize_t r, q
+    for q in range(cols):
+        for r in range(rows):
+            out[q * width + r] = a[r * cols + q]
+        for r in range(rows, width):
+            out[q * width + r] = 0
+
+
+cdef inline Py_ssize_t _grad_w_size(int variant, Py_ssize_t k, Py_ssize_t ckk) noexcept nogil:
+    """Elements of a backward pass's grad_w sums: (kh*kw*C, kp) for V_IMPLICIT, else
+    K*C*kh*kw."""
+    return ckk * (_lanes16(k) if variant == V_IMPLICIT else k)
 
 
 cdef inline Py_ssize_t _conv_backward_chunks(Py_ssize_t n, int threads) noexcept nogil:
@@ -678,8 +747,8 @@ cdef inline void _conv_backward_chunk(const _conv_job *job, Py_ssize_t c,
     for s in range(c * n // job.chunks, (c + 1) * n // job.chunks):
         _conv_backward_sample(grad_y + s * kohw, x + s * chw, weights,
                               NULL if grad_x == NULL else grad_x + s * chw,
-                              part, part + k * ckk, mine, mine + job.first, g, k, 0,
-                              job.variant)
+                              part, part + _grad_w_size(job.variant, k, ckk), mine,
+                              mine + job.first, g, k, 0, job.variant)
 
 
 cdef void _conv_backward_task(void *ctx, Py_ssize_t c) noexcept nogil:
@@ -698,10 +767,11 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     cdef Py_ssize_t ckk = g.c * g.kh * g.kw, ohw = g.oh * g.ow, chw = g.c * g.h * g.w
     _backward_buffers(g, k, variant, &first, &second)
     # per thread: the two buffers; then per chunk of samples: its grad_w and grad_b sums
-    cdef Py_ssize_t stride_t = first + second, stride_c = k * ckk + k
+    cdef Py_ssize_t wsize = _grad_w_size(variant, k, ckk)
+    cdef Py_ssize_t stride_t = first + second, stride_c = wsize + k
     cdef Py_ssize_t chunks = _conv_backward_chunks(n, threads)
     cdef floating *part
-    memset(grad_w, 0, k * ckk * sizeof(floating))
+    memset(grad_w, 0, wsize * sizeof(floating))
     memset(grad_b, 0, k * sizeof(floating))
     cdef bint small = _small_gemm(k, ohw, ckk)
     if threads <= 1:         # one sample after the other, BLAS threading each large GEMM
@@ -730,10 +800,10 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
     fnn_blas_single_end()
     for c in range(chunks):
         part = workspace + threads * stride_t + c * stride_c
-        for idx in range(k * ckk):
+        for idx in range(wsize):
             grad_w[idx] += part[idx]
         for idx in range(k):
-            grad_b[idx] += part[k * ckk + idx]
+            grad_b[idx] += part[wsize + idx]
 
 
 def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stride,
@@ -764,12 +834,14 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef Py_ssize_t first, second
     _backward_buffers(&g, k, variant, &first, &second)
     cdef Py_ssize_t per_thread = first + second
-    cdef Py_ssize_t per_chunk = W.size + k
+    cdef Py_ssize_t per_chunk = _grad_w_size(variant, k, W.size // k if k else 0) + k
     cdef bint by_rows = variant == V_ROWS or variant == V_ROWS_COL2IM
     cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
-    # patch-row order (K, kh, kw, C) on the stride-1 path, reordered at the end
-    cdef cnp.ndarray grad_w = _output_array((k, g.kh, g.kw, g.c) if by_rows else (<object>W).shape,
-                                            x.dtype)
+    # patch-row order (K, kh, kw, C) on the stride-1 path, (kh, kw, C, kp) on the implicit
+    # one, reordered at the end
+    shape = ((k, g.kh, g.kw, g.c) if by_rows else (g.kh, g.kw, g.c, _lanes16(k))
+             if variant == V_IMPLICIT else (<object>W).shape)
+    cdef cnp.ndarray grad_w = _output_array(shape, x.dtype)
     cdef cnp.ndarray grad_b = np.empty(k, dtype=x.dtype)
     cdef _Block workspace = _take_workspace(
         threads * per_thread + _conv_backward_chunks(n, threads) * per_chunk, x.dtype)
@@ -795,22 +867,32 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     _give_back(workspace)
     if by_rows:
         grad_w = np.ascontiguousarray(grad_w.transpose(0, 3, 1, 2))
+    elif variant == V_IMPLICIT:
+        grad_w = np.ascontiguousarray(grad_w[..., :k].transpose(3, 2, 0, 1))
     return grad_x, grad_w, grad_b
 
 
 # --- variants: the choosers and what each path needs (fastnn/kernels/variants.py) ---
 
 CONV_FORWARD_VARIANTS = {"winograd": V_WINOGRAD, "direct": V_DIRECT, "pointwise": V_POINTWISE,
-                         "rows": V_ROWS, "columns": V_COLUMNS}
+                         "rows": V_ROWS, "columns": V_COLUMNS, "implicit": V_IMPLICIT}
 CONV_BACKWARD_VARIANTS = {"winograd": V_WINOGRAD, "direct": V_DIRECT, "pointwise": V_POINTWISE,
                           "rows_transposed": V_ROWS, "rows_col2im": V_ROWS_COL2IM,
-                          "columns": V_COLUMNS}
+                          "columns": V_COLUMNS, "implicit": V_IMPLICIT}
+
+
+cdef inline bint _implicit_pick(const fnn_geometry *g, bint single) noexcept nogil:
+    """Whether the chooser takes the implicit conv: float32 on AVX-512, stride 1, and
+    the patch-row territory (from ROWS_MIN_CHANNELS input channels, not 1x1)."""
+    return single and _sgemm_supported and g.sh == 1 and g.sw == 1 and _by_rows(g)
 
 
 cdef int _conv_forward_pick(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, bint single) noexcept nogil:
     """The chooser: conv2d_forward's variant for this conv (see the sections above)."""
     if _use_winograd(g, n, k, single):
         return V_WINOGRAD
+    if _implicit_pick(g, single):
+        return V_IMPLICIT
     if single and fnn_direct_conv_fits(g, k) and not _pointwise(g) and not (
             _avx512_cpu and g.c < ROWS_MIN_CHANNELS and k >= 8):
         return V_DIRECT
@@ -827,6 +909,8 @@ cdef int _conv_backward_pick(const fnn_geometry *g, Py_ssize_t n, Py_ssize_t k, 
         return V_POINTWISE
     if not _by_rows(g):          # few channels: columns, or grad_W by the direct conv
         return V_DIRECT if single and fnn_direct_conv_fits(g, k) else V_COLUMNS
+    if g.c < TRANSPOSED_MIN_CHANNELS and _implicit_pick(g, single):
+        return V_IMPLICIT
     if not _transposable(g):
         return V_COLUMNS
     return V_ROWS if g.c >= TRANSPOSED_MIN_CHANNELS else V_ROWS_COL2IM
@@ -853,6 +937,13 @@ cdef str _conv_why_not(int variant, bint backward, const fnn_geometry *g, Py_ssi
         if not fnn_direct_conv_fits(g, k):
             return ("needs stride 1, at least 8 output columns, 1 to 16 filters and a kernel "
                     "at most 7 wide; " + got)
+    if variant == V_IMPLICIT:
+        if not single:
+            return "runs float32 only"
+        if not _sgemm_supported:
+            return "needs a CPU with AVX-512F and AVX-512VL (and this build)"
+        if g.sh != 1 or g.sw != 1:
+            return "needs stride 1; " + got
     if variant == V_POINTWISE and not _pointwise(g):
         return "needs a 1x1 kernel, stride 1 and no padding; " + got
     if backward and (variant == V_ROWS or variant == V_ROWS_COL2IM) and not _transposable(g):

@@ -147,6 +147,14 @@ cdef extern from "fastnn_kernels.h" nogil:
                                    Py_ssize_t k, const float *bias, float *y, float *work)
     void fnn_direct_conv_grad_w_f(const float *grad_y, const float *x, const fnn_geometry *g,
                                   Py_ssize_t k, float *grad_w, float *work)
+    void fnn_conv_implicit_f(const float *xp, Py_ssize_t wp, Py_ssize_t c, int kh, int kw,
+                             Py_ssize_t oh, Py_ssize_t ow, const float *w, Py_ssize_t k,
+                             float *y_t)
+    void fnn_conv_implicit_grad_w_f(const float *xp, Py_ssize_t wp, Py_ssize_t c, int kh,
+                                    int kw, Py_ssize_t oh, Py_ssize_t ow, const float *gy_t,
+                                    Py_ssize_t k, float *gw)
+    void fnn_pad_hwc_f(const float *x, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t ph,
+                       Py_ssize_t pw, float *xp)
     int fnn_sgemm_supported()
     int fnn_sgemm_direct_a
     ctypedef struct fnn_epilogue:
