@@ -114,10 +114,14 @@ def test_one_rank_raising_ends_the_job(tmp_path, launch):
     """Rank 1 raises at its second epoch while the others wait in the next allreduce: the
     job ends with a non-zero status (MPI_Abort from mpi4py's runner, or from the
     excepthook dist.init installs), long before the timeout."""
-    done = _launch(3, launch + [os.path.join(HERE, "dist_cases.py"), str(tmp_path),
-                                "--raise-on", "1"], timeout=60)
-    assert done.returncode != 0
-    assert "rank 1 fails on purpose" in done.stderr
+    try:
+        done = _launch(3, launch + [os.path.join(HERE, "dist_cases.py"), str(tmp_path),
+                                    "--raise-on", "1"], timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the job still ran after {exc.timeout} s; its stderr: {exc.stderr!r}")
+    said = f"exit status {done.returncode}; stderr: {done.stderr[-3000:]!r}"
+    assert done.returncode != 0, said
+    assert "rank 1 fails on purpose" in done.stderr + done.stdout, said
 
 
 def test_init_outside_mpiexec_is_one_process():
@@ -217,6 +221,53 @@ def test_mpiexec_command_names_a_launcher(monkeypatch):
     if not os.access(os.path.join(os.path.dirname(sys.executable), "mpiexec"), os.X_OK):
         with pytest.raises(FileNotFoundError, match="no mpiexec"):
             dist.mpiexec_command(2, [])
+
+
+class _Recorder:
+    """Stands in for the MPI communicator (bcast) and for CuPy's NcclCommunicator."""
+
+    def __init__(self, *args):
+        self.args, self.calls = args, []
+
+    def bcast(self, *args, **kwargs):
+        if len(args) == 1:                 # mpi4py's pickled bcast of the unique id
+            self.calls.append(("mpi_bcast", args, kwargs))
+            return args[0]
+        self.calls.append(("bcast", args))
+
+    def allReduce(self, *args):
+        self.calls.append(("allReduce", args))
+
+
+def test_nccl_collectives_follow_cupys_signatures(monkeypatch):
+    """No GPU needed: with CuPy's NCCL bindings, a 2-rank job's collectives on a device
+    buffer make the communicator from rank 0's unique id (bytes, over MPI) and call
+    ``allReduce(send, recv, count, type, op, stream)`` / ``bcast(buf, count, type, root,
+    stream)`` in place on the current stream, as CuPy's NcclCommunicator takes them."""
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        pytest.skip("needs CuPy")
+    if not nccl.available:
+        pytest.skip("needs CuPy's NCCL bindings (pip install nvidia-nccl-cu13)")
+    made = []
+    monkeypatch.setattr(nccl, "NcclCommunicator", lambda *a: made.append(_Recorder(*a)) or made[-1])
+    monkeypatch.setattr(nccl, "get_unique_id", lambda: b"u" * 128)
+    stream = type("Stream", (), {"ptr": 77})()
+    fake_cupy = type("CuPy", (), {"cuda": type("Cuda", (), {
+        "get_current_stream": staticmethod(lambda: stream)})})
+    monkeypatch.setattr(fn.backend, "cupy", lambda: fake_cupy)
+    mpi = _Recorder()
+    monkeypatch.setattr(dist._World, "comm", mpi)
+    monkeypatch.setattr(dist._World, "size", 2)
+    monkeypatch.setattr(dist._World, "nccl", None)
+    buf = type("DeviceArray", (), {"data": type("Memory", (), {"ptr": 4096})(), "size": 5,
+                                   "dtype": np.dtype(np.float32)})()
+    assert dist.allreduce(buf) is buf and dist.broadcast(buf) is buf
+    assert mpi.calls == [("mpi_bcast", (b"u" * 128,), {"root": 0})]
+    assert len(made) == 1 and made[0].args == (2, b"u" * 128, 0)
+    assert made[0].calls == [("allReduce", (4096, 4096, 5, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 77)),
+                             ("bcast", (4096, 5, nccl.NCCL_FLOAT32, 0, 77))]
 
 
 @pytest.mark.skipif(fn.backend.cupy() is None, reason="needs a CUDA device")
