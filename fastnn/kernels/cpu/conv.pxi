@@ -881,6 +881,18 @@ CONV_BACKWARD_VARIANTS = {"winograd": V_WINOGRAD, "direct": V_DIRECT, "pointwise
                           "columns": V_COLUMNS, "implicit": V_IMPLICIT}
 
 
+# The implicit conv (float32 on AVX-512, stride 1, csrc/conv_implicit.c) is the patch-row
+# GEMM without the patch matrix: the sample padded channels-last, the micro-kernel reading
+# each patch's kernel rows (kw*C contiguous values) in place. It sums in the patch rows'
+# order: on fastnn's GEMM, the rows path's bits (forward, and rows_col2im's backward).
+# Batch 128 (LeNet 64), 2 threads, medians of 11, ms, rows / implicit: MNIST's 12 -> 24
+# 5x5 on 14x14 forward 1.84 / 1.15, backward (rows_col2im) 3.01 / 2.82; LeNet's 6 -> 16
+# forward (direct) 0.30 / 0.23, backward 0.61 / 0.53; 16 -> 16 5x5 on 12x12 forward
+# (direct) 0.60 / 0.34 (rows 0.49); 8 -> 32 5x5 pad 2 on 16x16 forward 1.33 / 1.04,
+# backward 3.32 / 2.64; 32 -> 64 forward 2.30 / 2.16 but backward (rows_transposed)
+# 5.46 / 5.43: from TRANSPOSED_MIN_CHANNELS the backward keeps the transposed conv. One
+# input channel: im2col columns stay faster (MNIST's 1 -> 12: 0.60 / 0.93). Tuned on:
+# Intel Xeon (AVX-512), 2 vCPUs, KVM.
 cdef inline bint _implicit_pick(const fnn_geometry *g, bint single) noexcept nogil:
     """Whether the chooser takes the implicit conv: float32 on AVX-512, stride 1, and
     the patch-row territory (from ROWS_MIN_CHANNELS input channels, not 1x1)."""
