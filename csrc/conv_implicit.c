@@ -9,8 +9,7 @@
  * kw*C values, is contiguous. No patch matrix is built.
  *
  * fnn_conv_implicit_f: y_t (OH*OW x K) = patches(xp) @ w, w (kh*kw*C x Kp) packed
- *   with Kp = K rounded up to 16 (zero columns). The input gradient of a stride-1 conv
- *   is this conv of grad_y (padded by kh-1-ph, channels last) with the flipped weights.
+ *   with Kp = K rounded up to 16 (zero columns).
  * fnn_conv_implicit_grad_w_f: gw (kh*kw*C x Kp) += patches(xp).T @ gy_t, gy_t
  *   (OH*OW x Kp) with zero columns from K on.
  *
@@ -181,7 +180,7 @@ TARGET void fnn_conv_implicit_grad_w_f(const float *xp, ptrdiff_t wp, ptrdiff_t 
         }
 }
 
-#else
+#else       /* never called: fnn_sgemm_supported() is 0 on this build */
 
 void fnn_conv_implicit_f(const float *xp, ptrdiff_t wp, ptrdiff_t c, int kh, int kw,
                          ptrdiff_t oh, ptrdiff_t ow, const float *w, ptrdiff_t k, float *y_t)
