@@ -834,7 +834,7 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     cdef Py_ssize_t first, second
     _backward_buffers(&g, k, variant, &first, &second)
     cdef Py_ssize_t per_thread = first + second
-    cdef Py_ssize_t per_chunk = _grad_w_size(variant, k, W.size // k if k else 0) + k
+    cdef Py_ssize_t per_chunk = _grad_w_size(variant, k, g.c * g.kh * g.kw) + k
     cdef bint by_rows = variant == V_ROWS or variant == V_ROWS_COL2IM
     cdef cnp.ndarray grad_x = _output_array((<object>x).shape, x.dtype) if need_grad_x else None
     # patch-row order (K, kh, kw, C) on the stride-1 path, (kh, kw, C, kp) on the implicit
