@@ -115,7 +115,9 @@ static inline void transpose_block4_f(const float *a, ptrdiff_t lda, float *out,
  * the same comparisons as the scalar loop (beats(): strictly greater, or a first
  * NaN), argmax as int32 lanes (the caller checks h*w fits) widened to int64.
  * `at` is the plane index of top[0]. A ragged end is one more block overlapping the
- * one before it (the same values again). Returns the outputs done: ow, or 0 below 4.
+ * one before it (the same values again). Below 4 outputs (planes of 7x7 or less) the
+ * two rows are copied into a block of zeros first, the outputs past ow dropped.
+ * Returns the outputs done: ow.
  * LeNet's first pool (64x6 planes of 28x28, one thread): 190 -> ~45 us. */
 static inline __m128 maxpool_beats_f(__m128 v, __m128 best)
 {
@@ -131,7 +133,18 @@ static ptrdiff_t maxpool2x2_row_f(const float *top, ptrdiff_t w, ptrdiff_t ow, p
     const __m128i one = _mm_set1_epi32(1), down = _mm_set1_epi32((int)w);
     __m128i base = _mm_add_epi32(_mm_set1_epi32((int)at), _mm_setr_epi32(0, 2, 4, 6));
     const __m128i step = _mm_set1_epi32(8);
-    if (ow < 4) return 0;
+    if (ow < 4) {
+        float rows[16] = {0}, y4[4];
+        int64_t at4[4];
+        memcpy(rows, top, (size_t)(2 * ow) * sizeof(float));
+        memcpy(rows + 8, bot, (size_t)(2 * ow) * sizeof(float));
+        maxpool2x2_row_f(rows, 8, 4, 0, y4, at4);
+        for (ptrdiff_t q = 0; q < ow; q++) {
+            y[q] = y4[q];
+            argmax[q] = at + (at4[q] >= 8 ? w + at4[q] - 8 : at4[q]);
+        }
+        return ow;
+    }
     for (ptrdiff_t q = 0;; q += 4, base = _mm_add_epi32(base, step)) {
         if (q + 4 > ow) {          /* a last block overlapping the previous one */
             base = _mm_add_epi32(base, _mm_set1_epi32((int)(2 * (ow - 4 - q))));

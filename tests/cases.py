@@ -79,6 +79,10 @@ POOL_CASES = [  # (N, C, H, W, kh, kw, stride): odd sizes, overlapping windows, 
     (1, 2, 10, 10, 2, 2, 2),
     (1, 1, 5, 23, 2, 2, 2),
     (1, 1, 3, 17, 2, 2, 2),
+    # rows of 1 to 3 outputs (float32: each copied into a block of 4 first)
+    (2, 3, 7, 7, 2, 2, 2),
+    (1, 2, 2, 3, 2, 2, 2),
+    (1, 1, 5, 4, 2, 2, 2),
     (3, 1, 5, 5, 2, 3, (1, 2)),  # from the CUDA tests: rectangular windows, strides
     (1, 1, 4, 6, 4, 6, 1),       # one window covering the plane
     # outputs half the input's size: the backward's 2x2 cells tile the plane, but a

@@ -395,12 +395,22 @@ def test_maxpool2d_large_outputs_reuse_memory_only_when_free(kh, kw, stride):
     np.testing.assert_array_equal(again, want[0])
 
 
-def test_maxpool2d_ties_and_nan(backend_name):
-    x = np.zeros((1, 1, 4, 4))
+def test_maxpool2d_ties_and_nan(backend_name, dtype):
+    """Rows of fewer than 4 outputs (float32: copied into a block of 4 first)."""
+    x = np.zeros((1, 1, 4, 4), dtype=dtype)
     x[0, 0, 3, 2] = np.nan
     y, argmax = kernels.maxpool2d_forward(x, 2, 2, 2)
     np.testing.assert_array_equal(argmax[0, 0], [[0, 2], [8, 14]])   # first of equal values
     assert np.isnan(y[0, 0, 1, 1]) and not np.isnan(y[0, 0, 0, 0])    # NaN propagates
+    x = np.full((2, 1, 5, 7), -np.inf, dtype=dtype)                   # 2x3 outputs a plane
+    for q, (i, j) in enumerate([(0, 1), (1, 0), (1, 1)]):
+        x[1, 0, i, 2 * q + j] = np.nan
+    x[0, 0, 3, 5], x[0, 0, 4, 6] = 2, 9          # the 7th column and 5th row: no window's
+    y, argmax = kernels.maxpool2d_forward(x, 2, 2, 2)
+    assert np.isnan(y[1, 0, 0]).all()
+    np.testing.assert_array_equal(argmax[1, 0, 0], [1, 9, 12])
+    np.testing.assert_array_equal(y[0, 0, 1], [-np.inf, -np.inf, 2])
+    np.testing.assert_array_equal(argmax[0, 0], [[0, 2, 4], [14, 16, 26]])
 
 
 def test_maxpool2d_ties_and_nan_wide_rows(backend_name, dtype):
