@@ -176,15 +176,17 @@ void fnn_dropout_forward_##S(const T *x, T *y, T *mask, ptrdiff_t n, uint64_t ke
 void fnn_multiply_##S(const T *a, const T *b, T *out, ptrdiff_t n);                       \
 /* BatchNorm on x viewed as (n, c, s), statistics per channel c: the batch mean and  \
  * biased variance (double sums; work: 2 * c doubles), x_hat and y (also inv_std =   \
- * 1 / sqrt(var + eps)), and the training backward (grad_x, grad_gamma, grad_beta). */\
+ * 1 / sqrt(var + eps)), and the training backward (grad_x, grad_gamma, grad_beta); \
+ * relu: a ReLU fused after y; relu_y: its output, whose backward grad_y takes first. */\
 void fnn_batchnorm_stats_##S(const T *x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s, T *mean, T *var,    \
                              double *work);                                          \
 void fnn_batchnorm_apply_##S(const T *x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s, const T *mean,      \
                              const T *var, T eps, const T *gamma, const T *beta,     \
-                             T *inv_std, T *x_hat, T *y);                            \
+                             T *inv_std, T *x_hat, T *y, int relu);                  \
 void fnn_batchnorm_backward_##S(const T *grad_y, const T *x_hat, ptrdiff_t n, ptrdiff_t c,     \
                                 ptrdiff_t s, const T *gamma, const T *inv_std, T *grad_x, \
-                                T *grad_gamma, T *grad_beta, double *work);          \
+                                T *grad_gamma, T *grad_beta, double *work,           \
+                                const T *relu_y);                                    \
 /* Mean softmax cross-entropy of logits (n, c), log-sum-exp stable; writes           \
  * grad = (softmax - target) / n. Targets: labels (n,) when non-NULL, else           \
  * probabilities (n, c). row_loss (n,) is scratch. predicted (n,), unless NULL:      \

@@ -480,15 +480,19 @@ void NAME(fnn_relu_forward)(const T *x, T *y, ptrdiff_t n)
     fnn_split(NAME(relu_forward_range), &e, n, FNN_SPLIT_ELEMENTS);
 }
 
-static void NAME(relu_backward_range)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+static inline void NAME(relu_backward_run)(const T *restrict grad_y, const T *restrict y,
+                                           T *restrict grad_x, ptrdiff_t n)
 {
-    const NAME(elementwise_args) *e = (const NAME(elementwise_args) *)args;
-    const T *grad_y = e->a, *y = e->b;
-    T *grad_x = e->out;
-    for (ptrdiff_t i = lo; i < hi; i++) {
+    for (ptrdiff_t i = 0; i < n; i++) {
         const T g = grad_y[i];     /* loaded unconditionally, so the loop vectorizes */
         grad_x[i] = y[i] > 0 ? g : (T)0;
     }
+}
+
+static void NAME(relu_backward_range)(void *args, ptrdiff_t lo, ptrdiff_t hi)
+{
+    const NAME(elementwise_args) *e = (const NAME(elementwise_args) *)args;
+    NAME(relu_backward_run)(e->a + lo, e->b + lo, e->out + lo, hi - lo);
 }
 
 void NAME(fnn_relu_backward)(const T *grad_y, const T *y, T *grad_x, ptrdiff_t n)
@@ -595,6 +599,13 @@ static inline void NAME(bn_sum_pair)(const T *g, const T *xh, ptrdiff_t len, dou
     }
 }
 
+/* g[k], or relu_backward's value for it when y (a ReLU's output) is not NULL */
+static inline T NAME(relu_masked)(const T *g, const T *y, ptrdiff_t k)
+{
+    const T gk = g[k];
+    return y && !(y[k] > 0) ? (T)0 : gk;
+}
+
 static inline double NAME(bn_total)(const double lanes[BN_LANES])
 {
     double t = 0;
@@ -606,8 +617,10 @@ static inline double NAME(bn_total)(const double lanes[BN_LANES])
  * (the element-wise passes) that fnn_split hands out. */
 typedef struct {
     const T *x, *grad_y, *x_hat, *gamma, *beta, *inv_std, *mean_in, *var_in;
+    const T *relu_y;            /* backward: a fused ReLU's output (mask), or NULL */
     T *mean, *var, *y, *out, *grad_gamma, *grad_beta;
     ptrdiff_t n, c, s;
+    int relu;                   /* forward: y = max(y, 0), relu_forward's rule */
 } NAME(bn_args);
 
 WIDE_CLONES
@@ -653,7 +666,25 @@ void NAME(fnn_batchnorm_stats)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
 }
 
 /* inv_std = 1 / sqrt(var + eps) per channel; x_hat = (x - mean) * inv_std and
- * y = gamma * x_hat + beta, each operation rounded to T (no fused multiply-add). */
+ * y = gamma * x_hat + beta, each operation rounded to T (no fused multiply-add);
+ * relu: then y = max(y, 0) as relu_forward (-0.0 and NaN kept), the ReLU fused. */
+static inline void NAME(bn_apply_run)(const T *restrict xs, ptrdiff_t s, T mu, T inv, T ga, T be,
+                                      int relu, T *restrict hs, T *restrict ys)
+{
+    if (relu)
+        for (ptrdiff_t k = 0; k < s; k++) {
+            const T h = (xs[k] - mu) * inv, v = ga * h + be;
+            hs[k] = h;
+            ys[k] = v < 0 ? (T)0 : v;
+        }
+    else
+        for (ptrdiff_t k = 0; k < s; k++) {
+            const T h = (xs[k] - mu) * inv;
+            hs[k] = h;
+            ys[k] = ga * h + be;
+        }
+}
+
 WIDE_CLONES     /* fp-contract=off in both clones */
 static void NAME(bn_apply_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
@@ -661,14 +692,9 @@ static void NAME(bn_apply_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
     const ptrdiff_t c = a->c, s = a->s;
     for (ptrdiff_t i = lo; i < hi; i++)
         for (ptrdiff_t ch = 0; ch < c; ch++) {
-            const T mu = a->mean_in[ch], inv = a->inv_std[ch], ga = a->gamma[ch], be = a->beta[ch];
-            const T *restrict xs = a->x + (i * c + ch) * s;
-            T *restrict hs = a->out + (i * c + ch) * s, *restrict ys = a->y + (i * c + ch) * s;
-            for (ptrdiff_t k = 0; k < s; k++) {
-                const T h = (xs[k] - mu) * inv;
-                hs[k] = h;
-                ys[k] = ga * h + be;
-            }
+            const ptrdiff_t at = (i * c + ch) * s;
+            NAME(bn_apply_run)(a->x + at, s, a->mean_in[ch], a->inv_std[ch], a->gamma[ch],
+                               a->beta[ch], a->relu, a->out + at, a->y + at);
         }
 }
 
@@ -678,7 +704,7 @@ __attribute__((optimize("fp-contract=off")))
 void NAME(fnn_batchnorm_apply)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s,
                                const T *restrict mean, const T *restrict var, T eps,
                                const T *restrict gamma, const T *restrict beta,
-                               T *restrict inv_std, T *restrict x_hat, T *restrict y)
+                               T *restrict inv_std, T *restrict x_hat, T *restrict y, int relu)
 {
     for (ptrdiff_t ch = 0; ch < c; ch++)
         inv_std[ch] = (T)1 / (T)sqrt((double)(var[ch] + eps));
@@ -687,15 +713,16 @@ void NAME(fnn_batchnorm_apply)(const T *restrict x, ptrdiff_t n, ptrdiff_t c, pt
             const T *restrict xs = x + i * c;
             T *restrict hs = x_hat + i * c, *restrict ys = y + i * c;
             for (ptrdiff_t ch = 0; ch < c; ch++) {
-                const T h = (xs[ch] - mean[ch]) * inv_std[ch];
+                const T h = (xs[ch] - mean[ch]) * inv_std[ch], v = gamma[ch] * h + beta[ch];
                 hs[ch] = h;
-                ys[ch] = gamma[ch] * h + beta[ch];
+                ys[ch] = relu && v < 0 ? (T)0 : v;
             }
         }
         return;
     }
     NAME(bn_args) a = {.x = x, .mean_in = mean, .inv_std = inv_std, .gamma = gamma,
-                       .beta = beta, .out = x_hat, .y = y, .n = n, .c = c, .s = s};
+                       .beta = beta, .out = x_hat, .y = y, .n = n, .c = c, .s = s,
+                       .relu = relu};
     fnn_split(NAME(bn_apply_samples), &a, n, fnn_split_block(c * s));
 }
 
@@ -706,14 +733,22 @@ static void NAME(bn_backward_sums)(void *args, ptrdiff_t lo, ptrdiff_t hi)
     const ptrdiff_t n = a->n, c = a->c, s = a->s;
     for (ptrdiff_t ch = lo; ch < hi; ch++) {
         double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
-        for (ptrdiff_t i = 0; i < n; i++)
-            NAME(bn_sum_pair)(a->grad_y + (i * c + ch) * s, a->x_hat + (i * c + ch) * s, s, sg, sgx);
+        for (ptrdiff_t i = 0; i < n; i++) {
+            const ptrdiff_t at = (i * c + ch) * s;
+            const T *g = a->grad_y + at;
+            if (a->relu_y) {      /* the ReLU's backward into grad_x, summed from there */
+                NAME(relu_backward_run)(g, a->relu_y + at, a->out + at, s);
+                g = a->out + at;
+            }
+            NAME(bn_sum_pair)(g, a->x_hat + at, s, sg, sgx);
+        }
         a->grad_beta[ch] = (T)NAME(bn_total)(sg);
         a->grad_gamma[ch] = (T)NAME(bn_total)(sgx);
     }
 }
 
-/* grad_x of samples [lo, hi), once grad_gamma and grad_beta are summed. */
+/* grad_x of samples [lo, hi), once grad_gamma and grad_beta are summed; grad_y may be
+ * grad_x itself (a fused ReLU's backward wrote it there). */
 WIDE_CLONES     /* fp-contract=off in both clones */
 static void NAME(bn_backward_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 {
@@ -724,9 +759,9 @@ static void NAME(bn_backward_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
         for (ptrdiff_t ch = 0; ch < c; ch++) {
             const T scale = a->gamma[ch] * a->inv_std[ch];
             const T mean_g = a->grad_beta[ch] * inv_count, mean_gx = a->grad_gamma[ch] * inv_count;
-            const T *restrict gs = a->grad_y + (i * c + ch) * s;
+            const T *gs = a->grad_y + (i * c + ch) * s;
             const T *restrict hs = a->x_hat + (i * c + ch) * s;
-            T *restrict out = a->out + (i * c + ch) * s;
+            T *out = a->out + (i * c + ch) * s;
             for (ptrdiff_t k = 0; k < s; k++)
                 out[k] = scale * ((gs[k] - mean_g) - hs[k] * mean_gx);
         }
@@ -734,7 +769,10 @@ static void NAME(bn_backward_samples)(void *args, ptrdiff_t lo, ptrdiff_t hi)
 
 /* Training backward: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat) per
  * channel (double), then grad_x = gamma * inv_std * (grad_y - grad_beta / m -
- * x_hat * grad_gamma / m), m = n * s values per channel. work: 2 * c doubles. */
+ * x_hat * grad_gamma / m), m = n * s values per channel. work: 2 * c doubles.
+ * relu_y (or NULL): the output of a ReLU fused into the forward; grad_y then first
+ * takes that ReLU's backward (grad_y where relu_y > 0, else 0): into grad_x, in the
+ * pass that sums it, then read from there. */
 #ifndef __clang__
 __attribute__((optimize("fp-contract=off")))
 #endif
@@ -742,19 +780,20 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
                                   ptrdiff_t c, ptrdiff_t s, const T *restrict gamma,
                                   const T *restrict inv_std, T *restrict grad_x,
                                   T *restrict grad_gamma, T *restrict grad_beta,
-                                  double *restrict work)
+                                  double *restrict work, const T *restrict relu_y)
 {
     const T inv_count = (T)(1.0 / ((double)n * s));
     NAME(bn_args) a = {.grad_y = grad_y, .x_hat = x_hat, .gamma = gamma, .inv_std = inv_std,
                        .out = grad_x, .grad_gamma = grad_gamma, .grad_beta = grad_beta,
-                       .n = n, .c = c, .s = s};
+                       .relu_y = relu_y, .n = n, .c = c, .s = s};
     if (s == 1) {
         double *sg = work, *sgx = work + c;
         for (ptrdiff_t ch = 0; ch < c; ch++) sg[ch] = sgx[ch] = 0;
         for (ptrdiff_t i = 0; i < n; i++)
             for (ptrdiff_t ch = 0; ch < c; ch++) {
-                sg[ch] += (double)grad_y[i * c + ch];
-                sgx[ch] += (double)grad_y[i * c + ch] * (double)x_hat[i * c + ch];
+                const T g = NAME(relu_masked)(grad_y, relu_y, i * c + ch);
+                sg[ch] += (double)g;
+                sgx[ch] += (double)g * (double)x_hat[i * c + ch];
             }
         for (ptrdiff_t ch = 0; ch < c; ch++) {
             grad_beta[ch] = (T)sg[ch];
@@ -762,6 +801,7 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
         }
     } else {
         fnn_split(NAME(bn_backward_sums), &a, c, fnn_split_block(n * s));
+        if (relu_y) a.grad_y = grad_x;         /* the masked grad_y, written by the sums */
     }
     if (s == 1) {          /* (N, C): a row of channels at a time, the same operations */
         for (ptrdiff_t i = 0; i < n; i++) {
@@ -769,7 +809,8 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
             T *restrict out = grad_x + i * c;
             for (ptrdiff_t ch = 0; ch < c; ch++)
                 out[ch] = (gamma[ch] * inv_std[ch])
-                          * ((gs[ch] - grad_beta[ch] * inv_count)
+                          * ((NAME(relu_masked)(gs, relu_y ? relu_y + i * c : NULL, ch)
+                              - grad_beta[ch] * inv_count)
                              - hs[ch] * (grad_gamma[ch] * inv_count));
         }
         return;

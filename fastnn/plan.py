@@ -11,6 +11,7 @@ from .layers.activation import ReLU, Softmax
 from .layers.base import uses_tutorial_protocol
 from .layers.conv import Conv2D
 from .layers.dense import Dense, FCLayer
+from .layers.norm import BatchNorm1d, BatchNorm2d
 
 __all__ = ["Plan", "layer_params"]
 
@@ -35,10 +36,11 @@ class Plan:
     final Softmax fused with CrossEntropy).
 
     Fusion happens here, as kernels the layers call, never as a second engine: a Dense
-    followed by a ReLU applies the ReLU on its GEMM's output (``relu=True``), the ReLU
-    then only keeps that output; a Dense whose input is a ReLU's output applies that
-    ReLU's backward to its grad_x (``relu_x=True``), the ReLU's backward then passes
-    the gradient through. The bits are those of the layers run one by one.
+    or BatchNorm followed by a ReLU applies the ReLU on its output (``relu=True``), the
+    ReLU then only keeps that output; a Dense whose input is a ReLU's output applies
+    that ReLU's backward to its grad_x (``relu_x=True``), else a BatchNorm before the
+    ReLU applies it to its grad_y (``relu_y=True``); the ReLU's backward then passes the
+    gradient through. The bits are those of the layers run one by one.
     """
 
     def __init__(self, network):
@@ -54,7 +56,7 @@ class Plan:
             else:
                 self.forwards.append(_forward_of(layer))
                 self.backwards.append(lambda g, lr, b=layer.backward: b(g))
-        self._fuse_dense_relu(layers)
+        self._fuse_relu(layers)
         fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
                  and isinstance(layers[-1], Softmax))
         self.n_train = len(layers) - fused
@@ -71,17 +73,22 @@ class Plan:
                 self.dtype = next(iter(params.values())).dtype
                 break
 
-    def _fuse_dense_relu(self, layers):
-        for i, layer in enumerate(layers):
-            if type(layer) not in (Dense, FCLayer):
+    def _fuse_relu(self, layers):
+        for i, relu in enumerate(layers):
+            if type(relu) is not ReLU:
                 continue
-            if i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
-                relu = layers[i + 1]
-                self.forwards[i] = lambda x, training, d=layer: d.forward(x, training, relu=True)
-                self.forwards[i + 1] = lambda x, training, r=relu: _keep_output(r, x)
-            if i > 0 and type(layers[i - 1]) is ReLU:
-                self.backwards[i] = lambda g, lr, d=layer: d.backward(g, relu_x=True)
-                self.backwards[i - 1] = lambda g, lr: g
+            before = layers[i - 1] if i > 0 else None
+            after = layers[i + 1] if i + 1 < len(layers) else None
+            if type(before) in _RELU_BEFORE:
+                self.forwards[i - 1] = lambda x, training, f=before: f.forward(x, training,
+                                                                              relu=True)
+                self.forwards[i] = lambda x, training, r=relu: _keep_output(r, x)
+            if type(after) in (Dense, FCLayer):
+                self.backwards[i + 1] = lambda g, lr, d=after: d.backward(g, relu_x=True)
+                self.backwards[i] = lambda g, lr: g
+            elif type(before) in _BATCHNORMS:
+                self.backwards[i - 1] = lambda g, lr, b=before: b.backward(g, relu_y=True)
+                self.backwards[i] = lambda g, lr: g
 
     def _first_trained(self, layers):
         """Training stops its backward at the first layer with parameters: the
@@ -105,8 +112,13 @@ class Plan:
         return self.layers == layers       # element-wise `is` first, in C
 
 
+# the layers a ReLU after them fuses into (forward(relu=True)), and the BatchNorms
+_BATCHNORMS = (BatchNorm1d, BatchNorm2d)
+_RELU_BEFORE = (Dense, FCLayer) + _BATCHNORMS
+
+
 def _keep_output(relu, y):
-    """A ReLU fused into the Dense before it: y is already its output; keep it for backward."""
+    """A ReLU fused into the layer before it: y is already its output; keep it for backward."""
     relu.output = y
     return y
 

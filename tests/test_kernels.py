@@ -621,6 +621,57 @@ def test_batchnorm_backends_match_reference(fast_backend, dtype, shape, training
         assert_close(g, w, dtype, fast_backend)
 
 
+@pytest.mark.parametrize("shape", BATCHNORM_SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_fused_relu_is_the_relu_kernels_one_by_one(fast_backend, dtype, shape,
+                                                             training):
+    """batchnorm_forward(relu=True) gives relu_forward(y), batchnorm_backward(relu_y=y)
+    the backward of relu_backward(grad_y, y), bit for bit (NaN and -0.0 in y cut the
+    gradient, a NaN in grad_y passes only where y > 0), and the reference's values."""
+    impl = _impl_module(fast_backend)
+    rng = np.random.default_rng(30)
+    c = shape[1]
+    x = random(rng, shape, dtype)
+    gamma, beta = random(rng, (c,), dtype), random(rng, (c,), dtype)
+    stats = () if training else (random(rng, (c,), dtype), np.abs(random(rng, (c,), dtype)) + 0.5)
+    y, x_hat, *_, inv_std = run_on(fast_backend, impl.batchnorm_forward, x, gamma, beta, 1e-5,
+                                   *stats, relu=True)
+    plain = run_on(fast_backend, impl.batchnorm_forward, x, gamma, beta, 1e-5, *stats)
+    np.testing.assert_array_equal(y, run_on(fast_backend, impl.relu_forward, plain[0]))
+    want = _reference.batchnorm_forward(x, gamma, beta, 1e-5, *stats, relu=True)
+    assert_close(y, want[0], dtype, fast_backend)
+    grad_y = random(rng, shape, dtype)
+    flat_y, flat_g = y.reshape(-1), grad_y.reshape(-1)
+    flat_y[:3] = [np.nan, -0.0, 0.0][:flat_y.size]      # each cuts the gradient
+    flat_g[-1:] = np.nan                                  # passes where y > 0 only
+    got = run_on(fast_backend, impl.batchnorm_backward, grad_y, x_hat, gamma, inv_std,
+                 relu_y=y)
+    masked = run_on(fast_backend, impl.relu_backward, grad_y, y)
+    one_by_one = run_on(fast_backend, impl.batchnorm_backward, masked, x_hat, gamma, inv_std)
+    want = _reference.batchnorm_backward(grad_y, x_hat, gamma, inv_std, relu_y=y)
+    for g, o, w in zip(got, one_by_one, want):           # grad_x, grad_gamma, grad_beta
+        np.testing.assert_array_equal(g, o)
+        assert_close(g, w, dtype, fast_backend)
+
+
+def test_reference_batchnorm_relu_against_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(31)
+    x, grad_y = rng.standard_normal((6, 3, 4, 5)), rng.standard_normal((6, 3, 4, 5))
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    tx = torch.tensor(x, requires_grad=True)
+    tg = torch.tensor(gamma, requires_grad=True)
+    tb = torch.tensor(beta, requires_grad=True)
+    ty = torch.relu(torch.nn.functional.batch_norm(tx, None, None, tg, tb, training=True,
+                                                   eps=1e-5))
+    ty.backward(torch.tensor(grad_y))
+    y, x_hat, _, _, inv_std = _reference.batchnorm_forward(x, gamma, beta, 1e-5, relu=True)
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+    got = _reference.batchnorm_backward(grad_y, x_hat, gamma, inv_std, relu_y=y)
+    for g, t in zip(got, (tx.grad, tg.grad, tb.grad)):
+        np.testing.assert_allclose(g, t.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_batchnorm_statistics_in_double():
     """float32 inputs, but the sums run in double: the mean and variance of a large
     batch with a large offset are the float64 ones, rounded once."""

@@ -73,6 +73,40 @@ def test_fused_dense_relu_steps_give_the_bits_of_the_layers_one_by_one(cpu_backe
     np.testing.assert_array_equal(fused.predict(x), plain.predict(x))
 
 
+def cnn(dtype, unfused=False, seed=0):
+    """(N, 2, 6, 6) -> (N, 3): BatchNorm -> ReLU before a Conv2D, a MaxPool2D and a Dense."""
+    gap = (lambda: [Identity()]) if unfused else (lambda: [])
+    return fn.Network([
+        fn.Conv2D(2, 4, 3, padding=1, bias=False, seed=seed, dtype=dtype),
+        fn.BatchNorm2d(4, dtype=dtype), *gap(), fn.ReLU(), *gap(),
+        fn.Conv2D(4, 5, 3, seed=seed + 1, dtype=dtype),
+        fn.BatchNorm2d(5, dtype=dtype), *gap(), fn.ReLU(), *gap(), fn.MaxPool2D(2),
+        fn.Flatten(), fn.Dense(5 * 2 * 2, 8, bias=False, seed=seed + 2, dtype=dtype),
+        fn.BatchNorm1d(8, dtype=dtype), *gap(), fn.ReLU(), *gap(),
+        fn.Dense(8, 3, seed=seed + 3, dtype=dtype)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_batchnorm_relu_steps_give_the_bits_of_the_layers_one_by_one(cpu_backend, dtype):
+    """The plan fuses a ReLU into the BatchNorm before it (forward, and backward unless a
+    Dense after it takes the ReLU's backward); identity layers stop that. Same bits, and
+    the same running statistics, either way."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((24, 2, 6, 6)).astype(dtype), rng.integers(0, 3, 24)
+    fused, plain = cnn(dtype), cnn(dtype, unfused=True)
+    for net in (fused, plain):
+        net.compile("cross_entropy", optim.SGD(lr=0.05, momentum=0.9, nesterov=True))
+    h1 = fused.fit(x, y, epochs=3, batch_size=8, seed=3, verbose=0)
+    h2 = plain.fit(x, y, epochs=3, batch_size=8, seed=3, verbose=0)
+    assert h1.history == h2.history
+    for p, q in zip(weights(fused), weights(plain)):
+        np.testing.assert_array_equal(p, q)
+    buffers = lambda net: [b for layer in net.layers for b in getattr(layer, "buffers", {}).values()]  # noqa: E731
+    for p, q in zip(buffers(fused), buffers(plain)):
+        np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(fused.predict(x), plain.predict(x))
+
+
 def test_every_update_passes_through_optimizer_step():
     """The seam: an optimizer whose step does nothing leaves every parameter unchanged
     (MLP, CNN with BatchNorm and Dropout), and its step sees each batch once."""

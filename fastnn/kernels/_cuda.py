@@ -571,12 +571,13 @@ def _channel_view(x):
     return n, c, s
 
 
-def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
+def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None, relu=False):
     """x: (N, C) or (N, C, H, W); gamma, beta: (C,).
 
     With ``mean``/``var`` None (training) the per-channel batch mean and biased
     variance are computed in one kernel (two passes per channel, accumulated
-    in double); otherwise the given (running) statistics are used.
+    in double); otherwise the given (running) statistics are used. ``relu``: y then
+    takes ``relu_forward`` in place (a second launch; the CPU fuses it).
     Returns ``(y, x_hat, mean, var, inv_std)``; backward needs x_hat and inv_std.
     """
     cp = _cp()
@@ -593,17 +594,22 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
     _kernel("batchnorm_apply_kernel", x.dtype)(
         _plane_grid(s, c, n), (_THREADS,),
         (x, mean, inv_std, gamma, beta, x_hat, y, _i(n), _i(c), _i(s)))
+    if relu:
+        relu_forward(y, out=y)
     return y, x_hat, mean, var, inv_std
 
 
-def batchnorm_backward(grad_y, x_hat, gamma, inv_std):
+def batchnorm_backward(grad_y, x_hat, gamma, inv_std, relu_y=None):
     """Training-mode BatchNorm backward -> (grad_x, grad_gamma, grad_beta).
 
     One reduction kernel gives per channel sum(grad_y) (= grad_beta) and
-    sum(grad_y * x_hat) (= grad_gamma); one elementwise pass gives grad_x.
+    sum(grad_y * x_hat) (= grad_gamma); one elementwise pass gives grad_x. ``relu_y``
+    (a fused ReLU's output): grad_y first becomes ``relu_backward(grad_y, relu_y)``.
     """
     cp = _cp()
     grad_y, x_hat, gamma, inv_std = (_c(a) for a in (grad_y, x_hat, gamma, inv_std))
+    if relu_y is not None:
+        grad_y = relu_backward(grad_y, _c(relu_y))
     n, c, s = _channel_view(grad_y)
     grad_beta = cp.empty(c, dtype=grad_y.dtype)
     grad_gamma = cp.empty(c, dtype=grad_y.dtype)

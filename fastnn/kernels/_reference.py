@@ -211,13 +211,13 @@ def random_flip(x, flips):
     return y
 
 
-def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
+def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None, relu=False):
     """x: (N, C) or (N, C, ...); gamma, beta: (C,) -> (y, x_hat, mean, var, inv_std).
 
     Statistics per channel (axis 1) over every other axis. With ``mean``/``var``
     None (training): the batch mean and biased variance; else the given (running)
     ones. x_hat = (x - mean) * inv_std, inv_std = 1 / sqrt(var + eps); y = gamma *
-    x_hat + beta."""
+    x_hat + beta, then ``relu_forward(y)`` when ``relu`` (a ReLU layer fused)."""
     axes = (0,) + tuple(range(2, x.ndim))
     shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     if mean is None:
@@ -228,12 +228,17 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
         centred = x - mean.reshape(shape)
     inv_std = (1 / np.sqrt(var + x.dtype.type(eps))).astype(x.dtype, copy=False)
     x_hat = centred * inv_std.reshape(shape)
-    return gamma.reshape(shape) * x_hat + beta.reshape(shape), x_hat, mean, var, inv_std
+    y = gamma.reshape(shape) * x_hat + beta.reshape(shape)
+    return relu_forward(y, out=y) if relu else y, x_hat, mean, var, inv_std
 
 
-def batchnorm_backward(grad_y, x_hat, gamma, inv_std):
+def batchnorm_backward(grad_y, x_hat, gamma, inv_std, relu_y=None):
     """Training-mode BatchNorm backward -> (grad_x, grad_gamma, grad_beta): the batch
-    statistics' own gradients (the mean and the x_hat-projection) are removed."""
+    statistics' own gradients (the mean and the x_hat-projection) are removed.
+    ``relu_y``: the output of a ReLU fused into the forward; grad_y first becomes
+    ``relu_backward(grad_y, relu_y)``."""
+    if relu_y is not None:
+        grad_y = relu_backward(grad_y, relu_y)
     axes = (0,) + tuple(range(2, grad_y.ndim))
     shape = (1, grad_y.shape[1]) + (1,) * (grad_y.ndim - 2)
     grad_gamma = (grad_y * x_hat).sum(axis=axes)

@@ -77,7 +77,9 @@ class _BatchNorm(Layer):
             raise ValueError(f"{self._name()}: expected input of shape {self._expected()}, "
                              f"got {tuple(x.shape)}")
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, *, relu=False):
+        """x: (N, C, ...) -> y, the same shape. ``relu=True`` (the Network passes it when
+        a ReLU layer follows) returns max(y, 0), the ReLU fused into the pass writing y."""
         self._check_params()            # once per assigned array: the kernels read raw memory
         self._check(x)
         x = contiguous(x)
@@ -85,19 +87,22 @@ class _BatchNorm(Layer):
         gamma, beta = self.params["gamma"], self.params["beta"]
         if training and self.synchronized:
             mean, var, m = self._global_stats(x)
-            y, x_hat, _, _, inv_std = impl.batchnorm_forward(x, gamma, beta, self.eps, mean, var)
+            y, x_hat, _, _, inv_std = impl.batchnorm_forward(x, gamma, beta, self.eps, mean, var,
+                                                             relu=relu)
             self._update_running(mean, var, m)
         elif training:
             m = x.size // self.num_features
             if m < 2:
                 raise ValueError(f"{self._name()}: training needs more than 1 value per channel, "
                                  f"got input of shape {tuple(x.shape)}")
-            y, x_hat, mean, var, inv_std = impl.batchnorm_forward(x, gamma, beta, self.eps)
+            y, x_hat, mean, var, inv_std = impl.batchnorm_forward(x, gamma, beta, self.eps,
+                                                                  relu=relu)
             self._update_running(mean, var, m)
         else:
             y, x_hat, _, _, inv_std = impl.batchnorm_forward(
-                x, gamma, beta, self.eps, self.buffers["running_mean"], self.buffers["running_var"])
-        self._cache = (x_hat, inv_std, training)
+                x, gamma, beta, self.eps, self.buffers["running_mean"], self.buffers["running_var"],
+                relu=relu)
+        self._cache = (x_hat, inv_std, training, y if relu else None)
         self.output = y
         return y
 
@@ -148,22 +153,31 @@ class _BatchNorm(Layer):
         rv *= 1 - mom
         rv += (mom * m / (m - 1)) * var
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, *, relu_y=False):
+        """grad_y: the shape of the input -> grad_x; fills ``grads``. ``relu_y=True`` (the
+        Network passes it after a ``forward(relu=True)``) applies the fused ReLU's
+        backward to grad_y first, in the same passes."""
         self._check_params()
         if self._cache is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
-        x_hat, inv_std, training = self._cache
+        x_hat, inv_std, training, relu_out = self._cache
         if getattr(grad_y, "shape", None) != x_hat.shape or grad_y.dtype != x_hat.dtype:
             check_float_array(grad_y, self._name(), "grad_y", x_hat.dtype)
             raise ValueError(f"{self._name()}: expected grad_y of shape {tuple(x_hat.shape)}, "
                              f"got {tuple(grad_y.shape)}")
-        grad_y = contiguous(grad_y)
-        if training and self.synchronized:
-            return self._global_backward(grad_y, x_hat, inv_std)
-        if training:
-            grad_x, self.grads["gamma"], self.grads["beta"] = kernel_impl(grad_y).batchnorm_backward(
-                grad_y, x_hat, self.params["gamma"], inv_std)
+        if relu_y and relu_out is None:
+            raise RuntimeError(f"{self._name()}: backward(relu_y=True) needs a forward with "
+                               "relu=True")
+        grad_y, impl = contiguous(grad_y), kernel_impl(grad_y)
+        relu_out = relu_out if relu_y else None
+        if training and not self.synchronized:
+            grad_x, self.grads["gamma"], self.grads["beta"] = impl.batchnorm_backward(
+                grad_y, x_hat, self.params["gamma"], inv_std, relu_y=relu_out)
             return grad_x
+        if relu_out is not None:
+            grad_y = impl.relu_backward(grad_y, relu_out)
+        if training:
+            return self._global_backward(grad_y, x_hat, inv_std)
         # eval mode: fixed statistics, y is affine in x
         axes = (0,) + tuple(range(2, grad_y.ndim))
         shape = (1, self.num_features) + (1,) * (grad_y.ndim - 2)

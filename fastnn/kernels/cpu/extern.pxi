@@ -85,18 +85,19 @@ cdef extern from "fastnn_kernels.h" nogil:
                                double *var, double *work)
     void fnn_batchnorm_apply_f(const float *x, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, const float *mean,
                                const float *var, float eps, const float *gamma,
-                               const float *beta, float *inv_std, float *x_hat, float *y)
+                               const float *beta, float *inv_std, float *x_hat, float *y, int relu)
     void fnn_batchnorm_apply_d(const double *x, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, const double *mean,
                                const double *var, double eps, const double *gamma,
-                               const double *beta, double *inv_std, double *x_hat, double *y)
+                               const double *beta, double *inv_std, double *x_hat, double *y,
+                               int relu)
     void fnn_batchnorm_backward_f(const float *grad_y, const float *x_hat, Py_ssize_t n, Py_ssize_t c,
                                   Py_ssize_t s, const float *gamma, const float *inv_std,
                                   float *grad_x, float *grad_gamma, float *grad_beta,
-                                  double *work)
+                                  double *work, const float *relu_y)
     void fnn_batchnorm_backward_d(const double *grad_y, const double *x_hat, Py_ssize_t n, Py_ssize_t c,
                                   Py_ssize_t s, const double *gamma, const double *inv_std,
                                   double *grad_x, double *grad_gamma, double *grad_beta,
-                                  double *work)
+                                  double *work, const double *relu_y)
     void fnn_relu_forward_f(const float *x, float *y, Py_ssize_t n)
     void fnn_relu_forward_d(const double *x, double *y, Py_ssize_t n)
     void fnn_relu_backward_f(const float *grad_y, const float *y, float *grad_x, Py_ssize_t n)

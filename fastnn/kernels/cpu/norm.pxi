@@ -61,10 +61,12 @@ cdef cnp.ndarray _channels(str who, str name, a, Py_ssize_t c, dtype):
 
 # --- batch normalisation (the layers' CPU path; the same calls as the CUDA module's) ---
 
-def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=None):
+def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=None,
+                      bint relu=False):
     """x: (N, C) or (N, C, ...) C-contiguous; gamma, beta: (C,) -> (y, x_hat, mean, var,
     inv_std). With ``mean``/``var`` None (training) the batch's mean and biased variance
-    per channel (double sums, two passes), else the given (running) statistics."""
+    per channel (double sums, two passes), else the given (running) statistics.
+    ``relu``: y = relu_forward(y), fused into the pass that writes y."""
     who = "batchnorm_forward"
     _float_input(who, "x", x)
     if x.ndim < 2:
@@ -98,25 +100,29 @@ def batchnorm_forward(cnp.ndarray x, gamma, beta, double eps, mean=None, var=Non
                 fnn_batchnorm_stats_f(<float*>px, n, c, s, <float*>pm, <float*>pv, pw)
             fnn_batchnorm_apply_f(<float*>px, n, c, s, <float*>pm, <float*>pv, <float>eps,
                                   <float*>pga, <float*>pbe, <float*>pinv, <float*>ph,
-                                  <float*>py)
+                                  <float*>py, relu)
         else:
             if stats:
                 fnn_batchnorm_stats_d(<double*>px, n, c, s, <double*>pm, <double*>pv, pw)
             fnn_batchnorm_apply_d(<double*>px, n, c, s, <double*>pm, <double*>pv, eps,
                                   <double*>pga, <double*>pbe, <double*>pinv, <double*>ph,
-                                  <double*>py)
+                                  <double*>py, relu)
     return y, x_hat, mean, var, inv_std
 
 
-def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray inv_std):
+def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray inv_std,
+                       cnp.ndarray relu_y=None):
     """Training-mode backward -> (grad_x, grad_gamma, grad_beta); grad_y and x_hat of one
-    shape, C-contiguous."""
+    shape, C-contiguous. ``relu_y`` (the same shape, or None): the output of a ReLU fused
+    into the forward, whose backward grad_y takes first (relu_backward, on the fly)."""
     who = "batchnorm_backward"
     cdef int t = _float_input(who, "grad_y", grad_y)
     if grad_y.ndim < 2:
         raise ValueError(f"{who}: grad_y must be (N, C) or (N, C, ...), got shape "
                          f"{(<object>grad_y).shape}")
     _need(who, "x_hat", x_hat, t, (<object>grad_y).shape)
+    if relu_y is not None:
+        _need(who, "relu_y", relu_y, t, (<object>grad_y).shape)
     cdef Py_ssize_t n = grad_y.shape[0], c = grad_y.shape[1]
     cdef Py_ssize_t s = grad_y.size // (n * c) if n * c else 0
     dtype = grad_y.dtype
@@ -134,13 +140,14 @@ def batchnorm_backward(cnp.ndarray grad_y, cnp.ndarray x_hat, gamma, cnp.ndarray
     cdef void *pgg = _data(grad_gamma)
     cdef void *pgb = _data(grad_beta)
     cdef double *pw = <double*>_data(work)
+    cdef void *pry = NULL if relu_y is None else _data(relu_y)
     cdef bint single = _is_float32(grad_y)
     with nogil:
         if single:
             fnn_batchnorm_backward_f(<float*>pg, <float*>ph, n, c, s, <float*>pga, <float*>pinv,
-                                     <float*>pgx, <float*>pgg, <float*>pgb, pw)
+                                     <float*>pgx, <float*>pgg, <float*>pgb, pw, <float*>pry)
         else:
             fnn_batchnorm_backward_d(<double*>pg, <double*>ph, n, c, s, <double*>pga,
                                      <double*>pinv, <double*>pgx, <double*>pgg, <double*>pgb,
-                                     pw)
+                                     pw, <double*>pry)
     return grad_x, grad_gamma, grad_beta
