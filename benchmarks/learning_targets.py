@@ -6,11 +6,12 @@ on MNIST (>= 99.5% test accuracy in <= 60 s of training) and Fashion-MNIST (>= 9
         [--framework fastnn torch] [--data DIR] [--epochs N] [--limit N] [--json FILE]
 
 The same recipe on both sides: the same 55000/5000 training/validation split
-(``fastnn.train.load_task_data``), the same layers and widths (``train.CNN_STAGES``), He
-initialisation, random shifts of up to 2 pixels (and horizontal flips for Fashion-MNIST)
-drawn per sample, Nesterov SGD (momentum 0.9, weight decay on the conv/dense weights
-only), a one-cycle schedule stepping per batch (pct_start 0.25), batch 128, the
-validation set evaluated after every epoch. Seconds are the training loop's wall time
+(``fastnn.train.load_task_data``), the same layers, widths and augmentation
+(``train.CNN_RECIPES``), He initialisation, random shifts (up to 2 pixels for MNIST, 1
+for Fashion-MNIST, which also flips horizontally) drawn per sample, Nesterov SGD
+(momentum 0.9, weight decay on the conv/dense weights only), a one-cycle schedule
+stepping per batch (pct_start 0.25), batch 128, the validation set evaluated after
+every epoch. Seconds are the training loop's wall time
 (validation included, data loading excluded); accuracy is on the 10000 test images.
 """
 import argparse
@@ -48,10 +49,10 @@ def fastnn_run(kind, seed, args):
 
 
 def torch_model(torch, kind):
-    """The recipe's network (``train.CNN_STAGES[kind]``) in PyTorch, initialised as
+    """The recipe's network (``train.CNN_RECIPES[kind]``) in PyTorch, initialised as
     fastnn's "he" (normal, std sqrt(2 / fan_in)), biases zero."""
     nn = torch.nn
-    stages, hidden = train.CNN_STAGES[kind]
+    stages, hidden = train.CNN_RECIPES[kind]["stages"], train.CNN_RECIPES[kind]["hidden"]
     layers, channels, side = [], 1, 28
     for out, kernel, padding in stages:
         layers += [nn.Conv2d(channels, out, kernel, padding=padding, bias=False),
@@ -68,7 +69,7 @@ def torch_model(torch, kind):
     return model
 
 
-def torch_augment(torch, x, flip, gen, shift=2):
+def torch_augment(torch, x, flip, gen, shift):
     """(N, C, H, W) -> each sample shifted by whole pixels in [-shift, shift] per axis
     (zeros filled) and, with ``flip``, mirrored left-right with probability 1/2."""
     n, _, h, w = x.shape
@@ -109,7 +110,8 @@ def torch_run(kind, seed, args):
         order = torch.randperm(len(x), generator=gen)
         for i in range(steps):
             idx = order[i * batch:(i + 1) * batch]
-            xb = torch_augment(torch, x[idx], kind == "fashion", gen)
+            xb = torch_augment(torch, x[idx], train.CNN_RECIPES[kind]["flip"], gen,
+                               train.CNN_RECIPES[kind]["shift"])
             loss = torch.nn.functional.cross_entropy(model(xb), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

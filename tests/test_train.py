@@ -392,6 +392,9 @@ def test_recipe_cnn_architecture_and_fashion_defaults():
     fashion = train.build_model("mnist-cnn", seed=3, kind="fashion")
     kinds = [type(layer).__name__ for layer in fashion.layers]
     assert kinds[:2] == ["RandomTranslation", "RandomFlip"] and kinds.count("Conv2D") == 3
+    for model, kind in ((net, "mnist"), (fashion, "fashion")):     # shifts as CNN_RECIPES say
+        shift = train.CNN_RECIPES[kind]["shift"]
+        assert (model.layers[0].height_factor, model.layers[0].width_factor) == (shift, shift)
     assert fashion.predict(x).shape == (2, 10)
     assert train.parse_args(["mnist-cnn"]).epochs == train.TASKS["mnist-cnn"]["epochs"]
     assert train.parse_args(["mnist-cnn", "--kind", "fashion"]).epochs == \
