@@ -105,6 +105,11 @@ def test_fused_batchnorm_relu_steps_give_the_bits_of_the_layers_one_by_one(cpu_b
     for p, q in zip(buffers(fused), buffers(plain)):
         np.testing.assert_array_equal(p, q)
     np.testing.assert_array_equal(fused.predict(x), plain.predict(x))
+    grad = rng.standard_normal((24, 3)).astype(dtype)      # Network.forward / backward too
+    for training in (False, True):
+        np.testing.assert_array_equal(fused.forward(x, training=training),
+                                      plain.forward(x, training=training))
+        np.testing.assert_array_equal(fused.backward(grad), plain.backward(grad))
 
 
 def test_every_update_passes_through_optimizer_step():
