@@ -115,7 +115,7 @@ static inline void transpose_block4_f(const float *a, ptrdiff_t lda, float *out,
  * the same comparisons as the scalar loop (beats(): strictly greater, or a first
  * NaN), argmax as int32 lanes (the caller checks h*w fits) widened to int64.
  * `at` is the plane index of top[0]. A ragged end is one more block overlapping the
- * one before it (the same values again). Below 4 outputs (planes of 7x7 or less) the
+ * one before it (the same values again). Below 4 outputs (planes at most 7 wide) the
  * two rows are copied into a block of zeros first, the outputs past ow dropped.
  * Returns the outputs done: ow.
  * LeNet's first pool (64x6 planes of 28x28, one thread): 190 -> ~45 us. */
