@@ -599,13 +599,6 @@ static inline void NAME(bn_sum_pair)(const T *g, const T *xh, ptrdiff_t len, dou
     }
 }
 
-/* g[k], or relu_backward's value for it when y (a ReLU's output) is not NULL */
-static inline T NAME(relu_masked)(const T *g, const T *y, ptrdiff_t k)
-{
-    const T gk = g[k];
-    return y && !(y[k] > 0) ? (T)0 : gk;
-}
-
 static inline double NAME(bn_total)(const double lanes[BN_LANES])
 {
     double t = 0;
@@ -788,33 +781,34 @@ void NAME(fnn_batchnorm_backward)(const T *restrict grad_y, const T *restrict x_
                        .relu_y = relu_y, .n = n, .c = c, .s = s};
     if (s == 1) {
         double *sg = work, *sgx = work + c;
+        const T *g = grad_y;
+        if (relu_y) {      /* (N, C) rows: the ReLU's backward into grad_x first */
+            NAME(relu_backward_run)(grad_y, relu_y, grad_x, n * c);
+            g = grad_x;
+        }
         for (ptrdiff_t ch = 0; ch < c; ch++) sg[ch] = sgx[ch] = 0;
         for (ptrdiff_t i = 0; i < n; i++)
             for (ptrdiff_t ch = 0; ch < c; ch++) {
-                const T g = NAME(relu_masked)(grad_y, relu_y, i * c + ch);
-                sg[ch] += (double)g;
-                sgx[ch] += (double)g * (double)x_hat[i * c + ch];
+                sg[ch] += (double)g[i * c + ch];
+                sgx[ch] += (double)g[i * c + ch] * (double)x_hat[i * c + ch];
             }
         for (ptrdiff_t ch = 0; ch < c; ch++) {
             grad_beta[ch] = (T)sg[ch];
             grad_gamma[ch] = (T)sgx[ch];
         }
-    } else {
-        fnn_split(NAME(bn_backward_sums), &a, c, fnn_split_block(n * s));
-        if (relu_y) a.grad_y = grad_x;         /* the masked grad_y, written by the sums */
-    }
-    if (s == 1) {          /* (N, C): a row of channels at a time, the same operations */
+        /* a row of channels at a time, the same operations; gs may be grad_x itself */
         for (ptrdiff_t i = 0; i < n; i++) {
-            const T *restrict gs = grad_y + i * c, *restrict hs = x_hat + i * c;
-            T *restrict out = grad_x + i * c;
+            const T *gs = g + i * c, *restrict hs = x_hat + i * c;
+            T *out = grad_x + i * c;
             for (ptrdiff_t ch = 0; ch < c; ch++)
                 out[ch] = (gamma[ch] * inv_std[ch])
-                          * ((NAME(relu_masked)(gs, relu_y ? relu_y + i * c : NULL, ch)
-                              - grad_beta[ch] * inv_count)
+                          * ((gs[ch] - grad_beta[ch] * inv_count)
                              - hs[ch] * (grad_gamma[ch] * inv_count));
         }
         return;
     }
+    fnn_split(NAME(bn_backward_sums), &a, c, fnn_split_block(n * s));
+    if (relu_y) a.grad_y = grad_x;         /* the masked grad_y, written by the sums */
     fnn_split(NAME(bn_backward_samples), &a, n, fnn_split_block(c * s));
 }
 
