@@ -74,13 +74,18 @@ typedef struct {
 static ptrdiff_t wino_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
 static ptrdiff_t wino_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
 
+/* The conv's outputs are rows [0, oh) and columns [0, ow) of the correlation of the
+ * input, padded by ph rows above and pw columns on the left, with a 3x3 kernel: with
+ * oh = h + 2*ph - 2 (ow likewise) the usual conv; smaller, its first rows and columns
+ * only; larger, as if the input had more zero rows (columns) below (on the right).
+ * Input pixels past h x w read as zeros. */
 static wino_plan wino_make_plan(ptrdiff_t n, ptrdiff_t ch_in, ptrdiff_t h, ptrdiff_t w, ptrdiff_t ph, ptrdiff_t pw,
-                                ptrdiff_t ch_out, ptrdiff_t elem)
+                                ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t ch_out, ptrdiff_t elem)
 {
     wino_plan p;
     p.n = n; p.ch_in = ch_in; p.h = h; p.w = w; p.ch_out = ch_out; p.ph = ph; p.pw = pw;
-    p.oh = h + 2 * ph - 2;
-    p.ow = w + 2 * pw - 2;
+    p.oh = oh;
+    p.ow = ow;
     p.th = (p.oh + 1) / 2;
     p.tw = (p.ow + 1) / 2;
     ptrdiff_t budget = WINO_BLOCK_BYTES / (16 * (ch_in + ch_out) * elem);
@@ -499,7 +504,7 @@ static void NAME(wino_conv)(const wino_plan *p, const T *x, const T *U, const T 
 
 ptrdiff_t NAME(fnn_winograd_forward_workspace)(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k, int threads)
 {
-    const wino_plan p = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, k, sizeof(T));
+    const wino_plan p = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, g->oh, g->ow, k, sizeof(T));
     return 16 * g->c * k + wino_max(g->c, k) + threads * wino_thread_elems(&p);
 }
 
@@ -507,7 +512,7 @@ void NAME(fnn_winograd_forward)(const T *x, ptrdiff_t n, const fnn_geometry *g, 
                                 const T *bias, T *y, T *work, int threads,
                                 CAT(fnn_gemm_fn, S) gemm)
 {
-    const wino_plan p = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, k, sizeof(T));
+    const wino_plan p = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, g->oh, g->ow, k, sizeof(T));
     T *U = work, *zeros = U + 16 * g->c * k;
     NAME(wino_weights)(w, k, g->c, 0, U);
     memset(zeros, 0, (size_t)wino_max(g->c, k) * sizeof(T));
@@ -515,12 +520,14 @@ void NAME(fnn_winograd_forward)(const T *x, ptrdiff_t n, const fnn_geometry *g, 
 }
 
 /* The backward's plans: weight gradient over the forward's tiles, input gradient
- * as the conv of grad_y (K, oh, ow) with the flipped weights, padding 2 - p. */
+ * as the conv of grad_y (K, oh, ow) with the flipped weights, padding 2 - p above and
+ * on the left, giving (C, h, w) (when g's oh x ow are the first rows and columns of a
+ * larger output, the outputs past them have no gradient: zeros). */
 static void NAME(wino_backward_plans)(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k, wino_plan *pw,
                                       wino_plan *px)
 {
-    *pw = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, k, sizeof(T));
-    *px = wino_make_plan(n, k, g->oh, g->ow, 2 - g->ph, 2 - g->pw, g->c, sizeof(T));
+    *pw = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, g->oh, g->ow, k, sizeof(T));
+    *px = wino_make_plan(n, k, g->oh, g->ow, 2 - g->ph, 2 - g->pw, g->h, g->w, g->c, sizeof(T));
 }
 
 ptrdiff_t NAME(fnn_winograd_backward_workspace)(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k, int threads,

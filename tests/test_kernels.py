@@ -112,6 +112,64 @@ def test_conv2d_backends_match_reference(fast_backend, dtype, case):
     got = run_on(fast_backend, kernels.conv2d_backward, grad_y, x, W, stride, padding)
     for g, r in zip(got, want):
         assert_close(g, r, dtype, fast_backend)
+    size = first_outputs(ref.shape)                  # the first rows and columns only
+    got = run_on(fast_backend, kernels.conv2d_forward, x, W, None, stride, padding,
+                 output_size=size)                   # ref: the loop's last, without bias
+    assert_close(got, ref[:, :, :size[0], :size[1]], dtype, fast_backend)
+    grad_y = np.ascontiguousarray(grad_y[:, :, :size[0], :size[1]])
+    want = run_on("numpy", kernels.conv2d_backward, grad_y, x, W, stride, padding,
+                  output_size=size)
+    got = run_on(fast_backend, kernels.conv2d_backward, grad_y, x, W, stride, padding,
+                 output_size=size)
+    for g, r in zip(got, want):
+        assert_close(g, r, dtype, fast_backend)
+
+
+def first_outputs(shape):
+    """An output_size (oh, ow) below an output (..., OH, OW): one row and two columns
+    fewer where there are that many (a 2x2 pool dropping the last row and column)."""
+    return max(1, shape[-2] - 1), max(1, shape[-1] - 2)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
+def test_conv2d_first_outputs_match_torch(backend_name, dtype, case):
+    """conv2d_forward(output_size=(oh, ow)) is the first oh rows and ow columns of the
+    conv; its backward, the gradient of that slice (the other outputs get none)."""
+    torch = pytest.importorskip("torch")
+    x, W, b, stride, padding = conv_inputs(case, dtype)
+    tx, tW, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, W, b))
+    ty = torch.nn.functional.conv2d(tx, tW, tb, stride=stride, padding=padding)
+    oh, ow = first_outputs(ty.shape)
+    ty = ty[:, :, :oh, :ow]
+    y = kernels.conv2d_forward(x, W, b, stride=stride, padding=padding, output_size=(oh, ow))
+    assert y.dtype == dtype and y.shape == tuple(ty.shape) and y.flags.c_contiguous
+    assert_close(y, ty.detach().numpy(), dtype)
+    grad_y = random(np.random.default_rng(1), y.shape, dtype)
+    ty.backward(torch.tensor(grad_y, dtype=torch.float64))
+    grads = kernels.conv2d_backward(grad_y, x, W, stride=stride, padding=padding,
+                                    output_size=[oh, ow])
+    for got, want in zip(grads, (tx.grad, tW.grad, tb.grad)):
+        assert got.dtype == dtype
+        assert_close(got, want.numpy(), dtype)
+    _, grad_W, _ = kernels.conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=False,
+                                           output_size=(oh, ow))
+    assert_close(grad_W, tW.grad.numpy(), dtype)
+
+
+@pytest.mark.parametrize("output_size", [(0, 1), (1, 0), (9, 9), (3,), 3, (2.0, 1), (True, 1),
+                                         "ab"])
+def test_conv2d_output_size_must_fit_the_output(backend_name, output_size):
+    x, W, b, stride, padding = conv_inputs(CONV_CASES[0], np.float32)     # y (2, 4, 7, 9)
+    grad_y = np.zeros((2, 4, 7, 9), np.float32)
+    with pytest.raises(ValueError, match=r"conv2d_forward: output_size must be .*oh <= 7 .*got"):
+        kernels.conv2d_forward(x, W, b, stride, padding, output_size=output_size)
+    with pytest.raises(ValueError, match=r"conv2d_backward: output_size must be .*oh <= 7 .*got"):
+        kernels.conv2d_backward(grad_y, x, W, stride, padding, output_size=output_size)
+    # the whole output is the plain call; grad_y must have output_size's shape
+    whole = kernels.conv2d_forward(x, W, b, stride, padding, output_size=(7, 9))
+    assert whole.shape == (2, 4, 7, 9)
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(2, 4, 6, 9\)"):
+        kernels.conv2d_backward(grad_y, x, W, stride, padding, output_size=(6, 9))
 
 
 def test_conv2d_gradients_by_finite_differences(backend_name):

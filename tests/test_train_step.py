@@ -1,5 +1,7 @@
 """Network.train_step, the one step every network takes (fit runs it per batch), the
-optimizer seam it ends in, the Dense+ReLU fusion inside it, and Ctrl-C at step boundaries."""
+optimizer seam it ends in, the plan's fusions inside it (Dense/BatchNorm + ReLU, a conv
+computing only what the pool after it reads), and Ctrl-C at step boundaries."""
+import contextlib
 import sys
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 import fastnn as fn
 from fastnn import optim
+from fastnn.kernels import variants
 from _helpers import run_python
 
 
@@ -110,6 +113,71 @@ def test_fused_batchnorm_relu_steps_give_the_bits_of_the_layers_one_by_one(cpu_b
         np.testing.assert_array_equal(fused.forward(x, training=training),
                                       plain.forward(x, training=training))
         np.testing.assert_array_equal(fused.backward(grad), plain.backward(grad))
+
+
+def pooled_cnn(dtype, pool, unfused=False):
+    """(N, 4, 7, 7) -> (N, 3): a padded 3x3 Conv2D whose 7x7 output a 2x2 pool reads
+    6x6 of, a second one (3x3 output, 2x2 read) and a Dense."""
+    gap = (lambda: [Identity()]) if unfused else (lambda: [])
+    return fn.Network([
+        fn.Conv2D(4, 6, 3, padding=1, seed=0, dtype=dtype), *gap(), pool(2), fn.ReLU(),
+        fn.Conv2D(6, 5, 3, padding=1, seed=1, dtype=dtype), *gap(), pool(2),
+        fn.Flatten(), fn.Dense(5, 3, seed=2, dtype=dtype)])
+
+
+@pytest.mark.parametrize("variant", ["auto", "winograd"])
+@pytest.mark.parametrize("pool", [fn.MaxPool2D, fn.AvgPool2D])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_before_a_pool_computes_only_what_the_pool_reads(cpu_backend, dtype, pool, variant):
+    """The plan has a Conv2D followed by a pool compute only the output rows and columns
+    the pool reads (7x7 -> 6x6, 3x3 -> 2x2); training and predictions are those of the
+    layers one by one (an identity layer between stops it), to round-off: Winograd's
+    weight gradient sums fewer tiles."""
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((20, 4, 7, 7)).astype(dtype), rng.integers(0, 3, 20)
+    forced = (contextlib.nullcontext() if variant == "auto" else
+              variants.force("conv2d_forward", variant))
+    with forced, (contextlib.nullcontext() if variant == "auto" else
+                  variants.force("conv2d_backward", variant)):
+        cropped, plain = pooled_cnn(dtype, pool), pooled_cnn(dtype, pool, unfused=True)
+        for net in (cropped, plain):
+            net.compile("cross_entropy", optim.SGD(lr=0.05, momentum=0.9))
+        h1 = cropped.fit(x, y, epochs=2, batch_size=8, seed=3, verbose=0)
+        h2 = plain.fit(x, y, epochs=2, batch_size=8, seed=3, verbose=0)
+        assert cropped.layers[0].output.shape == (4, 6, 6, 6)     # the last batch's
+        assert plain.layers[0].output.shape == (4, 6, 7, 7)
+        assert cropped.layers[3].output.shape == (4, 5, 2, 2)
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(h1.history["loss"], h2.history["loss"], **tol)
+        for p, q in zip(weights(cropped), weights(plain)):
+            np.testing.assert_allclose(p, q, **tol)
+        np.testing.assert_allclose(cropped.predict(x), plain.predict(x), **tol)
+        assert cropped.layers[0].output.shape == (20, 6, 6, 6)
+        grad = rng.standard_normal((20, 3)).astype(dtype)   # Network.forward / backward too
+        np.testing.assert_allclose(cropped.forward(x), plain.forward(x), **tol)
+        np.testing.assert_allclose(cropped.backward(grad), plain.backward(grad), **tol)
+
+
+def test_conv2d_output_size_sets_the_backward_shape():
+    """Conv2D.forward(output_size=) returns those rows and columns, and its backward
+    takes grad_y of that shape and says so for any other."""
+    conv = fn.Conv2D(2, 3, 3, padding=1, seed=0)
+    x = np.ones((2, 2, 7, 7), np.float32)
+    assert conv.forward(x, output_size=(6, 5)).shape == (2, 3, 6, 5)
+    with pytest.raises(ValueError, match=r"Conv2D\(2 -> 3, 3x3\): expected grad_y of shape "
+                                         r"\(2, 3, 6, 5\), got \(2, 3, 7, 7\)"):
+        conv.backward(np.ones((2, 3, 7, 7), np.float32))
+    assert conv.backward(np.ones((2, 3, 6, 5), np.float32)).shape == x.shape
+    assert conv.forward(x).shape == (2, 3, 7, 7)      # the next call: the whole output
+    with pytest.raises(ValueError, match=r"Conv2D\(2 -> 3, 3x3\): output_size must be"):
+        conv.forward(x, output_size=(8, 7))
+
+
+def test_pool_read_size():
+    assert fn.MaxPool2D(2).read_size(7, 6) == (6, 6)
+    assert fn.MaxPool2D(3, stride=2).read_size(8, 9) == (7, 9)
+    assert fn.AvgPool2D((2, 3)).read_size(5, 5) == (4, 3)
+    assert fn.MaxPool2D(4).read_size(3, 9) == (3, 9)     # too small: forward raises
 
 
 def test_every_update_passes_through_optimizer_step():

@@ -1,5 +1,6 @@
 """Every applicable variant of the compiled conv and dense kernels (fastnn.kernels.variants),
-forced one by one on the shared case lists of tests/cases.py, against the NumPy reference,
+forced one by one on the shared case lists of tests/cases.py (convs also with an
+``output_size`` below the whole output), against the NumPy reference,
 float32 and float64: not only the variant that the chooser picks on this machine. float32
 runs under both GEMM engines (fastnn's AVX-512 kernel where the CPU has it, and BLAS: the
 portable path of CPUs without AVX-512). Also the registry itself: names, errors, forcing,
@@ -64,6 +65,14 @@ def _conv_data(index, dname):
                                                                            padding)
 
 
+def _first_outputs(y, grad_y):
+    """An output_size below y's (one row and two columns fewer where there are that
+    many), y's slice and grad_y's, and the reference's backward of that slice."""
+    size = max(1, y.shape[2] - 1), max(1, y.shape[3] - 2)
+    return (size, y[:, :, :size[0], :size[1]],
+            np.ascontiguousarray(grad_y[:, :, :size[0], :size[1]]))
+
+
 def assert_close(got, want, dtype):
     """Round-off relative to the largest value (sums of many products)."""
     eps = 1e-5 if dtype == np.float32 else 1e-12
@@ -74,23 +83,32 @@ def assert_close(got, want, dtype):
 
 @pytest.mark.parametrize("index, dname, engine, variant", _conv_params("conv2d_forward"))
 def test_conv2d_forward_variant_matches_reference(index, dname, engine, variant):
-    x, W, b, stride, padding, y, _, _ = _conv_data(index, dname)
+    x, W, b, stride, padding, y, grad_y, _ = _conv_data(index, dname)
+    size, first, _ = _first_outputs(y, grad_y)
     with variants.force("gemm", engine), variants.force("conv2d_forward", variant):
         assert_close(_cpu.conv2d_forward(x, W, b, stride, padding), y, DTYPES[dname])
         assert_close(_cpu.conv2d_forward(x, W, None, stride, padding),
                      _reference.conv2d_forward(x, W, None, stride, padding), DTYPES[dname])
+        assert_close(_cpu.conv2d_forward(x, W, b, stride, padding, size), first, DTYPES[dname])
 
 
 @pytest.mark.parametrize("index, dname, engine, variant", _conv_params("conv2d_backward"))
 def test_conv2d_backward_variant_matches_reference(index, dname, engine, variant):
-    x, W, _, stride, padding, _, grad_y, want = _conv_data(index, dname)
+    x, W, _, stride, padding, y, grad_y, want = _conv_data(index, dname)
+    size, _, first_grad = _first_outputs(y, grad_y)
+    want_first = _reference.conv2d_backward(first_grad, x, W, stride, padding,
+                                            output_size=size)
     with variants.force("gemm", engine), variants.force("conv2d_backward", variant):
         got = _cpu.conv2d_backward(grad_y, x, W, stride, padding)
         without = _cpu.conv2d_backward(grad_y, x, W, stride, padding, False)
+        got_first = _cpu.conv2d_backward(first_grad, x, W, stride, padding, True, size)
+        without_first = _cpu.conv2d_backward(first_grad, x, W, stride, padding, False, size)
     for g, w in zip(got, want):
         assert_close(g, w, DTYPES[dname])
-    assert without[0] is None
+    assert without[0] is None and without_first[0] is None
     for g, w in zip(without[1:], want[1:]):
+        assert_close(g, w, DTYPES[dname])
+    for g, w in zip(got_first + without_first[1:], want_first + want_first[1:]):
         assert_close(g, w, DTYPES[dname])
 
 

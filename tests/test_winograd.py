@@ -86,6 +86,21 @@ def test_winograd_matches_reference(winograd, case, dtype):
                              dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("size", [(6, 6), (1, 7), (5, 2)])
+def test_winograd_first_outputs_match_reference(winograd, dtype, size):
+    """output_size: Winograd computes only those outputs' tiles (6x6 of a 7x7 output: 9
+    instead of 16), and its grad_x reads zeros past them; float64 reference."""
+    x, W, b = inputs(3, 5, 6, 7, 7, dtype)
+    grad_y = np.random.default_rng(1).standard_normal((3, 6) + size).astype(dtype)
+    whole = np.zeros((3, 6, 7, 7), np.float64)
+    whole[:, :, :size[0], :size[1]] = grad_y
+    y, *grads = reference(x, W, b, whole, (1, 1))
+    got = (kernels.conv2d_forward(x, W, b, 1, 1, output_size=size),
+           *kernels.conv2d_backward(grad_y, x, W, 1, 1, output_size=size))
+    assert_matches_reference(got, (y[:, :, :size[0], :size[1]], *grads), dtype)
+
+
 @pytest.mark.parametrize("case", [(2, 3, 4, 33, 31, (1, 1)), (1, 5, 3, 7, 101, (0, 2)),
                                   (3, 4, 4, 40, 9, (2, 0)), (2, 16, 17, 32, 32, (1, 1))],
                          ids=["bands", "row-pieces", "tall", "w4-like"])

@@ -335,12 +335,15 @@ def _out_buffer(who, out, like, inputs):
 _TAKE_OUT = ("fastnn.kernels._reference", "fastnn.kernels._cpu", "fastnn.kernels._cuda")
 
 
-def _backward(impl, name, need_grad_x, *args):
+def _backward(impl, name, need_grad_x, *args, **options):
+    """impl.name(*args, **options), without grad_x (None) where ``need_grad_x`` is false;
+    ``options`` set to None are left out (a user's backend may not take them)."""
+    options = {key: value for key, value in options.items() if value is not None}
     if need_grad_x:
-        return getattr(impl, name)(*args)
+        return getattr(impl, name)(*args, **options)
     if impl.__name__ in _TAKE_OUT:
-        return getattr(impl, name)(*args, need_grad_x=False)
-    return (None,) + tuple(getattr(impl, name)(*args)[1:])
+        return getattr(impl, name)(*args, need_grad_x=False, **options)
+    return (None,) + tuple(getattr(impl, name)(*args, **options)[1:])
 
 
 def _with_out(who, impl, name, out, inputs):
@@ -508,11 +511,29 @@ def _conv_geometry(who, x, W, stride, padding):
     return stride, padding, oh, ow
 
 
-def conv2d_forward(x, W, b=None, stride=1, padding=0):
+def _output_size(who, output_size, oh, ow):
+    """``output_size`` checked: None, or (oh', ow') ints with 1 <= oh' <= oh and
+    1 <= ow' <= ow; None where it is the whole (oh, ow)."""
+    if output_size is None:
+        return None
+    size = tuple(output_size) if isinstance(output_size, (tuple, list)) else None
+    if (size is None or len(size) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
+            or not (1 <= size[0] <= oh and 1 <= size[1] <= ow)):
+        raise ValueError(f"{who}: output_size must be None or (oh, ow), ints with 1 <= oh <= "
+                         f"{oh} and 1 <= ow <= {ow} (the whole output), got {output_size!r}")
+    size = (int(size[0]), int(size[1]))
+    return None if size == (oh, ow) else size
+
+
+def conv2d_forward(x, W, b=None, stride=1, padding=0, *, output_size=None):
     """Cross-correlation, as ``torch.nn.functional.conv2d``.
 
     x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW)
-    with ``OH = (H + 2*ph - kh) // sh + 1`` (same for OW). im2col + GEMM with
+    with ``OH = (H + 2*ph - kh) // sh + 1`` (same for OW); with ``output_size``
+    (oh, ow) only y's first oh rows and ow columns, (N, K, oh, ow) (a network
+    whose max pool drops the last row and column of a conv's output asks for
+    the rest only; Winograd then computes no more). im2col + GEMM with
     a workspace that does not grow with N: the compiled kernels build one
     sample's patches per thread (threads * (C*H*W + C*kh*kw*OH*OW) elements),
     the NumPy reference one chunk of samples whose columns fit in 32 MiB (or
@@ -522,19 +543,24 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0):
     transformed), plus 16*C*K transformed weights.
     """
     who = "conv2d_forward"
-    stride, padding, _, _ = _conv_geometry(who, x, W, stride, padding)
+    stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)
+    output_size = _output_size(who, output_size, oh, ow)
     if b is not None:
         _same_kind(who, x, b=b)
         if tuple(b.shape) != (W.shape[0],):
             raise ValueError(f"{who}: b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
     x, W, b = _contiguous(x, W, b)
-    return _impl(x).conv2d_forward(x, W, b, stride, padding)
+    if output_size is None:
+        return _impl(x).conv2d_forward(x, W, b, stride, padding)
+    return _impl(x).conv2d_forward(x, W, b, stride, padding, output_size=output_size)
 
 
-def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
+def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True, output_size=None):
     """grad_y: (N, K, OH, OW), x: (N, C, H, W), W: (K, C, kh, kw)
-    -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)); ``stride`` and
-    ``padding`` as given to ``conv2d_forward``.
+    -> (grad_x (N, C, H, W), grad_W (K, C, kh, kw), grad_b (K,)); ``stride``,
+    ``padding`` and ``output_size`` as given to ``conv2d_forward``: with
+    ``output_size`` (oh, ow), grad_y is (N, K, oh, ow) and the outputs past it get
+    no gradient.
 
     The workspace does not grow with N either: compiled, per thread two buffers
     of at most max(C, K)*kh*kw*max(H*W, OH*OW) elements, plus one
@@ -546,13 +572,15 @@ def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True):
     """
     who = "conv2d_backward"
     stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)
+    output_size = _output_size(who, output_size, oh, ow)
     _float_array(grad_y, who, "grad_y", 4)
     _same_kind(who, x, grad_y=grad_y)
-    expected = (x.shape[0], W.shape[0], oh, ow)
+    expected = (x.shape[0], W.shape[0]) + (output_size or (oh, ow))
     if tuple(grad_y.shape) != expected:
         raise ValueError(f"{who}: grad_y must have shape {expected}, got {tuple(grad_y.shape)}")
     grad_y, x, W = _contiguous(grad_y, x, W)
-    return _backward(_impl(x), "conv2d_backward", need_grad_x, grad_y, x, W, stride, padding)
+    return _backward(_impl(x), "conv2d_backward", need_grad_x, grad_y, x, W, stride, padding,
+                     output_size=output_size)
 
 
 # --- update rules ------------------------------------------------------------------------

@@ -283,8 +283,9 @@ def _conv_chunk(c, k, kh, kw, oh, ow, itemsize):
     return max(1, CONV_WORKSPACE_BYTES // max(1, per_sample))        # C = 0: no columns
 
 
-def conv2d_forward(x, W, b, stride, padding):
-    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+def conv2d_forward(x, W, b, stride, padding, output_size=None):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW), or with
+    ``output_size`` (oh, ow) its first oh rows and ow columns (computed whole, then copied).
 
     Per chunk of the batch (the whole batch unless its columns pass the
     workspace): im2col into (n, C*kh*kw, P) columns, one strided-batched GEMM
@@ -308,11 +309,15 @@ def conv2d_forward(x, W, b, stride, padding):
         _im2col_into(x[start:start + ns], kh, kw, stride, padding, oh, ow, cols, True)
         _gemm(W, cols, y[start:start + ns], k, p, ckk, batch=ns,
               stride_a=0, stride_b=ckk * p, stride_out=k * p, accumulate=b is not None)
+    if output_size is not None:
+        y = cp.ascontiguousarray(y[:, :, :output_size[0], :output_size[1]])
     return y
 
 
-def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
+def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True, output_size=None):
     """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W) or None, grad_W (K, C, kh, kw), grad_b (K,)).
+    With ``output_size`` (oh, ow), grad_y (N, K, oh, ow) is the gradient of the forward's
+    first rows and columns: padded with zeros to (OH, OW) first.
 
     Per chunk: columns rebuilt by im2col; per-sample partials
     ``grad_y[i] @ cols[i].T`` (one batched GEMM) summed over the samples in
@@ -326,7 +331,12 @@ def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
     cp = _cp()
     n, c, h, w = x.shape
     k, _, kh, kw = W.shape
-    oh, ow = grad_y.shape[2:]
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    if output_size is not None:
+        whole = cp.zeros((n, k, oh, ow), dtype=grad_y.dtype)
+        whole[:, :, :output_size[0], :output_size[1]] = grad_y
+        grad_y = whole
     p, ckk, kk = oh * ow, c * kh * kw, kh * kw
     dtype = x.dtype
     transposed = (need_grad_x and tuple(stride) == (1, 1) and padding[0] < kh

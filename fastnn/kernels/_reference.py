@@ -62,8 +62,9 @@ def _conv_chunk(x_shape, kh, kw, oh, ow, itemsize):
     return max(1, CONV_WORKSPACE_BYTES // max(per_sample, 1))    # C = 0: one chunk
 
 
-def conv2d_forward(x, W, b, stride, padding):
-    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+def conv2d_forward(x, W, b, stride, padding, output_size=None):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW), or with
+    ``output_size`` (oh, ow) its first oh rows and ow columns, (N, K, oh, ow).
 
     Cross-correlation (PyTorch's conv2d) as im2col + one GEMM per chunk of the
     batch; the columns of a chunk take at most max(CONV_WORKSPACE_BYTES, one
@@ -83,11 +84,14 @@ def conv2d_forward(x, W, b, stride, padding):
         y[start:start + chunk] = out.transpose(1, 0, 2, 3)
     if b is not None:
         y += b.reshape(1, k, 1, 1)
+    if output_size is not None:
+        y = np.ascontiguousarray(y[:, :, :output_size[0], :output_size[1]])
     return y
 
 
-def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
-    """grad_y: (N, K, OH, OW)
+def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True, output_size=None):
+    """grad_y: (N, K, OH, OW), or with ``output_size`` (oh, ow) the gradient of the
+    forward's first oh rows and ow columns, (N, K, oh, ow) (the others get none)
     -> (grad_x: (N, C, H, W) or None, grad_W: (K, C, kh, kw), grad_b: (K,)).
 
     Same chunking (and workspace bound) as ``conv2d_forward``: the columns of
@@ -96,7 +100,12 @@ def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True):
     """
     n, c, h, w = x.shape
     k, _, kh, kw = W.shape
-    oh, ow = grad_y.shape[2:]
+    oh = conv_output_size(h, kh, stride[0], padding[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1])
+    if output_size is not None:             # zeros for the outputs past output_size
+        whole = np.zeros((n, k, oh, ow), dtype=grad_y.dtype)
+        whole[:, :, :output_size[0], :output_size[1]] = grad_y
+        grad_y = whole
     weights = W.reshape(k, c * kh * kw)
     grad_x = np.empty_like(x) if need_grad_x else None
     grad_weights = np.zeros((k, c * kh * kw), dtype=x.dtype)

@@ -71,6 +71,7 @@ class Conv2D(Layer):
             self.params["b"] = np.ascontiguousarray(b, dtype=dt)
         self._checked_shape = None
         self._x = None
+        self._output_size = None      # of the last forward, None for the whole output
 
     def _name(self):
         kh, kw = self.kernel_size
@@ -96,16 +97,24 @@ class Conv2D(Layer):
         self.output_shape(x.shape[1:])       # checks the kernel fits the padded image
         self._checked_shape = x.shape
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, *, output_size=None):
+        """x (N, C, H, W) -> (N, K, OH, OW); with ``output_size`` (oh, ow) only the first
+        oh rows and ow columns of it, (N, K, oh, ow) (``Plan``: a pool after this layer
+        that reads no more), and ``backward`` then takes grad_y of that shape."""
         self._check_params()            # once per assigned array: the kernels read raw memory
         if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
                 or x.dtype != self.params["W"].dtype):
             self._check(x)
         x = contiguous(x)
         self.input = self._x = x
+        if output_size is not None:
+            output_size = kernels._output_size(self._name(), output_size,
+                                               *self.output_shape(x.shape[1:])[1:])
+        self._output_size = output_size
+        crop = {} if self._output_size is None else {"output_size": self._output_size}
         # the kernels' conv2d keeps its patch workspace bounded, whatever the batch size
         self.output = kernel_impl(x).conv2d_forward(x, self.params["W"], self.params.get("b"),
-                                                    self.stride, self.padding)
+                                                    self.stride, self.padding, **crop)
         return self.output
 
     def backward(self, grad_y, need_grad_x=True):
@@ -114,7 +123,8 @@ class Conv2D(Layer):
         x = self._x
         if x is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")
-        expected = (x.shape[0], self.out_channels) + self.output_shape(x.shape[1:])[1:]
+        expected = (x.shape[0], self.out_channels) + (
+            self._output_size or self.output_shape(x.shape[1:])[1:])
         if getattr(grad_y, "shape", None) != expected or grad_y.dtype != x.dtype:
             check_float_array(grad_y, self._name(), "grad_y", x.dtype)
             raise ValueError(f"{self._name()}: expected grad_y of shape {expected}, "
@@ -123,7 +133,7 @@ class Conv2D(Layer):
         self._check_params()
         grad_x, grad_W, grad_b = kernels._backward(
             kernel_impl(grad_y), "conv2d_backward", need_grad_x, grad_y, x, self.params["W"],
-            self.stride, self.padding)
+            self.stride, self.padding, output_size=self._output_size)
         self.grads["W"] = grad_W
         if self.use_bias:
             self.grads["b"] = grad_b

@@ -41,6 +41,15 @@ class _Pool2D(Layer):
             raise ValueError(f"{self._name()}: window {kh}x{kw} is larger than the input {h}x{w}")
         return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
 
+    def read_size(self, height, width):
+        """The (rows, columns) of an (H, W) input that the windows read: the first
+        ``(OH - 1) * sh + kh`` rows (and likewise columns); the rest is dropped. An
+        input smaller than the window gives (H, W) (forward then says why it is wrong)."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        if kh > height or kw > width:
+            return height, width
+        return (height - kh) // sh * sh + kh, (width - kw) // sw * sw + kw
+
     def _check_grad(self, grad_y):
         if self._x_shape is None:
             raise RuntimeError(f"{self._name()}: backward called before forward")

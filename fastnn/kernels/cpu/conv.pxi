@@ -507,8 +507,20 @@ cdef fnn_geometry _conv_arguments(str who, cnp.ndarray x, cnp.ndarray W, tuple s
                      padding, who)
 
 
-def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
-    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW).
+cdef tuple _first_outputs(str who, output_size, fnn_geometry *g):
+    """The (oh, ow) of ``output_size`` (None: the whole (OH, OW) of g), checked by the
+    public kernels' rule (fastnn.kernels._output_size); g keeps the whole output's size."""
+    if output_size is None:
+        return g.oh, g.ow
+    from fastnn.kernels import _output_size
+    return _output_size(who, output_size, g.oh, g.ow) or (g.oh, g.ow)
+
+
+def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding,
+                   output_size=None):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> y: (N, K, OH, OW), or with
+    ``output_size`` (oh, ow) its first oh rows and ow columns, (N, K, oh, ow) (Winograd
+    computes only those; the other paths compute y and copy them).
 
     OpenMP over the samples; each thread builds one sample's patch rows in its
     own workspace, runs a single-threaded GEMM into y[n].T (channels last, in the
@@ -526,12 +538,16 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding)
     """
     cdef Py_ssize_t n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _conv_arguments("conv2d_forward", x, W, stride, padding)
+    oh, ow = _first_outputs("conv2d_forward", output_size, &g)
     if b is not None:
         _need("conv2d_forward", "b", b, cnp.PyArray_TYPE(x), (k,))
     _check_gemm_forced(_is_float32(x))
     cdef int variant = _conv_variant(False, &g, n, k, _is_float32(x))
     if variant == V_WINOGRAD:
+        g.oh, g.ow = oh, ow
         return _winograd_forward(x, W, b, &g, k)
+    if (oh, ow) != (g.oh, g.ow):
+        return np.ascontiguousarray(conv2d_forward(x, W, b, stride, padding)[:, :, :oh, :ow])
     cdef int threads = _sample_threads(n)
     cdef Py_ssize_t per_thread = _forward_workspace(&g, k)
     cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
@@ -807,8 +823,11 @@ cdef void _conv_backward(const floating *grad_y, const floating *x, const floati
 
 
 def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stride,
-                    tuple padding, bint need_grad_x=True):
+                    tuple padding, bint need_grad_x=True, output_size=None):
     """-> (grad_x (N, C, H, W) or None, grad_W (K, C, kh, kw), grad_b (K,)).
+    grad_y: (N, K, OH, OW), or with ``output_size`` (oh, ow) the gradient of the forward's
+    first oh rows and ow columns, (N, K, oh, ow): the outputs past them get none (Winograd
+    reads only those; the other paths take grad_y padded with zeros).
 
     OpenMP over the samples, single-threaded GEMMs per sample; each of a fixed
     set of sample chunks keeps its own grad_W/grad_b sums (added at the end in
@@ -825,11 +844,17 @@ def conv2d_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W, tuple stri
     """
     cdef Py_ssize_t n = x.shape[0], k = W.shape[0]
     cdef fnn_geometry g = _conv_arguments("conv2d_backward", x, W, stride, padding)
-    _need("conv2d_backward", "grad_y", grad_y, cnp.PyArray_TYPE(x), (n, k, g.oh, g.ow))
+    oh, ow = _first_outputs("conv2d_backward", output_size, &g)
+    _need("conv2d_backward", "grad_y", grad_y, cnp.PyArray_TYPE(x), (n, k, oh, ow))
     _check_gemm_forced(_is_float32(x))
     cdef int variant = _conv_variant(True, &g, n, k, _is_float32(x))
     if variant == V_WINOGRAD:
+        g.oh, g.ow = oh, ow
         return _winograd_backward(grad_y, x, W, &g, k, need_grad_x)
+    if (oh, ow) != (g.oh, g.ow):
+        whole = np.zeros((n, k, g.oh, g.ow), dtype=x.dtype)
+        whole[:, :, :oh, :ow] = grad_y
+        return conv2d_backward(whole, x, W, stride, padding, need_grad_x)
     cdef int threads = _sample_threads(n)
     cdef Py_ssize_t first, second
     _backward_buffers(&g, k, variant, &first, &second)
