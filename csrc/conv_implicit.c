@@ -180,6 +180,84 @@ TARGET void fnn_conv_implicit_grad_w_f(const float *xp, ptrdiff_t wp, ptrdiff_t 
         }
 }
 
+/* rows (<= MR) grad_y pixels from pixel p0 on, input channels [col, col + 16 * vecs),
+ * kernel tap t: gxp[target(p) + col ...] += sum over k of gy_t[p][k] * wg[t][k][...]. */
+TARGET INLINE void grad_x_tile(const int rows, const int vecs, const float *const *gp,
+                               ptrdiff_t k, const float *wt, ptrdiff_t cp, ptrdiff_t col,
+                               float *const *out, int mv)
+{
+    __m512 acc[MR][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++)
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const float *w = wt + col;
+    for (ptrdiff_t q = 0; q < k; q++, w += cp) {
+        __m512 b0 = _mm512_loadu_ps(w);
+        __m512 b1 = vecs > 1 ? _mm512_loadu_ps(w + 16) : b0;
+#pragma GCC unroll 12
+        for (int r = 0; r < rows; r++) {
+            __m512 a = _mm512_set1_ps(gp[r][q]);
+            acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+            if (vecs > 1)
+                acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < rows; r++) {     /* whole vectors: a load then finds the store */
+        if (r >= mv)                     /* of the tap before (masked ones do not) */
+            break;
+        float *o = out[r] + col;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[r][0]));
+        if (vecs > 1)
+            _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), acc[r][1]));
+    }
+}
+
+#define GRAD_X_TILE(R, V)                                                                    \
+    TARGET static void grad_x_##R##_##V(const float *const *gp, ptrdiff_t k, const float *wt, \
+                                        ptrdiff_t cp, ptrdiff_t col, float *const *out,       \
+                                        int mv)                                               \
+    {                                                                                        \
+        grad_x_tile(R, V, gp, k, wt, cp, col, out, mv);                                       \
+    }
+GRAD_X_TILE(12, 2) GRAD_X_TILE(8, 2) GRAD_X_TILE(4, 2)
+GRAD_X_TILE(12, 1) GRAD_X_TILE(8, 1) GRAD_X_TILE(4, 1)
+
+typedef void (*grad_x_fn)(const float *const *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t,
+                          float *const *, int);
+static const grad_x_fn grad_x_tiles[2][3] = {{grad_x_4_1, grad_x_8_1, grad_x_12_1},
+                                             {grad_x_4_2, grad_x_8_2, grad_x_12_2}};
+
+TARGET void fnn_conv_implicit_grad_x_f(const float *gy_t, ptrdiff_t ldg, ptrdiff_t k,
+                                       const float *wg, ptrdiff_t c, int kh, int kw,
+                                       ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t wp, float *gxp)
+{
+    const ptrdiff_t cp = (c + 15) / 16 * 16, pixels = oh * ow;
+    const float *gp[MR];
+    float *out[MR];
+    for (int i = 0; i < kh; i++)             /* taps outermost: col2im's order of sums */
+        for (int j = 0; j < kw; j++) {
+            const float *wt = wg + ((ptrdiff_t)i * kw + j) * k * cp;
+            for (ptrdiff_t p0 = 0; p0 < pixels; p0 += MR) {
+                const int mv = pixels - p0 < MR ? (int)(pixels - p0) : MR;
+                ptrdiff_t y = p0 / ow, x = p0 % ow;      /* pixel p0 + r, r < mv */
+                for (int r = 0; r < MR; r++) {           /* rows past mv: pixel p0 again */
+                    gp[r] = gy_t + (r < mv ? p0 + r : p0) * ldg;
+                    out[r] = gxp + ((y + i) * wp + x + j) * cp;
+                    if (r + 1 < mv && ++x == ow) {
+                        x = 0;
+                        y++;
+                    }
+                }
+                const int size = mv <= 4 ? 0 : mv <= 8 ? 1 : 2;
+                for (ptrdiff_t col = 0; col < cp; col += 32) {
+                    const int vecs = cp - col > 16 ? 2 : 1;
+                    grad_x_tiles[vecs - 1][size](gp, k, wt, cp, col, out, mv);
+                }
+            }
+        }
+}
+
 #else       /* never called: fnn_sgemm_supported() is 0 on this build */
 
 void fnn_conv_implicit_f(const float *xp, ptrdiff_t wp, ptrdiff_t c, int kh, int kw,
@@ -195,6 +273,14 @@ void fnn_conv_implicit_grad_w_f(const float *xp, ptrdiff_t wp, ptrdiff_t c, int 
 {
     (void)xp; (void)wp; (void)c; (void)kh; (void)kw; (void)oh; (void)ow; (void)gy_t; (void)k;
     (void)gw;
+}
+
+void fnn_conv_implicit_grad_x_f(const float *gy_t, ptrdiff_t ldg, ptrdiff_t k, const float *wg,
+                                ptrdiff_t c, int kh, int kw, ptrdiff_t oh, ptrdiff_t ow,
+                                ptrdiff_t wp, float *gxp)
+{
+    (void)gy_t; (void)ldg; (void)k; (void)wg; (void)c; (void)kh; (void)kw; (void)oh; (void)ow;
+    (void)wp; (void)gxp;
 }
 
 #endif

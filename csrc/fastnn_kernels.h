@@ -270,6 +270,13 @@ void fnn_conv_implicit_grad_w_f(const float *xp, ptrdiff_t wp, ptrdiff_t c, int 
                                 float *gw);
 void fnn_pad_hwc_f(const float *x, ptrdiff_t c, ptrdiff_t h, ptrdiff_t w, ptrdiff_t ph,
                    ptrdiff_t pw, float *xp);
+/* fnn_conv_implicit_grad_x_f: gxp += the input gradient, padded and channels last
+ * ((oh + kh - 1) x wp x cp, wp >= ow + kw - 1, cp = c rounded up to 16; lanes c..cp-1
+ * get zeros), of gy_t (oh*ow, k; rows ldg apart), wg (kh*kw, k, cp): W[k, c, i, j] at
+ * [i*kw + j][k][c], zero from c on; added tap by tap in (i, j) order. */
+void fnn_conv_implicit_grad_x_f(const float *gy_t, ptrdiff_t ldg, ptrdiff_t k, const float *wg,
+                                ptrdiff_t c, int kh, int kw, ptrdiff_t oh, ptrdiff_t ow,
+                                ptrdiff_t wp, float *gxp);
 
 /* Tiles per Winograd block (for tests and measurements; 0: chosen from the
  * channel counts); returns the old setting. */

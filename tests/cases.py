@@ -38,6 +38,9 @@ CONV_CASES = [
     (3, 6, 14, 14, 16, 5, 5, 1, 0),      # LeNet's second conv: grad_W on rows, grad_x by col2im
     (2, 12, 14, 14, 24, 5, 5, 1, 0),     # MNIST's 12 -> 24: the implicit conv's 32-lane tiles
     (2, 5, 9, 8, 40, 5, 3, 1, (2, 1)),   # implicit: 32 + 16 lanes, a ragged last pixel tile
+    (3, 13, 9, 7, 10, 5, 3, 1, (2, 1)),  # implicit grad_x summed tap by tap: 13 of 16 lanes,
+                                         # padding, a ragged pixel tile
+    (2, 20, 6, 5, 7, 3, 3, 1, 0),        # the same on 32 lanes (20 used), 12 pixels
     # from the CUDA tests: 3 filters, batch 1, rectangular windows, odd sizes
     (1, 1, 5, 5, 3, 3, 3, 1, 0),
     (2, 3, 7, 6, 3, 3, 3, 1, 1),

@@ -12,7 +12,8 @@ dtype and the CPU, with thresholds timed on one machine (each says which, in
 - ``conv2d_backward``: ``winograd``, ``direct`` (grad_W by the direct conv),
   ``pointwise``, ``rows_transposed`` (grad_W on patch rows, grad_x as the transposed
   conv), ``rows_col2im`` (grad_W on patch rows, grad_x by col2im), ``columns``,
-  ``implicit`` (grad_W by the implicit GEMM, grad_x by col2im);
+  ``implicit`` (grad_W by the implicit GEMM, grad_x by col2im, or from 12 input channels
+  summed tap by tap into the padded sample);
 - ``gemm`` (every float32 GEMM of the kernels above and below): ``own`` (fastnn's
   AVX-512 kernel), ``own_packed`` (the same, every A packed), ``blas``;
 - ``dense_forward``: ``gemv``, ``gemv_split`` (one sample on BLAS's GEMV; the split

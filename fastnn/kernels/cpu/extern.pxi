@@ -156,6 +156,9 @@ cdef extern from "fastnn_kernels.h" nogil:
                                     Py_ssize_t k, float *gw)
     void fnn_pad_hwc_f(const float *x, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t ph,
                        Py_ssize_t pw, float *xp)
+    void fnn_conv_implicit_grad_x_f(const float *gy_t, Py_ssize_t ldg, Py_ssize_t k,
+                                    const float *wg, Py_ssize_t c, int kh, int kw, Py_ssize_t oh,
+                                    Py_ssize_t ow, Py_ssize_t wp, float *gxp)
     int fnn_sgemm_supported()
     int fnn_sgemm_direct_a
     ctypedef struct fnn_epilogue:
