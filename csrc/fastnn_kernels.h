@@ -220,10 +220,13 @@ typedef void (*fnn_gemm_fn_##S)(int trans_a, int trans_b, int m, int n, int k,  
                                 T beta, T *c, int ldc);                              \
 ptrdiff_t fnn_winograd_forward_workspace_##S(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k,       \
                                         int threads);                                \
-/* y (n, k, oh, ow) = conv(x (n, c, h, w), w (k, c, 3, 3)) + bias (k,) or NULL. */   \
+/* y (n, k, oh, ow) = conv(x (n, c, h, w), w (k, c, 3, 3)) + bias (k,) or NULL;     \
+ * with argmax (not NULL; oh, ow even), y (n, k, oh/2, ow/2) and argmax are the     \
+ * 2x2 stride-2 max pool of that conv, as fnn_maxpool2d_forward gives them.          \
+ * g's oh, ow may be the first rows and columns of the conv's output only. */       \
 void fnn_winograd_forward_##S(const T *x, ptrdiff_t n, const fnn_geometry *g, const T *w, \
-                              ptrdiff_t k, const T *bias, T *y, T *work, int threads,     \
-                              fnn_gemm_fn_##S gemm);                                 \
+                              ptrdiff_t k, const T *bias, T *y, int64_t *argmax, T *work, \
+                              int threads, fnn_gemm_fn_##S gemm);                    \
 ptrdiff_t fnn_winograd_backward_workspace_##S(ptrdiff_t n, const fnn_geometry *g, ptrdiff_t k,      \
                                          int threads, int need_grad_x);              \
 /* grad_y (n, k, oh, ow) -> grad_w (k, c, 3, 3), grad_b (k,), and grad_x (n, c, h, w) \

@@ -433,9 +433,74 @@ WINO_INLINE void NAME(wino_tile_outputs)(const wino_plan *p, ptrdiff_t s, ptrdif
         }
 }
 
+/* One step of the first maximum, lane by lane: where v beats best (strictly greater,
+ * or a first NaN: the max pool kernel's beats()), best = v and at = corner. One select
+ * per loop: GCC 12 vectorises it, not a chain of three (NaNs kept, no -ffast-math). */
+WINO_INLINE void NAME(wino_max_step)(const T *restrict v, T *restrict best, T *restrict at,
+                                     T corner, ptrdiff_t lanes)
+{
+    for (ptrdiff_t e = 0; e < lanes; e++) {
+        const T m = best[e], x = v[e];
+        const int take = (x > m) | ((x != x) & (m == m));
+        best[e] = take ? x : m;
+        at[e] = take ? corner : at[e];
+    }
+}
+
+/* The 2x2 stride-2 max pool of the unit's output region (ns, onr, onc, ch), onr and
+ * onc even, plus bias[c] (or NULL) first, as the plain conv writes it: the pooled
+ * values into `pooled` and the winners' corners (0 top left, 1 top right, 2, 3 below,
+ * as T) into `corner`, both (ns, onr/2, onc/2, ch). */
+WINO_INLINE void NAME(wino_pool_region)(T *out, ptrdiff_t ns, ptrdiff_t onr,
+                                        ptrdiff_t onc, ptrdiff_t ch, const T *bias,
+                                        T *pooled, T *corner)
+{
+    const ptrdiff_t pr = onr / 2, pc = onc / 2, row = onc * ch;
+    if (bias)
+        for (ptrdiff_t e = 0; e < ns * onr * onc; e++) {
+            T *v = out + e * ch;
+            #pragma omp simd
+            for (ptrdiff_t c = 0; c < ch; c++) v[c] = v[c] + bias[c];
+        }
+    for (ptrdiff_t s = 0; s < ns; s++)
+        for (ptrdiff_t r = 0; r < pr; r++)
+            for (ptrdiff_t q = 0; q < pc; q++) {
+                const T *a = out + ((s * onr + 2 * r) * onc + 2 * q) * ch;
+                T *best = pooled + ((s * pr + r) * pc + q) * ch;
+                T *at = corner + ((s * pr + r) * pc + q) * ch;
+                memcpy(best, a, (size_t)ch * sizeof(T));
+                memset(at, 0, (size_t)ch * sizeof(T));
+                NAME(wino_max_step)(a + ch, best, at, 1, ch);
+                NAME(wino_max_step)(a + row, best, at, 2, ch);
+                NAME(wino_max_step)(a + row + ch, best, at, 3, ch);
+            }
+}
+
+/* argmax (NCHW, planes of ph x pw, entries r * w + c of the conv output's plane, w = 2*pw)
+ * of the unit's corners (ns, npr, npc, ch) at pooled rows [pr0, +npr), columns [pc0, +npc). */
+static void NAME(wino_scatter_argmax)(const T *corner, ptrdiff_t ns, ptrdiff_t npr, ptrdiff_t npc,
+                                      ptrdiff_t ch, ptrdiff_t pr0, ptrdiff_t pc0, ptrdiff_t ph,
+                                      ptrdiff_t pw, int64_t *argmax)
+{
+    const ptrdiff_t w = 2 * pw;
+    for (ptrdiff_t s = 0; s < ns; s++)
+        for (ptrdiff_t c = 0; c < ch; c++)
+            for (ptrdiff_t r = 0; r < npr; r++) {
+                int64_t *dst = argmax + ((s * ch + c) * ph + pr0 + r) * pw + pc0;
+                const T *src = corner + ((s * npr + r) * npc) * ch + c;
+                for (ptrdiff_t q = 0; q < npc; q++) {
+                    const int i = (int)src[q * ch];
+                    dst[q] = (2 * (pr0 + r) + (i >> 1)) * w + 2 * (pc0 + q) + (i & 1);
+                }
+            }
+}
+
+/* One unit of the conv: y (NCHW) = its output; with `argmax` (not NULL; oh and ow even)
+ * y is the output's 2x2 stride-2 max pool, (n, ch_out, oh/2, ow/2), and argmax its
+ * winners as maxpool2d_forward gives them. */
 WIDE_CLONES
 static void NAME(wino_conv_unit)(const wino_plan *p, ptrdiff_t u, const T *x, const T *U,
-                                 const T *bias, T *y, const T *zeros, T *work,
+                                 const T *bias, T *y, int64_t *argmax, const T *zeros, T *work,
                                  CAT(fnn_gemm_fn, S) gemm)
 {
     const wino_unit q = wino_unit_at(p, u);
@@ -461,8 +526,18 @@ static void NAME(wino_conv_unit)(const wino_plan *p, ptrdiff_t u, const T *x, co
                 NAME(wino_tile_outputs)(p, s, ty, tx, out, onr, onc, outside, ptr);
                 NAME(wino_output_tile)(M + 16 * t * cout, ptr, tmp, cout);
             }
-    NAME(wino_scatter)(out, cout, p->oh, p->ow, q.ns, o_lo, onr, oc_lo, onc, bias,
-                       y + q.s0 * cout * p->oh * p->ow);
+    if (argmax == NULL) {
+        NAME(wino_scatter)(out, cout, p->oh, p->ow, q.ns, o_lo, onr, oc_lo, onc, bias,
+                           y + q.s0 * cout * p->oh * p->ow);
+        return;
+    }
+    /* the products M are done with: pooled values and corners go there */
+    const ptrdiff_t ph = p->oh / 2, pw = p->ow / 2, pooled = q.ns * (onr / 2) * (onc / 2) * cout;
+    NAME(wino_pool_region)(out, q.ns, onr, onc, cout, bias, M, M + pooled);
+    NAME(wino_scatter)(M, cout, ph, pw, q.ns, o_lo / 2, onr / 2, oc_lo / 2, onc / 2, NULL,
+                       y + q.s0 * cout * ph * pw);
+    NAME(wino_scatter_argmax)(M + pooled, q.ns, onr / 2, onc / 2, cout, o_lo / 2, oc_lo / 2,
+                              ph, pw, argmax + q.s0 * cout * ph * pw);
 }
 
 /* Adds the unit's products to P[xi] (K, C) and its grad_y sums to grad_b (K,). */
@@ -508,14 +583,15 @@ static void NAME(wino_grad_w_unit)(const wino_plan *p, ptrdiff_t u, const T *gra
 /* All units of a conv in parallel (dynamic: a thread that loses its core leaves
  * its units to the others), BLAS held to one thread. */
 static void NAME(wino_conv)(const wino_plan *p, const T *x, const T *U, const T *bias, T *y,
-                            const T *zeros, T *work, int threads, CAT(fnn_gemm_fn, S) gemm)
+                            int64_t *argmax, const T *zeros, T *work, int threads,
+                            CAT(fnn_gemm_fn, S) gemm)
 {
     const ptrdiff_t per_thread = wino_thread_elems(p);
     fnn_blas_single_begin();
     #pragma omp parallel for schedule(dynamic) num_threads(threads) if (FNN_OMP(threads > 1 && p->units > 1))
     for (ptrdiff_t u = 0; u < p->units; u++)
-        NAME(wino_conv_unit)(p, u, x, U, bias, y, zeros, work + fnn_thread_id() * per_thread,
-                             gemm);
+        NAME(wino_conv_unit)(p, u, x, U, bias, y, argmax, zeros,
+                             work + fnn_thread_id() * per_thread, gemm);
     fnn_blas_single_end();
 }
 
@@ -526,14 +602,14 @@ ptrdiff_t NAME(fnn_winograd_forward_workspace)(ptrdiff_t n, const fnn_geometry *
 }
 
 void NAME(fnn_winograd_forward)(const T *x, ptrdiff_t n, const fnn_geometry *g, const T *w, ptrdiff_t k,
-                                const T *bias, T *y, T *work, int threads,
+                                const T *bias, T *y, int64_t *argmax, T *work, int threads,
                                 CAT(fnn_gemm_fn, S) gemm)
 {
     const wino_plan p = wino_make_plan(n, g->c, g->h, g->w, g->ph, g->pw, g->oh, g->ow, k, sizeof(T));
     T *U = work, *zeros = U + 16 * g->c * k;
     NAME(wino_weights)(w, k, g->c, 0, U);
     memset(zeros, 0, (size_t)wino_max(g->c, k) * sizeof(T));
-    NAME(wino_conv)(&p, x, U, bias, y, zeros, zeros + wino_max(g->c, k), threads, gemm);
+    NAME(wino_conv)(&p, x, U, bias, y, argmax, zeros, zeros + wino_max(g->c, k), threads, gemm);
 }
 
 /* The backward's plans: weight gradient over the forward's tiles, input gradient
@@ -591,7 +667,8 @@ void NAME(fnn_winograd_backward)(const T *grad_y, const T *x, ptrdiff_t n, const
     zeros = U + 16 * k * c;
     NAME(wino_weights)(w, k, c, 1, U);
     memset(zeros, 0, (size_t)zero_count * sizeof(T));
-    NAME(wino_conv)(&px, grad_y, U, NULL, grad_x, zeros, zeros + zero_count, threads, gemm);
+    NAME(wino_conv)(&px, grad_y, U, NULL, grad_x, NULL, zeros, zeros + zero_count, threads,
+                    gemm);
 }
 
 #undef NAME

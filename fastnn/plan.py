@@ -42,9 +42,13 @@ class Plan:
     that ReLU's backward to its grad_x (``relu_x=True``), else a BatchNorm before the
     ReLU applies it to its grad_y (``relu_y=True``); the ReLU's backward then passes the
     gradient through. The bits are those of the layers run one by one. A Conv2D
-    followed by a MaxPool2D or AvgPool2D computes only the rows and columns of its
-    output that the pool reads (``Conv2D.forward(output_size=...)``): with Winograd,
-    a 7x7 output pooled 2x2 costs 9 tiles of 2x2 instead of 16.
+    followed by a MaxPool2D(2) (2x2, stride 2) runs both in one kernel
+    (``Conv2D.forward_max_pool``; with Winograd each 2x2 output tile is pooled as it is
+    made, and the conv's output is neither written nor kept); before another pool, it
+    computes only the rows and columns of its output that the pool reads
+    (``Conv2D.forward(output_size=...)``). Either way a 7x7 output pooled 2x2 costs
+    Winograd 9 tiles of 2x2 instead of 16, and the conv's backward takes the gradient
+    of those rows and columns only.
     """
 
     def __init__(self, network):
@@ -97,8 +101,14 @@ class Plan:
 
     def _crop_before_pools(self, layers):
         for i, conv in enumerate(layers[:-1]):
-            if type(conv) is Conv2D and type(layers[i + 1]) in (MaxPool2D, AvgPool2D):
-                self.forwards[i] = _conv_read_by(conv, layers[i + 1])
+            pool = layers[i + 1]
+            if type(conv) is not Conv2D or type(pool) not in (MaxPool2D, AvgPool2D):
+                continue
+            if type(pool) is MaxPool2D and pool.kernel_size == pool.stride == (2, 2):
+                self.forwards[i] = _conv_max_pooled(conv, pool)
+                self.forwards[i + 1] = lambda x, training: x
+            else:
+                self.forwards[i] = _conv_read_by(conv, pool)
 
     def _first_trained(self, layers):
         """Training stops its backward at the first layer with parameters: the
@@ -136,6 +146,23 @@ def _conv_read_by(conv, pool):
             return conv.forward(x, training)
         _, height, width = conv.output_shape(shape[1:])
         return conv.forward(x, training, output_size=pool.read_size(height, width))
+    return forward
+
+
+def _conv_max_pooled(conv, pool):
+    """conv's forward with the MaxPool2D(2) after it taken in the same kernel
+    (``Conv2D.forward_max_pool``), the pool keeping what its backward needs; its own
+    forward then passes the pooled output on. Outputs under 2x2: one by one (the
+    pool's forward says why it cannot run)."""
+    def forward(x, training):
+        shape = getattr(x, "shape", ())
+        if len(shape) == 4:
+            _, height, width = conv.output_shape(shape[1:])
+            if height >= 2 and width >= 2:
+                y, argmax = conv.forward_max_pool(x, training)     # the pool read 2x its size
+                return pool.keep(y.shape[:2] + (2 * y.shape[2], 2 * y.shape[3]), y.dtype,
+                                 y, argmax)
+        return pool.forward(conv.forward(x, training), training)
     return forward
 
 

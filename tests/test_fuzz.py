@@ -232,6 +232,27 @@ def _conv_case(data, dtype, specials=True):
     return inputs, shape, (kh, kw), stride, padding, k, x, W, b
 
 
+def _check_conv_maxpool(args, stride, padding, dtype):
+    """conv2d_maxpool_forward: its values against the reference's (the argmax may differ
+    where two outputs round apart differently), and on the compiled kernels the bits of
+    conv2d_forward then maxpool2d_forward (argmax included), or the same error."""
+    def one_by_one(x, W, b):
+        y = kernels.conv2d_forward(x, W, b, stride, padding)
+        even = (max(1, y.shape[2] // 2 * 2), max(1, y.shape[3] // 2 * 2))
+        return kernels.maxpool2d_forward(kernels.conv2d_forward(
+            x, W, b, stride, padding, output_size=even), 2, 2, 2)
+    check(lambda x, W, b: kernels.conv2d_maxpool_forward(x, W, b, stride, padding)[0], args,
+          dtype)
+    (kind, got), (kind_one, want) = (
+        run("cpu", lambda x, W, b: kernels.conv2d_maxpool_forward(x, W, b, stride, padding), args),
+        run("cpu", one_by_one, args))
+    assert kind == kind_one, f"fused gave {kind} {got}, one by one {kind_one} {want}"
+    assert kind == "ok" or got is want, f"fused raised {got.__name__}, one by one {want.__name__}"
+    if kind == "ok":
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
+
+
 @given(data=st.data(), dtype=DTYPES)
 def test_conv(data, dtype):
     inputs, shape, (kh, kw), stride, padding, k, x, W, b = _conv_case(data, dtype)
@@ -243,6 +264,7 @@ def test_conv(data, dtype):
         x = inputs.recipe(shape, specials=False)
     args = lambda: (inputs.build(x, 0), inputs.build(W, 1), b and inputs.build(b, 2))
     check(lambda x, W, b: kernels.conv2d_forward(x, W, b, stride, padding), args, dtype)
+    _check_conv_maxpool(args, stride, padding, dtype)
     oh = max(0, (shape[2] + 2 * kernels.pair(padding, "", "", 0)[0] - kh)
              // kernels.pair(stride, "", "", 1)[0] + 1)
     ow = max(0, (shape[3] + 2 * kernels.pair(padding, "", "", 0)[1] - kw)
@@ -481,8 +503,9 @@ FUZZED = {"im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward", "avgpoo
           "avgpool2d_backward", "global_avgpool2d_forward", "global_avgpool2d_backward",
           "leaky_relu_forward", "leaky_relu_backward", "relu_forward", "relu_backward",
           "dense_forward", "dense_backward", "softmax_cross_entropy", "conv2d_forward",
-          "conv2d_backward", "sgd_step", "adam_step", "rmsprop_step", "conv_output_size", "pair",
-          "random_translate", "random_translate_backward", "random_flip", "counter_bits"}
+          "conv2d_backward", "conv2d_maxpool_forward", "sgd_step", "adam_step", "rmsprop_step",
+          "conv_output_size", "pair", "random_translate", "random_translate_backward",
+          "random_flip", "counter_bits"}
 
 
 def test_every_public_kernel_and_layer_is_fuzzed():

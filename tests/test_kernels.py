@@ -172,6 +172,51 @@ def test_conv2d_output_size_must_fit_the_output(backend_name, output_size):
         kernels.conv2d_backward(grad_y, x, W, stride, padding, output_size=(6, 9))
 
 
+def conv_then_pool(x, W, b, stride, padding):
+    """maxpool2d_forward of conv2d_forward's first even rows and columns, one by one."""
+    y = kernels.conv2d_forward(x, W, b, stride, padding)
+    size = (y.shape[2] // 2 * 2, y.shape[3] // 2 * 2)
+    return kernels.maxpool2d_forward(kernels.conv2d_forward(x, W, b, stride, padding,
+                                                            output_size=size), 2, 2, 2)
+
+
+def conv_case_output(case):
+    """(OH, OW) of a CONV_CASES entry."""
+    _, _, h, w, _, kh, kw, stride, padding = case
+    (sh, sw), (ph, pw) = (kernels.pair(stride, "stride", "test", 1),
+                          kernels.pair(padding, "padding", "test", 0))
+    return kernels.conv_output_size(h, kh, sh, ph), kernels.conv_output_size(w, kw, sw, pw)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if min(conv_case_output(c)) >= 2],
+                         ids=lambda c: "x".join(map(str, c[:7])))
+def test_conv2d_maxpool_is_the_conv_then_the_pool(backend_name, dtype, case):
+    """conv2d_maxpool_forward gives the bits of the conv and the max pool one by one
+    (argmax included), on ties and NaNs too; against PyTorch's pool of its conv."""
+    x, W, b, stride, padding = conv_inputs(case, dtype)
+    x, W = np.round(x), np.round(W)             # small integers: ties between outputs
+    x.flat[::7] = np.nan
+    for bias in (b, None):
+        y, argmax = kernels.conv2d_maxpool_forward(x, W, bias, stride, padding)
+        want_y, want_argmax = conv_then_pool(x, W, bias, stride, padding)
+        assert y.dtype == dtype and argmax.dtype == np.int64
+        np.testing.assert_array_equal(y.view(np.uint8), want_y.view(np.uint8))
+        np.testing.assert_array_equal(argmax, want_argmax)
+    torch = pytest.importorskip("torch")
+    x = conv_inputs(case, dtype)[0]
+    ty = torch.nn.functional.max_pool2d(torch.nn.functional.conv2d(
+        *(torch.tensor(a, dtype=torch.float64) for a in (x, W, b)), stride=stride,
+        padding=padding), 2)
+    assert_close(kernels.conv2d_maxpool_forward(x, W, b, stride, padding)[0], ty.numpy(), dtype)
+
+
+def test_conv2d_maxpool_needs_a_2x2_output(backend_name):
+    x, W = np.zeros((1, 2, 3, 3), np.float32), np.zeros((4, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"conv2d_maxpool_forward: the conv's output \(1x1\) "
+                                         r"is smaller than the 2x2 pool window"):
+        kernels.conv2d_maxpool_forward(x, W)
+
+
 def test_conv2d_gradients_by_finite_differences(backend_name):
     x, W, b, stride, padding = conv_inputs((2, 2, 5, 4, 3, 3, 2, (2, 1), 1), np.float64)
     grad_y = random(np.random.default_rng(3), kernels.conv2d_forward(x, W, b, stride, padding).shape,

@@ -19,8 +19,9 @@ if "cpu" not in backend.available():
 from fastnn.kernels import _cpu, _reference, variants  # noqa: E402
 from cases import CONV_CASES, DENSE_CASES  # noqa: E402
 
-# the shared conv cases, plus an empty batch
-CASES = CONV_CASES + [(0, 3, 9, 8, 4, 3, 3, 1, 1)]
+# the shared conv cases, plus an empty batch and no filters (the hypothesis fuzz found
+# the implicit conv's packed weights failing on K = 0)
+CASES = CONV_CASES + [(0, 3, 9, 8, 4, 3, 3, 1, 1), (2, 13, 6, 6, 0, 3, 3, 1, 0)]
 DTYPES = {"float32": np.float32, "float64": np.float64}
 # float32 GEMMs on each engine forced in turn; float64 ones always run on BLAS
 ENGINES = {"float32": [e for e in ("own", "blas") if e in variants.applicable(
@@ -90,6 +91,13 @@ def test_conv2d_forward_variant_matches_reference(index, dname, engine, variant)
         assert_close(_cpu.conv2d_forward(x, W, None, stride, padding),
                      _reference.conv2d_forward(x, W, None, stride, padding), DTYPES[dname])
         assert_close(_cpu.conv2d_forward(x, W, b, stride, padding, size), first, DTYPES[dname])
+        if min(y.shape[2:]) >= 2:    # the conv and its 2x2 max pool in one call: their bits
+            even = (y.shape[2] // 2 * 2, y.shape[3] // 2 * 2)
+            pooled = _cpu.conv2d_maxpool_forward(x, W, b, stride, padding)
+            want = _cpu.maxpool2d_forward(_cpu.conv2d_forward(x, W, b, stride, padding, even),
+                                          2, 2, (2, 2))
+            for got, one_by_one in zip(pooled, want):
+                np.testing.assert_array_equal(got, one_by_one)
 
 
 @pytest.mark.parametrize("index, dname, engine, variant", _conv_params("conv2d_backward"))

@@ -17,7 +17,7 @@ __all__ = ["im2col", "col2im", "maxpool2d_forward", "maxpool2d_backward",
            "avgpool2d_forward", "avgpool2d_backward", "global_avgpool2d_forward",
            "global_avgpool2d_backward", "leaky_relu_forward", "leaky_relu_backward",
            "relu_forward", "relu_backward", "dense_forward", "dense_backward",
-           "softmax_cross_entropy", "conv2d_forward", "conv2d_backward",
+           "softmax_cross_entropy", "conv2d_forward", "conv2d_backward", "conv2d_maxpool_forward",
            "sgd_step", "adam_step", "rmsprop_step", "conv_output_size", "pair", "counter_bits",
            "random_translate", "random_translate_backward", "random_flip"]
 
@@ -553,6 +553,27 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, *, output_size=None):
     if output_size is None:
         return _impl(x).conv2d_forward(x, W, b, stride, padding)
     return _impl(x).conv2d_forward(x, W, b, stride, padding, output_size=output_size)
+
+
+def conv2d_maxpool_forward(x, W, b=None, stride=1, padding=0):
+    """A conv and the 2x2 stride-2 max pool of its output: x (N, C, H, W), W (K, C, kh,
+    kw), b (K,) or None -> (y, argmax), both (N, K, OH // 2, OW // 2) (OH, OW >= 2),
+    exactly ``maxpool2d_forward(conv2d_forward(x, W, b, stride, padding), 2, 2, 2)``:
+    argmax indexes the planes of the conv output's first 2*(OH // 2) rows and
+    2*(OW // 2) columns, the ``output_size`` its backward then takes. Compiled, where
+    Winograd runs the conv, each 2x2 output tile is pooled as it is made and the conv's
+    output is never written whole (a network's Conv2D -> MaxPool2D(2), ``Plan``)."""
+    who = "conv2d_maxpool_forward"
+    stride, padding, oh, ow = _conv_geometry(who, x, W, stride, padding)
+    if oh < 2 or ow < 2:
+        raise ValueError(f"{who}: the conv's output ({oh}x{ow}) is smaller than the 2x2 "
+                         f"pool window")
+    if b is not None:
+        _same_kind(who, x, b=b)
+        if tuple(b.shape) != (W.shape[0],):
+            raise ValueError(f"{who}: b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+    x, W, b = _contiguous(x, W, b)
+    return _impl(x).conv2d_maxpool_forward(x, W, b, stride, padding)
 
 
 def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True, output_size=None):

@@ -97,16 +97,21 @@ class Conv2D(Layer):
         self.output_shape(x.shape[1:])       # checks the kernel fits the padded image
         self._checked_shape = x.shape
 
-    def forward(self, x, training=True, *, output_size=None):
-        """x (N, C, H, W) -> (N, K, OH, OW); with ``output_size`` (oh, ow) only the first
-        oh rows and ow columns of it, (N, K, oh, ow) (``Plan``: a pool after this layer
-        that reads no more), and ``backward`` then takes grad_y of that shape."""
+    def _take_input(self, x):
+        """x checked and kept for backward; returns it C-contiguous."""
         self._check_params()            # once per assigned array: the kernels read raw memory
         if (self._checked_shape is None or getattr(x, "shape", None) != self._checked_shape
                 or x.dtype != self.params["W"].dtype):
             self._check(x)
         x = contiguous(x)
         self.input = self._x = x
+        return x
+
+    def forward(self, x, training=True, *, output_size=None):
+        """x (N, C, H, W) -> (N, K, OH, OW); with ``output_size`` (oh, ow) only the first
+        oh rows and ow columns of it, (N, K, oh, ow) (``Plan``: a pool after this layer
+        that reads no more), and ``backward`` then takes grad_y of that shape."""
+        x = self._take_input(x)
         if output_size is not None:
             output_size = kernels._output_size(self._name(), output_size,
                                                *self.output_shape(x.shape[1:])[1:])
@@ -116,6 +121,21 @@ class Conv2D(Layer):
         self.output = kernel_impl(x).conv2d_forward(x, self.params["W"], self.params.get("b"),
                                                     self.stride, self.padding, **crop)
         return self.output
+
+    def forward_max_pool(self, x, training=True):
+        """The forward and the 2x2 stride-2 max pool of its output in one kernel
+        (``kernels.conv2d_maxpool_forward``; ``Plan``: this layer, then MaxPool2D(2)):
+        x (N, C, H, W) -> (y, argmax), both (N, K, OH // 2, OW // 2), what MaxPool2D(2)
+        gives on the output's first 2*(OH // 2) rows and columns; ``backward`` then
+        takes grad_y of those. The conv's own output is not kept (``output`` is None);
+        ``training``, as for ``forward``, changes nothing in a conv."""
+        x = self._take_input(x)
+        _, height, width = self.output_shape(x.shape[1:])
+        self._output_size = kernels._output_size(self._name(), (height // 2 * 2, width // 2 * 2),
+                                                 height, width)
+        self.output = None
+        return kernel_impl(x).conv2d_maxpool_forward(x, self.params["W"], self.params.get("b"),
+                                                     self.stride, self.padding)
 
     def backward(self, grad_y, need_grad_x=True):
         """grad_y -> grad_x; ``need_grad_x=False`` (a network's first layer in training)

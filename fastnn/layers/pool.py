@@ -96,6 +96,15 @@ class MaxPool2D(_Pool2D):
         self._x_shape, self._x_dtype = x.shape, x.dtype
         return self.output
 
+    def keep(self, x_shape, dtype, y, argmax):
+        """What forward keeps for backward, from a kernel that pooled an (N, C, H, W)
+        input of ``x_shape`` and ``dtype`` itself (``Plan``: a Conv2D before this layer,
+        ``Conv2D.forward_max_pool``): ``y`` and ``argmax`` (N, C, OH, OW) as
+        ``kernels.maxpool2d_forward`` returns them. Returns y."""
+        self.output, self._argmax = y, argmax
+        self._x_shape, self._x_dtype = tuple(x_shape), dtype
+        return y
+
     def backward(self, grad_y):
         self._check_grad(grad_y)
         grad_y = contiguous(grad_y)

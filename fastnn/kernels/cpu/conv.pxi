@@ -444,28 +444,34 @@ cdef void _gemm_d(int trans_a, int trans_b, int m, int n, int k, double alpha, c
     _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 
 
-cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometry *g, Py_ssize_t k):
+cdef object _winograd_forward(cnp.ndarray x, cnp.ndarray W, b, const fnn_geometry *g,
+                              Py_ssize_t k, bint max_pool=False):
+    """y (N, K, OH, OW) for g's output size; with ``max_pool`` (OH, OW even) the output's
+    2x2 stride-2 max pool in the same pass, (y (N, K, OH/2, OW/2), argmax)."""
     cdef Py_ssize_t n = x.shape[0]
     cdef int threads = _winograd_threads()
     cdef bint single = _is_float32(x)
     cdef Py_ssize_t count = (fnn_winograd_forward_workspace_f(n, g, k, threads) if single
                        else fnn_winograd_forward_workspace_d(n, g, k, threads))
-    cdef cnp.ndarray y = _output_array((n, k, g.oh, g.ow), x.dtype)
+    cdef Py_ssize_t pool = 2 if max_pool else 1
+    cdef cnp.ndarray y = _output_array((n, k, g.oh // pool, g.ow // pool), x.dtype)
+    cdef cnp.ndarray argmax = _output_array((n, k, g.oh // 2, g.ow // 2), np.int64) if max_pool else None
     cdef _Block workspace = _take_workspace(count, x.dtype)
     cdef void *px = _data(x)
     cdef void *pw = _data(W)
     cdef void *pb = NULL if b is None else _data(b)
     cdef void *py = _data(y)
+    cdef int64_t *pa = <int64_t*>_data(argmax) if max_pool else NULL
     cdef void *pws = workspace.ptr
     with nogil:
         if single:
             fnn_winograd_forward_f(<float*>px, n, g, <float*>pw, k, <float*>pb, <float*>py,
-                                   <float*>pws, threads, _gemm_f)
+                                   pa, <float*>pws, threads, _gemm_f)
         else:
             fnn_winograd_forward_d(<double*>px, n, g, <double*>pw, k, <double*>pb, <double*>py,
-                                   <double*>pws, threads, _gemm_d)
+                                   pa, <double*>pws, threads, _gemm_d)
     _give_back(workspace)
-    return y
+    return (y, argmax) if max_pool else y
 
 
 cdef tuple _winograd_backward(cnp.ndarray grad_y, cnp.ndarray x, cnp.ndarray W,
@@ -583,12 +589,33 @@ def conv2d_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding,
     return y
 
 
+def conv2d_maxpool_forward(cnp.ndarray x, cnp.ndarray W, b, tuple stride, tuple padding):
+    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> (y, argmax), both (N, K,
+    OH // 2, OW // 2): maxpool2d_forward(conv2d_forward(x, W, b, stride, padding), 2, 2,
+    (2, 2)), OH, OW >= 2. Where Winograd runs the conv, the pool is taken on each 2x2
+    output tile in the same pass (the conv's output is never written whole); the
+    same bits either way."""
+    cdef Py_ssize_t n = x.shape[0], k = W.shape[0]
+    cdef fnn_geometry g = _conv_arguments("conv2d_maxpool_forward", x, W, stride, padding)
+    if g.oh < 2 or g.ow < 2:
+        raise ValueError(f"conv2d_maxpool_forward: the conv's output ({g.oh}x{g.ow}) is "
+                         f"smaller than the 2x2 pool window")
+    if b is not None:
+        _need("conv2d_maxpool_forward", "b", b, cnp.PyArray_TYPE(x), (k,))
+    _check_gemm_forced(_is_float32(x))
+    cdef Py_ssize_t oh = g.oh // 2 * 2, ow = g.ow // 2 * 2
+    if _conv_variant(False, &g, n, k, _is_float32(x)) == V_WINOGRAD:
+        g.oh, g.ow = oh, ow
+        return _winograd_forward(x, W, b, &g, k, True)
+    return maxpool2d_forward(conv2d_forward(x, W, b, stride, padding, (oh, ow)), 2, 2, (2, 2))
+
+
 cdef cnp.ndarray _implicit_grad_x_weights(cnp.ndarray W):
     """W (K, C, kh, kw) float32 as the implicit input gradient's (kh*kw, K, Cp):
     W[k, c, i, j] at [i*kw + j, k, c], columns zero-padded to Cp = C rounded up to 16."""
     cdef Py_ssize_t k = W.shape[0], c = W.shape[1]
     cdef cnp.ndarray packed = np.zeros((W.shape[2] * W.shape[3], k, _lanes16(c)), np.float32)
-    packed[:, :, :c] = W.transpose(2, 3, 0, 1).reshape(-1, k, c)
+    packed[:, :, :c] = W.transpose(2, 3, 0, 1).reshape(packed.shape[0], k, c)   # k may be 0
     return packed
 
 
@@ -597,7 +624,7 @@ cdef cnp.ndarray _implicit_weights(cnp.ndarray W):
     order (i, j, c), columns zero-padded to kp = K rounded up to 16."""
     cdef Py_ssize_t k = W.shape[0]
     cdef cnp.ndarray packed = np.zeros((W.size // k if k else 0, _lanes16(k)), np.float32)
-    packed[:, :k] = W.transpose(2, 3, 1, 0).reshape(-1, k)
+    packed[:, :k] = W.transpose(2, 3, 1, 0).reshape(packed.shape[0], k)     # k may be 0
     return packed
 
 

@@ -123,11 +123,11 @@ cdef extern from "fastnn_kernels.h" nogil:
     Py_ssize_t fnn_winograd_forward_workspace_f(Py_ssize_t n, const fnn_geometry *g, Py_ssize_t k, int threads)
     Py_ssize_t fnn_winograd_forward_workspace_d(Py_ssize_t n, const fnn_geometry *g, Py_ssize_t k, int threads)
     void fnn_winograd_forward_f(const float *x, Py_ssize_t n, const fnn_geometry *g, const float *w,
-                                Py_ssize_t k, const float *bias, float *y, float *work, int threads,
-                                fnn_gemm_fn_f gemm)
+                                Py_ssize_t k, const float *bias, float *y, int64_t *argmax,
+                                float *work, int threads, fnn_gemm_fn_f gemm)
     void fnn_winograd_forward_d(const double *x, Py_ssize_t n, const fnn_geometry *g, const double *w,
-                                Py_ssize_t k, const double *bias, double *y, double *work,
-                                int threads, fnn_gemm_fn_d gemm)
+                                Py_ssize_t k, const double *bias, double *y, int64_t *argmax,
+                                double *work, int threads, fnn_gemm_fn_d gemm)
     Py_ssize_t fnn_winograd_backward_workspace_f(Py_ssize_t n, const fnn_geometry *g, Py_ssize_t k, int threads,
                                            int need_grad_x)
     Py_ssize_t fnn_winograd_backward_workspace_d(Py_ssize_t n, const fnn_geometry *g, Py_ssize_t k, int threads,
