@@ -65,7 +65,7 @@ class Plan:
                 self.forwards.append(_forward_of(layer))
                 self.backwards.append(lambda g, lr, b=layer.backward: b(g))
         self._fuse_relu(layers)
-        self._crop_before_pools(layers)
+        self._fuse_conv_pools(layers)
         fused = (isinstance(network.loss_fn, losses.CrossEntropy) and bool(layers)
                  and isinstance(layers[-1], Softmax))
         self.n_train = len(layers) - fused
@@ -99,7 +99,7 @@ class Plan:
                 self.backwards[i - 1] = lambda g, lr, b=before: b.backward(g, relu_y=True)
                 self.backwards[i] = lambda g, lr: g
 
-    def _crop_before_pools(self, layers):
+    def _fuse_conv_pools(self, layers):
         for i, conv in enumerate(layers[:-1]):
             pool = layers[i + 1]
             if type(conv) is not Conv2D or type(pool) not in (MaxPool2D, AvgPool2D):
