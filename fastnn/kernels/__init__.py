@@ -573,7 +573,18 @@ def conv2d_maxpool_forward(x, W, b=None, stride=1, padding=0):
         if tuple(b.shape) != (W.shape[0],):
             raise ValueError(f"{who}: b must have shape ({W.shape[0]},), got {tuple(b.shape)}")
     x, W, b = _contiguous(x, W, b)
-    return _impl(x).conv2d_maxpool_forward(x, W, b, stride, padding)
+    return _conv_maxpool(_impl(x), x, W, b, stride, padding)
+
+
+def _conv_maxpool(impl, x, W, b, stride, padding):
+    """conv2d_maxpool_forward on backend ``impl``, arguments checked: its fused kernel
+    (the compiled one), else the conv of the first even rows and columns, then the pool."""
+    if hasattr(impl, "conv2d_maxpool_forward"):
+        return impl.conv2d_maxpool_forward(x, W, b, stride, padding)
+    oh = conv_output_size(x.shape[2], W.shape[2], stride[0], padding[0]) // 2 * 2
+    ow = conv_output_size(x.shape[3], W.shape[3], stride[1], padding[1]) // 2 * 2
+    y = impl.conv2d_forward(x, W, b, stride, padding, output_size=(oh, ow))
+    return impl.maxpool2d_forward(y, 2, 2, (2, 2))
 
 
 def conv2d_backward(grad_y, x, W, stride=1, padding=0, *, need_grad_x=True, output_size=None):

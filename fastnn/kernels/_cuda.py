@@ -314,15 +314,6 @@ def conv2d_forward(x, W, b, stride, padding, output_size=None):
     return y
 
 
-def conv2d_maxpool_forward(x, W, b, stride, padding):
-    """x: (N, C, H, W), W: (K, C, kh, kw), b: (K,) or None -> (y, argmax), both (N, K,
-    OH // 2, OW // 2): the 2x2 stride-2 max pool of the conv's output (of its first
-    2*(OH // 2) rows and 2*(OW // 2) columns, the ones the pool reads)."""
-    oh = conv_output_size(x.shape[2], W.shape[2], stride[0], padding[0]) // 2 * 2
-    ow = conv_output_size(x.shape[3], W.shape[3], stride[1], padding[1]) // 2 * 2
-    return maxpool2d_forward(conv2d_forward(x, W, b, stride, padding, (oh, ow)), 2, 2, (2, 2))
-
-
 def conv2d_backward(grad_y, x, W, stride, padding, need_grad_x=True, output_size=None):
     """grad_y: (N, K, OH, OW) -> (grad_x (N, C, H, W) or None, grad_W (K, C, kh, kw), grad_b (K,)).
     With ``output_size`` (oh, ow), grad_y (N, K, oh, ow) is the gradient of the forward's

@@ -134,8 +134,8 @@ class Conv2D(Layer):
         self._output_size = kernels._output_size(self._name(), (height // 2 * 2, width // 2 * 2),
                                                  height, width)
         self.output = None
-        return kernel_impl(x).conv2d_maxpool_forward(x, self.params["W"], self.params.get("b"),
-                                                     self.stride, self.padding)
+        return kernels._conv_maxpool(kernel_impl(x), x, self.params["W"], self.params.get("b"),
+                                     self.stride, self.padding)
 
     def backward(self, grad_y, need_grad_x=True):
         """grad_y -> grad_x; ``need_grad_x=False`` (a network's first layer in training)
