@@ -12,6 +12,10 @@
  *   with Kp = K rounded up to 16 (zero columns).
  * fnn_conv_implicit_grad_w_f: gw (kh*kw*C x Kp) += patches(xp).T @ gy_t, gy_t
  *   (OH*OW x Kp) with zero columns from K on.
+ * fnn_conv_implicit_grad_x_f: the input gradient, padded and channels last, summed
+ *   tap by tap (gy_t times each tap's weights, added where the tap reads), no columns
+ *   and no col2im; the caller takes it from 12 input channels (conv.pxi,
+ *   IMPLICIT_SCATTER_MIN_CHANNELS): with fewer, most of its 16 lanes hold padding.
  *
  * Tiles: 12 output pixels (or 12 patch values) x 32 output channels (two zmm) in 24
  * accumulators, as in sgemm.c. Each output value is its products summed in (i, j, c)
@@ -26,7 +30,7 @@
 
 #include <immintrin.h>
 
-#define MR 12               /* output pixels (forward) or patch values (grad_w) a tile */
+#define MR 12               /* output pixels (forward, grad_x) or patch values (grad_w) a tile */
 #define TARGET __attribute__((target("avx512f,avx512vl,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
