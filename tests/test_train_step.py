@@ -234,7 +234,7 @@ def test_ctrl_c_in_fit_stops_at_a_step_boundary():
     """SIGINT at a random moment of fit: KeyboardInterrupt names the step, and the weights
     are exactly those of an uninterrupted run of that many steps."""
     code = r"""
-    import os, re, signal, threading, time
+    import os, re, signal, subprocess, time
     import numpy as np
     import fastnn as fn
     rng = np.random.default_rng(0)
@@ -252,13 +252,16 @@ def test_ctrl_c_in_fit_stops_at_a_step_boundary():
             def on_batch_end(self, network, batch, logs):
                 steps.append(batch)
         delay = 0.02 + 0.03 * trial
-        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+        # from another process: a thread of this one needs the GIL to send it, and once
+        # (CI, 2026-12-07) its Timer fired only after the whole fit had run
+        killer = subprocess.Popen(["sh", "-c", f"sleep {delay}; kill -INT {os.getpid()}"])
         try:
             net.fit(x, y, epochs=50, batch_size=16, shuffle=False, verbose=0,
                     callbacks=[Count()])
             raise SystemExit("fit was not interrupted")
         except KeyboardInterrupt as exc:
             assert "interrupted before epoch" in str(exc), str(exc)
+        killer.wait()
         done = len(steps)
         ref = make()
         per_epoch = 4000 // 16
